@@ -1,0 +1,195 @@
+//! The CPU device ops: the f32 reference the golden fixtures are checked against and
+//! the engine behind KIND_CPU instances. Activations are row-major `[tokens, width]`
+//! slices; matrix products go through `faer` (SIMD, multi-threaded on rayon's pool).
+
+use faer::{Accum, MatMut, MatRef, Par};
+use rayon::prelude::*;
+
+/// A linear layer's weight as stored by PyTorch: `[out_features, in_features]`.
+pub struct Linear {
+    pub weight: Vec<f32>,
+    pub bias: Option<Vec<f32>>,
+    pub out_features: usize,
+    pub in_features: usize,
+}
+
+impl Linear {
+    /// `y[m, out] = x[m, in] · Wᵀ (+ b)`.
+    pub fn forward(&self, x: &[f32]) -> Vec<f32> {
+        let (n, k) = (self.out_features, self.in_features);
+        let m = x.len() / k;
+        debug_assert_eq!(x.len(), m * k);
+        let mut y = vec![0f32; m * n];
+        let lhs = MatRef::from_row_major_slice(x, m, k);
+        let rhs = MatRef::from_row_major_slice(&self.weight, n, k).transpose();
+        let dst = MatMut::from_row_major_slice_mut(&mut y, m, n);
+        faer::linalg::matmul::matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, Par::rayon(0));
+        if let Some(bias) = &self.bias {
+            for row in y.chunks_exact_mut(n) {
+                row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+            }
+        }
+        y
+    }
+}
+
+/// RMSNorm over each row: `w ⊙ x / sqrt(mean(x²) + eps)`, statistics in f32.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+    let width = weight.len();
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(width).zip(x.par_chunks(width)).for_each(|(o, row)| {
+        let mean_square = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
+        let scale = 1.0 / (mean_square + eps).sqrt();
+        for ((o, v), w) in o.iter_mut().zip(row).zip(weight) {
+            *o = w * (v * scale);
+        }
+    });
+    out
+}
+
+/// `x += y`, element-wise (the residual connection).
+pub fn add_in_place(x: &mut [f32], y: &[f32]) {
+    x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+}
+
+/// SwiGLU: `silu(gate) ⊙ up` for rows laid out as `[gate | up]` of `2·width`.
+pub fn silu_mul_packed(gate_up: &[f32], width: usize) -> Vec<f32> {
+    let rows = gate_up.len() / (2 * width);
+    let mut out = vec![0f32; rows * width];
+    for (o, row) in out.chunks_exact_mut(width).zip(gate_up.chunks_exact(2 * width)) {
+        let (gate, up) = row.split_at(width);
+        silu_mul_into(o, gate, up);
+    }
+    out
+}
+
+/// SwiGLU from separate gate and up projections of equal shape.
+pub fn silu_mul(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; gate.len()];
+    silu_mul_into(&mut out, gate, up);
+    out
+}
+
+fn silu_mul_into(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+        *o = g / (1.0 + (-g).exp()) * u;
+    }
+}
+
+/// GLM rotary: rotates the first `2·cos.len()` dims of a head in interleaved pairs
+/// `(x[2i], x[2i+1])`; the rest of the head passes through (spec chatglm2.md §3.5).
+pub fn rope_interleaved(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    for (i, (c, s)) in cos.iter().zip(sin).enumerate() {
+        let (a, b) = (head[2 * i], head[2 * i + 1]);
+        head[2 * i] = a * c - b * s;
+        head[2 * i + 1] = b * c + a * s;
+    }
+}
+
+/// NeoX / Llama "rotate half" rotary over a whole head: dim i pairs with i + d/2.
+pub fn rope_rotate_half(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    for (i, (c, s)) in cos.iter().zip(sin).enumerate() {
+        let (a, b) = (head[i], head[i + half]);
+        head[i] = a * c - b * s;
+        head[i + half] = b * c + a * s;
+    }
+}
+
+/// Shapes of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Causal attention for one sequence. `q`: `[t, num_heads, head_dim]` for the positions
+/// `start..start+t`; `k_cache`/`v_cache`: `[start+t, num_kv_heads, head_dim]`, already
+/// holding these positions. Query head h reads K/V head `h / (num_heads / num_kv_heads)`.
+/// Softmax in f32; returns `[t, num_heads · head_dim]`.
+pub fn causal_attention(
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    start: usize,
+    shape: AttentionShape,
+) -> Vec<f32> {
+    let AttentionShape { num_heads, num_kv_heads, head_dim } = shape;
+    let group = num_heads / num_kv_heads;
+    let kv_stride = num_kv_heads * head_dim;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let mut out = vec![0f32; q.len()];
+    out.par_chunks_mut(head_dim).enumerate().for_each_init(Vec::new, |scores, (row, o)| {
+        let (t, h) = (row / num_heads, row % num_heads);
+        let q_head = &q[row * head_dim..(row + 1) * head_dim];
+        let kv_offset = (h / group) * head_dim;
+        let visible = start + t + 1;
+        scores.clear();
+        scores.extend((0..visible).map(|p| {
+            let k = &k_cache[p * kv_stride + kv_offset..][..head_dim];
+            q_head.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
+        }));
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut total = 0f32;
+        scores.iter_mut().for_each(|s| {
+            *s = (*s - max).exp();
+            total += *s;
+        });
+        o.fill(0.0);
+        for (p, w) in scores.iter().enumerate() {
+            let v = &v_cache[p * kv_stride + kv_offset..][..head_dim];
+            let w = w / total;
+            o.iter_mut().zip(v).for_each(|(acc, x)| *acc += w * x);
+        }
+    });
+    out
+}
+
+/// Per-layer K/V of one sequence, `[positions, num_kv_heads, head_dim]` each, post-rope.
+pub struct KvCache {
+    pub layers: Vec<(Vec<f32>, Vec<f32>)>,
+    /// Number of positions stored.
+    pub len: usize,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        KvCache { layers: (0..num_layers).map(|_| (Vec::new(), Vec::new())).collect(), len: 0 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn linear_matches_row_dot_products() {
+        let layer = Linear {
+            weight: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+            bias: Some(vec![0.5, -0.5]),
+            out_features: 2,
+            in_features: 3,
+        };
+        let y = layer.forward(&[1.0, 0.0, -1.0, 2.0, 1.0, 0.0]);
+        assert_eq!(y, vec![-2.0 + 0.5, -2.0 - 0.5, 4.0 + 0.5, 13.0 - 0.5]);
+    }
+
+    #[test]
+    fn attention_over_one_position_returns_its_value() {
+        let shape = AttentionShape { num_heads: 2, num_kv_heads: 1, head_dim: 2 };
+        let out = causal_attention(&[1.0, 2.0, 3.0, 4.0], &[0.3, 0.1], &[7.0, 8.0], 0, shape);
+        assert_eq!(out, vec![7.0, 8.0, 7.0, 8.0]);
+    }
+
+    #[test]
+    fn rotations_preserve_norm_and_rotate_the_right_pairs() {
+        let (c, s) = (0.6f32, 0.8f32);
+        let mut glm = [1.0, 0.0, 5.0, 6.0];
+        rope_interleaved(&mut glm, &[c], &[s]);
+        assert_eq!(glm, [0.6, 0.8, 5.0, 6.0]);
+        let mut neox = [1.0, 0.0, 0.0, 1.0];
+        rope_rotate_half(&mut neox, &[c, 1.0], &[s, 0.0]);
+        assert_eq!(neox, [0.6, 0.0, 0.8, 1.0]);
+    }
+}

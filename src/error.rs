@@ -1,0 +1,37 @@
+//! The crate's error type. Each variant is one kind of failure a user can act on; the
+//! Triton layer (next issue) maps `InvalidRequest` to INVALID_ARG and the rest to
+//! INTERNAL/UNAVAILABLE at load.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file of the model folder could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `config.json` is missing a key, has a bad value or names an unsupported family.
+    #[error("model config: {0}")]
+    Config(String),
+    /// The weight files do not match the config (missing, unknown or mis-shaped tensor,
+    /// corrupt or truncated file, unsupported dtype).
+    #[error("model weights: {0}")]
+    Weights(String),
+    /// `tokenizer.model` / `tokenizer.json` could not be read or built.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A request the model cannot serve as asked: names the input and the problem.
+    #[error("{0}")]
+    InvalidRequest(String),
+}
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+}

@@ -1,0 +1,13 @@
+//! triton_llm — a Triton Inference Server backend that serves ChatGLM2 and InternLM2 chat
+//! models with its own engine.
+//!
+//! Data flow: request → chat template (`chat`) → tokenizer (`tokenizer`) → engine
+//! (`engine`: generation loop, sampler) → model graph (`model`, one file per family) →
+//! device ops (`cpu`). The `triton-llm` CLI runs the same path without a server.
+
+pub mod cpu;
+pub mod error;
+pub mod model;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

@@ -1,0 +1,260 @@
+//! ChatGLM2-6B (THUDM/chatglm2-6b, HF remote code `modeling_chatglm.py`), on the CPU.
+//! Facts: `shared/spec/chatglm2.md` §1–3. Layout quirks this file owns: the fused QKV is
+//! `[all q | all k | all v]`, rotary covers only the first half of each head in
+//! interleaved pairs with θ over the rotated width, K/V groups are contiguous blocks of
+//! query heads, the SwiGLU gate is the first half of `dense_h_to_4h`, and the output layer
+//! is `padded_vocab_size` wide.
+
+use serde::Deserialize;
+
+use super::{CausalLm, Checkpoint, Family, ModelInfo, TokenIds, embed, parse_config, rope};
+use crate::cpu::{self, AttentionShape, KvCache, Linear};
+use crate::{Error, Result};
+
+/// `config.json` of a ChatGLM2 checkpoint; field names as in the file.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Config {
+    pub num_layers: usize,
+    pub hidden_size: usize,
+    pub num_attention_heads: usize,
+    pub kv_channels: usize,
+    #[serde(default)]
+    pub multi_query_attention: bool,
+    #[serde(default = "one")]
+    pub multi_query_group_num: usize,
+    pub ffn_hidden_size: usize,
+    pub padded_vocab_size: usize,
+    pub seq_length: usize,
+    pub layernorm_epsilon: f32,
+    #[serde(default = "yes")]
+    pub rmsnorm: bool,
+    #[serde(default = "yes")]
+    pub post_layer_norm: bool,
+    #[serde(default)]
+    pub add_bias_linear: bool,
+    #[serde(default)]
+    pub add_qkv_bias: bool,
+    #[serde(default)]
+    pub apply_residual_connection_post_layernorm: bool,
+    #[serde(default)]
+    pub rope_ratio: Option<f32>,
+    #[serde(default)]
+    pub quantization_bit: Option<u32>,
+    #[serde(default)]
+    pub pre_seq_len: Option<usize>,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    pub eos_token_id: TokenIds,
+}
+
+fn one() -> usize {
+    1
+}
+fn yes() -> bool {
+    true
+}
+
+impl Config {
+    fn num_kv_heads(&self) -> usize {
+        if self.multi_query_attention { self.multi_query_group_num } else { self.num_attention_heads }
+    }
+
+    /// Refuses the variants this engine does not implement rather than computing them wrong.
+    fn check_supported(&self) -> Result<()> {
+        let unsupported = |what: &str| {
+            Err(Error::Config(format!("ChatGLM2 config: {what} is not supported")))
+        };
+        if !self.rmsnorm {
+            return unsupported("rmsnorm=false (LayerNorm)");
+        }
+        if !self.post_layer_norm {
+            return unsupported("post_layer_norm=false");
+        }
+        if self.add_bias_linear {
+            return unsupported("add_bias_linear=true");
+        }
+        if self.apply_residual_connection_post_layernorm {
+            return unsupported("apply_residual_connection_post_layernorm=true");
+        }
+        if self.tie_word_embeddings {
+            return unsupported("tie_word_embeddings=true");
+        }
+        if self.rope_ratio.is_some_and(|r| r != 1.0) {
+            return unsupported("rope_ratio other than 1 (ChatGLM2-32k / ChatGLM3-32k variants)");
+        }
+        if self.quantization_bit.is_some_and(|b| b != 0) {
+            return unsupported("quantization_bit (int4/int8 checkpoints)");
+        }
+        if self.pre_seq_len.is_some() {
+            return unsupported("pre_seq_len (P-tuning v2 prefixes)");
+        }
+        let heads = self.num_attention_heads;
+        if heads == 0 || self.num_kv_heads() == 0 || heads % self.num_kv_heads() != 0 {
+            return Err(Error::Config(format!(
+                "ChatGLM2 config: num_attention_heads {heads} is not a multiple of \
+                 multi_query_group_num {}",
+                self.num_kv_heads()
+            )));
+        }
+        if self.kv_channels % 4 != 0 {
+            return Err(Error::Config(format!(
+                "ChatGLM2 config: kv_channels {} must be a multiple of 4 (half of each head \
+                 is rotated in pairs)",
+                self.kv_channels
+            )));
+        }
+        Ok(())
+    }
+}
+
+struct Block {
+    input_layernorm: Vec<f32>,
+    query_key_value: Linear,
+    dense: Linear,
+    post_attention_layernorm: Vec<f32>,
+    dense_h_to_4h: Linear,
+    dense_4h_to_h: Linear,
+}
+
+pub struct Model {
+    config: Config,
+    info: ModelInfo,
+    word_embeddings: Vec<f32>,
+    layers: Vec<Block>,
+    final_layernorm: Vec<f32>,
+    output_layer: Linear,
+    /// Inverse frequencies over the rotated width `kv_channels / 2`, base 10000.
+    inv_freq: Vec<f32>,
+}
+
+fn linear(ckpt: &Checkpoint, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+    Ok(Linear {
+        weight: ckpt.f32(&format!("{prefix}.weight"), &[out, inp])?,
+        bias: if bias { Some(ckpt.f32(&format!("{prefix}.bias"), &[out])?) } else { None },
+        out_features: out,
+        in_features: inp,
+    })
+}
+
+impl Model {
+    pub fn load(value: serde_json::Value, ckpt: &Checkpoint, stored_bytes: usize) -> Result<Self> {
+        let config: Config = parse_config(value)?;
+        config.check_supported()?;
+        let (h, d) = (config.hidden_size, config.kv_channels);
+        let q_width = config.num_attention_heads * d;
+        let qkv_width = q_width + 2 * config.num_kv_heads() * d;
+        let ffn = config.ffn_hidden_size;
+        let vocab = config.padded_vocab_size;
+
+        let word_embeddings = ckpt.f32("transformer.embedding.word_embeddings.weight", &[vocab, h])?;
+        let layers = (0..config.num_layers)
+            .map(|i| {
+                let p = format!("transformer.encoder.layers.{i}");
+                Ok(Block {
+                    input_layernorm: ckpt.f32(&format!("{p}.input_layernorm.weight"), &[h])?,
+                    query_key_value: linear(
+                        ckpt,
+                        &format!("{p}.self_attention.query_key_value"),
+                        qkv_width,
+                        h,
+                        config.add_qkv_bias,
+                    )?,
+                    dense: linear(ckpt, &format!("{p}.self_attention.dense"), h, q_width, false)?,
+                    post_attention_layernorm: ckpt
+                        .f32(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                    dense_h_to_4h: linear(ckpt, &format!("{p}.mlp.dense_h_to_4h"), 2 * ffn, h, false)?,
+                    dense_4h_to_h: linear(ckpt, &format!("{p}.mlp.dense_4h_to_h"), h, ffn, false)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let final_layernorm = ckpt.f32("transformer.encoder.final_layernorm.weight", &[h])?;
+        let output_layer = linear(ckpt, "transformer.output_layer", vocab, h, false)?;
+        // A buffer the forward pass never reads (spec §2).
+        ckpt.ignore("transformer.rotary_pos_emb.inv_freq");
+
+        let num_parameters = vocab * h * 2
+            + h
+            + config.num_layers
+                * (2 * h + qkv_width * (h + usize::from(config.add_qkv_bias)) + q_width * h + 3 * ffn * h);
+        let info = ModelInfo {
+            family: Family::ChatGlm2,
+            logits_width: vocab,
+            max_context: config.seq_length,
+            eos_token_ids: config.eos_token_id.to_vec(),
+            num_layers: config.num_layers,
+            num_parameters,
+            // Decode reads every weight except the embedding table (one row of it).
+            stored_weight_bytes: (num_parameters - vocab * h) * stored_bytes,
+        };
+        Ok(Model {
+            inv_freq: rope::inv_freq(10000.0, d / 2),
+            config,
+            info,
+            word_embeddings,
+            layers,
+            final_layernorm,
+            output_layer,
+        })
+    }
+
+    /// Rotates q (all heads) and k (all groups) of every new token in place.
+    fn apply_rope(&self, qkv: &mut [f32], start: usize) {
+        let d = self.config.kv_channels;
+        let heads = self.config.num_attention_heads + self.config.num_kv_heads();
+        let width = self.query_key_value_width();
+        for (t, row) in qkv.chunks_exact_mut(width).enumerate() {
+            let (cos, sin) = rope::cos_sin(&self.inv_freq, start + t);
+            // q heads then k groups are contiguous at the front of the row.
+            for head in row[..heads * d].chunks_exact_mut(d) {
+                cpu::rope_interleaved(head, &cos, &sin);
+            }
+        }
+    }
+
+    fn query_key_value_width(&self) -> usize {
+        (self.config.num_attention_heads + 2 * self.config.num_kv_heads()) * self.config.kv_channels
+    }
+}
+
+impl CausalLm for Model {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn forward(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let (h, d, n_kv) = (c.hidden_size, c.kv_channels, c.num_kv_heads());
+        let (t, start) = (ids.len(), cache.len);
+        if t == 0 {
+            return Err(Error::InvalidRequest("forward called with no tokens".into()));
+        }
+        let shape = AttentionShape { num_heads: c.num_attention_heads, num_kv_heads: n_kv, head_dim: d };
+        let q_width = c.num_attention_heads * d;
+        let kv_width = n_kv * d;
+        let qkv_width = self.query_key_value_width();
+
+        let mut x = embed(&self.word_embeddings, h, ids)?; // [t, h]
+        for (layer, (k_cache, v_cache)) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let normed = cpu::rms_norm(&x, &layer.input_layernorm, c.layernorm_epsilon);
+            let mut qkv = layer.query_key_value.forward(&normed); // [t, q | k | v]
+            self.apply_rope(&mut qkv, start);
+            let mut q = Vec::with_capacity(t * q_width);
+            for row in qkv.chunks_exact(qkv_width) {
+                q.extend_from_slice(&row[..q_width]);
+                k_cache.extend_from_slice(&row[q_width..q_width + kv_width]);
+                v_cache.extend_from_slice(&row[q_width + kv_width..]);
+            }
+            let context = cpu::causal_attention(&q, k_cache, v_cache, start, shape);
+            cpu::add_in_place(&mut x, &layer.dense.forward(&context));
+
+            let normed = cpu::rms_norm(&x, &layer.post_attention_layernorm, c.layernorm_epsilon);
+            let gate_up = layer.dense_h_to_4h.forward(&normed); // [t, gate | up]
+            let act = cpu::silu_mul_packed(&gate_up, c.ffn_hidden_size);
+            cpu::add_in_place(&mut x, &layer.dense_4h_to_h.forward(&act));
+        }
+        cache.len += t;
+        let last = &x[(t - 1) * h..];
+        let normed = cpu::rms_norm(last, &self.final_layernorm, c.layernorm_epsilon);
+        Ok(self.output_layer.forward(&normed))
+    }
+}

@@ -1,0 +1,254 @@
+//! InternLM2 / InternLM2.5 (internlm/internlm2_5-7b-chat, HF remote code
+//! `modeling_internlm2.py`), on the CPU. Facts: `shared/spec/internlm2.md` §1–4. Quirks
+//! this file owns: `wqkv` is packed per K/V group as `[K, G+2, D]` rows (G query heads,
+//! then the group's key, then its value), rotary is "rotate half" over the whole head, and
+//! dynamic NTK scaling is decided per forward call from that call's longest position, so
+//! keys already cached keep the rotation they were written with (§4.3).
+
+use serde::Deserialize;
+
+use super::{CausalLm, Checkpoint, Family, ModelInfo, TokenIds, embed, parse_config, rope};
+use crate::cpu::{self, AttentionShape, KvCache, Linear};
+use crate::{Error, Result};
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct RopeScaling {
+    #[serde(rename = "type", alias = "rope_type")]
+    pub kind: String,
+    pub factor: f32,
+}
+
+/// `config.json` of an InternLM2 checkpoint; field names as in the file.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Config {
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f32,
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    pub rms_norm_eps: f32,
+    #[serde(default)]
+    pub bias: bool,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    pub eos_token_id: TokenIds,
+}
+
+fn default_rope_theta() -> f32 {
+    10000.0
+}
+fn default_act() -> String {
+    "silu".into()
+}
+
+/// The rotary variant a config asks for.
+#[derive(Clone, Copy, Debug)]
+enum Scaling {
+    None,
+    Linear(f32),
+    Dynamic(f32),
+}
+
+impl Config {
+    fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    fn scaling(&self) -> Result<Scaling> {
+        match &self.rope_scaling {
+            None => Ok(Scaling::None),
+            Some(s) if s.factor < 1.0 => Err(Error::Config(format!(
+                "InternLM2 config: rope_scaling.factor {} must be at least 1",
+                s.factor
+            ))),
+            Some(s) if s.kind == "dynamic" => Ok(Scaling::Dynamic(s.factor)),
+            Some(s) if s.kind == "linear" => Ok(Scaling::Linear(s.factor)),
+            Some(s) => Err(Error::Config(format!(
+                "InternLM2 config: rope_scaling type {:?} is not supported (linear, dynamic)",
+                s.kind
+            ))),
+        }
+    }
+
+    fn check_supported(&self) -> Result<()> {
+        let (heads, kv) = (self.num_attention_heads, self.num_key_value_heads);
+        if heads == 0 || kv == 0 || heads % kv != 0 || self.hidden_size % heads != 0 {
+            return Err(Error::Config(format!(
+                "InternLM2 config: hidden_size {}, num_attention_heads {heads} and \
+                 num_key_value_heads {kv} do not divide evenly",
+                self.hidden_size
+            )));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(Error::Config("InternLM2 config: head dim must be even".into()));
+        }
+        if self.hidden_act != "silu" {
+            return Err(Error::Config(format!(
+                "InternLM2 config: hidden_act {:?} is not supported (silu)",
+                self.hidden_act
+            )));
+        }
+        if self.tie_word_embeddings {
+            return Err(Error::Config("InternLM2 config: tie_word_embeddings=true is not supported".into()));
+        }
+        self.scaling().map(|_| ())
+    }
+}
+
+struct Block {
+    attention_norm: Vec<f32>,
+    wqkv: Linear,
+    wo: Linear,
+    ffn_norm: Vec<f32>,
+    w1: Linear,
+    w3: Linear,
+    w2: Linear,
+}
+
+pub struct Model {
+    config: Config,
+    info: ModelInfo,
+    scaling: Scaling,
+    tok_embeddings: Vec<f32>,
+    layers: Vec<Block>,
+    norm: Vec<f32>,
+    output: Linear,
+}
+
+fn linear(ckpt: &Checkpoint, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+    Ok(Linear {
+        weight: ckpt.f32(&format!("{prefix}.weight"), &[out, inp])?,
+        bias: if bias { Some(ckpt.f32(&format!("{prefix}.bias"), &[out])?) } else { None },
+        out_features: out,
+        in_features: inp,
+    })
+}
+
+impl Model {
+    pub fn load(value: serde_json::Value, ckpt: &Checkpoint, stored_bytes: usize) -> Result<Self> {
+        let config: Config = parse_config(value)?;
+        config.check_supported()?;
+        let scaling = config.scaling()?;
+        let (h, d) = (config.hidden_size, config.head_dim());
+        let q_width = config.num_attention_heads * d;
+        let qkv_width = q_width + 2 * config.num_key_value_heads * d;
+        let (ffn, vocab, bias) = (config.intermediate_size, config.vocab_size, config.bias);
+
+        let tok_embeddings = ckpt.f32("model.tok_embeddings.weight", &[vocab, h])?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                Ok(Block {
+                    attention_norm: ckpt.f32(&format!("{p}.attention_norm.weight"), &[h])?,
+                    wqkv: linear(ckpt, &format!("{p}.attention.wqkv"), qkv_width, h, bias)?,
+                    wo: linear(ckpt, &format!("{p}.attention.wo"), h, q_width, bias)?,
+                    ffn_norm: ckpt.f32(&format!("{p}.ffn_norm.weight"), &[h])?,
+                    w1: linear(ckpt, &format!("{p}.feed_forward.w1"), ffn, h, false)?,
+                    w3: linear(ckpt, &format!("{p}.feed_forward.w3"), ffn, h, false)?,
+                    w2: linear(ckpt, &format!("{p}.feed_forward.w2"), h, ffn, false)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = ckpt.f32("model.norm.weight", &[h])?;
+        let output = linear(ckpt, "output", vocab, h, false)?;
+
+        let num_parameters = vocab * h * 2
+            + h
+            + config.num_hidden_layers
+                * (2 * h + qkv_width * h + q_width * h + 3 * ffn * h
+                    + if bias { qkv_width + h } else { 0 });
+        // vLLM's rule for dynamic NTK: the served context is max_position_embeddings × factor.
+        let max_context = match scaling {
+            Scaling::Dynamic(f) | Scaling::Linear(f) => {
+                (config.max_position_embeddings as f32 * f) as usize
+            }
+            Scaling::None => config.max_position_embeddings,
+        };
+        let info = ModelInfo {
+            family: Family::InternLm2,
+            logits_width: vocab,
+            max_context,
+            eos_token_ids: config.eos_token_id.to_vec(),
+            num_layers: config.num_hidden_layers,
+            num_parameters,
+            stored_weight_bytes: (num_parameters - vocab * h) * stored_bytes,
+        };
+        Ok(Model { config, info, scaling, tok_embeddings, layers, norm, output })
+    }
+
+    /// Inverse frequencies for a call whose sequence reaches `total_len` positions.
+    fn inv_freq_for(&self, total_len: usize) -> Vec<f32> {
+        let c = &self.config;
+        let base = match self.scaling {
+            Scaling::Dynamic(factor) => rope::dynamic_ntk_base(
+                c.rope_theta,
+                factor,
+                total_len,
+                c.max_position_embeddings,
+                c.head_dim(),
+            ),
+            Scaling::None | Scaling::Linear(_) => c.rope_theta,
+        };
+        let inv_freq = rope::inv_freq(base, c.head_dim());
+        match self.scaling {
+            Scaling::Linear(factor) => inv_freq.into_iter().map(|f| f / factor).collect(),
+            _ => inv_freq,
+        }
+    }
+}
+
+impl CausalLm for Model {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn forward(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let (h, d) = (c.hidden_size, c.head_dim());
+        let (kv_heads, group) = (c.num_key_value_heads, c.num_attention_heads / c.num_key_value_heads);
+        let (t, start) = (ids.len(), cache.len);
+        if t == 0 {
+            return Err(Error::InvalidRequest("forward called with no tokens".into()));
+        }
+        let shape = AttentionShape { num_heads: c.num_attention_heads, num_kv_heads: kv_heads, head_dim: d };
+        let inv_freq = self.inv_freq_for(start + t);
+        let tables: Vec<(Vec<f32>, Vec<f32>)> =
+            (start..start + t).map(|p| rope::cos_sin(&inv_freq, p)).collect();
+
+        let mut x = embed(&self.tok_embeddings, h, ids)?; // [t, h]
+        for (layer, (k_cache, v_cache)) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let normed = cpu::rms_norm(&x, &layer.attention_norm, c.rms_norm_eps);
+            // [t, K, G+2, D]: per group G query heads, then its key, then its value.
+            let qkv = layer.wqkv.forward(&normed);
+            let mut q = Vec::with_capacity(t * c.num_attention_heads * d);
+            for (row, (cos, sin)) in qkv.chunks_exact((group + 2) * kv_heads * d).zip(&tables) {
+                for slots in row.chunks_exact((group + 2) * d) {
+                    let mut heads = slots.to_vec();
+                    for head in heads[..(group + 1) * d].chunks_exact_mut(d) {
+                        cpu::rope_rotate_half(head, cos, sin);
+                    }
+                    q.extend_from_slice(&heads[..group * d]);
+                    k_cache.extend_from_slice(&heads[group * d..(group + 1) * d]);
+                    v_cache.extend_from_slice(&heads[(group + 1) * d..]);
+                }
+            }
+            let context = cpu::causal_attention(&q, k_cache, v_cache, start, shape);
+            cpu::add_in_place(&mut x, &layer.wo.forward(&context));
+
+            let normed = cpu::rms_norm(&x, &layer.ffn_norm, c.rms_norm_eps);
+            let act = cpu::silu_mul(&layer.w1.forward(&normed), &layer.w3.forward(&normed));
+            cpu::add_in_place(&mut x, &layer.w2.forward(&act));
+        }
+        cache.len += t;
+        let normed = cpu::rms_norm(&x[(t - 1) * h..], &self.norm, c.rms_norm_eps);
+        Ok(self.output.forward(&normed))
+    }
+}

@@ -1,0 +1,160 @@
+//! Model graphs, one file per family, loaded from a Hugging Face model folder.
+//! `config.json`'s `model_type` decides the family; the family file parses its own config
+//! (fields named exactly as in `config.json`), checks every tensor and owns its forward pass.
+
+pub mod chatglm2;
+pub mod internlm2;
+pub mod rope;
+pub mod weights;
+
+use std::path::Path;
+
+use crate::cpu::KvCache;
+use crate::{Error, Result};
+pub use weights::Checkpoint;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    ChatGlm2,
+    InternLm2,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::ChatGlm2 => "chatglm2",
+            Family::InternLm2 => "internlm2",
+        }
+    }
+}
+
+/// Where the weights come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LoadFormat {
+    /// The folder's safetensors files.
+    #[default]
+    Safetensors,
+    /// Random values of the right shapes (benchmarking without a checkpoint).
+    Dummy,
+}
+
+impl std::str::FromStr for LoadFormat {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" | "safetensors" => Ok(LoadFormat::Safetensors),
+            "dummy" => Ok(LoadFormat::Dummy),
+            other => Err(format!("unknown load format {other:?} (expected safetensors or dummy)")),
+        }
+    }
+}
+
+/// What the engine needs to know about a loaded model, whatever its family.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    pub family: Family,
+    /// Width of the logits row (ChatGLM2's padded vocabulary included).
+    pub logits_width: usize,
+    /// Longest sequence (prompt + generated) the model serves.
+    pub max_context: usize,
+    /// End-of-sequence ids from `config.json`.
+    pub eos_token_ids: Vec<u32>,
+    pub num_layers: usize,
+    pub num_parameters: usize,
+    /// Bytes of weights read per decode step in the stored dtype (for bandwidth figures).
+    pub stored_weight_bytes: usize,
+}
+
+/// A causal LM whose KV state lives outside the weights, so one model serves many sequences.
+pub trait CausalLm: Send + Sync {
+    fn info(&self) -> &ModelInfo;
+
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.info().num_layers)
+    }
+
+    /// Runs `ids` at positions `cache.len..`, appends their K/V to `cache` and returns the
+    /// logits of the last position (`logits_width` values).
+    fn forward(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>>;
+}
+
+/// Reads `config.json` and returns the family it names with the parsed JSON.
+pub fn read_config(dir: &Path) -> Result<(Family, serde_json::Value)> {
+    if !dir.is_dir() {
+        return Err(Error::Config(format!("model folder {} does not exist", dir.display())));
+    }
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let config: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Config(format!("{}: not valid JSON ({e})", path.display())))?;
+    let family = match config.get("model_type").and_then(|v| v.as_str()) {
+        Some("chatglm") => Family::ChatGlm2,
+        Some("internlm2") => Family::InternLm2,
+        Some(other) => {
+            return Err(Error::Config(format!(
+                "{}: model_type {other:?} is not supported (supported: \"chatglm\" for \
+                 ChatGLM2, \"internlm2\" for InternLM2/2.5)",
+                path.display()
+            )));
+        }
+        None => {
+            return Err(Error::Config(format!("{}: no \"model_type\" key", path.display())));
+        }
+    };
+    Ok((family, config))
+}
+
+/// Loads the model of a folder onto the CPU engine.
+pub fn load(dir: &Path, format: LoadFormat) -> Result<Box<dyn CausalLm>> {
+    let (family, config) = read_config(dir)?;
+    let checkpoint = match format {
+        LoadFormat::Safetensors => Checkpoint::open(dir)?,
+        LoadFormat::Dummy => Checkpoint::dummy(),
+    };
+    let stored_bytes = checkpoint.dtype().map_or(4, |d| d.size());
+    let mut model: Box<dyn CausalLm> = match family {
+        Family::ChatGlm2 => Box::new(chatglm2::Model::load(config, &checkpoint, stored_bytes)?),
+        Family::InternLm2 => Box::new(internlm2::Model::load(config, &checkpoint, stored_bytes)?),
+    };
+    checkpoint.finish()?;
+    let _ = &mut model;
+    Ok(model)
+}
+
+/// Deserialises a family config from `config.json`'s value, naming the bad key on error.
+pub(crate) fn parse_config<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T> {
+    serde_json::from_value(value).map_err(|e| Error::Config(format!("config.json: {e}")))
+}
+
+/// Looks up embedding rows, refusing ids outside the table.
+pub(crate) fn embed(table: &[f32], width: usize, ids: &[u32]) -> Result<Vec<f32>> {
+    let rows = table.len() / width;
+    let mut out = Vec::with_capacity(ids.len() * width);
+    for &id in ids {
+        let id = id as usize;
+        if id >= rows {
+            return Err(Error::InvalidRequest(format!(
+                "token id {id} is outside the model's vocabulary of {rows}"
+            )));
+        }
+        out.extend_from_slice(&table[id * width..(id + 1) * width]);
+    }
+    Ok(out)
+}
+
+/// `eos_token_id` may be a number or a list in `config.json`.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            TokenIds::One(id) => vec![*id],
+            TokenIds::Many(ids) => ids.clone(),
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! Safetensors checkpoints: `model.safetensors`, or the shards listed by
+//! `model.safetensors.index.json`. Only the headers are read at open; a tensor is read
+//! with positional reads and converted in small chunks when a family file asks for it by
+//! name and shape, so nothing beyond what the engine keeps is ever held in memory
+//! (positional reads rather than a memory map keep `unsafe` out of this layer).
+//! Every tensor must be claimed: after loading, the family calls [`Checkpoint::finish`]
+//! and a tensor it did not expect is an error that names it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use half::{bf16, f16};
+
+use crate::{Error, Result};
+
+/// Safetensors headers above this size are refused (the format's own limit).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+/// Bytes read per positional read while converting a tensor.
+const READ_CHUNK_BYTES: usize = 4 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoredDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl StoredDtype {
+    fn parse(tag: &str) -> Option<Self> {
+        match tag {
+            "F32" => Some(Self::F32),
+            "F16" => Some(Self::F16),
+            "BF16" => Some(Self::BF16),
+            _ => None,
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::BF16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "float32",
+            Self::F16 => "float16",
+            Self::BF16 => "bfloat16",
+        }
+    }
+}
+
+struct TensorEntry {
+    shard: usize,
+    dtype: StoredDtype,
+    shape: Vec<usize>,
+    /// Absolute byte offset of the data in the shard file.
+    offset: u64,
+    len: usize,
+}
+
+pub struct Checkpoint {
+    shards: Vec<(PathBuf, File)>,
+    tensors: BTreeMap<String, TensorEntry>,
+    claimed: Mutex<HashSet<String>>,
+    /// `load_format dummy`: every requested tensor is filled with seeded random values.
+    dummy: bool,
+}
+
+impl Checkpoint {
+    /// Opens the checkpoint of a model folder and validates every shard header against
+    /// its file size.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if single.is_file() {
+            vec![single]
+        } else if index.is_file() {
+            shard_files(&index)?
+        } else {
+            return Err(Error::Weights(format!(
+                "{} has neither model.safetensors nor model.safetensors.index.json \
+                 (a pytorch_model*.bin checkpoint must be converted to safetensors first)",
+                dir.display()
+            )));
+        };
+        let mut shards = Vec::with_capacity(files.len());
+        let mut tensors = BTreeMap::new();
+        for (shard, path) in files.into_iter().enumerate() {
+            let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+            for (name, entry) in read_header(&path, &file, shard)? {
+                if tensors.insert(name.clone(), entry).is_some() {
+                    return Err(Error::Weights(format!(
+                        "tensor {name} appears in more than one shard"
+                    )));
+                }
+            }
+            shards.push((path, file));
+        }
+        Ok(Checkpoint { shards, tensors, claimed: Mutex::new(HashSet::new()), dummy: false })
+    }
+
+    /// A checkpoint without files whose tensors are random values of the requested shape
+    /// (as vLLM's `--load-format dummy`): serves and benchmarks a folder that holds only
+    /// `config.json` and a tokenizer. Norm scales are 1; other values are uniform in
+    /// ±1/sqrt(last dim), which keeps activations of a deep random model finite.
+    pub fn dummy() -> Self {
+        Checkpoint {
+            shards: Vec::new(),
+            tensors: BTreeMap::new(),
+            claimed: Mutex::new(HashSet::new()),
+            dummy: true,
+        }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// The stored dtype of the checkpoint (that of its first tensor).
+    pub fn dtype(&self) -> Option<StoredDtype> {
+        self.tensors.values().next().map(|t| t.dtype)
+    }
+
+    /// Reads tensor `name`, checks it has exactly `shape`, and converts it to f32.
+    pub fn f32(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        if self.dummy {
+            return Ok(dummy_values(name, shape));
+        }
+        let entry = self.tensors.get(name).ok_or_else(|| {
+            Error::Weights(format!("missing tensor {name} (expected shape {shape:?})"))
+        })?;
+        if entry.shape != shape {
+            return Err(Error::Weights(format!(
+                "tensor {name} has shape {:?}, the config implies {shape:?}",
+                entry.shape
+            )));
+        }
+        let (path, file) = &self.shards[entry.shard];
+        let mut values = Vec::with_capacity(entry.len / entry.dtype.size());
+        let mut chunk = vec![0u8; READ_CHUNK_BYTES.min(entry.len)];
+        let mut done = 0usize;
+        while done < entry.len {
+            let n = chunk.len().min(entry.len - done);
+            file.read_exact_at(&mut chunk[..n], entry.offset + done as u64)
+                .map_err(|e| Error::io(path, e))?;
+            convert_into(entry.dtype, &chunk[..n], &mut values);
+            done += n;
+        }
+        self.claimed.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string());
+        Ok(values)
+    }
+
+    /// Claims a tensor the forward pass does not read but real checkpoints carry.
+    pub fn ignore(&self, name: &str) {
+        if self.contains(name) {
+            self.claimed.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string());
+        }
+    }
+
+    /// Fails on the first tensor no family code claimed.
+    pub fn finish(&self) -> Result<()> {
+        let claimed = self.claimed.lock().unwrap_or_else(|p| p.into_inner());
+        match self.tensors.iter().find(|(name, _)| !claimed.contains(*name)) {
+            Some((name, entry)) => Err(Error::Weights(format!(
+                "unexpected tensor {name} (shape {:?}) is not part of this model family and config",
+                entry.shape
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+fn dummy_values(name: &str, shape: &[usize]) -> Vec<f32> {
+    use rand::{RngExt, SeedableRng};
+    let numel = shape.iter().product();
+    if name.contains("norm") {
+        return vec![1.0; numel];
+    }
+    let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let bound = 1.0 / (*shape.last().unwrap_or(&1) as f32).sqrt();
+    (0..numel).map(|_| rng.random_range(-bound..bound)).collect()
+}
+
+fn convert_into(dtype: StoredDtype, bytes: &[u8], out: &mut Vec<f32>) {
+    match dtype {
+        StoredDtype::F32 => out.extend(
+            bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        ),
+        StoredDtype::F16 => {
+            out.extend(bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()))
+        }
+        StoredDtype::BF16 => {
+            out.extend(bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()))
+        }
+    }
+}
+
+/// Parses and validates one safetensors header: dtypes, shapes, and data offsets that
+/// tile the data section exactly up to the end of the file (a truncated file fails here).
+fn read_header(path: &Path, file: &File, shard: usize) -> Result<Vec<(String, TensorEntry)>> {
+    let bad = |what: String| Error::Weights(format!("{}: {what}", path.display()));
+    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut len_bytes = [0u8; 8];
+    if file_len < 8 {
+        return Err(bad(format!("file of {file_len} bytes is too short for a safetensors header")));
+    }
+    file.read_exact_at(&mut len_bytes, 0).map_err(|e| Error::io(path, e))?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > MAX_HEADER_BYTES || 8 + header_len > file_len {
+        return Err(bad(format!(
+            "header length {header_len} does not fit in a file of {file_len} bytes \
+             (truncated or not a safetensors file)"
+        )));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact_at(&mut header, 8).map_err(|e| Error::io(path, e))?;
+    let parsed: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| bad(format!("header is not valid JSON ({e})")))?;
+
+    #[derive(serde::Deserialize)]
+    struct Info {
+        dtype: String,
+        shape: Vec<usize>,
+        data_offsets: (u64, u64),
+    }
+    let data_start = 8 + header_len;
+    let mut entries = Vec::with_capacity(parsed.len());
+    for (name, value) in parsed {
+        if name == "__metadata__" {
+            continue;
+        }
+        let info: Info = serde_json::from_value(value)
+            .map_err(|e| bad(format!("tensor {name}: malformed header entry ({e})")))?;
+        let dtype = StoredDtype::parse(&info.dtype).ok_or_else(|| {
+            bad(format!(
+                "tensor {name} is stored as {}; only BF16, F16 and F32 are supported",
+                info.dtype
+            ))
+        })?;
+        let numel = info.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
+        let (begin, end) = info.data_offsets;
+        let expected = numel.and_then(|n| n.checked_mul(dtype.size() as u64));
+        if end < begin || Some(end - begin) != expected {
+            return Err(bad(format!(
+                "tensor {name}: data_offsets {begin}..{end} do not hold shape {:?} of {}",
+                info.shape, info.dtype
+            )));
+        }
+        entries.push((
+            name,
+            TensorEntry {
+                shard,
+                dtype,
+                shape: info.shape,
+                offset: data_start + begin,
+                len: (end - begin) as usize,
+            },
+        ));
+    }
+    // The data section must be covered exactly, without gaps or overlaps.
+    let mut spans: Vec<(u64, u64)> =
+        entries.iter().map(|(_, e)| (e.offset, e.offset + e.len as u64)).collect();
+    spans.sort_unstable();
+    let mut cursor = data_start;
+    for (begin, end) in spans {
+        if begin != cursor {
+            return Err(bad("tensor data regions overlap or leave gaps".to_string()));
+        }
+        cursor = end;
+    }
+    if cursor != file_len {
+        return Err(bad(format!(
+            "header describes {} data bytes but the file holds {} (truncated or corrupt)",
+            cursor - data_start,
+            file_len - data_start
+        )));
+    }
+    Ok(entries)
+}
+
+/// The distinct shard files of an index, in name order.
+fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: HashMap<String, String>,
+    }
+    let parsed: Index = serde_json::from_str(&text)
+        .map_err(|e| Error::Weights(format!("{}: {e}", index.display())))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut names: Vec<&String> = parsed.weight_map.values().collect();
+    names.sort();
+    names.dedup();
+    if names.is_empty() {
+        return Err(Error::Weights(format!("{}: weight_map is empty", index.display())));
+    }
+    Ok(names.into_iter().map(|n| dir.join(n)).collect())
+}

@@ -1,0 +1,1 @@
+pub enum TokenizerFamily { ChatGlm2, InternLm2 }
