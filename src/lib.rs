@@ -5,9 +5,12 @@
 //! (`engine`: generation loop, sampler) → model graph (`model`, one file per family) →
 //! device ops (`cpu`). The `triton-llm` CLI runs the same path without a server.
 
+pub mod chat;
 pub mod cpu;
+pub mod engine;
 pub mod error;
 pub mod model;
+pub mod pipeline;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -137,7 +137,7 @@ fn linear(ckpt: &Checkpoint, prefix: &str, out: usize, inp: usize, bias: bool) -
 }
 
 impl Model {
-    pub fn load(value: serde_json::Value, ckpt: &Checkpoint, stored_bytes: usize) -> Result<Self> {
+    pub fn load(value: serde_json::Value, ckpt: &Checkpoint) -> Result<Self> {
         let config: Config = parse_config(value)?;
         config.check_supported()?;
         let (h, d) = (config.hidden_size, config.kv_channels);
@@ -183,8 +183,7 @@ impl Model {
             eos_token_ids: config.eos_token_id.to_vec(),
             num_layers: config.num_layers,
             num_parameters,
-            // Decode reads every weight except the embedding table (one row of it).
-            stored_weight_bytes: (num_parameters - vocab * h) * stored_bytes,
+            decode_parameters: num_parameters - vocab * h,
         };
         Ok(Model {
             inv_freq: rope::inv_freq(10000.0, d / 2),

@@ -133,7 +133,7 @@ fn linear(ckpt: &Checkpoint, prefix: &str, out: usize, inp: usize, bias: bool) -
 }
 
 impl Model {
-    pub fn load(value: serde_json::Value, ckpt: &Checkpoint, stored_bytes: usize) -> Result<Self> {
+    pub fn load(value: serde_json::Value, ckpt: &Checkpoint) -> Result<Self> {
         let config: Config = parse_config(value)?;
         config.check_supported()?;
         let scaling = config.scaling()?;
@@ -179,7 +179,7 @@ impl Model {
             eos_token_ids: config.eos_token_id.to_vec(),
             num_layers: config.num_hidden_layers,
             num_parameters,
-            stored_weight_bytes: (num_parameters - vocab * h) * stored_bytes,
+            decode_parameters: num_parameters - vocab * h,
         };
         Ok(Model { config, info, scaling, tok_embeddings, layers, norm, output })
     }

@@ -61,8 +61,9 @@ pub struct ModelInfo {
     pub eos_token_ids: Vec<u32>,
     pub num_layers: usize,
     pub num_parameters: usize,
-    /// Bytes of weights read per decode step in the stored dtype (for bandwidth figures).
-    pub stored_weight_bytes: usize,
+    /// Parameters read by one decode step: all but the embedding table, of which a step
+    /// reads one row (the figure bandwidth limits are computed from).
+    pub decode_parameters: usize,
 }
 
 /// A causal LM whose KV state lives outside the weights, so one model serves many sequences.
@@ -111,13 +112,11 @@ pub fn load(dir: &Path, format: LoadFormat) -> Result<Box<dyn CausalLm>> {
         LoadFormat::Safetensors => Checkpoint::open(dir)?,
         LoadFormat::Dummy => Checkpoint::dummy(),
     };
-    let stored_bytes = checkpoint.dtype().map_or(4, |d| d.size());
-    let mut model: Box<dyn CausalLm> = match family {
-        Family::ChatGlm2 => Box::new(chatglm2::Model::load(config, &checkpoint, stored_bytes)?),
-        Family::InternLm2 => Box::new(internlm2::Model::load(config, &checkpoint, stored_bytes)?),
+    let model: Box<dyn CausalLm> = match family {
+        Family::ChatGlm2 => Box::new(chatglm2::Model::load(config, &checkpoint)?),
+        Family::InternLm2 => Box::new(internlm2::Model::load(config, &checkpoint)?),
     };
     checkpoint.finish()?;
-    let _ = &mut model;
     Ok(model)
 }
 

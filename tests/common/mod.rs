@@ -41,3 +41,57 @@ pub fn argmax(v: &[f32]) -> u32 {
     }
     best as u32
 }
+
+/// One tensor of a safetensors file: name, dtype tag, shape, raw bytes.
+pub type RawTensor = (String, String, Vec<usize>, Vec<u8>);
+
+pub fn read_safetensors(path: &std::path::Path) -> Vec<RawTensor> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    let mut tensors: Vec<RawTensor> = header
+        .into_iter()
+        .filter(|(k, _)| k != "__metadata__")
+        .map(|(name, v)| {
+            let (a, b) = (v["data_offsets"][0].as_u64().unwrap() as usize, v["data_offsets"][1].as_u64().unwrap() as usize);
+            let shape = v["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+            (name, v["dtype"].as_str().unwrap().to_string(), shape, data[a..b].to_vec())
+        })
+        .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    tensors
+}
+
+pub fn write_safetensors(path: &std::path::Path, tensors: &[RawTensor]) {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0;
+    for (name, dtype, shape, data) in tensors {
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + data.len()]}),
+        );
+        offset += data.len();
+    }
+    let mut text = serde_json::to_string(&header).unwrap();
+    while (8 + text.len()) % 8 != 0 {
+        text.push(' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(text.as_bytes());
+    for (_, _, _, data) in tensors {
+        out.extend_from_slice(data);
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+/// A writable copy of a fixture folder in a fresh temporary directory.
+pub fn copy_fixture(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    dir
+}

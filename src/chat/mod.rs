@@ -1,0 +1,65 @@
+//! Chat conversations as the originals' `model.chat(tokenizer, query, history)` builds
+//! them: the family's prompt format, the history window, and the answer clean-up.
+
+pub mod chatglm2;
+pub mod internlm2;
+
+use crate::model::Family;
+
+/// Past rounds, oldest first: (query, response).
+pub type History = Vec<(String, String)>;
+
+/// Rounds of history kept by default, as the deployments we replace do.
+pub const DEFAULT_HISTORY_LEN: usize = 10;
+
+/// The last `history_len` rounds (0 keeps none).
+pub fn kept_history(history: &[(String, String)], history_len: usize) -> &[(String, String)] {
+    &history[history.len().saturating_sub(history_len)..]
+}
+
+/// The prompt text for `query` after `history`. `system_prompt` is InternLM2's
+/// meta instruction (None = the model's default, "" = none); ChatGLM2 has no system prompt.
+pub fn build_prompt(
+    family: Family,
+    query: &str,
+    history: &[(String, String)],
+    system_prompt: Option<&str>,
+) -> String {
+    match family {
+        Family::ChatGlm2 => chatglm2::build_prompt(query, history),
+        Family::InternLm2 => internlm2::build_prompt(
+            query,
+            history,
+            system_prompt.unwrap_or(internlm2::DEFAULT_META_INSTRUCTION),
+        ),
+    }
+}
+
+/// The answer text as the original `chat` returns it.
+pub fn clean_response(family: Family, decoded: &str) -> String {
+    match family {
+        Family::ChatGlm2 => chatglm2::clean_response(decoded),
+        Family::InternLm2 => internlm2::clean_response(decoded),
+    }
+}
+
+/// (max_token, max_new_tokens) defaults of the family's `model.chat`.
+pub fn default_limits(family: Family) -> (Option<usize>, Option<usize>) {
+    match family {
+        Family::ChatGlm2 => (Some(chatglm2::DEFAULT_MAX_LENGTH), None),
+        Family::InternLm2 => (None, Some(internlm2::DEFAULT_MAX_NEW_TOKENS)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_len_keeps_the_most_recent_rounds() {
+        let history: History = (0..4).map(|i| (format!("q{i}"), format!("a{i}"))).collect();
+        assert_eq!(kept_history(&history, 0), &[] as &[(String, String)]);
+        assert_eq!(kept_history(&history, 2), &history[2..]);
+        assert_eq!(kept_history(&history, 10), &history[..]);
+    }
+}

@@ -1,0 +1,137 @@
+//! The `triton-llm` command line on the fixtures: one JSON object per command, errors on
+//! stderr with a non-zero exit.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+
+fn triton_llm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_triton-llm")).args(args).output().unwrap()
+}
+
+fn json_of(output: &Output) -> serde_json::Value {
+    assert!(output.status.success(), "failed: {}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8(output.stdout.clone()).unwrap();
+    assert_eq!(stdout.trim_end().lines().count(), 1, "one JSON object on one line: {stdout}");
+    serde_json::from_str(&stdout).unwrap()
+}
+
+fn dir(name: &str) -> String {
+    fixture(name).to_string_lossy().into_owned()
+}
+
+fn csv(v: &[u32]) -> String {
+    v.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+}
+
+#[test]
+fn tokenize_with_and_without_specials() {
+    let golden = golden("chatglm2-tiny", "tokenizer_golden.json");
+    let case = golden["encode_cases"].as_array().unwrap().iter().find(|c| c["text"] == "你好").unwrap();
+    let out = json_of(&triton_llm(&["tokenize", "--model", &dir("chatglm2-tiny"), "你好"]));
+    assert_eq!(out["ids"], case["ids"]);
+    let out = json_of(&triton_llm(&["tokenize", "--model", &dir("chatglm2-tiny"), "--no-special", "你好"]));
+    assert_eq!(out["ids"], case["ids_no_special"]);
+}
+
+#[test]
+fn logits_match_the_golden() {
+    for folder in ["chatglm2-tiny", "internlm2-tiny"] {
+        let golden = golden(folder, "model_golden.json");
+        let case = &golden["cases"][0];
+        let out = json_of(&triton_llm(&["logits", "--model", &dir(folder), "--ids", &csv(&ids(&case["input_ids"]))]));
+        let logits = floats(&out["logits"]);
+        assert_eq!(logits.len(), 1024);
+        assert!(relative_l2(&logits, &floats(&case["last_logits"])) < 1e-4, "{folder}");
+    }
+}
+
+#[test]
+fn generate_chat_turn_matches_the_original_chat() {
+    let golden = golden("chatglm2-tiny", "chat_golden.json");
+    let case = &golden["cases"][1];
+    let history = serde_json::to_string(&case["history_in"]).unwrap();
+    let max_length = case["max_length"].to_string();
+    let out = json_of(&triton_llm(&[
+        "generate", "--model", &dir("chatglm2-tiny"), "--prompt", case["query"].as_str().unwrap(),
+        "--history", &history, "--max-token", &max_length, "--temperature", "0",
+    ]));
+    assert_eq!(out["response"], case["response"]);
+    assert_eq!(out["history"], case["history_out"]);
+    assert_eq!(out["output_ids"], case["generated_ids"]);
+    assert_eq!(out["prompt_tokens"], case["prompt_ids"].as_array().unwrap().len());
+    assert_eq!(out["generated_tokens"], case["generated_ids"].as_array().unwrap().len());
+    assert_eq!(out["finish_reason"], "stop");
+}
+
+#[test]
+fn generate_with_system_prompt_and_raw_ids() {
+    let chat_golden = golden("internlm2-tiny", "chat_golden.json");
+    let case = &chat_golden["cases"][2];
+    let history = serde_json::to_string(&case["history_in"]).unwrap();
+    let out = json_of(&triton_llm(&[
+        "generate", "--model", &dir("internlm2-tiny"), "--prompt", case["query"].as_str().unwrap(),
+        "--history", &history, "--system", case["meta_instruction"].as_str().unwrap(),
+        "--max-new-tokens", "32", "--temperature", "0",
+    ]));
+    assert_eq!(out["response"], case["response"]);
+    assert_eq!(out["finish_reason"], "length");
+
+    // --ids continues raw ids: the golden's greedy tokens, with the stop token ignored.
+    let model_golden = golden("internlm2-tiny", "model_golden.json");
+    let mcase = &model_golden["cases"][2];
+    let out = json_of(&triton_llm(&[
+        "generate", "--model", &dir("internlm2-tiny"), "--ids", &csv(&ids(&mcase["input_ids"])),
+        "--max-new-tokens", "16", "--temperature", "0", "--ignore-eos",
+    ]));
+    assert_eq!(out["output_ids"], mcase["greedy_16"]);
+    assert_eq!(out["history"], serde_json::json!([]));
+}
+
+#[test]
+fn seeded_generate_is_reproducible() {
+    let run = |seed: &str| {
+        json_of(&triton_llm(&[
+            "generate", "--model", &dir("chatglm2-tiny"), "--prompt", "hello", "--seed", seed,
+            "--max-new-tokens", "12", "--ignore-eos", "--temperature", "1.0", "--top-k", "0",
+        ]))["output_ids"]
+            .clone()
+    };
+    assert_eq!(run("7"), run("7"));
+    assert_ne!(run("7"), run("8"));
+}
+
+#[test]
+fn errors_go_to_stderr_with_a_failing_exit() {
+    let out = triton_llm(&["generate", "--model", "/no/such/model", "--prompt", "hi"]);
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/no/such/model") && stderr.contains("does not exist"), "{stderr}");
+
+    let out = triton_llm(&["generate", "--model", &dir("chatglm2-tiny"), "--prompt", "hi", "--max-token", "3"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_token"));
+
+    let out = triton_llm(&["generate", "--model", &dir("chatglm2-tiny"), "--prompt", "hi", "--top-p", "2"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("top_p"));
+}
+
+#[test]
+fn interactive_chat_streams_keeps_history_and_clears() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_triton-llm"))
+        .args(["chat", "--model", &dir("chatglm2-tiny"), "--temperature", "0", "--max-new-tokens", "4"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all("你好\nhello\nclear\nexit\n".as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("Assistant: ").count(), 2, "{text}");
+    assert!(text.contains("(history cleared)"), "{text}");
+}

@@ -1,0 +1,138 @@
+//! `model.chat` of the original remote code, reproduced end to end on the CPU engine:
+//! prompt ids, generated ids, response text and returned history.
+
+mod common;
+
+use common::*;
+use triton_llm::chat::DEFAULT_HISTORY_LEN;
+use triton_llm::chat::internlm2::DEFAULT_META_INSTRUCTION;
+use triton_llm::engine::{FinishReason, SamplingParams};
+use triton_llm::pipeline::{ChatModel, ChatTurn, GenerationOptions, LoadOptions};
+
+fn pairs(v: &serde_json::Value) -> Vec<(String, String)> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+fn check_case(chat: &ChatModel, case: &serde_json::Value, turn: ChatTurn, options: GenerationOptions) {
+    let query = &turn.query;
+    assert_eq!(chat.chat_prompt_ids(&turn).unwrap(), ids(&case["prompt_ids"]), "{query}: prompt ids");
+    let mut streamed = String::new();
+    let completion = chat
+        .chat(&turn, &options, |piece| {
+            assert!(!piece.is_empty());
+            streamed.push_str(piece);
+            true
+        })
+        .unwrap();
+    assert_eq!(completion.output_ids, ids(&case["generated_ids"]), "{query}: generated ids");
+    assert_eq!(completion.response, case["response"].as_str().unwrap(), "{query}: response");
+    assert_eq!(completion.history, pairs(&case["history_out"]), "{query}: history");
+    assert_eq!(streamed, chat.tokenizer.decode(&completion.output_ids), "{query}: streamed text");
+}
+
+#[test]
+fn chatglm2_tiny_chat_matches_the_original() {
+    let chat = ChatModel::load(&fixture("chatglm2-tiny"), &LoadOptions::default()).unwrap();
+    let golden = golden("chatglm2-tiny", "chat_golden.json");
+    for case in golden["cases"].as_array().unwrap() {
+        let turn = ChatTurn {
+            query: case["query"].as_str().unwrap().into(),
+            history: pairs(&case["history_in"]),
+            history_len: DEFAULT_HISTORY_LEN,
+            system_prompt: None,
+        };
+        let options = GenerationOptions {
+            sampling: SamplingParams::greedy(),
+            max_token: Some(case["max_length"].as_u64().unwrap() as usize),
+            ..Default::default()
+        };
+        check_case(&chat, case, turn, options);
+    }
+}
+
+#[test]
+fn internlm2_tiny_chat_matches_the_original() {
+    // The first case runs a 251-token prompt to 283 tokens, past the tiny model's
+    // 128 × 2 served context (its NTK scaling extrapolates, as the original does).
+    let options = LoadOptions { session_len: Some(512), ..Default::default() };
+    let chat = ChatModel::load(&fixture("internlm2-tiny"), &options).unwrap();
+    let golden = golden("internlm2-tiny", "chat_golden.json");
+    for case in golden["cases"].as_array().unwrap() {
+        let meta = case["meta_instruction"].as_str().unwrap();
+        let is_default = case["meta_instruction_is_default"].as_bool().unwrap();
+        assert_eq!(meta == DEFAULT_META_INSTRUCTION, is_default);
+        let turn = ChatTurn {
+            query: case["query"].as_str().unwrap().into(),
+            history: pairs(&case["history_in"]),
+            history_len: DEFAULT_HISTORY_LEN,
+            system_prompt: if is_default { None } else { Some(meta.into()) },
+        };
+        let options = GenerationOptions {
+            sampling: SamplingParams::greedy(),
+            max_new_tokens: Some(case["max_new_tokens"].as_u64().unwrap() as usize),
+            ..Default::default()
+        };
+        check_case(&chat, case, turn, options);
+    }
+}
+
+#[test]
+fn history_len_and_limits_follow_the_interface() {
+    let chat = ChatModel::load(&fixture("chatglm2-tiny"), &LoadOptions::default()).unwrap();
+    let history: Vec<(String, String)> = (0..3).map(|i| (format!("q{i}"), format!("a{i}"))).collect();
+    let greedy = |max_token, max_new_tokens| GenerationOptions {
+        sampling: SamplingParams::greedy(),
+        max_token,
+        max_new_tokens,
+        ignore_eos: true,
+        stop: Vec::new(),
+    };
+    // history_len 1 keeps only the last round, in the prompt and in the returned history.
+    let turn = ChatTurn { query: "hi".into(), history: history.clone(), history_len: 1, system_prompt: None };
+    let one_round = ChatTurn { history: history[2..].to_vec(), history_len: 10, ..turn.clone() };
+    assert_eq!(chat.chat_prompt_ids(&turn).unwrap(), chat.chat_prompt_ids(&one_round).unwrap());
+    let completion = chat.chat(&turn, &greedy(None, Some(3)), |_| true).unwrap();
+    assert_eq!(completion.history.len(), 2);
+    assert_eq!(completion.history[0], history[2]);
+    assert_eq!(completion.history[1].0, "hi");
+    // history_len 0 keeps none.
+    let none = ChatTurn { history_len: 0, ..turn.clone() };
+    assert_eq!(chat.chat(&none, &greedy(None, Some(2)), |_| true).unwrap().history.len(), 1);
+
+    // max_token counts the prompt; max_new_tokens only the answer; the tighter wins.
+    let prompt = chat.chat_prompt_ids(&turn).unwrap().len();
+    let by_total = chat.chat(&turn, &greedy(Some(prompt + 5), None), |_| true).unwrap();
+    assert_eq!((by_total.output_ids.len(), by_total.finish_reason), (5, FinishReason::Length));
+    let by_new = chat.chat(&turn, &greedy(Some(prompt + 5), Some(3)), |_| true).unwrap();
+    assert_eq!(by_new.output_ids.len(), 3);
+    let by_total_again = chat.chat(&turn, &greedy(Some(prompt + 2), Some(3)), |_| true).unwrap();
+    assert_eq!(by_total_again.output_ids.len(), 2);
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let chat = ChatModel::load(&fixture("internlm2-tiny"), &LoadOptions::default()).unwrap();
+    let turn = ChatTurn { query: "你好".into(), history: vec![], history_len: 10, system_prompt: Some(String::new()) };
+    let run = |seed| {
+        let options = GenerationOptions {
+            sampling: SamplingParams { seed: Some(seed), temperature: 1.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.1 },
+            max_new_tokens: Some(24),
+            ignore_eos: true,
+            ..Default::default()
+        };
+        chat.chat(&turn, &options, |_| true).unwrap().output_ids
+    };
+    assert_eq!(run(1234), run(1234));
+    assert_ne!(run(1234), run(99));
+}
+
+#[test]
+fn a_false_callback_stops_the_answer() {
+    let chat = ChatModel::load(&fixture("internlm2-tiny"), &LoadOptions::default()).unwrap();
+    let turn = ChatTurn { query: "你好".into(), history: vec![], history_len: 10, system_prompt: Some(String::new()) };
+    let options = GenerationOptions { sampling: SamplingParams::greedy(), ignore_eos: true, max_new_tokens: Some(50), ..Default::default() };
+    let mut pieces = 0;
+    let completion = chat.chat(&turn, &options, |_| { pieces += 1; pieces < 3 }).unwrap();
+    assert_eq!(completion.finish_reason, FinishReason::Cancelled);
+    assert!(completion.output_ids.len() < 50);
+}
