@@ -129,7 +129,8 @@ impl ChatModel {
             return Err(Error::InvalidRequest("prompt: must not be empty".into()));
         }
         let kept = chat::kept_history(&turn.history, turn.history_len);
-        let text = chat::build_prompt(self.family, &turn.query, kept, turn.system_prompt.as_deref());
+        let text =
+            chat::build_prompt(self.family, &turn.query, kept, turn.system_prompt.as_deref());
         self.tokenizer.encode(&text, true)
     }
 
@@ -227,14 +228,19 @@ impl<'a> StopStrings<'a> {
         let found = self
             .stops
             .iter()
-            .filter_map(|stop| self.text[search_from..].find(stop.as_str()).map(|i| search_from + i))
+            .filter_map(|stop| {
+                self.text[search_from..].find(stop.as_str()).map(|i| search_from + i)
+            })
             .min();
         let ready_end = match found {
             Some(at) => {
                 self.stopped_at = Some(at);
                 at
             }
-            None => floor_char_boundary(&self.text, self.text.len().saturating_sub(longest.saturating_sub(1))),
+            None => floor_char_boundary(
+                &self.text,
+                self.text.len().saturating_sub(longest.saturating_sub(1)),
+            ),
         };
         let start = self.emitted;
         self.emitted = ready_end.max(start);

@@ -29,10 +29,17 @@ fn csv(v: &[u32]) -> String {
 #[test]
 fn tokenize_with_and_without_specials() {
     let golden = golden("chatglm2-tiny", "tokenizer_golden.json");
-    let case = golden["encode_cases"].as_array().unwrap().iter().find(|c| c["text"] == "你好").unwrap();
+    let case =
+        golden["encode_cases"].as_array().unwrap().iter().find(|c| c["text"] == "你好").unwrap();
     let out = json_of(&triton_llm(&["tokenize", "--model", &dir("chatglm2-tiny"), "你好"]));
     assert_eq!(out["ids"], case["ids"]);
-    let out = json_of(&triton_llm(&["tokenize", "--model", &dir("chatglm2-tiny"), "--no-special", "你好"]));
+    let out = json_of(&triton_llm(&[
+        "tokenize",
+        "--model",
+        &dir("chatglm2-tiny"),
+        "--no-special",
+        "你好",
+    ]));
     assert_eq!(out["ids"], case["ids_no_special"]);
 }
 
@@ -41,7 +48,13 @@ fn logits_match_the_golden() {
     for folder in ["chatglm2-tiny", "internlm2-tiny"] {
         let golden = golden(folder, "model_golden.json");
         let case = &golden["cases"][0];
-        let out = json_of(&triton_llm(&["logits", "--model", &dir(folder), "--ids", &csv(&ids(&case["input_ids"]))]));
+        let out = json_of(&triton_llm(&[
+            "logits",
+            "--model",
+            &dir(folder),
+            "--ids",
+            &csv(&ids(&case["input_ids"])),
+        ]));
         let logits = floats(&out["logits"]);
         assert_eq!(logits.len(), 1024);
         assert!(relative_l2(&logits, &floats(&case["last_logits"])) < 1e-4, "{folder}");
@@ -55,8 +68,17 @@ fn generate_chat_turn_matches_the_original_chat() {
     let history = serde_json::to_string(&case["history_in"]).unwrap();
     let max_length = case["max_length"].to_string();
     let out = json_of(&triton_llm(&[
-        "generate", "--model", &dir("chatglm2-tiny"), "--prompt", case["query"].as_str().unwrap(),
-        "--history", &history, "--max-token", &max_length, "--temperature", "0",
+        "generate",
+        "--model",
+        &dir("chatglm2-tiny"),
+        "--prompt",
+        case["query"].as_str().unwrap(),
+        "--history",
+        &history,
+        "--max-token",
+        &max_length,
+        "--temperature",
+        "0",
     ]));
     assert_eq!(out["response"], case["response"]);
     assert_eq!(out["history"], case["history_out"]);
@@ -72,9 +94,19 @@ fn generate_with_system_prompt_and_raw_ids() {
     let case = &chat_golden["cases"][2];
     let history = serde_json::to_string(&case["history_in"]).unwrap();
     let out = json_of(&triton_llm(&[
-        "generate", "--model", &dir("internlm2-tiny"), "--prompt", case["query"].as_str().unwrap(),
-        "--history", &history, "--system", case["meta_instruction"].as_str().unwrap(),
-        "--max-new-tokens", "32", "--temperature", "0",
+        "generate",
+        "--model",
+        &dir("internlm2-tiny"),
+        "--prompt",
+        case["query"].as_str().unwrap(),
+        "--history",
+        &history,
+        "--system",
+        case["meta_instruction"].as_str().unwrap(),
+        "--max-new-tokens",
+        "32",
+        "--temperature",
+        "0",
     ]));
     assert_eq!(out["response"], case["response"]);
     assert_eq!(out["finish_reason"], "length");
@@ -83,8 +115,16 @@ fn generate_with_system_prompt_and_raw_ids() {
     let model_golden = golden("internlm2-tiny", "model_golden.json");
     let mcase = &model_golden["cases"][2];
     let out = json_of(&triton_llm(&[
-        "generate", "--model", &dir("internlm2-tiny"), "--ids", &csv(&ids(&mcase["input_ids"])),
-        "--max-new-tokens", "16", "--temperature", "0", "--ignore-eos",
+        "generate",
+        "--model",
+        &dir("internlm2-tiny"),
+        "--ids",
+        &csv(&ids(&mcase["input_ids"])),
+        "--max-new-tokens",
+        "16",
+        "--temperature",
+        "0",
+        "--ignore-eos",
     ]));
     assert_eq!(out["output_ids"], mcase["greedy_16"]);
     assert_eq!(out["history"], serde_json::json!([]));
@@ -94,8 +134,20 @@ fn generate_with_system_prompt_and_raw_ids() {
 fn seeded_generate_is_reproducible() {
     let run = |seed: &str| {
         json_of(&triton_llm(&[
-            "generate", "--model", &dir("chatglm2-tiny"), "--prompt", "hello", "--seed", seed,
-            "--max-new-tokens", "12", "--ignore-eos", "--temperature", "1.0", "--top-k", "0",
+            "generate",
+            "--model",
+            &dir("chatglm2-tiny"),
+            "--prompt",
+            "hello",
+            "--seed",
+            seed,
+            "--max-new-tokens",
+            "12",
+            "--ignore-eos",
+            "--temperature",
+            "1.0",
+            "--top-k",
+            "0",
         ]))["output_ids"]
             .clone()
     };
@@ -111,11 +163,27 @@ fn errors_go_to_stderr_with_a_failing_exit() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("/no/such/model") && stderr.contains("does not exist"), "{stderr}");
 
-    let out = triton_llm(&["generate", "--model", &dir("chatglm2-tiny"), "--prompt", "hi", "--max-token", "3"]);
+    let out = triton_llm(&[
+        "generate",
+        "--model",
+        &dir("chatglm2-tiny"),
+        "--prompt",
+        "hi",
+        "--max-token",
+        "3",
+    ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("max_token"));
 
-    let out = triton_llm(&["generate", "--model", &dir("chatglm2-tiny"), "--prompt", "hi", "--top-p", "2"]);
+    let out = triton_llm(&[
+        "generate",
+        "--model",
+        &dir("chatglm2-tiny"),
+        "--prompt",
+        "hi",
+        "--top-p",
+        "2",
+    ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("top_p"));
 }
 
@@ -123,7 +191,15 @@ fn errors_go_to_stderr_with_a_failing_exit() {
 fn interactive_chat_streams_keeps_history_and_clears() {
     use std::io::Write;
     let mut child = Command::new(env!("CARGO_BIN_EXE_triton-llm"))
-        .args(["chat", "--model", &dir("chatglm2-tiny"), "--temperature", "0", "--max-new-tokens", "4"])
+        .args([
+            "chat",
+            "--model",
+            &dir("chatglm2-tiny"),
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "4",
+        ])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()

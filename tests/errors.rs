@@ -3,9 +3,9 @@
 mod common;
 
 use common::*;
+use triton_llm::engine::SamplingParams;
 use triton_llm::model::{self, LoadFormat};
 use triton_llm::pipeline::{ChatModel, ChatTurn, GenerationOptions, LoadOptions};
-use triton_llm::engine::SamplingParams;
 
 fn load_error(dir: &std::path::Path) -> String {
     match ChatModel::load(dir, &LoadOptions::default()) {
@@ -30,7 +30,8 @@ fn missing_folder() {
 fn unknown_family_names_the_type() {
     let dir = copy_fixture("internlm2-tiny");
     let config = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
-    std::fs::write(dir.path().join("config.json"), config.replace("\"internlm2\"", "\"llama\"")).unwrap();
+    std::fs::write(dir.path().join("config.json"), config.replace("\"internlm2\"", "\"llama\""))
+        .unwrap();
     assert_mentions(&load_error(dir.path()), &["model_type", "\"llama\"", "not supported"]);
 }
 
@@ -38,7 +39,11 @@ fn unknown_family_names_the_type() {
 fn config_missing_a_key_names_it() {
     let dir = copy_fixture("chatglm2-tiny");
     let config = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
-    std::fs::write(dir.path().join("config.json"), config.replace("\"kv_channels\"", "\"kv_channelz\"")).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        config.replace("\"kv_channels\"", "\"kv_channelz\""),
+    )
+    .unwrap();
     assert_mentions(&load_error(dir.path()), &["kv_channels"]);
 }
 
@@ -70,7 +75,10 @@ fn missing_tensor_is_named() {
     let mut tensors = read_safetensors(&path);
     tensors.retain(|t| t.0 != "model.layers.1.feed_forward.w3.weight");
     write_safetensors(&path, &tensors);
-    assert_mentions(&load_error(dir.path()), &["missing tensor model.layers.1.feed_forward.w3.weight"]);
+    assert_mentions(
+        &load_error(dir.path()),
+        &["missing tensor model.layers.1.feed_forward.w3.weight"],
+    );
 }
 
 #[test]
@@ -78,12 +86,19 @@ fn misshaped_tensor_is_named() {
     let dir = copy_fixture("chatglm2-tiny");
     let path = dir.path().join("model.safetensors");
     let mut tensors = read_safetensors(&path);
-    let qkv = tensors.iter_mut().find(|t| t.0.ends_with("0.self_attention.query_key_value.weight")).unwrap();
+    let qkv = tensors
+        .iter_mut()
+        .find(|t| t.0.ends_with("0.self_attention.query_key_value.weight"))
+        .unwrap();
     qkv.2 = vec![64, 128];
     write_safetensors(&path, &tensors);
     assert_mentions(
         &load_error(dir.path()),
-        &["transformer.encoder.layers.0.self_attention.query_key_value.weight", "[64, 128]", "[128, 64]"],
+        &[
+            "transformer.encoder.layers.0.self_attention.query_key_value.weight",
+            "[64, 128]",
+            "[128, 64]",
+        ],
     );
 }
 
@@ -92,9 +107,17 @@ fn unknown_extra_tensor_is_named() {
     let dir = copy_fixture("chatglm2-tiny");
     let path = dir.path().join("model.safetensors");
     let mut tensors = read_safetensors(&path);
-    tensors.push(("transformer.prefix_encoder.embedding.weight".into(), "F32".into(), vec![2], vec![0; 8]));
+    tensors.push((
+        "transformer.prefix_encoder.embedding.weight".into(),
+        "F32".into(),
+        vec![2],
+        vec![0; 8],
+    ));
     write_safetensors(&path, &tensors);
-    assert_mentions(&load_error(dir.path()), &["unexpected tensor transformer.prefix_encoder.embedding.weight"]);
+    assert_mentions(
+        &load_error(dir.path()),
+        &["unexpected tensor transformer.prefix_encoder.embedding.weight"],
+    );
 }
 
 #[test]
@@ -111,7 +134,8 @@ fn no_weights_at_all() {
 #[test]
 fn corrupt_tokenizer_model() {
     let dir = copy_fixture("chatglm2-tiny");
-    std::fs::write(dir.path().join("tokenizer.model"), b"\xff\xfe this is not a protobuf \x00\x01").unwrap();
+    std::fs::write(dir.path().join("tokenizer.model"), b"\xff\xfe this is not a protobuf \x00\x01")
+        .unwrap();
     assert_mentions(&load_error(dir.path()), &["tokenizer"]);
     std::fs::remove_file(dir.path().join("tokenizer.model")).unwrap();
     assert_mentions(&load_error(dir.path()), &["tokenizer.model"]);
@@ -157,7 +181,10 @@ fn half_precision_checkpoints_load() {
         let tensors: Vec<RawTensor> = read_safetensors(&path)
             .into_iter()
             .map(|(name, _, shape, data)| {
-                let halves = data.chunks_exact(4).flat_map(|b| convert(f32::from_le_bytes(b.try_into().unwrap()))).collect();
+                let halves = data
+                    .chunks_exact(4)
+                    .flat_map(|b| convert(f32::from_le_bytes(b.try_into().unwrap())))
+                    .collect();
                 (name, tag.to_string(), shape, halves)
             })
             .collect();
@@ -179,7 +206,12 @@ fn greedy(max_token: Option<usize>) -> GenerationOptions {
 #[test]
 fn prompt_over_the_context_is_refused() {
     let chat = ChatModel::load(&fixture("chatglm2-tiny"), &LoadOptions::default()).unwrap();
-    let turn = ChatTurn { query: "hello world ".repeat(300), history: vec![], history_len: 10, system_prompt: None };
+    let turn = ChatTurn {
+        query: "hello world ".repeat(300),
+        history: vec![],
+        history_len: 10,
+        system_prompt: None,
+    };
     let msg = chat.chat(&turn, &greedy(Some(100_000)), |_| true).unwrap_err().to_string();
     assert_mentions(&msg, &["prompt", "context of 512 tokens"]);
 }
@@ -187,7 +219,8 @@ fn prompt_over_the_context_is_refused() {
 #[test]
 fn max_token_below_the_prompt_is_refused() {
     let chat = ChatModel::load(&fixture("chatglm2-tiny"), &LoadOptions::default()).unwrap();
-    let turn = ChatTurn { query: "你好".into(), history: vec![], history_len: 10, system_prompt: None };
+    let turn =
+        ChatTurn { query: "你好".into(), history: vec![], history_len: 10, system_prompt: None };
     let msg = chat.chat(&turn, &greedy(Some(10)), |_| true).unwrap_err().to_string();
     assert_mentions(&msg, &["max_token", "10", "16 tokens"]);
 }
@@ -195,7 +228,8 @@ fn max_token_below_the_prompt_is_refused() {
 #[test]
 fn empty_prompt_is_refused() {
     let chat = ChatModel::load(&fixture("internlm2-tiny"), &LoadOptions::default()).unwrap();
-    let turn = ChatTurn { query: String::new(), history: vec![], history_len: 10, system_prompt: None };
+    let turn =
+        ChatTurn { query: String::new(), history: vec![], history_len: 10, system_prompt: None };
     let msg = chat.chat(&turn, &greedy(None), |_| true).unwrap_err().to_string();
     assert_mentions(&msg, &["prompt", "empty"]);
 }

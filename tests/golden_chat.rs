@@ -13,9 +13,18 @@ fn pairs(v: &serde_json::Value) -> Vec<(String, String)> {
     serde_json::from_value(v.clone()).unwrap()
 }
 
-fn check_case(chat: &ChatModel, case: &serde_json::Value, turn: ChatTurn, options: GenerationOptions) {
+fn check_case(
+    chat: &ChatModel,
+    case: &serde_json::Value,
+    turn: ChatTurn,
+    options: GenerationOptions,
+) {
     let query = &turn.query;
-    assert_eq!(chat.chat_prompt_ids(&turn).unwrap(), ids(&case["prompt_ids"]), "{query}: prompt ids");
+    assert_eq!(
+        chat.chat_prompt_ids(&turn).unwrap(),
+        ids(&case["prompt_ids"]),
+        "{query}: prompt ids"
+    );
     let mut streamed = String::new();
     let completion = chat
         .chat(&turn, &options, |piece| {
@@ -79,7 +88,8 @@ fn internlm2_tiny_chat_matches_the_original() {
 #[test]
 fn history_len_and_limits_follow_the_interface() {
     let chat = ChatModel::load(&fixture("chatglm2-tiny"), &LoadOptions::default()).unwrap();
-    let history: Vec<(String, String)> = (0..3).map(|i| (format!("q{i}"), format!("a{i}"))).collect();
+    let history: Vec<(String, String)> =
+        (0..3).map(|i| (format!("q{i}"), format!("a{i}"))).collect();
     let greedy = |max_token, max_new_tokens| GenerationOptions {
         sampling: SamplingParams::greedy(),
         max_token,
@@ -88,7 +98,12 @@ fn history_len_and_limits_follow_the_interface() {
         stop: Vec::new(),
     };
     // history_len 1 keeps only the last round, in the prompt and in the returned history.
-    let turn = ChatTurn { query: "hi".into(), history: history.clone(), history_len: 1, system_prompt: None };
+    let turn = ChatTurn {
+        query: "hi".into(),
+        history: history.clone(),
+        history_len: 1,
+        system_prompt: None,
+    };
     let one_round = ChatTurn { history: history[2..].to_vec(), history_len: 10, ..turn.clone() };
     assert_eq!(chat.chat_prompt_ids(&turn).unwrap(), chat.chat_prompt_ids(&one_round).unwrap());
     let completion = chat.chat(&turn, &greedy(None, Some(3)), |_| true).unwrap();
@@ -112,10 +127,21 @@ fn history_len_and_limits_follow_the_interface() {
 #[test]
 fn seeded_sampling_is_reproducible() {
     let chat = ChatModel::load(&fixture("internlm2-tiny"), &LoadOptions::default()).unwrap();
-    let turn = ChatTurn { query: "你好".into(), history: vec![], history_len: 10, system_prompt: Some(String::new()) };
+    let turn = ChatTurn {
+        query: "你好".into(),
+        history: vec![],
+        history_len: 10,
+        system_prompt: Some(String::new()),
+    };
     let run = |seed| {
         let options = GenerationOptions {
-            sampling: SamplingParams { seed: Some(seed), temperature: 1.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.1 },
+            sampling: SamplingParams {
+                seed: Some(seed),
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 1.0,
+                repetition_penalty: 1.1,
+            },
             max_new_tokens: Some(24),
             ignore_eos: true,
             ..Default::default()
@@ -129,10 +155,25 @@ fn seeded_sampling_is_reproducible() {
 #[test]
 fn a_false_callback_stops_the_answer() {
     let chat = ChatModel::load(&fixture("internlm2-tiny"), &LoadOptions::default()).unwrap();
-    let turn = ChatTurn { query: "你好".into(), history: vec![], history_len: 10, system_prompt: Some(String::new()) };
-    let options = GenerationOptions { sampling: SamplingParams::greedy(), ignore_eos: true, max_new_tokens: Some(50), ..Default::default() };
+    let turn = ChatTurn {
+        query: "你好".into(),
+        history: vec![],
+        history_len: 10,
+        system_prompt: Some(String::new()),
+    };
+    let options = GenerationOptions {
+        sampling: SamplingParams::greedy(),
+        ignore_eos: true,
+        max_new_tokens: Some(50),
+        ..Default::default()
+    };
     let mut pieces = 0;
-    let completion = chat.chat(&turn, &options, |_| { pieces += 1; pieces < 3 }).unwrap();
+    let completion = chat
+        .chat(&turn, &options, |_| {
+            pieces += 1;
+            pieces < 3
+        })
+        .unwrap();
     assert_eq!(completion.finish_reason, FinishReason::Cancelled);
     assert!(completion.output_ids.len() < 50);
 }

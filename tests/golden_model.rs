@@ -21,7 +21,11 @@ fn check_family(folder: &str) {
         let rel = relative_l2(&logits, &expected);
         let max = max_abs_diff(&logits, &expected);
         assert!(rel < 1e-4 && max < 1e-4, "{folder}/{name}: relative L2 {rel:e}, max |Δ| {max:e}");
-        assert_eq!(argmax(&logits), case["last_argmax"].as_u64().unwrap() as u32, "{folder}/{name}");
+        assert_eq!(
+            argmax(&logits),
+            case["last_argmax"].as_u64().unwrap() as u32,
+            "{folder}/{name}"
+        );
 
         // Greedy decoding one token at a time through the cache.
         let steps = case["greedy_16_steps_top5"].as_array().unwrap();
@@ -32,7 +36,10 @@ fn check_family(folder: &str) {
             let top_logits = floats(top5.get("top5_logits").or(top5.get("logits")).unwrap());
             for (id, want) in top_ids.iter().zip(&top_logits) {
                 let got = logits[*id as usize];
-                assert!((got - want).abs() < 1e-4, "{folder}/{name} step {step} id {id}: {got} vs {want}");
+                assert!(
+                    (got - want).abs() < 1e-4,
+                    "{folder}/{name} step {step} id {id}: {got} vs {want}"
+                );
             }
             let next = argmax(&logits);
             tokens.push(next);

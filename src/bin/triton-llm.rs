@@ -15,7 +15,11 @@ use triton_llm::pipeline::{ChatModel, ChatTurn, GenerationOptions, LoadOptions};
 use triton_llm::{Error, Result};
 
 #[derive(Parser)]
-#[command(name = "triton-llm", version, about = "Run ChatGLM2 / InternLM2 model folders with the triton_llm engine")]
+#[command(
+    name = "triton-llm",
+    version,
+    about = "Run ChatGLM2 / InternLM2 model folders with the triton_llm engine"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -259,7 +263,10 @@ fn interactive_chat(
     let mut stdout = std::io::stdout();
     let mut history = Vec::new();
     let io = |e| Error::io("<terminal>", e);
-    println!("triton-llm chat ({}): type a message; `clear` resets the history, `exit` quits.", chat.family.name());
+    println!(
+        "triton-llm chat ({}): type a message; `clear` resets the history, `exit` quits.",
+        chat.family.name()
+    );
     loop {
         print!("\nUser: ");
         stdout.flush().map_err(io)?;
@@ -278,7 +285,12 @@ fn interactive_chat(
             }
             _ => {}
         }
-        let turn = ChatTurn { query, history: history.clone(), history_len, system_prompt: system_prompt.clone() };
+        let turn = ChatTurn {
+            query,
+            history: history.clone(),
+            history_len,
+            system_prompt: system_prompt.clone(),
+        };
         print!("\nAssistant: ");
         stdout.flush().map_err(io)?;
         let result = chat.chat(&turn, options, |piece| {

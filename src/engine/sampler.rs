@@ -28,7 +28,13 @@ impl Default for SamplingParams {
     /// The originals' `model.chat` defaults: temperature 0.8, top_p 0.8, and the top_k 50
     /// that transformers' GenerationConfig adds implicitly; no repetition penalty.
     fn default() -> Self {
-        SamplingParams { temperature: 0.8, top_k: 50, top_p: 0.8, repetition_penalty: 1.0, seed: None }
+        SamplingParams {
+            temperature: 0.8,
+            top_k: 50,
+            top_p: 0.8,
+            repetition_penalty: 1.0,
+            seed: None,
+        }
     }
 }
 
@@ -45,7 +51,10 @@ impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         let bad = |what: String| Err(Error::InvalidRequest(what));
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return bad(format!("temperature must be a finite number >= 0, got {}", self.temperature));
+            return bad(format!(
+                "temperature must be a finite number >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -96,7 +105,8 @@ impl Sampler {
             order.truncate(keep);
         }
         let max = logits[order[0] as usize];
-        let mut probs: Vec<f32> = order.iter().map(|&id| (logits[id as usize] - max).exp()).collect();
+        let mut probs: Vec<f32> =
+            order.iter().map(|&id| (logits[id as usize] - max).exp()).collect();
         let total: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|q| *q /= total);
         if p.top_p < 1.0 {
@@ -162,7 +172,8 @@ mod tests {
 
     #[test]
     fn greedy_is_argmax_after_the_penalty() {
-        let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..SamplingParams::greedy() });
+        let mut s =
+            Sampler::new(SamplingParams { repetition_penalty: 2.0, ..SamplingParams::greedy() });
         // id 0 is best but was seen: 3.0 / 2 = 1.5 < 2.0.
         assert_eq!(s.sample(&mut [3.0, 2.0, -1.0], &[0, 0]), 1);
         let mut logits = [-1.0, -2.0];
@@ -175,7 +186,10 @@ mod tests {
         let logits = [0.1, 2.0, 1.9, -3.0];
         for seed in 0..20 {
             assert_eq!(Sampler::new(params(1.0, 1, 1.0, seed)).sample(&mut logits.clone(), &[]), 1);
-            assert_eq!(Sampler::new(params(1.0, 0, 0.01, seed)).sample(&mut logits.clone(), &[]), 1);
+            assert_eq!(
+                Sampler::new(params(1.0, 0, 0.01, seed)).sample(&mut logits.clone(), &[]),
+                1
+            );
         }
     }
 
@@ -211,7 +225,10 @@ mod tests {
             (SamplingParams { temperature: f32::NAN, ..Default::default() }, "temperature"),
             (SamplingParams { top_p: 0.0, ..Default::default() }, "top_p"),
             (SamplingParams { top_p: 1.5, ..Default::default() }, "top_p"),
-            (SamplingParams { repetition_penalty: 0.0, ..Default::default() }, "repetition_penalty"),
+            (
+                SamplingParams { repetition_penalty: 0.0, ..Default::default() },
+                "repetition_penalty",
+            ),
         ] {
             let err = p.validate().unwrap_err().to_string();
             assert!(err.contains(name), "{err}");

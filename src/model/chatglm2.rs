@@ -56,14 +56,17 @@ fn yes() -> bool {
 
 impl Config {
     fn num_kv_heads(&self) -> usize {
-        if self.multi_query_attention { self.multi_query_group_num } else { self.num_attention_heads }
+        if self.multi_query_attention {
+            self.multi_query_group_num
+        } else {
+            self.num_attention_heads
+        }
     }
 
     /// Refuses the variants this engine does not implement rather than computing them wrong.
     fn check_supported(&self) -> Result<()> {
-        let unsupported = |what: &str| {
-            Err(Error::Config(format!("ChatGLM2 config: {what} is not supported")))
-        };
+        let unsupported =
+            |what: &str| Err(Error::Config(format!("ChatGLM2 config: {what} is not supported")));
         if !self.rmsnorm {
             return unsupported("rmsnorm=false (LayerNorm)");
         }
@@ -146,7 +149,8 @@ impl Model {
         let ffn = config.ffn_hidden_size;
         let vocab = config.padded_vocab_size;
 
-        let word_embeddings = ckpt.f32("transformer.embedding.word_embeddings.weight", &[vocab, h])?;
+        let word_embeddings =
+            ckpt.f32("transformer.embedding.word_embeddings.weight", &[vocab, h])?;
         let layers = (0..config.num_layers)
             .map(|i| {
                 let p = format!("transformer.encoder.layers.{i}");
@@ -162,7 +166,13 @@ impl Model {
                     dense: linear(ckpt, &format!("{p}.self_attention.dense"), h, q_width, false)?,
                     post_attention_layernorm: ckpt
                         .f32(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                    dense_h_to_4h: linear(ckpt, &format!("{p}.mlp.dense_h_to_4h"), 2 * ffn, h, false)?,
+                    dense_h_to_4h: linear(
+                        ckpt,
+                        &format!("{p}.mlp.dense_h_to_4h"),
+                        2 * ffn,
+                        h,
+                        false,
+                    )?,
                     dense_4h_to_h: linear(ckpt, &format!("{p}.mlp.dense_4h_to_h"), h, ffn, false)?,
                 })
             })
@@ -175,7 +185,10 @@ impl Model {
         let num_parameters = vocab * h * 2
             + h
             + config.num_layers
-                * (2 * h + qkv_width * (h + usize::from(config.add_qkv_bias)) + q_width * h + 3 * ffn * h);
+                * (2 * h
+                    + qkv_width * (h + usize::from(config.add_qkv_bias))
+                    + q_width * h
+                    + 3 * ffn * h);
         let info = ModelInfo {
             family: Family::ChatGlm2,
             logits_width: vocab,
@@ -227,7 +240,8 @@ impl CausalLm for Model {
         if t == 0 {
             return Err(Error::InvalidRequest("forward called with no tokens".into()));
         }
-        let shape = AttentionShape { num_heads: c.num_attention_heads, num_kv_heads: n_kv, head_dim: d };
+        let shape =
+            AttentionShape { num_heads: c.num_attention_heads, num_kv_heads: n_kv, head_dim: d };
         let q_width = c.num_attention_heads * d;
         let kv_width = n_kv * d;
         let qkv_width = self.query_key_value_width();

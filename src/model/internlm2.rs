@@ -97,7 +97,9 @@ impl Config {
             )));
         }
         if self.tie_word_embeddings {
-            return Err(Error::Config("InternLM2 config: tie_word_embeddings=true is not supported".into()));
+            return Err(Error::Config(
+                "InternLM2 config: tie_word_embeddings=true is not supported".into(),
+            ));
         }
         self.scaling().map(|_| ())
     }
@@ -163,7 +165,10 @@ impl Model {
         let num_parameters = vocab * h * 2
             + h
             + config.num_hidden_layers
-                * (2 * h + qkv_width * h + q_width * h + 3 * ffn * h
+                * (2 * h
+                    + qkv_width * h
+                    + q_width * h
+                    + 3 * ffn * h
                     + if bias { qkv_width + h } else { 0 });
         // vLLM's rule for dynamic NTK: the served context is max_position_embeddings × factor.
         let max_context = match scaling {
@@ -213,12 +218,17 @@ impl CausalLm for Model {
     fn forward(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
         let c = &self.config;
         let (h, d) = (c.hidden_size, c.head_dim());
-        let (kv_heads, group) = (c.num_key_value_heads, c.num_attention_heads / c.num_key_value_heads);
+        let (kv_heads, group) =
+            (c.num_key_value_heads, c.num_attention_heads / c.num_key_value_heads);
         let (t, start) = (ids.len(), cache.len);
         if t == 0 {
             return Err(Error::InvalidRequest("forward called with no tokens".into()));
         }
-        let shape = AttentionShape { num_heads: c.num_attention_heads, num_kv_heads: kv_heads, head_dim: d };
+        let shape = AttentionShape {
+            num_heads: c.num_attention_heads,
+            num_kv_heads: kv_heads,
+            head_dim: d,
+        };
         let inv_freq = self.inv_freq_for(start + t);
         let tables: Vec<(Vec<f32>, Vec<f32>)> =
             (start..start + t).map(|p| rope::cos_sin(&inv_freq, p)).collect();

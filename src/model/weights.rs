@@ -181,7 +181,9 @@ fn dummy_values(name: &str, shape: &[usize]) -> Vec<f32> {
     if name.contains("norm") {
         return vec![1.0; numel];
     }
-    let seed = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let seed = name
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let bound = 1.0 / (*shape.last().unwrap_or(&1) as f32).sqrt();
     (0..numel).map(|_| rng.random_range(-bound..bound)).collect()
@@ -189,9 +191,9 @@ fn dummy_values(name: &str, shape: &[usize]) -> Vec<f32> {
 
 fn convert_into(dtype: StoredDtype, bytes: &[u8], out: &mut Vec<f32>) {
     match dtype {
-        StoredDtype::F32 => out.extend(
-            bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        ),
+        StoredDtype::F32 => {
+            out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+        }
         StoredDtype::F16 => {
             out.extend(bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()))
         }

@@ -55,8 +55,16 @@ pub fn read_safetensors(path: &std::path::Path) -> Vec<RawTensor> {
         .into_iter()
         .filter(|(k, _)| k != "__metadata__")
         .map(|(name, v)| {
-            let (a, b) = (v["data_offsets"][0].as_u64().unwrap() as usize, v["data_offsets"][1].as_u64().unwrap() as usize);
-            let shape = v["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+            let (a, b) = (
+                v["data_offsets"][0].as_u64().unwrap() as usize,
+                v["data_offsets"][1].as_u64().unwrap() as usize,
+            );
+            let shape = v["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect();
             (name, v["dtype"].as_str().unwrap().to_string(), shape, data[a..b].to_vec())
         })
         .collect();
