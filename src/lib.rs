@@ -1,16 +1,19 @@
 //! triton_llm — a Triton Inference Server backend that serves ChatGLM2 and InternLM2 chat
 //! models with its own engine.
 //!
-//! Data flow: request → chat template (`chat`) → tokenizer (`tokenizer`) → engine
+//! Data flow: Triton request (`triton`: FFI fence, entry points, the seed interface;
+//! `config`: the model's config.pbtxt parameters) → chat template (`chat`) → tokenizer (`tokenizer`) → engine
 //! (`engine`: generation loop, sampler) → model graph (`model`, one file per family) →
 //! device ops (`cpu`). The `triton-llm` CLI runs the same path without a server.
 
 pub mod chat;
+pub mod config;
 pub mod cpu;
 pub mod engine;
 pub mod error;
 pub mod model;
 pub mod pipeline;
 pub mod tokenizer;
+pub mod triton;
 
 pub use error::{Error, Result};

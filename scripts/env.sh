@@ -1,0 +1,10 @@
+# Sourced: points at the tritonserver that scripts/setup.sh installed into .venv-triton and
+# at the release build of this crate.
+_repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+_site="$("$_repo/.venv-triton/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+export TRITONSERVER_BIN="$_site/pytriton/tritonserver/bin/tritonserver"
+export TRITON_PYTHON="$_repo/.venv-triton/bin/python"
+_target="${CARGO_TARGET_DIR:-$_repo/target}"
+export TRITON_LLM_LIB="$_target/release/libtriton_llm.so"
+export TRITON_LLM_CLI="$_target/release/triton-llm"
+unset _repo _site _target

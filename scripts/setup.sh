@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what building, serving and testing need on a fresh Debian machine that has the
+# Rust toolchain: a C toolchain, libclang (bindgen reads triton_headers/), python3-venv, and
+# a virtualenv .venv-triton with the real tritonserver 2.51 (PyPI wheel nvidia-pytriton)
+# and the pinned tritonclient. Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo >/dev/null; then
+    echo "setup: cargo is required (install Rust with rustup)" >&2
+    exit 1
+fi
+
+packages=()
+command -v cc >/dev/null || packages+=(build-essential)
+ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || packages+=(libclang-dev)
+python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv)
+command -v curl >/dev/null || packages+=(curl)
+if [ ${#packages[@]} -gt 0 ]; then
+    echo "setup: installing ${packages[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}"
+fi
+
+if [ ! -x .venv-triton/bin/python ]; then
+    python3 -m venv .venv-triton
+fi
+if ! .venv-triton/bin/python -c 'import tritonclient.grpc, tritonclient.http, pytest' 2>/dev/null; then
+    .venv-triton/bin/pip install -q -r scripts/requirements-triton.txt
+fi
+source scripts/env.sh
+if [ ! -x "$TRITONSERVER_BIN" ]; then
+    .venv-triton/bin/pip install -q --no-deps nvidia-pytriton==0.7.0
+fi
+echo "setup: ready ($TRITONSERVER_BIN)" >&2

@@ -1,0 +1,179 @@
+//! The served model's Triton configuration (config.pbtxt, which reaches the backend as
+//! JSON), parsed and validated once at model load. Every `parameters` key the backend
+//! understands is here; a bad value fails the load naming the key.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::chat::DEFAULT_HISTORY_LEN;
+use crate::model::LoadFormat;
+use crate::{Error, Result};
+
+/// The keys of `parameters` this backend reads.
+pub const KNOWN_PARAMETERS: &[&str] = &[
+    "model_dir",
+    "system_prompt",
+    "history_len_default",
+    "max_token_default",
+    "load_format",
+    "session_len",
+];
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelParameters {
+    /// The Hugging Face model folder (default: the model's version directory).
+    pub model_dir: PathBuf,
+    /// InternLM2's meta instruction for requests that do not bring one; None = the
+    /// model's default, "" = none.
+    pub system_prompt: Option<String>,
+    /// Rounds of history kept when a request has no `history_len`.
+    pub history_len_default: usize,
+    /// `max_token` when a request has none; None = the family's `model.chat` default.
+    pub max_token_default: Option<usize>,
+    pub load_format: LoadFormat,
+    /// Longest sequence served; None = the model's context.
+    pub session_len: Option<usize>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub name: String,
+    /// > 0: every tensor carries a leading batch dimension (dynamic batching).
+    pub max_batch_size: u64,
+    /// `model_transaction_policy { decoupled: true }`.
+    pub decoupled: bool,
+    pub parameters: ModelParameters,
+    /// Parameter keys this backend does not know (logged as warnings by the caller).
+    pub unknown_parameters: Vec<String>,
+}
+
+impl ModelConfig {
+    /// Parses the model config JSON. Relative paths resolve against `version_dir`.
+    pub fn from_json(json: &str, version_dir: &Path) -> Result<Self> {
+        let config: Value = serde_json::from_str(json)
+            .map_err(|e| Error::Config(format!("model configuration is not valid JSON: {e}")))?;
+        let name = config.get("name").and_then(Value::as_str).unwrap_or_default().to_string();
+        let max_batch_size = config.get("max_batch_size").and_then(Value::as_u64).unwrap_or(0);
+        let decoupled = config
+            .pointer("/model_transaction_policy/decoupled")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+
+        let mut parameters = ModelParameters {
+            model_dir: version_dir.to_path_buf(),
+            system_prompt: None,
+            history_len_default: DEFAULT_HISTORY_LEN,
+            max_token_default: None,
+            load_format: LoadFormat::default(),
+            session_len: None,
+        };
+        let mut unknown_parameters = Vec::new();
+        let empty = serde_json::Map::new();
+        let entries = config.get("parameters").and_then(Value::as_object).unwrap_or(&empty);
+        for (key, entry) in entries {
+            let value = entry
+                .get("string_value")
+                .and_then(Value::as_str)
+                .ok_or_else(|| parameter_error(key, "has no string_value".to_string()))?;
+            match key.as_str() {
+                "model_dir" => {
+                    if value.trim().is_empty() {
+                        return Err(parameter_error(key, "must not be empty".into()));
+                    }
+                    parameters.model_dir = version_dir.join(value);
+                }
+                "system_prompt" => parameters.system_prompt = Some(value.to_string()),
+                "history_len_default" => {
+                    parameters.history_len_default = parse_count(key, value, 0)?;
+                }
+                "max_token_default" => {
+                    parameters.max_token_default = Some(parse_count(key, value, 1)?);
+                }
+                "load_format" => {
+                    parameters.load_format =
+                        value.parse().map_err(|e: String| parameter_error(key, e))?;
+                }
+                "session_len" => parameters.session_len = Some(parse_count(key, value, 1)?),
+                _ => unknown_parameters.push(key.clone()),
+            }
+        }
+        Ok(ModelConfig { name, max_batch_size, decoupled, parameters, unknown_parameters })
+    }
+}
+
+fn parameter_error(key: &str, message: String) -> Error {
+    Error::Config(format!("parameter {key}: {message}"))
+}
+
+fn parse_count(key: &str, value: &str, min: usize) -> Result<usize> {
+    match value.trim().parse::<usize>() {
+        Ok(n) if n >= min => Ok(n),
+        _ => Err(parameter_error(key, format!("expected an integer >= {min}, got {value:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(parameters: &str) -> Result<ModelConfig> {
+        let json = format!(r#"{{"name":"m","max_batch_size":0,"parameters":{{{parameters}}}}}"#);
+        ModelConfig::from_json(&json, Path::new("/repo/m/1"))
+    }
+
+    #[test]
+    fn defaults_apply_without_parameters() {
+        let config = parse("").unwrap();
+        assert_eq!(config.parameters.model_dir, Path::new("/repo/m/1"));
+        assert_eq!(config.parameters.history_len_default, DEFAULT_HISTORY_LEN);
+        assert_eq!(config.parameters.max_token_default, None);
+        assert!(!config.decoupled);
+    }
+
+    #[test]
+    fn relative_model_dir_resolves_against_the_version_directory() {
+        let config = parse(r#""model_dir":{"string_value":"../weights"}"#).unwrap();
+        assert_eq!(config.parameters.model_dir, Path::new("/repo/m/1/../weights"));
+        let config = parse(r#""model_dir":{"string_value":"/models/glm"}"#).unwrap();
+        assert_eq!(config.parameters.model_dir, Path::new("/models/glm"));
+    }
+
+    #[test]
+    fn values_parse_and_unknown_keys_are_collected() {
+        let config = parse(
+            r#""history_len_default":{"string_value":"3"},"max_token_default":{"string_value":"512"},
+               "system_prompt":{"string_value":""},"load_format":{"string_value":"dummy"},
+               "colour":{"string_value":"blue"}"#,
+        )
+        .unwrap();
+        assert_eq!(config.parameters.history_len_default, 3);
+        assert_eq!(config.parameters.max_token_default, Some(512));
+        assert_eq!(config.parameters.system_prompt.as_deref(), Some(""));
+        assert_eq!(config.parameters.load_format, LoadFormat::Dummy);
+        assert_eq!(config.unknown_parameters, vec!["colour".to_string()]);
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key() {
+        for (params, key) in [
+            (r#""history_len_default":{"string_value":"-1"}"#, "history_len_default"),
+            (r#""max_token_default":{"string_value":"0"}"#, "max_token_default"),
+            (r#""load_format":{"string_value":"pickle"}"#, "load_format"),
+            (r#""session_len":{"string_value":"many"}"#, "session_len"),
+            (r#""model_dir":{"string_value":" "}"#, "model_dir"),
+        ] {
+            let message = parse(params).unwrap_err().to_string();
+            assert!(message.contains(&format!("parameter {key}")), "{message}");
+        }
+    }
+
+    #[test]
+    fn decoupled_and_batching_are_read() {
+        let json =
+            r#"{"name":"m","max_batch_size":8,"model_transaction_policy":{"decoupled":true}}"#;
+        let config = ModelConfig::from_json(json, Path::new("/r/m/1")).unwrap();
+        assert_eq!(config.max_batch_size, 8);
+        assert!(config.decoupled);
+    }
+}

@@ -1,0 +1,17 @@
+//! The FFI fence around the Triton C API: generated declarations (`sys`), safe wrappers
+//! for errors, requests and responses, the lifecycle states (model, instance) and the
+//! `extern "C"` entry points. `interface` (the seed tensors) is pure logic.
+//!
+//! Nothing here links against libtritonserver: the entry points' calls resolve when
+//! tritonserver dlopens the library. Code outside this module never calls into it, so
+//! tests and the CLI link without a server.
+
+mod entry;
+pub mod error;
+mod instance;
+pub mod interface;
+mod log;
+mod model;
+mod request;
+mod response;
+pub(crate) mod sys;

@@ -1,0 +1,96 @@
+//! A response under construction: BYTES outputs copied into server buffers, parameters,
+//! then sent (or deleted on drop if never sent).
+
+use std::ffi::CString;
+use std::ptr;
+
+use super::error::{TritonError, TritonResult, ffi};
+use super::interface::OutputTensor;
+use super::request::Request;
+use super::sys;
+
+pub struct Response {
+    raw: *mut sys::TRITONBACKEND_Response,
+}
+
+fn c_string(text: &str) -> TritonResult<CString> {
+    CString::new(text).map_err(|_| TritonError::internal(format!("NUL inside {text:?}")))
+}
+
+impl Response {
+    pub fn new(request: &Request) -> TritonResult<Self> {
+        let mut raw = ptr::null_mut();
+        ffi!(sys::TRITONBACKEND_ResponseNew(&mut raw, request.as_raw()))?;
+        Ok(Response { raw })
+    }
+
+    /// Adds one BYTES output (one output at a time, as the server requires).
+    pub fn add_output(&mut self, tensor: &OutputTensor) -> TritonResult<()> {
+        let name = c_string(tensor.name)?;
+        let mut output = ptr::null_mut();
+        ffi!(sys::TRITONBACKEND_ResponseOutput(
+            self.raw,
+            &mut output,
+            name.as_ptr(),
+            sys::TRITONSERVER_TYPE_BYTES,
+            tensor.shape.as_ptr(),
+            tensor.shape.len() as u32
+        ))?;
+        let mut buffer: *mut std::ffi::c_void = ptr::null_mut();
+        let mut memory_type = sys::TRITONSERVER_MEMORY_CPU;
+        let mut memory_type_id = 0i64;
+        ffi!(sys::TRITONBACKEND_OutputBuffer(
+            output,
+            &mut buffer,
+            tensor.data.len() as u64,
+            &mut memory_type,
+            &mut memory_type_id
+        ))?;
+        if tensor.data.is_empty() {
+            return Ok(());
+        }
+        if memory_type == sys::TRITONSERVER_MEMORY_GPU || buffer.is_null() {
+            return Err(TritonError::internal(format!(
+                "output {}: the server gave no host buffer",
+                tensor.name
+            )));
+        }
+        // SAFETY: the server allocated `data.len()` writable host bytes for this output.
+        unsafe {
+            ptr::copy_nonoverlapping(tensor.data.as_ptr(), buffer as *mut u8, tensor.data.len());
+        }
+        Ok(())
+    }
+
+    pub fn set_int_parameter(&mut self, name: &str, value: i64) -> TritonResult<()> {
+        let name = c_string(name)?;
+        ffi!(sys::TRITONBACKEND_ResponseSetIntParameter(self.raw, name.as_ptr(), value))
+    }
+
+    pub fn set_string_parameter(&mut self, name: &str, value: &str) -> TritonResult<()> {
+        let (name, value) = (c_string(name)?, c_string(value)?);
+        ffi!(sys::TRITONBACKEND_ResponseSetStringParameter(self.raw, name.as_ptr(), value.as_ptr()))
+    }
+
+    /// Sends the response with `flags`, as an error response when `error` is given.
+    pub fn send(self, flags: u32, error: Option<TritonError>) -> TritonResult<()> {
+        let raw = self.raw;
+        // Once sent (even if the send reports an error) the server owns the response.
+        std::mem::forget(self);
+        let error = error.map(TritonError::into_raw).unwrap_or(ptr::null_mut());
+        let result = ffi!(sys::TRITONBACKEND_ResponseSend(raw, flags, error));
+        if !error.is_null() {
+            // SAFETY: ResponseSend leaves the error with the caller, who frees it once.
+            unsafe { sys::TRITONSERVER_ErrorDelete(error) };
+        }
+        result
+    }
+}
+
+impl Drop for Response {
+    fn drop(&mut self) {
+        if let Err(e) = ffi!(sys::TRITONBACKEND_ResponseDelete(self.raw)) {
+            tracing::error!("deleting an unsent response failed: {e}");
+        }
+    }
+}

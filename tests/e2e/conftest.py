@@ -1,0 +1,138 @@
+"""A real tritonserver (2.51, from the nvidia-pytriton wheel) with the freshly built
+libtriton_llm.so, for the end-to-end tests. scripts/test.sh sets the environment:
+
+  TRITONSERVER_BIN   the tritonserver executable
+  TRITON_LLM_LIB     the built libtriton_llm.so
+  TRITON_LLM_CLI     the built triton-llm binary (the reference answers)
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TEST_REPOSITORY = REPO / "tests" / "model_repository"
+FIXTURES = REPO / "tests" / "fixtures"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def required_env(name):
+    value = os.environ.get(name)
+    if not value:
+        pytest.exit(f"{name} is not set; run the tests through scripts/test.sh", returncode=2)
+    return value
+
+
+class Server:
+    """One tritonserver process on free loopback ports; its log goes to a file."""
+
+    def __init__(self, repository, workdir, *extra_args):
+        self.workdir = Path(workdir)
+        backends = self.workdir / "backends" / "llm"
+        backends.mkdir(parents=True, exist_ok=True)
+        shutil.copy(required_env("TRITON_LLM_LIB"), backends / "libtriton_llm.so")
+        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.log_path = self.workdir / "tritonserver.log"
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen(
+            [
+                required_env("TRITONSERVER_BIN"),
+                f"--model-repository={repository}",
+                f"--backend-directory={self.workdir / 'backends'}",
+                "--http-address=127.0.0.1",
+                "--grpc-address=127.0.0.1",
+                f"--http-port={self.http_port}",
+                f"--grpc-port={self.grpc_port}",
+                f"--metrics-port={self.metrics_port}",
+                *extra_args,
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    @property
+    def http_url(self):
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self):
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def wait_live(self, timeout=120):
+        """Waits until the server answers (live, not necessarily every model ready)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with {self.process.returncode}:\n{self.log_text()}")
+            try:
+                with urllib.request.urlopen(f"http://{self.http_url}/v2/health/live", timeout=2):
+                    return self
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError(f"tritonserver did not come up:\n{self.log_text()}")
+
+    def wait_model_ready(self, model, timeout=120):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://{self.http_url}/v2/models/{model}/ready", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError(f"model {model} never became ready:\n{self.log_text()}")
+
+    def log_text(self):
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def rss_kib(self):
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def stop(self):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """The test repository's models (both tiny fixtures, KIND_CPU) on one server."""
+    s = Server(TEST_REPOSITORY, tmp_path_factory.mktemp("server")).wait_live()
+    for model in ("chatglm2-tiny", "internlm2-tiny", "chatglm2-tiny-batched"):
+        s.wait_model_ready(model)
+    yield s
+    s.stop()
+
+
+def cli_generate(model, prompt, history=(), session_len=None, **flags):
+    """The reference answer: `triton-llm generate` on the same folder, greedy."""
+    args = [
+        required_env("TRITON_LLM_CLI"), "generate", "--model", str(FIXTURES / model),
+        "--prompt", prompt, "--history", json.dumps([list(p) for p in history]),
+        "--temperature", "0",
+    ]
+    if session_len:
+        args += ["--session-len", str(session_len)]
+    for key, value in flags.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    out = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
