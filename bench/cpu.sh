@@ -5,7 +5,7 @@
 # same run. Usage: bench/cpu.sh  (after `cargo build --release`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=target/release/triton-llm
+bin="${CARGO_TARGET_DIR:-target}/release/triton-llm"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cp bench/internlm2-0.5b/config.json tests/fixtures/internlm2/tokenizer.model "$work/"

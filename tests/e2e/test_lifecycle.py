@@ -44,11 +44,19 @@ def test_a_corrupt_weight_file_fails_only_its_model(tmp_path):
         (TEST_REPOSITORY / "chatglm2-tiny" / "config.pbtxt").read_text()
         .replace('name: "chatglm2-tiny"', 'name: "broken"')
         .replace("../../../fixtures/chatglm2-tiny", str(broken)))
+    # A bad parameter value fails its model's load naming the key; an unknown key is a warning.
+    (repository / "badparam" / "1").mkdir(parents=True)
+    (repository / "badparam" / "config.pbtxt").write_text(
+        (repository / "internlm2-tiny" / "config.pbtxt").read_text()
+        .replace('name: "internlm2-tiny"', 'name: "badparam"')
+        + 'parameters { key: "history_len_default" value { string_value: "-3" } }\n')
+    config = repository / "internlm2-tiny" / "config.pbtxt"
+    config.write_text(config.read_text() + 'parameters { key: "colour" value { string_value: "blue" } }\n')
     server = Server(repository, tmp_path / "server", "--exit-on-error=false").wait_live()
     try:
         server.wait_model_ready("internlm2-tiny")
         deadline = time.time() + 60
-        while "broken" not in server.log_text() or "model.safetensors" not in server.log_text():
+        while "failed to load 'broken'" not in server.log_text() or "failed to load 'badparam'" not in server.log_text():
             assert time.time() < deadline, server.log_text()
             time.sleep(0.3)
         assert not is_ready(server, "broken")
@@ -58,6 +66,9 @@ def test_a_corrupt_weight_file_fails_only_its_model(tmp_path):
         print("\n".join(failure))
         assert any("truncated" in line or "bytes" in line for line in failure), failure
         assert ask(server, "internlm2-tiny")
+        assert not is_ready(server, "badparam")
+        assert "parameter history_len_default: expected an integer >= 0, got \\\"-3\\\"" in log, log
+        assert 'model internlm2-tiny: unknown parameter \\"colour\\" is ignored' in log, log
         assert server.process.poll() is None
     finally:
         server.stop()

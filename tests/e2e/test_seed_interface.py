@@ -223,8 +223,22 @@ def test_malformed_bytes_buffer_is_rejected(server):
     assert status == 200, body
 
 
+def test_instances_on_one_device_share_the_weights(server):
+    # Both models run two KIND_CPU instances; each loads its weights once.
+    log = server.log_text()
+    for model in ("chatglm2-tiny", "internlm2-tiny"):
+        assert log.count(f"model {model}: weights loaded for Cpu") == 1, log
+        assert log.count(f"instance {model}_0_1: Cpu") == 1, log
+
+
 def test_statistics_count_requests(server):
-    with urllib.request.urlopen(f"http://{server.http_url}/v2/models/chatglm2-tiny/stats") as reply:
-        stats = json.loads(reply.read())["model_stats"][0]
-    assert int(stats["inference_stats"]["success"]["count"]) > 0
-    assert int(stats["inference_stats"]["fail"]["count"]) > 0
+    def counts():
+        with urllib.request.urlopen(f"http://{server.http_url}/v2/models/chatglm2-tiny/stats") as reply:
+            stats = json.loads(reply.read())["model_stats"][0]["inference_stats"]
+        return int(stats["success"]["count"]), int(stats["fail"]["count"])
+
+    success, fail = counts()
+    http_chat(server, "chatglm2-tiny", {"prompt": "hi", "max_new_tokens": "4"})
+    with pytest.raises(InferenceServerException):
+        http_chat(server, "chatglm2-tiny", {"prompt": "hi", "top_k": "x"})
+    assert counts() == (success + 1, fail + 1)
