@@ -60,3 +60,80 @@ fn chatglm2_tiny_matches_original_logits_and_greedy_tokens() {
 fn internlm2_tiny_matches_original_logits_and_greedy_tokens() {
     check_family("internlm2-tiny");
 }
+
+/// Several sequences in one batched pass (prefills of different lengths, then decode steps
+/// of all of them together, then a prefill joining running decodes) give each sequence the
+/// logits it gets alone, and the greedy tokens of the golden cases.
+fn check_batched(folder: &str) {
+    use triton_llm::model::SeqStep;
+    let model = model::load(&fixture(folder), LoadFormat::Safetensors).unwrap();
+    let golden = golden(folder, "model_golden.json");
+    let prompts: Vec<Vec<u32>> =
+        golden["cases"].as_array().unwrap().iter().map(|c| ids(&c["input_ids"])).collect();
+    assert!(prompts.len() >= 2);
+
+    // Alone: prompt, then 6 greedy steps; the logits of every step.
+    let alone: Vec<Vec<Vec<f32>>> = prompts
+        .iter()
+        .map(|prompt| {
+            let mut cache = model.new_cache();
+            let mut logits = vec![model.forward(prompt, &mut cache).unwrap()];
+            for _ in 0..6 {
+                let next = argmax(logits.last().unwrap());
+                logits.push(model.forward(&[next], &mut cache).unwrap());
+            }
+            logits
+        })
+        .collect();
+
+    // Together: the first sequence starts alone and decodes while the others prefill.
+    let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+    let mut produced: Vec<Vec<Vec<f32>>> = prompts.iter().map(|_| Vec::new()).collect();
+    let mut started = vec![false; prompts.len()];
+    for round in 0..8 {
+        let mut inputs: Vec<(usize, Vec<u32>)> = Vec::new();
+        for (i, prompt) in prompts.iter().enumerate() {
+            if !started[i] && (i == 0 || round >= 1) {
+                inputs.push((i, prompt.clone()));
+            } else if started[i] && produced[i].len() < 7 {
+                inputs.push((i, vec![argmax(produced[i].last().unwrap())]));
+            }
+        }
+        if inputs.is_empty() {
+            break;
+        }
+        let mut steps: Vec<SeqStep> = Vec::new();
+        let mut rest: &mut [_] = &mut caches;
+        let mut base = 0;
+        for (i, tokens) in &inputs {
+            let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - base);
+            let (cache, tail) = tail.split_first_mut().unwrap();
+            steps.push(SeqStep { ids: tokens, cache });
+            rest = tail;
+            base = i + 1;
+        }
+        let logits = model.forward_batch(&mut steps).unwrap();
+        for ((i, _), row) in inputs.iter().zip(logits) {
+            started[*i] = true;
+            produced[*i].push(row);
+        }
+    }
+    for (i, (batched, single)) in produced.iter().zip(&alone).enumerate() {
+        assert_eq!(batched.len(), single.len(), "{folder}: sequence {i}");
+        for (step, (b, s)) in batched.iter().zip(single).enumerate() {
+            let rel = relative_l2(b, s);
+            assert!(rel < 1e-5, "{folder}: sequence {i} step {step}: relative L2 {rel:e}");
+            assert_eq!(argmax(b), argmax(s), "{folder}: sequence {i} step {step}");
+        }
+    }
+}
+
+#[test]
+fn chatglm2_tiny_batched_forward_equals_one_at_a_time() {
+    check_batched("chatglm2-tiny");
+}
+
+#[test]
+fn internlm2_tiny_batched_forward_equals_one_at_a_time() {
+    check_batched("internlm2-tiny");
+}

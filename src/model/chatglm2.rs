@@ -7,8 +7,11 @@
 
 use serde::Deserialize;
 
-use super::{CausalLm, Checkpoint, Family, ModelInfo, TokenIds, embed, parse_config, rope};
-use crate::cpu::{self, AttentionShape, KvCache, Linear};
+use super::{
+    CausalLm, Checkpoint, Family, ModelInfo, SeqStep, TokenIds, batch_offsets, embed_batch,
+    last_token_logits, parse_config, rope,
+};
+use crate::cpu::{self, AttentionShape, Linear};
 use crate::{Error, Result};
 
 /// `config.json` of a ChatGLM2 checkpoint; field names as in the file.
@@ -233,41 +236,49 @@ impl CausalLm for Model {
         &self.info
     }
 
-    fn forward(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+    fn forward_batch(&self, steps: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
         let (h, d, n_kv) = (c.hidden_size, c.kv_channels, c.num_kv_heads());
-        let (t, start) = (ids.len(), cache.len);
-        if t == 0 {
-            return Err(Error::InvalidRequest("forward called with no tokens".into()));
-        }
+        let (offsets, total) = batch_offsets(steps)?;
         let shape =
             AttentionShape { num_heads: c.num_attention_heads, num_kv_heads: n_kv, head_dim: d };
         let q_width = c.num_attention_heads * d;
         let kv_width = n_kv * d;
         let qkv_width = self.query_key_value_width();
 
-        let mut x = embed(&self.word_embeddings, h, ids)?; // [t, h]
-        for (layer, (k_cache, v_cache)) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        let mut x = embed_batch(&self.word_embeddings, h, steps)?; // [total, h]
+        for (l, layer) in self.layers.iter().enumerate() {
             let normed = cpu::rms_norm(&x, &layer.input_layernorm, c.layernorm_epsilon);
-            let mut qkv = layer.query_key_value.forward(&normed); // [t, q | k | v]
-            self.apply_rope(&mut qkv, start);
-            let mut q = Vec::with_capacity(t * q_width);
-            for row in qkv.chunks_exact(qkv_width) {
-                q.extend_from_slice(&row[..q_width]);
-                k_cache.extend_from_slice(&row[q_width..q_width + kv_width]);
-                v_cache.extend_from_slice(&row[q_width + kv_width..]);
+            let mut qkv = layer.query_key_value.forward(&normed); // [total, q | k | v]
+            let mut context = Vec::with_capacity(total * q_width);
+            for (step, &offset) in steps.iter_mut().zip(&offsets) {
+                let (t, start) = (step.ids.len(), step.cache.len);
+                let rows = &mut qkv[offset * qkv_width..(offset + t) * qkv_width];
+                self.apply_rope(rows, start);
+                let (k_cache, v_cache) = &mut step.cache.layers[l];
+                let mut q = Vec::with_capacity(t * q_width);
+                for row in rows.chunks_exact(qkv_width) {
+                    q.extend_from_slice(&row[..q_width]);
+                    k_cache.extend_from_slice(&row[q_width..q_width + kv_width]);
+                    v_cache.extend_from_slice(&row[q_width + kv_width..]);
+                }
+                context.extend(cpu::causal_attention(&q, k_cache, v_cache, start, shape));
             }
-            let context = cpu::causal_attention(&q, k_cache, v_cache, start, shape);
             cpu::add_in_place(&mut x, &layer.dense.forward(&context));
 
             let normed = cpu::rms_norm(&x, &layer.post_attention_layernorm, c.layernorm_epsilon);
-            let gate_up = layer.dense_h_to_4h.forward(&normed); // [t, gate | up]
+            let gate_up = layer.dense_h_to_4h.forward(&normed); // [total, gate | up]
             let act = cpu::silu_mul_packed(&gate_up, c.ffn_hidden_size);
             cpu::add_in_place(&mut x, &layer.dense_4h_to_h.forward(&act));
         }
-        cache.len += t;
-        let last = &x[(t - 1) * h..];
-        let normed = cpu::rms_norm(last, &self.final_layernorm, c.layernorm_epsilon);
-        Ok(self.output_layer.forward(&normed))
+        Ok(last_token_logits(
+            &x,
+            h,
+            steps,
+            &offsets,
+            &self.final_layernorm,
+            c.layernorm_epsilon,
+            &self.output_layer,
+        ))
     }
 }

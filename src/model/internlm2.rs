@@ -7,8 +7,11 @@
 
 use serde::Deserialize;
 
-use super::{CausalLm, Checkpoint, Family, ModelInfo, TokenIds, embed, parse_config, rope};
-use crate::cpu::{self, AttentionShape, KvCache, Linear};
+use super::{
+    CausalLm, Checkpoint, Family, ModelInfo, SeqStep, TokenIds, batch_offsets, embed_batch,
+    last_token_logits, parse_config, rope,
+};
+use crate::cpu::{self, AttentionShape, Linear};
 use crate::{Error, Result};
 
 #[derive(Clone, Debug, Deserialize)]
@@ -215,50 +218,58 @@ impl CausalLm for Model {
         &self.info
     }
 
-    fn forward(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+    fn forward_batch(&self, steps: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
         let (h, d) = (c.hidden_size, c.head_dim());
         let (kv_heads, group) =
             (c.num_key_value_heads, c.num_attention_heads / c.num_key_value_heads);
-        let (t, start) = (ids.len(), cache.len);
-        if t == 0 {
-            return Err(Error::InvalidRequest("forward called with no tokens".into()));
-        }
+        let (offsets, total) = batch_offsets(steps)?;
         let shape = AttentionShape {
             num_heads: c.num_attention_heads,
             num_kv_heads: kv_heads,
             head_dim: d,
         };
-        let inv_freq = self.inv_freq_for(start + t);
-        let tables: Vec<(Vec<f32>, Vec<f32>)> =
-            (start..start + t).map(|p| rope::cos_sin(&inv_freq, p)).collect();
+        let qkv_width = (group + 2) * kv_heads * d;
+        // Rotary tables per sequence: dynamic NTK scaling depends on each one's length.
+        let tables: Vec<Vec<(Vec<f32>, Vec<f32>)>> = steps
+            .iter()
+            .map(|step| {
+                let (t, start) = (step.ids.len(), step.cache.len);
+                let inv_freq = self.inv_freq_for(start + t);
+                (start..start + t).map(|p| rope::cos_sin(&inv_freq, p)).collect()
+            })
+            .collect();
 
-        let mut x = embed(&self.tok_embeddings, h, ids)?; // [t, h]
-        for (layer, (k_cache, v_cache)) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        let mut x = embed_batch(&self.tok_embeddings, h, steps)?; // [total, h]
+        for (l, layer) in self.layers.iter().enumerate() {
             let normed = cpu::rms_norm(&x, &layer.attention_norm, c.rms_norm_eps);
-            // [t, K, G+2, D]: per group G query heads, then its key, then its value.
+            // [total, K, G+2, D]: per group G query heads, then its key, then its value.
             let qkv = layer.wqkv.forward(&normed);
-            let mut q = Vec::with_capacity(t * c.num_attention_heads * d);
-            for (row, (cos, sin)) in qkv.chunks_exact((group + 2) * kv_heads * d).zip(&tables) {
-                for slots in row.chunks_exact((group + 2) * d) {
-                    let mut heads = slots.to_vec();
-                    for head in heads[..(group + 1) * d].chunks_exact_mut(d) {
-                        cpu::rope_rotate_half(head, cos, sin);
+            let mut context = Vec::with_capacity(total * c.num_attention_heads * d);
+            for ((step, &offset), tables) in steps.iter_mut().zip(&offsets).zip(&tables) {
+                let (t, start) = (step.ids.len(), step.cache.len);
+                let rows = &qkv[offset * qkv_width..(offset + t) * qkv_width];
+                let (k_cache, v_cache) = &mut step.cache.layers[l];
+                let mut q = Vec::with_capacity(t * c.num_attention_heads * d);
+                for (row, (cos, sin)) in rows.chunks_exact(qkv_width).zip(tables) {
+                    for slots in row.chunks_exact((group + 2) * d) {
+                        let mut heads = slots.to_vec();
+                        for head in heads[..(group + 1) * d].chunks_exact_mut(d) {
+                            cpu::rope_rotate_half(head, cos, sin);
+                        }
+                        q.extend_from_slice(&heads[..group * d]);
+                        k_cache.extend_from_slice(&heads[group * d..(group + 1) * d]);
+                        v_cache.extend_from_slice(&heads[(group + 1) * d..]);
                     }
-                    q.extend_from_slice(&heads[..group * d]);
-                    k_cache.extend_from_slice(&heads[group * d..(group + 1) * d]);
-                    v_cache.extend_from_slice(&heads[(group + 1) * d..]);
                 }
+                context.extend(cpu::causal_attention(&q, k_cache, v_cache, start, shape));
             }
-            let context = cpu::causal_attention(&q, k_cache, v_cache, start, shape);
             cpu::add_in_place(&mut x, &layer.wo.forward(&context));
 
             let normed = cpu::rms_norm(&x, &layer.ffn_norm, c.rms_norm_eps);
             let act = cpu::silu_mul(&layer.w1.forward(&normed), &layer.w3.forward(&normed));
             cpu::add_in_place(&mut x, &layer.w2.forward(&act));
         }
-        cache.len += t;
-        let normed = cpu::rms_norm(&x[(t - 1) * h..], &self.norm, c.rms_norm_eps);
-        Ok(self.output.forward(&normed))
+        Ok(last_token_logits(&x, h, steps, &offsets, &self.norm, c.rms_norm_eps, &self.output))
     }
 }

@@ -74,9 +74,67 @@ pub trait CausalLm: Send + Sync {
         KvCache::new(self.info().num_layers)
     }
 
-    /// Runs `ids` at positions `cache.len..`, appends their K/V to `cache` and returns the
-    /// logits of the last position (`logits_width` values).
-    fn forward(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>>;
+    /// Runs the new tokens of several sequences in one pass: the matrix products see all
+    /// tokens at once (vLLM's flat layout), attention runs per sequence over its own cache.
+    /// Each step's `ids` take positions `cache.len..`; their K/V are appended to its cache.
+    /// Returns each sequence's last-position logits (`logits_width` values).
+    fn forward_batch(&self, steps: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>>;
+
+    /// One sequence's step (`forward_batch` of one).
+    fn forward(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        let mut logits = self.forward_batch(&mut [SeqStep { ids, cache }])?;
+        Ok(logits.pop().expect("one sequence in, one row of logits out"))
+    }
+}
+
+/// One sequence's share of a batched forward pass.
+pub struct SeqStep<'a> {
+    pub ids: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
+/// Checks a batch and returns each step's row offset into the flat token list, plus the total.
+pub(crate) fn batch_offsets(steps: &[SeqStep<'_>]) -> Result<(Vec<usize>, usize)> {
+    if steps.is_empty() || steps.iter().any(|s| s.ids.is_empty()) {
+        return Err(Error::InvalidRequest("forward called with no tokens".into()));
+    }
+    let mut offsets = Vec::with_capacity(steps.len());
+    let mut total = 0;
+    for step in steps {
+        offsets.push(total);
+        total += step.ids.len();
+    }
+    Ok((offsets, total))
+}
+
+/// The flat embeddings of every step's tokens, `[total, width]`.
+pub(crate) fn embed_batch(table: &[f32], width: usize, steps: &[SeqStep<'_>]) -> Result<Vec<f32>> {
+    let mut out = Vec::new();
+    for step in steps {
+        out.extend(embed(table, width, step.ids)?);
+    }
+    Ok(out)
+}
+
+/// The final norm and output projection of each step's last token, as one product.
+pub(crate) fn last_token_logits(
+    x: &[f32],
+    width: usize,
+    steps: &mut [SeqStep<'_>],
+    offsets: &[usize],
+    norm: &[f32],
+    eps: f32,
+    output: &crate::cpu::Linear,
+) -> Vec<Vec<f32>> {
+    let mut last = Vec::with_capacity(steps.len() * width);
+    for (step, &offset) in steps.iter_mut().zip(offsets) {
+        let row = offset + step.ids.len() - 1;
+        last.extend_from_slice(&x[row * width..(row + 1) * width]);
+        step.cache.len += step.ids.len();
+    }
+    let normed = crate::cpu::rms_norm(&last, norm, eps);
+    let logits = output.forward(&normed);
+    logits.chunks_exact(output.out_features).map(<[f32]>::to_vec).collect()
 }
 
 /// Reads `config.json` and returns the family it names with the parsed JSON.
