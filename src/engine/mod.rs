@@ -4,7 +4,8 @@
 
 pub mod sampler;
 
-use crate::model::CausalLm;
+use crate::cpu::KvCache;
+use crate::model::{CausalLm, SeqStep};
 use crate::{Error, Result};
 pub use sampler::{Sampler, SamplingParams};
 
@@ -84,6 +85,95 @@ impl GenerateRequest {
     }
 }
 
+/// One sequence being generated: its KV cache, sampler, limits and tokens. `generate`
+/// steps one; the serving loop steps many together through `CausalLm::forward_batch`.
+pub struct Sequence {
+    request: GenerateRequest,
+    budget: usize,
+    sampler: Sampler,
+    pub cache: KvCache,
+    /// Prompt, then every generated token.
+    tokens: Vec<u32>,
+    pub finish_reason: Option<FinishReason>,
+}
+
+impl Sequence {
+    /// Checks the request (sampling values, prompt against the limits) and sets up its state.
+    pub fn new(model: &dyn CausalLm, request: GenerateRequest) -> Result<Self> {
+        request.sampling.validate()?;
+        let budget = request.new_token_budget()?;
+        Ok(Sequence {
+            budget,
+            sampler: Sampler::new(request.sampling.clone()),
+            cache: model.new_cache(),
+            tokens: request.prompt_ids.clone(),
+            finish_reason: None,
+            request,
+        })
+    }
+
+    pub fn prompt_len(&self) -> usize {
+        self.request.prompt_ids.len()
+    }
+
+    pub fn output_ids(&self) -> &[u32] {
+        &self.tokens[self.prompt_len()..]
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finish_reason.is_some()
+    }
+
+    /// Tokens still to run before the next sample: the rest of the prompt, or 1.
+    pub fn pending_tokens(&self) -> usize {
+        self.tokens.len() - self.cache.len
+    }
+
+    /// The next forward input of this sequence, at most `max_tokens` long (a prompt is
+    /// prefilled in chunks when it is longer).
+    pub fn step(&mut self, max_tokens: usize) -> SeqStep<'_> {
+        let start = self.cache.len;
+        let end = self.tokens.len().min(start.saturating_add(max_tokens.max(1)));
+        SeqStep { ids: &self.tokens[start..end], cache: &mut self.cache }
+    }
+
+    /// Takes the logits of the step just run. Once the whole prompt is in the cache, samples
+    /// the next token, decides whether it ends the sequence, and returns it.
+    pub fn advance(&mut self, mut logits: Vec<f32>) -> Option<u32> {
+        if self.cache.len < self.tokens.len() || self.is_finished() {
+            return None; // a prefill chunk short of the prompt's end
+        }
+        let width = self.request.producible_ids.min(logits.len());
+        let producible = &mut logits[..width];
+        if self.request.guard_invalid_scores && producible.iter().any(|l| !l.is_finite()) {
+            producible.fill(0.0);
+            if let Some(score) = producible.get_mut(5) {
+                *score = 5e4;
+            }
+        }
+        let next = self.sampler.sample(producible, &self.tokens);
+        self.tokens.push(next);
+        if self.request.stop_token_ids.contains(&next) {
+            self.finish_reason = Some(FinishReason::Stop);
+        } else if self.output_ids().len() >= self.budget {
+            self.finish_reason = Some(FinishReason::Length);
+        }
+        Some(next)
+    }
+
+    /// Ends the sequence early (a cancelled request, a stop string) unless it has ended.
+    pub fn stop(&mut self, reason: FinishReason) {
+        self.finish_reason.get_or_insert(reason);
+    }
+
+    pub fn into_generation(self) -> Generation {
+        Generation {
+            output_ids: self.output_ids().to_vec(),
+            finish_reason: self.finish_reason.unwrap_or(FinishReason::Cancelled),
+        }
+    }
+}
+
 /// Runs one sequence to completion. `on_token` sees every generated id as it is chosen
 /// and returns false to stop early (the id it saw is kept).
 pub fn generate(
@@ -91,37 +181,15 @@ pub fn generate(
     request: &GenerateRequest,
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<Generation> {
-    request.sampling.validate()?;
-    let budget = request.new_token_budget()?;
-    let mut sampler = Sampler::new(request.sampling.clone());
-    let mut cache = model.new_cache();
-    let mut context = request.prompt_ids.clone();
-    let mut logits = model.forward(&request.prompt_ids, &mut cache)?;
-    let mut output_ids = Vec::new();
-    loop {
-        let producible = &mut logits[..request.producible_ids.min(model.info().logits_width)];
-        if request.guard_invalid_scores && producible.iter().any(|l| !l.is_finite()) {
-            producible.fill(0.0);
-            if let Some(score) = producible.get_mut(5) {
-                *score = 5e4;
+    let mut sequence = Sequence::new(model, request.clone())?;
+    while !sequence.is_finished() {
+        let logits = model.forward_batch(&mut [sequence.step(usize::MAX)])?;
+        let logits = logits.into_iter().next().expect("one sequence, one row");
+        if let Some(token) = sequence.advance(logits) {
+            if !on_token(token) {
+                sequence.stop(FinishReason::Cancelled);
             }
         }
-        let next = sampler.sample(producible, &context);
-        output_ids.push(next);
-        context.push(next);
-        let keep_going = on_token(next);
-        let finish_reason = if request.stop_token_ids.contains(&next) {
-            Some(FinishReason::Stop)
-        } else if !keep_going {
-            Some(FinishReason::Cancelled)
-        } else if output_ids.len() >= budget {
-            Some(FinishReason::Length)
-        } else {
-            None
-        };
-        if let Some(finish_reason) = finish_reason {
-            return Ok(Generation { output_ids, finish_reason });
-        }
-        logits = model.forward(&[next], &mut cache)?;
     }
+    Ok(sequence.into_generation())
 }
