@@ -4,8 +4,9 @@
 
 use std::path::Path;
 
+use crate::chat::stream::AnswerStream;
 use crate::chat::{self, History};
-use crate::engine::{self, FinishReason, GenerateRequest, SamplingParams};
+use crate::engine::{FinishReason, GenerateRequest, SamplingParams, Sequence};
 use crate::model::{self, CausalLm, Family, LoadFormat};
 use crate::tokenizer::{Tokenizer, TokenizerFamily};
 use crate::{Error, Result};
@@ -134,21 +135,47 @@ impl ChatModel {
         self.tokenizer.encode(&text, true)
     }
 
-    /// One `model.chat` turn. `on_text` receives the answer as it is generated (raw
-    /// decoded pieces, never a broken character) and returns false to stop.
+    /// Starts a `model.chat` turn: its prompt checked against the limits, ready to step.
+    pub fn start_chat(
+        &self,
+        turn: &ChatTurn,
+        options: &GenerationOptions,
+    ) -> Result<Generating<'_>> {
+        let prompt_ids = self.chat_prompt_ids(turn)?;
+        let kept = chat::kept_history(&turn.history, turn.history_len).to_vec();
+        self.start(prompt_ids, options, Some((turn.query.clone(), kept)))
+    }
+
+    /// Starts a raw continuation of token ids (no chat format, no clean-up).
+    pub fn start_continuation(
+        &self,
+        prompt_ids: Vec<u32>,
+        options: &GenerationOptions,
+    ) -> Result<Generating<'_>> {
+        self.start(prompt_ids, options, None)
+    }
+
+    fn start(
+        &self,
+        prompt_ids: Vec<u32>,
+        options: &GenerationOptions,
+        chat: Option<(String, History)>,
+    ) -> Result<Generating<'_>> {
+        let sequence = Sequence::new(self.model.as_ref(), self.request(prompt_ids, options))?;
+        let clean = chat.is_some().then_some(self.family);
+        let answer = AnswerStream::new(&self.tokenizer, clean, options.stop.clone());
+        Ok(Generating { sequence, answer, chat })
+    }
+
+    /// One `model.chat` turn. `on_text` receives the answer as it is generated (pieces that
+    /// add up to the final response, never a broken character) and returns false to stop.
     pub fn chat(
         &self,
         turn: &ChatTurn,
         options: &GenerationOptions,
         on_text: impl FnMut(&str) -> bool,
     ) -> Result<Completion> {
-        let prompt_ids = self.chat_prompt_ids(turn)?;
-        let mut completion = self.run(prompt_ids, options, on_text)?;
-        completion.response = chat::clean_response(self.family, &completion.response);
-        let kept = chat::kept_history(&turn.history, turn.history_len);
-        completion.history = kept.to_vec();
-        completion.history.push((turn.query.clone(), completion.response.clone()));
-        Ok(completion)
+        self.run_alone(self.start_chat(turn, options)?, on_text)
     }
 
     /// Continues raw token ids without a chat format.
@@ -158,139 +185,78 @@ impl ChatModel {
         options: &GenerationOptions,
         on_text: impl FnMut(&str) -> bool,
     ) -> Result<Completion> {
-        self.run(prompt_ids, options, on_text)
+        self.run_alone(self.start_continuation(prompt_ids, options)?, on_text)
     }
 
-    fn run(
+    /// Steps one generation to its end on this thread.
+    fn run_alone(
         &self,
-        prompt_ids: Vec<u32>,
-        options: &GenerationOptions,
+        mut generating: Generating<'_>,
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<Completion> {
-        let request = self.request(prompt_ids, options);
-        let mut stream = self.tokenizer.stream_decoder();
-        let mut stops = StopStrings::new(&options.stop);
-        let generation = engine::generate(self.model.as_ref(), &request, |id| {
-            let piece = stream.push(id);
-            let (ready, stopped) = stops.push(&piece);
-            (ready.is_empty() || on_text(ready)) && !stopped
-        })?;
-        let rest = stream.finish();
-        let (ready, _) = stops.push(&rest);
-        if !ready.is_empty() {
-            on_text(ready);
-        }
-        let held = stops.finish();
-        if !held.is_empty() {
-            on_text(held);
-        }
-        let mut response = self.tokenizer.decode(&generation.output_ids);
-        let mut finish_reason = generation.finish_reason;
-        if let Some(at) = stops.stopped_at {
-            response.truncate(at);
-            finish_reason = FinishReason::Stop;
-        }
-        Ok(Completion {
-            response,
-            history: Vec::new(),
-            output_ids: generation.output_ids,
-            prompt_tokens: request.prompt_ids.len(),
-            finish_reason,
-        })
-    }
-}
-
-/// Finds stop strings in streamed text. Text that could still turn out to be the start of
-/// a stop string is held back, so the streamed pieces always add up to the final answer.
-struct StopStrings<'a> {
-    stops: &'a [String],
-    text: String,
-    /// Bytes of `text` already handed out.
-    emitted: usize,
-    /// Where the first stop string starts, once one is found.
-    stopped_at: Option<usize>,
-}
-
-impl<'a> StopStrings<'a> {
-    fn new(stops: &'a [String]) -> Self {
-        StopStrings { stops, text: String::new(), emitted: 0, stopped_at: None }
-    }
-
-    /// Adds a decoded piece; returns the text now safe to emit and whether a stop string ended it.
-    fn push(&mut self, piece: &str) -> (&str, bool) {
-        if self.stopped_at.is_some() {
-            return ("", true);
-        }
-        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
-        // A match may start in text held back from earlier pieces.
-        let search_from = self.emitted;
-        self.text.push_str(piece);
-        let found = self
-            .stops
-            .iter()
-            .filter_map(|stop| {
-                self.text[search_from..].find(stop.as_str()).map(|i| search_from + i)
-            })
-            .min();
-        let ready_end = match found {
-            Some(at) => {
-                self.stopped_at = Some(at);
-                at
+        while !generating.is_finished() {
+            let logits = self.model.forward_batch(&mut [generating.sequence.step(usize::MAX)])?;
+            let text = generating.advance(logits.into_iter().next().expect("one row"));
+            if !text.is_empty() && !on_text(&text) {
+                generating.cancel();
             }
-            None => floor_char_boundary(
-                &self.text,
-                self.text.len().saturating_sub(longest.saturating_sub(1)),
-            ),
+        }
+        let (rest, completion) = generating.finish();
+        if !rest.is_empty() {
+            on_text(&rest);
+        }
+        Ok(completion)
+    }
+}
+
+/// A generation in progress: its sequence (tokens, cache, sampler) and its answer text.
+pub struct Generating<'m> {
+    pub sequence: Sequence,
+    answer: AnswerStream<'m>,
+    /// The query and kept history of a chat turn (None for a raw continuation).
+    chat: Option<(String, History)>,
+}
+
+impl Generating<'_> {
+    /// Takes the logits of the step just run; returns the answer text it adds (maybe empty).
+    pub fn advance(&mut self, logits: Vec<f32>) -> String {
+        let Some(id) = self.sequence.advance(logits) else { return String::new() };
+        let (text, stopped) = self.answer.push(id);
+        if stopped {
+            self.sequence.stop(FinishReason::Stop);
+        }
+        text
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.sequence.is_finished()
+    }
+
+    /// Stops early (the client went away).
+    pub fn cancel(&mut self) {
+        self.sequence.stop(FinishReason::Cancelled);
+    }
+
+    /// The last piece of answer text and the completion.
+    pub fn finish(mut self) -> (String, Completion) {
+        let rest = self.answer.finish();
+        let response = self.answer.answer();
+        let prompt_tokens = self.sequence.prompt_len();
+        let generation = self.sequence.into_generation();
+        let history = match self.chat {
+            Some((query, mut kept)) => {
+                kept.push((query, response.clone()));
+                kept
+            }
+            None => Vec::new(),
         };
-        let start = self.emitted;
-        self.emitted = ready_end.max(start);
-        (&self.text[start..self.emitted], found.is_some())
-    }
-
-    /// The held-back tail once generation has ended without a stop string.
-    fn finish(&mut self) -> &str {
-        let start = self.emitted;
-        let end = self.stopped_at.unwrap_or(self.text.len()).max(start);
-        self.emitted = end;
-        &self.text[start..end]
-    }
-}
-
-fn floor_char_boundary(text: &str, mut index: usize) -> usize {
-    while !text.is_char_boundary(index) {
-        index -= 1;
-    }
-    index
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn run(stops: &[&str], pieces: &[&str]) -> (String, Option<usize>) {
-        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
-        let mut matcher = StopStrings::new(&stops);
-        let mut out = String::new();
-        for piece in pieces {
-            let (ready, stopped) = matcher.push(piece);
-            out.push_str(ready);
-            if stopped {
-                break;
-            }
-        }
-        out.push_str(matcher.finish());
-        (out, matcher.stopped_at)
-    }
-
-    #[test]
-    fn stop_strings_split_across_pieces_are_found() {
-        assert_eq!(run(&["END"], &["abc E", "N", "D tail"]), ("abc ".to_string(), Some(4)));
-        assert_eq!(run(&["\n\n", "Ob"], &["x", "\n", "y O", "b"]), ("x\ny ".to_string(), Some(4)));
-    }
-
-    #[test]
-    fn without_a_match_everything_comes_out_in_order() {
-        assert_eq!(run(&["zz"], &["你", "好z", "!"]), ("你好z!".to_string(), None));
-        assert_eq!(run(&[], &["a", "b"]), ("ab".to_string(), None));
+        let completion = Completion {
+            response,
+            history,
+            output_ids: generation.output_ids,
+            prompt_tokens,
+            finish_reason: generation.finish_reason,
+        };
+        (rest, completion)
     }
 }

@@ -14,13 +14,16 @@ pub fn build_prompt(query: &str, history: &[(String, String)]) -> String {
     prompt
 }
 
+/// The placeholder the original's post-processing replaces with "2023年".
+pub const TRAINING_TIME_MARK: &str = "[[训练时间]]";
+
 /// The original's post-processing: Python's `str.strip()` and the "[[训练时间]]" fix-up.
 pub fn clean_response(text: &str) -> String {
-    text.trim_matches(is_python_whitespace).replace("[[训练时间]]", "2023年")
+    text.trim_matches(is_python_whitespace).replace(TRAINING_TIME_MARK, "2023年")
 }
 
 /// `str.isspace()`: Unicode White_Space plus the separators U+001C..U+001F.
-fn is_python_whitespace(c: char) -> bool {
+pub(crate) fn is_python_whitespace(c: char) -> bool {
     c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
 }
 

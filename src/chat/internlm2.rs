@@ -25,8 +25,11 @@ pub fn build_prompt(query: &str, history: &[(String, String)], meta_instruction:
     prompt
 }
 
+/// The end of a turn in the chat format.
+pub const END_MARK: &str = "<|im_end|>";
+
 /// The text before the first `<|im_end|>` (decoding already skips specials, so this only
 /// matters for a tokenizer.json that keeps them); no stripping, as the original.
 pub fn clean_response(text: &str) -> String {
-    text.split("<|im_end|>").next().unwrap_or_default().to_string()
+    text.split(END_MARK).next().unwrap_or_default().to_string()
 }

@@ -1,6 +1,6 @@
-//! The generation loop of one sequence: prefill the prompt, then sample and feed one
-//! token per step until a stop token, a length limit or the caller says stop. The
-//! serving engine (in-flight batching over many sequences) builds on the same pieces.
+//! Generation of one sequence: prefill the prompt (in chunks if asked), then sample and
+//! feed one token per step until a stop token, a length limit or the caller says stop.
+//! The caller runs the forward passes, so one sequence or many share the same state machine.
 
 pub mod sampler;
 
@@ -172,24 +172,4 @@ impl Sequence {
             finish_reason: self.finish_reason.unwrap_or(FinishReason::Cancelled),
         }
     }
-}
-
-/// Runs one sequence to completion. `on_token` sees every generated id as it is chosen
-/// and returns false to stop early (the id it saw is kept).
-pub fn generate(
-    model: &dyn CausalLm,
-    request: &GenerateRequest,
-    mut on_token: impl FnMut(u32) -> bool,
-) -> Result<Generation> {
-    let mut sequence = Sequence::new(model, request.clone())?;
-    while !sequence.is_finished() {
-        let logits = model.forward_batch(&mut [sequence.step(usize::MAX)])?;
-        let logits = logits.into_iter().next().expect("one sequence, one row");
-        if let Some(token) = sequence.advance(logits) {
-            if !on_token(token) {
-                sequence.stop(FinishReason::Cancelled);
-            }
-        }
-    }
-    Ok(sequence.into_generation())
 }

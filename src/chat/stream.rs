@@ -1,0 +1,217 @@
+//! Generated ids → the answer text a client sees, piece by piece: detokenized without broken
+//! characters, cut before the first stop string, and (for a chat turn) cleaned as the
+//! original `model.chat` cleans its answer, so the streamed pieces always add up to the
+//! final answer.
+
+use super::chatglm2::is_python_whitespace;
+use super::clean_response;
+use crate::model::Family;
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+
+pub struct AnswerStream<'t> {
+    decoder: StreamDecoder<'t>,
+    stops: StopStrings,
+    /// The family whose clean-up applies (None: raw continuation).
+    clean: Option<Family>,
+    /// Raw text that passed the stop-string check.
+    raw: String,
+    /// Bytes of the cleaned answer already handed out.
+    emitted: usize,
+}
+
+impl<'t> AnswerStream<'t> {
+    pub fn new(tokenizer: &'t Tokenizer, clean: Option<Family>, stop: Vec<String>) -> Self {
+        AnswerStream {
+            decoder: tokenizer.stream_decoder(),
+            stops: StopStrings::new(stop),
+            clean,
+            raw: String::new(),
+            emitted: 0,
+        }
+    }
+
+    /// Feeds one generated id. Returns the new text that is final, and whether a stop
+    /// string has ended the answer.
+    pub fn push(&mut self, id: u32) -> (String, bool) {
+        let piece = self.decoder.push(id);
+        let stopped = self.stops.push(&piece);
+        self.raw.push_str(self.stops.take_ready());
+        (self.take_stable(false), stopped)
+    }
+
+    /// After the last id: the rest of the answer.
+    pub fn finish(&mut self) -> String {
+        if !self.stops.is_stopped() {
+            let rest = self.decoder.finish();
+            self.stops.push(&rest);
+        }
+        self.stops.finish();
+        self.raw.push_str(self.stops.take_ready());
+        self.take_stable(true)
+    }
+
+    /// The whole answer: what every `push` and `finish` returned, concatenated.
+    pub fn answer(&self) -> String {
+        self.cleaned()
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stops.is_stopped()
+    }
+
+    fn cleaned(&self) -> String {
+        match self.clean {
+            Some(family) => clean_response(family, &self.raw),
+            None => self.raw.clone(),
+        }
+    }
+
+    /// The cleaned text past what was emitted, minus a tail that more text could still change.
+    fn take_stable(&mut self, is_final: bool) -> String {
+        let cleaned = self.cleaned();
+        let end =
+            if is_final { cleaned.len() } else { cleaned.len() - self.unstable_tail(&cleaned) };
+        if end <= self.emitted || !cleaned.is_char_boundary(self.emitted) {
+            return String::new();
+        }
+        let piece = cleaned[self.emitted..end].to_string();
+        self.emitted = end;
+        piece
+    }
+
+    /// Bytes at the end of `cleaned` that later text may strip or replace.
+    fn unstable_tail(&self, cleaned: &str) -> usize {
+        match self.clean {
+            None => 0,
+            Some(Family::ChatGlm2) => {
+                // str.strip() may drop trailing whitespace; "[[训练时间]]" may still complete.
+                let trimmed = cleaned.trim_end_matches(is_python_whitespace);
+                let whitespace = cleaned.len() - trimmed.len();
+                whitespace.max(partial_suffix(cleaned, super::chatglm2::TRAINING_TIME_MARK))
+            }
+            Some(Family::InternLm2) => partial_suffix(cleaned, super::internlm2::END_MARK),
+        }
+    }
+}
+
+/// The length of the longest proper prefix of `pattern` that `text` ends with.
+fn partial_suffix(text: &str, pattern: &str) -> usize {
+    (1..pattern.len())
+        .rev()
+        .filter(|&n| pattern.is_char_boundary(n))
+        .find(|&n| text.ends_with(&pattern[..n]))
+        .unwrap_or(0)
+}
+
+/// Finds stop strings in streamed text. Text that could still turn out to be the start of
+/// a stop string is held back.
+struct StopStrings {
+    stops: Vec<String>,
+    text: String,
+    /// Bytes of `text` handed out by `take_ready`.
+    taken: usize,
+    /// Bytes of `text` that are final.
+    ready: usize,
+    /// Where the first stop string starts, once one is found.
+    stopped_at: Option<usize>,
+}
+
+impl StopStrings {
+    fn new(stops: Vec<String>) -> Self {
+        StopStrings { stops, text: String::new(), taken: 0, ready: 0, stopped_at: None }
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stopped_at.is_some()
+    }
+
+    /// Adds a piece; returns whether a stop string has now been found.
+    fn push(&mut self, piece: &str) -> bool {
+        if self.is_stopped() {
+            return true;
+        }
+        // A match can only start in text not yet final (earlier starts were ruled out).
+        let search_from = self.ready;
+        self.text.push_str(piece);
+        let found = self
+            .stops
+            .iter()
+            .filter_map(|stop| {
+                self.text[search_from..].find(stop.as_str()).map(|i| search_from + i)
+            })
+            .min();
+        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
+        self.ready = match found {
+            Some(at) => {
+                self.stopped_at = Some(at);
+                at
+            }
+            None => floor_char_boundary(
+                &self.text,
+                self.text.len() - longest.saturating_sub(1).min(self.text.len()),
+            ),
+        }
+        .max(self.ready);
+        found.is_some()
+    }
+
+    /// Generation has ended: everything before a stop string is final.
+    fn finish(&mut self) {
+        self.ready = self.stopped_at.unwrap_or(self.text.len()).max(self.ready);
+    }
+
+    fn take_ready(&mut self) -> &str {
+        let start = self.taken;
+        self.taken = self.ready;
+        &self.text[start..self.ready]
+    }
+}
+
+fn floor_char_boundary(text: &str, mut index: usize) -> usize {
+    while !text.is_char_boundary(index) {
+        index -= 1;
+    }
+    index
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stop_run(stops: &[&str], pieces: &[&str]) -> (String, Option<usize>) {
+        let mut matcher = StopStrings::new(stops.iter().map(|s| s.to_string()).collect());
+        let mut out = String::new();
+        for piece in pieces {
+            let stopped = matcher.push(piece);
+            out.push_str(matcher.take_ready());
+            if stopped {
+                break;
+            }
+        }
+        matcher.finish();
+        out.push_str(matcher.take_ready());
+        (out, matcher.stopped_at)
+    }
+
+    #[test]
+    fn stop_strings_split_across_pieces_are_found() {
+        assert_eq!(stop_run(&["END"], &["abc E", "N", "D tail"]), ("abc ".to_string(), Some(4)));
+        assert_eq!(
+            stop_run(&["\n\n", "Ob"], &["x", "\n", "y O", "b"]),
+            ("x\ny ".to_string(), Some(4))
+        );
+    }
+
+    #[test]
+    fn without_a_match_everything_comes_out_in_order() {
+        assert_eq!(stop_run(&["zz"], &["你", "好z", "!"]), ("你好z!".to_string(), None));
+        assert_eq!(stop_run(&[], &["a", "b"]), ("ab".to_string(), None));
+    }
+
+    #[test]
+    fn partial_suffixes_are_held() {
+        assert_eq!(partial_suffix("ab[[训", "[[训练时间]]"), "[[训".len());
+        assert_eq!(partial_suffix("ab", "[[训练时间]]"), 0);
+        assert_eq!(partial_suffix("x<|im_e", "<|im_end|>"), 6);
+    }
+}
