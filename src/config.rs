@@ -8,17 +8,8 @@ use serde_json::Value;
 
 use crate::chat::DEFAULT_HISTORY_LEN;
 use crate::model::LoadFormat;
+use crate::serving::SchedulerConfig;
 use crate::{Error, Result};
-
-/// The keys of `parameters` this backend reads.
-pub const KNOWN_PARAMETERS: &[&str] = &[
-    "model_dir",
-    "system_prompt",
-    "history_len_default",
-    "max_token_default",
-    "load_format",
-    "session_len",
-];
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelParameters {
@@ -34,6 +25,8 @@ pub struct ModelParameters {
     pub load_format: LoadFormat,
     /// Longest sequence served; None = the model's context.
     pub session_len: Option<usize>,
+    /// In-flight batching limits of each instance's engine.
+    pub scheduler: SchedulerConfig,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -67,6 +60,7 @@ impl ModelConfig {
             max_token_default: None,
             load_format: LoadFormat::default(),
             session_len: None,
+            scheduler: SchedulerConfig::default(),
         };
         let mut unknown_parameters = Vec::new();
         let empty = serde_json::Map::new();
@@ -95,6 +89,10 @@ impl ModelConfig {
                         value.parse().map_err(|e: String| parameter_error(key, e))?;
                 }
                 "session_len" => parameters.session_len = Some(parse_count(key, value, 1)?),
+                "max_num_seqs" => parameters.scheduler.max_num_seqs = parse_count(key, value, 1)?,
+                "max_num_batched_tokens" => {
+                    parameters.scheduler.max_num_batched_tokens = parse_count(key, value, 1)?;
+                }
                 _ => unknown_parameters.push(key.clone()),
             }
         }
@@ -162,6 +160,8 @@ mod tests {
             (r#""load_format":{"string_value":"pickle"}"#, "load_format"),
             (r#""session_len":{"string_value":"many"}"#, "session_len"),
             (r#""model_dir":{"string_value":" "}"#, "model_dir"),
+            (r#""max_num_seqs":{"string_value":"0"}"#, "max_num_seqs"),
+            (r#""max_num_batched_tokens":{"string_value":"x"}"#, "max_num_batched_tokens"),
         ] {
             let message = parse(params).unwrap_err().to_string();
             assert!(message.contains(&format!("parameter {key}")), "{message}");

@@ -1,6 +1,5 @@
 //! The crate's error type. Each variant is one kind of failure a user can act on; the
-//! Triton layer (next issue) maps `InvalidRequest` to INVALID_ARG and the rest to
-//! INTERNAL/UNAVAILABLE at load.
+//! Triton layer maps each to one error code (`triton::error`).
 
 use std::path::PathBuf;
 
@@ -28,6 +27,12 @@ pub enum Error {
     /// A request the model cannot serve as asked: names the input and the problem.
     #[error("{0}")]
     InvalidRequest(String),
+    /// The engine cannot take or finish work right now (the model is unloading).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A fault of the engine itself, not of the request.
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl Error {

@@ -13,6 +13,7 @@ pub mod engine;
 pub mod error;
 pub mod model;
 pub mod pipeline;
+pub mod serving;
 pub mod tokenizer;
 pub mod triton;
 

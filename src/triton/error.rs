@@ -28,6 +28,10 @@ impl TritonError {
         Self::new(sys::TRITONSERVER_ERROR_INTERNAL, message)
     }
 
+    pub fn cancelled(message: impl Into<String>) -> Self {
+        Self::new(sys::TRITONSERVER_ERROR_CANCELLED, message)
+    }
+
     pub fn unsupported(message: impl Into<String>) -> Self {
         Self::new(sys::TRITONSERVER_ERROR_UNSUPPORTED, message)
     }
@@ -60,9 +64,11 @@ impl From<crate::Error> for TritonError {
         let message = error.to_string();
         match error {
             crate::Error::InvalidRequest(_) | crate::Error::Config(_) => Self::invalid_arg(message),
-            crate::Error::Io { .. } | crate::Error::Weights(_) | crate::Error::Tokenizer(_) => {
-                Self::internal(message)
-            }
+            crate::Error::Unavailable(_) => Self::new(sys::TRITONSERVER_ERROR_UNAVAILABLE, message),
+            crate::Error::Io { .. }
+            | crate::Error::Weights(_)
+            | crate::Error::Tokenizer(_)
+            | crate::Error::Internal(_) => Self::internal(message),
         }
     }
 }

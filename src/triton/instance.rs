@@ -1,24 +1,24 @@
-//! InstanceState: one per model instance. Maps each request of an Execute call to a chat
-//! turn on the instance's engine and answers it; a bad request gets its own error
-//! response and never affects the others.
+//! InstanceState: one per model instance, with its own serving engine (a thread doing
+//! in-flight batching). Execute decodes each request into a chat turn and queues it; a bad
+//! request gets its own error response at once and never affects the others.
 
 use std::ffi::c_void;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::ptr;
 use std::sync::Arc;
 
 use super::error::{TritonError, TritonResult, ffi, owned_string};
-use super::interface::{self, OutputTensor};
+use super::interface;
 use super::model::{Device, ModelHandle, ModelState};
 use super::request::Request;
-use super::response::Response;
+use super::sink::{self, TritonSink, now_ns};
 use super::sys;
-use crate::pipeline::{ChatModel, Completion};
+use crate::serving::{ChatJob, ServingEngine};
 
 pub struct InstanceState {
     pub name: String,
     model: Arc<ModelState>,
-    engine: Arc<ChatModel>,
+    /// Dropped at finalize: its thread answers what is still queued and is joined.
+    engine: ServingEngine,
     raw: InstanceHandle,
 }
 
@@ -72,22 +72,6 @@ impl InstanceHandle {
     }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds, the clock of Triton's statistics.
-fn now_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes one timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
-}
-
 impl InstanceState {
     pub(crate) fn new(raw: InstanceHandle) -> TritonResult<Self> {
         let name = raw.name()?;
@@ -108,99 +92,57 @@ impl InstanceState {
             // AUTO and MODEL arrive as CPU on a machine without GPUs; serve them there.
             _ => Device::Cpu,
         };
-        let engine = model.engine(device)?;
+        let chat = model.engine(device)?;
+        let engine = ServingEngine::start(chat, model.config.parameters.scheduler, &name)?;
         tracing::info!("instance {name}: {device:?} (device id {device_id}) ready");
         Ok(InstanceState { name, model, engine, raw })
     }
 
-    /// Answers every request and releases each exactly once.
+    /// Hands every request to the engine (or answers it at once when its inputs are bad).
+    /// Returns before the answers: the engine thread sends them and releases the requests.
     pub fn execute(&self, requests: Vec<Request>) {
-        let exec_start = now_ns();
+        let received = now_ns();
+        let config = &self.model.config;
+        let batched = config.max_batch_size > 0;
         let batch_size = requests.len() as u64;
-        let mut compute_start = exec_start;
-        let mut compute_end = exec_start;
-        for (index, request) in requests.into_iter().enumerate() {
-            let start = now_ns();
-            let result =
-                catch_unwind(AssertUnwindSafe(|| self.serve(&request))).unwrap_or_else(|p| {
-                    Err(TritonError::internal(format!(
-                        "the engine panicked: {}",
-                        panic_message(&*p)
-                    )))
-                });
-            let end = now_ns();
-            if index == 0 {
-                compute_start = start;
+        for request in requests {
+            let decoded = request.inputs().and_then(|inputs| {
+                let chat = interface::decode_request(
+                    &inputs,
+                    batched,
+                    self.model.family,
+                    &config.parameters,
+                )?;
+                Ok((chat, request.requested_outputs()?))
+            });
+            let (chat, requested) = match decoded {
+                Ok(decoded) => decoded,
+                Err(error) => {
+                    tracing::debug!("instance {}: request {:?}: {error}", self.name, request.id());
+                    sink::answer_now(self.raw, request, received, error);
+                    continue;
+                }
+            };
+            match TritonSink::new(self.raw, request, requested, batched, config.decoupled, received)
+            {
+                Ok(sink) => self.engine.submit(ChatJob {
+                    turn: chat.turn,
+                    options: chat.options,
+                    sink: Box::new(sink),
+                }),
+                Err((request, error)) => sink::answer_now(self.raw, request, received, error),
             }
-            compute_end = end;
-            let success = result.is_ok();
-            if let Err(e) = &result {
-                tracing::debug!("instance {}: request {:?} failed: {e}", self.name, request.id());
-            }
-            if let Err(e) = respond(&request, result) {
-                tracing::error!("instance {}: sending a response failed: {e}", self.name);
-            }
-            let report = ffi!(sys::TRITONBACKEND_ModelInstanceReportStatistics(
-                self.raw.0,
-                request.as_raw(),
-                success,
-                start,
-                start,
-                end,
-                now_ns()
-            ));
-            if let Err(e) = report {
-                tracing::warn!("instance {}: reporting statistics failed: {e}", self.name);
-            }
-            drop(request); // released here, after its response
         }
         let report = ffi!(sys::TRITONBACKEND_ModelInstanceReportBatchStatistics(
             self.raw.0,
             batch_size,
-            exec_start,
-            compute_start,
-            compute_end,
+            received,
+            received,
+            now_ns(),
             now_ns()
         ));
         if let Err(e) = report {
             tracing::warn!("instance {}: reporting batch statistics failed: {e}", self.name);
         }
     }
-
-    /// One request → its outputs and response parameters.
-    fn serve(&self, request: &Request) -> TritonResult<Answer> {
-        let inputs = request.inputs()?;
-        let config = &self.model.config;
-        let batched = config.max_batch_size > 0;
-        let chat =
-            interface::decode_request(&inputs, batched, self.model.family, &config.parameters)?;
-        let completion = self.engine.chat(&chat.turn, &chat.options, |_| true)?;
-        let outputs =
-            interface::encode_outputs(&completion, batched, &request.requested_outputs()?);
-        Ok(Answer { outputs, completion })
-    }
-}
-
-struct Answer {
-    outputs: Vec<OutputTensor>,
-    completion: Completion,
-}
-
-/// Sends the request's single response: its outputs, or its error.
-fn respond(request: &Request, result: TritonResult<Answer>) -> TritonResult<()> {
-    let mut response = Response::new(request)?;
-    let answer = match result {
-        Ok(answer) => answer,
-        Err(error) => return response.send(sys::TRITONSERVER_RESPONSE_COMPLETE_FINAL, Some(error)),
-    };
-    let filled = (|| {
-        for output in &answer.outputs {
-            response.add_output(output)?;
-        }
-        let completion = &answer.completion;
-        response.set_int_parameter("prompt_tokens", completion.prompt_tokens as i64)?;
-        response.set_int_parameter("generated_tokens", completion.output_ids.len() as i64)?;
-        response.set_string_parameter("finish_reason", completion.finish_reason.as_str())
-    })();
-    response.send(sys::TRITONSERVER_RESPONSE_COMPLETE_FINAL, filled.err())
 }

@@ -300,6 +300,7 @@ mod tests {
             max_token_default: None,
             load_format: Default::default(),
             session_len: None,
+            scheduler: Default::default(),
         }
     }
 

@@ -14,4 +14,5 @@ mod log;
 mod model;
 mod request;
 mod response;
+mod sink;
 pub(crate) mod sys;

@@ -112,12 +112,6 @@ impl ModelState {
         for key in &config.unknown_parameters {
             tracing::warn!("model {name}: unknown parameter {key:?} is ignored");
         }
-        if config.decoupled {
-            return Err(TritonError::unsupported(format!(
-                "model {name}: decoupled (streaming) mode is not supported by this version of the \
-                 llm backend; remove model_transaction_policy"
-            )));
-        }
         let (family, _) = model::read_config(&config.parameters.model_dir)?;
         tracing::info!(
             "model {name}: {} from {}",

@@ -14,6 +14,10 @@ pub struct Request {
     raw: *mut sys::TRITONBACKEND_Request,
 }
 
+// The server lets a backend answer and release a request from any thread (responses of
+// in-flight requests are sent from the engine thread); a Request is used by one thread at a time.
+unsafe impl Send for Request {}
+
 impl Request {
     /// Takes ownership of a request Execute received.
     ///
@@ -104,6 +108,12 @@ impl Request {
             }
         }
         Ok(InputTensor { is_bytes: datatype == sys::TRITONSERVER_TYPE_BYTES, shape, data })
+    }
+
+    /// Whether the client cancelled (gRPC cancel; HTTP disconnects are not reported).
+    pub fn is_cancelled(&self) -> bool {
+        let mut cancelled = false;
+        ffi!(sys::TRITONBACKEND_RequestIsCancelled(self.raw, &mut cancelled)).is_ok() && cancelled
     }
 
     /// The outputs the client asked for (all configured outputs when it named none).

@@ -24,6 +24,12 @@ impl Response {
         Ok(Response { raw })
     }
 
+    pub fn from_factory(factory: &ResponseFactory) -> TritonResult<Self> {
+        let mut raw = ptr::null_mut();
+        ffi!(sys::TRITONBACKEND_ResponseNewFromFactory(&mut raw, factory.raw))?;
+        Ok(Response { raw })
+    }
+
     /// Adds one BYTES output (one output at a time, as the server requires).
     pub fn add_output(&mut self, tensor: &OutputTensor) -> TritonResult<()> {
         let name = c_string(tensor.name)?;
@@ -91,6 +97,37 @@ impl Drop for Response {
     fn drop(&mut self) {
         if let Err(e) = ffi!(sys::TRITONBACKEND_ResponseDelete(self.raw)) {
             tracing::error!("deleting an unsent response failed: {e}");
+        }
+    }
+}
+
+/// The source of a decoupled request's responses; it outlives the request. Deleted on drop.
+pub struct ResponseFactory {
+    raw: *mut sys::TRITONBACKEND_ResponseFactory,
+}
+
+// Responses may come from any thread; the factory is used by one thread at a time.
+unsafe impl Send for ResponseFactory {}
+
+impl ResponseFactory {
+    pub fn new(request: &Request) -> TritonResult<Self> {
+        let mut raw = ptr::null_mut();
+        ffi!(sys::TRITONBACKEND_ResponseFactoryNew(&mut raw, request.as_raw()))?;
+        Ok(ResponseFactory { raw })
+    }
+
+    /// Whether the client cancelled the stream or dropped the connection.
+    pub fn is_cancelled(&self) -> bool {
+        let mut cancelled = false;
+        ffi!(sys::TRITONBACKEND_ResponseFactoryIsCancelled(self.raw, &mut cancelled)).is_ok()
+            && cancelled
+    }
+}
+
+impl Drop for ResponseFactory {
+    fn drop(&mut self) {
+        if let Err(e) = ffi!(sys::TRITONBACKEND_ResponseFactoryDelete(self.raw)) {
+            tracing::error!("deleting a response factory failed: {e}");
         }
     }
 }

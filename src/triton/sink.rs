@@ -1,0 +1,179 @@
+//! Where the engine thread delivers one request's answer: streamed pieces as decoupled
+//! responses, then the final response (or error), the request's statistics and its release.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use super::error::{TritonError, TritonResult, ffi};
+use super::instance::InstanceHandle;
+use super::interface::{self, OutputTensor};
+use super::request::Request;
+use super::response::{Response, ResponseFactory};
+use super::sys;
+use crate::engine::FinishReason;
+use crate::pipeline::Completion;
+use crate::serving::AnswerSink;
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of Triton's statistics.
+pub(crate) fn now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+pub(crate) struct TritonSink {
+    instance: InstanceHandle,
+    request: Request,
+    /// Decoupled models stream through a factory; the others answer once.
+    factory: Option<ResponseFactory>,
+    requested: Vec<String>,
+    batched: bool,
+    received_ns: u64,
+    cancelled: bool,
+}
+
+impl TritonSink {
+    /// On failure the request comes back, still unanswered.
+    pub(crate) fn new(
+        instance: InstanceHandle,
+        request: Request,
+        requested: Vec<String>,
+        batched: bool,
+        decoupled: bool,
+        received_ns: u64,
+    ) -> Result<Self, (Request, TritonError)> {
+        let factory = match decoupled.then(|| ResponseFactory::new(&request)).transpose() {
+            Ok(factory) => factory,
+            Err(error) => return Err((request, error)),
+        };
+        Ok(TritonSink {
+            instance,
+            request,
+            factory,
+            requested,
+            batched,
+            received_ns,
+            cancelled: false,
+        })
+    }
+
+    fn response_piece(&self, text: &str) -> OutputTensor {
+        OutputTensor {
+            name: interface::RESPONSE,
+            shape: if self.batched { vec![1, 1] } else { vec![1] },
+            data: interface::encode_bytes([text.as_bytes()]),
+        }
+    }
+
+    fn stream(&self, text: &str) -> TritonResult<()> {
+        let Some(factory) = &self.factory else { return Ok(()) };
+        if !self.requested.iter().any(|name| name == interface::RESPONSE) {
+            return Ok(());
+        }
+        let mut response = Response::from_factory(factory)?;
+        response.add_output(&self.response_piece(text))?;
+        response.send(0, None)
+    }
+
+    fn send_final(&self, result: TritonResult<Completion>) -> TritonResult<()> {
+        let mut response = match &self.factory {
+            Some(factory) => Response::from_factory(factory)?,
+            None => Response::new(&self.request)?,
+        };
+        let completion = match result {
+            Ok(completion) => completion,
+            Err(error) => {
+                return response.send(sys::TRITONSERVER_RESPONSE_COMPLETE_FINAL, Some(error));
+            }
+        };
+        let mut outputs = interface::encode_outputs(&completion, self.batched, &self.requested);
+        if self.factory.is_some() {
+            // The text went out piece by piece; the last response closes it with the history.
+            for output in outputs.iter_mut().filter(|o| o.name == interface::RESPONSE) {
+                *output = self.response_piece("");
+            }
+        }
+        let filled = (|| {
+            for output in &outputs {
+                response.add_output(output)?;
+            }
+            response.set_int_parameter("prompt_tokens", completion.prompt_tokens as i64)?;
+            response.set_int_parameter("generated_tokens", completion.output_ids.len() as i64)?;
+            response.set_string_parameter("finish_reason", completion.finish_reason.as_str())
+        })();
+        response.send(sys::TRITONSERVER_RESPONSE_COMPLETE_FINAL, filled.err())
+    }
+}
+
+impl AnswerSink for TritonSink {
+    fn on_text(&mut self, text: &str) -> bool {
+        match self.stream(text) {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::warn!("streaming a response failed, stopping the request: {error}");
+                false
+            }
+        }
+    }
+
+    fn is_cancelled(&mut self) -> bool {
+        let cancelled = match &self.factory {
+            Some(factory) => factory.is_cancelled(),
+            None => self.request.is_cancelled(),
+        };
+        self.cancelled |= cancelled;
+        cancelled
+    }
+
+    fn finish(self: Box<Self>, result: crate::Result<Completion>) {
+        let result = match result {
+            Ok(completion)
+                if self.cancelled && completion.finish_reason == FinishReason::Cancelled =>
+            {
+                Err(TritonError::cancelled("the request was cancelled"))
+            }
+            other => other.map_err(TritonError::from),
+        };
+        let sink = *self;
+        let success = result.is_ok();
+        // Runs on the engine thread: a panic here must not take the engine down.
+        let sent = catch_unwind(AssertUnwindSafe(|| sink.send_final(result)))
+            .unwrap_or_else(|_| Err(TritonError::internal("sending the final response panicked")));
+        if let Err(error) = sent {
+            tracing::error!("sending a final response failed: {error}");
+        }
+        report_and_release(sink.instance, sink.request, success, sink.received_ns);
+    }
+}
+
+/// Answers a request that never reached the engine (bad inputs) and releases it.
+pub(crate) fn answer_now(
+    instance: InstanceHandle,
+    request: Request,
+    received_ns: u64,
+    error: TritonError,
+) {
+    let sent = Response::new(&request)
+        .and_then(|r| r.send(sys::TRITONSERVER_RESPONSE_COMPLETE_FINAL, Some(error)));
+    if let Err(e) = sent {
+        tracing::error!("sending an error response failed: {e}");
+    }
+    report_and_release(instance, request, false, received_ns);
+}
+
+fn report_and_release(instance: InstanceHandle, request: Request, success: bool, received_ns: u64) {
+    let end = now_ns();
+    let report = ffi!(sys::TRITONBACKEND_ModelInstanceReportStatistics(
+        instance.0,
+        request.as_raw(),
+        success,
+        received_ns,
+        received_ns,
+        end,
+        end
+    ));
+    if let Err(e) = report {
+        tracing::warn!("reporting request statistics failed: {e}");
+    }
+    drop(request); // released after its last response and its statistics
+}
