@@ -126,6 +126,10 @@ fn serve(model: &ChatModel, config: SchedulerConfig, jobs: Receiver<ChatJob>) {
         }
         for active in &mut running {
             if active.sink.is_cancelled() {
+                tracing::info!(
+                    "request cancelled by the client after {} generated tokens",
+                    active.generating.sequence.output_ids().len()
+                );
                 active.generating.cancel();
             }
         }

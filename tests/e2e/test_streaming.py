@@ -1,0 +1,154 @@
+"""Decoupled (streaming) models through a real tritonserver: streamed pieces add up to the
+non-streamed greedy answer over gRPC streaming and the generate_stream endpoint, the last
+response carries the history, 64 concurrent streams all answer correctly, and a client that
+goes away stops its sequence."""
+
+import json
+import queue
+import shutil
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from conftest import FIXTURES, TEST_REPOSITORY, Server
+from test_seed_interface import flatten, golden_cases, http_chat, make_inputs
+
+
+def grpc_stream(server, model, fields, request_id="r"):
+    """(pieces, final history, error) of one streamed request."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    results = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    client.async_stream_infer(model, make_inputs(grpcclient, fields), request_id=request_id,
+                              enable_empty_final_response=True)
+    pieces, history = [], None
+    try:
+        while True:
+            result, error = results.get(timeout=120)
+            if error is not None:
+                return pieces, history, error
+            response = result.get_response()
+            text = result.as_numpy("response")
+            if text is not None:
+                pieces.append(text.reshape(-1)[0].decode())
+            final = response.parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                h = result.as_numpy("history")
+                history = [[q.decode(), a.decode()] for q, a in h.reshape(-1, 2)] if h is not None else None
+                return pieces, history, None
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def sse_stream(server, model, fields):
+    request = urllib.request.Request(
+        f"http://{server.http_url}/v2/models/{model}/generate_stream",
+        data=json.dumps(fields).encode(), headers={"Content-Type": "application/json"})
+    events = []
+    with urllib.request.urlopen(request, timeout=120) as reply:
+        for line in reply:
+            line = line.decode().strip()
+            if line.startswith("data: "):
+                events.append(json.loads(line[len("data: "):]))
+    return events
+
+
+def test_grpc_stream_pieces_add_up_to_the_answer(server):
+    for model in ("chatglm2-tiny", "internlm2-tiny"):
+        for fields, response, history in golden_cases(model):
+            pieces, final_history, error = grpc_stream(server, f"{model}-stream", fields)
+            assert error is None, error
+            assert len([p for p in pieces if p]) > 1, pieces  # really streamed
+            assert "".join(pieces) == response, (model, fields["prompt"])
+            assert final_history == history
+
+
+def test_generate_stream_endpoint(server):
+    fields, response, history = next(golden_cases("internlm2-tiny"))
+    events = sse_stream(server, "internlm2-tiny-stream", fields)
+    assert len(events) > 2
+    assert "".join(e["response"] for e in events) == response
+    final = events[-1]["history"]
+    assert (flatten(final) if final and isinstance(final[0], list) else final) == flatten(history)
+    assert events[-1]["finish_reason"] in ("stop", "length")
+    # A non-decoupled model streams its single response the same way.
+    single = sse_stream(server, "internlm2-tiny", fields)
+    assert len(single) == 1 and single[0]["response"] == response
+
+
+def test_64_concurrent_streams_all_answer_correctly(server):
+    queries = ["你好", "hello world", "What is RMSNorm?", "请用一句话介绍你自己。"]
+
+    def fields(query):
+        return {"prompt": query, "temperature": "0", "max_new_tokens": "24"}
+
+    expected = {q: http_chat(server, "chatglm2-tiny", fields(q))[0] for q in queries}
+
+    def one(i):
+        query = queries[i % 4]
+        pieces, history, error = grpc_stream(server, "chatglm2-tiny-stream", fields(query), f"s{i}")
+        assert error is None, error
+        return query, "".join(pieces), history
+
+    with ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(one, range(64)))
+    for query, text, history in results:
+        assert text == expected[query], query
+        assert history == [[query, text]]
+
+
+def test_a_bad_request_on_a_stream_gets_its_error(server):
+    pieces, history, error = grpc_stream(server, "chatglm2-tiny-stream", {"prompt": "hi", "top_p": "7"})
+    assert error is not None and "top_p" in str(error)
+    pieces, history, error = grpc_stream(server, "chatglm2-tiny-stream", {"prompt": "hi", "max_new_tokens": "4"})
+    assert error is None and history
+
+
+def test_a_client_that_goes_away_stops_its_sequence(tmp_path):
+    # A model slow enough to cancel mid-answer: random weights at a small shape with the
+    # real InternLM2 vocabulary (the output projection dominates each step).
+    weights = tmp_path / "slow"
+    weights.mkdir()
+    config = json.loads((FIXTURES / "internlm2-tiny" / "config.json").read_text())
+    config.update(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=1024, vocab_size=92544, max_position_embeddings=4096,
+                  rope_scaling=None, eos_token_id=2)
+    (weights / "config.json").write_text(json.dumps(config))
+    shutil.copy(FIXTURES / "internlm2" / "tokenizer.model", weights)
+    repository = tmp_path / "repository"
+    (repository / "slow" / "1").mkdir(parents=True)
+    (repository / "slow" / "config.pbtxt").write_text(
+        (TEST_REPOSITORY / "internlm2-tiny-stream" / "config.pbtxt").read_text()
+        .replace('name: "internlm2-tiny-stream"', 'name: "slow"')
+        .replace("../../../fixtures/internlm2-tiny", str(weights))
+        .replace('string_value: "512"', 'string_value: "4096"')
+        .replace("count: 2", "count: 1")
+        + 'parameters { key: "load_format" value { string_value: "dummy" } }\n')
+    server = Server(repository, tmp_path / "server").wait_live()
+    try:
+        server.wait_model_ready("slow")
+        body = json.dumps({"prompt": "你好", "max_new_tokens": "3000", "temperature": "0"}).encode()
+        request = urllib.request.Request(f"http://{server.http_url}/v2/models/slow/generate_stream",
+                                         data=body, headers={"Content-Type": "application/json"})
+        reply = urllib.request.urlopen(request, timeout=60)
+        first = reply.readline()
+        assert first.startswith(b"data: "), first
+        reply.close()  # the client goes away after the first piece
+        deadline = time.time() + 10
+        while "request cancelled by the client" not in server.log_text():
+            assert time.time() < deadline, server.log_text()
+            time.sleep(0.1)
+        line = next(l for l in server.log_text().splitlines() if "request cancelled by the client" in l)
+        generated = int(line.split("after ")[1].split()[0])
+        print(line)
+        assert generated < 1500, line
+        # The engine is free again: a short request is answered at once.
+        started = time.time()
+        events = sse_stream(server, "slow", {"prompt": "hi", "max_new_tokens": "4"})
+        assert events and time.time() - started < 10
+    finally:
+        server.stop()
