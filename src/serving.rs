@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvError, Sender, TryRecvError};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use crate::pipeline::{ChatModel, ChatTurn, Completion, Generating, GenerationOptions};
 use crate::{Error, Result};
@@ -43,6 +44,31 @@ pub struct ChatJob {
     pub turn: ChatTurn,
     pub options: GenerationOptions,
     pub sink: Box<dyn AnswerSink>,
+    /// When the request arrived (time to first token counts from here).
+    pub arrived: Instant,
+}
+
+/// What the engine reports as it runs (Prometheus metrics in the server). Called from the
+/// engine thread.
+pub trait EngineMetrics: Send {
+    fn prompt_tokens(&mut self, count: usize);
+    fn generated_tokens(&mut self, count: usize);
+    fn queue(&mut self, running: usize, waiting: usize);
+    fn time_to_first_token(&mut self, seconds: f64);
+    fn inter_token_latency(&mut self, seconds: f64);
+    fn cancelled(&mut self);
+}
+
+/// For engines nobody watches.
+pub struct NoMetrics;
+
+impl EngineMetrics for NoMetrics {
+    fn prompt_tokens(&mut self, _: usize) {}
+    fn generated_tokens(&mut self, _: usize) {}
+    fn queue(&mut self, _: usize, _: usize) {}
+    fn time_to_first_token(&mut self, _: f64) {}
+    fn inter_token_latency(&mut self, _: f64) {}
+    fn cancelled(&mut self) {}
 }
 
 /// A running engine. Dropping it stops the thread: queued and running requests end with an
@@ -53,11 +79,16 @@ pub struct ServingEngine {
 }
 
 impl ServingEngine {
-    pub fn start(model: Arc<ChatModel>, config: SchedulerConfig, name: &str) -> Result<Self> {
+    pub fn start(
+        model: Arc<ChatModel>,
+        config: SchedulerConfig,
+        name: &str,
+        mut metrics: Box<dyn EngineMetrics>,
+    ) -> Result<Self> {
         let (jobs, receiver) = mpsc::channel();
         let worker = std::thread::Builder::new()
             .name(format!("llm-{name}"))
-            .spawn(move || serve(&model, config, receiver))
+            .spawn(move || serve(&model, config, receiver, metrics.as_mut()))
             .map_err(|e| Error::Config(format!("starting the engine thread: {e}")))?;
         Ok(ServingEngine { jobs: Some(jobs), worker: Some(worker) })
     }
@@ -84,9 +115,16 @@ impl Drop for ServingEngine {
 struct Active<'m> {
     generating: Generating<'m>,
     sink: Box<dyn AnswerSink>,
+    arrived: Instant,
+    last_token: Option<Instant>,
 }
 
-fn serve(model: &ChatModel, config: SchedulerConfig, jobs: Receiver<ChatJob>) {
+fn serve(
+    model: &ChatModel,
+    config: SchedulerConfig,
+    jobs: Receiver<ChatJob>,
+    metrics: &mut dyn EngineMetrics,
+) {
     let mut waiting: VecDeque<ChatJob> = VecDeque::new();
     let mut running: Vec<Active<'_>> = Vec::new();
     let mut open = true;
@@ -120,7 +158,15 @@ fn serve(model: &ChatModel, config: SchedulerConfig, jobs: Receiver<ChatJob>) {
         while running.len() < config.max_num_seqs {
             let Some(job) = waiting.pop_front() else { break };
             match model.start_chat(&job.turn, &job.options) {
-                Ok(generating) => running.push(Active { generating, sink: job.sink }),
+                Ok(generating) => {
+                    metrics.prompt_tokens(generating.sequence.prompt_len());
+                    running.push(Active {
+                        generating,
+                        sink: job.sink,
+                        arrived: job.arrived,
+                        last_token: None,
+                    });
+                }
                 Err(error) => job.sink.finish(Err(error)),
             }
         }
@@ -131,9 +177,11 @@ fn serve(model: &ChatModel, config: SchedulerConfig, jobs: Receiver<ChatJob>) {
                     active.generating.sequence.output_ids().len()
                 );
                 active.generating.cancel();
+                metrics.cancelled();
             }
         }
         retire(&mut running);
+        metrics.queue(running.len(), waiting.len());
         if running.is_empty() {
             continue;
         }
@@ -154,9 +202,23 @@ fn serve(model: &ChatModel, config: SchedulerConfig, jobs: Receiver<ChatJob>) {
         };
         match result {
             Ok(rows) => {
+                let now = Instant::now();
                 for (&i, logits) in stepped.iter().zip(rows) {
                     let active = &mut running[i];
+                    let before = active.generating.sequence.output_ids().len();
                     let text = active.generating.advance(logits);
+                    if active.generating.sequence.output_ids().len() > before {
+                        metrics.generated_tokens(1);
+                        match active.last_token {
+                            None => metrics.time_to_first_token(
+                                now.duration_since(active.arrived).as_secs_f64(),
+                            ),
+                            Some(last) => {
+                                metrics.inter_token_latency(now.duration_since(last).as_secs_f64())
+                            }
+                        }
+                        active.last_token = Some(now);
+                    }
                     if !text.is_empty() && !active.sink.on_text(&text) {
                         active.generating.cancel();
                     }
@@ -172,6 +234,7 @@ fn serve(model: &ChatModel, config: SchedulerConfig, jobs: Receiver<ChatJob>) {
             }
         }
         retire(&mut running);
+        metrics.queue(running.len(), waiting.len());
     }
 }
 
@@ -180,7 +243,7 @@ fn retire(running: &mut Vec<Active<'_>>) {
     let mut i = 0;
     while i < running.len() {
         if running[i].generating.is_finished() {
-            let Active { generating, mut sink } = running.remove(i);
+            let Active { generating, mut sink, .. } = running.remove(i);
             let (rest, completion) = generating.finish();
             if !rest.is_empty() {
                 sink.on_text(&rest);

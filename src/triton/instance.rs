@@ -8,11 +8,12 @@ use std::sync::Arc;
 
 use super::error::{TritonError, TritonResult, ffi, owned_string};
 use super::interface;
+use super::metrics::InstanceMetrics;
 use super::model::{Device, ModelHandle, ModelState};
 use super::request::Request;
 use super::sink::{self, TritonSink, now_ns};
 use super::sys;
-use crate::serving::{ChatJob, ServingEngine};
+use crate::serving::{ChatJob, EngineMetrics, NoMetrics, ServingEngine};
 
 pub struct InstanceState {
     pub name: String,
@@ -93,7 +94,17 @@ impl InstanceState {
             _ => Device::Cpu,
         };
         let chat = model.engine(device)?;
-        let engine = ServingEngine::start(chat, model.config.parameters.scheduler, &name)?;
+        let metrics: Box<dyn EngineMetrics> = match &model.metrics {
+            Some(families) => match InstanceMetrics::new(families.clone(), &model.name, &name) {
+                Ok(metrics) => Box::new(metrics),
+                Err(e) => {
+                    tracing::warn!("instance {name}: no metrics: {e}");
+                    Box::new(NoMetrics)
+                }
+            },
+            None => Box::new(NoMetrics),
+        };
+        let engine = ServingEngine::start(chat, model.config.parameters.scheduler, &name, metrics)?;
         tracing::info!("instance {name}: {device:?} (device id {device_id}) ready");
         Ok(InstanceState { name, model, engine, raw })
     }
@@ -102,6 +113,7 @@ impl InstanceState {
     /// Returns before the answers: the engine thread sends them and releases the requests.
     pub fn execute(&self, requests: Vec<Request>) {
         let received = now_ns();
+        let arrived = std::time::Instant::now();
         let config = &self.model.config;
         let batched = config.max_batch_size > 0;
         let batch_size = requests.len() as u64;
@@ -129,6 +141,7 @@ impl InstanceState {
                     turn: chat.turn,
                     options: chat.options,
                     sink: Box::new(sink),
+                    arrived,
                 }),
                 Err((request, error)) => sink::answer_now(self.raw, request, received, error),
             }

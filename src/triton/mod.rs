@@ -11,6 +11,7 @@ pub mod error;
 mod instance;
 pub mod interface;
 mod log;
+mod metrics;
 mod model;
 mod request;
 mod response;

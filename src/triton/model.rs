@@ -9,6 +9,7 @@ use std::ptr;
 use std::sync::{Arc, Mutex};
 
 use super::error::{TritonError, TritonResult, ffi, owned_string};
+use super::metrics::MetricFamilies;
 use super::sys;
 use crate::config::ModelConfig;
 use crate::model::{self, Family};
@@ -25,6 +26,8 @@ pub struct ModelState {
     pub config: ModelConfig,
     pub family: Family,
     engines: Mutex<HashMap<Device, Arc<ChatModel>>>,
+    /// None when the server's metrics are unavailable (the model still serves).
+    pub metrics: Option<Arc<MetricFamilies>>,
 }
 
 /// The server's handle of a model, valid between ModelInitialize and ModelFinalize.
@@ -118,7 +121,10 @@ impl ModelState {
             family.name(),
             config.parameters.model_dir.display()
         );
-        Ok(ModelState { name, config, family, engines: Mutex::new(HashMap::new()) })
+        let metrics = MetricFamilies::new()
+            .inspect_err(|e| tracing::warn!("model {name}: no metrics: {e}"))
+            .ok();
+        Ok(ModelState { name, config, family, engines: Mutex::new(HashMap::new()), metrics })
     }
 
     /// The engine for `device`, loaded by the first instance that asks for it.

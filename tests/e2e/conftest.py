@@ -93,6 +93,18 @@ class Server:
                 time.sleep(0.3)
         raise RuntimeError(f"model {model} never became ready:\n{self.log_text()}")
 
+    def metric(self, name, model):
+        """The sum of a metric over a model's instances (histograms: their _count)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+        total, found = 0.0, False
+        for line in text.splitlines():
+            if line.startswith(name + "{") and f'model="{model}"' in line:
+                total += float(line.rsplit(" ", 1)[1])
+                found = True
+        assert found, f"no {name} for {model}"
+        return total
+
     def log_text(self):
         self.log.flush()
         return self.log_path.read_text(errors="replace")

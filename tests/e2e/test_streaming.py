@@ -99,6 +99,14 @@ def test_64_concurrent_streams_all_answer_correctly(server):
     for query, text, history in results:
         assert text == expected[query], query
         assert history == [[query, text]]
+    model = "chatglm2-tiny-stream"
+    generated = sum(len(text) > 0 for _, text, _ in results)
+    assert server.metric("llm_generated_tokens_total", model) >= generated
+    assert server.metric("llm_prompt_tokens_total", model) > 64
+    assert server.metric("llm_time_to_first_token_seconds_count", model) >= 64
+    assert server.metric("llm_inter_token_latency_seconds_count", model) > 0
+    assert server.metric("llm_requests_running", model) == 0
+    assert server.metric("llm_requests_waiting", model) == 0
 
 
 def test_a_bad_request_on_a_stream_gets_its_error(server):
@@ -146,6 +154,11 @@ def test_a_client_that_goes_away_stops_its_sequence(tmp_path):
         generated = int(line.split("after ")[1].split()[0])
         print(line)
         assert generated < 1500, line
+        assert server.metric("llm_requests_cancelled_total", "slow") == 1
+        deadline = time.time() + 10
+        while server.metric("llm_requests_running", "slow") != 0:  # the sequence is gone
+            assert time.time() < deadline
+            time.sleep(0.1)
         # The engine is free again: a short request is answered at once.
         started = time.time()
         events = sse_stream(server, "slow", {"prompt": "hi", "max_new_tokens": "4"})
