@@ -62,8 +62,8 @@ fn internlm2_tiny_matches_original_logits_and_greedy_tokens() {
 }
 
 /// Several sequences in one batched pass (prefills of different lengths, then decode steps
-/// of all of them together, then a prefill joining running decodes) give each sequence the
-/// logits it gets alone, and the greedy tokens of the golden cases.
+/// of all of them together, then a prefill joining running decodes) give each sequence
+/// exactly the logits it gets alone.
 fn check_batched(folder: &str) {
     use triton_llm::model::SeqStep;
     let model = model::load(&fixture(folder), LoadFormat::Safetensors).unwrap();
@@ -121,9 +121,12 @@ fn check_batched(folder: &str) {
     for (i, (batched, single)) in produced.iter().zip(&alone).enumerate() {
         assert_eq!(batched.len(), single.len(), "{folder}: sequence {i}");
         for (step, (b, s)) in batched.iter().zip(single).enumerate() {
-            let rel = relative_l2(b, s);
-            assert!(rel < 1e-5, "{folder}: sequence {i} step {step}: relative L2 {rel:e}");
-            assert_eq!(argmax(b), argmax(s), "{folder}: sequence {i} step {step}");
+            // Bit for bit: a sequence's answer must not depend on who shares its batch.
+            assert!(
+                b == s,
+                "{folder}: sequence {i} step {step}: relative L2 {:e}",
+                relative_l2(b, s)
+            );
         }
     }
 }

@@ -14,16 +14,28 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// `y[m, out] = x[m, in] · Wᵀ (+ b)`.
+    /// `y[m, out] = x[m, in] · Wᵀ (+ b)`. A row's result does not depend on the other
+    /// rows: faer takes a different summation order for a single row (its matrix-vector
+    /// path), so one row runs as two (the weights are read once either way). Batched
+    /// sequences thus get exactly the answers they get alone.
     pub fn forward(&self, x: &[f32]) -> Vec<f32> {
         let (n, k) = (self.out_features, self.in_features);
+        if x.len() == k {
+            let twice = [x, x].concat();
+            let mut y = self.forward(&twice);
+            y.truncate(n);
+            return y;
+        }
         let m = x.len() / k;
         debug_assert_eq!(x.len(), m * k);
         let mut y = vec![0f32; m * n];
         let lhs = MatRef::from_row_major_slice(x, m, k);
         let rhs = MatRef::from_row_major_slice(&self.weight, n, k).transpose();
         let dst = MatMut::from_row_major_slice_mut(&mut y, m, n);
-        faer::linalg::matmul::matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, Par::rayon(0));
+        // Threads pay off only on large weights; decided per layer, never per batch, so a
+        // row's result stays independent of its batch.
+        let par = if n * k >= 1 << 20 { Par::rayon(0) } else { Par::Seq };
+        faer::linalg::matmul::matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, par);
         if let Some(bias) = &self.bias {
             for row in y.chunks_exact_mut(n) {
                 row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
@@ -173,6 +185,26 @@ mod tests {
         };
         let y = layer.forward(&[1.0, 0.0, -1.0, 2.0, 1.0, 0.0]);
         assert_eq!(y, vec![-2.0 + 0.5, -2.0 - 0.5, 4.0 + 0.5, 13.0 - 0.5]);
+    }
+
+    #[test]
+    fn a_row_gets_the_same_result_in_any_batch() {
+        let (n, k) = (1024, 256);
+        let mut state = 1u64;
+        let mut next = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        let weight = (0..n * k).map(|_| next()).collect();
+        let layer = Linear { weight, bias: None, out_features: n, in_features: k };
+        let rows: Vec<f32> = (0..64 * k).map(|_| next()).collect();
+        let alone: Vec<Vec<f32>> = rows.chunks_exact(k).map(|row| layer.forward(row)).collect();
+        for m in [2usize, 3, 8, 33, 64] {
+            let y = layer.forward(&rows[..m * k]);
+            for (i, row) in y.chunks_exact(n).enumerate() {
+                assert_eq!(row, &alone[i][..], "row {i} of a batch of {m}");
+            }
+        }
     }
 
     #[test]
