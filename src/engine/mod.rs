@@ -2,6 +2,7 @@
 //! feed one token per step until a stop token, a length limit or the caller says stop.
 //! The caller runs the forward passes, so one sequence or many share the same state machine.
 
+pub mod blocks;
 pub mod sampler;
 
 use crate::cpu::KvCache;
