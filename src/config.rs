@@ -93,6 +93,33 @@ impl ModelConfig {
                 "max_num_batched_tokens" => {
                     parameters.scheduler.max_num_batched_tokens = parse_count(key, value, 1)?;
                 }
+                "block_size" => parameters.scheduler.block_size = parse_count(key, value, 1)?,
+                "cache_max_entry_count" => {
+                    parameters.scheduler.cache_max_entry_count = match value.trim().parse::<f64>() {
+                        Ok(v) if v > 0.0 && v.is_finite() && (v <= 1.0 || v.fract() == 0.0) => v,
+                        _ => {
+                            return Err(parameter_error(
+                                key,
+                                format!(
+                                    "expected a fraction in (0, 1] or a whole number of blocks, \
+                                     got {value:?}"
+                                ),
+                            ));
+                        }
+                    };
+                }
+                "enable_prefix_caching" => {
+                    parameters.scheduler.enable_prefix_caching = match value.trim() {
+                        "true" | "1" => true,
+                        "false" | "0" => false,
+                        _ => {
+                            return Err(parameter_error(
+                                key,
+                                format!("expected true or false, got {value:?}"),
+                            ));
+                        }
+                    };
+                }
                 _ => unknown_parameters.push(key.clone()),
             }
         }
@@ -162,6 +189,10 @@ mod tests {
             (r#""model_dir":{"string_value":" "}"#, "model_dir"),
             (r#""max_num_seqs":{"string_value":"0"}"#, "max_num_seqs"),
             (r#""max_num_batched_tokens":{"string_value":"x"}"#, "max_num_batched_tokens"),
+            (r#""cache_max_entry_count":{"string_value":"2.5"}"#, "cache_max_entry_count"),
+            (r#""cache_max_entry_count":{"string_value":"0"}"#, "cache_max_entry_count"),
+            (r#""enable_prefix_caching":{"string_value":"maybe"}"#, "enable_prefix_caching"),
+            (r#""block_size":{"string_value":"0"}"#, "block_size"),
         ] {
             let message = parse(params).unwrap_err().to_string();
             assert!(message.contains(&format!("parameter {key}")), "{message}");

@@ -6,6 +6,8 @@ use std::path::Path;
 
 use crate::chat::stream::AnswerStream;
 use crate::chat::{self, History};
+use crate::cpu::KvCache;
+use crate::engine::kv_space::{Admission, KvSpace};
 use crate::engine::{FinishReason, GenerateRequest, SamplingParams, Sequence};
 use crate::model::{self, CausalLm, Family, LoadFormat};
 use crate::tokenizer::{Tokenizer, TokenizerFamily};
@@ -161,10 +163,10 @@ impl ChatModel {
         options: &GenerationOptions,
         chat: Option<(String, History)>,
     ) -> Result<Generating<'_>> {
-        let sequence = Sequence::new(self.model.as_ref(), self.request(prompt_ids, options))?;
+        let sequence = Sequence::new(self.request(prompt_ids, options))?;
         let clean = chat.is_some().then_some(self.family);
         let answer = AnswerStream::new(&self.tokenizer, clean, options.stop.clone());
-        Ok(Generating { sequence, answer, chat })
+        Ok(Generating { sequence, answer, chat, error: None })
     }
 
     /// One `model.chat` turn. `on_text` receives the answer as it is generated (pieces that
@@ -188,20 +190,30 @@ impl ChatModel {
         self.run_alone(self.start_continuation(prompt_ids, options)?, on_text)
     }
 
-    /// Steps one generation to its end on this thread.
+    /// Steps one generation to its end on this thread, with a KV space of its own.
     fn run_alone(
         &self,
         mut generating: Generating<'_>,
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<Completion> {
+        let block_size = KvCache::BLOCK_SIZE;
+        let blocks = generating.sequence.max_len().div_ceil(block_size);
+        let mut space = KvSpace::new(self.model.as_ref(), block_size, blocks, false)?;
+        let admitted = space.admit(&mut generating.sequence);
+        debug_assert_eq!(admitted, Admission::Admitted, "the space was sized for the sequence");
         while !generating.is_finished() {
-            let logits = self.model.forward_batch(&mut [generating.sequence.step(usize::MAX)])?;
-            let text = generating.advance(logits.into_iter().next().expect("one row"));
+            let sequence = &mut generating.sequence;
+            let tokens = sequence.pending_tokens();
+            if !space.ensure(sequence, tokens) {
+                return Err(Error::Internal("the sequence outgrew its own KV space".into()));
+            }
+            let logits = self.model.forward_batch(&mut space.arena, &[sequence.step(tokens)])?;
+            let text = generating.advance(tokens, logits.into_iter().next().expect("one row"));
             if !text.is_empty() && !on_text(&text) {
                 generating.cancel();
             }
         }
-        let (rest, completion) = generating.finish();
+        let (rest, completion) = generating.finish()?;
         if !rest.is_empty() {
             on_text(&rest);
         }
@@ -215,12 +227,15 @@ pub struct Generating<'m> {
     answer: AnswerStream<'m>,
     /// The query and kept history of a chat turn (None for a raw continuation).
     chat: Option<(String, History)>,
+    /// Why it ended without an answer, if it did.
+    error: Option<Error>,
 }
 
 impl Generating<'_> {
-    /// Takes the logits of the step just run; returns the answer text it adds (maybe empty).
-    pub fn advance(&mut self, logits: Vec<f32>) -> String {
-        let Some(id) = self.sequence.advance(logits) else { return String::new() };
+    /// Takes the logits of a step that ran `ran` tokens; returns the answer text it adds
+    /// (maybe empty).
+    pub fn advance(&mut self, ran: usize, logits: Vec<f32>) -> String {
+        let Some(id) = self.sequence.advance(ran, logits) else { return String::new() };
         let (text, stopped) = self.answer.push(id);
         if stopped {
             self.sequence.stop(FinishReason::Stop);
@@ -237,8 +252,17 @@ impl Generating<'_> {
         self.sequence.stop(FinishReason::Cancelled);
     }
 
-    /// The last piece of answer text and the completion.
-    pub fn finish(mut self) -> (String, Completion) {
+    /// Ends it with an error instead of an answer.
+    pub fn fail(&mut self, error: Error) {
+        self.error.get_or_insert(error);
+        self.sequence.stop(FinishReason::Cancelled);
+    }
+
+    /// The last piece of answer text and the completion, or the error it failed with.
+    pub fn finish(mut self) -> Result<(String, Completion)> {
+        if let Some(error) = self.error.take() {
+            return Err(error);
+        }
         let rest = self.answer.finish();
         let response = self.answer.answer();
         let prompt_tokens = self.sequence.prompt_len();
@@ -257,6 +281,6 @@ impl Generating<'_> {
             prompt_tokens,
             finish_reason: generation.finish_reason,
         };
-        (rest, completion)
+        Ok((rest, completion))
     }
 }

@@ -12,22 +12,75 @@ use std::sync::mpsc::{self, Receiver, RecvError, Sender, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use crate::cpu::KvArena;
+use crate::engine::FinishReason;
+use crate::engine::kv_space::{Admission, KvSpace};
 use crate::pipeline::{ChatModel, ChatTurn, Completion, Generating, GenerationOptions};
 use crate::{Error, Result};
 
-/// How much one engine does at once.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How much one engine does at once, and its KV cache.
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SchedulerConfig {
     /// Sequences running at once; more wait in arrival order.
     pub max_num_seqs: usize,
     /// Tokens in one forward pass (every decode is 1; prefill chunks share the rest).
     pub max_num_batched_tokens: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// LMDeploy's rule: above 1, a number of blocks; otherwise the fraction of the memory
+    /// available when the engine starts (host memory for the CPU engine).
+    pub cache_max_entry_count: f64,
+    /// Share the KV blocks of identical prompt prefixes between requests.
+    pub enable_prefix_caching: bool,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        SchedulerConfig { max_num_seqs: 64, max_num_batched_tokens: 2048 }
+        SchedulerConfig {
+            max_num_seqs: 64,
+            max_num_batched_tokens: 2048,
+            block_size: 16,
+            cache_max_entry_count: 0.8,
+            enable_prefix_caching: true,
+        }
     }
+}
+
+impl SchedulerConfig {
+    /// The number of KV blocks for `model`: what `cache_max_entry_count` asks for, never
+    /// more than every running sequence at full length needs twice over (the spare half
+    /// keeps finished prefixes for reuse).
+    pub fn num_blocks(&self, model: &ChatModel) -> Result<usize> {
+        let info = model.model.info();
+        let bytes_per_block =
+            KvArena::bytes_per_block(info.num_layers, info.kv_width, self.block_size);
+        let enough = 2 * self.max_num_seqs * model.max_context().div_ceil(self.block_size);
+        if self.cache_max_entry_count > 1.0 {
+            return Ok(self.cache_max_entry_count as usize);
+        }
+        let available = available_host_memory()?;
+        let blocks = (self.cache_max_entry_count * available as f64) as usize / bytes_per_block;
+        if blocks == 0 {
+            return Err(Error::Config(format!(
+                "cache_max_entry_count {} of {available} available bytes holds no KV block of \
+                 {bytes_per_block} bytes",
+                self.cache_max_entry_count
+            )));
+        }
+        Ok(blocks.min(enough))
+    }
+}
+
+/// MemAvailable from /proc/meminfo, in bytes.
+fn available_host_memory() -> Result<usize> {
+    let meminfo =
+        std::fs::read_to_string("/proc/meminfo").map_err(|e| Error::io("/proc/meminfo", e))?;
+    meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemAvailable:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+        .map(|kib| kib * 1024)
+        .ok_or_else(|| Error::Config("no MemAvailable in /proc/meminfo".into()))
 }
 
 /// Where one request's answer goes. Called from the engine thread.
@@ -57,6 +110,8 @@ pub trait EngineMetrics: Send {
     fn time_to_first_token(&mut self, seconds: f64);
     fn inter_token_latency(&mut self, seconds: f64);
     fn cancelled(&mut self);
+    fn kv_blocks(&mut self, used: usize, free: usize);
+    fn prefix_hit_tokens(&mut self, count: usize);
 }
 
 /// For engines nobody watches.
@@ -69,6 +124,8 @@ impl EngineMetrics for NoMetrics {
     fn time_to_first_token(&mut self, _: f64) {}
     fn inter_token_latency(&mut self, _: f64) {}
     fn cancelled(&mut self) {}
+    fn kv_blocks(&mut self, _: usize, _: usize) {}
+    fn prefix_hit_tokens(&mut self, _: usize) {}
 }
 
 /// A running engine. Dropping it stops the thread: queued and running requests end with an
@@ -85,10 +142,28 @@ impl ServingEngine {
         name: &str,
         mut metrics: Box<dyn EngineMetrics>,
     ) -> Result<Self> {
+        let num_blocks = config.num_blocks(&model)?;
+        tracing::info!(
+            "engine {name}: {num_blocks} KV blocks of {} tokens ({} MiB)",
+            config.block_size,
+            num_blocks
+                * KvArena::bytes_per_block(
+                    model.model.info().num_layers,
+                    model.model.info().kv_width,
+                    config.block_size
+                )
+                >> 20
+        );
+        let mut space = KvSpace::new(
+            model.model.as_ref(),
+            config.block_size,
+            num_blocks,
+            config.enable_prefix_caching,
+        )?;
         let (jobs, receiver) = mpsc::channel();
         let worker = std::thread::Builder::new()
             .name(format!("llm-{name}"))
-            .spawn(move || serve(&model, config, receiver, metrics.as_mut()))
+            .spawn(move || serve(&model, config, &mut space, receiver, metrics.as_mut()))
             .map_err(|e| Error::Config(format!("starting the engine thread: {e}")))?;
         Ok(ServingEngine { jobs: Some(jobs), worker: Some(worker) })
     }
@@ -119,59 +194,55 @@ struct Active<'m> {
     last_token: Option<Instant>,
 }
 
-fn serve(
-    model: &ChatModel,
+fn serve<'m>(
+    model: &'m ChatModel,
     config: SchedulerConfig,
+    space: &mut KvSpace,
     jobs: Receiver<ChatJob>,
     metrics: &mut dyn EngineMetrics,
 ) {
-    let mut waiting: VecDeque<ChatJob> = VecDeque::new();
-    let mut running: Vec<Active<'_>> = Vec::new();
+    // Started generations waiting for KV blocks (preempted ones go back to the front).
+    let mut waiting: VecDeque<Active<'m>> = VecDeque::new();
+    let mut running: Vec<Active<'m>> = Vec::new();
     let mut open = true;
+    let mut prefix_hits = space.blocks.prefix_hit_tokens;
+    let start = |job: ChatJob| -> Option<Active<'m>> {
+        match model.start_chat(&job.turn, &job.options) {
+            Ok(generating) => {
+                Some(Active { generating, sink: job.sink, arrived: job.arrived, last_token: None })
+            }
+            Err(error) => {
+                job.sink.finish(Err(error));
+                None
+            }
+        }
+    };
     while open || !running.is_empty() || !waiting.is_empty() {
         // Receive: block only when there is nothing to do.
         if open && running.is_empty() && waiting.is_empty() {
             match jobs.recv() {
-                Ok(job) => waiting.push_back(job),
+                Ok(job) => waiting.extend(start(job)),
                 Err(RecvError) => open = false,
             }
         }
         while open {
             match jobs.try_recv() {
-                Ok(job) => waiting.push_back(job),
+                Ok(job) => waiting.extend(start(job)),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => open = false,
             }
         }
         if !open {
             // The engine is being dropped: nobody will read further answers.
-            for job in waiting.drain(..) {
-                job.sink.finish(Err(Error::Unavailable("the model is being unloaded".into())));
-            }
-            for active in running.drain(..) {
+            for active in waiting.drain(..).chain(running.drain(..)) {
                 active.sink.finish(Err(Error::Unavailable("the model is being unloaded".into())));
             }
             break;
         }
 
-        // Admit.
-        while running.len() < config.max_num_seqs {
-            let Some(job) = waiting.pop_front() else { break };
-            match model.start_chat(&job.turn, &job.options) {
-                Ok(generating) => {
-                    metrics.prompt_tokens(generating.sequence.prompt_len());
-                    running.push(Active {
-                        generating,
-                        sink: job.sink,
-                        arrived: job.arrived,
-                        last_token: None,
-                    });
-                }
-                Err(error) => job.sink.finish(Err(error)),
-            }
-        }
-        for active in &mut running {
-            if active.sink.is_cancelled() {
+        // Cancellations, also of requests still waiting.
+        for active in waiting.iter_mut().chain(running.iter_mut()) {
+            if !active.generating.is_finished() && active.sink.is_cancelled() {
                 tracing::info!(
                     "request cancelled by the client after {} generated tokens",
                     active.generating.sequence.output_ids().len()
@@ -180,33 +251,85 @@ fn serve(
                 metrics.cancelled();
             }
         }
-        retire(&mut running);
-        metrics.queue(running.len(), waiting.len());
+        retire(&mut waiting, space);
+        retire(&mut running, space);
+
+        // Admit in order while there are seats and blocks.
+        while running.len() < config.max_num_seqs {
+            let Some(mut active) = waiting.pop_front() else { break };
+            let is_new = active.generating.sequence.computed() == 0
+                && active.generating.sequence.output_ids().is_empty();
+            match space.admit(&mut active.generating.sequence) {
+                Admission::Admitted => {
+                    if is_new {
+                        metrics.prompt_tokens(active.generating.sequence.prompt_len());
+                    }
+                    running.push(active);
+                }
+                Admission::Later => {
+                    waiting.push_front(active);
+                    break;
+                }
+                Admission::Never(message) => {
+                    active.generating.fail(Error::InvalidRequest(message));
+                    waiting.push_front(active);
+                    retire(&mut waiting, space);
+                }
+            }
+        }
+        let hits = space.blocks.prefix_hit_tokens;
+        metrics.prefix_hit_tokens((hits - prefix_hits) as usize);
+        prefix_hits = hits;
         if running.is_empty() {
+            metrics.queue(0, waiting.len());
             continue;
         }
 
-        // Plan and run one step.
-        let pending: Vec<usize> =
-            running.iter().map(|a| a.generating.sequence.pending_tokens()).collect();
-        let plan = plan_step(&pending, config.max_num_batched_tokens);
-        let stepped: Vec<usize> = (0..running.len()).filter(|&i| plan[i] > 0).collect();
-        let result = {
-            let mut steps: Vec<_> = running
-                .iter_mut()
-                .zip(&plan)
-                .filter(|(_, tokens)| **tokens > 0)
-                .map(|(active, &tokens)| active.generating.sequence.step(tokens))
+        // Plan the step, then make room for it: when blocks run out, the newest running
+        // sequence gives its blocks back and waits to be recomputed.
+        let mut plan;
+        loop {
+            let pending: Vec<(usize, bool)> = running
+                .iter()
+                .map(|a| {
+                    let sequence = &a.generating.sequence;
+                    (sequence.pending_tokens(), space.must_prefill_whole(sequence))
+                })
                 .collect();
-            model.model.forward_batch(&mut steps)
-        };
+            plan = plan_step(&pending, config.max_num_batched_tokens);
+            let short = running.iter_mut().zip(&plan).position(|(a, &tokens)| {
+                tokens > 0 && !space.ensure(&mut a.generating.sequence, tokens)
+            });
+            let Some(short) = short else { break };
+            if running.len() == 1 {
+                // Alone and still out of room: the cache cannot hold this sequence.
+                let active = &mut running[short];
+                tracing::warn!("a sequence filled the whole KV cache; ending it");
+                active.generating.sequence.stop(FinishReason::Length);
+                break;
+            }
+            let mut newest = running.pop().expect("more than one running");
+            space.release(&mut newest.generating.sequence);
+            tracing::debug!("out of KV blocks: preempting a sequence to recompute it later");
+            waiting.push_front(newest);
+        }
+        metrics.queue(running.len(), waiting.len());
+
+        let stepped: Vec<usize> = (0..running.len())
+            .filter(|&i| plan[i] > 0 && !running[i].generating.is_finished())
+            .collect();
+        let steps: Vec<_> =
+            stepped.iter().map(|&i| running[i].generating.sequence.step(plan[i])).collect();
+        let result = model.model.forward_batch(&mut space.arena, &steps);
+        drop(steps);
         match result {
             Ok(rows) => {
                 let now = Instant::now();
                 for (&i, logits) in stepped.iter().zip(rows) {
                     let active = &mut running[i];
                     let before = active.generating.sequence.output_ids().len();
-                    let text = active.generating.advance(logits);
+                    let text = active.generating.advance(plan[i], logits);
+                    space.register(&mut active.generating.sequence);
                     if active.generating.sequence.output_ids().len() > before {
                         metrics.generated_tokens(1);
                         match active.last_token {
@@ -225,50 +348,65 @@ fn serve(
                 }
             }
             Err(error) => {
-                // A failed pass leaves the stepped caches unusable: end those sequences.
+                // A failed pass leaves the stepped sequences' K/V unusable: end them.
                 tracing::error!("forward pass failed: {error}");
-                for &i in stepped.iter().rev() {
-                    let active = running.remove(i);
-                    active.sink.finish(Err(Error::Internal(format!("the engine failed: {error}"))));
+                for &i in &stepped {
+                    running[i]
+                        .generating
+                        .fail(Error::Internal(format!("the engine failed: {error}")));
                 }
             }
         }
-        retire(&mut running);
+        retire(&mut running, space);
         metrics.queue(running.len(), waiting.len());
+        metrics.kv_blocks(space.blocks.used(), space.blocks.available());
     }
 }
 
-/// Sends the finished sequences' completions and removes them.
-fn retire(running: &mut Vec<Active<'_>>) {
-    let mut i = 0;
-    while i < running.len() {
-        if running[i].generating.is_finished() {
-            let Active { generating, mut sink, .. } = running.remove(i);
-            let (rest, completion) = generating.finish();
-            if !rest.is_empty() {
-                sink.on_text(&rest);
+/// Sends the finished sequences' completions (or errors), frees their blocks and removes
+/// them, keeping the others in order.
+fn retire<'m, Q>(queue: &mut Q, space: &mut KvSpace)
+where
+    Q: Extend<Active<'m>> + IntoIterator<Item = Active<'m>> + Default,
+{
+    let mut kept = Q::default();
+    for mut active in std::mem::take(queue) {
+        if !active.generating.is_finished() {
+            kept.extend([active]);
+            continue;
+        }
+        space.release(&mut active.generating.sequence);
+        let Active { generating, mut sink, .. } = active;
+        match generating.finish() {
+            Ok((rest, completion)) => {
+                if !rest.is_empty() {
+                    sink.on_text(&rest);
+                }
+                sink.finish(Ok(completion));
             }
-            sink.finish(Ok(completion));
-        } else {
-            i += 1;
+            Err(error) => sink.finish(Err(error)),
         }
     }
+    *queue = kept;
 }
 
-/// Tokens each running sequence runs this step: every decode (1 pending token) runs; prefill
-/// chunks take the rest of `max_tokens` in order. A step always makes progress.
-pub fn plan_step(pending: &[usize], max_tokens: usize) -> Vec<usize> {
-    let mut plan: Vec<usize> = pending.iter().map(|&p| usize::from(p == 1)).collect();
+/// Tokens each running sequence runs this step, from (pending tokens, must run them in one
+/// call): every decode (1 pending token) runs; prefill chunks take the rest of `max_tokens`
+/// in order, and a whole-only prefill whose turn it is runs whole even past the budget (so
+/// it is never starved). A step always makes progress.
+pub fn plan_step(pending: &[(usize, bool)], max_tokens: usize) -> Vec<usize> {
+    let mut plan: Vec<usize> = pending.iter().map(|&(p, _)| usize::from(p == 1)).collect();
     let mut budget = max_tokens.saturating_sub(plan.iter().sum());
-    for (tokens, &p) in plan.iter_mut().zip(pending) {
+    for (tokens, &(p, whole)) in plan.iter_mut().zip(pending) {
         if p > 1 && budget > 0 {
-            *tokens = p.min(budget);
-            budget -= *tokens;
+            *tokens = if whole { p } else { p.min(budget) };
+            budget = budget.saturating_sub(*tokens);
         }
     }
     if plan.iter().all(|&t| t == 0) {
-        if let Some(first) = pending.iter().position(|&p| p > 0) {
-            plan[first] = pending[first].min(max_tokens.max(1));
+        if let Some(first) = pending.iter().position(|&(p, _)| p > 0) {
+            let (p, whole) = pending[first];
+            plan[first] = if whole { p } else { p.min(max_tokens.max(1)) };
         }
     }
     plan
@@ -278,15 +416,25 @@ pub fn plan_step(pending: &[usize], max_tokens: usize) -> Vec<usize> {
 mod tests {
     use super::plan_step;
 
+    fn chunkable(pending: &[usize]) -> Vec<(usize, bool)> {
+        pending.iter().map(|&p| (p, false)).collect()
+    }
+
     #[test]
     fn decodes_run_first_and_prefills_share_the_rest() {
-        assert_eq!(plan_step(&[1, 1, 100, 50], 64), vec![1, 1, 62, 0]);
-        assert_eq!(plan_step(&[30, 1, 20], 64), vec![30, 1, 20]);
+        assert_eq!(plan_step(&chunkable(&[1, 1, 100, 50]), 64), vec![1, 1, 62, 0]);
+        assert_eq!(plan_step(&chunkable(&[30, 1, 20]), 64), vec![30, 1, 20]);
     }
 
     #[test]
     fn decodes_are_never_starved_and_a_step_always_progresses() {
-        assert_eq!(plan_step(&[1, 1, 1, 9], 2), vec![1, 1, 1, 0]);
-        assert_eq!(plan_step(&[500], 0), vec![1]);
+        assert_eq!(plan_step(&chunkable(&[1, 1, 1, 9]), 2), vec![1, 1, 1, 0]);
+        assert_eq!(plan_step(&chunkable(&[500]), 0), vec![1]);
+    }
+
+    #[test]
+    fn whole_only_prefills_run_whole_in_their_turn() {
+        assert_eq!(plan_step(&[(1, false), (100, true), (10, false)], 64), vec![1, 100, 0]);
+        assert_eq!(plan_step(&[(100, true)], 64), vec![100]);
     }
 }

@@ -86,35 +86,35 @@ fn check_batched(folder: &str) {
         })
         .collect();
 
-    // Together: the first sequence starts alone and decodes while the others prefill.
-    let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
+    // Together in one arena, each sequence on its own blocks (interleaved, block size 4):
+    // the first sequence starts alone and decodes while the others prefill.
+    let block_size = 4;
+    let per_sequence = 64;
+    let mut arena = model.new_arena(block_size, per_sequence * prompts.len()).unwrap();
+    let tables: Vec<Vec<u32>> = (0..prompts.len())
+        .map(|i| (0..per_sequence).map(|b| (b * prompts.len() + i) as u32).collect())
+        .collect();
+    let mut lengths = vec![0usize; prompts.len()];
     let mut produced: Vec<Vec<Vec<f32>>> = prompts.iter().map(|_| Vec::new()).collect();
-    let mut started = vec![false; prompts.len()];
     for round in 0..8 {
         let mut inputs: Vec<(usize, Vec<u32>)> = Vec::new();
         for (i, prompt) in prompts.iter().enumerate() {
-            if !started[i] && (i == 0 || round >= 1) {
+            if produced[i].is_empty() && (i == 0 || round >= 1) {
                 inputs.push((i, prompt.clone()));
-            } else if started[i] && produced[i].len() < 7 {
+            } else if !produced[i].is_empty() && produced[i].len() < 7 {
                 inputs.push((i, vec![argmax(produced[i].last().unwrap())]));
             }
         }
         if inputs.is_empty() {
             break;
         }
-        let mut steps: Vec<SeqStep> = Vec::new();
-        let mut rest: &mut [_] = &mut caches;
-        let mut base = 0;
-        for (i, tokens) in &inputs {
-            let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - base);
-            let (cache, tail) = tail.split_first_mut().unwrap();
-            steps.push(SeqStep { ids: tokens, cache });
-            rest = tail;
-            base = i + 1;
-        }
-        let logits = model.forward_batch(&mut steps).unwrap();
-        for ((i, _), row) in inputs.iter().zip(logits) {
-            started[*i] = true;
+        let steps: Vec<SeqStep> = inputs
+            .iter()
+            .map(|(i, ids)| SeqStep { ids, start: lengths[*i], blocks: &tables[*i] })
+            .collect();
+        let logits = model.forward_batch(&mut arena, &steps).unwrap();
+        for ((i, ids), row) in inputs.iter().zip(logits) {
+            lengths[*i] += ids.len();
             produced[*i].push(row);
         }
     }

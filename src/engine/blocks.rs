@@ -97,10 +97,10 @@ impl BlockManager {
     /// fresh. Returns the table and how many prompt tokens are already computed, or None
     /// (nothing taken) when there is not enough room. At least the last prompt token is
     /// always left to compute, since its logits start the answer.
-    pub fn allocate_prompt(&mut self, prompt: &[u32]) -> Option<(BlockTable, usize)> {
+    pub fn allocate_prompt(&mut self, prompt: &[u32], reuse: bool) -> Option<(BlockTable, usize)> {
         let mut table = BlockTable::default();
         let mut hits = Vec::new();
-        if self.enable_prefix_caching {
+        if self.enable_prefix_caching && reuse {
             let reusable = prompt.len().saturating_sub(1) / self.block_size;
             let mut hash = 0;
             for chunk in prompt.chunks_exact(self.block_size).take(reusable) {
@@ -193,7 +193,7 @@ mod tests {
     #[test]
     fn blocks_are_allocated_grown_and_freed() {
         let mut m = BlockManager::new(4, 4, false);
-        let (mut table, cached) = m.allocate_prompt(&tokens(6, 0)).unwrap();
+        let (mut table, cached) = m.allocate_prompt(&tokens(6, 0), true).unwrap();
         assert_eq!((table.blocks.len(), cached, m.available()), (2, 0, 2));
         assert!(m.grow(&mut table, 8));
         assert_eq!(table.blocks.len(), 2);
@@ -208,7 +208,7 @@ mod tests {
     #[test]
     fn a_prompt_that_does_not_fit_takes_nothing() {
         let mut m = BlockManager::new(2, 4, true);
-        assert!(m.allocate_prompt(&tokens(9, 0)).is_none());
+        assert!(m.allocate_prompt(&tokens(9, 0), true).is_none());
         assert_eq!(m.available(), 2);
     }
 
@@ -216,7 +216,7 @@ mod tests {
     fn a_shared_prefix_reuses_full_blocks() {
         let mut m = BlockManager::new(8, 4, true);
         let first = tokens(10, 0); // blocks [0..4) [4..8) full, [8..10) partial
-        let (mut table, cached) = m.allocate_prompt(&first).unwrap();
+        let (mut table, cached) = m.allocate_prompt(&first, true).unwrap();
         assert_eq!(cached, 0);
         m.register_full_blocks(&mut table, &first);
         let shared = table.blocks[..2].to_vec();
@@ -226,13 +226,13 @@ mod tests {
         // The next round resends the history and adds to it.
         let mut second = first.clone();
         second.extend([99, 98, 97, 96, 95]);
-        let (table, cached) = m.allocate_prompt(&second).unwrap();
+        let (table, cached) = m.allocate_prompt(&second, true).unwrap();
         assert_eq!(cached, 8);
         assert_eq!(&table.blocks[..2], &shared[..]);
         assert_eq!(m.prefix_hit_tokens, 8);
 
         // A different prompt shares nothing.
-        let (other, cached) = m.allocate_prompt(&tokens(10, 1)).unwrap();
+        let (other, cached) = m.allocate_prompt(&tokens(10, 1), true).unwrap();
         assert_eq!(cached, 0);
         assert!(other.blocks.iter().all(|b| !table.blocks.contains(b)));
     }
@@ -241,10 +241,10 @@ mod tests {
     fn the_last_prompt_token_is_always_computed() {
         let mut m = BlockManager::new(8, 4, true);
         let prompt = tokens(8, 0); // exactly two full blocks
-        let (mut table, _) = m.allocate_prompt(&prompt).unwrap();
+        let (mut table, _) = m.allocate_prompt(&prompt, true).unwrap();
         m.register_full_blocks(&mut table, &prompt);
         m.free(table);
-        let (_, cached) = m.allocate_prompt(&prompt).unwrap();
+        let (_, cached) = m.allocate_prompt(&prompt, true).unwrap();
         assert_eq!(cached, 4); // the second block holds the last token: recomputed
     }
 
@@ -253,25 +253,35 @@ mod tests {
         let mut m = BlockManager::new(3, 2, true);
         for salt in [0, 1] {
             let prompt = tokens(3, salt);
-            let (mut table, _) = m.allocate_prompt(&prompt).unwrap();
+            let (mut table, _) = m.allocate_prompt(&prompt, true).unwrap();
             m.register_full_blocks(&mut table, &prompt);
             m.free(table);
         }
         // 2 cached blocks (salt 0 older), 1 plain free block. A 6-token prompt needs 3.
-        let (table, cached) = m.allocate_prompt(&tokens(6, 5)).unwrap();
+        let (table, cached) = m.allocate_prompt(&tokens(6, 5), true).unwrap();
         assert_eq!((cached, table.blocks.len(), m.available()), (0, 3, 0));
         m.free(table);
         // Both cached prefixes were evicted: nothing is reused.
-        assert_eq!(m.allocate_prompt(&tokens(3, 1)).unwrap().1, 0);
+        assert_eq!(m.allocate_prompt(&tokens(3, 1), true).unwrap().1, 0);
+    }
+
+    #[test]
+    fn a_prompt_may_opt_out_of_reuse() {
+        let mut m = BlockManager::new(8, 4, true);
+        let prompt = tokens(12, 0);
+        let (mut table, _) = m.allocate_prompt(&prompt, true).unwrap();
+        m.register_full_blocks(&mut table, &prompt);
+        m.free(table);
+        assert_eq!(m.allocate_prompt(&prompt, false).unwrap().1, 0);
     }
 
     #[test]
     fn without_prefix_caching_nothing_is_shared() {
         let mut m = BlockManager::new(8, 4, false);
         let prompt = tokens(12, 0);
-        let (mut table, _) = m.allocate_prompt(&prompt).unwrap();
+        let (mut table, _) = m.allocate_prompt(&prompt, true).unwrap();
         m.register_full_blocks(&mut table, &prompt);
         m.free(table);
-        assert_eq!(m.allocate_prompt(&prompt).unwrap().1, 0);
+        assert_eq!(m.allocate_prompt(&prompt, true).unwrap().1, 0);
     }
 }

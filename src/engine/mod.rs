@@ -3,11 +3,12 @@
 //! The caller runs the forward passes, so one sequence or many share the same state machine.
 
 pub mod blocks;
+pub mod kv_space;
 pub mod sampler;
 
-use crate::cpu::KvCache;
-use crate::model::{CausalLm, SeqStep};
+use crate::model::SeqStep;
 use crate::{Error, Result};
+pub use blocks::BlockTable;
 pub use sampler::{Sampler, SamplingParams};
 
 #[derive(Clone, Debug)]
@@ -86,28 +87,31 @@ impl GenerateRequest {
     }
 }
 
-/// One sequence being generated: its KV cache, sampler, limits and tokens. `generate`
-/// steps one; the serving loop steps many together through `CausalLm::forward_batch`.
+/// One sequence being generated: its tokens, sampler, limits and KV blocks. A caller
+/// steps one alone or many together through `CausalLm::forward_batch`.
 pub struct Sequence {
     request: GenerateRequest,
     budget: usize,
     sampler: Sampler,
-    pub cache: KvCache,
     /// Prompt, then every generated token.
     tokens: Vec<u32>,
+    /// Leading tokens whose K/V are in the arena.
+    computed: usize,
+    pub table: BlockTable,
     pub finish_reason: Option<FinishReason>,
 }
 
 impl Sequence {
     /// Checks the request (sampling values, prompt against the limits) and sets up its state.
-    pub fn new(model: &dyn CausalLm, request: GenerateRequest) -> Result<Self> {
+    pub fn new(request: GenerateRequest) -> Result<Self> {
         request.sampling.validate()?;
         let budget = request.new_token_budget()?;
         Ok(Sequence {
             budget,
             sampler: Sampler::new(request.sampling.clone()),
-            cache: model.new_cache(),
             tokens: request.prompt_ids.clone(),
+            computed: 0,
+            table: BlockTable::default(),
             finish_reason: None,
             request,
         })
@@ -115,6 +119,15 @@ impl Sequence {
 
     pub fn prompt_len(&self) -> usize {
         self.request.prompt_ids.len()
+    }
+
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// The most tokens this sequence can reach (prompt + its whole budget).
+    pub fn max_len(&self) -> usize {
+        self.prompt_len() + self.budget
     }
 
     pub fn output_ids(&self) -> &[u32] {
@@ -127,21 +140,46 @@ impl Sequence {
 
     /// Tokens still to run before the next sample: the rest of the prompt, or 1.
     pub fn pending_tokens(&self) -> usize {
-        self.tokens.len() - self.cache.len
+        self.tokens.len() - self.computed
     }
 
-    /// The next forward input of this sequence, at most `max_tokens` long (a prompt is
-    /// prefilled in chunks when it is longer).
-    pub fn step(&mut self, max_tokens: usize) -> SeqStep<'_> {
-        let start = self.cache.len;
-        let end = self.tokens.len().min(start.saturating_add(max_tokens.max(1)));
-        SeqStep { ids: &self.tokens[start..end], cache: &mut self.cache }
+    pub fn computed(&self) -> usize {
+        self.computed
     }
 
-    /// Takes the logits of the step just run. Once the whole prompt is in the cache, samples
-    /// the next token, decides whether it ends the sequence, and returns it.
-    pub fn advance(&mut self, mut logits: Vec<f32>) -> Option<u32> {
-        if self.cache.len < self.tokens.len() || self.is_finished() {
+    /// The next `tokens` tokens to run (a prompt is prefilled in chunks when asked); the
+    /// block table must already cover them.
+    pub fn step(&self, tokens: usize) -> SeqStep<'_> {
+        let end = self.tokens.len().min(self.computed + tokens.max(1));
+        SeqStep {
+            ids: &self.tokens[self.computed..end],
+            start: self.computed,
+            blocks: &self.table.blocks,
+        }
+    }
+
+    /// Marks `tokens` leading tokens as already in the arena (a reused prefix).
+    pub fn set_computed(&mut self, tokens: usize) {
+        self.computed = tokens.min(self.tokens.len() - 1);
+    }
+
+    /// The block table and the tokens whose K/V are in it.
+    pub fn table_and_computed_tokens(&mut self) -> (&mut BlockTable, &[u32]) {
+        (&mut self.table, &self.tokens[..self.computed])
+    }
+
+    /// Forgets the K/V (preempted: recomputed from the tokens when readmitted) and hands
+    /// back the blocks.
+    pub fn take_blocks(&mut self) -> BlockTable {
+        self.computed = 0;
+        std::mem::take(&mut self.table)
+    }
+
+    /// Takes the logits of a step that ran `ran` tokens. Once every token is in the arena,
+    /// samples the next one, decides whether it ends the sequence, and returns it.
+    pub fn advance(&mut self, ran: usize, mut logits: Vec<f32>) -> Option<u32> {
+        self.computed += ran;
+        if self.computed < self.tokens.len() || self.is_finished() {
             return None; // a prefill chunk short of the prompt's end
         }
         let width = self.request.producible_ids.min(logits.len());

@@ -11,7 +11,7 @@ use super::{
     CausalLm, Checkpoint, Family, ModelInfo, SeqStep, TokenIds, batch_offsets, embed_batch,
     last_token_logits, parse_config, rope,
 };
-use crate::cpu::{self, AttentionShape, Linear};
+use crate::cpu::{self, AttentionShape, KvArena, Linear};
 use crate::{Error, Result};
 
 /// `config.json` of a ChatGLM2 checkpoint; field names as in the file.
@@ -200,6 +200,8 @@ impl Model {
             num_layers: config.num_layers,
             num_parameters,
             decode_parameters: num_parameters - vocab * h,
+            kv_width: config.num_kv_heads() * d,
+            length_dependent_rope_after: None,
         };
         Ok(Model {
             inv_freq: rope::inv_freq(10000.0, d / 2),
@@ -236,7 +238,7 @@ impl CausalLm for Model {
         &self.info
     }
 
-    fn forward_batch(&self, steps: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {
+    fn forward_batch(&self, arena: &mut KvArena, steps: &[SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
         let (h, d, n_kv) = (c.hidden_size, c.kv_channels, c.num_kv_heads());
         let (offsets, total) = batch_offsets(steps)?;
@@ -251,18 +253,18 @@ impl CausalLm for Model {
             let normed = cpu::rms_norm(&x, &layer.input_layernorm, c.layernorm_epsilon);
             let mut qkv = layer.query_key_value.forward(&normed); // [total, q | k | v]
             let mut context = Vec::with_capacity(total * q_width);
-            for (step, &offset) in steps.iter_mut().zip(&offsets) {
-                let (t, start) = (step.ids.len(), step.cache.len);
+            for (step, &offset) in steps.iter().zip(&offsets) {
+                let (t, start) = (step.ids.len(), step.start);
                 let rows = &mut qkv[offset * qkv_width..(offset + t) * qkv_width];
                 self.apply_rope(rows, start);
-                let (k_cache, v_cache) = &mut step.cache.layers[l];
                 let mut q = Vec::with_capacity(t * q_width);
-                for row in rows.chunks_exact(qkv_width) {
+                for (i, row) in rows.chunks_exact(qkv_width).enumerate() {
                     q.extend_from_slice(&row[..q_width]);
-                    k_cache.extend_from_slice(&row[q_width..q_width + kv_width]);
-                    v_cache.extend_from_slice(&row[q_width + kv_width..]);
+                    let (k, v) = row[q_width..].split_at(kv_width);
+                    arena.write(l, step.blocks, start + i, k, v);
                 }
-                context.extend(cpu::causal_attention(&q, k_cache, v_cache, start, shape));
+                let (k_cache, v_cache) = arena.gather(l, step.blocks, start + t);
+                context.extend(cpu::causal_attention(&q, &k_cache, &v_cache, start, shape));
             }
             cpu::add_in_place(&mut x, &layer.dense.forward(&context));
 

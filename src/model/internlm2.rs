@@ -11,7 +11,7 @@ use super::{
     CausalLm, Checkpoint, Family, ModelInfo, SeqStep, TokenIds, batch_offsets, embed_batch,
     last_token_logits, parse_config, rope,
 };
-use crate::cpu::{self, AttentionShape, Linear};
+use crate::cpu::{self, AttentionShape, KvArena, Linear};
 use crate::{Error, Result};
 
 #[derive(Clone, Debug, Deserialize)]
@@ -188,6 +188,11 @@ impl Model {
             num_layers: config.num_hidden_layers,
             num_parameters,
             decode_parameters: num_parameters - vocab * h,
+            kv_width: config.num_key_value_heads * config.head_dim(),
+            length_dependent_rope_after: match scaling {
+                Scaling::Dynamic(_) => Some(config.max_position_embeddings),
+                _ => None,
+            },
         };
         Ok(Model { config, info, scaling, tok_embeddings, layers, norm, output })
     }
@@ -218,7 +223,7 @@ impl CausalLm for Model {
         &self.info
     }
 
-    fn forward_batch(&self, steps: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {
+    fn forward_batch(&self, arena: &mut KvArena, steps: &[SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
         let (h, d) = (c.hidden_size, c.head_dim());
         let (kv_heads, group) =
@@ -234,7 +239,7 @@ impl CausalLm for Model {
         let tables: Vec<Vec<(Vec<f32>, Vec<f32>)>> = steps
             .iter()
             .map(|step| {
-                let (t, start) = (step.ids.len(), step.cache.len);
+                let (t, start) = (step.ids.len(), step.start);
                 let inv_freq = self.inv_freq_for(start + t);
                 (start..start + t).map(|p| rope::cos_sin(&inv_freq, p)).collect()
             })
@@ -246,23 +251,28 @@ impl CausalLm for Model {
             // [total, K, G+2, D]: per group G query heads, then its key, then its value.
             let qkv = layer.wqkv.forward(&normed);
             let mut context = Vec::with_capacity(total * c.num_attention_heads * d);
-            for ((step, &offset), tables) in steps.iter_mut().zip(&offsets).zip(&tables) {
-                let (t, start) = (step.ids.len(), step.cache.len);
+            for ((step, &offset), tables) in steps.iter().zip(&offsets).zip(&tables) {
+                let (t, start) = (step.ids.len(), step.start);
                 let rows = &qkv[offset * qkv_width..(offset + t) * qkv_width];
-                let (k_cache, v_cache) = &mut step.cache.layers[l];
                 let mut q = Vec::with_capacity(t * c.num_attention_heads * d);
-                for (row, (cos, sin)) in rows.chunks_exact(qkv_width).zip(tables) {
+                let (mut k, mut v) =
+                    (Vec::with_capacity(kv_heads * d), Vec::with_capacity(kv_heads * d));
+                for (i, (row, (cos, sin))) in rows.chunks_exact(qkv_width).zip(tables).enumerate() {
+                    k.clear();
+                    v.clear();
                     for slots in row.chunks_exact((group + 2) * d) {
                         let mut heads = slots.to_vec();
                         for head in heads[..(group + 1) * d].chunks_exact_mut(d) {
                             cpu::rope_rotate_half(head, cos, sin);
                         }
                         q.extend_from_slice(&heads[..group * d]);
-                        k_cache.extend_from_slice(&heads[group * d..(group + 1) * d]);
-                        v_cache.extend_from_slice(&heads[(group + 1) * d..]);
+                        k.extend_from_slice(&heads[group * d..(group + 1) * d]);
+                        v.extend_from_slice(&heads[(group + 1) * d..]);
                     }
+                    arena.write(l, step.blocks, start + i, &k, &v);
                 }
-                context.extend(cpu::causal_attention(&q, k_cache, v_cache, start, shape));
+                let (k_cache, v_cache) = arena.gather(l, step.blocks, start + t);
+                context.extend(cpu::causal_attention(&q, &k_cache, &v_cache, start, shape));
             }
             cpu::add_in_place(&mut x, &layer.wo.forward(&context));
 

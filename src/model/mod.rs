@@ -9,7 +9,7 @@ pub mod weights;
 
 use std::path::Path;
 
-use crate::cpu::KvCache;
+use crate::cpu::{KvArena, KvCache};
 use crate::{Error, Result};
 pub use weights::Checkpoint;
 
@@ -64,6 +64,13 @@ pub struct ModelInfo {
     /// Parameters read by one decode step: all but the embedding table, of which a step
     /// reads one row (the figure bandwidth limits are computed from).
     pub decode_parameters: usize,
+    /// Values of K (and of V) one token stores per layer.
+    pub kv_width: usize,
+    /// Dynamic NTK: once a forward call reaches past this many positions, the rotary base
+    /// (so every K it writes) depends on the call's length, as in the original. K computed
+    /// in such calls is only valid for that exact call: not reusable as a cached prefix,
+    /// and a prompt that long must be prefilled in one call.
+    pub length_dependent_rope_after: Option<usize>,
 }
 
 /// A causal LM whose KV state lives outside the weights, so one model serves many sequences.
@@ -71,18 +78,26 @@ pub trait CausalLm: Send + Sync {
     fn info(&self) -> &ModelInfo;
 
     fn new_cache(&self) -> KvCache {
-        KvCache::new(self.info().num_layers)
+        KvCache::new(self.info().num_layers, self.info().kv_width)
+    }
+
+    /// A K/V arena of `num_blocks` blocks for this model.
+    fn new_arena(&self, block_size: usize, num_blocks: usize) -> Result<KvArena> {
+        KvArena::new(self.info().num_layers, self.info().kv_width, block_size, num_blocks)
     }
 
     /// Runs the new tokens of several sequences in one pass: the matrix products see all
-    /// tokens at once (vLLM's flat layout), attention runs per sequence over its own cache.
-    /// Each step's `ids` take positions `cache.len..`; their K/V are appended to its cache.
+    /// tokens at once (vLLM's flat layout), attention runs per sequence over its own blocks.
+    /// Each step's `ids` take positions `start..`, their K/V go into its blocks of `arena`.
     /// Returns each sequence's last-position logits (`logits_width` values).
-    fn forward_batch(&self, steps: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>>;
+    fn forward_batch(&self, arena: &mut KvArena, steps: &[SeqStep<'_>]) -> Result<Vec<Vec<f32>>>;
 
-    /// One sequence's step (`forward_batch` of one).
+    /// One sequence with a private cache (`forward_batch` of one).
     fn forward(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        let mut logits = self.forward_batch(&mut [SeqStep { ids, cache }])?;
+        cache.reserve(cache.len + ids.len())?;
+        let step = SeqStep { ids, start: cache.len, blocks: &cache.blocks };
+        let mut logits = self.forward_batch(&mut cache.arena, &[step])?;
+        cache.len += ids.len();
         Ok(logits.pop().expect("one sequence in, one row of logits out"))
     }
 }
@@ -90,7 +105,10 @@ pub trait CausalLm: Send + Sync {
 /// One sequence's share of a batched forward pass.
 pub struct SeqStep<'a> {
     pub ids: &'a [u32],
-    pub cache: &'a mut KvCache,
+    /// Position of the first id (tokens before it are in the arena).
+    pub start: usize,
+    /// The sequence's block table, covering positions up to `start + ids.len()`.
+    pub blocks: &'a [u32],
 }
 
 /// Checks a batch and returns each step's row offset into the flat token list, plus the total.
@@ -120,17 +138,16 @@ pub(crate) fn embed_batch(table: &[f32], width: usize, steps: &[SeqStep<'_>]) ->
 pub(crate) fn last_token_logits(
     x: &[f32],
     width: usize,
-    steps: &mut [SeqStep<'_>],
+    steps: &[SeqStep<'_>],
     offsets: &[usize],
     norm: &[f32],
     eps: f32,
     output: &crate::cpu::Linear,
 ) -> Vec<Vec<f32>> {
     let mut last = Vec::with_capacity(steps.len() * width);
-    for (step, &offset) in steps.iter_mut().zip(offsets) {
+    for (step, &offset) in steps.iter().zip(offsets) {
         let row = offset + step.ids.len() - 1;
         last.extend_from_slice(&x[row * width..(row + 1) * width]);
-        step.cache.len += step.ids.len();
     }
     let normed = crate::cpu::rms_norm(&last, norm, eps);
     let logits = output.forward(&normed);

@@ -95,7 +95,7 @@ impl InstanceState {
         };
         let chat = model.engine(device)?;
         let metrics: Box<dyn EngineMetrics> = match &model.metrics {
-            Some(families) => match InstanceMetrics::new(families.clone(), &model.name, &name) {
+            Some(families) => match InstanceMetrics::new(families, &model.name, &name) {
                 Ok(metrics) => Box::new(metrics),
                 Err(e) => {
                     tracing::warn!("instance {name}: no metrics: {e}");

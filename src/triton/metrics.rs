@@ -1,10 +1,13 @@
 //! Prometheus metrics on the server's metrics port, through Triton's custom metrics API.
-//! Families are created per model (the server merges families of the same name); each
-//! instance's engine owns its labelled metrics, deleted before the families.
+//! The server hands out one object per family name and per label set, so a model loading
+//! while its previous copy unloads (same names, same labels) must share them: families and
+//! labelled metrics live in process-wide tables, reference-counted, and each is deleted
+//! when its last user goes (metrics before their families).
 
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::ptr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use super::error::{TritonError, TritonResult, ffi};
 use super::sys;
@@ -59,10 +62,29 @@ pub struct MetricFamilies {
     cancelled: Family,
     time_to_first_token: Family,
     inter_token_latency: Family,
+    kv_blocks_used: Family,
+    kv_blocks_free: Family,
+    prefix_hit_tokens: Family,
 }
 
+static FAMILIES: Mutex<Weak<MetricFamilies>> = Mutex::new(Weak::new());
+
+type MetricKey = (&'static str, String, String);
+static METRICS: Mutex<Option<HashMap<MetricKey, Weak<Metric>>>> = Mutex::new(None);
+
 impl MetricFamilies {
-    pub fn new() -> TritonResult<Arc<Self>> {
+    /// The process's families, created by the first model that asks.
+    pub fn shared() -> TritonResult<Arc<Self>> {
+        let mut families = FAMILIES.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(existing) = families.upgrade() {
+            return Ok(existing);
+        }
+        let created = Self::new()?;
+        *families = Arc::downgrade(&created);
+        Ok(created)
+    }
+
+    fn new() -> TritonResult<Arc<Self>> {
         use sys::{
             TRITONSERVER_METRIC_KIND_COUNTER as COUNTER, TRITONSERVER_METRIC_KIND_GAUGE as GAUGE,
             TRITONSERVER_METRIC_KIND_HISTOGRAM as HISTOGRAM,
@@ -95,16 +117,59 @@ impl MetricFamilies {
                 "llm_inter_token_latency_seconds",
                 "Between consecutive generated tokens of one sequence",
             )?,
+            kv_blocks_used: Family::new(GAUGE, "llm_kv_blocks_used", "KV-cache blocks in use")?,
+            kv_blocks_free: Family::new(
+                GAUGE,
+                "llm_kv_blocks_free",
+                "KV-cache blocks free or holding reusable prefixes",
+            )?,
+            prefix_hit_tokens: Family::new(
+                COUNTER,
+                "llm_prefix_cache_hit_tokens_total",
+                "Prompt tokens whose K/V came from the prefix cache",
+            )?,
         }))
     }
 }
 
-struct Metric(*mut sys::TRITONSERVER_Metric);
+struct Metric {
+    raw: *mut sys::TRITONSERVER_Metric,
+    /// Deleted after this metric.
+    _families: Arc<MetricFamilies>,
+}
 
 unsafe impl Send for Metric {}
+unsafe impl Sync for Metric {}
 
 impl Metric {
-    fn new(family: &Family, labels: &[(&str, &str)], histogram: bool) -> TritonResult<Self> {
+    /// The metric of `family` for (model, instance), shared with whoever else holds it.
+    fn shared(
+        families: &Arc<MetricFamilies>,
+        family: fn(&MetricFamilies) -> &Family,
+        name: &'static str,
+        model: &str,
+        instance: &str,
+        histogram: bool,
+    ) -> TritonResult<Arc<Self>> {
+        let mut table = METRICS.lock().unwrap_or_else(|p| p.into_inner());
+        let table = table.get_or_insert_with(HashMap::new);
+        table.retain(|_, metric| metric.strong_count() > 0);
+        let key = (name, model.to_string(), instance.to_string());
+        if let Some(existing) = table.get(&key).and_then(Weak::upgrade) {
+            return Ok(existing);
+        }
+        let labels = [("model", model), ("instance", instance)];
+        let raw = Self::create(family(families), &labels, histogram)?;
+        let metric = Arc::new(Metric { raw, _families: Arc::clone(families) });
+        table.insert(key, Arc::downgrade(&metric));
+        Ok(metric)
+    }
+
+    fn create(
+        family: &Family,
+        labels: &[(&str, &str)],
+        histogram: bool,
+    ) -> TritonResult<*mut sys::TRITONSERVER_Metric> {
         let strings: Vec<(CString, CString)> = labels
             .iter()
             .map(|(k, v)| Ok((c_string(k)?, c_string(v)?)))
@@ -157,25 +222,25 @@ impl Metric {
             // SAFETY: created above, used only by the calls that copied them.
             unsafe { sys::TRITONSERVER_ParameterDelete(parameter) };
         }
-        created.map(|()| Metric(raw))
+        created.map(|()| raw)
     }
 
     fn add(&self, value: f64) {
-        let _ = ffi!(sys::TRITONSERVER_MetricIncrement(self.0, value));
+        let _ = ffi!(sys::TRITONSERVER_MetricIncrement(self.raw, value));
     }
 
     fn set(&self, value: f64) {
-        let _ = ffi!(sys::TRITONSERVER_MetricSet(self.0, value));
+        let _ = ffi!(sys::TRITONSERVER_MetricSet(self.raw, value));
     }
 
     fn observe(&self, value: f64) {
-        let _ = ffi!(sys::TRITONSERVER_MetricObserve(self.0, value));
+        let _ = ffi!(sys::TRITONSERVER_MetricObserve(self.raw, value));
     }
 }
 
 impl Drop for Metric {
     fn drop(&mut self) {
-        if let Err(e) = ffi!(sys::TRITONSERVER_MetricDelete(self.0)) {
+        if let Err(e) = ffi!(sys::TRITONSERVER_MetricDelete(self.raw)) {
             tracing::warn!("deleting a metric failed: {e}");
         }
     }
@@ -183,30 +248,34 @@ impl Drop for Metric {
 
 /// One instance's metrics, labelled with its model and instance names.
 pub struct InstanceMetrics {
-    prompt_tokens: Metric,
-    generated_tokens: Metric,
-    running: Metric,
-    waiting: Metric,
-    cancelled: Metric,
-    time_to_first_token: Metric,
-    inter_token_latency: Metric,
-    /// Keeps the families alive until these metrics are deleted (fields drop in order).
-    _families: Arc<MetricFamilies>,
+    prompt_tokens: Arc<Metric>,
+    generated_tokens: Arc<Metric>,
+    running: Arc<Metric>,
+    waiting: Arc<Metric>,
+    cancelled: Arc<Metric>,
+    time_to_first_token: Arc<Metric>,
+    inter_token_latency: Arc<Metric>,
+    kv_blocks_used: Arc<Metric>,
+    kv_blocks_free: Arc<Metric>,
+    prefix_hit_tokens: Arc<Metric>,
 }
 
 impl InstanceMetrics {
-    pub fn new(families: Arc<MetricFamilies>, model: &str, instance: &str) -> TritonResult<Self> {
-        let labels = [("model", model), ("instance", instance)];
-        let f = &families;
+    pub fn new(families: &Arc<MetricFamilies>, model: &str, instance: &str) -> TritonResult<Self> {
+        let m = |family: fn(&MetricFamilies) -> &Family, name, histogram| {
+            Metric::shared(families, family, name, model, instance, histogram)
+        };
         Ok(InstanceMetrics {
-            prompt_tokens: Metric::new(&f.prompt_tokens, &labels, false)?,
-            generated_tokens: Metric::new(&f.generated_tokens, &labels, false)?,
-            running: Metric::new(&f.running, &labels, false)?,
-            waiting: Metric::new(&f.waiting, &labels, false)?,
-            cancelled: Metric::new(&f.cancelled, &labels, false)?,
-            time_to_first_token: Metric::new(&f.time_to_first_token, &labels, true)?,
-            inter_token_latency: Metric::new(&f.inter_token_latency, &labels, true)?,
-            _families: families.clone(),
+            prompt_tokens: m(|f| &f.prompt_tokens, "prompt_tokens", false)?,
+            generated_tokens: m(|f| &f.generated_tokens, "generated_tokens", false)?,
+            running: m(|f| &f.running, "running", false)?,
+            waiting: m(|f| &f.waiting, "waiting", false)?,
+            cancelled: m(|f| &f.cancelled, "cancelled", false)?,
+            time_to_first_token: m(|f| &f.time_to_first_token, "time_to_first_token", true)?,
+            inter_token_latency: m(|f| &f.inter_token_latency, "inter_token_latency", true)?,
+            kv_blocks_used: m(|f| &f.kv_blocks_used, "kv_blocks_used", false)?,
+            kv_blocks_free: m(|f| &f.kv_blocks_free, "kv_blocks_free", false)?,
+            prefix_hit_tokens: m(|f| &f.prefix_hit_tokens, "prefix_hit_tokens", false)?,
         })
     }
 }
@@ -235,5 +304,16 @@ impl EngineMetrics for InstanceMetrics {
 
     fn cancelled(&mut self) {
         self.cancelled.add(1.0);
+    }
+
+    fn kv_blocks(&mut self, used: usize, free: usize) {
+        self.kv_blocks_used.set(used as f64);
+        self.kv_blocks_free.set(free as f64);
+    }
+
+    fn prefix_hit_tokens(&mut self, count: usize) {
+        if count > 0 {
+            self.prefix_hit_tokens.add(count as f64);
+        }
     }
 }

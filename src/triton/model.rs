@@ -121,7 +121,7 @@ impl ModelState {
             family.name(),
             config.parameters.model_dir.display()
         );
-        let metrics = MetricFamilies::new()
+        let metrics = MetricFamilies::shared()
             .inspect_err(|e| tracing::warn!("model {name}: no metrics: {e}"))
             .ok();
         Ok(ModelState { name, config, family, engines: Mutex::new(HashMap::new()), metrics })

@@ -1,0 +1,94 @@
+//! The KV space of one engine: the device arena holding K/V and the block bookkeeping
+//! that hands its blocks to sequences, kept in step.
+
+use super::Sequence;
+use super::blocks::BlockManager;
+use crate::Result;
+use crate::cpu::KvArena;
+use crate::model::CausalLm;
+
+pub struct KvSpace {
+    pub arena: KvArena,
+    pub blocks: BlockManager,
+    /// `ModelInfo::length_dependent_rope_after`.
+    rope_limit: Option<usize>,
+}
+
+/// Whether a sequence got its blocks.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admission {
+    Admitted,
+    /// Not enough free blocks now: wait for others to finish.
+    Later,
+    /// More blocks than the whole cache holds.
+    Never(String),
+}
+
+impl KvSpace {
+    pub fn new(
+        model: &dyn CausalLm,
+        block_size: usize,
+        num_blocks: usize,
+        enable_prefix_caching: bool,
+    ) -> Result<Self> {
+        Ok(KvSpace {
+            arena: model.new_arena(block_size, num_blocks)?,
+            blocks: BlockManager::new(num_blocks, block_size, enable_prefix_caching),
+            rope_limit: model.info().length_dependent_rope_after,
+        })
+    }
+
+    /// Gives a sequence the blocks of its tokens so far, sharing a cached prefix.
+    pub fn admit(&mut self, sequence: &mut Sequence) -> Admission {
+        let tokens = sequence.tokens().len();
+        let needed = self.blocks.blocks_for(tokens);
+        if needed > self.blocks.num_blocks() {
+            return Admission::Never(format!(
+                "prompt: {tokens} tokens need {needed} KV-cache blocks of {} but the cache holds \
+                 only {}",
+                self.blocks.block_size(),
+                self.blocks.num_blocks()
+            ));
+        }
+        // Past the limit the prompt's K depends on its own length: nothing cached fits it.
+        let reuse = self.rope_limit.is_none_or(|limit| tokens <= limit);
+        match self.blocks.allocate_prompt(sequence.tokens(), reuse) {
+            Some((table, cached)) => {
+                sequence.table = table;
+                sequence.set_computed(cached);
+                Admission::Admitted
+            }
+            None => Admission::Later,
+        }
+    }
+
+    /// Room for the sequence's next `tokens` tokens; false (nothing taken) when out of blocks.
+    pub fn ensure(&mut self, sequence: &mut Sequence, tokens: usize) -> bool {
+        let len = sequence.computed() + tokens;
+        self.blocks.grow(&mut sequence.table, len)
+    }
+
+    /// Whether the rest of this sequence's prompt must run in one call (see
+    /// `ModelInfo::length_dependent_rope_after`).
+    pub fn must_prefill_whole(&self, sequence: &Sequence) -> bool {
+        self.rope_limit.is_some_and(|limit| sequence.tokens().len() > limit)
+    }
+
+    /// Offers the sequence's newly filled blocks for reuse: those computed in calls that
+    /// did not reach past the rope limit, whose K is the same for every such call.
+    pub fn register(&mut self, sequence: &mut Sequence) {
+        let limit = match self.rope_limit {
+            Some(limit) if sequence.prompt_len() > limit => 0,
+            Some(limit) => limit,
+            None => usize::MAX,
+        };
+        let (table, computed) = sequence.table_and_computed_tokens();
+        let reusable = &computed[..computed.len().min(limit)];
+        self.blocks.register_full_blocks(table, reusable);
+    }
+
+    /// Takes back the sequence's blocks (finished or preempted).
+    pub fn release(&mut self, sequence: &mut Sequence) {
+        self.blocks.free(sequence.take_blocks());
+    }
+}
