@@ -282,6 +282,7 @@ fn serve<'m>(
         prefix_hits = hits;
         if running.is_empty() {
             metrics.queue(0, waiting.len());
+            metrics.kv_blocks(space.blocks.used(), space.blocks.available());
             continue;
         }
 

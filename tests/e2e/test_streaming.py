@@ -159,6 +159,7 @@ def test_a_client_that_goes_away_stops_its_sequence(tmp_path):
         while server.metric("llm_requests_running", "slow") != 0:  # the sequence is gone
             assert time.time() < deadline
             time.sleep(0.1)
+        assert server.metric("llm_kv_blocks_used", "slow") == 0  # and its blocks are free
         # The engine is free again: a short request is answered at once.
         started = time.time()
         events = sse_stream(server, "slow", {"prompt": "hi", "max_new_tokens": "4"})

@@ -1,0 +1,45 @@
+"""The paged KV cache through a real tritonserver: prefix reuse across the rounds of a chat
+gives the same answers as no reuse (and is used), and a cache too small for all concurrent
+requests queues them instead of failing any."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+from test_seed_interface import flatten, http_chat
+
+
+def test_prefix_reuse_gives_the_same_answers(server):
+    hits_before = server.metric("llm_prefix_cache_hit_tokens_total", "chatglm2-tiny")
+    history = []
+    for query in ["你好", "What is RMSNorm?", "请用一句话介绍你自己。", "hello world"]:
+        fields = {"prompt": query, "history": flatten(history), "temperature": "0",
+                  "max_new_tokens": "12"}
+        cached = http_chat(server, "chatglm2-tiny", fields)
+        uncached = http_chat(server, "chatglm2-tiny-nocache", fields)
+        assert cached == uncached, query
+        history = cached[1]
+    # Rounds 2-4 resend the earlier rounds: their prompts start with cached blocks.
+    assert server.metric("llm_prefix_cache_hit_tokens_total", "chatglm2-tiny") > hits_before
+    assert server.metric("llm_prefix_cache_hit_tokens_total", "chatglm2-tiny-nocache") == 0
+
+
+def test_a_full_kv_cache_queues_requests_instead_of_failing(server):
+    queries = ["你好", "hello world", "What is RMSNorm?", "请用一句话介绍你自己。"]
+    # Each request needs 2-4 blocks of 16 tokens; 12 concurrent ones need far more than
+    # the 12 blocks the model has.
+    fields = [{"prompt": q * (1 + i % 3), "temperature": "0", "max_new_tokens": "20"}
+              for i, q in enumerate(queries * 3)]
+    expected = [http_chat(server, "chatglm2-tiny", f) for f in fields]
+    with ThreadPoolExecutor(len(fields)) as pool:
+        results = list(pool.map(lambda f: http_chat(server, "chatglm2-tiny-smallkv", f), fields))
+    assert results == expected
+    assert server.metric("llm_kv_blocks_used", "chatglm2-tiny-smallkv") == 0
+    assert server.metric("llm_kv_blocks_free", "chatglm2-tiny-smallkv") == 12
+
+
+def test_a_prompt_larger_than_the_whole_cache_is_refused(server):
+    import pytest
+    from tritonclient.utils import InferenceServerException
+    with pytest.raises(InferenceServerException) as error:
+        http_chat(server, "chatglm2-tiny-smallkv", {"prompt": "长" * 70, "max_new_tokens": "4"})
+    assert "KV-cache blocks" in error.value.message()
+    assert http_chat(server, "chatglm2-tiny-smallkv", {"prompt": "hi", "max_new_tokens": "4"})
