@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Load generator for the llm backend: N concurrent chat sessions over gRPC streaming
+(tritonclient), each sending its next request when the previous answer ends, for a set
+time or number of requests. Prints one JSON object: requests/s, output tokens/s, time to
+first token and inter-token latency (p50/p99, ms), errors.
+
+  python3 tools/load.py --model chatglm2-tiny-stream --concurrency 16 --duration 20
+
+Works with decoupled models (one response per piece) and with plain ones (one response:
+then TTFT is the whole answer's latency). Output tokens are the `generated_tokens`
+response parameter of each final response.
+"""
+
+import argparse
+import json
+import queue
+import threading
+import time
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+PROMPTS = ["你好", "hello world", "What is RMSNorm?", "请用一句话介绍你自己。"]
+
+
+def inputs(fields):
+    tensors = []
+    for name, value in fields.items():
+        values = value if isinstance(value, list) else [value]
+        tensor = grpcclient.InferInput(name, [len(values)], "BYTES")
+        tensor.set_data_from_numpy(np.array(values, dtype=object))
+        tensors.append(tensor)
+    return tensors
+
+
+def percentile(values, q):
+    return float(np.percentile(values, q)) * 1e3 if values else None
+
+
+class Session(threading.Thread):
+    def __init__(self, index, args, deadline, budget):
+        super().__init__(daemon=True)
+        self.index, self.args, self.deadline, self.budget = index, args, deadline, budget
+        self.ttft, self.itl, self.tokens, self.requests, self.errors = [], [], 0, 0, []
+
+    def run(self):
+        client = grpcclient.InferenceServerClient(self.args.url)
+        results = queue.Queue()
+        client.start_stream(callback=lambda result, error: results.put((result, error, time.perf_counter())))
+        history = []
+        n = 0
+        try:
+            while time.perf_counter() < self.deadline and self.budget.take():
+                prompt = PROMPTS[(self.index + n) % len(PROMPTS)]
+                fields = {"prompt": prompt, "max_new_tokens": str(self.args.max_new_tokens),
+                          "temperature": str(self.args.temperature)}
+                if self.args.turns > 1 and history:
+                    fields["history"] = [text for pair in history for text in pair]
+                sent = time.perf_counter()
+                client.async_stream_infer(self.args.model, inputs(fields), request_id=f"{self.index}-{n}",
+                                          enable_empty_final_response=True)
+                last = None
+                answer = []
+                while True:
+                    result, error, at = results.get(timeout=self.args.timeout)
+                    if error is not None:
+                        self.errors.append(str(error))
+                        break
+                    text = result.as_numpy("response")
+                    if text is not None and text.reshape(-1)[0]:
+                        answer.append(text.reshape(-1)[0].decode())
+                        if last is None:
+                            self.ttft.append(at - sent)
+                        else:
+                            self.itl.append(at - last)
+                        last = at
+                    parameters = result.get_response().parameters
+                    final = parameters.get("triton_final_response")
+                    if final is not None and final.bool_param:
+                        generated = parameters.get("generated_tokens")
+                        self.tokens += generated.int64_param if generated is not None else 0
+                        self.requests += 1
+                        history = (history + [[prompt, "".join(answer)]])[-(self.args.turns - 1):] \
+                            if self.args.turns > 1 else []
+                        break
+                n += 1
+        finally:
+            client.stop_stream()
+            client.close()
+
+
+class Budget:
+    def __init__(self, total):
+        self.left, self.lock = total, threading.Lock()
+
+    def take(self):
+        with self.lock:
+            if self.left is None:
+                return True
+            if self.left <= 0:
+                return False
+            self.left -= 1
+            return True
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="127.0.0.1:8001", help="gRPC address")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--duration", type=float, help="seconds to run (default 30 unless --requests)")
+    parser.add_argument("--requests", type=int, help="total requests to send")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--turns", type=int, default=1, help="rounds each session keeps as history")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for a response")
+    args = parser.parse_args()
+    duration = args.duration if args.duration is not None else (1e9 if args.requests else 30.0)
+    started = time.perf_counter()
+    budget = Budget(args.requests)
+    sessions = [Session(i, args, started + duration, budget) for i in range(args.concurrency)]
+    for s in sessions:
+        s.start()
+    for s in sessions:
+        s.join()
+    elapsed = time.perf_counter() - started
+    ttft = [t for s in sessions for t in s.ttft]
+    itl = [t for s in sessions for t in s.itl]
+    errors = [e for s in sessions for e in s.errors]
+    requests = sum(s.requests for s in sessions)
+    tokens = sum(s.tokens for s in sessions)
+    print(json.dumps({
+        "model": args.model, "concurrency": args.concurrency, "seconds": round(elapsed, 3),
+        "requests": requests, "requests_per_s": requests / elapsed,
+        "output_tokens": tokens, "output_tokens_per_s": tokens / elapsed,
+        "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
+        "itl_ms_p50": percentile(itl, 50), "itl_ms_p99": percentile(itl, 99),
+        "errors": len(errors), "error_examples": errors[:3],
+    }))
+
+
+if __name__ == "__main__":
+    main()
