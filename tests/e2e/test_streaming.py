@@ -11,6 +11,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
 
 from conftest import FIXTURES, TEST_REPOSITORY, Server
@@ -116,10 +117,13 @@ def test_a_bad_request_on_a_stream_gets_its_error(server):
     assert error is None and history
 
 
-def test_a_client_that_goes_away_stops_its_sequence(tmp_path):
-    # A model slow enough to cancel mid-answer: random weights at a small shape with the
-    # real InternLM2 vocabulary (the output projection dominates each step).
-    weights = tmp_path / "slow"
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory):
+    """A model slow enough to cancel mid-answer: random weights at a small shape with the
+    real InternLM2 vocabulary (the output projection dominates each step), decoupled
+    (`slow`) and not (`slow-unary`)."""
+    tmp_path = tmp_path_factory.mktemp("slow")
+    weights = tmp_path / "weights"
     weights.mkdir()
     config = json.loads((FIXTURES / "internlm2-tiny" / "config.json").read_text())
     config.update(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -128,41 +132,84 @@ def test_a_client_that_goes_away_stops_its_sequence(tmp_path):
     (weights / "config.json").write_text(json.dumps(config))
     shutil.copy(FIXTURES / "internlm2" / "tokenizer.model", weights)
     repository = tmp_path / "repository"
-    (repository / "slow" / "1").mkdir(parents=True)
-    (repository / "slow" / "config.pbtxt").write_text(
-        (TEST_REPOSITORY / "internlm2-tiny-stream" / "config.pbtxt").read_text()
-        .replace('name: "internlm2-tiny-stream"', 'name: "slow"')
-        .replace("../../../fixtures/internlm2-tiny", str(weights))
-        .replace('string_value: "512"', 'string_value: "4096"')
-        .replace("count: 2", "count: 1")
-        + 'parameters { key: "load_format" value { string_value: "dummy" } }\n')
+    base = (TEST_REPOSITORY / "internlm2-tiny-stream" / "config.pbtxt").read_text()
+    for name, decoupled in (("slow", True), ("slow-unary", False)):
+        (repository / name / "1").mkdir(parents=True)
+        text = (base.replace('name: "internlm2-tiny-stream"', f'name: "{name}"')
+                .replace("../../../fixtures/internlm2-tiny", str(weights))
+                .replace('string_value: "512"', 'string_value: "4096"')
+                .replace("count: 2", "count: 1")
+                + 'parameters { key: "load_format" value { string_value: "dummy" } }\n')
+        if not decoupled:
+            text = text.replace("model_transaction_policy { decoupled: true }\n", "")
+        (repository / name / "config.pbtxt").write_text(text)
     server = Server(repository, tmp_path / "server").wait_live()
-    try:
-        server.wait_model_ready("slow")
-        body = json.dumps({"prompt": "你好", "max_new_tokens": "3000", "temperature": "0"}).encode()
-        request = urllib.request.Request(f"http://{server.http_url}/v2/models/slow/generate_stream",
-                                         data=body, headers={"Content-Type": "application/json"})
-        reply = urllib.request.urlopen(request, timeout=60)
-        first = reply.readline()
-        assert first.startswith(b"data: "), first
-        reply.close()  # the client goes away after the first piece
-        deadline = time.time() + 10
-        while "request cancelled by the client" not in server.log_text():
-            assert time.time() < deadline, server.log_text()
-            time.sleep(0.1)
-        line = next(l for l in server.log_text().splitlines() if "request cancelled by the client" in l)
-        generated = int(line.split("after ")[1].split()[0])
-        print(line)
-        assert generated < 1500, line
-        assert server.metric("llm_requests_cancelled_total", "slow") == 1
-        deadline = time.time() + 10
-        while server.metric("llm_requests_running", "slow") != 0:  # the sequence is gone
-            assert time.time() < deadline
-            time.sleep(0.1)
-        assert server.metric("llm_kv_blocks_used", "slow") == 0  # and its blocks are free
-        # The engine is free again: a short request is answered at once.
-        started = time.time()
-        events = sse_stream(server, "slow", {"prompt": "hi", "max_new_tokens": "4"})
-        assert events and time.time() - started < 10
-    finally:
-        server.stop()
+    server.wait_model_ready("slow")
+    server.wait_model_ready("slow-unary")
+    yield server
+    server.stop()
+
+
+def wait_for_cancellation(server, model, count):
+    """Waits for the `count`-th cancellation of `model`; checks its sequence and blocks are gone."""
+    deadline = time.time() + 10
+    while server.metric("llm_requests_cancelled_total", model) < count:
+        assert time.time() < deadline, server.log_text()
+        time.sleep(0.1)
+    lines = [l for l in server.log_text().splitlines() if "request cancelled by the client" in l]
+    generated = int(lines[-1].split("after ")[1].split()[0])
+    assert generated < 1500, lines[-1]  # far from the 3000 it was asked for
+    while server.metric("llm_requests_running", model) != 0:  # the sequence is gone
+        assert time.time() < deadline
+        time.sleep(0.1)
+    assert server.metric("llm_kv_blocks_used", model) == 0  # and its blocks are free
+
+
+LONG = {"prompt": "你好", "max_new_tokens": "3000", "temperature": "0"}
+
+
+def test_a_client_that_goes_away_stops_its_sequence(slow_server):
+    server = slow_server
+    before = server.metric("llm_requests_cancelled_total", "slow")
+    request = urllib.request.Request(f"http://{server.http_url}/v2/models/slow/generate_stream",
+                                     data=json.dumps(LONG).encode(),
+                                     headers={"Content-Type": "application/json"})
+    reply = urllib.request.urlopen(request, timeout=60)
+    first = reply.readline()
+    assert first.startswith(b"data: "), first
+    reply.close()  # the client goes away after the first piece
+    wait_for_cancellation(server, "slow", before + 1)
+    # The engine is free again: a short request is answered at once.
+    started = time.time()
+    events = sse_stream(server, "slow", {"prompt": "hi", "max_new_tokens": "4"})
+    assert events and time.time() - started < 10
+
+
+def test_a_cancelled_grpc_stream_stops_its_sequence(slow_server):
+    server = slow_server
+    before = server.metric("llm_requests_cancelled_total", "slow")
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    pieces = queue.Queue()
+    client.start_stream(callback=lambda result, error: pieces.put((result, error)))
+    client.async_stream_infer("slow", make_inputs(grpcclient, LONG), enable_empty_final_response=True)
+    result, error = pieces.get(timeout=60)
+    assert error is None
+    client.stop_stream(cancel_requests=True)
+    wait_for_cancellation(server, "slow", before + 1)
+
+
+def test_a_cancelled_unary_grpc_call_stops_its_sequence(slow_server):
+    server = slow_server
+    before = server.metric("llm_requests_cancelled_total", "slow-unary")
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    answers = queue.Queue()
+    call = client.async_infer("slow-unary", make_inputs(grpcclient, LONG),
+                              callback=lambda result, error: answers.put((result, error)))
+    deadline = time.time() + 10
+    while server.metric("llm_generated_tokens_total", "slow-unary") < 2:  # it is generating
+        assert time.time() < deadline
+        time.sleep(0.05)
+    call.cancel()
+    result, error = answers.get(timeout=10)
+    assert error is not None and "CANCELLED" in str(error)
+    wait_for_cancellation(server, "slow-unary", before + 1)
