@@ -5,35 +5,49 @@
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
-/// A linear layer's weight as stored by PyTorch: `[out_features, in_features]`.
+/// A linear layer, `y = x · Wᵀ (+ b)` with PyTorch's `W: [out_features, in_features]`.
+///
+/// The weight is kept transposed (`[in, out]` row-major, i.e. W column-major). As the
+/// left operand of `yᵀ = W · xᵀ` faer then streams it without packing it first, for one row
+/// as for many: a decode step reads the weights once at full bandwidth, and each row's
+/// result is bit-identical whatever other rows share the product — so a sequence's answer
+/// never depends on its batch.
 pub struct Linear {
-    pub weight: Vec<f32>,
-    pub bias: Option<Vec<f32>>,
+    weight_t: Vec<f32>,
+    bias: Option<Vec<f32>>,
     pub out_features: usize,
     pub in_features: usize,
 }
 
 impl Linear {
-    /// `y[m, out] = x[m, in] · Wᵀ (+ b)`. A row's result does not depend on the other
-    /// rows: faer takes a different summation order for a single row (its matrix-vector
-    /// path), so one row runs as two (the weights are read once either way). Batched
-    /// sequences thus get exactly the answers they get alone.
+    /// `weight` as PyTorch stores it, `[out_features, in_features]` row-major.
+    pub fn new(
+        weight: &[f32],
+        bias: Option<Vec<f32>>,
+        out_features: usize,
+        in_features: usize,
+    ) -> Self {
+        assert_eq!(weight.len(), out_features * in_features, "weight shape");
+        let mut weight_t = vec![0f32; weight.len()];
+        for (o, row) in weight.chunks_exact(in_features).enumerate() {
+            for (i, &w) in row.iter().enumerate() {
+                weight_t[i * out_features + o] = w;
+            }
+        }
+        Linear { weight_t, bias, out_features, in_features }
+    }
+
+    /// `y[m, out] = x[m, in] · Wᵀ (+ b)`.
     pub fn forward(&self, x: &[f32]) -> Vec<f32> {
         let (n, k) = (self.out_features, self.in_features);
-        if x.len() == k {
-            let twice = [x, x].concat();
-            let mut y = self.forward(&twice);
-            y.truncate(n);
-            return y;
-        }
         let m = x.len() / k;
         debug_assert_eq!(x.len(), m * k);
         let mut y = vec![0f32; m * n];
-        let lhs = MatRef::from_row_major_slice(x, m, k);
-        let rhs = MatRef::from_row_major_slice(&self.weight, n, k).transpose();
-        let dst = MatMut::from_row_major_slice_mut(&mut y, m, n);
-        // Threads pay off only on large weights; decided per layer, never per batch, so a
-        // row's result stays independent of its batch.
+        // yᵀ [n, m] = W [n, k] · xᵀ [k, m], all column-major views of row-major buffers.
+        let lhs = MatRef::from_column_major_slice(&self.weight_t, n, k);
+        let rhs = MatRef::from_column_major_slice(x, k, m);
+        let dst = MatMut::from_column_major_slice_mut(&mut y, n, m);
+        // Threads pay off only on large weights; decided per layer, never per batch.
         let par = if n * k >= 1 << 20 { Par::rayon(0) } else { Par::Seq };
         faer::linalg::matmul::matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, par);
         if let Some(bias) = &self.bias {
@@ -303,12 +317,7 @@ mod tests {
 
     #[test]
     fn linear_matches_row_dot_products() {
-        let layer = Linear {
-            weight: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
-            bias: Some(vec![0.5, -0.5]),
-            out_features: 2,
-            in_features: 3,
-        };
+        let layer = Linear::new(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], Some(vec![0.5, -0.5]), 2, 3);
         let y = layer.forward(&[1.0, 0.0, -1.0, 2.0, 1.0, 0.0]);
         assert_eq!(y, vec![-2.0 + 0.5, -2.0 - 0.5, 4.0 + 0.5, 13.0 - 0.5]);
     }
@@ -321,11 +330,11 @@ mod tests {
             state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
         };
-        let weight = (0..n * k).map(|_| next()).collect();
-        let layer = Linear { weight, bias: None, out_features: n, in_features: k };
+        let weight: Vec<f32> = (0..n * k).map(|_| next()).collect();
+        let layer = Linear::new(&weight, None, n, k);
         let rows: Vec<f32> = (0..64 * k).map(|_| next()).collect();
         let alone: Vec<Vec<f32>> = rows.chunks_exact(k).map(|row| layer.forward(row)).collect();
-        for m in [2usize, 3, 8, 33, 64] {
+        for m in [1usize, 2, 3, 8, 33, 64] {
             let y = layer.forward(&rows[..m * k]);
             for (i, row) in y.chunks_exact(n).enumerate() {
                 assert_eq!(row, &alone[i][..], "row {i} of a batch of {m}");

@@ -129,12 +129,9 @@ pub struct Model {
 }
 
 fn linear(ckpt: &Checkpoint, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-    Ok(Linear {
-        weight: ckpt.f32(&format!("{prefix}.weight"), &[out, inp])?,
-        bias: if bias { Some(ckpt.f32(&format!("{prefix}.bias"), &[out])?) } else { None },
-        out_features: out,
-        in_features: inp,
-    })
+    let weight = ckpt.f32(&format!("{prefix}.weight"), &[out, inp])?;
+    let bias = if bias { Some(ckpt.f32(&format!("{prefix}.bias"), &[out])?) } else { None };
+    Ok(Linear::new(&weight, bias, out, inp))
 }
 
 impl Model {
