@@ -13,7 +13,7 @@ fi
 
 packages=()
 command -v cc >/dev/null || packages+=(build-essential)
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || packages+=(libclang-dev)
+dpkg -s libclang-dev >/dev/null 2>&1 || packages+=(libclang-dev)
 python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv)
 command -v curl >/dev/null || packages+=(curl)
 if [ ${#packages[@]} -gt 0 ]; then
