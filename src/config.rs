@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::chat::DEFAULT_HISTORY_LEN;
+use crate::cuda::DType;
 use crate::model::LoadFormat;
 use crate::serving::SchedulerConfig;
 use crate::{Error, Result};
@@ -23,6 +24,8 @@ pub struct ModelParameters {
     /// `max_token` when a request has none; None = the family's `model.chat` default.
     pub max_token_default: Option<usize>,
     pub load_format: LoadFormat,
+    /// Element type of KIND_GPU instances' weights, activations and KV cache.
+    pub dtype: DType,
     /// Longest sequence served; None = the model's context.
     pub session_len: Option<usize>,
     /// In-flight batching limits of each instance's engine.
@@ -59,6 +62,7 @@ impl ModelConfig {
             history_len_default: DEFAULT_HISTORY_LEN,
             max_token_default: None,
             load_format: LoadFormat::default(),
+            dtype: DType::default(),
             session_len: None,
             scheduler: SchedulerConfig::default(),
         };
@@ -86,6 +90,10 @@ impl ModelConfig {
                 }
                 "load_format" => {
                     parameters.load_format =
+                        value.parse().map_err(|e: String| parameter_error(key, e))?;
+                }
+                "dtype" => {
+                    parameters.dtype =
                         value.parse().map_err(|e: String| parameter_error(key, e))?;
                 }
                 "session_len" => parameters.session_len = Some(parse_count(key, value, 1)?),
@@ -186,6 +194,7 @@ mod tests {
             (r#""max_token_default":{"string_value":"0"}"#, "max_token_default"),
             (r#""load_format":{"string_value":"pickle"}"#, "load_format"),
             (r#""session_len":{"string_value":"many"}"#, "session_len"),
+            (r#""dtype":{"string_value":"int4"}"#, "dtype"),
             (r#""model_dir":{"string_value":" "}"#, "model_dir"),
             (r#""max_num_seqs":{"string_value":"0"}"#, "max_num_seqs"),
             (r#""max_num_batched_tokens":{"string_value":"x"}"#, "max_num_batched_tokens"),

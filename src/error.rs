@@ -30,6 +30,10 @@ pub enum Error {
     /// The engine cannot take or finish work right now (the model is unloading).
     #[error("{0}")]
     Unavailable(String),
+    /// The GPU could not be used: no driver or device, too little memory, a failed
+    /// kernel compile or launch.
+    #[error("GPU: {0}")]
+    Device(String),
     /// A fault of the engine itself, not of the request.
     #[error("{0}")]
     Internal(String),

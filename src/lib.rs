@@ -4,11 +4,12 @@
 //! Data flow: Triton request (`triton`: FFI fence, entry points, the seed interface;
 //! `config`: the model's config.pbtxt parameters) → chat template (`chat`) → tokenizer (`tokenizer`) → engine
 //! (`engine`: generation loop, sampler) → model graph (`model`, one file per family) →
-//! device ops (`cpu`). The `triton-llm` CLI runs the same path without a server.
+//! device ops (`cpu`, `cuda` with the kernels of `kernels/`). The `triton-llm` CLI runs the same path without a server.
 
 pub mod chat;
 pub mod config;
 pub mod cpu;
+pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod model;

@@ -6,16 +6,19 @@ use std::path::Path;
 
 use crate::chat::stream::AnswerStream;
 use crate::chat::{self, History};
-use crate::cpu::KvCache;
+use crate::cuda::DType;
 use crate::engine::kv_space::{Admission, KvSpace};
 use crate::engine::{FinishReason, GenerateRequest, SamplingParams, Sequence};
-use crate::model::{self, CausalLm, Family, LoadFormat};
+use crate::model::{self, CausalLm, Device, Family, KvCache, LoadFormat};
 use crate::tokenizer::{Tokenizer, TokenizerFamily};
 use crate::{Error, Result};
 
 #[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
     pub load_format: LoadFormat,
+    pub device: Device,
+    /// The GPU engine's element type (the CPU engine computes in f32).
+    pub dtype: DType,
     /// The longest sequence served (`session_len`); default: the model's context.
     pub session_len: Option<usize>,
 }
@@ -68,7 +71,7 @@ impl ChatModel {
             Family::InternLm2 => TokenizerFamily::InternLm2,
         };
         let tokenizer = Tokenizer::from_folder(dir, tokenizer_family)?;
-        let model = model::load(dir, options.load_format)?;
+        let model = model::load_on(dir, options.load_format, options.device, options.dtype)?;
         let info = model.info();
         if tokenizer.vocab_size() > info.logits_width {
             return Err(Error::Config(format!(
@@ -207,7 +210,8 @@ impl ChatModel {
             if !space.ensure(sequence, tokens) {
                 return Err(Error::Internal("the sequence outgrew its own KV space".into()));
             }
-            let logits = self.model.forward_batch(&mut space.arena, &[sequence.step(tokens)])?;
+            let logits =
+                self.model.forward_batch(space.arena.as_mut(), &[sequence.step(tokens)])?;
             let text = generating.advance(tokens, logits.into_iter().next().expect("one row"));
             if !text.is_empty() && !on_text(&text) {
                 generating.cancel();

@@ -12,7 +12,6 @@ use std::sync::mpsc::{self, Receiver, RecvError, Sender, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use crate::cpu::KvArena;
 use crate::engine::FinishReason;
 use crate::engine::kv_space::{Admission, KvSpace};
 use crate::pipeline::{ChatModel, ChatTurn, Completion, Generating, GenerationOptions};
@@ -28,7 +27,8 @@ pub struct SchedulerConfig {
     /// Tokens per KV block.
     pub block_size: usize,
     /// LMDeploy's rule: above 1, a number of blocks; otherwise the fraction of the memory
-    /// available when the engine starts (host memory for the CPU engine).
+    /// available when the engine starts (host memory for the CPU engine, free device memory
+    /// after the weights for the GPU engine).
     pub cache_max_entry_count: f64,
     /// Share the KV blocks of identical prompt prefixes between requests.
     pub enable_prefix_caching: bool,
@@ -51,14 +51,15 @@ impl SchedulerConfig {
     /// more than every running sequence at full length needs twice over (the spare half
     /// keeps finished prefixes for reuse).
     pub fn num_blocks(&self, model: &ChatModel) -> Result<usize> {
-        let info = model.model.info();
-        let bytes_per_block =
-            KvArena::bytes_per_block(info.num_layers, info.kv_width, self.block_size);
+        let bytes_per_block = model.model.kv_bytes_per_block(self.block_size);
         let enough = 2 * self.max_num_seqs * model.max_context().div_ceil(self.block_size);
         if self.cache_max_entry_count > 1.0 {
             return Ok(self.cache_max_entry_count as usize);
         }
-        let available = available_host_memory()?;
+        let available = match model.model.device_free_memory()? {
+            Some(device_free) => device_free,
+            None => available_host_memory()?,
+        };
         let blocks = (self.cache_max_entry_count * available as f64) as usize / bytes_per_block;
         if blocks == 0 {
             return Err(Error::Config(format!(
@@ -146,13 +147,7 @@ impl ServingEngine {
         tracing::info!(
             "engine {name}: {num_blocks} KV blocks of {} tokens ({} MiB)",
             config.block_size,
-            num_blocks
-                * KvArena::bytes_per_block(
-                    model.model.info().num_layers,
-                    model.model.info().kv_width,
-                    config.block_size
-                )
-                >> 20
+            (num_blocks * model.model.kv_bytes_per_block(config.block_size)) >> 20
         );
         let mut space = KvSpace::new(
             model.model.as_ref(),
@@ -321,7 +316,7 @@ fn serve<'m>(
             .collect();
         let steps: Vec<_> =
             stepped.iter().map(|&i| running[i].generating.sequence.step(plan[i])).collect();
-        let result = model.model.forward_batch(&mut space.arena, &steps);
+        let result = model.model.forward_batch(space.arena.as_mut(), &steps);
         drop(steps);
         match result {
             Ok(rows) => {

@@ -112,7 +112,7 @@ fn check_batched(folder: &str) {
             .iter()
             .map(|(i, ids)| SeqStep { ids, start: lengths[*i], blocks: &tables[*i] })
             .collect();
-        let logits = model.forward_batch(&mut arena, &steps).unwrap();
+        let logits = model.forward_batch(arena.as_mut(), &steps).unwrap();
         for ((i, ids), row) in inputs.iter().zip(logits) {
             lengths[*i] += ids.len();
             produced[*i].push(row);

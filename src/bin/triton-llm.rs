@@ -9,8 +9,9 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use triton_llm::chat::DEFAULT_HISTORY_LEN;
+use triton_llm::cuda::DType;
 use triton_llm::engine::SamplingParams;
-use triton_llm::model::LoadFormat;
+use triton_llm::model::{self, CausalLm, Checkpoint, Device, KvStore, LoadFormat, SeqStep};
 use triton_llm::pipeline::{ChatModel, ChatTurn, GenerationOptions, LoadOptions};
 use triton_llm::{Error, Result};
 
@@ -65,14 +66,26 @@ enum Command {
         #[command(flatten)]
         generation: GenerationArgs,
     },
-    /// Times prefill and decode of one sequence and relates decode to memory bandwidth.
+    /// Times prefill and greedy decode of a batch of sequences and holds them against the
+    /// device's memory bandwidth and matrix throughput, measured in the same run.
     Bench {
+        /// A model folder (config.json and weights).
+        #[arg(long, required_unless_present = "shape", conflicts_with = "shape")]
+        model: Option<PathBuf>,
+        /// A real model's shape with random weights: chatglm2-6b or internlm2_5-7b.
+        #[arg(long)]
+        shape: Option<String>,
+        #[arg(long, default_value = "safetensors")]
+        load_format: LoadFormat,
         #[command(flatten)]
-        model: ModelArgs,
+        device: DeviceArgs,
+        /// Sequences decoded together.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
         /// Prompt length in tokens.
         #[arg(long, default_value_t = 128)]
         prompt: usize,
-        /// Tokens to generate.
+        /// Tokens to generate per sequence.
         #[arg(long, default_value_t = 64)]
         new: usize,
     },
@@ -89,11 +102,28 @@ struct ModelArgs {
     /// Longest prompt + answer served (default: the model's context).
     #[arg(long)]
     session_len: Option<usize>,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+#[derive(Args, Clone, Copy)]
+struct DeviceArgs {
+    /// cpu, or cuda / cuda:N for the GPU engine.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// The GPU engine's element type: bf16, f16 or f32 (the CPU engine computes in f32).
+    #[arg(long, default_value = "bf16")]
+    dtype: DType,
 }
 
 impl ModelArgs {
     fn load(&self) -> Result<ChatModel> {
-        let options = LoadOptions { load_format: self.load_format, session_len: self.session_len };
+        let options = LoadOptions {
+            load_format: self.load_format,
+            session_len: self.session_len,
+            device: self.device.device,
+            dtype: self.device.dtype,
+        };
         ChatModel::load(&self.model, &options)
     }
 }
@@ -244,7 +274,27 @@ fn run(command: Command) -> Result<()> {
         Command::Chat { model, system, history_len, generation } => {
             interactive_chat(&model.load()?, system, history_len, &generation.options())?;
         }
-        Command::Bench { model, prompt, new } => bench(&model, prompt, new)?,
+        Command::Bench { model, shape, load_format, device, batch, prompt, new } => {
+            let (family, config, checkpoint) = match (model, shape) {
+                (Some(dir), _) => {
+                    let (family, config) = model::read_config(&dir)?;
+                    let checkpoint = match load_format {
+                        LoadFormat::Safetensors => Checkpoint::open(&dir)?,
+                        LoadFormat::Dummy => Checkpoint::dummy(),
+                    };
+                    (family, config, checkpoint)
+                }
+                (None, Some(name)) => {
+                    let text = shape_config(&name)?;
+                    let (family, config) = model::parse_family_config(text, &name)?;
+                    (family, config, Checkpoint::dummy())
+                }
+                (None, None) => unreachable!("clap requires --model or --shape"),
+            };
+            let lm = model::load_config(family, config, &checkpoint, device.device, device.dtype)?;
+            checkpoint.finish()?;
+            bench(lm.as_ref(), device, batch, prompt, new)?;
+        }
     }
     Ok(())
 }
@@ -305,8 +355,21 @@ fn interactive_chat(
     }
 }
 
+/// `config.json` of the real models whose shapes `bench --shape` takes.
+fn shape_config(name: &str) -> Result<&'static str> {
+    match name {
+        "chatglm2-6b" => Ok(include_str!("../../bench/shapes/chatglm2-6b/config.json")),
+        "internlm2_5-7b" | "internlm2_5-7b-chat" => {
+            Ok(include_str!("../../bench/shapes/internlm2_5-7b/config.json"))
+        }
+        other => Err(Error::InvalidRequest(format!(
+            "--shape {other:?} is not known (chatglm2-6b, internlm2_5-7b)"
+        ))),
+    }
+}
+
 /// Host memory bandwidth: bytes read plus written per second by a large copy.
-fn measure_copy_bandwidth() -> f64 {
+fn measure_host_bandwidth() -> f64 {
     let len = 256 << 20;
     let src = vec![1u8; len];
     let mut dst = vec![0u8; len];
@@ -320,47 +383,143 @@ fn measure_copy_bandwidth() -> f64 {
     2.0 * len as f64 / best
 }
 
-fn bench(args: &ModelArgs, prompt_len: usize, new_tokens: usize) -> Result<()> {
-    let chat = args.load()?;
-    let info = chat.model.info().clone();
-    if prompt_len == 0 || new_tokens == 0 || prompt_len + new_tokens > chat.max_context() {
+/// One prefill of every prompt together, then greedy decode steps of the whole batch.
+/// Returns (prefill seconds, decode seconds).
+fn bench_run(
+    lm: &dyn CausalLm,
+    arena: &mut dyn KvStore,
+    prompts: &[Vec<u32>],
+    tables: &[Vec<u32>],
+    new_tokens: usize,
+) -> Result<(f64, f64)> {
+    let steps: Vec<SeqStep<'_>> =
+        prompts.iter().zip(tables).map(|(ids, blocks)| SeqStep { ids, start: 0, blocks }).collect();
+    let start = Instant::now();
+    let mut logits = lm.forward_batch(arena, &steps)?;
+    let prefill = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let prompt_len = prompts[0].len();
+    for step in 1..new_tokens {
+        let next: Vec<[u32; 1]> =
+            logits.iter().map(|row| [triton_llm::engine::sampler::argmax(row)]).collect();
+        let steps: Vec<SeqStep<'_>> = next
+            .iter()
+            .zip(tables)
+            .map(|(ids, blocks)| SeqStep { ids, start: prompt_len + step - 1, blocks })
+            .collect();
+        logits = lm.forward_batch(arena, &steps)?;
+    }
+    Ok((prefill, start.elapsed().as_secs_f64()))
+}
+
+fn bench(
+    lm: &dyn CausalLm,
+    device: DeviceArgs,
+    batch: usize,
+    prompt_len: usize,
+    new_tokens: usize,
+) -> Result<()> {
+    let info = lm.info().clone();
+    if batch == 0
+        || prompt_len == 0
+        || new_tokens == 0
+        || prompt_len + new_tokens > info.max_context
+    {
         return Err(Error::InvalidRequest(format!(
-            "--prompt {prompt_len} and --new {new_tokens} must be positive and fit the context of {}",
-            chat.max_context()
+            "--batch {batch}, --prompt {prompt_len} and --new {new_tokens} must be positive and \
+             fit the context of {}",
+            info.max_context
         )));
     }
-    let bandwidth = measure_copy_bandwidth();
-    // Ordinary token ids (past the byte pieces), the same for every run.
-    let ids: Vec<u32> = (0..prompt_len as u32).map(|i| 300 + (i * 7919) % 500).collect();
-    let mut cache = chat.model.new_cache();
-    let start = Instant::now();
-    let mut logits = chat.model.forward(&ids, &mut cache)?;
-    let ttft = start.elapsed().as_secs_f64();
-    let start = Instant::now();
-    for _ in 1..new_tokens {
-        let next = triton_llm::engine::sampler::argmax(&logits);
-        logits = chat.model.forward(&[next], &mut cache)?;
+    // The ceilings, measured in this run on this device.
+    let (bandwidth, matmul_flops, elem_bytes, device_name) = match device.device {
+        Device::Cpu => (measure_host_bandwidth(), None, 4usize, "cpu".to_string()),
+        Device::Cuda(ordinal) => {
+            let gpu = triton_llm::cuda::Gpu::open(ordinal, device.dtype)?;
+            gpu.bind()?;
+            let bandwidth = gpu.measure_bandwidth(1 << 30)?;
+            let flops = gpu.measure_matmul(8192)?;
+            (bandwidth, Some(flops), device.dtype.size(), gpu.name.clone())
+        }
+    };
+    let block_size = 16;
+    let per_sequence = (prompt_len + new_tokens).div_ceil(block_size);
+    let mut arena = lm.new_arena(block_size, batch * per_sequence)?;
+    let tables: Vec<Vec<u32>> = (0..batch)
+        .map(|b| ((b * per_sequence) as u32..((b + 1) * per_sequence) as u32).collect())
+        .collect();
+    // Ordinary token ids (past the byte pieces), different for each sequence.
+    let prompts: Vec<Vec<u32>> = (0..batch as u32)
+        .map(|b| (0..prompt_len as u32).map(|i| 300 + (i * 7919 + b * 104729) % 2000).collect())
+        .collect();
+    if device.device != Device::Cpu {
+        // Warm-up: buffers, cuBLAS plans and module loading stay out of the figures.
+        bench_run(lm, arena.as_mut(), &prompts, &tables, 3)?;
     }
-    let decode = start.elapsed().as_secs_f64();
-    let decode_tokens = new_tokens.saturating_sub(1).max(1) as f64;
-    let tokens_per_s = decode_tokens / decode;
-    // The floor of one decode step: the weights in f32 as the CPU engine keeps them.
-    let bytes_per_step = (info.decode_parameters as f64) * 4.0;
-    let limit_tokens_per_s = bandwidth / bytes_per_step;
-    print_json(&json!({
-        "device": "cpu",
+    let (ttft, decode) = bench_run(lm, arena.as_mut(), &prompts, &tables, new_tokens)?;
+    let decode_steps = new_tokens.saturating_sub(1).max(1) as f64;
+    let step_s = decode / decode_steps;
+    // Floor of one decode step: every weight read once (the embedding table only one row a
+    // token) plus the K/V of each sequence at its mean length.
+    let weight_bytes = info.decode_parameters as f64 * elem_bytes as f64;
+    let mean_len = prompt_len as f64 + decode_steps / 2.0;
+    let kv_bytes =
+        batch as f64 * mean_len * (info.num_layers * 2 * info.kv_width * elem_bytes) as f64;
+    let step_floor_s = (weight_bytes + kv_bytes) / bandwidth;
+    // Prefill floor: 2 flops per parameter and token (attention, about 2% more at 1024
+    // tokens for these shapes, is left out).
+    let prefill_flops = 2.0 * info.decode_parameters as f64 * (batch * prompt_len) as f64;
+    let mut report = json!({
+        "device": device_name,
+        "dtype": if device.device == Device::Cpu { "f32" } else { device.dtype.name() },
         "family": info.family.name(),
         "parameters": info.num_parameters,
+        "batch": batch,
         "prompt_tokens": prompt_len,
         "new_tokens": new_tokens,
-        "ttft_s": ttft,
-        "prefill_tokens_per_s": prompt_len as f64 / ttft,
-        "decode_tokens_per_s": tokens_per_s,
-        "output_tokens_per_s": new_tokens as f64 / (ttft + decode),
-        "memory_bandwidth_gb_s": bandwidth / 1e9,
-        "decode_bandwidth_limit_tokens_per_s": limit_tokens_per_s,
-        "decode_percent_of_bandwidth_limit": 100.0 * tokens_per_s / limit_tokens_per_s,
+        "ttft_ms": ttft * 1e3,
+        "prefill_tokens_per_s": (batch * prompt_len) as f64 / ttft,
+        "decode_step_ms": step_s * 1e3,
+        "decode_tokens_per_s": batch as f64 / step_s,
+        "decode_tokens_per_s_per_sequence": 1.0 / step_s,
+        "output_tokens_per_s": (batch * new_tokens) as f64 / (ttft + decode),
+        "bandwidth_gb_s": bandwidth / 1e9,
+        "decode_step_floor_ms": step_floor_s * 1e3,
+        "decode_limit_tokens_per_s": batch as f64 / step_floor_s,
+        "decode_percent_of_limit": 100.0 * step_floor_s / step_s,
         "threads": rayon::current_num_threads(),
-    }));
+    });
+    if let Device::Cuda(ordinal) = device.device {
+        // The decode product kernel alone on each weight shape of both 6B/7B families, as a
+        // share of the copy bandwidth: what the end-to-end decode figure is built from.
+        let gpu = triton_llm::cuda::Gpu::open(ordinal, device.dtype)?;
+        let mut shares = serde_json::Map::new();
+        for (n, k) in [
+            (4608, 4096),
+            (4096, 4096),
+            (27392, 4096),
+            (4096, 13696),
+            (65024, 4096),
+            (6144, 4096),
+            (28672, 4096),
+            (4096, 14336),
+        ] {
+            let read = gpu.measure_matmul_bandwidth(batch.min(8), n, k)?;
+            shares.insert(
+                format!("{n}x{k}"),
+                json!((100.0 * read / bandwidth * 10.0).round() / 10.0),
+            );
+        }
+        report["gemv_percent_of_bandwidth"] = serde_json::Value::Object(shares);
+    }
+    if let Some(flops) = matmul_flops {
+        let floor = prefill_flops / flops;
+        report["matmul_tflops"] = json!(flops / 1e12);
+        report["prefill_floor_ms"] = json!(floor * 1e3);
+        report["prefill_percent_of_limit"] = json!(100.0 * floor / ttft);
+        // Short prompts are bound by reading the weights once, not by the products.
+        report["prefill_weight_read_floor_ms"] = json!(weight_bytes / bandwidth * 1e3);
+    }
+    print_json(&report);
     Ok(())
 }

@@ -283,34 +283,6 @@ impl KvArena {
     }
 }
 
-/// One sequence's private K/V (the CLI, tests): an arena of its own that grows in blocks.
-pub struct KvCache {
-    pub arena: KvArena,
-    pub blocks: Vec<u32>,
-    /// Number of positions stored.
-    pub len: usize,
-}
-
-impl KvCache {
-    pub const BLOCK_SIZE: usize = 64;
-
-    pub fn new(num_layers: usize, kv_width: usize) -> Self {
-        let arena = KvArena::new(num_layers, kv_width, Self::BLOCK_SIZE, 0)
-            .expect("an empty arena maps nothing");
-        KvCache { arena, blocks: Vec::new(), len: 0 }
-    }
-
-    /// Makes room for `len` positions (growing by doubling).
-    pub fn reserve(&mut self, len: usize) -> crate::Result<()> {
-        let blocks = len.div_ceil(Self::BLOCK_SIZE);
-        if blocks > self.arena.num_blocks() {
-            self.arena.grow_to(blocks.max(2 * self.arena.num_blocks()))?;
-            self.blocks = (0..self.arena.num_blocks() as u32).collect();
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,11 +4,10 @@
 use super::Sequence;
 use super::blocks::BlockManager;
 use crate::Result;
-use crate::cpu::KvArena;
-use crate::model::CausalLm;
+use crate::model::{CausalLm, KvStore};
 
 pub struct KvSpace {
-    pub arena: KvArena,
+    pub arena: Box<dyn KvStore>,
     pub blocks: BlockManager,
     /// `ModelInfo::length_dependent_rope_after`.
     rope_limit: Option<usize>,

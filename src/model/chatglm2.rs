@@ -8,10 +8,14 @@
 use serde::Deserialize;
 
 use super::{
-    CausalLm, Checkpoint, Family, ModelInfo, SeqStep, TokenIds, batch_offsets, embed_batch,
-    last_token_logits, parse_config, rope,
+    CausalLm, Checkpoint, Family, KvStore, ModelInfo, SeqStep, TokenIds, batch_offsets, cpu_arena,
+    embed_batch, last_token_logits, parse_config, rope,
 };
-use crate::cpu::{self, AttentionShape, KvArena, Linear};
+use std::sync::Arc;
+
+use super::gpu;
+use crate::cpu::{self, AttentionShape, Linear};
+use crate::cuda;
 use crate::{Error, Result};
 
 /// `config.json` of a ChatGLM2 checkpoint; field names as in the file.
@@ -63,6 +67,31 @@ impl Config {
             self.multi_query_group_num
         } else {
             self.num_attention_heads
+        }
+    }
+
+    fn model_info(&self) -> ModelInfo {
+        let (h, d) = (self.hidden_size, self.kv_channels);
+        let q_width = self.num_attention_heads * d;
+        let qkv_width = q_width + 2 * self.num_kv_heads() * d;
+        let (ffn, vocab) = (self.ffn_hidden_size, self.padded_vocab_size);
+        let num_parameters = vocab * h * 2
+            + h
+            + self.num_layers
+                * (2 * h
+                    + qkv_width * (h + usize::from(self.add_qkv_bias))
+                    + q_width * h
+                    + 3 * ffn * h);
+        ModelInfo {
+            family: Family::ChatGlm2,
+            logits_width: vocab,
+            max_context: self.seq_length,
+            eos_token_ids: self.eos_token_id.to_vec(),
+            num_layers: self.num_layers,
+            num_parameters,
+            decode_parameters: num_parameters - vocab * h,
+            kv_width: self.num_kv_heads() * d,
+            length_dependent_rope_after: None,
         }
     }
 
@@ -182,24 +211,7 @@ impl Model {
         // A buffer the forward pass never reads (spec §2).
         ckpt.ignore("transformer.rotary_pos_emb.inv_freq");
 
-        let num_parameters = vocab * h * 2
-            + h
-            + config.num_layers
-                * (2 * h
-                    + qkv_width * (h + usize::from(config.add_qkv_bias))
-                    + q_width * h
-                    + 3 * ffn * h);
-        let info = ModelInfo {
-            family: Family::ChatGlm2,
-            logits_width: vocab,
-            max_context: config.seq_length,
-            eos_token_ids: config.eos_token_id.to_vec(),
-            num_layers: config.num_layers,
-            num_parameters,
-            decode_parameters: num_parameters - vocab * h,
-            kv_width: config.num_kv_heads() * d,
-            length_dependent_rope_after: None,
-        };
+        let info = config.model_info();
         Ok(Model {
             inv_freq: rope::inv_freq(10000.0, d / 2),
             config,
@@ -230,12 +242,78 @@ impl Model {
     }
 }
 
+/// Loads a ChatGLM2 checkpoint onto the GPU (the shared decoder of `gpu.rs`). The fused
+/// QKV is already `[q | k | v]` and `dense_h_to_4h` already `[gate | up]`.
+pub fn load_gpu(value: serde_json::Value, loader: &gpu::WeightLoader<'_>) -> Result<gpu::GpuModel> {
+    let config: Config = parse_config(value)?;
+    config.check_supported()?;
+    let (h, d) = (config.hidden_size, config.kv_channels);
+    let shape = gpu::Shape {
+        hidden: h,
+        num_layers: config.num_layers,
+        attention: cuda::AttentionShape {
+            num_heads: config.num_attention_heads,
+            num_kv_heads: config.num_kv_heads(),
+            head_dim: d,
+        },
+        ffn: config.ffn_hidden_size,
+        vocab: config.padded_vocab_size,
+        eps: config.layernorm_epsilon,
+        rope: cuda::Rope::Glm { rotary_dim: d / 2 },
+        qkv_bias: config.add_qkv_bias,
+        o_bias: false,
+    };
+    gpu::check_fits(loader.gpu, &shape)?;
+    let q_width = config.num_attention_heads * d;
+    let qkv_width = q_width + 2 * config.num_kv_heads() * d;
+    let (ffn, vocab) = (config.ffn_hidden_size, config.padded_vocab_size);
+    let layers = (0..config.num_layers)
+        .map(|i| {
+            let p = format!("transformer.encoder.layers.{i}");
+            let qkv = format!("{p}.self_attention.query_key_value");
+            Ok(gpu::LayerWeights {
+                attention_norm: loader.tensor(&format!("{p}.input_layernorm.weight"), &[h])?,
+                qkv: loader.tensor(&format!("{qkv}.weight"), &[qkv_width, h])?,
+                qkv_bias: match config.add_qkv_bias {
+                    true => Some(loader.tensor(&format!("{qkv}.bias"), &[qkv_width])?),
+                    false => None,
+                },
+                o: loader.tensor(&format!("{p}.self_attention.dense.weight"), &[h, q_width])?,
+                o_bias: None,
+                ffn_norm: loader.tensor(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                gate_up: loader.tensor(&format!("{p}.mlp.dense_h_to_4h.weight"), &[2 * ffn, h])?,
+                down: loader.tensor(&format!("{p}.mlp.dense_4h_to_h.weight"), &[h, ffn])?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let weights = gpu::Weights {
+        embedding: loader.tensor("transformer.embedding.word_embeddings.weight", &[vocab, h])?,
+        layers,
+        final_norm: loader.tensor("transformer.encoder.final_layernorm.weight", &[h])?,
+        output: loader.tensor("transformer.output_layer.weight", &[vocab, h])?,
+    };
+    loader.checkpoint.ignore("transformer.rotary_pos_emb.inv_freq");
+    let inv_freq = rope::inv_freq(10000.0, d / 2);
+    Ok(gpu::GpuModel::new(
+        Arc::clone(loader.gpu),
+        shape,
+        weights,
+        config.model_info(),
+        Box::new(move |_| inv_freq.clone()),
+    ))
+}
+
 impl CausalLm for Model {
     fn info(&self) -> &ModelInfo {
         &self.info
     }
 
-    fn forward_batch(&self, arena: &mut KvArena, steps: &[SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {
+    fn forward_batch(
+        &self,
+        arena: &mut dyn KvStore,
+        steps: &[SeqStep<'_>],
+    ) -> Result<Vec<Vec<f32>>> {
+        let arena = cpu_arena(arena)?;
         let c = &self.config;
         let (h, d, n_kv) = (c.hidden_size, c.kv_channels, c.num_kv_heads());
         let (offsets, total) = batch_offsets(steps)?;

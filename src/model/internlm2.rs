@@ -8,10 +8,14 @@
 use serde::Deserialize;
 
 use super::{
-    CausalLm, Checkpoint, Family, ModelInfo, SeqStep, TokenIds, batch_offsets, embed_batch,
-    last_token_logits, parse_config, rope,
+    CausalLm, Checkpoint, Family, KvStore, ModelInfo, SeqStep, TokenIds, batch_offsets, cpu_arena,
+    embed_batch, last_token_logits, parse_config, rope,
 };
-use crate::cpu::{self, AttentionShape, KvArena, Linear};
+use std::sync::Arc;
+
+use super::gpu;
+use crate::cpu::{self, AttentionShape, Linear};
+use crate::cuda;
 use crate::{Error, Result};
 
 #[derive(Clone, Debug, Deserialize)]
@@ -78,6 +82,61 @@ impl Config {
                 "InternLM2 config: rope_scaling type {:?} is not supported (linear, dynamic)",
                 s.kind
             ))),
+        }
+    }
+
+    fn model_info(&self, scaling: Scaling) -> ModelInfo {
+        let (h, d) = (self.hidden_size, self.head_dim());
+        let q_width = self.num_attention_heads * d;
+        let qkv_width = q_width + 2 * self.num_key_value_heads * d;
+        let (ffn, vocab, bias) = (self.intermediate_size, self.vocab_size, self.bias);
+        let num_parameters = vocab * h * 2
+            + h
+            + self.num_hidden_layers
+                * (2 * h
+                    + qkv_width * h
+                    + q_width * h
+                    + 3 * ffn * h
+                    + if bias { qkv_width + h } else { 0 });
+        // vLLM's rule for dynamic NTK: the served context is max_position_embeddings × factor.
+        let max_context = match scaling {
+            Scaling::Dynamic(f) | Scaling::Linear(f) => {
+                (self.max_position_embeddings as f32 * f) as usize
+            }
+            Scaling::None => self.max_position_embeddings,
+        };
+        ModelInfo {
+            family: Family::InternLm2,
+            logits_width: vocab,
+            max_context,
+            eos_token_ids: self.eos_token_id.to_vec(),
+            num_layers: self.num_hidden_layers,
+            num_parameters,
+            decode_parameters: num_parameters - vocab * h,
+            kv_width: self.num_key_value_heads * d,
+            length_dependent_rope_after: match scaling {
+                Scaling::Dynamic(_) => Some(self.max_position_embeddings),
+                _ => None,
+            },
+        }
+    }
+
+    /// Inverse frequencies for a call whose sequence reaches `total_len` positions.
+    fn inv_freq_for(&self, scaling: Scaling, total_len: usize) -> Vec<f32> {
+        let base = match scaling {
+            Scaling::Dynamic(factor) => rope::dynamic_ntk_base(
+                self.rope_theta,
+                factor,
+                total_len,
+                self.max_position_embeddings,
+                self.head_dim(),
+            ),
+            Scaling::None | Scaling::Linear(_) => self.rope_theta,
+        };
+        let inv_freq = rope::inv_freq(base, self.head_dim());
+        match scaling {
+            Scaling::Linear(factor) => inv_freq.into_iter().map(|f| f / factor).collect(),
+            _ => inv_freq,
         }
     }
 
@@ -162,57 +221,121 @@ impl Model {
         let norm = ckpt.f32("model.norm.weight", &[h])?;
         let output = linear(ckpt, "output", vocab, h, false)?;
 
-        let num_parameters = vocab * h * 2
-            + h
-            + config.num_hidden_layers
-                * (2 * h
-                    + qkv_width * h
-                    + q_width * h
-                    + 3 * ffn * h
-                    + if bias { qkv_width + h } else { 0 });
-        // vLLM's rule for dynamic NTK: the served context is max_position_embeddings × factor.
-        let max_context = match scaling {
-            Scaling::Dynamic(f) | Scaling::Linear(f) => {
-                (config.max_position_embeddings as f32 * f) as usize
-            }
-            Scaling::None => config.max_position_embeddings,
-        };
-        let info = ModelInfo {
-            family: Family::InternLm2,
-            logits_width: vocab,
-            max_context,
-            eos_token_ids: config.eos_token_id.to_vec(),
-            num_layers: config.num_hidden_layers,
-            num_parameters,
-            decode_parameters: num_parameters - vocab * h,
-            kv_width: config.num_key_value_heads * config.head_dim(),
-            length_dependent_rope_after: match scaling {
-                Scaling::Dynamic(_) => Some(config.max_position_embeddings),
-                _ => None,
-            },
-        };
+        let info = config.model_info(scaling);
         Ok(Model { config, info, scaling, tok_embeddings, layers, norm, output })
     }
 
-    /// Inverse frequencies for a call whose sequence reaches `total_len` positions.
     fn inv_freq_for(&self, total_len: usize) -> Vec<f32> {
-        let c = &self.config;
-        let base = match self.scaling {
-            Scaling::Dynamic(factor) => rope::dynamic_ntk_base(
-                c.rope_theta,
-                factor,
-                total_len,
-                c.max_position_embeddings,
-                c.head_dim(),
-            ),
-            Scaling::None | Scaling::Linear(_) => c.rope_theta,
-        };
-        let inv_freq = rope::inv_freq(base, c.head_dim());
-        match self.scaling {
-            Scaling::Linear(factor) => inv_freq.into_iter().map(|f| f / factor).collect(),
-            _ => inv_freq,
+        self.config.inv_freq_for(self.scaling, total_len)
+    }
+}
+
+/// `wqkv` rows from the checkpoint's per-group `[K, G+2, D]` packing to the GPU decoder's
+/// `[q heads | k heads | v heads]` (query head k·G + g, as the CPU path orders them).
+/// Works for the weight (`width` columns) and the bias (`width` 1).
+fn unpack_wqkv(packed: &[f32], kv_heads: usize, group: usize, d: usize, width: usize) -> Vec<f32> {
+    let row = |k: usize, slot: usize| {
+        let start = ((k * (group + 2) + slot) * d) * width;
+        &packed[start..start + d * width]
+    };
+    let mut out = Vec::with_capacity(packed.len());
+    for k in 0..kv_heads {
+        for g in 0..group {
+            out.extend_from_slice(row(k, g));
         }
     }
+    for slot in [group, group + 1] {
+        for k in 0..kv_heads {
+            out.extend_from_slice(row(k, slot));
+        }
+    }
+    out
+}
+
+/// Loads an InternLM2 checkpoint onto the GPU (the shared decoder of `gpu.rs`), with
+/// `wqkv` unpacked and `w1` (gate) / `w3` (up) stacked into one `[gate | up]` product.
+pub fn load_gpu(value: serde_json::Value, loader: &gpu::WeightLoader<'_>) -> Result<gpu::GpuModel> {
+    let config: Config = parse_config(value)?;
+    config.check_supported()?;
+    let scaling = config.scaling()?;
+    let (h, d) = (config.hidden_size, config.head_dim());
+    let (kv_heads, group) =
+        (config.num_key_value_heads, config.num_attention_heads / config.num_key_value_heads);
+    let q_width = config.num_attention_heads * d;
+    let qkv_width = q_width + 2 * kv_heads * d;
+    let (ffn, vocab, bias) = (config.intermediate_size, config.vocab_size, config.bias);
+    let shape = gpu::Shape {
+        hidden: h,
+        num_layers: config.num_hidden_layers,
+        attention: cuda::AttentionShape {
+            num_heads: config.num_attention_heads,
+            num_kv_heads: kv_heads,
+            head_dim: d,
+        },
+        ffn,
+        vocab,
+        eps: config.rms_norm_eps,
+        rope: cuda::Rope::RotateHalf,
+        qkv_bias: bias,
+        o_bias: bias,
+    };
+    gpu::check_fits(loader.gpu, &shape)?;
+    let ckpt = loader.checkpoint;
+    let layers = (0..config.num_hidden_layers)
+        .map(|i| {
+            let p = format!("model.layers.{i}");
+            let wqkv = format!("{p}.attention.wqkv");
+            let (w1, w3) =
+                (format!("{p}.feed_forward.w1.weight"), format!("{p}.feed_forward.w3.weight"));
+            Ok(gpu::LayerWeights {
+                attention_norm: loader.tensor(&format!("{p}.attention_norm.weight"), &[h])?,
+                qkv: loader.tensor_from(&format!("{wqkv}.weight"), &[qkv_width, h], || {
+                    let packed = ckpt.f32(&format!("{wqkv}.weight"), &[qkv_width, h])?;
+                    Ok(unpack_wqkv(&packed, kv_heads, group, d, h))
+                })?,
+                qkv_bias: match bias {
+                    true => {
+                        Some(loader.tensor_from(&format!("{wqkv}.bias"), &[qkv_width], || {
+                            let packed = ckpt.f32(&format!("{wqkv}.bias"), &[qkv_width])?;
+                            Ok(unpack_wqkv(&packed, kv_heads, group, d, 1))
+                        })?)
+                    }
+                    false => None,
+                },
+                o: loader.tensor(&format!("{p}.attention.wo.weight"), &[h, q_width])?,
+                o_bias: match bias {
+                    true => Some(loader.tensor(&format!("{p}.attention.wo.bias"), &[h])?),
+                    false => None,
+                },
+                ffn_norm: loader.tensor(&format!("{p}.ffn_norm.weight"), &[h])?,
+                gate_up: loader.tensor_from(
+                    &format!("{p}.feed_forward.w1w3"),
+                    &[2 * ffn, h],
+                    || {
+                        let mut stacked = ckpt.f32(&w1, &[ffn, h])?;
+                        stacked.extend(ckpt.f32(&w3, &[ffn, h])?);
+                        Ok(stacked)
+                    },
+                )?,
+                down: loader.tensor(&format!("{p}.feed_forward.w2.weight"), &[h, ffn])?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let weights = gpu::Weights {
+        embedding: loader.tensor("model.tok_embeddings.weight", &[vocab, h])?,
+        layers,
+        final_norm: loader.tensor("model.norm.weight", &[h])?,
+        output: loader.tensor("output.weight", &[vocab, h])?,
+    };
+    let info = config.model_info(scaling);
+    let freq_config = config.clone();
+    Ok(gpu::GpuModel::new(
+        Arc::clone(loader.gpu),
+        shape,
+        weights,
+        info,
+        Box::new(move |total_len| freq_config.inv_freq_for(scaling, total_len)),
+    ))
 }
 
 impl CausalLm for Model {
@@ -220,7 +343,12 @@ impl CausalLm for Model {
         &self.info
     }
 
-    fn forward_batch(&self, arena: &mut KvArena, steps: &[SeqStep<'_>]) -> Result<Vec<Vec<f32>>> {
+    fn forward_batch(
+        &self,
+        arena: &mut dyn KvStore,
+        steps: &[SeqStep<'_>],
+    ) -> Result<Vec<Vec<f32>>> {
+        let arena = cpu_arena(arena)?;
         let c = &self.config;
         let (h, d) = (c.hidden_size, c.head_dim());
         let (kv_heads, group) =

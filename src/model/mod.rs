@@ -3,14 +3,15 @@
 //! (fields named exactly as in `config.json`), checks every tensor and owns its forward pass.
 
 pub mod chatglm2;
+pub mod gpu;
 pub mod internlm2;
 pub mod rope;
 pub mod weights;
 
+use std::any::Any;
 use std::path::Path;
 
-use crate::cpu::{KvArena, KvCache};
-use crate::{Error, Result};
+use crate::{Error, Result, cpu, cuda};
 pub use weights::Checkpoint;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,28 +78,120 @@ pub struct ModelInfo {
 pub trait CausalLm: Send + Sync {
     fn info(&self) -> &ModelInfo;
 
+    /// A private, growing cache for one sequence (the CLI, tests).
     fn new_cache(&self) -> KvCache {
-        KvCache::new(self.info().num_layers, self.info().kv_width)
+        KvCache::new(
+            self.new_arena(KvCache::BLOCK_SIZE, 0).expect("an empty arena allocates nothing"),
+        )
     }
 
-    /// A K/V arena of `num_blocks` blocks for this model.
-    fn new_arena(&self, block_size: usize, num_blocks: usize) -> Result<KvArena> {
-        KvArena::new(self.info().num_layers, self.info().kv_width, block_size, num_blocks)
+    /// A K/V arena of `num_blocks` blocks for this model, on its device.
+    fn new_arena(&self, block_size: usize, num_blocks: usize) -> Result<Box<dyn KvStore>> {
+        let info = self.info();
+        Ok(Box::new(cpu::KvArena::new(info.num_layers, info.kv_width, block_size, num_blocks)?))
+    }
+
+    /// Bytes one block of `block_size` positions takes in this model's arena.
+    fn kv_bytes_per_block(&self, block_size: usize) -> usize {
+        cpu::KvArena::bytes_per_block(self.info().num_layers, self.info().kv_width, block_size)
+    }
+
+    /// Free memory of the model's device, when it is not the host's (the GPU after the
+    /// weights): what `cache_max_entry_count` takes its share of.
+    fn device_free_memory(&self) -> Result<Option<usize>> {
+        Ok(None)
     }
 
     /// Runs the new tokens of several sequences in one pass: the matrix products see all
     /// tokens at once (vLLM's flat layout), attention runs per sequence over its own blocks.
     /// Each step's `ids` take positions `start..`, their K/V go into its blocks of `arena`.
     /// Returns each sequence's last-position logits (`logits_width` values).
-    fn forward_batch(&self, arena: &mut KvArena, steps: &[SeqStep<'_>]) -> Result<Vec<Vec<f32>>>;
+    fn forward_batch(
+        &self,
+        arena: &mut dyn KvStore,
+        steps: &[SeqStep<'_>],
+    ) -> Result<Vec<Vec<f32>>>;
 
     /// One sequence with a private cache (`forward_batch` of one).
     fn forward(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
         cache.reserve(cache.len + ids.len())?;
         let step = SeqStep { ids, start: cache.len, blocks: &cache.blocks };
-        let mut logits = self.forward_batch(&mut cache.arena, &[step])?;
+        let mut logits = self.forward_batch(cache.arena.as_mut(), &[step])?;
         cache.len += ids.len();
         Ok(logits.pop().expect("one sequence in, one row of logits out"))
+    }
+}
+
+/// The K/V blocks of one engine, on the model's device (`cpu::KvArena`, `cuda::KvArena`).
+pub trait KvStore: Send {
+    fn block_size(&self) -> usize;
+    fn num_blocks(&self) -> usize;
+    /// Adds blocks at the end, keeping what the old ones hold.
+    fn grow_to(&mut self, num_blocks: usize) -> Result<()>;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+impl KvStore for cpu::KvArena {
+    fn block_size(&self) -> usize {
+        cpu::KvArena::block_size(self)
+    }
+    fn num_blocks(&self) -> usize {
+        cpu::KvArena::num_blocks(self)
+    }
+    fn grow_to(&mut self, num_blocks: usize) -> Result<()> {
+        cpu::KvArena::grow_to(self, num_blocks)
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+impl KvStore for cuda::KvArena {
+    fn block_size(&self) -> usize {
+        cuda::KvArena::block_size(self)
+    }
+    fn num_blocks(&self) -> usize {
+        cuda::KvArena::num_blocks(self)
+    }
+    fn grow_to(&mut self, num_blocks: usize) -> Result<()> {
+        cuda::KvArena::grow_to(self, num_blocks)
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+/// The arena a CPU model was handed (it made it in `new_arena`).
+pub(crate) fn cpu_arena(store: &mut dyn KvStore) -> Result<&mut cpu::KvArena> {
+    store
+        .as_any_mut()
+        .downcast_mut()
+        .ok_or_else(|| Error::Internal("a CPU model was given another device's KV arena".into()))
+}
+
+/// One sequence's private K/V (the CLI, tests): an arena of its own that grows in blocks.
+pub struct KvCache {
+    pub arena: Box<dyn KvStore>,
+    pub blocks: Vec<u32>,
+    /// Number of positions stored.
+    pub len: usize,
+}
+
+impl KvCache {
+    pub const BLOCK_SIZE: usize = 64;
+
+    pub fn new(arena: Box<dyn KvStore>) -> Self {
+        KvCache { arena, blocks: Vec::new(), len: 0 }
+    }
+
+    /// Makes room for `len` positions (growing by doubling).
+    pub fn reserve(&mut self, len: usize) -> Result<()> {
+        let blocks = len.div_ceil(Self::BLOCK_SIZE);
+        if blocks > self.arena.num_blocks() {
+            self.arena.grow_to(blocks.max(2 * self.arena.num_blocks()))?;
+            self.blocks = (0..self.arena.num_blocks() as u32).collect();
+        }
+        Ok(())
     }
 }
 
@@ -156,13 +249,23 @@ pub(crate) fn last_token_logits(
 
 /// Reads `config.json` and returns the family it names with the parsed JSON.
 pub fn read_config(dir: &Path) -> Result<(Family, serde_json::Value)> {
+    let path = dir.join("config.json");
     if !dir.is_dir() {
         return Err(Error::Config(format!("model folder {} does not exist", dir.display())));
     }
-    let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let config: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Config(format!("{}: not valid JSON ({e})", path.display())))?;
+    parse_family_config(&text, &path.display().to_string())
+}
+
+/// Parses `config.json` text (`origin` names it in errors) and the family it names.
+pub fn parse_family_config(text: &str, origin: &str) -> Result<(Family, serde_json::Value)> {
+    let config: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| Error::Config(format!("{origin}: not valid JSON ({e})")))?;
+    family_of(config, origin)
+}
+
+fn family_of(config: serde_json::Value, origin: &str) -> Result<(Family, serde_json::Value)> {
+    let path = origin;
     let family = match config.get("model_type").and_then(|v| v.as_str()) {
         Some("chatglm") => Family::ChatGlm2,
         Some("internlm2") => Family::InternLm2,
@@ -170,26 +273,84 @@ pub fn read_config(dir: &Path) -> Result<(Family, serde_json::Value)> {
             return Err(Error::Config(format!(
                 "{}: model_type {other:?} is not supported (supported: \"chatglm\" for \
                  ChatGLM2, \"internlm2\" for InternLM2/2.5)",
-                path.display()
+                path
             )));
         }
         None => {
-            return Err(Error::Config(format!("{}: no \"model_type\" key", path.display())));
+            return Err(Error::Config(format!("{path}: no \"model_type\" key")));
         }
     };
     Ok((family, config))
 }
 
-/// Loads the model of a folder onto the CPU engine.
+/// Where a model runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// A CUDA device by ordinal.
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Ok(Device::Cuda(0)),
+            other => match other.strip_prefix("cuda:").map(str::parse) {
+                Some(Ok(ordinal)) => Ok(Device::Cuda(ordinal)),
+                _ => Err(format!("unknown device {other:?} (expected cpu, cuda or cuda:N)")),
+            },
+        }
+    }
+}
+
+/// Loads the model of a folder onto the CPU engine (f32).
 pub fn load(dir: &Path, format: LoadFormat) -> Result<Box<dyn CausalLm>> {
+    load_on(dir, format, Device::Cpu, cuda::DType::F32)
+}
+
+/// Loads the model of a folder onto `device`; `dtype` is the GPU engine's (the CPU engine
+/// computes in f32).
+pub fn load_on(
+    dir: &Path,
+    format: LoadFormat,
+    device: Device,
+    dtype: cuda::DType,
+) -> Result<Box<dyn CausalLm>> {
     let (family, config) = read_config(dir)?;
     let checkpoint = match format {
         LoadFormat::Safetensors => Checkpoint::open(dir)?,
         LoadFormat::Dummy => Checkpoint::dummy(),
     };
-    let model: Box<dyn CausalLm> = match family {
-        Family::ChatGlm2 => Box::new(chatglm2::Model::load(config, &checkpoint)?),
-        Family::InternLm2 => Box::new(internlm2::Model::load(config, &checkpoint)?),
+    load_config(family, config, &checkpoint, device, dtype)
+}
+
+/// Builds a model of `family` from its parsed `config.json` and a checkpoint (or
+/// `Checkpoint::dummy()` for random weights).
+pub fn load_config(
+    family: Family,
+    config: serde_json::Value,
+    checkpoint: &Checkpoint,
+    device: Device,
+    dtype: cuda::DType,
+) -> Result<Box<dyn CausalLm>> {
+    let dummy = checkpoint.is_dummy();
+    let model: Box<dyn CausalLm> = match device {
+        Device::Cpu => match family {
+            Family::ChatGlm2 => Box::new(chatglm2::Model::load(config, checkpoint)?),
+            Family::InternLm2 => Box::new(internlm2::Model::load(config, checkpoint)?),
+        },
+        Device::Cuda(ordinal) => {
+            let gpu = cuda::Gpu::open(ordinal, dtype)?;
+            gpu.bind()?;
+            let loader = gpu::WeightLoader { gpu: &gpu, checkpoint, dummy };
+            match family {
+                Family::ChatGlm2 => Box::new(chatglm2::load_gpu(config, &loader)?),
+                Family::InternLm2 => Box::new(internlm2::load_gpu(config, &loader)?),
+            }
+        }
     };
     checkpoint.finish()?;
     Ok(model)

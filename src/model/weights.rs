@@ -117,6 +117,10 @@ impl Checkpoint {
         }
     }
 
+    pub fn is_dummy(&self) -> bool {
+        self.dummy
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }

@@ -68,6 +68,7 @@ impl From<crate::Error> for TritonError {
             crate::Error::Io { .. }
             | crate::Error::Weights(_)
             | crate::Error::Tokenizer(_)
+            | crate::Error::Device(_)
             | crate::Error::Internal(_) => Self::internal(message),
         }
     }

@@ -9,10 +9,11 @@ use std::sync::Arc;
 use super::error::{TritonError, TritonResult, ffi, owned_string};
 use super::interface;
 use super::metrics::InstanceMetrics;
-use super::model::{Device, ModelHandle, ModelState};
+use super::model::{ModelHandle, ModelState};
 use super::request::Request;
 use super::sink::{self, TritonSink, now_ns};
 use super::sys;
+use crate::model::Device;
 use crate::serving::{ChatJob, EngineMetrics, NoMetrics, ServingEngine};
 
 pub struct InstanceState {
@@ -85,10 +86,9 @@ impl InstanceState {
         let model = ModelHandle(model).state()?;
         let device = match kind {
             sys::TRITONSERVER_INSTANCEGROUPKIND_GPU => {
-                return Err(TritonError::unsupported(format!(
-                    "instance {name}: KIND_GPU needs the GPU engine, which this build of the llm \
-                     backend does not have yet; use KIND_CPU"
-                )));
+                Device::Cuda(usize::try_from(device_id).map_err(|_| {
+                    TritonError::invalid_arg(format!("instance {name}: GPU device id {device_id}"))
+                })?)
             }
             // AUTO and MODEL arrive as CPU on a machine without GPUs; serve them there.
             _ => Device::Cpu,

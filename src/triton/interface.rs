@@ -299,6 +299,7 @@ mod tests {
             history_len_default: 10,
             max_token_default: None,
             load_format: Default::default(),
+            dtype: Default::default(),
             session_len: None,
             scheduler: Default::default(),
         }

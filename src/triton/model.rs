@@ -12,14 +12,8 @@ use super::error::{TritonError, TritonResult, ffi, owned_string};
 use super::metrics::MetricFamilies;
 use super::sys;
 use crate::config::ModelConfig;
-use crate::model::{self, Family};
+use crate::model::{self, Device, Family};
 use crate::pipeline::{ChatModel, LoadOptions};
-
-/// Where an engine runs.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub enum Device {
-    Cpu,
-}
 
 pub struct ModelState {
     pub name: String,
@@ -137,6 +131,8 @@ impl ModelState {
         let options = LoadOptions {
             load_format: parameters.load_format,
             session_len: parameters.session_len,
+            device,
+            dtype: parameters.dtype,
         };
         let started = std::time::Instant::now();
         let engine = ChatModel::load(&parameters.model_dir, &options)

@@ -3,8 +3,12 @@
 
 use std::path::PathBuf;
 
+/// A fixture folder: under the crate that built the test, or, for a test binary carried
+/// to another machine (the GPU checks), under `tests/fixtures` of the working directory.
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let root = if built.is_dir() { built } else { PathBuf::from("tests/fixtures") };
+    root.join(name)
 }
 
 pub fn golden(folder: &str, file: &str) -> serde_json::Value {

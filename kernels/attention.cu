@@ -1,0 +1,289 @@
+// Causal attention over the paged KV cache, never storing a score row (online softmax).
+// Two kernels by the shape of the work:
+//
+// attention_decode — query tokens that come one per sequence (decode steps). A block takes
+//   one (token, head, split of at least 128 keys): each warp scores 32 keys at once, a lane per key
+//   (the whole K and V rows with 16-byte loads, V staged in shared memory), then adds the V
+//   rows with lanes across the head dim. Splitting the keys over blocks (flash-decoding)
+//   keeps the chip busy when there are few sequences; each split leaves (max, sum, unnormalised output) and the last split to
+//   finish merges them (with one split, the block writes the output itself).
+// attention_prefill — a tile of up to PREFILL_TILE consecutive tokens of one sequence per
+//   (tile, head): the block stages 32 keys of K and V in shared memory (f32) and every query
+//   of the tile uses them, so K/V is read once per tile rather than once per token.
+//
+// Lookup: key j of sequence s sits in cache row block_tables[s][j / block_size] ·
+// block_size + j % block_size; a row holds num_kv_heads · head_dim elements. Query head h
+// reads K/V head h / (num_heads / num_kv_heads).
+#define ATTN_WARPS 4
+#define ATTN_THREADS (ATTN_WARPS * 32)
+#define MAX_DIMS_PER_LANE 4  // head_dim ≤ 128
+#define PREFILL_TILE 16
+#define PREFILL_QUERIES_PER_WARP (PREFILL_TILE / ATTN_WARPS)
+#define PREFILL_MAX_DIMS_PER_LANE 4  // head_dim ≤ 128
+
+union AttnChunk {
+    int4 raw;
+    elem e[16 / sizeof(elem)];
+};
+
+__device__ __forceinline__ size_t cache_row(const int* table, int key, int block_size) {
+    return (size_t)table[key / block_size] * block_size + key % block_size;
+}
+
+extern "C" __global__ void attention_decode(
+    const elem* __restrict__ q, const elem* __restrict__ k_cache,
+    const elem* __restrict__ v_cache, elem* __restrict__ out, float* __restrict__ partial,
+    int* __restrict__ split_counters, const int* __restrict__ decode_rows,
+    const int* __restrict__ token_seq,
+    const int* __restrict__ token_pos, const int* __restrict__ block_tables,
+    int max_blocks_per_seq, int block_size, int num_heads, int num_kv_heads, int head_dim,
+    float scale, int partition, int splits) {
+    const int t = decode_rows[blockIdx.x];
+    const int head = blockIdx.y, split = blockIdx.z;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int kv_head = head / (num_heads / num_kv_heads);
+    const int kv_width = num_kv_heads * head_dim;
+    const int* table = block_tables + (size_t)token_seq[t] * max_blocks_per_seq;
+    const int visible = token_pos[t] + 1;
+    const int begin = split * partition;
+    const int end = min(visible, begin + partition);
+
+    __shared__ float q_s[32 * MAX_DIMS_PER_LANE];
+    const elem* q_head = q + ((size_t)t * num_heads + head) * head_dim;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) q_s[d] = to_f32(q_head[d]) * scale;
+    __syncthreads();
+
+    constexpr int V = 16 / sizeof(elem);
+    const bool vector_rows = head_dim % V == 0;
+    float acc[MAX_DIMS_PER_LANE];
+#pragma unroll
+    for (int j = 0; j < MAX_DIMS_PER_LANE; j++) acc[j] = 0.0f;
+    float running_max = NEG_INFINITY, running_sum = 0.0f;
+
+    // Each lane fetches its key's whole K and V rows at once (one round trip per chunk of
+    // 32 keys); V goes through shared memory so the P·V sum can run with lanes across dims.
+    // Dynamic shared memory: ATTN_WARPS · 32 · head_dim elems.
+    extern __shared__ __align__(16) unsigned char decode_shared[];
+    elem* v_warp = reinterpret_cast<elem*>(decode_shared) + (size_t)warp * 32 * head_dim;
+    for (int base = begin + warp * 32; base < end; base += ATTN_THREADS) {
+        const int key = base + lane;
+        const bool valid = key < end;
+        float score = NEG_INFINITY;
+        if (valid) {
+            const size_t row = cache_row(table, key, block_size);
+            const size_t at = row * kv_width + (size_t)kv_head * head_dim;
+            const elem* k_row = k_cache + at;
+            const elem* v_row = v_cache + at;
+            float dot = 0.0f;
+            if (vector_rows) {
+                const int4* k4 = reinterpret_cast<const int4*>(k_row);
+                const int4* v4 = reinterpret_cast<const int4*>(v_row);
+                int4* v_dst = reinterpret_cast<int4*>(v_warp + lane * head_dim);
+                const int chunks = head_dim / V;
+                for (int c0 = 0; c0 < chunks; c0 += 16) {
+                    AttnChunk kc[16];
+                    int4 vc[16];
+#pragma unroll
+                    for (int c = 0; c < 16; c++) {
+                        if (c0 + c < chunks) {
+                            kc[c].raw = __ldg(k4 + c0 + c);
+                            vc[c] = __ldg(v4 + c0 + c);
+                        }
+                    }
+#pragma unroll
+                    for (int c = 0; c < 16; c++) {
+                        if (c0 + c < chunks) {
+                            v_dst[c0 + c] = vc[c];
+#pragma unroll
+                            for (int j = 0; j < V; j++)
+                                dot += q_s[(c0 + c) * V + j] * to_f32(kc[c].e[j]);
+                        }
+                    }
+                }
+            } else {
+                for (int d = 0; d < head_dim; d++) {
+                    dot += q_s[d] * to_f32(k_row[d]);
+                    v_warp[lane * head_dim + d] = v_row[d];
+                }
+            }
+            score = dot;
+        }
+        __syncwarp();
+        const float new_max = fmaxf(running_max, warp_max(score));
+        const float correction = expf(running_max - new_max);
+        const float p = valid ? expf(score - new_max) : 0.0f;
+        running_sum = running_sum * correction + warp_sum(p);
+        running_max = new_max;
+#pragma unroll
+        for (int j = 0; j < MAX_DIMS_PER_LANE; j++) acc[j] *= correction;
+        const int count = min(32, end - base);
+        for (int kk = 0; kk < count; kk++) {
+            const float pk = __shfl_sync(0xffffffffu, p, kk);
+            const elem* v_key = v_warp + kk * head_dim;
+#pragma unroll
+            for (int j = 0; j < MAX_DIMS_PER_LANE; j++) {
+                const int d = lane + 32 * j;
+                if (d < head_dim) acc[j] += pk * to_f32(v_key[d]);
+            }
+        }
+        __syncwarp();  // v_warp is refilled by the next chunk
+    }
+
+    // Merge the warps, then write the output (one split) or this split's partial result.
+    __shared__ float warp_max_s[ATTN_WARPS], warp_sum_s[ATTN_WARPS];
+    __shared__ float warp_acc[ATTN_WARPS][32 * MAX_DIMS_PER_LANE];
+    if (lane == 0) {
+        warp_max_s[warp] = running_max;
+        warp_sum_s[warp] = running_sum;
+    }
+#pragma unroll
+    for (int j = 0; j < MAX_DIMS_PER_LANE; j++) warp_acc[warp][lane + 32 * j] = acc[j];
+    __syncthreads();
+    float block_max = NEG_INFINITY;
+    for (int w = 0; w < ATTN_WARPS; w++) block_max = fmaxf(block_max, warp_max_s[w]);
+    float total = 0.0f;
+    for (int w = 0; w < ATTN_WARPS; w++)
+        if (warp_sum_s[w] > 0.0f) total += warp_sum_s[w] * expf(warp_max_s[w] - block_max);
+    float* part = partial + (((size_t)blockIdx.x * num_heads + head) * splits + split) * (head_dim + 2);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float value = 0.0f;
+        for (int w = 0; w < ATTN_WARPS; w++)
+            if (warp_sum_s[w] > 0.0f) value += warp_acc[w][d] * expf(warp_max_s[w] - block_max);
+        if (splits == 1)
+            out[((size_t)t * num_heads + head) * head_dim + d] = from_f32<elem>(value / total);
+        else
+            part[2 + d] = value;
+    }
+    if (splits == 1) return;
+    if (threadIdx.x == 0) {
+        part[0] = block_max;  // -inf for a split past the sequence's end
+        part[1] = total;
+    }
+    // The last split of this (token, head) to finish merges all of them (the fence makes
+    // this block's partial visible before it is counted).
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    int* counter = split_counters + (size_t)blockIdx.x * num_heads + head;
+    if (threadIdx.x == 0) last = atomicAdd(counter, 1) == splits - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const float* parts = partial + ((size_t)blockIdx.x * num_heads + head) * splits * (head_dim + 2);
+    float global_max = NEG_INFINITY;
+    for (int s = 0; s < splits; s++) global_max = fmaxf(global_max, __ldcg(parts + s * (head_dim + 2)));
+    float merged_total = 0.0f;
+    for (int s = 0; s < splits; s++) {
+        const float m_s = __ldcg(parts + s * (head_dim + 2)), l_s = __ldcg(parts + s * (head_dim + 2) + 1);
+        if (l_s > 0.0f) merged_total += l_s * expf(m_s - global_max);
+    }
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float value = 0.0f;
+        for (int s = 0; s < splits; s++) {
+            const float* p = parts + s * (head_dim + 2);
+            const float l_s = __ldcg(p + 1);
+            if (l_s > 0.0f) value += __ldcg(p + 2 + d) * expf(__ldcg(p) - global_max);
+        }
+        out[((size_t)t * num_heads + head) * head_dim + d] = from_f32<elem>(value / merged_total);
+    }
+    if (threadIdx.x == 0) *counter = 0;  // ready for the next call
+}
+
+// tiles[2i], tiles[2i+1]: first flat row and count (≤ PREFILL_TILE) of tile i; its tokens
+// are consecutive positions of one sequence. Dynamic shared memory:
+// (32·(head_dim+1) + 32·head_dim + PREFILL_TILE·head_dim) floats.
+// grid: (tiles, heads); block: ATTN_THREADS.
+extern "C" __global__ void attention_prefill(
+    const elem* __restrict__ q, const elem* __restrict__ k_cache,
+    const elem* __restrict__ v_cache, elem* __restrict__ out, const int* __restrict__ tiles,
+    const int* __restrict__ token_seq, const int* __restrict__ token_pos,
+    const int* __restrict__ block_tables, int max_blocks_per_seq, int block_size, int num_heads,
+    int num_kv_heads, int head_dim, float scale) {
+    extern __shared__ float shared[];
+    const int k_stride = head_dim + 1;  // padded: lanes reading one column of 32 rows
+    float* k_s = shared;                // [32][head_dim + 1]
+    float* v_s = k_s + 32 * k_stride;   // [32][head_dim]
+    float* q_s = v_s + 32 * head_dim;   // [PREFILL_TILE][head_dim]
+
+    const int first = tiles[2 * blockIdx.x], count = tiles[2 * blockIdx.x + 1];
+    const int head = blockIdx.y;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int kv_head = head / (num_heads / num_kv_heads);
+    const int kv_width = num_kv_heads * head_dim;
+    const int* table = block_tables + (size_t)token_seq[first] * max_blocks_per_seq;
+    const int first_pos = token_pos[first];
+    const int visible = first_pos + count;  // keys the tile's last query sees
+
+    for (int i = threadIdx.x; i < PREFILL_TILE * head_dim; i += blockDim.x) {
+        const int qi = i / head_dim, d = i % head_dim;
+        q_s[i] = qi < count ? to_f32(q[((size_t)(first + qi) * num_heads + head) * head_dim + d]) * scale
+                            : 0.0f;
+    }
+
+    float acc[PREFILL_QUERIES_PER_WARP][PREFILL_MAX_DIMS_PER_LANE];
+    float running_max[PREFILL_QUERIES_PER_WARP], running_sum[PREFILL_QUERIES_PER_WARP];
+#pragma unroll
+    for (int qi = 0; qi < PREFILL_QUERIES_PER_WARP; qi++) {
+        running_max[qi] = NEG_INFINITY;
+        running_sum[qi] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < PREFILL_MAX_DIMS_PER_LANE; j++) acc[qi][j] = 0.0f;
+    }
+
+    for (int base = 0; base < visible; base += 32) {
+        const int keys = min(32, visible - base);
+        __syncthreads();  // the previous chunk is consumed (and q_s is written)
+        for (int i = threadIdx.x; i < keys * head_dim; i += blockDim.x) {
+            const int kk = i / head_dim, d = i % head_dim;
+            const size_t row = cache_row(table, base + kk, block_size);
+            const size_t at = row * kv_width + (size_t)kv_head * head_dim + d;
+            k_s[kk * k_stride + d] = to_f32(k_cache[at]);
+            v_s[kk * head_dim + d] = to_f32(v_cache[at]);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int qi = 0; qi < PREFILL_QUERIES_PER_WARP; qi++) {
+            const int query = warp * PREFILL_QUERIES_PER_WARP + qi;
+            if (query >= count) break;  // uniform across the warp
+            const int pos = first_pos + query;
+            const int key = base + lane;
+            const bool valid = lane < keys && key <= pos;
+            float score = NEG_INFINITY;
+            if (valid) {
+                float dot = 0.0f;
+                const float* qv = q_s + query * head_dim;
+                const float* kv = k_s + lane * k_stride;
+                for (int d = 0; d < head_dim; d++) dot += qv[d] * kv[d];
+                score = dot;
+            }
+            const float chunk_max = warp_max(score);
+            if (chunk_max == NEG_INFINITY) continue;  // every key of the chunk is in its future
+            const float new_max = fmaxf(running_max[qi], chunk_max);
+            const float correction = expf(running_max[qi] - new_max);
+            const float p = valid ? expf(score - new_max) : 0.0f;
+            running_sum[qi] = running_sum[qi] * correction + warp_sum(p);
+            running_max[qi] = new_max;
+#pragma unroll
+            for (int j = 0; j < PREFILL_MAX_DIMS_PER_LANE; j++) acc[qi][j] *= correction;
+            for (int kk = 0; kk < keys; kk++) {
+                const float pk = __shfl_sync(0xffffffffu, p, kk);
+#pragma unroll
+                for (int j = 0; j < PREFILL_MAX_DIMS_PER_LANE; j++) {
+                    const int d = lane + 32 * j;
+                    if (d < head_dim) acc[qi][j] += pk * v_s[kk * head_dim + d];
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int qi = 0; qi < PREFILL_QUERIES_PER_WARP; qi++) {
+        const int query = warp * PREFILL_QUERIES_PER_WARP + qi;
+        if (query >= count) break;
+        elem* o = out + ((size_t)(first + query) * num_heads + head) * head_dim;
+#pragma unroll
+        for (int j = 0; j < PREFILL_MAX_DIMS_PER_LANE; j++) {
+            const int d = lane + 32 * j;
+            if (d < head_dim) o[d] = from_f32<elem>(acc[qi][j] / running_sum[qi]);
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! K/V of the sequences a GPU engine serves, in fixed-size blocks on the device: per layer,
+//! K and V each `[blocks, block_size, kv_width]` elements of the model's dtype, post-rope.
+//! Kernels reach positions through block tables, as on the CPU (`cpu::KvArena`).
+
+use std::sync::Arc;
+
+use super::{Buffer, Gpu};
+use crate::Result;
+
+pub struct KvArena {
+    gpu: Arc<Gpu>,
+    block_size: usize,
+    kv_width: usize,
+    num_blocks: usize,
+    num_layers: usize,
+    /// Per layer (K, V); empty while the arena has no blocks.
+    layers: Vec<(Buffer, Buffer)>,
+}
+
+impl KvArena {
+    pub fn new(
+        gpu: Arc<Gpu>,
+        num_layers: usize,
+        kv_width: usize,
+        block_size: usize,
+        num_blocks: usize,
+    ) -> Result<Self> {
+        let mut arena =
+            KvArena { gpu, block_size, kv_width, num_blocks: 0, num_layers, layers: Vec::new() };
+        arena.grow_to(num_blocks)?;
+        Ok(arena)
+    }
+
+    pub fn bytes_per_block(&self) -> usize {
+        Self::block_bytes(self.num_layers, self.kv_width, self.block_size, self.gpu.dtype.size())
+    }
+
+    /// Bytes of K/V one block holds across all layers.
+    pub fn block_bytes(
+        num_layers: usize,
+        kv_width: usize,
+        block_size: usize,
+        elem: usize,
+    ) -> usize {
+        num_layers * 2 * block_size * kv_width * elem
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    /// Device pointers of layer `layer`'s K and V.
+    pub fn layer(&self, layer: usize) -> (u64, u64) {
+        let (k, v) = &self.layers[layer];
+        (k.ptr(), v.ptr())
+    }
+
+    /// Adds blocks at the end, keeping what the old ones hold.
+    pub fn grow_to(&mut self, num_blocks: usize) -> Result<()> {
+        if num_blocks <= self.num_blocks {
+            return Ok(());
+        }
+        let bytes = num_blocks * self.block_size * self.kv_width * self.gpu.dtype.size();
+        let old_bytes = self.num_blocks * self.block_size * self.kv_width * self.gpu.dtype.size();
+        let mut layers = Vec::with_capacity(self.num_layers);
+        for l in 0..self.num_layers {
+            let (mut k, mut v) = (self.gpu.alloc(bytes)?, self.gpu.alloc(bytes)?);
+            if let Some((old_k, old_v)) = self.layers.get(l) {
+                self.gpu.copy(old_k, &mut k, old_bytes)?;
+                self.gpu.copy(old_v, &mut v, old_bytes)?;
+            }
+            layers.push((k, v));
+        }
+        self.layers = layers;
+        self.num_blocks = num_blocks;
+        Ok(())
+    }
+}

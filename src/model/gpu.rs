@@ -1,0 +1,610 @@
+//! The decoder graph both families run on the GPU. The families differ only in facts
+//! their own files own and hand over here: how checkpoint tensors map onto these slots
+//! (InternLM2's per-group QKV packing and separate w1/w3 are rearranged at load), the
+//! rotary layout, and the rotary frequencies of a call. Per token, every layer runs
+//! RMSNorm (fused with the residual add) → QKV product → bias + rotary + paged K/V write →
+//! paged attention → output product → RMSNorm → [gate | up] product → SwiGLU → down
+//! product; the residual stream stays f32. Products of up to `GEMV_MAX_ROWS` tokens (decode)
+//! run on our GEMV kernel, larger ones (prefill) on cuBLAS.
+
+use std::sync::{Arc, Mutex};
+
+use super::{Checkpoint, KvStore, ModelInfo, SeqStep, batch_offsets, rope};
+use crate::cuda::{self, AttentionShape, Buffer, DType, Gpu, Rope, StepTables};
+use crate::{Error, Result};
+
+/// Sizes of the decoder.
+#[derive(Clone, Debug)]
+pub struct Shape {
+    pub hidden: usize,
+    pub num_layers: usize,
+    pub attention: AttentionShape,
+    pub ffn: usize,
+    pub vocab: usize,
+    pub eps: f32,
+    pub rope: Rope,
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+}
+
+impl Shape {
+    fn q_width(&self) -> usize {
+        self.attention.num_heads * self.attention.head_dim
+    }
+
+    fn kv_width(&self) -> usize {
+        self.attention.num_kv_heads * self.attention.head_dim
+    }
+
+    fn qkv_width(&self) -> usize {
+        self.q_width() + 2 * self.kv_width()
+    }
+
+    /// Elements of every weight, in load order (for the memory check before loading).
+    fn num_weights(&self) -> usize {
+        let h = self.hidden;
+        let per_layer = 2 * h
+            + self.qkv_width() * h
+            + if self.qkv_bias { self.qkv_width() } else { 0 }
+            + self.q_width() * h
+            + if self.o_bias { h } else { 0 }
+            + 3 * self.ffn * h;
+        2 * self.vocab * h + h + self.num_layers * per_layer
+    }
+}
+
+/// One layer's weights on the device, PyTorch layout (`[out, in]`, row-major).
+pub struct LayerWeights {
+    pub attention_norm: Buffer,
+    /// `[q heads | k heads | v heads]` rows.
+    pub qkv: Buffer,
+    pub qkv_bias: Option<Buffer>,
+    pub o: Buffer,
+    pub o_bias: Option<Buffer>,
+    pub ffn_norm: Buffer,
+    /// `[gate | up]` rows, `2·ffn`.
+    pub gate_up: Buffer,
+    pub down: Buffer,
+}
+
+pub struct Weights {
+    pub embedding: Buffer,
+    pub layers: Vec<LayerWeights>,
+    pub final_norm: Buffer,
+    pub output: Buffer,
+}
+
+/// Puts weights on the device: from the checkpoint (converted to the GPU's dtype), or, for
+/// `load_format dummy`, filled on the device (norm scales 1, other values uniform in
+/// ±1/sqrt(last dim), as `Checkpoint::dummy` on the CPU).
+pub struct WeightLoader<'a> {
+    pub gpu: &'a Arc<Gpu>,
+    pub checkpoint: &'a Checkpoint,
+    pub dummy: bool,
+}
+
+impl WeightLoader<'_> {
+    /// The tensor `name` of exactly `shape`.
+    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Buffer> {
+        self.tensor_from(name, shape, || self.checkpoint.f32(name, shape))
+    }
+
+    /// A device tensor of `shape` whose values `read` assembles on the host from one or
+    /// more checkpoint tensors (reordered or concatenated); `name` seeds dummy values.
+    pub fn tensor_from(
+        &self,
+        name: &str,
+        shape: &[usize],
+        read: impl FnOnce() -> Result<Vec<f32>>,
+    ) -> Result<Buffer> {
+        let numel: usize = shape.iter().product();
+        if !self.dummy {
+            let values = read()?;
+            debug_assert_eq!(values.len(), numel, "{name}");
+            return self.gpu.upload_elems(&values);
+        }
+        if name.contains("norm") {
+            return self.gpu.upload_elems(&vec![1.0; numel]);
+        }
+        let buffer = self.gpu.alloc(numel * self.gpu.dtype.size())?;
+        let seed = name
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+        let bound = 1.0 / (*shape.last().unwrap_or(&1) as f32).sqrt();
+        self.gpu.fill_uniform(buffer.ptr(), numel, seed, bound)?;
+        Ok(buffer)
+    }
+}
+
+/// Rotary inverse frequencies for a call whose sequence reaches `total_len` positions.
+pub type InvFreq = Box<dyn Fn(usize) -> Vec<f32> + Send + Sync>;
+
+pub struct GpuModel {
+    gpu: Arc<Gpu>,
+    shape: Shape,
+    weights: Weights,
+    info: ModelInfo,
+    inv_freq: InvFreq,
+    /// Activations of one forward call; one call at a time per model.
+    scratch: Mutex<Option<Scratch>>,
+    rope_cache: Mutex<RopeCache>,
+}
+
+/// cos/sin rows of the positions seen so far, for the inverse frequencies last asked for
+/// (constant but for InternLM2's dynamic NTK past its trained context).
+#[derive(Default)]
+struct RopeCache {
+    inv_freq: Vec<f32>,
+    /// Per position: cos of each frequency, then sin.
+    rows: Vec<f32>,
+}
+
+impl RopeCache {
+    fn rows(&mut self, inv_freq: &[f32], start: usize, end: usize) -> &[f32] {
+        if self.inv_freq != inv_freq {
+            self.inv_freq = inv_freq.to_vec();
+            self.rows.clear();
+        }
+        let width = 2 * inv_freq.len();
+        for position in self.rows.len() / width..end {
+            let (cos, sin) = rope::cos_sin(inv_freq, position);
+            self.rows.extend(cos.iter().chain(&sin));
+        }
+        &self.rows[start * width..end * width]
+    }
+}
+
+/// Fails early, with the sizes, when the weights cannot fit in the device's free memory
+/// (or the heads are wider than the attention kernels take).
+pub fn check_fits(gpu: &Gpu, shape: &Shape) -> Result<()> {
+    if shape.attention.head_dim > cuda::MAX_HEAD_DIM {
+        return Err(Error::Config(format!(
+            "head dim {} is over the {} the GPU attention kernels support",
+            shape.attention.head_dim,
+            cuda::MAX_HEAD_DIM
+        )));
+    }
+    let needed = shape.num_weights() * gpu.dtype.size();
+    let (free, total) = gpu.memory()?;
+    // Room for activations, cuBLAS and at least some KV blocks.
+    let headroom = 512 << 20;
+    if needed + headroom > free {
+        return Err(Error::Device(format!(
+            "the weights need {:.2} GiB in {} but GPU {} ({}) has {:.2} GiB free of {:.2} GiB",
+            needed as f64 / (1u64 << 30) as f64,
+            gpu.dtype.name(),
+            gpu.ordinal,
+            gpu.name,
+            free as f64 / (1u64 << 30) as f64,
+            total as f64 / (1u64 << 30) as f64,
+        )));
+    }
+    Ok(())
+}
+
+impl GpuModel {
+    pub fn new(
+        gpu: Arc<Gpu>,
+        shape: Shape,
+        weights: Weights,
+        info: ModelInfo,
+        inv_freq: InvFreq,
+    ) -> Self {
+        GpuModel {
+            gpu,
+            shape,
+            weights,
+            info,
+            inv_freq,
+            scratch: Mutex::new(None),
+            rope_cache: Mutex::new(RopeCache::default()),
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.gpu.dtype
+    }
+
+    /// Lays out one call's per-token tables as u32 words (one upload) and returns them with
+    /// each table's word offset.
+    fn tables(&self, steps: &[SeqStep<'_>], block_size: usize) -> Result<TableWords> {
+        let freq_len = match self.shape.rope {
+            Rope::Glm { rotary_dim } => rotary_dim / 2,
+            Rope::RotateHalf => self.shape.attention.head_dim / 2,
+        };
+        let max_blocks =
+            steps.iter().map(|s| (s.start + s.ids.len()).div_ceil(block_size)).max().unwrap_or(1);
+        let mut words = TableWords {
+            words: Vec::new(),
+            offsets: [0; TABLES],
+            freq_len,
+            max_blocks,
+            num_decode: 0,
+            num_tiles: 0,
+            splits: 1,
+            partition: 0,
+        };
+        let vocab = self.shape.vocab;
+        for step in steps {
+            if step.blocks.len() < (step.start + step.ids.len()).div_ceil(block_size) {
+                return Err(Error::Internal("a block table does not cover its sequence".into()));
+            }
+        }
+        // ids
+        words.begin(0);
+        for step in steps {
+            for &id in step.ids {
+                if id as usize >= vocab {
+                    return Err(Error::InvalidRequest(format!(
+                        "token id {id} is outside the model's vocabulary of {vocab}"
+                    )));
+                }
+                words.words.push(id);
+            }
+        }
+        words.begin(1); // positions
+        for step in steps {
+            words.words.extend((step.start..step.start + step.ids.len()).map(|p| p as u32));
+        }
+        words.begin(2); // slots
+        for step in steps {
+            for p in step.start..step.start + step.ids.len() {
+                let block = step.blocks[p / block_size] as usize;
+                words.words.push((block * block_size + p % block_size) as u32);
+            }
+        }
+        words.begin(3); // token → sequence
+        for (s, step) in steps.iter().enumerate() {
+            words.words.extend(std::iter::repeat_n(s as u32, step.ids.len()));
+        }
+        words.begin(5); // last token of each sequence, as a row of the flat batch
+        let mut row = 0;
+        for step in steps {
+            row += step.ids.len();
+            words.words.push((row - 1) as u32);
+        }
+        words.begin(6); // block tables, padded to the longest
+        for step in steps {
+            let needed = (step.start + step.ids.len()).div_ceil(block_size);
+            words.words.extend_from_slice(&step.blocks[..needed]);
+            words.words.extend(std::iter::repeat_n(0, max_blocks - needed));
+        }
+        words.begin(7); // per token: cos then sin of each rotary frequency (f32 bits)
+        let mut cache = self.rope_cache.lock().unwrap_or_else(|p| p.into_inner());
+        for step in steps {
+            let inv_freq = (self.inv_freq)(step.start + step.ids.len());
+            debug_assert_eq!(inv_freq.len(), freq_len);
+            let end = step.start + step.ids.len();
+            words.words.extend(cache.rows(&inv_freq, step.start, end).iter().map(|v| v.to_bits()));
+        }
+        drop(cache);
+        // Attention work: sequences with one new token go to the decode kernel, longer runs
+        // to the prefill kernel in tiles of consecutive tokens.
+        words.begin(8);
+        let (mut row, mut longest_decode) = (0usize, 0usize);
+        for step in steps {
+            if step.ids.len() == 1 {
+                words.words.push(row as u32);
+                longest_decode = longest_decode.max(step.start + 1);
+            }
+            row += step.ids.len();
+        }
+        words.num_decode = words.words.len() - words.offsets[8];
+        words.begin(9);
+        let mut row = 0usize;
+        let tile = self.gpu.prefill_tile(self.shape.attention.head_dim);
+        for step in steps {
+            if step.ids.len() > 1 {
+                for first in (0..step.ids.len()).step_by(tile) {
+                    let count = tile.min(step.ids.len() - first);
+                    words.words.extend([(row + first) as u32, count as u32]);
+                    words.num_tiles += 1;
+                }
+            }
+            row += step.ids.len();
+        }
+        if words.num_decode > 0 {
+            // Enough blocks to fill the chip when few sequences decode (flash-decoding).
+            let blocks = words.num_decode * self.shape.attention.num_heads;
+            let splits =
+                DECODE_ATTENTION_BLOCKS.div_ceil(blocks).clamp(1, longest_decode.div_ceil(128));
+            words.partition = longest_decode.div_ceil(splits).div_ceil(32) * 32;
+            words.splits = longest_decode.div_ceil(words.partition);
+        }
+        Ok(words)
+    }
+}
+
+/// Blocks the decode attention aims for (a few per SM).
+const DECODE_ATTENTION_BLOCKS: usize = 512;
+const TABLES: usize = 10;
+
+struct TableWords {
+    words: Vec<u32>,
+    offsets: [usize; TABLES],
+    freq_len: usize,
+    max_blocks: usize,
+    num_decode: usize,
+    num_tiles: usize,
+    splits: usize,
+    partition: usize,
+}
+
+impl TableWords {
+    /// Floats of the decode attention's split results.
+    fn partial_floats(&self, shape: &Shape) -> usize {
+        if self.splits > 1 {
+            self.num_decode
+                * shape.attention.num_heads
+                * self.splits
+                * (shape.attention.head_dim + 2)
+        } else {
+            0
+        }
+    }
+}
+
+impl TableWords {
+    fn begin(&mut self, table: usize) {
+        self.offsets[table] = self.words.len();
+    }
+}
+
+/// Device buffers for the activations of a call of up to `tokens` tokens and `seqs`
+/// sequences; grown (never shrunk) when a larger call comes.
+struct Scratch {
+    tokens: usize,
+    seqs: usize,
+    x: Buffer,
+    normed: Buffer,
+    qkv: Buffer,
+    q: Buffer,
+    context: Buffer,
+    attn_out: Buffer,
+    gate_up: Buffer,
+    act: Buffer,
+    mlp_out: Buffer,
+    last_normed: Buffer,
+    logits: Buffer,
+    tables: Buffer,
+    attention_partial: Buffer,
+    /// One int per (sequence, head), zero between calls (kernels/attention.cu).
+    split_counters: Buffer,
+    /// Where the logits come back to the host.
+    host_logits: cuda::HostBuffer,
+}
+
+impl Scratch {
+    fn new(
+        gpu: &Gpu,
+        shape: &Shape,
+        tokens: usize,
+        seqs: usize,
+        table_bytes: usize,
+        partial_bytes: usize,
+    ) -> Result<Self> {
+        let e = gpu.dtype.size();
+        let h = shape.hidden;
+        Ok(Scratch {
+            tokens,
+            seqs,
+            x: gpu.alloc(tokens * h * 4)?,
+            normed: gpu.alloc(tokens * h.max(shape.ffn) * e)?,
+            qkv: gpu.alloc(tokens * shape.qkv_width() * e)?,
+            q: gpu.alloc(tokens * shape.q_width() * e)?,
+            context: gpu.alloc(tokens * shape.q_width() * e)?,
+            attn_out: gpu.alloc(tokens * h * e)?,
+            gate_up: gpu.alloc(tokens * 2 * shape.ffn * e)?,
+            act: gpu.alloc(tokens * shape.ffn * e)?,
+            mlp_out: gpu.alloc(tokens * h * e)?,
+            last_normed: gpu.alloc(seqs * h * e)?,
+            logits: gpu.alloc(seqs * shape.vocab * 4)?,
+            tables: gpu.alloc(table_bytes)?,
+            attention_partial: gpu.alloc(partial_bytes)?,
+            split_counters: gpu.alloc(seqs * shape.attention.num_heads * 4)?,
+            host_logits: gpu.alloc_host(seqs * shape.vocab * 4)?,
+        })
+    }
+}
+
+impl super::CausalLm for GpuModel {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn new_arena(&self, block_size: usize, num_blocks: usize) -> Result<Box<dyn KvStore>> {
+        Ok(Box::new(cuda::KvArena::new(
+            Arc::clone(&self.gpu),
+            self.shape.num_layers,
+            self.shape.kv_width(),
+            block_size,
+            num_blocks,
+        )?))
+    }
+
+    fn kv_bytes_per_block(&self, block_size: usize) -> usize {
+        cuda::KvArena::block_bytes(
+            self.shape.num_layers,
+            self.shape.kv_width(),
+            block_size,
+            self.gpu.dtype.size(),
+        )
+    }
+
+    fn device_free_memory(&self) -> Result<Option<usize>> {
+        self.gpu.bind()?;
+        Ok(Some(self.gpu.memory()?.0))
+    }
+
+    fn forward_batch(
+        &self,
+        arena: &mut dyn KvStore,
+        steps: &[SeqStep<'_>],
+    ) -> Result<Vec<Vec<f32>>> {
+        let arena: &mut cuda::KvArena = arena.as_any_mut().downcast_mut().ok_or_else(|| {
+            Error::Internal("a GPU model was given another device's KV arena".into())
+        })?;
+        let (_, total) = batch_offsets(steps)?;
+        let block_size = arena.block_size();
+        let tables = self.tables(steps, block_size)?;
+        let gpu = &self.gpu;
+        gpu.bind()?;
+
+        let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let table_bytes = tables.words.len() * 4;
+        let partial_bytes = tables.partial_floats(&self.shape) * 4;
+        let fits = guard.as_ref().is_some_and(|s| {
+            s.tokens >= total
+                && s.seqs >= steps.len()
+                && s.tables.bytes() >= table_bytes
+                && s.attention_partial.bytes() >= partial_bytes
+        });
+        if !fits {
+            let (tokens, seqs) = match guard.as_ref() {
+                Some(s) => (s.tokens.max(total), s.seqs.max(steps.len())),
+                None => (total.max(16), steps.len().max(16)),
+            };
+            let table_capacity =
+                guard.as_ref().map_or(0, |s| s.tables.bytes()).max(table_bytes).max(64 << 10);
+            let partial_capacity = guard
+                .as_ref()
+                .map_or(0, |s| s.attention_partial.bytes())
+                .max(partial_bytes)
+                .max(1 << 20);
+            *guard = None; // free the old buffers first
+            *guard = Some(Scratch::new(
+                gpu,
+                &self.shape,
+                tokens,
+                seqs,
+                2 * table_capacity,
+                2 * partial_capacity,
+            )?);
+        }
+        let s = guard.as_mut().expect("allocated above");
+        gpu.write_bytes(&mut s.tables, 0, bytemuck::cast_slice(&tables.words))?;
+        let word = |table: usize| s.tables.at(tables.offsets[table] * 4);
+        let step_tables = StepTables {
+            tokens: total,
+            positions: word(1),
+            slots: word(2),
+            token_seq: word(3),
+            cos_sin: word(7),
+            freq_len: tables.freq_len,
+            block_tables: word(6),
+            max_blocks_per_seq: tables.max_blocks,
+            decode_rows: word(8),
+            num_decode: tables.num_decode,
+            splits: tables.splits,
+            partition: tables.partition,
+            tiles: word(9),
+            num_tiles: tables.num_tiles,
+        };
+        let (ids, last_rows) = (word(0), word(5));
+
+        let shape = &self.shape;
+        let (h, ffn) = (shape.hidden, shape.ffn);
+        let w = &self.weights;
+        let bias = |b: &Option<Buffer>| b.as_ref().map_or(0, Buffer::ptr);
+        gpu.embedding(ids, w.embedding.ptr(), s.x.ptr(), total, h)?;
+        for (l, layer) in w.layers.iter().enumerate() {
+            let delta = if l == 0 { 0 } else { s.mlp_out.ptr() };
+            let normed = s.normed.ptr();
+            gpu.add_rms_norm(
+                s.x.ptr(),
+                delta,
+                0,
+                layer.attention_norm.ptr(),
+                normed,
+                total,
+                h,
+                shape.eps,
+            )?;
+            gpu.matmul(
+                normed,
+                layer.qkv.ptr(),
+                0,
+                s.qkv.ptr(),
+                total,
+                shape.qkv_width(),
+                h,
+                false,
+            )?;
+            let (k_cache, v_cache) = arena.layer(l);
+            gpu.rope_write_kv(
+                s.qkv.ptr(),
+                bias(&layer.qkv_bias),
+                s.q.ptr(),
+                k_cache,
+                v_cache,
+                &step_tables,
+                &shape.attention,
+                shape.rope,
+            )?;
+            gpu.attention(
+                s.q.ptr(),
+                k_cache,
+                v_cache,
+                s.context.ptr(),
+                s.attention_partial.ptr(),
+                s.split_counters.ptr(),
+                &step_tables,
+                &shape.attention,
+                block_size,
+            )?;
+            gpu.matmul(
+                s.context.ptr(),
+                layer.o.ptr(),
+                bias(&layer.o_bias),
+                s.attn_out.ptr(),
+                total,
+                h,
+                shape.q_width(),
+                false,
+            )?;
+            gpu.add_rms_norm(
+                s.x.ptr(),
+                s.attn_out.ptr(),
+                0,
+                layer.ffn_norm.ptr(),
+                normed,
+                total,
+                h,
+                shape.eps,
+            )?;
+            gpu.swiglu_product(
+                normed,
+                layer.gate_up.ptr(),
+                s.gate_up.ptr(),
+                s.act.ptr(),
+                total,
+                ffn,
+                h,
+            )?;
+            gpu.matmul(s.act.ptr(), layer.down.ptr(), 0, s.mlp_out.ptr(), total, h, ffn, false)?;
+        }
+        let seqs = steps.len();
+        gpu.add_rms_norm(
+            s.x.ptr(),
+            s.mlp_out.ptr(),
+            last_rows,
+            w.final_norm.ptr(),
+            s.last_normed.ptr(),
+            seqs,
+            h,
+            shape.eps,
+        )?;
+        gpu.matmul(
+            s.last_normed.ptr(),
+            w.output.ptr(),
+            0,
+            s.logits.ptr(),
+            seqs,
+            shape.vocab,
+            h,
+            true,
+        )?;
+        let logits = gpu.read_f32_pinned(&s.logits, seqs * shape.vocab, &mut s.host_logits)?;
+        Ok(logits.chunks_exact(shape.vocab).map(<[f32]>::to_vec).collect())
+    }
+}
