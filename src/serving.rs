@@ -12,6 +12,8 @@ use std::sync::mpsc::{self, Receiver, RecvError, Sender, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use rayon::prelude::*;
+
 use crate::engine::FinishReason;
 use crate::engine::kv_space::{Admission, KvSpace};
 use crate::pipeline::{ChatModel, ChatTurn, Completion, Generating, GenerationOptions};
@@ -321,10 +323,28 @@ fn serve<'m>(
         match result {
             Ok(rows) => {
                 let now = Instant::now();
-                for (&i, logits) in stepped.iter().zip(rows) {
+                let before: Vec<usize> = stepped
+                    .iter()
+                    .map(|&i| running[i].generating.sequence.output_ids().len())
+                    .collect();
+                // Sampling and detokenising are per sequence: spread them over the cores
+                // (with many sequences a step's host work otherwise rivals the GPU's).
+                let mut work: Vec<(&mut Generating<'m>, usize, Vec<f32>)> = running
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(i, _)| stepped.binary_search(i).is_ok())
+                    .zip(rows)
+                    .map(|((i, active), logits)| (&mut active.generating, plan[i], logits))
+                    .collect();
+                let texts: Vec<String> = work
+                    .par_iter_mut()
+                    .map(|(generating, ran, logits)| {
+                        generating.advance(*ran, std::mem::take(logits))
+                    })
+                    .collect();
+                drop(work);
+                for ((&i, text), before) in stepped.iter().zip(texts).zip(before) {
                     let active = &mut running[i];
-                    let before = active.generating.sequence.output_ids().len();
-                    let text = active.generating.advance(plan[i], logits);
                     space.register(&mut active.generating.sequence);
                     if active.generating.sequence.output_ids().len() > before {
                         metrics.generated_tokens(1);
