@@ -51,7 +51,7 @@ class Session(threading.Thread):
         n = 0
         try:
             while time.perf_counter() < self.deadline and self.budget.take():
-                prompt = PROMPTS[(self.index + n) % len(PROMPTS)]
+                prompt = " ".join([PROMPTS[(self.index + n) % len(PROMPTS)]] * self.args.prompt_repeat)
                 fields = {"prompt": prompt, "max_new_tokens": str(self.args.max_new_tokens),
                           "temperature": str(self.args.temperature)}
                 if self.args.turns > 1 and history:
@@ -111,6 +111,8 @@ def main():
     parser.add_argument("--duration", type=float, help="seconds to run (default 30 unless --requests)")
     parser.add_argument("--requests", type=int, help="total requests to send")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-repeat", type=int, default=1,
+                        help="repeat each prompt text this many times (longer prompts)")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--turns", type=int, default=1, help="rounds each session keeps as history")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for a response")
