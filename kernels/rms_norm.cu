@@ -7,9 +7,9 @@
 // Each thread keeps its NORM_PER_THREAD values in registers, so all its loads are issued at
 // once and the row is read once: a decode step's rows are single blocks, bound by latency.
 // grid: output rows; block: a multiple of 32 with width ≤ NORM_PER_THREAD · blockDim.x.
-#define NORM_PER_THREAD 8
+#define NORM_PER_THREAD 16
 
-extern "C" __global__ void __launch_bounds__(1024) add_rms_norm(float* __restrict__ residual,
+extern "C" __global__ void __launch_bounds__(512) add_rms_norm(float* __restrict__ residual,
                                         const elem* __restrict__ delta,
                                         const int* __restrict__ rows,
                                         const elem* __restrict__ weight, elem* __restrict__ out,

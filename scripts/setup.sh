@@ -32,4 +32,9 @@ source scripts/env.sh
 if [ ! -x "$TRITONSERVER_BIN" ]; then
     .venv-triton/bin/pip install -q --no-deps nvidia-pytriton==0.7.0
 fi
+# NVRTC and ptxas (no GPU needed): the tests compile kernels/*.cu as the engine does and
+# assemble them for sm_80 and sm_90, so a kernel that does not build fails here, not on a GPU.
+if [ ! -x "$TRITON_LLM_PTXAS" ] || [ ! -d "$TRITON_LLM_NVRTC_LIB" ]; then
+    .venv-triton/bin/pip install -q --no-deps nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-nvcc==13.0.88
+fi
 echo "setup: ready ($TRITONSERVER_BIN)" >&2

@@ -3,7 +3,8 @@
 # tritonserver with the freshly built backend. Needs scripts/setup.sh first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo test --release --locked
-cargo build --release --locked
 source scripts/env.sh
+# libnvrtc for the kernel compile tests; the GPU tests themselves skip without a driver.
+LD_LIBRARY_PATH="$TRITON_LLM_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo test --release --locked
+cargo build --release --locked
 "$TRITON_PYTHON" -m pytest -q tests/e2e "$@"

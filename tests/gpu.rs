@@ -59,6 +59,47 @@ fn teacher_forced(model: &dyn CausalLm, prompt: &[u32], forced: &[u32]) -> Vec<V
     all
 }
 
+/// ptxas assembles every kernel for sm_80 and sm_90 with no spills or stack (a kernel over
+/// a limit, e.g. of shared memory, would fail to load on the device). Runs where
+/// `TRITON_LLM_PTXAS` names ptxas (scripts/setup.sh installs it from PyPI) and NVRTC loads.
+#[test]
+fn kernels_assemble_without_spills() {
+    let Some(ptxas) = std::env::var_os("TRITON_LLM_PTXAS") else {
+        eprintln!("kernels_assemble_without_spills: skipped (TRITON_LLM_PTXAS not set)");
+        return;
+    };
+    if !cuda::nvrtc_available() {
+        eprintln!("kernels_assemble_without_spills: skipped (no NVRTC library here)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for (arch, sm) in [("compute_80", "sm_80"), ("compute_90", "sm_90")] {
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            let ptx = cuda::compile(dtype, arch).unwrap();
+            let path = dir.path().join(format!("{arch}-{}.ptx", dtype.name()));
+            std::fs::write(&path, ptx.to_src()).unwrap();
+            let output = std::process::Command::new(&ptxas)
+                .args(["-v", &format!("-arch={sm}"), "-o"])
+                .arg(dir.path().join("out.cubin"))
+                .arg(&path)
+                .output()
+                .expect("running ptxas");
+            let report = String::from_utf8_lossy(&output.stderr);
+            assert!(output.status.success(), "ptxas {sm} {dtype:?}: {report}");
+            let frames: Vec<&str> =
+                report.lines().filter(|l| l.contains("bytes stack frame")).collect();
+            assert!(frames.len() >= 10, "{sm} {dtype:?}: no kernel reports in {report}");
+            for frame in frames {
+                assert!(
+                    frame.trim()
+                        == "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads",
+                    "{sm} {dtype:?}: {frame}\n{report}"
+                );
+            }
+        }
+    }
+}
+
 fn greedy(model: &dyn CausalLm, prompt: &[u32], steps: usize) -> (Vec<f32>, Vec<u32>) {
     let mut cache = model.new_cache();
     let first = model.forward(prompt, &mut cache).unwrap();

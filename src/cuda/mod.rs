@@ -491,9 +491,10 @@ impl Gpu {
         width: usize,
         eps: f32,
     ) -> Result<()> {
-        // NORM_PER_THREAD (8) values per thread (kernels/rms_norm.cu).
-        let threads = (width.div_ceil(8).div_ceil(32) * 32).clamp(32, 1024);
-        if width > 8 * threads {
+        // About 8 values per thread, at most NORM_PER_THREAD (16) of 512 threads
+        // (kernels/rms_norm.cu).
+        let threads = (width.div_ceil(8).div_ceil(32) * 32).clamp(32, 512);
+        if width > 16 * threads {
             return Err(Error::Config(format!(
                 "hidden size {width} is over the 8192 RMSNorm takes"
             )));
