@@ -304,12 +304,8 @@ impl GpuModel {
             row += step.ids.len();
         }
         if words.num_decode > 0 {
-            // Enough blocks to fill the chip when few sequences decode (flash-decoding).
             let blocks = words.num_decode * self.shape.attention.num_heads;
-            let splits =
-                DECODE_ATTENTION_BLOCKS.div_ceil(blocks).clamp(1, longest_decode.div_ceil(128));
-            words.partition = longest_decode.div_ceil(splits).div_ceil(32) * 32;
-            words.splits = longest_decode.div_ceil(words.partition);
+            (words.splits, words.partition) = decode_splits(blocks, longest_decode);
         }
         Ok(words)
     }
@@ -317,6 +313,16 @@ impl GpuModel {
 
 /// Blocks the decode attention aims for (a few per SM).
 const DECODE_ATTENTION_BLOCKS: usize = 512;
+
+/// How the decode attention splits the keys of its longest sequence: (splits, keys per
+/// split). Enough splits that `blocks` (decode tokens × heads) times them fill the chip when
+/// few sequences decode (flash-decoding), but at least 128 keys each — four warps of 32 —
+/// and a multiple of 32.
+fn decode_splits(blocks: usize, longest: usize) -> (usize, usize) {
+    let splits = DECODE_ATTENTION_BLOCKS.div_ceil(blocks).clamp(1, (longest / 128).max(1));
+    let partition = longest.div_ceil(splits).div_ceil(32) * 32;
+    (longest.div_ceil(partition), partition)
+}
 const TABLES: usize = 10;
 
 struct TableWords {
@@ -606,5 +612,42 @@ impl super::CausalLm for GpuModel {
         )?;
         let logits = gpu.read_f32_pinned(&s.logits, seqs * shape.vocab, &mut s.host_logits)?;
         Ok(logits.chunks_exact(shape.vocab).map(<[f32]>::to_vec).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_splits_cover_every_key_in_whole_warps() {
+        for blocks in [1, 32, 64, 512, 2048] {
+            for longest in [1, 31, 32, 129, 1000, 4096, 32768] {
+                let (splits, partition) = decode_splits(blocks, longest);
+                assert!(splits >= 1 && partition % 32 == 0, "{blocks} {longest}");
+                assert!(splits * partition >= longest, "{blocks} {longest}: keys left over");
+                assert!((splits - 1) * partition < longest, "{blocks} {longest}: an empty split");
+                if splits > 1 {
+                    assert!(partition >= 128, "{blocks} {longest}: {partition} keys a split");
+                }
+            }
+        }
+        assert_eq!(decode_splits(32, 1024), (8, 128)); // one sequence of ChatGLM2-6B
+        assert_eq!(decode_splits(2048, 1024).0, 1); // 64 sequences fill the chip alone
+    }
+
+    #[test]
+    fn the_rope_cache_gives_the_cpu_engines_angles() {
+        let mut cache = RopeCache::default();
+        let inv_freq = rope::inv_freq(10000.0, 8);
+        let rows = cache.rows(&inv_freq, 3, 6).to_vec();
+        for (i, position) in (3..6).enumerate() {
+            let (cos, sin) = rope::cos_sin(&inv_freq, position);
+            assert_eq!(rows[i * 8..i * 8 + 4], cos[..]);
+            assert_eq!(rows[i * 8 + 4..i * 8 + 8], sin[..]);
+        }
+        // Other frequencies (dynamic NTK) replace the cached rows.
+        let scaled = rope::inv_freq(20000.0, 8);
+        assert_eq!(cache.rows(&scaled, 0, 1)[..4], rope::cos_sin(&scaled, 0).0[..]);
     }
 }

@@ -408,3 +408,32 @@ impl CausalLm for Model {
         Ok(last_token_logits(&x, h, steps, &offsets, &self.norm, c.rms_norm_eps, &self.output))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::unpack_wqkv;
+
+    #[test]
+    fn wqkv_unpacks_to_q_then_k_then_v_in_the_cpu_paths_head_order() {
+        // 2 K/V groups of 2 query heads, head dim 1, 2 columns: rows are named by value.
+        let (q, k, v) = (0.0, 10.0, 20.0);
+        let packed: Vec<f32> = [
+            [q, q + 0.5],
+            [q + 1.0, q + 1.5],
+            [k, k + 0.5],
+            [v, v + 0.5], // group 0
+            [q + 2.0, q + 2.5],
+            [q + 3.0, q + 3.5],
+            [k + 1.0, k + 1.5],
+            [v + 1.0, v + 1.5],
+        ]
+        .concat();
+        let unpacked = unpack_wqkv(&packed, 2, 2, 1, 2);
+        let rows: Vec<f32> = unpacked.chunks(2).map(|r| r[0]).collect();
+        assert_eq!(rows, [0.0, 1.0, 2.0, 3.0, 10.0, 11.0, 20.0, 21.0]);
+        assert_eq!(unpacked[1], 0.5);
+        // The bias (width 1) takes the same order.
+        let bias: Vec<f32> = packed.chunks(2).map(|r| r[0]).collect();
+        assert_eq!(unpack_wqkv(&bias, 2, 2, 1, 1), rows);
+    }
+}
