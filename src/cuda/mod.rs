@@ -262,17 +262,14 @@ impl HostBuffer {
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    blas: CudaBlas,
+    /// cuBLAS handles are not to be used by two threads at once; models of different
+    /// configs on one device share this Gpu from their own engine threads.
+    blas: Mutex<CudaBlas>,
     kernels: Kernels,
     pub dtype: DType,
     pub ordinal: usize,
     pub name: String,
 }
-
-// SAFETY: the cuBLAS handle is used only on the stream it was created with, and callers
-// serialise their use of a Gpu (models hold it behind their forward lock).
-unsafe impl Send for Gpu {}
-unsafe impl Sync for Gpu {}
 
 impl Gpu {
     /// The device `ordinal` with kernels for `dtype`; a second call for the same device and
@@ -318,7 +315,7 @@ impl Gpu {
             started.elapsed().as_secs_f64()
         );
         let blas = CudaBlas::new(stream.clone()).map_err(blas_error("creating a cuBLAS handle"))?;
-        Ok(Gpu { ctx, stream, blas, kernels, dtype, ordinal, name })
+        Ok(Gpu { ctx, stream, blas: Mutex::new(blas), kernels, dtype, ordinal, name })
     }
 
     /// Makes this device current on the calling thread (engine threads call it first).
@@ -557,10 +554,11 @@ impl Gpu {
         let (alpha, beta) = (1.0f32, 0.0f32);
         let out_type =
             if f32_out { blas_sys::cudaDataType::CUDA_R_32F } else { self.dtype.cuda_type() };
+        let blas = self.blas.lock().unwrap_or_else(|p| p.into_inner());
         // SAFETY: W holds n·k, X m·k and Y m·n elements of the stated types.
         unsafe {
             blas_result::gemm_ex(
-                *self.blas.handle(),
+                *blas.handle(),
                 blas_sys::cublasOperation_t::CUBLAS_OP_T,
                 blas_sys::cublasOperation_t::CUBLAS_OP_N,
                 n as i32,
