@@ -356,15 +356,6 @@ impl Gpu {
         self.stream.memcpy_htod(bytes, &mut view).map_err(device_error("copying to the device"))
     }
 
-    /// Waits for the queued work and copies `out.len()` f32 values from `ptr`'s buffer.
-    pub fn read_f32(&self, buffer: &Buffer, offset: usize, out: &mut [f32]) -> Result<()> {
-        let bytes = std::mem::size_of_val(out);
-        let view = buffer.slice.slice(offset..offset + bytes);
-        self.stream
-            .memcpy_dtoh(&view, bytemuck::cast_slice_mut::<f32, u8>(out))
-            .map_err(device_error("copying from the device"))
-    }
-
     /// Page-locked host memory for `bytes` bytes: device-to-host copies into it run at full
     /// bus speed (the logits of every step come back through one).
     pub fn alloc_host(&self, bytes: usize) -> Result<HostBuffer> {

@@ -397,7 +397,7 @@ impl Scratch {
             tokens,
             seqs,
             x: gpu.alloc(tokens * h * 4)?,
-            normed: gpu.alloc(tokens * h.max(shape.ffn) * e)?,
+            normed: gpu.alloc(tokens * h * e)?,
             qkv: gpu.alloc(tokens * shape.qkv_width() * e)?,
             q: gpu.alloc(tokens * shape.q_width() * e)?,
             context: gpu.alloc(tokens * shape.q_width() * e)?,
