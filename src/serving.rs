@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvError, Sender, TryRecvError};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
@@ -115,6 +115,73 @@ pub trait EngineMetrics: Send {
     fn cancelled(&mut self);
     fn kv_blocks(&mut self, used: usize, free: usize);
     fn prefix_hit_tokens(&mut self, count: usize);
+    /// One step that ran a forward pass: how many sequences it ran, and where its time went.
+    fn step(&mut self, sequences: usize, times: &StepTimes);
+}
+
+/// Where one engine step's time goes, on the host's clock: what decides whether serving is
+/// bound by the device (forward) or by the host (the rest).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepTimes {
+    /// Receiving, admitting and cancelling requests, planning the step and making room.
+    pub schedule: Duration,
+    /// The batched forward pass, logits back on the host included.
+    pub forward: Duration,
+    /// Sampling and detokenising every stepped sequence.
+    pub sample: Duration,
+    /// Handing text to the sinks (Triton responses), metrics, retiring finished sequences.
+    pub emit: Duration,
+}
+
+impl StepTimes {
+    pub const PHASES: [&'static str; 4] = ["schedule", "forward", "sample", "emit"];
+
+    /// The phases in the order of `PHASES`.
+    pub fn phases(&self) -> [Duration; 4] {
+        [self.schedule, self.forward, self.sample, self.emit]
+    }
+
+    fn add(&mut self, other: &StepTimes) {
+        self.schedule += other.schedule;
+        self.forward += other.forward;
+        self.sample += other.sample;
+        self.emit += other.emit;
+    }
+}
+
+/// Sums steps and logs their mean phases now and then, so a log shows where time goes.
+struct StepLog {
+    since: Instant,
+    steps: u32,
+    sequences: usize,
+    total: StepTimes,
+}
+
+impl StepLog {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn new() -> Self {
+        StepLog { since: Instant::now(), steps: 0, sequences: 0, total: StepTimes::default() }
+    }
+
+    fn record(&mut self, name: &str, sequences: usize, times: &StepTimes) {
+        self.steps += 1;
+        self.sequences += sequences;
+        self.total.add(times);
+        if self.since.elapsed() < Self::EVERY {
+            return;
+        }
+        let ms = |d: Duration| d.as_secs_f64() * 1e3 / f64::from(self.steps);
+        let [schedule, forward, sample, emit] = self.total.phases().map(ms);
+        tracing::info!(
+            "engine {name}: {} steps of {:.1} sequences on average, per step {:.2} ms: \
+             schedule {schedule:.2}, forward {forward:.2}, sample {sample:.2}, emit {emit:.2}",
+            self.steps,
+            self.sequences as f64 / f64::from(self.steps),
+            schedule + forward + sample + emit,
+        );
+        *self = StepLog::new();
+    }
 }
 
 /// For engines nobody watches.
@@ -129,6 +196,7 @@ impl EngineMetrics for NoMetrics {
     fn cancelled(&mut self) {}
     fn kv_blocks(&mut self, _: usize, _: usize) {}
     fn prefix_hit_tokens(&mut self, _: usize) {}
+    fn step(&mut self, _: usize, _: &StepTimes) {}
 }
 
 /// A running engine. Dropping it stops the thread: queued and running requests end with an
@@ -160,7 +228,10 @@ impl ServingEngine {
         let (jobs, receiver) = mpsc::channel();
         let worker = std::thread::Builder::new()
             .name(format!("llm-{name}"))
-            .spawn(move || serve(&model, config, &mut space, receiver, metrics.as_mut()))
+            .spawn({
+                let name = name.to_string();
+                move || serve(&model, &name, config, &mut space, receiver, metrics.as_mut())
+            })
             .map_err(|e| Error::Config(format!("starting the engine thread: {e}")))?;
         Ok(ServingEngine { jobs: Some(jobs), worker: Some(worker) })
     }
@@ -193,6 +264,7 @@ struct Active<'m> {
 
 fn serve<'m>(
     model: &'m ChatModel,
+    name: &str,
     config: SchedulerConfig,
     space: &mut KvSpace,
     jobs: Receiver<ChatJob>,
@@ -203,6 +275,7 @@ fn serve<'m>(
     let mut running: Vec<Active<'m>> = Vec::new();
     let mut open = true;
     let mut prefix_hits = space.blocks.prefix_hit_tokens;
+    let mut step_log = StepLog::new();
     let start = |job: ChatJob| -> Option<Active<'m>> {
         match model.start_chat(&job.turn, &job.options) {
             Ok(generating) => {
@@ -222,6 +295,7 @@ fn serve<'m>(
                 Err(RecvError) => open = false,
             }
         }
+        let step_start = Instant::now();
         while open {
             match jobs.try_recv() {
                 Ok(job) => waiting.extend(start(job)),
@@ -318,8 +392,14 @@ fn serve<'m>(
             .collect();
         let steps: Vec<_> =
             stepped.iter().map(|&i| running[i].generating.sequence.step(plan[i])).collect();
+        let forward_start = Instant::now();
         let result = model.model.forward_batch(space.arena.as_mut(), &steps);
         drop(steps);
+        let mut times = StepTimes {
+            schedule: forward_start - step_start,
+            forward: forward_start.elapsed(),
+            ..StepTimes::default()
+        };
         match result {
             Ok(rows) => {
                 let now = Instant::now();
@@ -343,6 +423,7 @@ fn serve<'m>(
                     })
                     .collect();
                 drop(work);
+                times.sample = now.elapsed();
                 for ((&i, text), before) in stepped.iter().zip(texts).zip(before) {
                     let active = &mut running[i];
                     space.register(&mut active.generating.sequence);
@@ -376,6 +457,9 @@ fn serve<'m>(
         retire(&mut running, space);
         metrics.queue(running.len(), waiting.len());
         metrics.kv_blocks(space.blocks.used(), space.blocks.available());
+        times.emit = step_start.elapsed().saturating_sub(times.schedule + times.forward + times.sample);
+        metrics.step(stepped.len(), &times);
+        step_log.record(name, stepped.len(), &times);
     }
 }
 

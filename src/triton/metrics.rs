@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use super::error::{TritonError, TritonResult, ffi};
 use super::sys;
-use crate::serving::EngineMetrics;
+use crate::serving::{EngineMetrics, StepTimes};
 
 /// Seconds; from a fast CPU step to a slow queue.
 const LATENCY_BUCKETS: &[f64] =
@@ -65,11 +65,15 @@ pub struct MetricFamilies {
     kv_blocks_used: Family,
     kv_blocks_free: Family,
     prefix_hit_tokens: Family,
+    steps: Family,
+    step_sequences: Family,
+    step_seconds: Family,
 }
 
 static FAMILIES: Mutex<Weak<MetricFamilies>> = Mutex::new(Weak::new());
 
-type MetricKey = (&'static str, String, String);
+/// (metric, extra label value, model, instance).
+type MetricKey = (&'static str, &'static str, String, String);
 static METRICS: Mutex<Option<HashMap<MetricKey, Weak<Metric>>>> = Mutex::new(None);
 
 impl MetricFamilies {
@@ -128,6 +132,18 @@ impl MetricFamilies {
                 "llm_prefix_cache_hit_tokens_total",
                 "Prompt tokens whose K/V came from the prefix cache",
             )?,
+            steps: Family::new(COUNTER, "llm_engine_steps_total", "Forward passes the engine ran")?,
+            step_sequences: Family::new(
+                COUNTER,
+                "llm_engine_step_sequences_total",
+                "Sequences run by those passes (over the steps: the mean batch)",
+            )?,
+            step_seconds: Family::new(
+                COUNTER,
+                "llm_engine_step_seconds_total",
+                "Host time of the engine's steps by phase: schedule, forward (the device's \
+                 pass, logits back), sample, emit (responses, metrics, retiring)",
+            )?,
         }))
     }
 }
@@ -142,23 +158,25 @@ unsafe impl Send for Metric {}
 unsafe impl Sync for Metric {}
 
 impl Metric {
-    /// The metric of `family` for (model, instance), shared with whoever else holds it.
+    /// The metric of `family` for (model, instance) and the optional extra label, shared
+    /// with whoever else holds it.
     fn shared(
         families: &Arc<MetricFamilies>,
         family: fn(&MetricFamilies) -> &Family,
         name: &'static str,
-        model: &str,
-        instance: &str,
+        (model, instance): (&str, &str),
+        extra_label: Option<(&str, &'static str)>,
         histogram: bool,
     ) -> TritonResult<Arc<Self>> {
         let mut table = METRICS.lock().unwrap_or_else(|p| p.into_inner());
         let table = table.get_or_insert_with(HashMap::new);
         table.retain(|_, metric| metric.strong_count() > 0);
-        let key = (name, model.to_string(), instance.to_string());
+        let key = (name, extra_label.map_or("", |(_, value)| value), model.into(), instance.into());
         if let Some(existing) = table.get(&key).and_then(Weak::upgrade) {
             return Ok(existing);
         }
-        let labels = [("model", model), ("instance", instance)];
+        let mut labels = vec![("model", model), ("instance", instance)];
+        labels.extend(extra_label);
         let raw = Self::create(family(families), &labels, histogram)?;
         let metric = Arc::new(Metric { raw, _families: Arc::clone(families) });
         table.insert(key, Arc::downgrade(&metric));
@@ -258,12 +276,16 @@ pub struct InstanceMetrics {
     kv_blocks_used: Arc<Metric>,
     kv_blocks_free: Arc<Metric>,
     prefix_hit_tokens: Arc<Metric>,
+    steps: Arc<Metric>,
+    step_sequences: Arc<Metric>,
+    /// In the order of `StepTimes::PHASES`.
+    step_seconds: Vec<Arc<Metric>>,
 }
 
 impl InstanceMetrics {
     pub fn new(families: &Arc<MetricFamilies>, model: &str, instance: &str) -> TritonResult<Self> {
         let m = |family: fn(&MetricFamilies) -> &Family, name, histogram| {
-            Metric::shared(families, family, name, model, instance, histogram)
+            Metric::shared(families, family, name, (model, instance), None, histogram)
         };
         Ok(InstanceMetrics {
             prompt_tokens: m(|f| &f.prompt_tokens, "prompt_tokens", false)?,
@@ -276,6 +298,16 @@ impl InstanceMetrics {
             kv_blocks_used: m(|f| &f.kv_blocks_used, "kv_blocks_used", false)?,
             kv_blocks_free: m(|f| &f.kv_blocks_free, "kv_blocks_free", false)?,
             prefix_hit_tokens: m(|f| &f.prefix_hit_tokens, "prefix_hit_tokens", false)?,
+            steps: m(|f| &f.steps, "steps", false)?,
+            step_sequences: m(|f| &f.step_sequences, "step_sequences", false)?,
+            step_seconds: StepTimes::PHASES
+                .iter()
+                .map(|&phase| {
+                    let label = Some(("phase", phase));
+                    let family: fn(&MetricFamilies) -> &Family = |f| &f.step_seconds;
+                    Metric::shared(families, family, "step_seconds", (model, instance), label, false)
+                })
+                .collect::<TritonResult<_>>()?,
         })
     }
 }
@@ -314,6 +346,14 @@ impl EngineMetrics for InstanceMetrics {
     fn prefix_hit_tokens(&mut self, count: usize) {
         if count > 0 {
             self.prefix_hit_tokens.add(count as f64);
+        }
+    }
+
+    fn step(&mut self, sequences: usize, times: &StepTimes) {
+        self.steps.add(1.0);
+        self.step_sequences.add(sequences as f64);
+        for (metric, time) in self.step_seconds.iter().zip(times.phases()) {
+            metric.add(time.as_secs_f64());
         }
     }
 }

@@ -108,6 +108,12 @@ def test_64_concurrent_streams_all_answer_correctly(server):
     assert server.metric("llm_inter_token_latency_seconds_count", model) > 0
     assert server.metric("llm_requests_running", model) == 0
     assert server.metric("llm_requests_waiting", model) == 0
+    # Where the engine's steps spent their time: the phases add up to a positive total, and
+    # steps ran several sequences at once on average.
+    steps = server.metric("llm_engine_steps_total", model)
+    assert steps > 0
+    assert server.metric("llm_engine_step_sequences_total", model) > steps
+    assert server.metric("llm_engine_step_seconds_total", model) > 0
 
 
 def test_a_bad_request_on_a_stream_gets_its_error(server):
