@@ -13,6 +13,8 @@ fi
 
 packages=()
 command -v cc >/dev/null || packages+=(build-essential)
+# tests/sampling_kernel.rs runs kernels/sampling.cu on CPU threads, built with c++.
+command -v c++ >/dev/null || packages+=(g++)
 dpkg -s libclang-dev >/dev/null 2>&1 || packages+=(libclang-dev)
 python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv)
 command -v curl >/dev/null || packages+=(curl)

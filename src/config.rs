@@ -28,6 +28,9 @@ pub struct ModelParameters {
     pub dtype: DType,
     /// Longest sequence served; None = the model's context.
     pub session_len: Option<usize>,
+    /// KIND_GPU instances choose next tokens with the batched sampling kernel and copy back
+    /// only the ids (else the logits come back and the host samples).
+    pub sample_on_device: bool,
     /// In-flight batching limits of each instance's engine.
     pub scheduler: SchedulerConfig,
 }
@@ -64,6 +67,7 @@ impl ModelConfig {
             load_format: LoadFormat::default(),
             dtype: DType::default(),
             session_len: None,
+            sample_on_device: false,
             scheduler: SchedulerConfig::default(),
         };
         let mut unknown_parameters = Vec::new();
@@ -117,17 +121,9 @@ impl ModelConfig {
                     };
                 }
                 "enable_prefix_caching" => {
-                    parameters.scheduler.enable_prefix_caching = match value.trim() {
-                        "true" | "1" => true,
-                        "false" | "0" => false,
-                        _ => {
-                            return Err(parameter_error(
-                                key,
-                                format!("expected true or false, got {value:?}"),
-                            ));
-                        }
-                    };
+                    parameters.scheduler.enable_prefix_caching = parse_bool(key, value)?;
                 }
+                "sample_on_device" => parameters.sample_on_device = parse_bool(key, value)?,
                 _ => unknown_parameters.push(key.clone()),
             }
         }
@@ -137,6 +133,14 @@ impl ModelConfig {
 
 fn parameter_error(key: &str, message: String) -> Error {
     Error::Config(format!("parameter {key}: {message}"))
+}
+
+fn parse_bool(key: &str, value: &str) -> Result<bool> {
+    match value.trim() {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err(parameter_error(key, format!("expected true or false, got {value:?}"))),
+    }
 }
 
 fn parse_count(key: &str, value: &str, min: usize) -> Result<usize> {
@@ -201,6 +205,7 @@ mod tests {
             (r#""cache_max_entry_count":{"string_value":"2.5"}"#, "cache_max_entry_count"),
             (r#""cache_max_entry_count":{"string_value":"0"}"#, "cache_max_entry_count"),
             (r#""enable_prefix_caching":{"string_value":"maybe"}"#, "enable_prefix_caching"),
+            (r#""sample_on_device":{"string_value":"yes"}"#, "sample_on_device"),
             (r#""block_size":{"string_value":"0"}"#, "block_size"),
         ] {
             let message = parse(params).unwrap_err().to_string();

@@ -21,6 +21,8 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// The longest sequence served (`session_len`); default: the model's context.
     pub session_len: Option<usize>,
+    /// Choose next tokens on the GPU (`CausalLm::set_sample_on_device`).
+    pub sample_on_device: bool,
 }
 
 pub struct ChatModel {
@@ -72,6 +74,7 @@ impl ChatModel {
         };
         let tokenizer = Tokenizer::from_folder(dir, tokenizer_family)?;
         let model = model::load_on(dir, options.load_format, options.device, options.dtype)?;
+        model.set_sample_on_device(options.sample_on_device);
         let info = model.info();
         if tokenizer.vocab_size() > info.logits_width {
             return Err(Error::Config(format!(
@@ -210,9 +213,13 @@ impl ChatModel {
             if !space.ensure(sequence, tokens) {
                 return Err(Error::Internal("the sequence outgrew its own KV space".into()));
             }
-            let logits =
-                self.model.forward_batch(space.arena.as_mut(), &[sequence.step(tokens)])?;
-            let text = generating.advance(tokens, logits.into_iter().next().expect("one row"));
+            sequence.prepare_step(tokens);
+            let chosen = self.model.forward_sample(
+                space.arena.as_mut(),
+                &[sequence.step(tokens)],
+                &[sequence.sample_row()],
+            )?;
+            let text = generating.accept(tokens, chosen[0]);
             if !text.is_empty() && !on_text(&text) {
                 generating.cancel();
             }
@@ -236,10 +243,10 @@ pub struct Generating<'m> {
 }
 
 impl Generating<'_> {
-    /// Takes the logits of a step that ran `ran` tokens; returns the answer text it adds
-    /// (maybe empty).
-    pub fn advance(&mut self, ran: usize, logits: Vec<f32>) -> String {
-        let Some(id) = self.sequence.advance(ran, logits) else { return String::new() };
+    /// Takes a step that ran `ran` tokens and the token chosen after it; returns the answer
+    /// text it adds (maybe empty).
+    pub fn accept(&mut self, ran: usize, chosen: Option<u32>) -> String {
+        let Some(id) = self.sequence.accept(ran, chosen) else { return String::new() };
         let (text, stopped) = self.answer.push(id);
         if stopped {
             self.sequence.stop(FinishReason::Stop);

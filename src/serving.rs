@@ -4,7 +4,7 @@
 //! streams each sequence's text to its sink and retires the finished ones.
 //!
 //! Each step: receive → admit → drop cancelled → plan (decodes first, then prefill chunks
-//! within the token budget) → forward → sample and emit → retire.
+//! within the token budget) → forward and choose next tokens → detokenise and emit → retire.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -125,26 +125,27 @@ pub trait EngineMetrics: Send {
 pub struct StepTimes {
     /// Receiving, admitting and cancelling requests, planning the step and making room.
     pub schedule: Duration,
-    /// The batched forward pass, logits back on the host included.
+    /// The batched forward pass and the choice of each next token (on the device when the
+    /// engine samples there, else on the host after the logits came back).
     pub forward: Duration,
-    /// Sampling and detokenising every stepped sequence.
-    pub sample: Duration,
+    /// Detokenising every stepped sequence's new token.
+    pub detokenize: Duration,
     /// Handing text to the sinks (Triton responses), metrics, retiring finished sequences.
     pub emit: Duration,
 }
 
 impl StepTimes {
-    pub const PHASES: [&'static str; 4] = ["schedule", "forward", "sample", "emit"];
+    pub const PHASES: [&'static str; 4] = ["schedule", "forward", "detokenize", "emit"];
 
     /// The phases in the order of `PHASES`.
     pub fn phases(&self) -> [Duration; 4] {
-        [self.schedule, self.forward, self.sample, self.emit]
+        [self.schedule, self.forward, self.detokenize, self.emit]
     }
 
     fn add(&mut self, other: &StepTimes) {
         self.schedule += other.schedule;
         self.forward += other.forward;
-        self.sample += other.sample;
+        self.detokenize += other.detokenize;
         self.emit += other.emit;
     }
 }
@@ -172,13 +173,14 @@ impl StepLog {
             return;
         }
         let ms = |d: Duration| d.as_secs_f64() * 1e3 / f64::from(self.steps);
-        let [schedule, forward, sample, emit] = self.total.phases().map(ms);
+        let [schedule, forward, detokenize, emit] = self.total.phases().map(ms);
         tracing::info!(
             "engine {name}: {} steps of {:.1} sequences on average, per step {:.2} ms: \
-             schedule {schedule:.2}, forward {forward:.2}, sample {sample:.2}, emit {emit:.2}",
+             schedule {schedule:.2}, forward {forward:.2}, detokenize {detokenize:.2}, \
+             emit {emit:.2}",
             self.steps,
             self.sequences as f64 / f64::from(self.steps),
-            schedule + forward + sample + emit,
+            schedule + forward + detokenize + emit,
         );
         *self = StepLog::new();
     }
@@ -390,40 +392,43 @@ fn serve<'m>(
         let stepped: Vec<usize> = (0..running.len())
             .filter(|&i| plan[i] > 0 && !running[i].generating.is_finished())
             .collect();
+        for &i in &stepped {
+            running[i].generating.sequence.prepare_step(plan[i]);
+        }
         let steps: Vec<_> =
             stepped.iter().map(|&i| running[i].generating.sequence.step(plan[i])).collect();
+        let rows: Vec<_> =
+            stepped.iter().map(|&i| running[i].generating.sequence.sample_row()).collect();
         let forward_start = Instant::now();
-        let result = model.model.forward_batch(space.arena.as_mut(), &steps);
-        drop(steps);
+        let result = model.model.forward_sample(space.arena.as_mut(), &steps, &rows);
+        drop((steps, rows));
         let mut times = StepTimes {
             schedule: forward_start - step_start,
             forward: forward_start.elapsed(),
             ..StepTimes::default()
         };
         match result {
-            Ok(rows) => {
+            Ok(chosen) => {
                 let now = Instant::now();
                 let before: Vec<usize> = stepped
                     .iter()
                     .map(|&i| running[i].generating.sequence.output_ids().len())
                     .collect();
-                // Sampling and detokenising are per sequence: spread them over the cores
-                // (with many sequences a step's host work otherwise rivals the GPU's).
-                let mut work: Vec<(&mut Generating<'m>, usize, Vec<f32>)> = running
+                // Detokenising is per sequence: spread it over the cores (with many sequences
+                // a step's host work otherwise rivals the GPU's).
+                let mut work: Vec<(&mut Generating<'m>, usize, Option<u32>)> = running
                     .iter_mut()
                     .enumerate()
                     .filter(|(i, _)| stepped.binary_search(i).is_ok())
-                    .zip(rows)
-                    .map(|((i, active), logits)| (&mut active.generating, plan[i], logits))
+                    .zip(chosen)
+                    .map(|((i, active), chosen)| (&mut active.generating, plan[i], chosen))
                     .collect();
                 let texts: Vec<String> = work
                     .par_iter_mut()
-                    .map(|(generating, ran, logits)| {
-                        generating.advance(*ran, std::mem::take(logits))
-                    })
+                    .map(|(generating, ran, chosen)| generating.accept(*ran, *chosen))
                     .collect();
                 drop(work);
-                times.sample = now.elapsed();
+                times.detokenize = now.elapsed();
                 for ((&i, text), before) in stepped.iter().zip(texts).zip(before) {
                     let active = &mut running[i];
                     space.register(&mut active.generating.sequence);
@@ -457,7 +462,8 @@ fn serve<'m>(
         retire(&mut running, space);
         metrics.queue(running.len(), waiting.len());
         metrics.kv_blocks(space.blocks.used(), space.blocks.available());
-        times.emit = step_start.elapsed().saturating_sub(times.schedule + times.forward + times.sample);
+        times.emit =
+            step_start.elapsed().saturating_sub(times.schedule + times.forward + times.detokenize);
         metrics.step(stepped.len(), &times);
         step_log.record(name, stepped.len(), &times);
     }

@@ -305,3 +305,128 @@ fn a_model_larger_than_the_gpu_fails_its_load_clearly() {
     );
     assert!(message.contains("GiB free"), "{message}");
 }
+
+/// The batched sampling kernel on the device against `engine::sampler::choose`, over rows
+/// as wide as ChatGLM2's vocabulary with the engine's own parameter words; then its time
+/// for 64 rows (the logits of a 64-sequence decode step).
+#[test]
+fn the_sampling_kernel_chooses_as_the_host_sampler_on_the_device() {
+    use rand::{RngExt, SeedableRng};
+    use triton_llm::engine::SampleRow;
+    if !gpu_present("sampling kernel") {
+        return;
+    }
+    let gpu = cuda::Gpu::open(0, DType::F32).unwrap();
+    let vocab = 65024;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
+    let settings = [
+        (0.0, 50, 0.8, 1.0),
+        (0.8, 50, 0.8, 1.0),
+        (0.8, 50, 0.8, 1.2),
+        (1.0, 0, 0.9, 1.0),
+        (0.7, 0, 1.0, 1.0),
+        (0.6, 1, 1.0, 1.1),
+        (1.2, 200, 0.95, 1.0),
+    ];
+    let penalized: Vec<u32> = (0..400).map(|i| i * 157).collect();
+    let mut logits = Vec::new();
+    let mut params = Vec::new();
+    for i in 0..64 {
+        let coarse = i % 3 == 0; // many ties at the boundaries
+        logits.extend((0..vocab).map(|_| {
+            let l = rng.random::<f32>() * 16.0 - 8.0;
+            if coarse { l.round() } else { l }
+        }));
+        let (temperature, top_k, top_p, repetition_penalty) = settings[i % settings.len()];
+        params.push((temperature, top_k, top_p, repetition_penalty, rng.random::<f32>()));
+    }
+    let rows: Vec<Option<SampleRow>> = params
+        .iter()
+        .map(|&(temperature, top_k, top_p, repetition_penalty, uniform)| {
+            Some(SampleRow {
+                width: vocab - 3,
+                temperature,
+                top_k,
+                top_p,
+                repetition_penalty,
+                penalized: &penalized,
+                uniform,
+                guard_invalid_scores: true,
+            })
+        })
+        .collect();
+    let words = triton_llm::model::gpu::sampling_words(&rows, vocab);
+    let device_logits = gpu.upload_bytes(bytemuck::cast_slice(&logits)).unwrap();
+    let device_words = gpu.upload_bytes(bytemuck::cast_slice(&words)).unwrap();
+    let penalized_at = device_words.ptr() + (rows.len() * cuda::SAMPLE_WORDS * 4) as u64;
+    let chosen = gpu.alloc(rows.len() * 4).unwrap();
+    let launch = || {
+        gpu.sample_rows(
+            device_logits.ptr(),
+            vocab,
+            device_words.ptr(),
+            penalized_at,
+            chosen.ptr(),
+            rows.len(),
+        )
+    };
+    launch().unwrap();
+    let got = gpu.read_u32(&chosen, rows.len()).unwrap();
+    let want: Vec<u32> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let mut row_logits = logits[i * vocab..(i + 1) * vocab].to_vec();
+            triton_llm::engine::sampler::choose(&mut row_logits, row.as_ref().unwrap())
+        })
+        .collect();
+    let differing: Vec<usize> = (0..rows.len()).filter(|&i| got[i] != want[i]).collect();
+    // Penalised again at every launch: the timing runs on rows it keeps changing, which
+    // costs the same.
+    let ms = gpu.time_ms(20, launch).unwrap();
+    report(json!({
+        "check": "sampling_kernel", "rows": rows.len(), "vocab": vocab,
+        "differing_rows": differing, "ms_per_step": ms, "pass": differing.is_empty(),
+    }));
+    assert!(differing.is_empty(), "rows {differing:?}: device {got:?} host {want:?}");
+}
+
+/// A seeded, penalised sampled answer is the same whether the GPU engine chooses each token
+/// on the device or the host samples its logits (f32: the logits are the same bits).
+#[test]
+fn sampling_on_the_device_answers_as_sampling_on_the_host() {
+    use triton_llm::engine::SamplingParams;
+    use triton_llm::pipeline::{ChatModel, GenerationOptions, LoadOptions};
+    if !gpu_present("sampling on the device") {
+        return;
+    }
+    for folder in ["chatglm2-tiny", "internlm2-tiny"] {
+        let answer = |sample_on_device: bool, sampling: SamplingParams| {
+            let options = LoadOptions {
+                device: Device::Cuda(0),
+                dtype: DType::F32,
+                sample_on_device,
+                ..Default::default()
+            };
+            let chat = ChatModel::load(&fixture(folder), &options).unwrap();
+            let generation =
+                GenerationOptions { sampling, max_new_tokens: Some(48), ..Default::default() };
+            chat.continue_ids(vec![5, 17, 300, 42, 7], &generation, |_| true).unwrap().output_ids
+        };
+        let sampled = SamplingParams {
+            temperature: 0.9,
+            top_k: 40,
+            top_p: 0.9,
+            repetition_penalty: 1.15,
+            seed: Some(3),
+        };
+        for sampling in [SamplingParams::greedy(), sampled] {
+            let (device, host) = (answer(true, sampling.clone()), answer(false, sampling.clone()));
+            report(json!({
+                "check": "sampling_on_device", "model": folder, "greedy": sampling.is_greedy(),
+                "tokens": device.len(), "pass": device == host,
+            }));
+            assert_eq!(device, host, "{folder} {sampling:?}");
+        }
+    }
+}

@@ -102,6 +102,9 @@ struct ModelArgs {
     /// Longest prompt + answer served (default: the model's context).
     #[arg(long)]
     session_len: Option<usize>,
+    /// With the GPU engine: choose each next token with the batched sampling kernel.
+    #[arg(long)]
+    sample_on_device: bool,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -123,6 +126,7 @@ impl ModelArgs {
             session_len: self.session_len,
             device: self.device.device,
             dtype: self.device.dtype,
+            sample_on_device: self.sample_on_device,
         };
         ChatModel::load(&self.model, &options)
     }

@@ -130,7 +130,7 @@ pub fn nvrtc_available() -> bool {
 }
 
 /// The kernel sources, in the order they are concatenated into one module.
-const SOURCES: [(&str, &str); 9] = [
+const SOURCES: [(&str, &str); 10] = [
     ("common.cuh", include_str!("../../kernels/common.cuh")),
     ("embedding.cu", include_str!("../../kernels/embedding.cu")),
     ("rms_norm.cu", include_str!("../../kernels/rms_norm.cu")),
@@ -140,6 +140,7 @@ const SOURCES: [(&str, &str); 9] = [
     ("attention_mma.cu", include_str!("../../kernels/attention_mma.cu")),
     ("silu_mul.cu", include_str!("../../kernels/silu_mul.cu")),
     ("fill.cu", include_str!("../../kernels/fill.cu")),
+    ("sampling.cu", include_str!("../../kernels/sampling.cu")),
 ];
 
 fn module_source() -> String {
@@ -187,6 +188,7 @@ struct Kernels {
     attention_prefill: CudaFunction,
     /// The tensor-core prefill (bf16 and f16 modules only).
     attention_prefill_mma: Option<CudaFunction>,
+    sample_rows: CudaFunction,
 }
 
 impl Kernels {
@@ -217,9 +219,15 @@ impl Kernels {
                 DType::F32 => None,
                 DType::BF16 | DType::F16 => Some(f("attention_prefill_mma")?),
             },
+            sample_rows: f("sample_rows")?,
         })
     }
 }
+
+/// Threads of a sampling block (SAMPLE_THREADS in kernels/sampling.cu).
+const SAMPLE_THREADS: u32 = 512;
+/// Words of one row's sampling parameters (SAMPLE_WORDS in kernels/sampling.cu).
+pub const SAMPLE_WORDS: usize = 10;
 
 /// Rows up to which the GEMV kernel runs a product (its GEMV_MAX_ROWS); above, cuBLAS.
 pub const GEMV_MAX_ROWS: usize = 8;
@@ -389,6 +397,17 @@ impl Gpu {
         Ok(bytemuck::cast_slice(&all[..bytes]))
     }
 
+    /// Waits for the queued work and returns the first `len` u32 values of `buffer`.
+    pub fn read_u32(&self, buffer: &Buffer, len: usize) -> Result<Vec<u32>> {
+        let mut host = vec![0u32; len];
+        let view = buffer.slice.slice(..len * 4);
+        self.stream
+            .memcpy_dtoh(&view, bytemuck::cast_slice_mut::<u32, u8>(&mut host))
+            .map_err(device_error("copying from the device"))?;
+        self.synchronize()?;
+        Ok(host)
+    }
+
     /// Copies `bytes` bytes between device buffers, in stream order.
     pub fn copy(&self, src: &Buffer, dst: &mut Buffer, bytes: usize) -> Result<()> {
         let from = src.slice.slice(..bytes);
@@ -432,6 +451,29 @@ impl Gpu {
         // SAFETY: each wrapper below passes arguments matching its kernel's signature, and
         // pointers into buffers its caller sized for the launch's shape.
         unsafe { builder.launch(config) }.map(|_| ()).map_err(device_error(name))
+    }
+
+    /// Chooses the next token of `rows` rows of f32 logits (`stride` apart) on the device,
+    /// each as `engine::sampler::choose` does, from `SAMPLE_WORDS` parameter words per row
+    /// and the rows' distinct penalized ids; writes one id per row to `chosen`. The logits
+    /// are changed in place (guard, penalty).
+    pub fn sample_rows(
+        &self,
+        logits: u64,
+        stride: usize,
+        params: u64,
+        penalized: u64,
+        chosen: u64,
+        rows: usize,
+    ) -> Result<()> {
+        let stride = stride as u64;
+        self.launch(
+            &self.kernels.sample_rows,
+            "sample_rows",
+            (rows as u32, 1),
+            SAMPLE_THREADS,
+            &[&logits, &stride, &params, &penalized, &chosen],
+        )
     }
 
     /// Fills `n` elements at `out` with uniform values in ±bound (dummy weights).

@@ -9,7 +9,7 @@ pub mod sampler;
 use crate::model::SeqStep;
 use crate::{Error, Result};
 pub use blocks::BlockTable;
-pub use sampler::{Sampler, SamplingParams};
+pub use sampler::{SampleRow, Sampler, SamplingParams};
 
 #[derive(Clone, Debug)]
 pub struct GenerateRequest {
@@ -99,6 +99,8 @@ pub struct Sequence {
     computed: usize,
     pub table: BlockTable,
     pub finish_reason: Option<FinishReason>,
+    /// The uniform draw of the choice the current step ends with, if it makes one.
+    pending_draw: Option<f32>,
 }
 
 impl Sequence {
@@ -106,9 +108,12 @@ impl Sequence {
     pub fn new(request: GenerateRequest) -> Result<Self> {
         request.sampling.validate()?;
         let budget = request.new_token_budget()?;
+        let mut sampler = Sampler::new(request.sampling.clone());
+        sampler.observe(&request.prompt_ids);
         Ok(Sequence {
             budget,
-            sampler: Sampler::new(request.sampling.clone()),
+            sampler,
+            pending_draw: None,
             tokens: request.prompt_ids.clone(),
             computed: 0,
             table: BlockTable::default(),
@@ -175,23 +180,33 @@ impl Sequence {
         std::mem::take(&mut self.table)
     }
 
-    /// Takes the logits of a step that ran `ran` tokens. Once every token is in the arena,
-    /// samples the next one, decides whether it ends the sequence, and returns it.
-    pub fn advance(&mut self, ran: usize, mut logits: Vec<f32>) -> Option<u32> {
+    /// Whether a step running `ran` more tokens ends with the choice of a next token (the
+    /// whole prompt is then in the arena).
+    pub fn samples_after(&self, ran: usize) -> bool {
+        !self.is_finished() && self.computed + ran >= self.tokens.len()
+    }
+
+    /// Before a step of `ran` tokens: draws the uniform of the choice it ends with, if any
+    /// (one draw per sampled token, so a seed gives the same answer on every engine).
+    pub fn prepare_step(&mut self, ran: usize) {
+        self.pending_draw = self.samples_after(ran).then(|| self.sampler.draw());
+    }
+
+    /// The choice the prepared step ends with: what the sampler needs besides the logits.
+    pub fn sample_row(&self) -> Option<SampleRow<'_>> {
+        let uniform = self.pending_draw?;
+        let request = &self.request;
+        Some(self.sampler.row(request.producible_ids, uniform, request.guard_invalid_scores))
+    }
+
+    /// Takes a step that ran `ran` tokens and the token chosen after it (None after a
+    /// prefill chunk short of the prompt's end); decides whether it ends the sequence.
+    pub fn accept(&mut self, ran: usize, chosen: Option<u32>) -> Option<u32> {
         self.computed += ran;
-        if self.computed < self.tokens.len() || self.is_finished() {
-            return None; // a prefill chunk short of the prompt's end
-        }
-        let width = self.request.producible_ids.min(logits.len());
-        let producible = &mut logits[..width];
-        if self.request.guard_invalid_scores && producible.iter().any(|l| !l.is_finite()) {
-            producible.fill(0.0);
-            if let Some(score) = producible.get_mut(5) {
-                *score = 5e4;
-            }
-        }
-        let next = self.sampler.sample(producible, &self.tokens);
+        self.pending_draw = None;
+        let next = chosen.filter(|_| self.computed >= self.tokens.len() && !self.is_finished())?;
         self.tokens.push(next);
+        self.sampler.observe(&[next]);
         if self.request.stop_token_ids.contains(&next) {
             self.finish_reason = Some(FinishReason::Stop);
         } else if self.output_ids().len() >= self.budget {

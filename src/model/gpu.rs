@@ -7,12 +7,14 @@
 //! product; the residual stream stays f32. Products of up to `GEMV_MAX_ROWS` tokens (decode)
 //! run on our GEMV kernel, larger ones (prefill) on cuBLAS.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
 
 use super::{Checkpoint, KvStore, ModelInfo, SeqStep, batch_offsets, rope};
 use crate::cuda::{self, AttentionShape, Buffer, DType, Gpu, Rope, StepTables};
+use crate::engine::SampleRow;
 use crate::{Error, Result};
 
 /// Sizes of the decoder.
@@ -130,6 +132,8 @@ pub struct GpuModel {
     /// Activations of one forward call; one call at a time per model.
     scratch: Mutex<Option<Scratch>>,
     rope_cache: Mutex<RopeCache>,
+    /// `forward_sample` chooses with the sampling kernel (kernels/sampling.cu).
+    sample_on_device: AtomicBool,
 }
 
 /// cos/sin rows of the positions seen so far, for the inverse frequencies last asked for
@@ -200,6 +204,7 @@ impl GpuModel {
             inv_freq,
             scratch: Mutex::new(None),
             rope_cache: Mutex::new(RopeCache::default()),
+            sample_on_device: AtomicBool::new(false),
         }
     }
 
@@ -380,6 +385,8 @@ struct Scratch {
     split_counters: Buffer,
     /// Where the logits come back to the host.
     host_logits: cuda::HostBuffer,
+    /// One chosen id per sequence (sampling on the device).
+    chosen: Buffer,
 }
 
 impl Scratch {
@@ -411,6 +418,7 @@ impl Scratch {
             attention_partial: gpu.alloc(partial_bytes)?,
             split_counters: gpu.alloc(seqs * shape.attention.num_heads * 4)?,
             host_logits: gpu.alloc_host(seqs * shape.vocab * 4)?,
+            chosen: gpu.alloc(seqs * 4)?,
         })
     }
 }
@@ -444,17 +452,103 @@ impl super::CausalLm for GpuModel {
         Ok(Some(self.gpu.memory()?.0))
     }
 
+    fn set_sample_on_device(&self, on: bool) {
+        self.sample_on_device.store(on, Ordering::Relaxed);
+    }
+
     fn forward_batch(
         &self,
         arena: &mut dyn KvStore,
         steps: &[SeqStep<'_>],
     ) -> Result<Vec<Vec<f32>>> {
+        let vocab = self.shape.vocab;
+        self.forward_on_device(arena, steps, &[], |gpu, s, _| {
+            let logits = gpu.read_f32_pinned(&s.logits, steps.len() * vocab, &mut s.host_logits)?;
+            // Rows of 65k-92k floats for up to hundreds of sequences: copied out on all cores.
+            Ok(logits.par_chunks_exact(vocab).map(<[f32]>::to_vec).collect())
+        })
+    }
+
+    fn forward_sample(
+        &self,
+        arena: &mut dyn KvStore,
+        steps: &[SeqStep<'_>],
+        rows: &[Option<SampleRow<'_>>],
+    ) -> Result<Vec<Option<u32>>> {
+        if !self.sample_on_device.load(Ordering::Relaxed) {
+            return Ok(super::choose_on_host(self.forward_batch(arena, steps)?, rows));
+        }
+        let words = sampling_words(rows, self.shape.vocab);
+        self.forward_on_device(arena, steps, &words, |gpu, s, words_at| {
+            let penalized = words_at + (rows.len() * cuda::SAMPLE_WORDS * 4) as u64;
+            let stride = self.shape.vocab;
+            gpu.sample_rows(
+                s.logits.ptr(),
+                stride,
+                words_at,
+                penalized,
+                s.chosen.ptr(),
+                rows.len(),
+            )?;
+            let chosen = gpu.read_u32(&s.chosen, rows.len())?;
+            Ok(rows.iter().zip(chosen).map(|(row, id)| row.as_ref().map(|_| id)).collect())
+        })
+    }
+}
+
+/// The sampling kernel's words for `rows` (kernels/sampling.cu): SAMPLE_WORDS parameters
+/// per row, then every row's distinct penalized ids.
+pub fn sampling_words(rows: &[Option<SampleRow<'_>>], vocab: usize) -> Vec<u32> {
+    let mut words = Vec::with_capacity(rows.len() * cuda::SAMPLE_WORDS);
+    let mut penalized = Vec::new();
+    for (i, row) in rows.iter().enumerate() {
+        let Some(row) = row else {
+            words.extend([i as u32, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+            continue;
+        };
+        let flags = 1 | (u32::from(row.guard_invalid_scores) << 1);
+        let (first, count) = if row.repetition_penalty != 1.0 {
+            penalized.extend_from_slice(row.penalized);
+            (penalized.len() - row.penalized.len(), row.penalized.len())
+        } else {
+            (0, 0)
+        };
+        words.extend([
+            i as u32,
+            row.width.min(vocab) as u32,
+            flags,
+            row.top_k.min(u32::MAX as usize) as u32,
+            row.inv_temperature().to_bits(),
+            row.top_p.to_bits(),
+            row.repetition_penalty.to_bits(),
+            row.uniform.to_bits(),
+            first as u32,
+            count as u32,
+        ]);
+    }
+    words.extend(penalized);
+    words
+}
+
+impl GpuModel {
+    /// Runs the pass up to the logits (left on the device in the scratch), with `extra`
+    /// words uploaded alongside the step's tables, then `finish` (given the device address
+    /// of the extra words) while the scratch is held.
+    fn forward_on_device<R>(
+        &self,
+        arena: &mut dyn KvStore,
+        steps: &[SeqStep<'_>],
+        extra: &[u32],
+        finish: impl FnOnce(&Gpu, &mut Scratch, u64) -> Result<R>,
+    ) -> Result<R> {
         let arena: &mut cuda::KvArena = arena.as_any_mut().downcast_mut().ok_or_else(|| {
             Error::Internal("a GPU model was given another device's KV arena".into())
         })?;
         let (_, total) = batch_offsets(steps)?;
         let block_size = arena.block_size();
-        let tables = self.tables(steps, block_size)?;
+        let mut tables = self.tables(steps, block_size)?;
+        let extra_at = tables.words.len() * 4;
+        tables.words.extend_from_slice(extra);
         let gpu = &self.gpu;
         gpu.bind()?;
 
@@ -612,9 +706,8 @@ impl super::CausalLm for GpuModel {
             h,
             true,
         )?;
-        let logits = gpu.read_f32_pinned(&s.logits, seqs * shape.vocab, &mut s.host_logits)?;
-        // Rows of 65k-92k floats for up to hundreds of sequences: copied out on all cores.
-        Ok(logits.par_chunks_exact(shape.vocab).map(<[f32]>::to_vec).collect())
+        let extra_ptr = s.tables.at(extra_at);
+        finish(gpu, s, extra_ptr)
     }
 }
 
@@ -637,6 +730,33 @@ mod tests {
         }
         assert_eq!(decode_splits(32, 1024), (8, 128)); // one sequence of ChatGLM2-6B
         assert_eq!(decode_splits(2048, 1024).0, 1); // 64 sequences fill the chip alone
+    }
+
+    #[test]
+    fn sampling_words_lay_out_each_row_and_the_penalized_ids_after_them() {
+        const FIRST: &[u32] = &[3, 9];
+        const SECOND: &[u32] = &[4];
+        let row = |penalized: &'static [u32], repetition_penalty| SampleRow {
+            width: 100,
+            temperature: 0.5,
+            top_k: 7,
+            top_p: 0.9,
+            repetition_penalty,
+            penalized,
+            uniform: 0.25,
+            guard_invalid_scores: true,
+        };
+        let rows = [Some(row(FIRST, 1.2)), None, Some(row(SECOND, 1.0)), Some(row(SECOND, 2.0))];
+        let words = sampling_words(&rows, 64);
+        let w = cuda::SAMPLE_WORDS;
+        assert_eq!(words.len(), 4 * w + 3);
+        assert_eq!(words[..4], [0, 64, 3, 7]); // width capped at the logits row; active, guard
+        assert_eq!(words[4..8], [2f32, 0.9, 1.2, 0.25].map(f32::to_bits));
+        assert_eq!(words[8..10], [0, 2]);
+        assert_eq!(words[w..2 * w], [1, 0, 0, 0, 0, 0, 0, 0, 0, 0]); // inactive
+        assert_eq!(words[2 * w + 8..3 * w], [0, 0]); // no penalty: no ids
+        assert_eq!(words[3 * w + 8..4 * w], [2, 1]);
+        assert_eq!(words[4 * w..], [3, 9, 4]);
     }
 
     #[test]

@@ -11,6 +11,9 @@ pub mod weights;
 use std::any::Any;
 use std::path::Path;
 
+use rayon::prelude::*;
+
+use crate::engine::{SampleRow, sampler};
 use crate::{Error, Result, cpu, cuda};
 pub use weights::Checkpoint;
 
@@ -74,6 +77,15 @@ pub struct ModelInfo {
     pub length_dependent_rope_after: Option<usize>,
 }
 
+/// Each row's choice from its logits, on all cores.
+pub fn choose_on_host(logits: Vec<Vec<f32>>, rows: &[Option<SampleRow<'_>>]) -> Vec<Option<u32>> {
+    logits
+        .into_par_iter()
+        .zip(rows)
+        .map(|(mut logits, row)| row.as_ref().map(|row| sampler::choose(&mut logits, row)))
+        .collect()
+}
+
 /// A causal LM whose KV state lives outside the weights, so one model serves many sequences.
 pub trait CausalLm: Send + Sync {
     fn info(&self) -> &ModelInfo;
@@ -111,6 +123,22 @@ pub trait CausalLm: Send + Sync {
         arena: &mut dyn KvStore,
         steps: &[SeqStep<'_>],
     ) -> Result<Vec<Vec<f32>>>;
+
+    /// Whether `forward_sample` chooses on the model's device (engines whose logits are on
+    /// the host already ignore it).
+    fn set_sample_on_device(&self, _on: bool) {}
+
+    /// `forward_batch`, then the next token of each row that asks for one, chosen as
+    /// `engine::sampler::choose` defines. Engines that can choose on their device override
+    /// this so that only the chosen ids come back.
+    fn forward_sample(
+        &self,
+        arena: &mut dyn KvStore,
+        steps: &[SeqStep<'_>],
+        rows: &[Option<SampleRow<'_>>],
+    ) -> Result<Vec<Option<u32>>> {
+        Ok(choose_on_host(self.forward_batch(arena, steps)?, rows))
+    }
 
     /// One sequence with a private cache (`forward_batch` of one).
     fn forward(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {

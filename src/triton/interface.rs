@@ -301,6 +301,7 @@ mod tests {
             load_format: Default::default(),
             dtype: Default::default(),
             session_len: None,
+            sample_on_device: false,
             scheduler: Default::default(),
         }
     }

@@ -141,8 +141,8 @@ impl MetricFamilies {
             step_seconds: Family::new(
                 COUNTER,
                 "llm_engine_step_seconds_total",
-                "Host time of the engine's steps by phase: schedule, forward (the device's \
-                 pass, logits back), sample, emit (responses, metrics, retiring)",
+                "Host time of the engine's steps by phase: schedule, forward (the pass and \
+                 the choice of next tokens), detokenize, emit (responses, metrics, retiring)",
             )?,
         }))
     }
@@ -305,7 +305,14 @@ impl InstanceMetrics {
                 .map(|&phase| {
                     let label = Some(("phase", phase));
                     let family: fn(&MetricFamilies) -> &Family = |f| &f.step_seconds;
-                    Metric::shared(families, family, "step_seconds", (model, instance), label, false)
+                    Metric::shared(
+                        families,
+                        family,
+                        "step_seconds",
+                        (model, instance),
+                        label,
+                        false,
+                    )
                 })
                 .collect::<TritonResult<_>>()?,
         })

@@ -133,6 +133,7 @@ impl ModelState {
             session_len: parameters.session_len,
             device,
             dtype: parameters.dtype,
+            sample_on_device: parameters.sample_on_device,
         };
         let started = std::time::Instant::now();
         let engine = ChatModel::load(&parameters.model_dir, &options)
