@@ -5,13 +5,26 @@
 #
 #   bash scripts/gpu/serve_load.sh [SECONDS] [CONCURRENCY ...]     (default: 20 64 256)
 #
+# Environment: SHAPE (chatglm2-6b or internlm2_5-7b, a folder of bench/shapes),
+# SAMPLE_ON_DEVICE (true: the batched sampling kernel; false: the host samples the logits),
+# TEMPERATURE (0: greedy; above: the model's default top-k 50 / top-p 0.8 sampling).
 # Prompts are a chat question repeated 16 times (about 130 tokens with the template),
-# answers 128 new tokens. Needs .carry from scripts/gpu/pack.sh; unpacks what it needs.
+# answers 128 new tokens. After each level it prints where the engine's steps spent their
+# time (llm_engine_step_seconds_total by phase, over the level's steps). Needs .carry from
+# scripts/gpu/pack.sh; unpacks what it needs.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 SECONDS_EACH=${1:-20}
 shift || true
 LEVELS=${*:-64 256}
+SHAPE=${SHAPE:-chatglm2-6b}
+SAMPLE_ON_DEVICE=${SAMPLE_ON_DEVICE:-true}
+TEMPERATURE=${TEMPERATURE:-0}
+case $SHAPE in
+    chatglm2*) TOKENIZER=tests/fixtures/chatglm2/tokenizer.model ;;
+    internlm2*) TOKENIZER=tests/fixtures/internlm2/tokenizer.model ;;
+    *) echo "unknown SHAPE $SHAPE" >&2; exit 2 ;;
+esac
 OUT=${OUT:-/tmp/gpucheck-out}
 mkdir -p "$OUT" /tmp/carry
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
@@ -23,13 +36,13 @@ export PYTHONPATH="/tmp/carry/pylib:$PWD/scripts/gpu/pyshim${PYTHONPATH:+:$PYTHO
 rm -rf /tmp/load-repo /tmp/load-backends /tmp/load-model
 mkdir -p /tmp/load-repo/chatglm2_6b_stream/1 /tmp/load-backends/llm /tmp/load-model
 xz -dc .carry/libtriton_llm.so.xz > /tmp/load-backends/llm/libtriton_llm.so
-cp bench/shapes/chatglm2-6b/config.json tests/fixtures/chatglm2/tokenizer.model /tmp/load-model/
+cp "bench/shapes/$SHAPE/config.json" "$TOKENIZER" /tmp/load-model/
 {
     sed -e 's/^name: .*/name: "chatglm2_6b_stream"/' -e '/^instance_group/d' -e '/^parameters/d' \
         tests/model_repository/chatglm2-tiny-stream/config.pbtxt
     echo 'instance_group [ { kind: KIND_GPU count: 1 } ]'
     for kv in model_dir=/tmp/load-model load_format=dummy dtype=bf16 max_num_seqs=256 \
-        max_num_batched_tokens=8192; do
+        max_num_batched_tokens=8192 sample_on_device=$SAMPLE_ON_DEVICE; do
         echo "parameters { key: \"${kv%%=*}\" value { string_value: \"${kv#*=}\" } }"
     done
 } > /tmp/load-repo/chatglm2_6b_stream/config.pbtxt
@@ -43,11 +56,42 @@ for _ in $(seq 120); do
     kill -0 $SERVER 2>/dev/null || break
     sleep 1
 done
+# The engine's step counters, summed over label sets: {name or name/phase: value}.
+steps_now() {
+    python3 - <<'PY'
+import json, re, urllib.request
+text = urllib.request.urlopen("http://127.0.0.1:8102/metrics", timeout=5).read().decode()
+totals = {}
+for line in text.splitlines():
+    m = re.match(r'(llm_engine_step\w*_total)\{([^}]*)\} (\S+)', line)
+    if m:
+        phase = re.search(r'phase="(\w+)"', m.group(2))
+        key = m.group(1) + ("/" + phase.group(1) if phase else "")
+        totals[key] = totals.get(key, 0.0) + float(m.group(3))
+print(json.dumps(totals))
+PY
+}
+echo "== $SHAPE, sample_on_device=$SAMPLE_ON_DEVICE, temperature $TEMPERATURE"
 for level in $LEVELS; do
     echo "== concurrency $level, ${SECONDS_EACH} s"
+    before=$(steps_now)
     timeout $((SECONDS_EACH + 120)) python3 tools/load.py --url 127.0.0.1:8101 \
         --model chatglm2_6b_stream --concurrency "$level" --duration "$SECONDS_EACH" \
-        --max-new-tokens 128 --prompt-repeat 16 | tee -a "$OUT/serve_load.jsonl"
+        --max-new-tokens 128 --prompt-repeat 16 --temperature "$TEMPERATURE" |
+        tee -a "$OUT/serve_load.jsonl"
+    after=$(steps_now)
+    python3 - "$before" "$after" "$level" "$SHAPE" "$SAMPLE_ON_DEVICE" "$TEMPERATURE" <<'PY' |
+import json, sys
+before, after = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+steps = d.get("llm_engine_steps_total", 0.0) or 1.0
+phases = {k.split("/")[1]: round(v / steps * 1e3, 3) for k, v in d.items() if "/" in k}
+print(json.dumps({"level": int(sys.argv[3]), "shape": sys.argv[4], "sample_on_device": sys.argv[5],
+                  "temperature": float(sys.argv[6]), "steps": int(steps),
+                  "mean_sequences": round(d.get("llm_engine_step_sequences_total", 0.0) / steps, 1),
+                  "ms_per_step": phases}))
+PY
+        tee -a "$OUT/serve_phases.jsonl"
 done
 curl -s localhost:8102/metrics 2>/dev/null | grep -E "^llm_(kv_blocks|requests)" | head -8
 kill $SERVER 2>/dev/null
