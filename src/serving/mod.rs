@@ -1,7 +1,8 @@
 //! The serving loop: one thread per engine that admits new requests at every step, runs the
 //! prefill of new sequences (in chunks, so a long prompt does not stall running decodes)
 //! together with the decode step of every running sequence in one batched forward pass,
-//! streams each sequence's text to its sink and retires the finished ones.
+//! streams each sequence's text to its sink (sent from a thread of its own, `emitter`, while
+//! the next step runs) and retires the finished ones.
 //!
 //! Each step: receive → admit → drop cancelled → plan (decodes first, then prefill chunks
 //! within the token budget) → forward and choose next tokens → detokenise and emit → retire.
@@ -14,10 +15,13 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
+mod emitter;
+
 use crate::engine::FinishReason;
 use crate::engine::kv_space::{Admission, KvSpace};
 use crate::pipeline::{ChatModel, ChatTurn, Completion, Generating, GenerationOptions};
 use crate::{Error, Result};
+use emitter::{Emission, Emitter, SharedSink};
 
 /// How much one engine does at once, and its KV cache.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -86,7 +90,8 @@ fn available_host_memory() -> Result<usize> {
         .ok_or_else(|| Error::Config("no MemAvailable in /proc/meminfo".into()))
 }
 
-/// Where one request's answer goes. Called from the engine thread.
+/// Where one request's answer goes. Called from the engine's threads: the engine thread
+/// polls `is_cancelled`, the response thread sends text and the end, one call at a time.
 pub trait AnswerSink: Send {
     /// New answer text (never a broken character). Returns false to stop the sequence.
     fn on_text(&mut self, text: &str) -> bool;
@@ -130,7 +135,8 @@ pub struct StepTimes {
     pub forward: Duration,
     /// Detokenising every stepped sequence's new token.
     pub detokenize: Duration,
-    /// Handing text to the sinks (Triton responses), metrics, retiring finished sequences.
+    /// Queueing text for the sinks (the response thread sends it), metrics, retiring
+    /// finished sequences.
     pub emit: Duration,
 }
 
@@ -259,7 +265,7 @@ impl Drop for ServingEngine {
 
 struct Active<'m> {
     generating: Generating<'m>,
-    sink: Box<dyn AnswerSink>,
+    sink: Arc<SharedSink>,
     arrived: Instant,
     last_token: Option<Instant>,
 }
@@ -278,10 +284,21 @@ fn serve<'m>(
     let mut open = true;
     let mut prefix_hits = space.blocks.prefix_hit_tokens;
     let mut step_log = StepLog::new();
+    let emitter = match Emitter::start(name) {
+        Ok(emitter) => emitter,
+        Err(error) => {
+            tracing::error!("engine {name}: {error}");
+            for job in jobs.iter() {
+                job.sink.finish(Err(Error::Unavailable("the model's engine has stopped".into())));
+            }
+            return;
+        }
+    };
     let start = |job: ChatJob| -> Option<Active<'m>> {
         match model.start_chat(&job.turn, &job.options) {
             Ok(generating) => {
-                Some(Active { generating, sink: job.sink, arrived: job.arrived, last_token: None })
+                let sink = SharedSink::new(job.sink);
+                Some(Active { generating, sink, arrived: job.arrived, last_token: None })
             }
             Err(error) => {
                 job.sink.finish(Err(error));
@@ -307,9 +324,14 @@ fn serve<'m>(
         }
         if !open {
             // The engine is being dropped: nobody will read further answers.
-            for active in waiting.drain(..).chain(running.drain(..)) {
-                active.sink.finish(Err(Error::Unavailable("the model is being unloaded".into())));
-            }
+            let unloading = || Err(Error::Unavailable("the model is being unloaded".into()));
+            emitter.send(
+                waiting
+                    .drain(..)
+                    .chain(running.drain(..))
+                    .map(|active| Emission::Finish(active.sink, unloading()))
+                    .collect(),
+            );
             break;
         }
 
@@ -324,8 +346,8 @@ fn serve<'m>(
                 metrics.cancelled();
             }
         }
-        retire(&mut waiting, space);
-        retire(&mut running, space);
+        retire(&mut waiting, space, &emitter);
+        retire(&mut running, space, &emitter);
 
         // Admit in order while there are seats and blocks.
         while running.len() < config.max_num_seqs {
@@ -346,7 +368,7 @@ fn serve<'m>(
                 Admission::Never(message) => {
                     active.generating.fail(Error::InvalidRequest(message));
                     waiting.push_front(active);
-                    retire(&mut waiting, space);
+                    retire(&mut waiting, space, &emitter);
                 }
             }
         }
@@ -429,11 +451,13 @@ fn serve<'m>(
                     .collect();
                 drop(work);
                 times.detokenize = now.elapsed();
+                let mut generated = 0;
+                let mut pieces = Vec::with_capacity(stepped.len());
                 for ((&i, text), before) in stepped.iter().zip(texts).zip(before) {
                     let active = &mut running[i];
                     space.register(&mut active.generating.sequence);
                     if active.generating.sequence.output_ids().len() > before {
-                        metrics.generated_tokens(1);
+                        generated += 1;
                         match active.last_token {
                             None => metrics.time_to_first_token(
                                 now.duration_since(active.arrived).as_secs_f64(),
@@ -444,10 +468,12 @@ fn serve<'m>(
                         }
                         active.last_token = Some(now);
                     }
-                    if !text.is_empty() && !active.sink.on_text(&text) {
-                        active.generating.cancel();
+                    if !text.is_empty() {
+                        pieces.push(Emission::Text(Arc::clone(&active.sink), text));
                     }
                 }
+                emitter.send(pieces);
+                metrics.generated_tokens(generated);
             }
             Err(error) => {
                 // A failed pass leaves the stepped sequences' K/V unusable: end them.
@@ -459,7 +485,7 @@ fn serve<'m>(
                 }
             }
         }
-        retire(&mut running, space);
+        retire(&mut running, space, &emitter);
         metrics.queue(running.len(), waiting.len());
         metrics.kv_blocks(space.blocks.used(), space.blocks.available());
         times.emit =
@@ -469,30 +495,32 @@ fn serve<'m>(
     }
 }
 
-/// Sends the finished sequences' completions (or errors), frees their blocks and removes
+/// Queues the finished sequences' completions (or errors), frees their blocks and removes
 /// them, keeping the others in order.
-fn retire<'m, Q>(queue: &mut Q, space: &mut KvSpace)
+fn retire<'m, Q>(queue: &mut Q, space: &mut KvSpace, emitter: &Emitter)
 where
     Q: Extend<Active<'m>> + IntoIterator<Item = Active<'m>> + Default,
 {
     let mut kept = Q::default();
+    let mut ends = Vec::new();
     for mut active in std::mem::take(queue) {
         if !active.generating.is_finished() {
             kept.extend([active]);
             continue;
         }
         space.release(&mut active.generating.sequence);
-        let Active { generating, mut sink, .. } = active;
+        let Active { generating, sink, .. } = active;
         match generating.finish() {
             Ok((rest, completion)) => {
                 if !rest.is_empty() {
-                    sink.on_text(&rest);
+                    ends.push(Emission::Text(Arc::clone(&sink), rest));
                 }
-                sink.finish(Ok(completion));
+                ends.push(Emission::Finish(sink, Ok(completion)));
             }
-            Err(error) => sink.finish(Err(error)),
+            Err(error) => ends.push(Emission::Finish(sink, Err(error))),
         }
     }
+    emitter.send(ends);
     *queue = kept;
 }
 

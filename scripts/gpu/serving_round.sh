@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One device call for issue 5's serving figures, sized for a session's short device budget
+# (about 6 minutes; each step has a timeout and the run stops starting steps at its budget):
+#
+#   bash scripts/gpu/serving_round.sh          (after scripts/gpu/pack.sh filled .carry)
+#
+#   1  the GPU tests (gpu_tests), the sampling kernel on the device among them
+#   2  ChatGLM2-6B shape, greedy, sampling on the device: 64 and 256 streams
+#   3  the same at 64 streams with the host sampling the logits (the comparison)
+#   4  ChatGLM2-6B shape at 64 streams sampled (temperature 0.8, top-k 50, top-p 0.8), device
+#   5  InternLM2.5-7B shape, greedy, device sampling: 256 streams
+#
+# Writes $OUT/serve_load.jsonl (tools/load.py), $OUT/serve_phases.jsonl (where each step's
+# host time went), $OUT/gpu_tests.log and the servers' logs. Budget: SERVING_BUDGET_S (360).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/gpucheck-out}
+mkdir -p "$OUT" /tmp/carry
+START=$(date +%s)
+BUDGET=${SERVING_BUDGET_S:-360}
+SECONDS_EACH=${SERVING_SECONDS:-15}
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    [ -d "$d" ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
+done
+
+left() { echo $((START + BUDGET - $(date +%s))); }
+step() { # step NAME NEEDED_SECONDS COMMAND...
+    local name=$1 needed=$2
+    shift 2
+    if [ "$(left)" -lt "$needed" ]; then
+        echo "== $name: skipped, $(left) s left of the budget" | tee -a "$OUT/serving_round.txt"
+        return
+    fi
+    echo "== $name" | tee -a "$OUT/serving_round.txt"
+    timeout "$(left)" "$@"
+    echo "== $name: exit $?" | tee -a "$OUT/serving_round.txt"
+}
+
+if [ ! -x /tmp/carry/gpu_tests ]; then
+    xz -dc .carry/gpu_tests.xz > /tmp/carry/gpu_tests && chmod +x /tmp/carry/gpu_tests
+fi
+step "gpu tests" 60 bash -c "/tmp/carry/gpu_tests --test-threads 1 --nocapture > '$OUT/gpu_tests.log' 2>&1; \
+    grep -E '^GPUCHECK|^test |test result' '$OUT/gpu_tests.log'"
+serve() { # serve NAME LOG [VAR=VALUE ...] -- LEVELS
+    local name=$1 log=$2
+    shift 2
+    step "$name" 70 env "$@" bash scripts/gpu/serve_load.sh "$SECONDS_EACH" "${LEVELS[@]}"
+    cp /tmp/load-server.log "$OUT/$log" 2>/dev/null
+}
+LEVELS=(64 256)
+serve "chatglm2-6b greedy, device sampling" server-glm-device.log SHAPE=chatglm2-6b SAMPLE_ON_DEVICE=true
+LEVELS=(64)
+serve "chatglm2-6b greedy, host sampling" server-glm-host.log SHAPE=chatglm2-6b SAMPLE_ON_DEVICE=false
+serve "chatglm2-6b sampled, device sampling" server-glm-sampled.log SHAPE=chatglm2-6b \
+    SAMPLE_ON_DEVICE=true TEMPERATURE=0.8
+LEVELS=(256)
+serve "internlm2.5-7b greedy, device sampling" server-internlm.log SHAPE=internlm2_5-7b \
+    SAMPLE_ON_DEVICE=true
+echo "== done in $(($(date +%s) - START)) s"
+cat "$OUT/serve_phases.jsonl" 2>/dev/null
