@@ -61,6 +61,49 @@ __device__ __forceinline__ unsigned long long block_exclusive_scan(unsigned long
     return inclusive - value;
 }
 
+// The largest key whose weight at or above it reaches `limit`, eight bits at a time from
+// the top (a radix select over weighted keys); `*above` gets the weight of greater keys.
+// With unit weights and limit k it is the k-th largest key. `bucket` holds 256 values;
+// `found_*` are shared.
+template <typename Key, typename Weight>
+__device__ __forceinline__ unsigned int radix_select(Key key_of, Weight weight_of, double limit,
+                                                     unsigned int begin, unsigned int end,
+                                                     unsigned long long* bucket,
+                                                     unsigned int* found_prefix,
+                                                     unsigned long long* found_above,
+                                                     unsigned long long* above) {
+    const unsigned int t = threadIdx.x;
+    unsigned int prefix = 0;
+    *above = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        const unsigned int mask = shift == 24 ? 0u : 0xffffffffu << (shift + 8);
+        for (unsigned int b = t; b < 256; b += blockDim.x) bucket[b] = 0;
+        __syncthreads();
+        for (unsigned int i = begin; i < end; ++i) {
+            const unsigned int key = key_of(i);
+            const unsigned long long weight = weight_of(i);
+            if (weight > 0 && (key & mask) == prefix) atomicAdd(&bucket[(key >> shift) & 255u], weight);
+        }
+        __syncthreads();
+        if (t == 0) {
+            unsigned long long cumulative = *above;
+            for (int b = 255; b >= 0; --b) {
+                if ((double)(cumulative + bucket[b]) >= limit) {
+                    *found_prefix = prefix | ((unsigned int)b << shift);
+                    *found_above = cumulative;
+                    break;
+                }
+                cumulative += bucket[b];
+            }
+        }
+        __syncthreads();
+        prefix = *found_prefix;
+        *above = *found_above;
+        __syncthreads();
+    }
+    return prefix;
+}
+
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     sample_rows(float* __restrict__ logits, unsigned long long stride,
                 const unsigned int* __restrict__ params, const unsigned int* __restrict__ penalized,
@@ -68,10 +111,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     __shared__ unsigned long long scratch[SAMPLE_THREADS];
     __shared__ unsigned int best_key[SAMPLE_THREADS];
     __shared__ unsigned int best_id[SAMPLE_THREADS];
-    __shared__ unsigned int counts[256];
-    __shared__ unsigned long long bucket_mass[256];
+    __shared__ unsigned long long bucket[256];
     __shared__ unsigned int found_prefix;
-    __shared__ unsigned int found_rank;
     __shared__ unsigned long long found_above;
     __shared__ int invalid;
 
@@ -149,44 +190,24 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
         return;
     }
 
-    // top-k: the k-th largest key, eight bits at a time from the top.
+    // top-k: the k-th largest key.
+    const auto key_of = [&](unsigned int i) { return order_key(SCALED(i)); };
     const unsigned int top_k = p[SAMPLE_TOP_K];
+    unsigned long long above;
     unsigned int threshold = 0;
     if (top_k > 0 && top_k < n) {
-        unsigned int prefix = 0, rank = top_k;
-        for (int shift = 24; shift >= 0; shift -= 8) {
-            const unsigned int mask = shift == 24 ? 0u : 0xffffffffu << (shift + 8);
-            for (unsigned int b = t; b < 256; b += blockDim.x) counts[b] = 0;
-            __syncthreads();
-            for (unsigned int i = begin; i < end; ++i) {
-                const unsigned int key = order_key(SCALED(i));
-                if ((key & mask) == prefix) atomicAdd(&counts[(key >> shift) & 255u], 1u);
-            }
-            __syncthreads();
-            if (t == 0) {
-                unsigned int above = 0;
-                for (int b = 255; b >= 0; --b) {
-                    if (above + counts[b] >= rank) {
-                        found_prefix = prefix | ((unsigned int)b << shift);
-                        found_rank = rank - above;
-                        break;
-                    }
-                    above += counts[b];
-                }
-            }
-            __syncthreads();
-            prefix = found_prefix;
-            rank = found_rank;
-            __syncthreads();
-        }
-        threshold = prefix;
+        const auto one = [](unsigned int) { return 1ull; };
+        threshold = radix_select(key_of, one, (double)top_k, begin, end, bucket, &found_prefix,
+                                 &found_above, &above);
     }
 
     // Fixed-point masses of the candidates (key >= threshold) and their total.
     const float max = SCALED(top);
-#define MASS(i) (order_key(SCALED(i)) >= threshold ? fixed_mass(SCALED(i), max) : 0ull)
+    const auto mass_of = [&](unsigned int i) {
+        return key_of(i) >= threshold ? fixed_mass(SCALED(i), max) : 0ull;
+    };
     unsigned long long own = 0;
-    for (unsigned int i = begin; i < end; ++i) own += MASS(i);
+    for (unsigned int i = begin; i < end; ++i) own += mass_of(i);
     unsigned long long total;
     block_exclusive_scan(own, scratch, &total);
     if (total == 0) {  // an infinite or NaN best: nothing to weigh
@@ -203,84 +224,48 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     double limit = 0.0;
     if (cutting) {
         limit = (double)top_p * (double)total;
-        unsigned int prefix = 0;
-        unsigned long long above = 0;
-        for (int shift = 24; shift >= 0; shift -= 8) {
-            const unsigned int mask = shift == 24 ? 0u : 0xffffffffu << (shift + 8);
-            for (unsigned int b = t; b < 256; b += blockDim.x) bucket_mass[b] = 0;
-            __syncthreads();
-            for (unsigned int i = begin; i < end; ++i) {
-                const unsigned long long m = MASS(i);
-                const unsigned int key = order_key(SCALED(i));
-                if (m > 0 && (key & mask) == prefix) atomicAdd(&bucket_mass[(key >> shift) & 255u], m);
-            }
-            __syncthreads();
-            if (t == 0) {
-                unsigned long long cumulative = above;
-                for (int b = 255; b >= 0; --b) {
-                    if ((double)(cumulative + bucket_mass[b]) >= limit) {
-                        found_prefix = prefix | ((unsigned int)b << shift);
-                        found_above = cumulative;
-                        break;
-                    }
-                    cumulative += bucket_mass[b];
-                }
-            }
-            __syncthreads();
-            prefix = found_prefix;
-            above = found_above;
-            __syncthreads();
-        }
-        cut = prefix;
-        above_cut = above;
+        cut = radix_select(key_of, mass_of, limit, begin, end, bucket, &found_prefix, &found_above,
+                           &above_cut);
     }
 
     // Mass of the tokens at the cut that come before each thread's run.
     unsigned long long own_tied = 0;
     for (unsigned int i = begin; i < end; ++i)
-        if (order_key(SCALED(i)) == cut) own_tied += MASS(i);
+        if (key_of(i) == cut) own_tied += mass_of(i);
     unsigned long long tied_total;
     const unsigned long long tied_before = block_exclusive_scan(own_tied, scratch, &tied_total);
-
-    // Kept mass of each run, in id order, then the draw.
-    unsigned long long own_kept = 0;
-    {
+    // The kept mass of this thread's run in id order, added to `*sum`; with `draw`, stops at
+    // the first kept token that takes the sum past `target` and returns its id.
+    const auto walk_kept = [&](bool draw, unsigned long long target,
+                               unsigned long long* sum) -> unsigned int {
         unsigned long long tied = tied_before;
         for (unsigned int i = begin; i < end; ++i) {
-            const unsigned long long m = MASS(i);
-            const unsigned int key = order_key(SCALED(i));
-            bool keep = m > 0 && key > cut;
-            if (m > 0 && key == cut) {
+            const unsigned long long m = mass_of(i);
+            if (m == 0) continue;
+            const unsigned int key = key_of(i);
+            bool keep = key > cut;
+            if (key == cut) {
                 keep = !cutting || (double)(above_cut + tied) < limit;
                 tied += m;
             }
-            if (keep) own_kept += m;
+            if (!keep) continue;
+            *sum += m;
+            if (draw && *sum > target) return i;
         }
-    }
+        return 0xffffffffu;
+    };
+
+    // Kept mass of each run, in id order, then the draw.
+    unsigned long long own_kept = 0;
+    walk_kept(false, 0, &own_kept);
     unsigned long long kept_total;
     const unsigned long long kept_before = block_exclusive_scan(own_kept, scratch, &kept_total);
     unsigned long long target =
         (unsigned long long)((double)__uint_as_float(p[SAMPLE_UNIFORM]) * (double)kept_total);
     if (target >= kept_total) target = kept_total - 1;
     if (kept_before <= target && target < kept_before + own_kept) {
-        unsigned long long tied = tied_before, cumulative = kept_before;
-        for (unsigned int i = begin; i < end; ++i) {
-            const unsigned long long m = MASS(i);
-            const unsigned int key = order_key(SCALED(i));
-            bool keep = m > 0 && key > cut;
-            if (m > 0 && key == cut) {
-                keep = !cutting || (double)(above_cut + tied) < limit;
-                tied += m;
-            }
-            if (keep) {
-                cumulative += m;
-                if (cumulative > target) {
-                    chosen[blockIdx.x] = i;
-                    break;
-                }
-            }
-        }
+        unsigned long long cumulative = kept_before;
+        chosen[blockIdx.x] = walk_kept(true, target, &cumulative);
     }
-#undef MASS
 #undef SCALED
 }
