@@ -109,3 +109,79 @@ fn deliver(batch: Vec<Emission>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::FinishReason;
+
+    /// Records what reaches it; refuses text after `accept` pieces.
+    struct Recorder {
+        log: Arc<Mutex<Vec<String>>>,
+        accept: usize,
+    }
+
+    impl AnswerSink for Recorder {
+        fn on_text(&mut self, text: &str) -> bool {
+            let mut log = self.log.lock().unwrap();
+            log.push(text.to_string());
+            log.len() <= self.accept
+        }
+        fn is_cancelled(&mut self) -> bool {
+            false
+        }
+        fn finish(self: Box<Self>, result: Result<Completion>) {
+            let end = match result {
+                Ok(completion) => format!("end {}", completion.response),
+                Err(error) => format!("error {error}"),
+            };
+            self.log.lock().unwrap().push(end);
+        }
+    }
+
+    fn completion(response: &str) -> Completion {
+        Completion {
+            response: response.into(),
+            history: Vec::new(),
+            output_ids: Vec::new(),
+            prompt_tokens: 1,
+            finish_reason: FinishReason::Stop,
+        }
+    }
+
+    fn recorder(accept: usize) -> (Arc<SharedSink>, Arc<Mutex<Vec<String>>>) {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        (SharedSink::new(Box::new(Recorder { log: Arc::clone(&log), accept })), log)
+    }
+
+    #[test]
+    fn pieces_and_the_end_arrive_in_order_before_the_emitter_is_gone() {
+        let (sink, log) = recorder(usize::MAX);
+        let emitter = Emitter::start("test").unwrap();
+        for step in 0..50 {
+            emitter.send(vec![Emission::Text(Arc::clone(&sink), format!("{step} "))]);
+        }
+        emitter.send(vec![Emission::Finish(Arc::clone(&sink), Ok(completion("done")))]);
+        // Sent after the end: the sink is finished and takes nothing more.
+        emitter.send(vec![Emission::Text(Arc::clone(&sink), "late".into())]);
+        drop(emitter); // delivers everything queued
+        let log = log.lock().unwrap();
+        let mut want: Vec<String> = (0..50).map(|step| format!("{step} ")).collect();
+        want.push("end done".into());
+        assert_eq!(*log, want);
+        assert!(!sink.is_cancelled());
+    }
+
+    #[test]
+    fn a_refused_piece_cancels_the_sequence() {
+        let (sink, log) = recorder(1);
+        let emitter = Emitter::start("test").unwrap();
+        emitter.send(vec![
+            Emission::Text(Arc::clone(&sink), "a".into()),
+            Emission::Text(Arc::clone(&sink), "b".into()),
+        ]);
+        drop(emitter);
+        assert_eq!(*log.lock().unwrap(), ["a", "b"]);
+        assert!(sink.is_cancelled());
+    }
+}
