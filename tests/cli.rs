@@ -211,3 +211,16 @@ fn interactive_chat_streams_keeps_history_and_clears() {
     assert_eq!(text.matches("Assistant: ").count(), 2, "{text}");
     assert!(text.contains("(history cleared)"), "{text}");
 }
+
+#[test]
+fn bench_runs_on_each_tiny_model() {
+    for model in ["chatglm2-tiny", "internlm2-tiny"] {
+        let args =
+            ["bench", "--model", &dir(model), "--batch", "3", "--prompt", "12", "--new", "5"];
+        let out = json_of(&triton_llm(&args));
+        assert_eq!(out["batch"], 3, "{model}");
+        assert_eq!(out["sample_on_device"], false, "{model}");
+        assert!(out["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{model}: {out}");
+        assert!(out["decode_percent_of_limit"].as_f64().unwrap() > 0.0, "{model}: {out}");
+    }
+}

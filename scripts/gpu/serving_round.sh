@@ -4,7 +4,8 @@
 #
 #   bash scripts/gpu/serving_round.sh          (after scripts/gpu/pack.sh filled .carry)
 #
-#   1  the GPU tests (gpu_tests), the sampling kernel on the device among them
+#   1  the GPU tests (gpu_tests), the sampling kernel on the device among them; then
+#      `triton-llm bench` at batch 64 with the host and then the kernel choosing tokens
 #   2  ChatGLM2-6B shape, greedy, sampling on the device: 64 and 256 streams
 #   3  the same at 64 streams with the host sampling the logits (the comparison)
 #   4  ChatGLM2-6B shape at 64 streams sampled (temperature 0.8, top-k 50, top-p 0.8), device
@@ -41,6 +42,15 @@ if [ ! -x /tmp/carry/gpu_tests ]; then
 fi
 step "gpu tests" 60 bash -c "/tmp/carry/gpu_tests --test-threads 1 --nocapture > '$OUT/gpu_tests.log' 2>&1; \
     grep -E '^GPUCHECK|^test |test result' '$OUT/gpu_tests.log'"
+if [ ! -x /tmp/carry/triton-llm ]; then
+    xz -dc .carry/triton-llm.xz > /tmp/carry/triton-llm && chmod +x /tmp/carry/triton-llm
+fi
+for where in host device; do
+    flag=$([ $where = device ] && echo --sample-on-device)
+    step "bench chatglm2-6b batch 64, tokens chosen on the $where" 40 bash -c \
+        "/tmp/carry/triton-llm bench --shape chatglm2-6b --load-format dummy --device cuda \
+         --batch 64 --prompt 128 --new 64 $flag | tee -a '$OUT/bench_sampling.jsonl'"
+done
 serve() { # serve NAME LOG [VAR=VALUE ...] -- LEVELS
     local name=$1 log=$2
     shift 2

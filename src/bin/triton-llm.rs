@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use triton_llm::chat::DEFAULT_HISTORY_LEN;
 use triton_llm::cuda::DType;
-use triton_llm::engine::SamplingParams;
+use triton_llm::engine::{SampleRow, SamplingParams};
 use triton_llm::model::{self, CausalLm, Checkpoint, Device, KvStore, LoadFormat, SeqStep};
 use triton_llm::pipeline::{ChatModel, ChatTurn, GenerationOptions, LoadOptions};
 use triton_llm::{Error, Result};
@@ -88,6 +88,10 @@ enum Command {
         /// Tokens to generate per sequence.
         #[arg(long, default_value_t = 64)]
         new: usize,
+        /// With the GPU engine: choose each token with the batched sampling kernel (else the
+        /// logits come back and the host takes each row's argmax).
+        #[arg(long)]
+        sample_on_device: bool,
     },
 }
 
@@ -278,7 +282,16 @@ fn run(command: Command) -> Result<()> {
         Command::Chat { model, system, history_len, generation } => {
             interactive_chat(&model.load()?, system, history_len, &generation.options())?;
         }
-        Command::Bench { model, shape, load_format, device, batch, prompt, new } => {
+        Command::Bench {
+            model,
+            shape,
+            load_format,
+            device,
+            batch,
+            prompt,
+            new,
+            sample_on_device,
+        } => {
             let (family, config, checkpoint) = match (model, shape) {
                 (Some(dir), _) => {
                     let (family, config) = model::read_config(&dir)?;
@@ -297,7 +310,8 @@ fn run(command: Command) -> Result<()> {
             };
             let lm = model::load_config(family, config, &checkpoint, device.device, device.dtype)?;
             checkpoint.finish()?;
-            bench(lm.as_ref(), device, batch, prompt, new)?;
+            lm.set_sample_on_device(sample_on_device);
+            bench(lm.as_ref(), device, batch, prompt, new, sample_on_device)?;
         }
     }
     Ok(())
@@ -387,8 +401,9 @@ fn measure_host_bandwidth() -> f64 {
     2.0 * len as f64 / best
 }
 
-/// One prefill of every prompt together, then greedy decode steps of the whole batch.
-/// Returns (prefill seconds, decode seconds).
+/// One prefill of every prompt together, then greedy decode steps of the whole batch, each
+/// token chosen as the serving engine does (`forward_sample`). Returns (prefill seconds,
+/// decode seconds).
 fn bench_run(
     lm: &dyn CausalLm,
     arena: &mut dyn KvStore,
@@ -396,22 +411,32 @@ fn bench_run(
     tables: &[Vec<u32>],
     new_tokens: usize,
 ) -> Result<(f64, f64)> {
+    let greedy = SampleRow {
+        width: lm.info().logits_width,
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        repetition_penalty: 1.0,
+        penalized: &[],
+        uniform: 0.0,
+        guard_invalid_scores: false,
+    };
+    let rows = vec![Some(greedy); prompts.len()];
     let steps: Vec<SeqStep<'_>> =
         prompts.iter().zip(tables).map(|(ids, blocks)| SeqStep { ids, start: 0, blocks }).collect();
     let start = Instant::now();
-    let mut logits = lm.forward_batch(arena, &steps)?;
+    let mut chosen = lm.forward_sample(arena, &steps, &rows)?;
     let prefill = start.elapsed().as_secs_f64();
     let start = Instant::now();
     let prompt_len = prompts[0].len();
     for step in 1..new_tokens {
-        let next: Vec<[u32; 1]> =
-            logits.iter().map(|row| [triton_llm::engine::sampler::argmax(row)]).collect();
+        let next: Vec<[u32; 1]> = chosen.iter().map(|id| [id.unwrap_or(0)]).collect();
         let steps: Vec<SeqStep<'_>> = next
             .iter()
             .zip(tables)
             .map(|(ids, blocks)| SeqStep { ids, start: prompt_len + step - 1, blocks })
             .collect();
-        logits = lm.forward_batch(arena, &steps)?;
+        chosen = lm.forward_sample(arena, &steps, &rows)?;
     }
     Ok((prefill, start.elapsed().as_secs_f64()))
 }
@@ -422,6 +447,7 @@ fn bench(
     batch: usize,
     prompt_len: usize,
     new_tokens: usize,
+    sample_on_device: bool,
 ) -> Result<()> {
     let info = lm.info().clone();
     if batch == 0
@@ -453,8 +479,11 @@ fn bench(
         .map(|b| ((b * per_sequence) as u32..((b + 1) * per_sequence) as u32).collect())
         .collect();
     // Ordinary token ids (past the byte pieces), different for each sequence.
+    // Ids spread over ordinary tokens: 300..2300, or the middle half of a tiny vocabulary.
+    let vocab = info.logits_width as u32;
+    let (base, span) = if vocab > 2300 { (300, 2000) } else { (vocab / 4, (vocab / 2).max(1)) };
     let prompts: Vec<Vec<u32>> = (0..batch as u32)
-        .map(|b| (0..prompt_len as u32).map(|i| 300 + (i * 7919 + b * 104729) % 2000).collect())
+        .map(|b| (0..prompt_len as u32).map(|i| base + (i * 7919 + b * 104729) % span).collect())
         .collect();
     if device.device != Device::Cpu {
         // Warm-up: buffers, cuBLAS plans and module loading stay out of the figures.
@@ -481,6 +510,7 @@ fn bench(
         "batch": batch,
         "prompt_tokens": prompt_len,
         "new_tokens": new_tokens,
+        "sample_on_device": sample_on_device && device.device != Device::Cpu,
         "ttft_ms": ttft * 1e3,
         "prefill_tokens_per_s": (batch * prompt_len) as f64 / ttft,
         "decode_step_ms": step_s * 1e3,
