@@ -3,7 +3,6 @@
 // u32 parameters; the penalized ids; rows * stride f32 logits. Prints one chosen id per row
 // (4294967295 where the kernel chose none).
 #include <cstdio>
-#include <thread>
 #include <vector>
 
 #include "shim.h"
@@ -28,20 +27,9 @@ int main(int argc, char** argv) {
         return 2;
     std::fclose(file);
     std::vector<unsigned int> chosen(rows, 0xffffffffu);
-    std::barrier<> barrier(threads);
-    block_barrier = &barrier;
-    blockDim.x = threads;
-    gridDim.x = rows;
-    for (unsigned int block = 0; block < rows; ++block) {
-        blockIdx.x = block;
-        std::vector<std::thread> block_threads;
-        for (unsigned int t = 0; t < threads; ++t)
-            block_threads.emplace_back([&, t] {
-                threadIdx.x = t;
-                sample_rows(logits.data(), stride, params.data(), penalized.data(), chosen.data());
-            });
-        for (auto& thread : block_threads) thread.join();
-    }
+    emu_launch(dim3{rows, 1, 1}, dim3{threads, 1, 1}, [&] {
+        sample_rows(logits.data(), stride, params.data(), penalized.data(), chosen.data());
+    });
     for (unsigned int id : chosen) std::printf("%u\n", id);
     return 0;
 }

@@ -1,0 +1,127 @@
+// Runs one kernel of kernels/*.cu on CPU threads (see shim.h) for tests/kernels_on_cpu.rs.
+// Built from a source the test writes: shim.h, the kernel files (dynamic shared memory
+// rewritten), then this file. Input, little-endian: the kernel's name (u32 length, bytes);
+// grid x, y, z and block x (u32 each); the buffers (u32 count; each a u64 length and its
+// bytes); the arguments (u32 count; each a u8 kind — 0 buffer index as i64, -1 for null;
+// 1 i32; 2 i64; 3 u64; 4 f32 — and 8 bytes). Writes every buffer, in order, to OUTPUT.
+#include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <map>
+#include <string>
+
+struct Args {
+    std::vector<std::vector<unsigned char>>* buffers;
+    std::vector<std::pair<uint8_t, uint64_t>> values;
+
+    template <typename T>
+    T ptr(size_t i) const {
+        const int64_t index = (int64_t)values.at(i).second;
+        return index < 0 ? nullptr : reinterpret_cast<T>(buffers->at(index).data());
+    }
+    int i32(size_t i) const { return (int)(int64_t)values.at(i).second; }
+    long long i64(size_t i) const { return (long long)values.at(i).second; }
+    unsigned long long u64(size_t i) const { return values.at(i).second; }
+    float f32(size_t i) const {
+        const uint32_t bits = (uint32_t)values.at(i).second;
+        float x;
+        std::memcpy(&x, &bits, 4);
+        return x;
+    }
+};
+
+static const std::map<std::string, std::function<void(const Args&)>> KERNELS = {
+    {"embedding",
+     [](const Args& a) { embedding(a.ptr<const int*>(0), a.ptr<const elem*>(1), a.ptr<float*>(2), a.i32(3)); }},
+    {"add_rms_norm",
+     [](const Args& a) {
+         add_rms_norm(a.ptr<float*>(0), a.ptr<const elem*>(1), a.ptr<const int*>(2),
+                      a.ptr<const elem*>(3), a.ptr<elem*>(4), a.i32(5), a.f32(6));
+     }},
+    {"silu_mul",
+     [](const Args& a) { silu_mul(a.ptr<const elem*>(0), a.ptr<elem*>(1), a.i32(2), a.i64(3)); }},
+    {"gemv_elem",
+     [](const Args& a) {
+         gemv_elem(a.ptr<const elem*>(0), a.ptr<const elem*>(1), a.ptr<const elem*>(2),
+                   a.ptr<elem*>(3), a.i32(4), a.i32(5), a.i32(6));
+     }},
+    {"gemv_f32",
+     [](const Args& a) {
+         gemv_f32(a.ptr<const elem*>(0), a.ptr<const elem*>(1), a.ptr<const elem*>(2),
+                  a.ptr<float*>(3), a.i32(4), a.i32(5), a.i32(6));
+     }},
+    {"gemv_swiglu",
+     [](const Args& a) {
+         gemv_swiglu(a.ptr<const elem*>(0), a.ptr<const elem*>(1), a.ptr<elem*>(2), a.i32(3),
+                     a.i32(4), a.i32(5));
+     }},
+    {"rope_write_kv",
+     [](const Args& a) {
+         rope_write_kv(a.ptr<const elem*>(0), a.ptr<const elem*>(1), a.ptr<elem*>(2),
+                       a.ptr<elem*>(3), a.ptr<elem*>(4), a.ptr<const int*>(5),
+                       a.ptr<const float*>(6), a.i32(7), a.i32(8), a.i32(9), a.i32(10),
+                       a.i32(11), a.i32(12));
+     }},
+    {"attention_decode",
+     [](const Args& a) {
+         attention_decode(a.ptr<const elem*>(0), a.ptr<const elem*>(1), a.ptr<const elem*>(2),
+                          a.ptr<elem*>(3), a.ptr<float*>(4), a.ptr<int*>(5), a.ptr<const int*>(6),
+                          a.ptr<const int*>(7), a.ptr<const int*>(8), a.ptr<const int*>(9),
+                          a.i32(10), a.i32(11), a.i32(12), a.i32(13), a.i32(14), a.f32(15),
+                          a.i32(16), a.i32(17));
+     }},
+    {"attention_prefill",
+     [](const Args& a) {
+         attention_prefill(a.ptr<const elem*>(0), a.ptr<const elem*>(1), a.ptr<const elem*>(2),
+                           a.ptr<elem*>(3), a.ptr<const int*>(4), a.ptr<const int*>(5),
+                           a.ptr<const int*>(6), a.ptr<const int*>(7), a.i32(8), a.i32(9),
+                           a.i32(10), a.i32(11), a.i32(12), a.f32(13));
+     }},
+};
+
+template <typename T>
+static T read(FILE* file) {
+    T value;
+    if (std::fread(&value, sizeof(T), 1, file) != 1) {
+        std::fprintf(stderr, "truncated input\n");
+        std::exit(2);
+    }
+    return value;
+}
+
+int main(int argc, char** argv) {
+    if (argc != 3) {
+        std::fprintf(stderr, "usage: %s INPUT OUTPUT\n", argv[0]);
+        return 2;
+    }
+    FILE* file = std::fopen(argv[1], "rb");
+    if (!file) return 2;
+    std::string name(read<uint32_t>(file), '\0');
+    if (std::fread(name.data(), 1, name.size(), file) != name.size()) return 2;
+    dim3 grid, block;
+    grid.x = read<uint32_t>(file);
+    grid.y = read<uint32_t>(file);
+    grid.z = read<uint32_t>(file);
+    block.x = read<uint32_t>(file);
+    std::vector<std::vector<unsigned char>> buffers(read<uint32_t>(file));
+    for (auto& buffer : buffers) {
+        buffer.resize(read<uint64_t>(file));
+        if (std::fread(buffer.data(), 1, buffer.size(), file) != buffer.size()) return 2;
+    }
+    Args args{&buffers, {}};
+    for (uint32_t i = read<uint32_t>(file); i > 0; --i) {
+        const uint8_t kind = read<uint8_t>(file);
+        args.values.emplace_back(kind, read<uint64_t>(file));
+    }
+    std::fclose(file);
+    const auto kernel = KERNELS.find(name);
+    if (kernel == KERNELS.end()) {
+        std::fprintf(stderr, "unknown kernel %s\n", name.c_str());
+        return 2;
+    }
+    emu_launch(grid, block, [&] { kernel->second(args); });
+    FILE* out = std::fopen(argv[2], "wb");
+    for (const auto& buffer : buffers) std::fwrite(buffer.data(), 1, buffer.size(), out);
+    std::fclose(out);
+    return 0;
+}

@@ -1,0 +1,600 @@
+//! The GPU engine's kernels (kernels/*.cu) run on CPU threads, one per CUDA thread
+//! (tests/kernel_host/shim.h), against the CPU engine's ops (src/cpu) or plain sums: their
+//! logic — indexing, reductions, the split-key merge of decode attention, paged lookups — is
+//! checked in CI, where there is no GPU. tests/gpu.rs checks them on a device through the
+//! whole model. The tensor-core prefill (inline PTX) is not emulated.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use triton_llm::cpu::{self, AttentionShape};
+use triton_llm::cuda::DType;
+
+/// The kernel files the harness includes, in the engine's order.
+const KERNEL_FILES: [&str; 7] = [
+    "common.cuh",
+    "embedding.cu",
+    "rms_norm.cu",
+    "gemv.cu",
+    "rope_kv.cu",
+    "attention.cu",
+    "silu_mul.cu",
+];
+
+/// The harness for one element type, compiled once.
+fn harness(dtype: DType) -> PathBuf {
+    static F32: OnceLock<PathBuf> = OnceLock::new();
+    static BF16: OnceLock<PathBuf> = OnceLock::new();
+    let cell = match dtype {
+        DType::F32 => &F32,
+        DType::BF16 => &BF16,
+        DType::F16 => panic!("f16 conversions are PTX; not emulated"),
+    };
+    cell.get_or_init(|| compile(dtype)).clone()
+}
+
+fn compile(dtype: DType) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut source = format!("#include \"{}\"\n", root.join("tests/kernel_host/shim.h").display());
+    for name in KERNEL_FILES {
+        let text = std::fs::read_to_string(root.join("kernels").join(name)).unwrap();
+        source.push_str(&format!("// ---- kernels/{name}\n"));
+        for line in text.lines() {
+            source.push_str(&dynamic_shared_as_pointer(line));
+            source.push('\n');
+        }
+    }
+    let driver = root.join("tests/kernel_host/run_kernel.cpp");
+    source.push_str(&format!("#include \"{}\"\n", driver.display()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let file = dir.join(format!("kernels-{}.cpp", dtype.name()));
+    std::fs::write(&file, source).unwrap();
+    let binary = dir.join(format!("run_kernel-{}", dtype.name()));
+    let mut command = Command::new("c++");
+    command.args(["-std=c++20", "-O2", "-pthread", "-w", "-o"]).arg(&binary).arg(&file);
+    if dtype == DType::BF16 {
+        command.arg("-DELEM_BF16");
+    }
+    let output = command.output().expect("a C++ compiler `c++` (scripts/setup.sh installs g++)");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    binary
+}
+
+/// `extern __shared__ [__align__(n)] T name[];` → a pointer to the emulator's buffer.
+fn dynamic_shared_as_pointer(line: &str) -> String {
+    let Some(at) = line.find("extern __shared__ ") else { return line.to_string() };
+    let mut rest = &line[at + "extern __shared__ ".len()..];
+    if rest.starts_with("__align__(") {
+        rest = &rest[rest.find(") ").unwrap() + 2..];
+    }
+    let declaration = rest.trim_end().trim_end_matches("[];");
+    let (ty, name) = declaration.rsplit_once(' ').unwrap();
+    format!("{}{ty}* {name} = reinterpret_cast<{ty}*>(emu_dynamic_shared);", &line[..at])
+}
+
+enum Arg {
+    Buffer(usize),
+    Null,
+    I32(i32),
+    I64(i64),
+    F32(f32),
+}
+
+/// Runs `kernel` over `grid` with `block` threads; returns the buffers as it left them.
+fn launch(
+    dtype: DType,
+    kernel: &str,
+    grid: [u32; 3],
+    block: u32,
+    buffers: Vec<Vec<u8>>,
+    args: &[Arg],
+) -> Vec<Vec<u8>> {
+    let mut input = Vec::new();
+    input.extend((kernel.len() as u32).to_le_bytes());
+    input.extend(kernel.as_bytes());
+    for v in grid.iter().chain([&block]) {
+        input.extend(v.to_le_bytes());
+    }
+    input.extend((buffers.len() as u32).to_le_bytes());
+    for buffer in &buffers {
+        input.extend((buffer.len() as u64).to_le_bytes());
+        input.extend(buffer);
+    }
+    input.extend((args.len() as u32).to_le_bytes());
+    for arg in args {
+        let (kind, value): (u8, u64) = match *arg {
+            Arg::Buffer(i) => (0, i as u64),
+            Arg::Null => (0, -1i64 as u64),
+            Arg::I32(v) => (1, v as i64 as u64),
+            Arg::I64(v) => (2, v as u64),
+            Arg::F32(v) => (4, u64::from(v.to_bits())),
+        };
+        input.push(kind);
+        input.extend(value.to_le_bytes());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (input_path, output_path) = (dir.path().join("in"), dir.path().join("out"));
+    std::fs::write(&input_path, input).unwrap();
+    let output = Command::new(harness(dtype)).arg(&input_path).arg(&output_path).output().unwrap();
+    assert!(output.status.success(), "{kernel}: {}", String::from_utf8_lossy(&output.stderr));
+    let bytes = std::fs::read(&output_path).unwrap();
+    let mut at = 0;
+    buffers
+        .iter()
+        .map(|b| {
+            at += b.len();
+            bytes[at - b.len()..at].to_vec()
+        })
+        .collect()
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn i32_bytes(values: &[i32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+/// Elements of `dtype` back to f32.
+fn elems(dtype: DType, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        DType::F32 => f32s(bytes),
+        DType::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16))
+            .collect(),
+        DType::F16 => unreachable!(),
+    }
+}
+
+/// `values` as `dtype` holds them (rounded for bf16).
+fn rounded(dtype: DType, values: &[f32]) -> Vec<f32> {
+    elems(dtype, &dtype.encode(values))
+}
+
+fn random(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale).collect()
+}
+
+fn assert_close(got: &[f32], want: &[f32], tolerance: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= tolerance * (1.0 + w.abs()),
+            "{what}: element {i}: kernel {g}, reference {w}"
+        );
+    }
+}
+
+#[test]
+fn add_rms_norm_adds_the_residual_and_normalises() {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 8e-3)] {
+        let (rows, width, eps) = (3, 200, 1e-5);
+        let x = random(&mut rng, rows * width, 2.0);
+        let delta = rounded(dtype, &random(&mut rng, rows * width, 1.0));
+        let weight = rounded(dtype, &random(&mut rng, width, 1.5));
+        let out = launch(
+            dtype,
+            "add_rms_norm",
+            [rows as u32, 1, 1],
+            64,
+            vec![
+                f32_bytes(&x),
+                dtype.encode(&delta),
+                dtype.encode(&weight),
+                vec![0; rows * width * dtype.size()],
+            ],
+            &[
+                Arg::Buffer(0),
+                Arg::Buffer(1),
+                Arg::Null,
+                Arg::Buffer(2),
+                Arg::Buffer(3),
+                Arg::I32(width as i32),
+                Arg::F32(eps),
+            ],
+        );
+        let summed: Vec<f32> = x.iter().zip(&delta).map(|(a, b)| a + b).collect();
+        assert_close(&f32s(&out[0]), &summed, 0.0, "residual");
+        let normed: Vec<f32> =
+            summed.chunks(width).flat_map(|row| cpu::rms_norm(row, &weight, eps)).collect();
+        assert_close(&elems(dtype, &out[3]), &normed, tolerance, dtype.name());
+
+        // `rows` picks residual rows (2, 0) into output rows (0, 1); no delta.
+        let picked = launch(
+            dtype,
+            "add_rms_norm",
+            [2, 1, 1],
+            64,
+            vec![
+                f32_bytes(&x),
+                i32_bytes(&[2, 0]),
+                dtype.encode(&weight),
+                vec![0; 2 * width * dtype.size()],
+            ],
+            &[
+                Arg::Buffer(0),
+                Arg::Null,
+                Arg::Buffer(1),
+                Arg::Buffer(2),
+                Arg::Buffer(3),
+                Arg::I32(width as i32),
+                Arg::F32(eps),
+            ],
+        );
+        let want: Vec<f32> = [2, 0]
+            .iter()
+            .flat_map(|&r| cpu::rms_norm(&x[r * width..(r + 1) * width], &weight, eps))
+            .collect();
+        assert_close(&elems(dtype, &picked[3]), &want, tolerance, "picked rows");
+    }
+}
+
+#[test]
+fn gemv_products_match_plain_sums() {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    // k = 8192 runs the four-loads-in-flight loop more than once, 264 its tail, 130 the
+    // unaligned path.
+    for (dtype, tolerance) in [(DType::F32, 1e-4), (DType::BF16, 1e-2)] {
+        for (m, n, k) in [(1, 5, 8192), (3, 37, 264), (8, 9, 130)] {
+            let x = rounded(dtype, &random(&mut rng, m * k, 1.0));
+            let w = rounded(dtype, &random(&mut rng, n * k, 1.0));
+            let bias = rounded(dtype, &random(&mut rng, n, 1.0));
+            let want: Vec<f32> = (0..m * n)
+                .map(|i| {
+                    let (r, c) = (i / n, i % n);
+                    let dot: f64 =
+                        (0..k).map(|j| f64::from(x[r * k + j]) * f64::from(w[c * k + j])).sum();
+                    (dot + f64::from(bias[c])) as f32
+                })
+                .collect();
+            let buffers = || {
+                vec![dtype.encode(&x), dtype.encode(&w), dtype.encode(&bias), vec![0; m * n * 4]]
+            };
+            let args = [
+                Arg::Buffer(0),
+                Arg::Buffer(1),
+                Arg::Buffer(2),
+                Arg::Buffer(3),
+                Arg::I32(m as i32),
+                Arg::I32(n as i32),
+                Arg::I32(k as i32),
+            ];
+            let logits = launch(dtype, "gemv_f32", [n as u32, 1, 1], 128, buffers(), &args);
+            let what = format!("gemv_f32 {} {m}x{n}x{k}", dtype.name());
+            assert_close(&f32s(&logits[3]), &want, 1e-4, &what);
+            let y = launch(dtype, "gemv_elem", [n as u32, 1, 1], 128, buffers(), &args);
+            let what = format!("gemv_elem {} {m}x{n}x{k}", dtype.name());
+            assert_close(&elems(dtype, &y[3][..m * n * dtype.size()]), &want, tolerance, &what);
+        }
+    }
+}
+
+#[test]
+fn gemv_swiglu_is_silu_of_gate_times_up() {
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    for (dtype, tolerance) in [(DType::F32, 1e-4), (DType::BF16, 1.6e-2)] {
+        let (m, width, k) = (2, 24, 512);
+        let x = rounded(dtype, &random(&mut rng, m * k, 1.0));
+        let w = rounded(dtype, &random(&mut rng, 2 * width * k, 0.2));
+        let product = |r: usize, c: usize| -> f32 {
+            (0..k).map(|j| f64::from(x[r * k + j]) * f64::from(w[c * k + j])).sum::<f64>() as f32
+        };
+        // Gate and up are rounded to the element type before SwiGLU, as the unfused path does.
+        let gate_up: Vec<f32> = (0..m)
+            .flat_map(|r| (0..2 * width).map(move |c| (r, c)))
+            .map(|(r, c)| product(r, c))
+            .collect();
+        let want = cpu::silu_mul_packed(&rounded(dtype, &gate_up), width);
+        let out = launch(
+            dtype,
+            "gemv_swiglu",
+            [width as u32, 1, 1],
+            128,
+            vec![dtype.encode(&x), dtype.encode(&w), vec![0; m * width * dtype.size()]],
+            &[
+                Arg::Buffer(0),
+                Arg::Buffer(1),
+                Arg::Buffer(2),
+                Arg::I32(m as i32),
+                Arg::I32(width as i32),
+                Arg::I32(k as i32),
+            ],
+        );
+        assert_close(&elems(dtype, &out[2]), &want, tolerance, dtype.name());
+    }
+}
+
+#[test]
+fn embedding_and_silu_mul() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let dtype = DType::BF16;
+    let (vocab, width) = (10, 72);
+    let table = rounded(dtype, &random(&mut rng, vocab * width, 1.0));
+    let ids = [3, 0, 9, 3];
+    let out = launch(
+        dtype,
+        "embedding",
+        [ids.len() as u32, 1, 1],
+        32,
+        vec![i32_bytes(&ids), dtype.encode(&table), vec![0; ids.len() * width * 4]],
+        &[Arg::Buffer(0), Arg::Buffer(1), Arg::Buffer(2), Arg::I32(width as i32)],
+    );
+    let want: Vec<f32> =
+        ids.iter().flat_map(|&i| table[i as usize * width..][..width].to_vec()).collect();
+    assert_close(&f32s(&out[2]), &want, 0.0, "embedding");
+
+    let (rows, half) = (3, 40);
+    let gate_up = rounded(dtype, &random(&mut rng, rows * 2 * half, 3.0));
+    let total = rows * half;
+    let out = launch(
+        dtype,
+        "silu_mul",
+        [(total as u32).div_ceil(64), 1, 1],
+        64,
+        vec![dtype.encode(&gate_up), vec![0; total * 2]],
+        &[Arg::Buffer(0), Arg::Buffer(1), Arg::I32(half as i32), Arg::I64(total as i64)],
+    );
+    assert_close(&elems(dtype, &out[1]), &cpu::silu_mul_packed(&gate_up, half), 8e-3, "silu_mul");
+}
+
+/// K/V of `len` positions per sequence scattered over the blocks of a paged cache.
+struct PagedCache {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Per sequence, its contiguous K and V ([len, kv_width]) for the CPU reference.
+    contiguous: Vec<(Vec<f32>, Vec<f32>)>,
+    block_tables: Vec<i32>,
+    max_blocks: usize,
+}
+
+fn paged_cache(
+    rng: &mut ChaCha8Rng,
+    dtype: DType,
+    lens: &[usize],
+    kv_width: usize,
+    block_size: usize,
+) -> PagedCache {
+    let max_blocks = lens.iter().map(|l| l.div_ceil(block_size)).max().unwrap();
+    let total_blocks = lens.len() * max_blocks + 3;
+    // Blocks handed out in a shuffled order, so no table is contiguous.
+    let mut order: Vec<usize> = (0..total_blocks).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.random_range(0..=i));
+    }
+    let mut k = vec![0f32; total_blocks * block_size * kv_width];
+    let mut v = k.clone();
+    let mut block_tables = vec![0i32; lens.len() * max_blocks];
+    let mut contiguous = Vec::new();
+    let mut next = 0;
+    for (s, &len) in lens.iter().enumerate() {
+        let seq_k = rounded(dtype, &random(rng, len * kv_width, 1.0));
+        let seq_v = rounded(dtype, &random(rng, len * kv_width, 1.0));
+        for b in 0..len.div_ceil(block_size) {
+            block_tables[s * max_blocks + b] = order[next] as i32;
+            next += 1;
+        }
+        for p in 0..len {
+            let block = block_tables[s * max_blocks + p / block_size] as usize;
+            let row = block * block_size + p % block_size;
+            k[row * kv_width..][..kv_width].copy_from_slice(&seq_k[p * kv_width..][..kv_width]);
+            v[row * kv_width..][..kv_width].copy_from_slice(&seq_v[p * kv_width..][..kv_width]);
+        }
+        contiguous.push((seq_k, seq_v));
+    }
+    PagedCache { k, v, contiguous, block_tables, max_blocks }
+}
+
+#[test]
+fn decode_attention_over_paged_blocks_with_and_without_key_splits() {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let shape = AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim: 64 };
+    let kv_width = shape.num_kv_heads * shape.head_dim;
+    let (lens, block_size) = ([300usize, 45, 129], 16);
+    for dtype in [DType::F32, DType::BF16] {
+        let cache = paged_cache(&mut rng, dtype, &lens, kv_width, block_size);
+        let q =
+            rounded(dtype, &random(&mut rng, lens.len() * shape.num_heads * shape.head_dim, 1.0));
+        let mut want = Vec::new();
+        for (s, &len) in lens.iter().enumerate() {
+            let (k, v) = &cache.contiguous[s];
+            let q_row =
+                &q[s * shape.num_heads * shape.head_dim..][..shape.num_heads * shape.head_dim];
+            want.extend(cpu::causal_attention(q_row, k, v, len - 1, shape));
+        }
+        // One split, then splits of 128 keys (the longest sequence needs three).
+        for (splits, partition) in [(1, 320), (3, 128)] {
+            let heads = shape.num_heads;
+            let out = launch(
+                dtype,
+                "attention_decode",
+                [lens.len() as u32, heads as u32, splits as u32],
+                128,
+                vec![
+                    dtype.encode(&q),
+                    dtype.encode(&cache.k),
+                    dtype.encode(&cache.v),
+                    vec![0; q.len() * dtype.size()],
+                    vec![0; lens.len() * heads * splits * (shape.head_dim + 2) * 4],
+                    vec![0; lens.len() * heads * 4],
+                    i32_bytes(&[0, 1, 2]),
+                    i32_bytes(&[0, 1, 2]),
+                    i32_bytes(&lens.map(|l| l as i32 - 1)),
+                    i32_bytes(&cache.block_tables),
+                ],
+                &[
+                    Arg::Buffer(0),
+                    Arg::Buffer(1),
+                    Arg::Buffer(2),
+                    Arg::Buffer(3),
+                    Arg::Buffer(4),
+                    Arg::Buffer(5),
+                    Arg::Buffer(6),
+                    Arg::Buffer(7),
+                    Arg::Buffer(8),
+                    Arg::Buffer(9),
+                    Arg::I32(cache.max_blocks as i32),
+                    Arg::I32(block_size as i32),
+                    Arg::I32(heads as i32),
+                    Arg::I32(shape.num_kv_heads as i32),
+                    Arg::I32(shape.head_dim as i32),
+                    Arg::F32(1.0 / (shape.head_dim as f32).sqrt()),
+                    Arg::I32(partition),
+                    Arg::I32(splits as i32),
+                ],
+            );
+            let tolerance = if dtype == DType::F32 { 1e-5 } else { 8e-3 };
+            let what = format!("{} with {splits} splits", dtype.name());
+            assert_close(&elems(dtype, &out[3]), &rounded(dtype, &want), tolerance, &what);
+            // The split counters are zero again for the next call.
+            assert!(out[5].iter().all(|&b| b == 0), "{what}: counters left set");
+        }
+    }
+}
+
+#[test]
+fn prefill_attention_over_tiles_of_a_chunk() {
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    let shape = AttentionShape { num_heads: 2, num_kv_heads: 1, head_dim: 32 };
+    let kv_width = shape.num_kv_heads * shape.head_dim;
+    let q_width = shape.num_heads * shape.head_dim;
+    let block_size = 16;
+    // One sequence of 70 positions whose last 37 are this call's tokens (a chunk after a
+    // cached prefix of 33): tiles of up to 16 consecutive tokens.
+    let (len, start) = (70usize, 33usize);
+    for dtype in [DType::F32, DType::BF16] {
+        let cache = paged_cache(&mut rng, dtype, &[len], kv_width, block_size);
+        let tokens = len - start;
+        let q = rounded(dtype, &random(&mut rng, tokens * q_width, 1.0));
+        let (k, v) = &cache.contiguous[0];
+        let want = cpu::causal_attention(&q, k, v, start, shape);
+        let mut tiles = Vec::new();
+        for first in (0..tokens).step_by(16) {
+            tiles.extend([first as i32, (tokens - first).min(16) as i32]);
+        }
+        let out = launch(
+            dtype,
+            "attention_prefill",
+            [(tiles.len() / 2) as u32, shape.num_heads as u32, 1],
+            128,
+            vec![
+                dtype.encode(&q),
+                dtype.encode(&cache.k),
+                dtype.encode(&cache.v),
+                vec![0; q.len() * dtype.size()],
+                i32_bytes(&tiles),
+                i32_bytes(&vec![0; tokens]),
+                i32_bytes(&(start as i32..len as i32).collect::<Vec<_>>()),
+                i32_bytes(&cache.block_tables),
+            ],
+            &[
+                Arg::Buffer(0),
+                Arg::Buffer(1),
+                Arg::Buffer(2),
+                Arg::Buffer(3),
+                Arg::Buffer(4),
+                Arg::Buffer(5),
+                Arg::Buffer(6),
+                Arg::Buffer(7),
+                Arg::I32(cache.max_blocks as i32),
+                Arg::I32(block_size as i32),
+                Arg::I32(shape.num_heads as i32),
+                Arg::I32(shape.num_kv_heads as i32),
+                Arg::I32(shape.head_dim as i32),
+                Arg::F32(1.0 / (shape.head_dim as f32).sqrt()),
+            ],
+        );
+        let tolerance = if dtype == DType::F32 { 1e-5 } else { 8e-3 };
+        assert_close(&elems(dtype, &out[3]), &rounded(dtype, &want), tolerance, dtype.name());
+    }
+}
+
+#[test]
+fn rope_write_kv_rotates_q_and_k_and_files_k_and_v_in_their_slots() {
+    use triton_llm::model::rope;
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let (heads, kv_heads, head_dim) = (2, 1, 16);
+    let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
+    let row_width = q_width + 2 * kv_width;
+    let positions = [7usize, 0, 130];
+    let slots = [5i32, 0, 9];
+    let cache_rows = 12;
+    // Mode 0: GLM's interleaved pairs over the first half of a head; mode 1: rotate half.
+    for (mode, rot_dim) in [(0, head_dim / 2), (1, head_dim)] {
+        for dtype in [DType::F32, DType::BF16] {
+            let qkv = rounded(dtype, &random(&mut rng, positions.len() * row_width, 1.0));
+            let bias = rounded(dtype, &random(&mut rng, row_width, 0.5));
+            let inv_freq = rope::inv_freq(10000.0, rot_dim);
+            let freq_len = inv_freq.len();
+            let mut cos_sin = Vec::new();
+            let mut want_q = Vec::new();
+            let mut want_k = vec![0f32; cache_rows * kv_width];
+            let mut want_v = want_k.clone();
+            for (t, &position) in positions.iter().enumerate() {
+                let (cos, sin) = rope::cos_sin(&inv_freq, position);
+                cos_sin.extend(&cos);
+                cos_sin.extend(&sin);
+                let mut row: Vec<f32> = qkv[t * row_width..][..row_width]
+                    .iter()
+                    .zip(&bias)
+                    .map(|(x, b)| x + b)
+                    .collect();
+                for head in row[..q_width + kv_width].chunks_mut(head_dim) {
+                    match mode {
+                        0 => cpu::rope_interleaved(head, &cos, &sin),
+                        _ => cpu::rope_rotate_half(head, &cos, &sin),
+                    }
+                }
+                want_q.extend(&row[..q_width]);
+                let slot = slots[t] as usize;
+                want_k[slot * kv_width..][..kv_width].copy_from_slice(&row[q_width..][..kv_width]);
+                want_v[slot * kv_width..][..kv_width]
+                    .copy_from_slice(&row[q_width + kv_width..][..kv_width]);
+            }
+            let out = launch(
+                dtype,
+                "rope_write_kv",
+                [positions.len() as u32, (heads + 2 * kv_heads) as u32, 1],
+                64,
+                vec![
+                    dtype.encode(&qkv),
+                    dtype.encode(&bias),
+                    vec![0; positions.len() * q_width * dtype.size()],
+                    vec![0; cache_rows * kv_width * dtype.size()],
+                    vec![0; cache_rows * kv_width * dtype.size()],
+                    i32_bytes(&slots),
+                    f32_bytes(&cos_sin),
+                ],
+                &[
+                    Arg::Buffer(0),
+                    Arg::Buffer(1),
+                    Arg::Buffer(2),
+                    Arg::Buffer(3),
+                    Arg::Buffer(4),
+                    Arg::Buffer(5),
+                    Arg::Buffer(6),
+                    Arg::I32(freq_len as i32),
+                    Arg::I32(heads as i32),
+                    Arg::I32(kv_heads as i32),
+                    Arg::I32(head_dim as i32),
+                    Arg::I32(mode),
+                    Arg::I32(rot_dim as i32),
+                ],
+            );
+            let tolerance = if dtype == DType::F32 { 1e-6 } else { 8e-3 };
+            let what = format!("mode {mode} {}", dtype.name());
+            assert_close(&elems(dtype, &out[2]), &rounded(dtype, &want_q), tolerance, &what);
+            assert_close(&elems(dtype, &out[3]), &rounded(dtype, &want_k), tolerance, &what);
+            assert_close(&elems(dtype, &out[4]), &rounded(dtype, &want_v), 0.0, &what);
+        }
+    }
+}
