@@ -20,6 +20,7 @@ LEVELS=${*:-64 256}
 SHAPE=${SHAPE:-chatglm2-6b}
 SAMPLE_ON_DEVICE=${SAMPLE_ON_DEVICE:-true}
 TEMPERATURE=${TEMPERATURE:-0}
+MODEL=$(echo "$SHAPE" | tr '.-' '__')_stream
 case $SHAPE in
     chatglm2*) TOKENIZER=tests/fixtures/chatglm2/tokenizer.model ;;
     internlm2*) TOKENIZER=tests/fixtures/internlm2/tokenizer.model ;;
@@ -34,18 +35,18 @@ done
 [ -d /tmp/carry/pylib ] || python3 -m tarfile -e .carry/pylib.tar.xz /tmp/carry/pylib
 export PYTHONPATH="/tmp/carry/pylib:$PWD/scripts/gpu/pyshim${PYTHONPATH:+:$PYTHONPATH}"
 rm -rf /tmp/load-repo /tmp/load-backends /tmp/load-model
-mkdir -p /tmp/load-repo/chatglm2_6b_stream/1 /tmp/load-backends/llm /tmp/load-model
+mkdir -p "/tmp/load-repo/$MODEL/1" /tmp/load-backends/llm /tmp/load-model
 xz -dc .carry/libtriton_llm.so.xz > /tmp/load-backends/llm/libtriton_llm.so
 cp "bench/shapes/$SHAPE/config.json" "$TOKENIZER" /tmp/load-model/
 {
-    sed -e 's/^name: .*/name: "chatglm2_6b_stream"/' -e '/^instance_group/d' -e '/^parameters/d' \
+    sed -e "s/^name: .*/name: \"$MODEL\"/" -e '/^instance_group/d' -e '/^parameters/d' \
         tests/model_repository/chatglm2-tiny-stream/config.pbtxt
     echo 'instance_group [ { kind: KIND_GPU count: 1 } ]'
     for kv in model_dir=/tmp/load-model load_format=dummy dtype=bf16 max_num_seqs=256 \
         max_num_batched_tokens=8192 sample_on_device=$SAMPLE_ON_DEVICE; do
         echo "parameters { key: \"${kv%%=*}\" value { string_value: \"${kv#*=}\" } }"
     done
-} > /tmp/load-repo/chatglm2_6b_stream/config.pbtxt
+} > "/tmp/load-repo/$MODEL/config.pbtxt"
 /tmp/ts/tritonserver/bin/tritonserver --model-repository /tmp/load-repo \
     --backend-directory /tmp/load-backends --http-port 8100 --grpc-port 8101 --metrics-port 8102 \
     --allow-gpu-metrics=false > /tmp/load-server.log 2>&1 &
@@ -76,7 +77,7 @@ for level in $LEVELS; do
     echo "== concurrency $level, ${SECONDS_EACH} s"
     before=$(steps_now)
     timeout $((SECONDS_EACH + 120)) python3 tools/load.py --url 127.0.0.1:8101 \
-        --model chatglm2_6b_stream --concurrency "$level" --duration "$SECONDS_EACH" \
+        --model "$MODEL" --concurrency "$level" --duration "$SECONDS_EACH" \
         --max-new-tokens 128 --prompt-repeat 16 --temperature "$TEMPERATURE" |
         tee -a "$OUT/serve_load.jsonl"
     after=$(steps_now)
