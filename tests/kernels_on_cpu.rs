@@ -83,6 +83,11 @@ enum Arg {
     F32(f32),
 }
 
+/// Arguments: buffers 0..count in order, then `scalars`.
+fn with_buffers<const N: usize>(count: usize, scalars: [Arg; N]) -> Vec<Arg> {
+    (0..count).map(Arg::Buffer).chain(scalars).collect()
+}
+
 /// Runs `kernel` over `grid` with `block` threads; returns the buffers as it left them.
 fn launch(
     dtype: DType,
@@ -193,6 +198,7 @@ fn add_rms_norm_adds_the_residual_and_normalises() {
                 dtype.encode(&weight),
                 vec![0; rows * width * dtype.size()],
             ],
+            // rows: none (every row in order)
             &[
                 Arg::Buffer(0),
                 Arg::Buffer(1),
@@ -221,6 +227,7 @@ fn add_rms_norm_adds_the_residual_and_normalises() {
                 dtype.encode(&weight),
                 vec![0; 2 * width * dtype.size()],
             ],
+            // delta: none
             &[
                 Arg::Buffer(0),
                 Arg::Null,
@@ -301,14 +308,7 @@ fn gemv_swiglu_is_silu_of_gate_times_up() {
             [width as u32, 1, 1],
             128,
             vec![dtype.encode(&x), dtype.encode(&w), vec![0; m * width * dtype.size()]],
-            &[
-                Arg::Buffer(0),
-                Arg::Buffer(1),
-                Arg::Buffer(2),
-                Arg::I32(m as i32),
-                Arg::I32(width as i32),
-                Arg::I32(k as i32),
-            ],
+            &with_buffers(3, [Arg::I32(m as i32), Arg::I32(width as i32), Arg::I32(k as i32)]),
         );
         assert_close(&elems(dtype, &out[2]), &want, tolerance, dtype.name());
     }
@@ -327,7 +327,7 @@ fn embedding_and_silu_mul() {
         [ids.len() as u32, 1, 1],
         32,
         vec![i32_bytes(&ids), dtype.encode(&table), vec![0; ids.len() * width * 4]],
-        &[Arg::Buffer(0), Arg::Buffer(1), Arg::Buffer(2), Arg::I32(width as i32)],
+        &with_buffers(3, [Arg::I32(width as i32)]),
     );
     let want: Vec<f32> =
         ids.iter().flat_map(|&i| table[i as usize * width..][..width].to_vec()).collect();
@@ -342,7 +342,7 @@ fn embedding_and_silu_mul() {
         [(total as u32).div_ceil(64), 1, 1],
         64,
         vec![dtype.encode(&gate_up), vec![0; total * 2]],
-        &[Arg::Buffer(0), Arg::Buffer(1), Arg::I32(half as i32), Arg::I64(total as i64)],
+        &with_buffers(2, [Arg::I32(half as i32), Arg::I64(total as i64)]),
     );
     assert_close(&elems(dtype, &out[1]), &cpu::silu_mul_packed(&gate_up, half), 8e-3, "silu_mul");
 }
@@ -431,26 +431,19 @@ fn decode_attention_over_paged_blocks_with_and_without_key_splits() {
                     i32_bytes(&lens.map(|l| l as i32 - 1)),
                     i32_bytes(&cache.block_tables),
                 ],
-                &[
-                    Arg::Buffer(0),
-                    Arg::Buffer(1),
-                    Arg::Buffer(2),
-                    Arg::Buffer(3),
-                    Arg::Buffer(4),
-                    Arg::Buffer(5),
-                    Arg::Buffer(6),
-                    Arg::Buffer(7),
-                    Arg::Buffer(8),
-                    Arg::Buffer(9),
-                    Arg::I32(cache.max_blocks as i32),
-                    Arg::I32(block_size as i32),
-                    Arg::I32(heads as i32),
-                    Arg::I32(shape.num_kv_heads as i32),
-                    Arg::I32(shape.head_dim as i32),
-                    Arg::F32(1.0 / (shape.head_dim as f32).sqrt()),
-                    Arg::I32(partition),
-                    Arg::I32(splits as i32),
-                ],
+                &with_buffers(
+                    10,
+                    [
+                        Arg::I32(cache.max_blocks as i32),
+                        Arg::I32(block_size as i32),
+                        Arg::I32(heads as i32),
+                        Arg::I32(shape.num_kv_heads as i32),
+                        Arg::I32(shape.head_dim as i32),
+                        Arg::F32(1.0 / (shape.head_dim as f32).sqrt()),
+                        Arg::I32(partition),
+                        Arg::I32(splits as i32),
+                    ],
+                ),
             );
             let tolerance = if dtype == DType::F32 { 1e-5 } else { 8e-3 };
             let what = format!("{} with {splits} splits", dtype.name());
@@ -496,22 +489,17 @@ fn prefill_attention_over_tiles_of_a_chunk() {
                 i32_bytes(&(start as i32..len as i32).collect::<Vec<_>>()),
                 i32_bytes(&cache.block_tables),
             ],
-            &[
-                Arg::Buffer(0),
-                Arg::Buffer(1),
-                Arg::Buffer(2),
-                Arg::Buffer(3),
-                Arg::Buffer(4),
-                Arg::Buffer(5),
-                Arg::Buffer(6),
-                Arg::Buffer(7),
-                Arg::I32(cache.max_blocks as i32),
-                Arg::I32(block_size as i32),
-                Arg::I32(shape.num_heads as i32),
-                Arg::I32(shape.num_kv_heads as i32),
-                Arg::I32(shape.head_dim as i32),
-                Arg::F32(1.0 / (shape.head_dim as f32).sqrt()),
-            ],
+            &with_buffers(
+                8,
+                [
+                    Arg::I32(cache.max_blocks as i32),
+                    Arg::I32(block_size as i32),
+                    Arg::I32(shape.num_heads as i32),
+                    Arg::I32(shape.num_kv_heads as i32),
+                    Arg::I32(shape.head_dim as i32),
+                    Arg::F32(1.0 / (shape.head_dim as f32).sqrt()),
+                ],
+            ),
         );
         let tolerance = if dtype == DType::F32 { 1e-5 } else { 8e-3 };
         assert_close(&elems(dtype, &out[3]), &rounded(dtype, &want), tolerance, dtype.name());
@@ -574,21 +562,17 @@ fn rope_write_kv_rotates_q_and_k_and_files_k_and_v_in_their_slots() {
                     i32_bytes(&slots),
                     f32_bytes(&cos_sin),
                 ],
-                &[
-                    Arg::Buffer(0),
-                    Arg::Buffer(1),
-                    Arg::Buffer(2),
-                    Arg::Buffer(3),
-                    Arg::Buffer(4),
-                    Arg::Buffer(5),
-                    Arg::Buffer(6),
-                    Arg::I32(freq_len as i32),
-                    Arg::I32(heads as i32),
-                    Arg::I32(kv_heads as i32),
-                    Arg::I32(head_dim as i32),
-                    Arg::I32(mode),
-                    Arg::I32(rot_dim as i32),
-                ],
+                &with_buffers(
+                    7,
+                    [
+                        Arg::I32(freq_len as i32),
+                        Arg::I32(heads as i32),
+                        Arg::I32(kv_heads as i32),
+                        Arg::I32(head_dim as i32),
+                        Arg::I32(mode),
+                        Arg::I32(rot_dim as i32),
+                    ],
+                ),
             );
             let tolerance = if dtype == DType::F32 { 1e-6 } else { 8e-3 };
             let what = format!("mode {mode} {}", dtype.name());
