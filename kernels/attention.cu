@@ -18,6 +18,7 @@
 #define ATTN_THREADS (ATTN_WARPS * 32)
 #define MAX_DIMS_PER_LANE 4  // head_dim ≤ 128
 #define PREFILL_TILE 16
+#define DECODE_MIN_PARTITION 128  // decode_splits in src/model/gpu.rs
 #define PREFILL_QUERIES_PER_WARP (PREFILL_TILE / ATTN_WARPS)
 #define PREFILL_MAX_DIMS_PER_LANE 4  // head_dim ≤ 128
 
@@ -45,6 +46,11 @@ extern "C" __global__ void attention_decode(
     const int kv_width = num_kv_heads * head_dim;
     const int* table = block_tables + (size_t)token_seq[t] * max_blocks_per_seq;
     const int visible = token_pos[t] + 1;
+    // partition 0: each sequence divides its own keys over the splits (a CUDA graph replays
+    // one launch for any lengths): whole warps, at least DECODE_MIN_PARTITION keys a split;
+    // splits past a short sequence's keys leave empty results the merge skips.
+    if (partition <= 0)
+        partition = max(DECODE_MIN_PARTITION, ((visible + splits - 1) / splits + 31) / 32 * 32);
     const int begin = split * partition;
     const int end = min(visible, begin + partition);
 

@@ -8,7 +8,7 @@
 // on the host exactly as the CPU engine computes them (angle in f32, cos/sin in f64), so
 // both engines rotate alike and no thread spends time on trigonometry.
 // `slots[t]` = block · block_size + offset, where token t's K/V go (cache rows of
-// num_kv_heads · head_dim).
+// num_kv_heads · head_dim); -1: nowhere.
 // grid: (tokens, num_heads + 2 · num_kv_heads); block: 64 threads.
 extern "C" __global__ void rope_write_kv(const elem* __restrict__ qkv,
                                          const elem* __restrict__ bias, elem* __restrict__ q_out,
@@ -22,8 +22,10 @@ extern "C" __global__ void rope_write_kv(const elem* __restrict__ qkv,
     const int q_width = num_heads * head_dim, kv_width = num_kv_heads * head_dim;
     const size_t row_width = q_width + 2 * kv_width;
     const elem* row = qkv + t * row_width;
-    const size_t slot = slots[t];
     const int base = head * head_dim;
+    // A negative slot is a padding token (a CUDA graph's batch rounded up): q only.
+    if (slots[t] < 0 && head >= num_heads) return;
+    const size_t slot = slots[t];
 
     if (head >= num_heads + num_kv_heads) {  // a v head: copied with its bias
         elem* dst = v_cache + slot * kv_width + (base - q_width - kv_width);

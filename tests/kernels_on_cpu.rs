@@ -411,8 +411,11 @@ fn decode_attention_over_paged_blocks_with_and_without_key_splits() {
                 &q[s * shape.num_heads * shape.head_dim..][..shape.num_heads * shape.head_dim];
             want.extend(cpu::causal_attention(q_row, k, v, len - 1, shape));
         }
-        // One split, then splits of 128 keys (the longest sequence needs three).
-        for (splits, partition) in [(1, 320), (3, 128)] {
+        // One split; splits of 128 keys (the longest sequence needs three); then partition 0,
+        // as CUDA graphs launch it: each sequence divides its own keys (300 keys: 3 × 128;
+        // 45: one split and two empty ones; 129: two and an empty one; with 4 splits, 300
+        // keys take 3 of 128 and leave one empty).
+        for (splits, partition) in [(1, 320), (3, 128), (3, 0), (4, 0), (1, 0)] {
             let heads = shape.num_heads;
             let out = launch(
                 dtype,
@@ -446,7 +449,7 @@ fn decode_attention_over_paged_blocks_with_and_without_key_splits() {
                 ),
             );
             let tolerance = if dtype == DType::F32 { 1e-5 } else { 8e-3 };
-            let what = format!("{} with {splits} splits", dtype.name());
+            let what = format!("{} with {splits} splits of {partition}", dtype.name());
             assert_close(&elems(dtype, &out[3]), &rounded(dtype, &want), tolerance, &what);
             // The split counters are zero again for the next call.
             assert!(out[5].iter().all(|&b| b == 0), "{what}: counters left set");
@@ -513,8 +516,9 @@ fn rope_write_kv_rotates_q_and_k_and_files_k_and_v_in_their_slots() {
     let (heads, kv_heads, head_dim) = (2, 1, 16);
     let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
     let row_width = q_width + 2 * kv_width;
-    let positions = [7usize, 0, 130];
-    let slots = [5i32, 0, 9];
+    // The last token is padding (slot -1): its q is rotated, its K/V go nowhere.
+    let positions = [7usize, 0, 130, 0];
+    let slots = [5i32, 0, 9, -1];
     let cache_rows = 12;
     // Mode 0: GLM's interleaved pairs over the first half of a head; mode 1: rotate half.
     for (mode, rot_dim) in [(0, head_dim / 2), (1, head_dim)] {
@@ -543,7 +547,7 @@ fn rope_write_kv_rotates_q_and_k_and_files_k_and_v_in_their_slots() {
                     }
                 }
                 want_q.extend(&row[..q_width]);
-                let slot = slots[t] as usize;
+                let Ok(slot) = usize::try_from(slots[t]) else { continue };
                 want_k[slot * kv_width..][..kv_width].copy_from_slice(&row[q_width..][..kv_width]);
                 want_v[slot * kv_width..][..kv_width]
                     .copy_from_slice(&row[q_width + kv_width..][..kv_width]);
