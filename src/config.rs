@@ -31,6 +31,8 @@ pub struct ModelParameters {
     /// KIND_GPU instances choose next tokens with the batched sampling kernel and copy back
     /// only the ids (else the logits come back and the host samples).
     pub sample_on_device: bool,
+    /// KIND_GPU instances capture decode steps as CUDA graphs and replay them.
+    pub cuda_graphs: bool,
     /// In-flight batching limits of each instance's engine.
     pub scheduler: SchedulerConfig,
 }
@@ -68,6 +70,7 @@ impl ModelConfig {
             dtype: DType::default(),
             session_len: None,
             sample_on_device: false,
+            cuda_graphs: false,
             scheduler: SchedulerConfig::default(),
         };
         let mut unknown_parameters = Vec::new();
@@ -124,6 +127,7 @@ impl ModelConfig {
                     parameters.scheduler.enable_prefix_caching = parse_bool(key, value)?;
                 }
                 "sample_on_device" => parameters.sample_on_device = parse_bool(key, value)?,
+                "cuda_graphs" => parameters.cuda_graphs = parse_bool(key, value)?,
                 _ => unknown_parameters.push(key.clone()),
             }
         }
@@ -206,6 +210,7 @@ mod tests {
             (r#""cache_max_entry_count":{"string_value":"0"}"#, "cache_max_entry_count"),
             (r#""enable_prefix_caching":{"string_value":"maybe"}"#, "enable_prefix_caching"),
             (r#""sample_on_device":{"string_value":"yes"}"#, "sample_on_device"),
+            (r#""cuda_graphs":{"string_value":"on"}"#, "cuda_graphs"),
             (r#""block_size":{"string_value":"0"}"#, "block_size"),
         ] {
             let message = parse(params).unwrap_err().to_string();

@@ -23,6 +23,8 @@ pub struct LoadOptions {
     pub session_len: Option<usize>,
     /// Choose next tokens on the GPU (`CausalLm::set_sample_on_device`).
     pub sample_on_device: bool,
+    /// Capture decode steps as CUDA graphs (`CausalLm::set_cuda_graphs`).
+    pub cuda_graphs: bool,
 }
 
 pub struct ChatModel {
@@ -75,6 +77,7 @@ impl ChatModel {
         let tokenizer = Tokenizer::from_folder(dir, tokenizer_family)?;
         let model = model::load_on(dir, options.load_format, options.device, options.dtype)?;
         model.set_sample_on_device(options.sample_on_device);
+        model.set_cuda_graphs(options.cuda_graphs);
         let info = model.info();
         if tokenizer.vocab_size() > info.logits_width {
             return Err(Error::Config(format!(

@@ -207,30 +207,47 @@ fn internlm2_tiny_f32_matches_the_cpu_engine() {
 }
 
 /// Prefills of different lengths in one pass over scattered blocks, then decode steps of
-/// all of them together, give each sequence the logits it gets alone.
-fn check_batched(folder: &str) {
+/// all of them together, give each sequence the logits it gets alone. The three prompts run
+/// `copies` times over (more sequences than the GEMV kernel's rows make cuBLAS products);
+/// with `cuda_graphs` the decode steps are captured once and replayed, padded to the next
+/// captured batch, and a sequence alone decodes through a one-sequence graph.
+fn check_batched(folder: &str, copies: usize, cuda_graphs: bool) {
     if !gpu_present(folder) {
         return;
     }
     let dir = fixture(folder);
     let gpu = model::load_on(&dir, LoadFormat::Safetensors, Device::Cuda(0), DType::F32).unwrap();
     let golden = golden(folder, "model_golden.json");
-    let prompts: Vec<Vec<u32>> =
+    let cases: Vec<Vec<u32>> =
         golden["cases"].as_array().unwrap().iter().take(3).map(|c| ids(&c["input_ids"])).collect();
-    let steps = 4;
-    let alone: Vec<Vec<Vec<f32>>> = prompts
-        .iter()
-        .map(|prompt| {
-            let mut cache = gpu.new_cache();
-            let mut logits = vec![gpu.forward(prompt, &mut cache).unwrap()];
-            for _ in 1..steps {
-                let next = argmax(logits.last().unwrap());
-                logits.push(gpu.forward(&[next], &mut cache).unwrap());
+    let steps = 8;
+    let decode_alone = |graphs: bool| -> Vec<Vec<Vec<f32>>> {
+        gpu.set_cuda_graphs(graphs);
+        cases
+            .iter()
+            .map(|prompt| {
+                let mut cache = gpu.new_cache();
+                let mut logits = vec![gpu.forward(prompt, &mut cache).unwrap()];
+                for _ in 1..steps {
+                    let next = argmax(logits.last().unwrap());
+                    logits.push(gpu.forward(&[next], &mut cache).unwrap());
+                }
+                logits
+            })
+            .collect()
+    };
+    let alone = decode_alone(false);
+    let mut worst = 0f64;
+    if cuda_graphs {
+        for (graphed, launched) in decode_alone(true).iter().zip(&alone) {
+            for (a, b) in graphed.iter().zip(launched) {
+                worst = worst.max(relative_l2(a, b));
             }
-            logits
-        })
-        .collect();
+        }
+    }
+    gpu.set_cuda_graphs(cuda_graphs);
 
+    let prompts: Vec<&Vec<u32>> = cases.iter().cycle().take(cases.len() * copies).collect();
     let block_size = 16;
     let per_sequence = 8;
     let mut arena = gpu.new_arena(block_size, per_sequence * prompts.len()).unwrap();
@@ -240,8 +257,7 @@ fn check_batched(folder: &str) {
             (0..per_sequence).map(|i| ((per_sequence - 1 - i) * prompts.len() + s) as u32).collect()
         })
         .collect();
-    let mut worst = 0f64;
-    let mut lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    let mut lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
     let first: Vec<SeqStep<'_>> = prompts
         .iter()
         .zip(&tables)
@@ -250,12 +266,13 @@ fn check_batched(folder: &str) {
     let mut logits = gpu.forward_batch(arena.as_mut(), &first).unwrap();
     for step in 0..steps {
         for (s, row) in logits.iter().enumerate() {
-            worst = worst.max(relative_l2(row, &alone[s][step]));
+            worst = worst.max(relative_l2(row, &alone[s % cases.len()][step]));
         }
         if step + 1 == steps {
             break;
         }
-        let next: Vec<[u32; 1]> = alone.iter().map(|l| [argmax(&l[step])]).collect();
+        let next: Vec<[u32; 1]> =
+            (0..prompts.len()).map(|s| [argmax(&alone[s % cases.len()][step])]).collect();
         let batch: Vec<SeqStep<'_>> = next
             .iter()
             .zip(&tables)
@@ -267,18 +284,33 @@ fn check_batched(folder: &str) {
     }
     let pass = worst < 1e-4;
     report(json!({"check": "batched_paged", "model": folder, "dtype": "f32",
+        "sequences": prompts.len(), "cuda_graphs": cuda_graphs,
         "worst_rel_l2": worst, "limit": 1e-4, "pass": pass}));
-    assert!(pass, "{folder}: batched logits differ from single-sequence ones by {worst:e}");
+    assert!(
+        pass,
+        "{folder} ({} sequences, graphs {cuda_graphs}): batched logits differ from \
+         single-sequence ones by {worst:e}",
+        prompts.len()
+    );
 }
 
 #[test]
 fn chatglm2_tiny_batched_paged_pass_matches_single_sequences() {
-    check_batched("chatglm2-tiny");
+    check_batched("chatglm2-tiny", 1, false);
+    check_batched("chatglm2-tiny", 4, false);
 }
 
 #[test]
 fn internlm2_tiny_batched_paged_pass_matches_single_sequences() {
-    check_batched("internlm2-tiny");
+    check_batched("internlm2-tiny", 1, false);
+}
+
+#[test]
+fn decode_steps_replayed_as_cuda_graphs_match_launched_ones() {
+    for folder in ["chatglm2-tiny", "internlm2-tiny"] {
+        check_batched(folder, 1, true); // 3 sequences as a graph of 4 (GEMV products)
+        check_batched(folder, 4, true); // 12 as a graph of 16 (cuBLAS products)
+    }
 }
 
 /// A model that does not fit fails its load with the sizes, not an out-of-memory crash.

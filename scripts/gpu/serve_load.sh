@@ -7,7 +7,8 @@
 #
 # Environment: SHAPE (chatglm2-6b or internlm2_5-7b, a folder of bench/shapes),
 # SAMPLE_ON_DEVICE (true: the batched sampling kernel; false: the host samples the logits),
-# TEMPERATURE (0: greedy; above: the model's default top-k 50 / top-p 0.8 sampling).
+# CUDA_GRAPHS (true: decode steps replayed as CUDA graphs), TEMPERATURE (0: greedy; above:
+# the model's default top-k 50 / top-p 0.8 sampling).
 # Prompts are a chat question repeated 16 times (about 130 tokens with the template),
 # answers 128 new tokens. After each level it prints where the engine's steps spent their
 # time (llm_engine_step_seconds_total by phase, over the level's steps). Needs .carry from
@@ -19,6 +20,7 @@ shift || true
 LEVELS=${*:-64 256}
 SHAPE=${SHAPE:-chatglm2-6b}
 SAMPLE_ON_DEVICE=${SAMPLE_ON_DEVICE:-true}
+CUDA_GRAPHS=${CUDA_GRAPHS:-false}
 TEMPERATURE=${TEMPERATURE:-0}
 MODEL=$(echo "$SHAPE" | tr '.-' '__')_stream
 case $SHAPE in
@@ -43,7 +45,7 @@ cp "bench/shapes/$SHAPE/config.json" "$TOKENIZER" /tmp/load-model/
         tests/model_repository/chatglm2-tiny-stream/config.pbtxt
     echo 'instance_group [ { kind: KIND_GPU count: 1 } ]'
     for kv in model_dir=/tmp/load-model load_format=dummy dtype=bf16 max_num_seqs=256 \
-        max_num_batched_tokens=8192 sample_on_device=$SAMPLE_ON_DEVICE; do
+        max_num_batched_tokens=8192 sample_on_device=$SAMPLE_ON_DEVICE cuda_graphs=$CUDA_GRAPHS; do
         echo "parameters { key: \"${kv%%=*}\" value { string_value: \"${kv#*=}\" } }"
     done
 } > "/tmp/load-repo/$MODEL/config.pbtxt"
@@ -72,7 +74,7 @@ for line in text.splitlines():
 print(json.dumps(totals))
 PY
 }
-echo "== $SHAPE, sample_on_device=$SAMPLE_ON_DEVICE, temperature $TEMPERATURE"
+echo "== $SHAPE, sample_on_device=$SAMPLE_ON_DEVICE, cuda_graphs=$CUDA_GRAPHS, temperature $TEMPERATURE"
 for level in $LEVELS; do
     echo "== concurrency $level, ${SECONDS_EACH} s"
     before=$(steps_now)
@@ -81,14 +83,14 @@ for level in $LEVELS; do
         --max-new-tokens 128 --prompt-repeat 16 --temperature "$TEMPERATURE" |
         tee -a "$OUT/serve_load.jsonl"
     after=$(steps_now)
-    python3 - "$before" "$after" "$level" "$SHAPE" "$SAMPLE_ON_DEVICE" "$TEMPERATURE" <<'PY' |
+    python3 - "$before" "$after" "$level" "$SHAPE" "$SAMPLE_ON_DEVICE" "$TEMPERATURE" "$CUDA_GRAPHS" <<'PY' |
 import json, sys
 before, after = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
 steps = d.get("llm_engine_steps_total", 0.0) or 1.0
 phases = {k.split("/")[1]: round(v / steps * 1e3, 3) for k, v in d.items() if "/" in k}
 print(json.dumps({"level": int(sys.argv[3]), "shape": sys.argv[4], "sample_on_device": sys.argv[5],
-                  "temperature": float(sys.argv[6]), "steps": int(steps),
+                  "temperature": float(sys.argv[6]), "cuda_graphs": sys.argv[7], "steps": int(steps),
                   "mean_sequences": round(d.get("llm_engine_step_sequences_total", 0.0) / steps, 1),
                   "ms_per_step": phases}))
 PY

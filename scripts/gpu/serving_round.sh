@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
 # One device call for issue 5's serving figures, sized for a session's short device budget
-# (about 6 minutes; each step has a timeout and the run stops starting steps at its budget):
+# (about 8 minutes; each step has a timeout and the run stops starting steps at its budget):
 #
 #   bash scripts/gpu/serving_round.sh          (after scripts/gpu/pack.sh filled .carry)
 #
-#   1  the GPU tests (gpu_tests), the sampling kernel on the device among them; then
-#      `triton-llm bench` at batch 64 with the host and then the kernel choosing tokens
-#   2  ChatGLM2-6B shape, greedy, sampling on the device: 64 and 256 streams
-#   3  the same at 64 streams with the host sampling the logits (the comparison)
-#   4  ChatGLM2-6B shape at 64 streams sampled (temperature 0.8, top-k 50, top-p 0.8), device
-#   5  InternLM2.5-7B shape, greedy, device sampling: 256 streams
+#   1  the GPU tests (gpu_tests): the sampling kernel and CUDA-graph decode steps on the
+#      device among them
+#   2  `triton-llm bench`, ChatGLM2-6B shape: batch 64 with the host choosing tokens, with
+#      the sampling kernel, and with the kernel and CUDA graphs; batch 1 without and with
+#      graphs
+#   3  served, ChatGLM2-6B shape, greedy, device sampling and graphs: 64 and 256 streams
+#   4  the same at 64 streams without graphs, then also with the host sampling
+#   5  ChatGLM2-6B at 64 streams sampled (temperature 0.8, top-k 50, top-p 0.8)
+#   6  InternLM2.5-7B shape, greedy, device sampling and graphs: 256 streams
 #
 # Writes $OUT/serve_load.jsonl (tools/load.py), $OUT/serve_phases.jsonl (where each step's
-# host time went), $OUT/gpu_tests.log and the servers' logs. Budget: SERVING_BUDGET_S (360).
+# host time went), $OUT/bench.jsonl, $OUT/gpu_tests.log and the servers' logs. Budget:
+# SERVING_BUDGET_S (480).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/gpucheck-out}
 mkdir -p "$OUT" /tmp/carry
 START=$(date +%s)
-BUDGET=${SERVING_BUDGET_S:-360}
+BUDGET=${SERVING_BUDGET_S:-480}
 SECONDS_EACH=${SERVING_SECONDS:-15}
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
     [ -d "$d" ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
@@ -45,12 +49,17 @@ step "gpu tests" 60 bash -c "/tmp/carry/gpu_tests --test-threads 1 --nocapture >
 if [ ! -x /tmp/carry/triton-llm ]; then
     xz -dc .carry/triton-llm.xz > /tmp/carry/triton-llm && chmod +x /tmp/carry/triton-llm
 fi
-for where in host device; do
-    flag=$([ $where = device ] && echo --sample-on-device)
-    step "bench chatglm2-6b batch 64, tokens chosen on the $where" 40 bash -c \
-        "/tmp/carry/triton-llm bench --shape chatglm2-6b --load-format dummy --device cuda \
-         --batch 64 --prompt 128 --new 64 $flag | tee -a '$OUT/bench_sampling.jsonl'"
-done
+bench() { # bench NAME FLAGS...
+    local name=$1
+    shift
+    step "bench chatglm2-6b $name" 40 bash -c "/tmp/carry/triton-llm bench --shape chatglm2-6b \
+        --load-format dummy --device cuda --prompt 128 --new 64 $* | tee -a '$OUT/bench.jsonl'"
+}
+bench "batch 64, host chooses" --batch 64
+bench "batch 64, sampling kernel" --batch 64 --sample-on-device
+bench "batch 64, sampling kernel, graphs" --batch 64 --sample-on-device --cuda-graphs
+bench "batch 1" --batch 1
+bench "batch 1, graphs" --batch 1 --cuda-graphs
 serve() { # serve NAME LOG [VAR=VALUE ...] -- LEVELS
     local name=$1 log=$2
     shift 2
@@ -58,13 +67,17 @@ serve() { # serve NAME LOG [VAR=VALUE ...] -- LEVELS
     cp /tmp/load-server.log "$OUT/$log" 2>/dev/null
 }
 LEVELS=(64 256)
-serve "chatglm2-6b greedy, device sampling" server-glm-device.log SHAPE=chatglm2-6b SAMPLE_ON_DEVICE=true
+serve "chatglm2-6b greedy, device sampling, graphs" server-glm-graphs.log SHAPE=chatglm2-6b \
+    SAMPLE_ON_DEVICE=true CUDA_GRAPHS=true
 LEVELS=(64)
-serve "chatglm2-6b greedy, host sampling" server-glm-host.log SHAPE=chatglm2-6b SAMPLE_ON_DEVICE=false
-serve "chatglm2-6b sampled, device sampling" server-glm-sampled.log SHAPE=chatglm2-6b \
-    SAMPLE_ON_DEVICE=true TEMPERATURE=0.8
+serve "chatglm2-6b greedy, device sampling" server-glm-device.log SHAPE=chatglm2-6b \
+    SAMPLE_ON_DEVICE=true CUDA_GRAPHS=false
+serve "chatglm2-6b greedy, host sampling" server-glm-host.log SHAPE=chatglm2-6b \
+    SAMPLE_ON_DEVICE=false CUDA_GRAPHS=false
+serve "chatglm2-6b sampled, device sampling, graphs" server-glm-sampled.log SHAPE=chatglm2-6b \
+    SAMPLE_ON_DEVICE=true CUDA_GRAPHS=true TEMPERATURE=0.8
 LEVELS=(256)
-serve "internlm2.5-7b greedy, device sampling" server-internlm.log SHAPE=internlm2_5-7b \
-    SAMPLE_ON_DEVICE=true
+serve "internlm2.5-7b greedy, device sampling, graphs" server-internlm.log SHAPE=internlm2_5-7b \
+    SAMPLE_ON_DEVICE=true CUDA_GRAPHS=true
 echo "== done in $(($(date +%s) - START)) s"
 cat "$OUT/serve_phases.jsonl" 2>/dev/null

@@ -92,6 +92,9 @@ enum Command {
         /// logits come back and the host takes each row's argmax).
         #[arg(long)]
         sample_on_device: bool,
+        /// With the GPU engine: capture decode steps as CUDA graphs and replay them.
+        #[arg(long)]
+        cuda_graphs: bool,
     },
 }
 
@@ -109,6 +112,9 @@ struct ModelArgs {
     /// With the GPU engine: choose each next token with the batched sampling kernel.
     #[arg(long)]
     sample_on_device: bool,
+    /// With the GPU engine: capture decode steps as CUDA graphs and replay them.
+    #[arg(long)]
+    cuda_graphs: bool,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -131,6 +137,7 @@ impl ModelArgs {
             device: self.device.device,
             dtype: self.device.dtype,
             sample_on_device: self.sample_on_device,
+            cuda_graphs: self.cuda_graphs,
         };
         ChatModel::load(&self.model, &options)
     }
@@ -291,6 +298,7 @@ fn run(command: Command) -> Result<()> {
             prompt,
             new,
             sample_on_device,
+            cuda_graphs,
         } => {
             let (family, config, checkpoint) = match (model, shape) {
                 (Some(dir), _) => {
@@ -311,7 +319,13 @@ fn run(command: Command) -> Result<()> {
             let lm = model::load_config(family, config, &checkpoint, device.device, device.dtype)?;
             checkpoint.finish()?;
             lm.set_sample_on_device(sample_on_device);
-            bench(lm.as_ref(), device, batch, prompt, new, sample_on_device)?;
+            lm.set_cuda_graphs(cuda_graphs);
+            let on_gpu = device.device != Device::Cpu;
+            let options = BenchOptions {
+                sample_on_device: sample_on_device && on_gpu,
+                cuda_graphs: cuda_graphs && on_gpu,
+            };
+            bench(lm.as_ref(), device, batch, prompt, new, options)?;
         }
     }
     Ok(())
@@ -441,13 +455,20 @@ fn bench_run(
     Ok((prefill, start.elapsed().as_secs_f64()))
 }
 
+/// GPU engine settings a bench ran with (reported with its figures).
+#[derive(Clone, Copy)]
+struct BenchOptions {
+    sample_on_device: bool,
+    cuda_graphs: bool,
+}
+
 fn bench(
     lm: &dyn CausalLm,
     device: DeviceArgs,
     batch: usize,
     prompt_len: usize,
     new_tokens: usize,
-    sample_on_device: bool,
+    options: BenchOptions,
 ) -> Result<()> {
     let info = lm.info().clone();
     if batch == 0
@@ -510,7 +531,8 @@ fn bench(
         "batch": batch,
         "prompt_tokens": prompt_len,
         "new_tokens": new_tokens,
-        "sample_on_device": sample_on_device && device.device != Device::Cpu,
+        "sample_on_device": options.sample_on_device,
+        "cuda_graphs": options.cuda_graphs,
         "ttft_ms": ttft * 1e3,
         "prefill_tokens_per_s": (batch * prompt_len) as f64 / ttft,
         "decode_step_ms": step_s * 1e3,

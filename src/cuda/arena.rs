@@ -15,7 +15,12 @@ pub struct KvArena {
     num_layers: usize,
     /// Per layer (K, V); empty while the arena has no blocks.
     layers: Vec<(Buffer, Buffer)>,
+    /// New whenever the layers move (CUDA graphs hold their addresses).
+    generation: u64,
 }
+
+/// Source of `KvArena::generation`s, unique in the process.
+static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl KvArena {
     pub fn new(
@@ -25,8 +30,15 @@ impl KvArena {
         block_size: usize,
         num_blocks: usize,
     ) -> Result<Self> {
-        let mut arena =
-            KvArena { gpu, block_size, kv_width, num_blocks: 0, num_layers, layers: Vec::new() };
+        let mut arena = KvArena {
+            gpu,
+            block_size,
+            kv_width,
+            num_blocks: 0,
+            num_layers,
+            layers: Vec::new(),
+            generation: 0,
+        };
         arena.grow_to(num_blocks)?;
         Ok(arena)
     }
@@ -53,6 +65,11 @@ impl KvArena {
         self.num_blocks
     }
 
+    /// Changes whenever the layers' device addresses change.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// Device pointers of layer `layer`'s K and V.
     pub fn layer(&self, layer: usize) -> (u64, u64) {
         let (k, v) = &self.layers[layer];
@@ -77,6 +94,7 @@ impl KvArena {
         }
         self.layers = layers;
         self.num_blocks = num_blocks;
+        self.generation = GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 }

@@ -224,6 +224,39 @@ impl Kernels {
     }
 }
 
+impl Compiled {
+    fn create(ordinal: usize, dtype: DType) -> Result<Compiled> {
+        let count = device_count();
+        if ordinal >= count {
+            return Err(Error::Device(if count == 0 {
+                "no CUDA device (or no CUDA driver, NVRTC and cuBLAS libraries) on this machine"
+                    .into()
+            } else {
+                format!("device {ordinal} does not exist ({count} CUDA devices)")
+            }));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(device_error("creating the CUDA context"))?;
+        // Each buffer is used on the stream of the Gpu that made it only: cudarc's
+        // per-buffer event tracking (for buffers shared across streams) would only add two
+        // event calls per kernel argument.
+        // SAFETY: as above; buffers never cross from one Gpu to another.
+        unsafe { ctx.disable_event_tracking() };
+        let (major, minor) =
+            ctx.compute_capability().map_err(device_error("reading the compute capability"))?;
+        let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+        let started = std::time::Instant::now();
+        let ptx = compile(dtype, virtual_arch(major, minor))?;
+        let module = ctx.load_module(ptx).map_err(device_error("loading the kernel module"))?;
+        let kernels = Kernels::load(&module, dtype)?;
+        tracing::info!(
+            "GPU {ordinal} ({name}, sm_{major}{minor}): kernels compiled for {} in {:.2} s",
+            dtype.name(),
+            started.elapsed().as_secs_f64()
+        );
+        Ok(Compiled { ctx, kernels, name })
+    }
+}
+
 /// Threads of a sampling block (SAMPLE_THREADS in kernels/sampling.cu).
 const SAMPLE_THREADS: u32 = 512;
 /// Words of one row's sampling parameters (SAMPLE_WORDS in kernels/sampling.cu).
@@ -265,65 +298,84 @@ impl HostBuffer {
     }
 }
 
-/// One device: its context, a stream, a cuBLAS handle on that stream and the kernels
-/// compiled for one dtype. Work is queued in order on the one stream.
+/// A device's context and the kernels compiled for it in one dtype, shared by every
+/// [`Gpu`] opened on that device and dtype.
+struct Compiled {
+    ctx: Arc<CudaContext>,
+    kernels: Kernels,
+    name: String,
+}
+
+/// One user of a device (a model instance): the shared context and kernels, a stream of its
+/// own and a cuBLAS handle on it. Its work is queued in order on that stream; no other
+/// thread queues work there, which is what lets a decode step be captured as a CUDA graph.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
+    compiled: Arc<Compiled>,
     stream: Arc<CudaStream>,
-    /// cuBLAS handles are not to be used by two threads at once; models of different
-    /// configs on one device share this Gpu from their own engine threads.
+    /// cuBLAS handles are not to be used by two threads at once.
     blas: Mutex<CudaBlas>,
-    kernels: Kernels,
+    /// cuBLAS's workspace, set explicitly so that graph captures do not allocate their own.
+    _blas_workspace: CudaSlice<u8>,
     pub dtype: DType,
     pub ordinal: usize,
     pub name: String,
 }
 
+/// Bytes of cuBLAS workspace per handle (its default on Hopper).
+const BLAS_WORKSPACE: usize = 32 << 20;
+
 impl Gpu {
-    /// The device `ordinal` with kernels for `dtype`; a second call for the same device and
-    /// dtype shares the compiled module.
+    /// The device `ordinal` with kernels for `dtype` and a stream of its own; a second call
+    /// for the same device and dtype shares the compiled module.
     pub fn open(ordinal: usize, dtype: DType) -> Result<Arc<Gpu>> {
-        type OpenGpus = HashMap<(usize, DType), std::sync::Weak<Gpu>>;
-        static OPEN: OnceLock<Mutex<OpenGpus>> = OnceLock::new();
-        let mut open = OPEN.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(gpu) = open.get(&(ordinal, dtype)).and_then(std::sync::Weak::upgrade) {
-            return Ok(gpu);
+        type Opened = HashMap<(usize, DType), std::sync::Weak<Compiled>>;
+        static OPEN: OnceLock<Mutex<Opened>> = OnceLock::new();
+        let compiled = {
+            let mut open =
+                OPEN.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+            match open.get(&(ordinal, dtype)).and_then(std::sync::Weak::upgrade) {
+                Some(compiled) => compiled,
+                None => {
+                    let compiled = Arc::new(Compiled::create(ordinal, dtype)?);
+                    open.insert((ordinal, dtype), Arc::downgrade(&compiled));
+                    compiled
+                }
+            }
+        };
+        let ctx = Arc::clone(&compiled.ctx);
+        ctx.bind_to_thread().map_err(device_error("binding the CUDA context"))?;
+        let stream = ctx.new_stream().map_err(device_error("creating a stream"))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(blas_error("creating a cuBLAS handle"))?;
+        let workspace = stream
+            .alloc_zeros::<u8>(BLAS_WORKSPACE)
+            .map_err(device_error("allocating the cuBLAS workspace"))?;
+        let workspace_ptr = workspace.device_ptr(&stream).0;
+        // SAFETY: the workspace lives as long as the handle (both fields of this Gpu) and is
+        // used on the handle's stream only.
+        unsafe {
+            blas_sys::cublasSetWorkspace_v2(
+                *blas.handle(),
+                workspace_ptr as *mut std::ffi::c_void,
+                BLAS_WORKSPACE,
+            )
+            .result()
         }
-        let count = device_count();
-        if ordinal >= count {
-            return Err(Error::Device(if count == 0 {
-                "no CUDA device (or no CUDA driver, NVRTC and cuBLAS libraries) on this machine"
-                    .into()
-            } else {
-                format!("device {ordinal} does not exist ({count} CUDA devices)")
-            }));
-        }
-        let gpu = Arc::new(Gpu::create(ordinal, dtype)?);
-        open.insert((ordinal, dtype), Arc::downgrade(&gpu));
-        Ok(gpu)
+        .map_err(blas_error("setting the cuBLAS workspace"))?;
+        Ok(Arc::new(Gpu {
+            ctx,
+            name: compiled.name.clone(),
+            compiled,
+            stream,
+            blas: Mutex::new(blas),
+            _blas_workspace: workspace,
+            dtype,
+            ordinal,
+        }))
     }
 
-    fn create(ordinal: usize, dtype: DType) -> Result<Gpu> {
-        let ctx = CudaContext::new(ordinal).map_err(device_error("creating the CUDA context"))?;
-        // One stream per Gpu, in order: cudarc's per-buffer event tracking (for buffers
-        // shared across streams) would only add two event calls per kernel argument.
-        // SAFETY: every buffer of this context is used on this Gpu's stream only.
-        unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.new_stream().map_err(device_error("creating a stream"))?;
-        let (major, minor) =
-            ctx.compute_capability().map_err(device_error("reading the compute capability"))?;
-        let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
-        let started = std::time::Instant::now();
-        let ptx = compile(dtype, virtual_arch(major, minor))?;
-        let module = ctx.load_module(ptx).map_err(device_error("loading the kernel module"))?;
-        let kernels = Kernels::load(&module, dtype)?;
-        tracing::info!(
-            "GPU {ordinal} ({name}, sm_{major}{minor}): kernels compiled for {} in {:.2} s",
-            dtype.name(),
-            started.elapsed().as_secs_f64()
-        );
-        let blas = CudaBlas::new(stream.clone()).map_err(blas_error("creating a cuBLAS handle"))?;
-        Ok(Gpu { ctx, stream, blas: Mutex::new(blas), kernels, dtype, ordinal, name })
+    fn kernels(&self) -> &Kernels {
+        &self.compiled.kernels
     }
 
     /// Makes this device current on the calling thread (engine threads call it first).
@@ -468,7 +520,7 @@ impl Gpu {
     ) -> Result<()> {
         let stride = stride as u64;
         self.launch(
-            &self.kernels.sample_rows,
+            &self.kernels().sample_rows,
             "sample_rows",
             (rows as u32, 1),
             SAMPLE_THREADS,
@@ -481,7 +533,7 @@ impl Gpu {
         let blocks = n.div_ceil(256).min(65_536) as u32;
         let n = n as u64;
         self.launch(
-            &self.kernels.fill_uniform,
+            &self.kernels().fill_uniform,
             "fill_uniform",
             (blocks, 1),
             256,
@@ -499,7 +551,7 @@ impl Gpu {
     ) -> Result<()> {
         let width = width as i32;
         self.launch(
-            &self.kernels.embedding,
+            &self.kernels().embedding,
             "embedding",
             (tokens as u32, 1),
             1024,
@@ -531,7 +583,7 @@ impl Gpu {
         }
         let width = width as i32;
         self.launch(
-            &self.kernels.add_rms_norm,
+            &self.kernels().add_rms_norm,
             "add_rms_norm",
             (rows as u32, 1),
             threads as u32,
@@ -544,7 +596,7 @@ impl Gpu {
         let grid = ((rows * width).div_ceil(256) as u32, 1);
         let width = width as i32;
         self.launch(
-            &self.kernels.silu_mul,
+            &self.kernels().silu_mul,
             "silu_mul",
             grid,
             256,
@@ -570,9 +622,9 @@ impl Gpu {
             let grid = (n as u32, 1);
             let (m, n, k) = (m as i32, n as i32, k as i32);
             let (function, name) = if f32_out {
-                (&self.kernels.gemv_f32, "gemv_f32")
+                (&self.kernels().gemv_f32, "gemv_f32")
             } else {
-                (&self.kernels.gemv_elem, "gemv_elem")
+                (&self.kernels().gemv_elem, "gemv_elem")
             };
             return self.launch(
                 function,
@@ -620,7 +672,7 @@ impl Gpu {
             let total = (m * n) as i32;
             let n = n as i32;
             let grid = ((total as usize).div_ceil(256) as u32, 1);
-            self.launch(&self.kernels.add_bias, "add_bias", grid, 256, &[&y, &bias, &n, &total])?;
+            self.launch(&self.kernels().add_bias, "add_bias", grid, 256, &[&y, &bias, &n, &total])?;
         }
         Ok(())
     }
@@ -642,7 +694,7 @@ impl Gpu {
         if m <= GEMV_MAX_ROWS {
             let (m, width_i, k) = (m as i32, width as i32, k as i32);
             return self.launch(
-                &self.kernels.gemv_swiglu,
+                &self.kernels().gemv_swiglu,
                 "gemv_swiglu",
                 (width as u32, 1),
                 GEMV_THREADS,
@@ -678,7 +730,7 @@ impl Gpu {
         };
         let grid = (step.tokens as u32, (shape.num_heads + 2 * shape.num_kv_heads) as u32);
         self.launch(
-            &self.kernels.rope_write_kv,
+            &self.kernels().rope_write_kv,
             "rope_write_kv",
             grid,
             64,
@@ -730,7 +782,7 @@ impl Gpu {
             let grid = (step.num_decode as u32, shape.num_heads as u32, step.splits as u32);
             let shared = (4 * 32 * shape.head_dim * self.dtype.size()) as u32;
             self.launch_3d(
-                &self.kernels.attention_decode,
+                &self.kernels().attention_decode,
                 "attention_decode",
                 grid,
                 128,
@@ -782,7 +834,7 @@ impl Gpu {
                 None => {
                     let d = shape.head_dim;
                     let shared = ((32 * (d + 1) + 32 * d + PREFILL_TILE * d) * 4) as u32;
-                    let function = &self.kernels.attention_prefill;
+                    let function = &self.kernels().attention_prefill;
                     self.launch_3d(function, "attention_prefill", grid, 128, shared, &args)?;
                 }
             }
@@ -793,13 +845,36 @@ impl Gpu {
     /// The tensor-core prefill kernel, where it applies (16-bit dtypes, heads a multiple
     /// of 16 wide).
     fn mma_prefill(&self, head_dim: usize) -> Option<&CudaFunction> {
-        self.kernels.attention_prefill_mma.as_ref().filter(|_| head_dim.is_multiple_of(16))
+        self.kernels().attention_prefill_mma.as_ref().filter(|_| head_dim.is_multiple_of(16))
     }
 
     /// Query tokens per prefill attention block for heads of `head_dim`
     /// (MMA_TILE / PREFILL_TILE in kernels/attention*.cu).
     pub fn prefill_tile(&self, head_dim: usize) -> usize {
         if self.mma_prefill(head_dim).is_some() { MMA_TILE } else { PREFILL_TILE }
+    }
+
+    /// Records the work `queue` puts on this Gpu's stream as a graph instead of running it
+    /// (nothing runs until [`Gpu::replay`]). `queue` must only launch kernels and cuBLAS
+    /// products: no copies from pageable memory, allocations or waits.
+    pub fn capture(&self, queue: impl FnOnce() -> Result<()>) -> Result<Graph> {
+        self.stream
+            .begin_capture(driver_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(device_error("starting a graph capture"))?;
+        let queued = queue();
+        // Always ended, so that the stream leaves capture mode whatever happened.
+        let ended = self.stream.end_capture(driver_sys::CUgraphInstantiate_flags(0));
+        queued?;
+        let graph = ended
+            .map_err(device_error("ending a graph capture"))?
+            .ok_or_else(|| Error::Device("a graph capture recorded no work".into()))?;
+        graph.upload().map_err(device_error("uploading a graph"))?;
+        Ok(Graph(graph))
+    }
+
+    /// Queues the work of a captured graph on this Gpu's stream, as captured.
+    pub fn replay(&self, graph: &Graph) -> Result<()> {
+        graph.0.launch().map_err(device_error("launching a graph"))
     }
 
     /// Times `f` with CUDA events after one warm-up call; returns milliseconds per call.
@@ -864,6 +939,14 @@ impl Gpu {
         Ok(2.0 * (size as f64).powi(3) / (ms * 1e-3))
     }
 }
+
+/// A captured sequence of launches (`Gpu::capture`), replayed with one launch. It holds the
+/// device addresses it was captured with: its owner drops it when those buffers go.
+pub struct Graph(cudarc::driver::CudaGraph);
+
+// SAFETY: CUDA only asks that no two calls on one graph run at once; a Graph is launched
+// and dropped through `&`/ownership by the one thread holding its owner's lock.
+unsafe impl Send for Graph {}
 
 /// Anything passed to a kernel by value.
 trait Arg {

@@ -7,6 +7,7 @@
 //! product; the residual stream stays f32. Products of up to `GEMV_MAX_ROWS` tokens (decode)
 //! run on our GEMV kernel, larger ones (prefill) on cuBLAS.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -134,6 +135,8 @@ pub struct GpuModel {
     rope_cache: Mutex<RopeCache>,
     /// `forward_sample` chooses with the sampling kernel (kernels/sampling.cu).
     sample_on_device: AtomicBool,
+    /// Decode steps are captured as CUDA graphs and replayed (`Scratch::graphs`).
+    cuda_graphs: AtomicBool,
 }
 
 /// cos/sin rows of the positions seen so far, for the inverse frequencies last asked for
@@ -205,6 +208,7 @@ impl GpuModel {
             scratch: Mutex::new(None),
             rope_cache: Mutex::new(RopeCache::default()),
             sample_on_device: AtomicBool::new(false),
+            cuda_graphs: AtomicBool::new(false),
         }
     }
 
@@ -212,124 +216,212 @@ impl GpuModel {
         self.gpu.dtype
     }
 
-    /// Lays out one call's per-token tables as u32 words (one upload) and returns them with
-    /// each table's word offset.
-    fn tables(&self, steps: &[SeqStep<'_>], block_size: usize) -> Result<TableWords> {
-        let freq_len = match self.shape.rope {
-            Rope::Glm { rotary_dim } => rotary_dim / 2,
-            Rope::RotateHalf => self.shape.attention.head_dim / 2,
-        };
-        let max_blocks =
-            steps.iter().map(|s| (s.start + s.ids.len()).div_ceil(block_size)).max().unwrap_or(1);
-        let mut words = TableWords {
-            words: Vec::new(),
-            offsets: [0; TABLES],
-            freq_len,
-            max_blocks,
-            num_decode: 0,
-            num_tiles: 0,
-            splits: 1,
-            partition: 0,
-        };
-        let vocab = self.shape.vocab;
-        for step in steps {
-            if step.blocks.len() < (step.start + step.ids.len()).div_ceil(block_size) {
-                return Err(Error::Internal("a block table does not cover its sequence".into()));
-            }
-        }
-        // ids
-        words.begin(0);
-        for step in steps {
-            for &id in step.ids {
-                if id as usize >= vocab {
-                    return Err(Error::InvalidRequest(format!(
-                        "token id {id} is outside the model's vocabulary of {vocab}"
-                    )));
-                }
-                words.words.push(id);
-            }
-        }
-        words.begin(1); // positions
-        for step in steps {
-            words.words.extend((step.start..step.start + step.ids.len()).map(|p| p as u32));
-        }
-        words.begin(2); // slots
-        for step in steps {
-            for p in step.start..step.start + step.ids.len() {
-                let block = step.blocks[p / block_size] as usize;
-                words.words.push((block * block_size + p % block_size) as u32);
-            }
-        }
-        words.begin(3); // token → sequence
-        for (s, step) in steps.iter().enumerate() {
-            words.words.extend(std::iter::repeat_n(s as u32, step.ids.len()));
-        }
-        words.begin(5); // last token of each sequence, as a row of the flat batch
-        let mut row = 0;
-        for step in steps {
-            row += step.ids.len();
-            words.words.push((row - 1) as u32);
-        }
-        words.begin(6); // block tables, padded to the longest
-        for step in steps {
-            let needed = (step.start + step.ids.len()).div_ceil(block_size);
-            words.words.extend_from_slice(&step.blocks[..needed]);
-            words.words.extend(std::iter::repeat_n(0, max_blocks - needed));
-        }
-        words.begin(7); // per token: cos then sin of each rotary frequency (f32 bits)
+    /// Lays out one call's per-token tables as u32 words (one upload).
+    fn tables(
+        &self,
+        steps: &[SeqStep<'_>],
+        block_size: usize,
+        graph: Option<GraphShape>,
+    ) -> Result<TableWords> {
         let mut cache = self.rope_cache.lock().unwrap_or_else(|p| p.into_inner());
-        for step in steps {
-            let inv_freq = (self.inv_freq)(step.start + step.ids.len());
-            debug_assert_eq!(inv_freq.len(), freq_len);
-            let end = step.start + step.ids.len();
-            words.words.extend(cache.rows(&inv_freq, step.start, end).iter().map(|v| v.to_bits()));
-        }
-        drop(cache);
-        // Attention work: sequences with one new token go to the decode kernel, longer runs
-        // to the prefill kernel in tiles of consecutive tokens.
-        words.begin(8);
-        let (mut row, mut longest_decode) = (0usize, 0usize);
-        for step in steps {
-            if step.ids.len() == 1 {
-                words.words.push(row as u32);
-                longest_decode = longest_decode.max(step.start + 1);
-            }
-            row += step.ids.len();
-        }
-        words.num_decode = words.words.len() - words.offsets[8];
-        words.begin(9);
-        let mut row = 0usize;
         let tile = self.gpu.prefill_tile(self.shape.attention.head_dim);
-        for step in steps {
-            if step.ids.len() > 1 {
-                for first in (0..step.ids.len()).step_by(tile) {
-                    let count = tile.min(step.ids.len() - first);
-                    words.words.extend([(row + first) as u32, count as u32]);
-                    words.num_tiles += 1;
-                }
-            }
-            row += step.ids.len();
+        lay_out_tables(&self.shape, &self.inv_freq, &mut cache, tile, steps, block_size, graph)
+    }
+
+    /// The graph a call replays: every sequence decodes one token, graphs are on, and the
+    /// batch fits a captured size.
+    fn graph_shape(&self, steps: &[SeqStep<'_>], block_size: usize) -> Option<GraphShape> {
+        if !self.cuda_graphs.load(Ordering::Relaxed) || steps.iter().any(|s| s.ids.len() != 1) {
+            return None;
         }
-        if words.num_decode > 0 {
-            let blocks = words.num_decode * self.shape.attention.num_heads;
-            (words.splits, words.partition) = decode_splits(blocks, longest_decode);
-        }
-        Ok(words)
+        let batch = graph_batch(steps.len())?;
+        let blocks = steps.iter().map(|s| (s.start + 1).div_ceil(block_size)).max()?;
+        Some(GraphShape { batch, max_blocks: blocks.next_power_of_two().max(GRAPH_MIN_BLOCKS) })
     }
 }
+
+/// What fixes a captured decode step: its batch (sequences past the real ones are padding)
+/// and the width of its block tables. Lengths, tokens and blocks vary between replays; they
+/// are read from the tables the step uploads first, at offsets these two fix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct GraphShape {
+    batch: usize,
+    max_blocks: usize,
+}
+
+/// Batch sizes decode steps are captured at (a batch runs as the next size up, as vLLM's
+/// capture sizes): up to the GEMV kernel's 8 rows in powers of two, then steps of 16 and 32.
+const GRAPH_BATCHES: [usize; 17] =
+    [1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256];
+/// Narrowest block table of a graph; wider ones double (one graph per doubling).
+const GRAPH_MIN_BLOCKS: usize = 8;
+
+/// The captured batch size `sequences` run as; None past the largest (run without a graph).
+fn graph_batch(sequences: usize) -> Option<usize> {
+    GRAPH_BATCHES.iter().copied().find(|&b| b >= sequences.max(1))
+}
+
+/// Lays out one call's per-token tables as u32 words and each table's word offset. With a
+/// `graph` shape the tables are padded to its batch and block-table width, so that every
+/// call of that shape puts each table at the same offset: padding tokens have id 0, position
+/// 0, no K/V slot (-1), an all-zero block table and the identity rotation; the decode
+/// attention divides each sequence's own keys (partition 0) over splits fixed by the batch.
+fn lay_out_tables(
+    shape: &Shape,
+    inv_freq: &InvFreq,
+    cache: &mut RopeCache,
+    tile: usize,
+    steps: &[SeqStep<'_>],
+    block_size: usize,
+    graph: Option<GraphShape>,
+) -> Result<TableWords> {
+    let freq_len = match shape.rope {
+        Rope::Glm { rotary_dim } => rotary_dim / 2,
+        Rope::RotateHalf => shape.attention.head_dim / 2,
+    };
+    let needed_blocks =
+        steps.iter().map(|s| (s.start + s.ids.len()).div_ceil(block_size)).max().unwrap_or(1);
+    let max_blocks = graph.map_or(needed_blocks, |g| g.max_blocks);
+    let padding = graph.map_or(0, |g| g.batch - steps.len());
+    if needed_blocks > max_blocks || graph.is_some_and(|g| g.batch < steps.len()) {
+        return Err(Error::Internal("a decode graph is too small for its step".into()));
+    }
+    let mut words = TableWords {
+        words: Vec::new(),
+        offsets: [0; TABLES],
+        freq_len,
+        max_blocks,
+        num_decode: 0,
+        num_tiles: 0,
+        splits: 1,
+        partition: 0,
+    };
+    let vocab = shape.vocab;
+    for step in steps {
+        if step.blocks.len() < (step.start + step.ids.len()).div_ceil(block_size) {
+            return Err(Error::Internal("a block table does not cover its sequence".into()));
+        }
+    }
+    // ids
+    words.begin(0);
+    for step in steps {
+        for &id in step.ids {
+            if id as usize >= vocab {
+                return Err(Error::InvalidRequest(format!(
+                    "token id {id} is outside the model's vocabulary of {vocab}"
+                )));
+            }
+            words.words.push(id);
+        }
+    }
+    words.words.extend(std::iter::repeat_n(0, padding));
+    words.begin(1); // positions
+    for step in steps {
+        words.words.extend((step.start..step.start + step.ids.len()).map(|p| p as u32));
+    }
+    words.words.extend(std::iter::repeat_n(0, padding));
+    words.begin(2); // slots
+    for step in steps {
+        for p in step.start..step.start + step.ids.len() {
+            let block = step.blocks[p / block_size] as usize;
+            words.words.push((block * block_size + p % block_size) as u32);
+        }
+    }
+    words.words.extend(std::iter::repeat_n(NO_SLOT, padding));
+    words.begin(3); // token → sequence
+    for (s, step) in steps.iter().enumerate() {
+        words.words.extend(std::iter::repeat_n(s as u32, step.ids.len()));
+    }
+    words.words.extend((steps.len()..steps.len() + padding).map(|s| s as u32));
+    words.begin(5); // last token of each sequence, as a row of the flat batch
+    let mut row = 0;
+    for step in steps {
+        row += step.ids.len();
+        words.words.push((row - 1) as u32);
+    }
+    words.words.extend((row..row + padding).map(|r| r as u32));
+    words.begin(6); // block tables, padded to the widest
+    for step in steps {
+        let needed = (step.start + step.ids.len()).div_ceil(block_size);
+        words.words.extend_from_slice(&step.blocks[..needed]);
+        words.words.extend(std::iter::repeat_n(0, max_blocks - needed));
+    }
+    words.words.extend(std::iter::repeat_n(0, padding * max_blocks));
+    words.begin(7); // per token: cos then sin of each rotary frequency (f32 bits)
+    for step in steps {
+        let inv_freq = inv_freq(step.start + step.ids.len());
+        debug_assert_eq!(inv_freq.len(), freq_len);
+        let end = step.start + step.ids.len();
+        words.words.extend(cache.rows(&inv_freq, step.start, end).iter().map(|v| v.to_bits()));
+    }
+    for _ in 0..padding {
+        words.words.extend(std::iter::repeat_n(1f32.to_bits(), freq_len));
+        words.words.extend(std::iter::repeat_n(0f32.to_bits(), freq_len));
+    }
+    // Attention work: sequences with one new token go to the decode kernel, longer runs
+    // to the prefill kernel in tiles of consecutive tokens.
+    words.begin(8);
+    let (mut row, mut longest_decode) = (0usize, 0usize);
+    for step in steps {
+        if step.ids.len() == 1 {
+            words.words.push(row as u32);
+            longest_decode = longest_decode.max(step.start + 1);
+        }
+        row += step.ids.len();
+    }
+    words.words.extend((row..row + padding).map(|r| r as u32));
+    words.num_decode = words.words.len() - words.offsets[8];
+    words.begin(9);
+    let mut row = 0usize;
+    for step in steps {
+        if step.ids.len() > 1 {
+            for first in (0..step.ids.len()).step_by(tile) {
+                let count = tile.min(step.ids.len() - first);
+                words.words.extend([(row + first) as u32, count as u32]);
+                words.num_tiles += 1;
+            }
+        }
+        row += step.ids.len();
+    }
+    if words.num_decode > 0 {
+        let blocks = words.num_decode * shape.attention.num_heads;
+        (words.splits, words.partition) = match graph {
+            Some(_) => (graph_splits(blocks), 0),
+            None => decode_splits(blocks, longest_decode),
+        };
+    }
+    Ok(words)
+}
+
+/// The slot of a token whose K/V are not kept (kernels/rope_kv.cu reads it as -1).
+const NO_SLOT: u32 = u32::MAX;
 
 /// Blocks the decode attention aims for (a few per SM).
 const DECODE_ATTENTION_BLOCKS: usize = 512;
 
+/// Fewest keys a decode split covers: four warps of 32 (DECODE_MIN_PARTITION in
+/// kernels/attention.cu).
+const DECODE_MIN_PARTITION: usize = 128;
+
 /// How the decode attention splits the keys of its longest sequence: (splits, keys per
 /// split). Enough splits that `blocks` (decode tokens × heads) times them fill the chip when
-/// few sequences decode (flash-decoding), but at least 128 keys each — four warps of 32 —
-/// and a multiple of 32.
+/// few sequences decode (flash-decoding), but at least DECODE_MIN_PARTITION keys each and a
+/// multiple of 32.
 fn decode_splits(blocks: usize, longest: usize) -> (usize, usize) {
-    let splits = DECODE_ATTENTION_BLOCKS.div_ceil(blocks).clamp(1, (longest / 128).max(1));
+    let most = (longest / DECODE_MIN_PARTITION).max(1);
+    let splits = DECODE_ATTENTION_BLOCKS.div_ceil(blocks).clamp(1, most);
     let partition = longest.div_ceil(splits).div_ceil(32) * 32;
     (longest.div_ceil(partition), partition)
 }
+
+/// Decode attention splits of a graph, whose launch cannot depend on lengths: as many as
+/// fill the chip; each sequence uses those its keys need (partition 0).
+fn graph_splits(blocks: usize) -> usize {
+    DECODE_ATTENTION_BLOCKS.div_ceil(blocks).clamp(1, GRAPH_MAX_SPLITS)
+}
+
+/// Splits of a one-sequence graph (enough for 2,048 keys in splits of 128).
+const GRAPH_MAX_SPLITS: usize = 16;
 const TABLES: usize = 10;
 
 struct TableWords {
@@ -387,6 +479,13 @@ struct Scratch {
     host_logits: cuda::HostBuffer,
     /// One chosen id per sequence (sampling on the device).
     chosen: Buffer,
+    /// Decode steps captured over these buffers and the KV arena of generation
+    /// `graph_arena`; dropped with them.
+    graphs: HashMap<GraphShape, cuda::Graph>,
+    graph_arena: u64,
+    /// Shapes run once without a graph: lazily loaded kernels and cuBLAS's first use of a
+    /// size happen outside any capture (as PyTorch warms up before capturing).
+    warmed_up: HashSet<GraphShape>,
 }
 
 impl Scratch {
@@ -419,6 +518,9 @@ impl Scratch {
             split_counters: gpu.alloc(seqs * shape.attention.num_heads * 4)?,
             host_logits: gpu.alloc_host(seqs * shape.vocab * 4)?,
             chosen: gpu.alloc(seqs * 4)?,
+            graphs: HashMap::new(),
+            graph_arena: 0,
+            warmed_up: HashSet::new(),
         })
     }
 }
@@ -454,6 +556,10 @@ impl super::CausalLm for GpuModel {
 
     fn set_sample_on_device(&self, on: bool) {
         self.sample_on_device.store(on, Ordering::Relaxed);
+    }
+
+    fn set_cuda_graphs(&self, on: bool) {
+        self.cuda_graphs.store(on, Ordering::Relaxed);
     }
 
     fn forward_batch(
@@ -544,9 +650,11 @@ impl GpuModel {
         let arena: &mut cuda::KvArena = arena.as_any_mut().downcast_mut().ok_or_else(|| {
             Error::Internal("a GPU model was given another device's KV arena".into())
         })?;
-        let (_, total) = batch_offsets(steps)?;
+        let (_, real_tokens) = batch_offsets(steps)?;
         let block_size = arena.block_size();
-        let mut tables = self.tables(steps, block_size)?;
+        let graph = if arena.num_blocks() > 0 { self.graph_shape(steps, block_size) } else { None };
+        let (total, seqs) = graph.map_or((real_tokens, steps.len()), |g| (g.batch, g.batch));
+        let mut tables = self.tables(steps, block_size, graph)?;
         let extra_at = tables.words.len() * 4;
         tables.words.extend_from_slice(extra);
         let gpu = &self.gpu;
@@ -557,14 +665,14 @@ impl GpuModel {
         let partial_bytes = tables.partial_floats(&self.shape) * 4;
         let fits = guard.as_ref().is_some_and(|s| {
             s.tokens >= total
-                && s.seqs >= steps.len()
+                && s.seqs >= seqs
                 && s.tables.bytes() >= table_bytes
                 && s.attention_partial.bytes() >= partial_bytes
         });
         if !fits {
             let (tokens, seqs) = match guard.as_ref() {
-                Some(s) => (s.tokens.max(total), s.seqs.max(steps.len())),
-                None => (total.max(16), steps.len().max(16)),
+                Some(s) => (s.tokens.max(total), s.seqs.max(seqs)),
+                None => (total.max(16), seqs.max(16)),
             };
             let table_capacity =
                 guard.as_ref().map_or(0, |s| s.tables.bytes()).max(table_bytes).max(64 << 10);
@@ -573,7 +681,7 @@ impl GpuModel {
                 .map_or(0, |s| s.attention_partial.bytes())
                 .max(partial_bytes)
                 .max(1 << 20);
-            *guard = None; // free the old buffers first
+            *guard = None; // free the old buffers (and the graphs over them) first
             *guard = Some(Scratch::new(
                 gpu,
                 &self.shape,
@@ -586,7 +694,7 @@ impl GpuModel {
         let s = guard.as_mut().expect("allocated above");
         gpu.write_bytes(&mut s.tables, 0, bytemuck::cast_slice(&tables.words))?;
         let word = |table: usize| s.tables.at(tables.offsets[table] * 4);
-        let step_tables = StepTables {
+        let step = StepTables {
             tokens: total,
             positions: word(1),
             slots: word(2),
@@ -602,13 +710,52 @@ impl GpuModel {
             tiles: word(9),
             num_tiles: tables.num_tiles,
         };
-        let (ids, last_rows) = (word(0), word(5));
+        let pass = Pass { step, ids: word(0), last_rows: word(5), seqs };
+        match graph {
+            Some(shape) => {
+                if s.graph_arena != arena.generation() {
+                    s.graphs.clear();
+                    s.graph_arena = arena.generation();
+                }
+                if !s.graphs.contains_key(&shape) && !s.warmed_up.insert(shape) {
+                    match gpu.capture(|| self.queue_pass(s, arena, &pass)) {
+                        Ok(captured) => {
+                            tracing::debug!(
+                                batch = shape.batch,
+                                block_table = shape.max_blocks,
+                                graphs = s.graphs.len() + 1,
+                                "captured a decode step as a CUDA graph"
+                            );
+                            s.graphs.insert(shape, captured);
+                        }
+                        Err(e) => {
+                            tracing::warn!("CUDA graphs turned off: capturing a decode step: {e}");
+                            self.cuda_graphs.store(false, Ordering::Relaxed);
+                        }
+                    }
+                }
+                match s.graphs.get(&shape) {
+                    Some(captured) => gpu.replay(captured)?,
+                    None => self.queue_pass(s, arena, &pass)?,
+                }
+            }
+            None => self.queue_pass(s, arena, &pass)?,
+        }
+        let extra_ptr = s.tables.at(extra_at);
+        finish(gpu, s, extra_ptr)
+    }
 
+    /// Queues the pass up to the logits: the same launches whether they run now or are
+    /// captured into a graph (device addresses only; nothing read back, nothing allocated).
+    fn queue_pass(&self, s: &Scratch, arena: &cuda::KvArena, pass: &Pass) -> Result<()> {
+        let gpu = &self.gpu;
+        let (step, total) = (&pass.step, pass.step.tokens);
+        let block_size = arena.block_size();
         let shape = &self.shape;
         let (h, ffn) = (shape.hidden, shape.ffn);
         let w = &self.weights;
         let bias = |b: &Option<Buffer>| b.as_ref().map_or(0, Buffer::ptr);
-        gpu.embedding(ids, w.embedding.ptr(), s.x.ptr(), total, h)?;
+        gpu.embedding(pass.ids, w.embedding.ptr(), s.x.ptr(), total, h)?;
         for (l, layer) in w.layers.iter().enumerate() {
             let delta = if l == 0 { 0 } else { s.mlp_out.ptr() };
             let normed = s.normed.ptr();
@@ -639,7 +786,7 @@ impl GpuModel {
                 s.q.ptr(),
                 k_cache,
                 v_cache,
-                &step_tables,
+                step,
                 &shape.attention,
                 shape.rope,
             )?;
@@ -650,7 +797,7 @@ impl GpuModel {
                 s.context.ptr(),
                 s.attention_partial.ptr(),
                 s.split_counters.ptr(),
-                &step_tables,
+                step,
                 &shape.attention,
                 block_size,
             )?;
@@ -685,14 +832,13 @@ impl GpuModel {
             )?;
             gpu.matmul(s.act.ptr(), layer.down.ptr(), 0, s.mlp_out.ptr(), total, h, ffn, false)?;
         }
-        let seqs = steps.len();
         gpu.add_rms_norm(
             s.x.ptr(),
             s.mlp_out.ptr(),
-            last_rows,
+            pass.last_rows,
             w.final_norm.ptr(),
             s.last_normed.ptr(),
-            seqs,
+            pass.seqs,
             h,
             shape.eps,
         )?;
@@ -701,14 +847,21 @@ impl GpuModel {
             w.output.ptr(),
             0,
             s.logits.ptr(),
-            seqs,
+            pass.seqs,
             shape.vocab,
             h,
             true,
-        )?;
-        let extra_ptr = s.tables.at(extra_at);
-        finish(gpu, s, extra_ptr)
+        )
     }
+}
+
+/// One pass's device tables: what `queue_pass` launches over.
+struct Pass {
+    step: StepTables,
+    ids: u64,
+    last_rows: u64,
+    /// Sequences (rows of logits), padding included.
+    seqs: usize,
 }
 
 #[cfg(test)]
@@ -730,6 +883,103 @@ mod tests {
         }
         assert_eq!(decode_splits(32, 1024), (8, 128)); // one sequence of ChatGLM2-6B
         assert_eq!(decode_splits(2048, 1024).0, 1); // 64 sequences fill the chip alone
+    }
+
+    fn test_shape() -> Shape {
+        Shape {
+            hidden: 64,
+            num_layers: 2,
+            attention: AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim: 16 },
+            ffn: 128,
+            vocab: 1000,
+            eps: 1e-5,
+            rope: Rope::RotateHalf,
+            qkv_bias: false,
+            o_bias: false,
+        }
+    }
+
+    #[test]
+    fn decode_batches_run_as_the_next_captured_size() {
+        assert_eq!(graph_batch(0), Some(1));
+        assert_eq!(graph_batch(1), Some(1));
+        assert_eq!(graph_batch(3), Some(4));
+        assert_eq!(graph_batch(9), Some(16));
+        assert_eq!(graph_batch(64), Some(64));
+        assert_eq!(graph_batch(65), Some(80));
+        assert_eq!(graph_batch(256), Some(256));
+        assert_eq!(graph_batch(257), None);
+        assert!(GRAPH_BATCHES.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    /// Every decode step of one graph shape puts each table at the same offset (the graph
+    /// was captured with those addresses), whatever its real batch and lengths.
+    #[test]
+    fn graph_tables_keep_their_offsets_and_pad_with_tokens_that_write_nowhere() {
+        let shape = test_shape();
+        let inv_freq: InvFreq = Box::new(|_| rope::inv_freq(10000.0, 16));
+        let mut cache = RopeCache::default();
+        let block_size = 16;
+        let blocks: Vec<Vec<u32>> = (0..4).map(|s| (0..8).map(|b| b * 4 + s).collect()).collect();
+        let graph = Some(GraphShape { batch: 4, max_blocks: 8 });
+        let ids = [[5u32], [6], [7], [8]];
+        let lay_out = |cache: &mut RopeCache, starts: &[usize]| {
+            let steps: Vec<SeqStep<'_>> = starts
+                .iter()
+                .enumerate()
+                .map(|(s, &start)| SeqStep { ids: &ids[s], start, blocks: &blocks[s] })
+                .collect();
+            lay_out_tables(&shape, &inv_freq, cache, 64, &steps, block_size, graph).unwrap()
+        };
+        let three = lay_out(&mut cache, &[3, 40, 100]);
+        let four = lay_out(&mut cache, &[120, 1, 17, 64]);
+        assert_eq!(three.offsets, four.offsets);
+        assert_eq!(three.words.len(), four.words.len());
+        for words in [&three, &four] {
+            assert_eq!((words.num_decode, words.num_tiles, words.max_blocks), (4, 0, 8));
+            assert_eq!((words.splits, words.partition), (graph_splits(16), 0));
+        }
+        let table = |w: &TableWords, t: usize, len: usize| {
+            w.words[w.offsets[t]..w.offsets[t] + len].to_vec()
+        };
+        // The padding sequence (the fourth of `three`): id 0, position 0, no slot, its own
+        // row, a zero block table, cos 1 and sin 0.
+        assert_eq!(table(&three, 0, 4), [5, 6, 7, 0]);
+        assert_eq!(table(&three, 1, 4), [3, 40, 100, 0]);
+        // Block b of sequence s is 4·b + s: positions 3, 40 and 100 are in blocks 0, 9 and 26.
+        assert_eq!(table(&three, 2, 4), [3, 9 * 16 + 8, 26 * 16 + 4, NO_SLOT]);
+        assert_eq!(table(&three, 3, 4), [0, 1, 2, 3]);
+        assert_eq!(table(&three, 5, 4), [0, 1, 2, 3]);
+        assert_eq!(table(&three, 8, 4), [0, 1, 2, 3]);
+        let tables = table(&three, 6, 32);
+        assert_eq!(tables[..8], [0, 0, 0, 0, 0, 0, 0, 0]); // sequence 0: block 0 of 8
+        assert_eq!(tables[8..11], [1, 5, 9]); // sequence 1: 41 keys, 3 blocks, then zeros
+        assert_eq!(tables[24..], [0; 8]);
+        let freq_len = three.freq_len;
+        let cos_sin = table(&three, 7, 4 * 2 * freq_len);
+        let padding = &cos_sin[3 * 2 * freq_len..];
+        assert!(padding[..freq_len].iter().all(|&c| f32::from_bits(c) == 1.0));
+        assert!(padding[freq_len..].iter().all(|&s| f32::from_bits(s) == 0.0));
+        // A sequence beyond the graph's block table is refused, not overrun.
+        let steps = [SeqStep { ids: &ids[0], start: 8 * 16, blocks: &blocks[0] }];
+        assert!(lay_out_tables(&shape, &inv_freq, &mut cache, 64, &steps, 16, graph).is_err());
+    }
+
+    #[test]
+    fn calls_without_a_graph_keep_their_own_shape() {
+        let shape = test_shape();
+        let inv_freq: InvFreq = Box::new(|_| rope::inv_freq(10000.0, 16));
+        let mut cache = RopeCache::default();
+        let blocks: Vec<u32> = (0..8).collect();
+        let (prompt, next) = ([1u32, 2, 3], [4u32]);
+        let steps = [
+            SeqStep { ids: &prompt, start: 0, blocks: &blocks },
+            SeqStep { ids: &next, start: 200, blocks: &blocks },
+        ];
+        let words = lay_out_tables(&shape, &inv_freq, &mut cache, 2, &steps, 32, None).unwrap();
+        assert_eq!((words.num_decode, words.num_tiles, words.max_blocks), (1, 2, 7));
+        assert_eq!((words.splits, words.partition), decode_splits(4, 201));
+        assert!(words.partition > 0);
     }
 
     #[test]

@@ -128,6 +128,9 @@ pub trait CausalLm: Send + Sync {
     /// the host already ignore it).
     fn set_sample_on_device(&self, _on: bool) {}
 
+    /// Whether decode steps are captured as CUDA graphs and replayed (GPU engines).
+    fn set_cuda_graphs(&self, _on: bool) {}
+
     /// `forward_batch`, then the next token of each row that asks for one, chosen as
     /// `engine::sampler::choose` defines. Engines that can choose on their device override
     /// this so that only the chosen ids come back.

@@ -302,6 +302,7 @@ mod tests {
             dtype: Default::default(),
             session_len: None,
             sample_on_device: false,
+            cuda_graphs: false,
             scheduler: Default::default(),
         }
     }

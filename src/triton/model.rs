@@ -134,6 +134,7 @@ impl ModelState {
             device,
             dtype: parameters.dtype,
             sample_on_device: parameters.sample_on_device,
+            cuda_graphs: parameters.cuda_graphs,
         };
         let started = std::time::Instant::now();
         let engine = ChatModel::load(&parameters.model_dir, &options)
