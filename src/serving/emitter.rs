@@ -1,10 +1,13 @@
 //! Delivers answers off the engine thread: a response send costs tens of microseconds (the
 //! server serialises it for its client there), one per running sequence per step, so sends
 //! run on this thread while the engine runs its next step. One queue keeps each request's
-//! pieces and its end in order.
+//! pieces and its end in order. When sends fall behind the steps (hundreds of streams), the
+//! steps queued meanwhile go out together with each request's pieces joined into one
+//! response, so the number of sends per second stays within what this thread can do.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Sender};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 
@@ -60,7 +63,7 @@ impl Emitter {
         let (queue, batches) = mpsc::channel::<Vec<Emission>>();
         let worker = std::thread::Builder::new()
             .name(format!("llm-{name}-send"))
-            .spawn(move || batches.into_iter().for_each(deliver))
+            .spawn(move || run(batches))
             .map_err(|e| Error::Config(format!("starting the response thread: {e}")))?;
         Ok(Emitter { queue: Some(queue), worker: Some(worker) })
     }
@@ -88,6 +91,46 @@ impl Drop for Emitter {
             }
         }
     }
+}
+
+/// Sends each step's emissions as they come; a backlog of steps goes out as one batch.
+fn run(batches: Receiver<Vec<Emission>>) {
+    while let Ok(mut pending) = batches.recv() {
+        let mut steps = 1;
+        while let Ok(more) = batches.try_recv() {
+            pending.extend(more);
+            steps += 1;
+        }
+        deliver(if steps > 1 { coalesce(pending) } else { pending });
+    }
+}
+
+/// Joins each request's consecutive text pieces into one (its end stays after them). Only
+/// the order within a request matters; requests may pass one another.
+fn coalesce(emissions: Vec<Emission>) -> Vec<Emission> {
+    let mut joined: Vec<Emission> = Vec::with_capacity(emissions.len());
+    // Per request: where in `joined` its text since its last end is.
+    let mut open_text: HashMap<*const SharedSink, usize> = HashMap::new();
+    for emission in emissions {
+        match emission {
+            Emission::Text(shared, text) => {
+                let key = Arc::as_ptr(&shared);
+                if let Some(&at) = open_text.get(&key) {
+                    if let Emission::Text(_, so_far) = &mut joined[at] {
+                        so_far.push_str(&text);
+                        continue;
+                    }
+                }
+                open_text.insert(key, joined.len());
+                joined.push(Emission::Text(shared, text));
+            }
+            Emission::Finish(shared, result) => {
+                open_text.remove(&Arc::as_ptr(&shared));
+                joined.push(Emission::Finish(shared, result));
+            }
+        }
+    }
+    joined
 }
 
 fn deliver(batch: Vec<Emission>) {
@@ -165,11 +208,86 @@ mod tests {
         // Sent after the end: the sink is finished and takes nothing more.
         emitter.send(vec![Emission::Text(Arc::clone(&sink), "late".into())]);
         drop(emitter); // delivers everything queued
-        let log = log.lock().unwrap();
-        let mut want: Vec<String> = (0..50).map(|step| format!("{step} ")).collect();
-        want.push("end done".into());
-        assert_eq!(*log, want);
+        // However the pieces were joined (steps queued faster than sent go out together).
+        let mut log = log.lock().unwrap().clone();
+        assert_eq!(log.pop().as_deref(), Some("end done"));
+        let want: String = (0..50).map(|step| format!("{step} ")).collect();
+        assert_eq!(log.concat(), want);
         assert!(!sink.is_cancelled());
+    }
+
+    /// A sink whose first send waits until `release` is sent (a slow client).
+    struct Gated {
+        log: Arc<Mutex<Vec<String>>>,
+        gate: Option<mpsc::Receiver<()>>,
+    }
+
+    impl AnswerSink for Gated {
+        fn on_text(&mut self, text: &str) -> bool {
+            if let Some(gate) = self.gate.take() {
+                gate.recv().unwrap();
+            }
+            self.log.lock().unwrap().push(text.to_string());
+            true
+        }
+        fn is_cancelled(&mut self) -> bool {
+            false
+        }
+        fn finish(self: Box<Self>, _result: Result<Completion>) {
+            self.log.lock().unwrap().push("end".into());
+        }
+    }
+
+    #[test]
+    fn steps_queued_behind_a_slow_send_go_out_with_each_request_joined() {
+        let (release, gate) = mpsc::channel();
+        let slow_log = Arc::new(Mutex::new(Vec::new()));
+        let slow =
+            SharedSink::new(Box::new(Gated { log: Arc::clone(&slow_log), gate: Some(gate) }));
+        let (other, other_log) = recorder(usize::MAX);
+        let emitter = Emitter::start("test").unwrap();
+        // The first step's send blocks; three more steps queue behind it.
+        emitter.send(vec![Emission::Text(Arc::clone(&slow), "a".into())]);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        for (step, piece) in ["b", "c", "d"].into_iter().enumerate() {
+            let mut batch = vec![
+                Emission::Text(Arc::clone(&slow), piece.into()),
+                Emission::Text(Arc::clone(&other), format!("{step}")),
+            ];
+            if step == 1 {
+                batch.push(Emission::Finish(Arc::clone(&other), Ok(completion("x"))));
+            }
+            emitter.send(batch);
+        }
+        emitter.send(vec![Emission::Finish(Arc::clone(&slow), Ok(completion("abcd")))]);
+        release.send(()).unwrap();
+        drop(emitter);
+        assert_eq!(*slow_log.lock().unwrap(), ["a", "bcd", "end"]);
+        // The other request's pieces before its end are joined; the one after it is dropped.
+        assert_eq!(*other_log.lock().unwrap(), ["01", "end x"]);
+    }
+
+    #[test]
+    fn coalescing_keeps_each_requests_order() {
+        let (first, _) = recorder(usize::MAX);
+        let (second, _) = recorder(usize::MAX);
+        let text = |sink: &Arc<SharedSink>, t: &str| Emission::Text(Arc::clone(sink), t.into());
+        let joined = coalesce(vec![
+            text(&first, "a"),
+            text(&second, "x"),
+            text(&first, "b"),
+            Emission::Finish(Arc::clone(&first), Ok(completion("ab"))),
+            text(&first, "c"),
+            text(&second, "y"),
+        ]);
+        let shape: Vec<String> = joined
+            .iter()
+            .map(|e| match e {
+                Emission::Text(sink, t) => format!("{}:{t}", Arc::ptr_eq(sink, &first) as u8),
+                Emission::Finish(sink, _) => format!("{}:end", Arc::ptr_eq(sink, &first) as u8),
+            })
+            .collect();
+        assert_eq!(shape, ["1:ab", "0:xy", "1:end", "1:c"]);
     }
 
     #[test]
