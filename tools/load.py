@@ -6,6 +6,10 @@ first token and inter-token latency (p50/p99, ms), errors.
 
   python3 tools/load.py --model chatglm2-tiny-stream --concurrency 16 --duration 20
 
+Sessions are spread over worker processes (--processes; by default one per 32 sessions, up
+to half the cores), so that at hundreds of streams the client's Python is not what limits
+the figures.
+
 Works with decoupled models (one response per piece) and with plain ones (one response:
 then TTFT is the whole answer's latency). Output tokens are the `generated_tokens`
 response parameter of each final response.
@@ -13,6 +17,8 @@ response parameter of each final response.
 
 import argparse
 import json
+import multiprocessing
+import os
 import queue
 import threading
 import time
@@ -50,7 +56,7 @@ class Session(threading.Thread):
         history = []
         n = 0
         try:
-            while time.perf_counter() < self.deadline and self.budget.take():
+            while time.monotonic() < self.deadline and self.budget.take():
                 prompt = " ".join([PROMPTS[(self.index + n) % len(PROMPTS)]] * self.args.prompt_repeat)
                 fields = {"prompt": prompt, "max_new_tokens": str(self.args.max_new_tokens),
                           "temperature": str(self.args.temperature)}
@@ -90,17 +96,46 @@ class Session(threading.Thread):
 
 
 class Budget:
+    """Requests left to send, shared by every session of every worker process."""
+
     def __init__(self, total):
-        self.left, self.lock = total, threading.Lock()
+        self.unlimited = total is None
+        self.left = multiprocessing.get_context("spawn").Value("q", total or 0)
 
     def take(self):
-        with self.lock:
-            if self.left is None:
-                return True
-            if self.left <= 0:
-                return False
-            self.left -= 1
+        if self.unlimited:
             return True
+        with self.left.get_lock():
+            if self.left.value <= 0:
+                return False
+            self.left.value -= 1
+            return True
+
+
+def run_sessions(args, indices, deadline, budget, results=None, start=None):
+    """Runs the sessions `indices` to the deadline or budget; their figures, merged. In a
+    worker process, `start` = (ready queue, go event, shared deadline): the clock starts
+    once every worker has started up."""
+    if start is not None:
+        ready, go, shared_deadline = start
+        ready.put(os.getpid())
+        go.wait()
+        deadline = shared_deadline.value
+    sessions = [Session(i, args, deadline, budget) for i in indices]
+    for s in sessions:
+        s.start()
+    for s in sessions:
+        s.join()
+    merged = {
+        "ttft": [t for s in sessions for t in s.ttft],
+        "itl": [t for s in sessions for t in s.itl],
+        "errors": [e for s in sessions for e in s.errors],
+        "requests": sum(s.requests for s in sessions),
+        "tokens": sum(s.tokens for s in sessions),
+    }
+    if results is not None:
+        results.put(merged)
+    return merged
 
 
 def main():
@@ -116,23 +151,44 @@ def main():
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--turns", type=int, default=1, help="rounds each session keeps as history")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for a response")
+    parser.add_argument("--processes", type=int, default=0,
+                        help="worker processes the sessions are spread over (0: one per 32 sessions, "
+                             "at most half the cores)")
     args = parser.parse_args()
     duration = args.duration if args.duration is not None else (1e9 if args.requests else 30.0)
-    started = time.perf_counter()
+    processes = args.processes or min(max(1, (os.cpu_count() or 2) // 2), -(-args.concurrency // 32))
+    processes = max(1, min(processes, args.concurrency))
     budget = Budget(args.requests)
-    sessions = [Session(i, args, started + duration, budget) for i in range(args.concurrency)]
-    for s in sessions:
-        s.start()
-    for s in sessions:
-        s.join()
+    shares = [range(k, args.concurrency, processes) for k in range(processes)]
+    if processes == 1:
+        started = time.perf_counter()
+        parts = [run_sessions(args, shares[0], time.monotonic() + duration, budget)]
+    else:
+        spawn = multiprocessing.get_context("spawn")
+        results, ready, go = spawn.Queue(), spawn.Queue(), spawn.Event()
+        deadline = spawn.Value("d", 0.0)
+        workers = [spawn.Process(target=run_sessions,
+                                 args=(args, share, None, budget, results, (ready, go, deadline)))
+                   for share in shares]
+        for w in workers:
+            w.start()
+        for _ in workers:
+            ready.get(timeout=120)
+        started = time.perf_counter()
+        deadline.value = time.monotonic() + duration
+        go.set()
+        parts = [results.get() for _ in workers]
+        for w in workers:
+            w.join()
     elapsed = time.perf_counter() - started
-    ttft = [t for s in sessions for t in s.ttft]
-    itl = [t for s in sessions for t in s.itl]
-    errors = [e for s in sessions for e in s.errors]
-    requests = sum(s.requests for s in sessions)
-    tokens = sum(s.tokens for s in sessions)
+    ttft = [t for p in parts for t in p["ttft"]]
+    itl = [t for p in parts for t in p["itl"]]
+    errors = [e for p in parts for e in p["errors"]]
+    requests = sum(p["requests"] for p in parts)
+    tokens = sum(p["tokens"] for p in parts)
     print(json.dumps({
-        "model": args.model, "concurrency": args.concurrency, "seconds": round(elapsed, 3),
+        "model": args.model, "concurrency": args.concurrency, "processes": processes,
+        "seconds": round(elapsed, 3),
         "requests": requests, "requests_per_s": requests / elapsed,
         "output_tokens": tokens, "output_tokens_per_s": tokens / elapsed,
         "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),

@@ -6,6 +6,8 @@ goes away stops its sequence."""
 import json
 import queue
 import shutil
+import subprocess
+import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from conftest import FIXTURES, TEST_REPOSITORY, Server
+from conftest import FIXTURES, REPO, TEST_REPOSITORY, Server
 from test_seed_interface import flatten, golden_cases, http_chat, make_inputs
 
 
@@ -114,6 +116,26 @@ def test_64_concurrent_streams_all_answer_correctly(server):
     assert steps > 0
     assert server.metric("llm_engine_step_sequences_total", model) > steps
     assert server.metric("llm_engine_step_seconds_total", model) > 0
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_load_tool_reports_what_it_ran(server, processes):
+    """tools/load.py, in one process and spread over two: every request it was given
+    answered, the tokens the model reported, latencies measured."""
+    model = "chatglm2-tiny-stream"
+    generated_before = server.metric("llm_generated_tokens_total", model)
+    command = [sys.executable, str(REPO / "tools" / "load.py"), "--url", server.grpc_url,
+               "--model", model, "--concurrency", "6", "--requests", "12",
+               "--max-new-tokens", "8", "--processes", str(processes)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["processes"] == processes
+    assert report["requests"] == 12 and report["errors"] == 0, report
+    generated = server.metric("llm_generated_tokens_total", model) - generated_before
+    assert report["output_tokens"] == generated, report
+    assert report["output_tokens_per_s"] > 0
+    assert report["ttft_ms_p50"] > 0 and report["ttft_ms_p99"] >= report["ttft_ms_p50"]
 
 
 def test_a_bad_request_on_a_stream_gets_its_error(server):
