@@ -211,6 +211,7 @@ fn internlm2_tiny_f32_matches_the_cpu_engine() {
 /// `copies` times over (more sequences than the GEMV kernel's rows make cuBLAS products);
 /// with `cuda_graphs` the decode steps are captured once and replayed, padded to the next
 /// captured batch, and a sequence alone decodes through a one-sequence graph.
+#[allow(clippy::needless_range_loop)] // steps index each sequence's logits
 fn check_batched(folder: &str, copies: usize, cuda_graphs: bool) {
     if !gpu_present(folder) {
         return;

@@ -124,14 +124,14 @@ impl Config {
             return unsupported("pre_seq_len (P-tuning v2 prefixes)");
         }
         let heads = self.num_attention_heads;
-        if heads == 0 || self.num_kv_heads() == 0 || heads % self.num_kv_heads() != 0 {
+        if heads == 0 || self.num_kv_heads() == 0 || !heads.is_multiple_of(self.num_kv_heads()) {
             return Err(Error::Config(format!(
                 "ChatGLM2 config: num_attention_heads {heads} is not a multiple of \
                  multi_query_group_num {}",
                 self.num_kv_heads()
             )));
         }
-        if self.kv_channels % 4 != 0 {
+        if !self.kv_channels.is_multiple_of(4) {
             return Err(Error::Config(format!(
                 "ChatGLM2 config: kv_channels {} must be a multiple of 4 (half of each head \
                  is rotated in pairs)",

@@ -142,14 +142,14 @@ impl Config {
 
     fn check_supported(&self) -> Result<()> {
         let (heads, kv) = (self.num_attention_heads, self.num_key_value_heads);
-        if heads == 0 || kv == 0 || heads % kv != 0 || self.hidden_size % heads != 0 {
+        if heads == 0 || kv == 0 || heads % kv != 0 || !self.hidden_size.is_multiple_of(heads) {
             return Err(Error::Config(format!(
                 "InternLM2 config: hidden_size {}, num_attention_heads {heads} and \
                  num_key_value_heads {kv} do not divide evenly",
                 self.hidden_size
             )));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(Error::Config("InternLM2 config: head dim must be even".into()));
         }
         if self.hidden_act != "silu" {

@@ -85,10 +85,10 @@ impl Drop for Emitter {
     /// Delivers everything queued, then stops the thread.
     fn drop(&mut self) {
         drop(self.queue.take());
-        if let Some(worker) = self.worker.take() {
-            if worker.join().is_err() {
-                tracing::error!("the response thread panicked");
-            }
+        if let Some(worker) = self.worker.take()
+            && worker.join().is_err()
+        {
+            tracing::error!("the response thread panicked");
         }
     }
 }
@@ -115,11 +115,11 @@ fn coalesce(emissions: Vec<Emission>) -> Vec<Emission> {
         match emission {
             Emission::Text(shared, text) => {
                 let key = Arc::as_ptr(&shared);
-                if let Some(&at) = open_text.get(&key) {
-                    if let Emission::Text(_, so_far) = &mut joined[at] {
-                        so_far.push_str(&text);
-                        continue;
-                    }
+                if let Some(&at) = open_text.get(&key)
+                    && let Emission::Text(_, so_far) = &mut joined[at]
+                {
+                    so_far.push_str(&text);
+                    continue;
                 }
                 open_text.insert(key, joined.len());
                 joined.push(Emission::Text(shared, text));
@@ -137,10 +137,10 @@ fn deliver(batch: Vec<Emission>) {
     for emission in batch {
         match emission {
             Emission::Text(shared, text) => {
-                if let Some(sink) = shared.lock().as_mut() {
-                    if !sink.on_text(&text) {
-                        shared.refused.store(true, Ordering::Relaxed);
-                    }
+                if let Some(sink) = shared.lock().as_mut()
+                    && !sink.on_text(&text)
+                {
+                    shared.refused.store(true, Ordering::Relaxed);
                 }
             }
             Emission::Finish(shared, result) => {

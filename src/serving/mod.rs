@@ -255,10 +255,10 @@ impl ServingEngine {
 impl Drop for ServingEngine {
     fn drop(&mut self) {
         drop(self.jobs.take());
-        if let Some(worker) = self.worker.take() {
-            if worker.join().is_err() {
-                tracing::error!("the engine thread panicked");
-            }
+        if let Some(worker) = self.worker.take()
+            && worker.join().is_err()
+        {
+            tracing::error!("the engine thread panicked");
         }
     }
 }
@@ -537,11 +537,11 @@ pub fn plan_step(pending: &[(usize, bool)], max_tokens: usize) -> Vec<usize> {
             budget = budget.saturating_sub(*tokens);
         }
     }
-    if plan.iter().all(|&t| t == 0) {
-        if let Some(first) = pending.iter().position(|&(p, _)| p > 0) {
-            let (p, whole) = pending[first];
-            plan[first] = if whole { p } else { p.min(max_tokens.max(1)) };
-        }
+    if plan.iter().all(|&t| t == 0)
+        && let Some(first) = pending.iter().position(|&(p, _)| p > 0)
+    {
+        let (p, whole) = pending[first];
+        plan[first] = if whole { p } else { p.min(max_tokens.max(1)) };
     }
     plan
 }
