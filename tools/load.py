@@ -8,7 +8,10 @@ first token and inter-token latency (p50/p99, ms), errors.
 
 Sessions are spread over worker processes (--processes; by default one per 32 sessions, up
 to half the cores), so that at hundreds of streams the client's Python is not what limits
-the figures.
+the figures. With --warmup S, the latency percentiles leave out the requests sent in the
+first S seconds (every session starts at once, so the first answers wait for one prefill
+of all their prompts); those including them are reported too (`*_with_warmup`).
+Throughput is always over the whole run.
 
 Works with decoupled models (one response per piece) and with plain ones (one response:
 then TTFT is the whole answer's latency). Output tokens are the `generated_tokens`
@@ -47,12 +50,14 @@ class Session(threading.Thread):
     def __init__(self, index, args, deadline, budget):
         super().__init__(daemon=True)
         self.index, self.args, self.deadline, self.budget = index, args, deadline, budget
+        # Latencies as (time the request was sent, seconds).
         self.ttft, self.itl, self.tokens, self.requests, self.errors = [], [], 0, 0, []
 
     def run(self):
         client = grpcclient.InferenceServerClient(self.args.url)
         results = queue.Queue()
-        client.start_stream(callback=lambda result, error: results.put((result, error, time.perf_counter())))
+        # time.monotonic: one clock for every worker process (the warm-up boundary).
+        client.start_stream(callback=lambda result, error: results.put((result, error, time.monotonic())))
         history = []
         n = 0
         try:
@@ -62,7 +67,7 @@ class Session(threading.Thread):
                           "temperature": str(self.args.temperature)}
                 if self.args.turns > 1 and history:
                     fields["history"] = [text for pair in history for text in pair]
-                sent = time.perf_counter()
+                sent = time.monotonic()
                 client.async_stream_infer(self.args.model, inputs(fields), request_id=f"{self.index}-{n}",
                                           enable_empty_final_response=True)
                 last = None
@@ -76,9 +81,9 @@ class Session(threading.Thread):
                     if text is not None and text.reshape(-1)[0]:
                         answer.append(text.reshape(-1)[0].decode())
                         if last is None:
-                            self.ttft.append(at - sent)
+                            self.ttft.append((sent, at - sent))
                         else:
-                            self.itl.append(at - last)
+                            self.itl.append((sent, at - last))
                         last = at
                     parameters = result.get_response().parameters
                     final = parameters.get("triton_final_response")
@@ -151,6 +156,8 @@ def main():
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--turns", type=int, default=1, help="rounds each session keeps as history")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for a response")
+    parser.add_argument("--warmup", type=float, default=0.0,
+                        help="seconds at the start whose requests the latency percentiles leave out")
     parser.add_argument("--processes", type=int, default=0,
                         help="worker processes the sessions are spread over (0: one per 32 sessions, "
                              "at most half the cores)")
@@ -158,11 +165,12 @@ def main():
     duration = args.duration if args.duration is not None else (1e9 if args.requests else 30.0)
     processes = args.processes or min(max(1, (os.cpu_count() or 2) // 2), -(-args.concurrency // 32))
     processes = max(1, min(processes, args.concurrency))
+    begun = None
     budget = Budget(args.requests)
     shares = [range(k, args.concurrency, processes) for k in range(processes)]
     if processes == 1:
-        started = time.perf_counter()
-        parts = [run_sessions(args, shares[0], time.monotonic() + duration, budget)]
+        started, begun = time.perf_counter(), time.monotonic()
+        parts = [run_sessions(args, shares[0], begun + duration, budget)]
     else:
         spawn = multiprocessing.get_context("spawn")
         results, ready, go = spawn.Queue(), spawn.Queue(), spawn.Event()
@@ -174,15 +182,17 @@ def main():
             w.start()
         for _ in workers:
             ready.get(timeout=120)
-        started = time.perf_counter()
-        deadline.value = time.monotonic() + duration
+        started, begun = time.perf_counter(), time.monotonic()
+        deadline.value = begun + duration
         go.set()
         parts = [results.get() for _ in workers]
         for w in workers:
             w.join()
     elapsed = time.perf_counter() - started
-    ttft = [t for p in parts for t in p["ttft"]]
-    itl = [t for p in parts for t in p["itl"]]
+    steady = begun + args.warmup
+
+    def latencies(name, after=float("-inf")):
+        return [seconds for p in parts for sent, seconds in p[name] if sent >= after]
     errors = [e for p in parts for e in p["errors"]]
     requests = sum(p["requests"] for p in parts)
     tokens = sum(p["tokens"] for p in parts)
@@ -191,8 +201,13 @@ def main():
         "seconds": round(elapsed, 3),
         "requests": requests, "requests_per_s": requests / elapsed,
         "output_tokens": tokens, "output_tokens_per_s": tokens / elapsed,
-        "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
-        "itl_ms_p50": percentile(itl, 50), "itl_ms_p99": percentile(itl, 99),
+        "warmup_s": args.warmup,
+        "ttft_ms_p50": percentile(latencies("ttft", steady), 50),
+        "ttft_ms_p99": percentile(latencies("ttft", steady), 99),
+        "itl_ms_p50": percentile(latencies("itl", steady), 50),
+        "itl_ms_p99": percentile(latencies("itl", steady), 99),
+        "ttft_ms_p99_with_warmup": percentile(latencies("ttft"), 99),
+        "itl_ms_p99_with_warmup": percentile(latencies("itl"), 99),
         "errors": len(errors), "error_examples": errors[:3],
     }))
 

@@ -10,7 +10,8 @@
 # CUDA_GRAPHS (true: decode steps replayed as CUDA graphs), TEMPERATURE (0: greedy; above:
 # the model's default top-k 50 / top-p 0.8 sampling).
 # Prompts are a chat question repeated 16 times (about 130 tokens with the template),
-# answers 128 new tokens. After each level it prints where the engine's steps spent their
+# answers 128 new tokens; latency percentiles leave out requests sent in the first 3 s (all
+# sessions start at once; tools/load.py reports them with those too). After each level it prints where the engine's steps spent their
 # time (llm_engine_step_seconds_total by phase, over the level's steps). Needs .carry from
 # scripts/gpu/pack.sh; unpacks what it needs.
 set -uo pipefail
@@ -80,7 +81,7 @@ for level in $LEVELS; do
     before=$(steps_now)
     timeout $((SECONDS_EACH + 120)) python3 tools/load.py --url 127.0.0.1:8101 \
         --model "$MODEL" --concurrency "$level" --duration "$SECONDS_EACH" \
-        --max-new-tokens 128 --prompt-repeat 16 --temperature "$TEMPERATURE" |
+        --max-new-tokens 128 --prompt-repeat 16 --temperature "$TEMPERATURE" --warmup 3 |
         tee -a "$OUT/serve_load.jsonl"
     after=$(steps_now)
     python3 - "$before" "$after" "$level" "$SHAPE" "$SAMPLE_ON_DEVICE" "$TEMPERATURE" "$CUDA_GRAPHS" <<'PY' |
