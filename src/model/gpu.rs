@@ -282,10 +282,10 @@ fn lay_out_tables(
     let needed_blocks =
         steps.iter().map(|s| (s.start + s.ids.len()).div_ceil(block_size)).max().unwrap_or(1);
     let max_blocks = graph.map_or(needed_blocks, |g| g.max_blocks);
-    let padding = graph.map_or(0, |g| g.batch - steps.len());
     if needed_blocks > max_blocks || graph.is_some_and(|g| g.batch < steps.len()) {
         return Err(Error::Internal("a decode graph is too small for its step".into()));
     }
+    let padding = graph.map_or(0, |g| g.batch - steps.len());
     let mut words = TableWords {
         words: Vec::new(),
         offsets: [0; TABLES],
@@ -960,7 +960,11 @@ mod tests {
         let padding = &cos_sin[3 * 2 * freq_len..];
         assert!(padding[..freq_len].iter().all(|&c| f32::from_bits(c) == 1.0));
         assert!(padding[freq_len..].iter().all(|&s| f32::from_bits(s) == 0.0));
-        // A sequence beyond the graph's block table is refused, not overrun.
+        // More sequences than the graph's batch, or a sequence beyond its block table, are
+        // refused, not overrun.
+        let five: Vec<SeqStep<'_>> =
+            (0..5).map(|s| SeqStep { ids: &ids[0], start: s, blocks: &blocks[0] }).collect();
+        assert!(lay_out_tables(&shape, &inv_freq, &mut cache, 64, &five, 16, graph).is_err());
         let steps = [SeqStep { ids: &ids[0], start: 8 * 16, blocks: &blocks[0] }];
         assert!(lay_out_tables(&shape, &inv_freq, &mut cache, 64, &steps, 16, graph).is_err());
     }
