@@ -210,7 +210,8 @@ fn internlm2_tiny_f32_matches_the_cpu_engine() {
 /// all of them together, give each sequence the logits it gets alone. The three prompts run
 /// `copies` times over (more sequences than the GEMV kernel's rows make cuBLAS products);
 /// with `cuda_graphs` the decode steps are captured once and replayed, padded to the next
-/// captured batch, and a sequence alone decodes through a one-sequence graph.
+/// captured batch, and a sequence alone decodes through a one-sequence graph. Two arenas
+/// take turns, as two instances sharing the model's weights do (each has its graphs).
 #[allow(clippy::needless_range_loop)] // steps index each sequence's logits
 fn check_batched(folder: &str, copies: usize, cuda_graphs: bool) {
     if !gpu_present(folder) {
@@ -251,7 +252,8 @@ fn check_batched(folder: &str, copies: usize, cuda_graphs: bool) {
     let prompts: Vec<&Vec<u32>> = cases.iter().cycle().take(cases.len() * copies).collect();
     let block_size = 16;
     let per_sequence = 8;
-    let mut arena = gpu.new_arena(block_size, per_sequence * prompts.len()).unwrap();
+    let mut arenas: Vec<_> =
+        (0..2).map(|_| gpu.new_arena(block_size, per_sequence * prompts.len()).unwrap()).collect();
     // Interleaved, descending block ids: no sequence owns a contiguous range.
     let tables: Vec<Vec<u32>> = (0..prompts.len())
         .map(|s| {
@@ -264,10 +266,11 @@ fn check_batched(folder: &str, copies: usize, cuda_graphs: bool) {
         .zip(&tables)
         .map(|(ids, blocks)| SeqStep { ids, start: 0, blocks })
         .collect();
-    let mut logits = gpu.forward_batch(arena.as_mut(), &first).unwrap();
+    let mut logits: Vec<Vec<Vec<f32>>> =
+        arenas.iter_mut().map(|arena| gpu.forward_batch(arena.as_mut(), &first).unwrap()).collect();
     for step in 0..steps {
-        for (s, row) in logits.iter().enumerate() {
-            worst = worst.max(relative_l2(row, &alone[s % cases.len()][step]));
+        for (s, row) in logits.iter().flatten().enumerate() {
+            worst = worst.max(relative_l2(row, &alone[s % prompts.len() % cases.len()][step]));
         }
         if step + 1 == steps {
             break;
@@ -280,7 +283,10 @@ fn check_batched(folder: &str, copies: usize, cuda_graphs: bool) {
             .zip(&lens)
             .map(|((ids, blocks), &start)| SeqStep { ids, start, blocks })
             .collect();
-        logits = gpu.forward_batch(arena.as_mut(), &batch).unwrap();
+        logits = arenas
+            .iter_mut()
+            .map(|arena| gpu.forward_batch(arena.as_mut(), &batch).unwrap())
+            .collect();
         lens.iter_mut().for_each(|l| *l += 1);
     }
     let pass = worst < 1e-4;

@@ -10,6 +10,7 @@
 mod arena;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::{CudaBlas, result as blas_result, sys as blas_sys};
@@ -306,17 +307,23 @@ struct Compiled {
     name: String,
 }
 
-/// One user of a device (a model instance): the shared context and kernels, a stream of its
-/// own and a cuBLAS handle on it. Its work is queued in order on that stream; no other
-/// thread queues work there, which is what lets a decode step be captured as a CUDA graph.
+/// One loaded model on a device (its instances share it): the shared context and kernels,
+/// a stream of its own and a cuBLAS handle on it. Its work is queued in order on that
+/// stream. Graphs are captured on a second stream nothing else uses (another instance's
+/// allocations or frees on the first must not land in a capture), then replayed on the
+/// first.
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     compiled: Arc<Compiled>,
     stream: Arc<CudaStream>,
+    capture_stream: Arc<CudaStream>,
+    /// Launches go to `capture_stream` (set by `capture` for the thread capturing; callers
+    /// keep every other launch out meanwhile: see `capture`).
+    capturing: AtomicBool,
     /// cuBLAS handles are not to be used by two threads at once.
     blas: Mutex<CudaBlas>,
     /// cuBLAS's workspace, set explicitly so that graph captures do not allocate their own.
-    _blas_workspace: CudaSlice<u8>,
+    blas_workspace: CudaSlice<u8>,
     pub dtype: DType,
     pub ordinal: usize,
     pub name: String,
@@ -346,36 +353,60 @@ impl Gpu {
         let ctx = Arc::clone(&compiled.ctx);
         ctx.bind_to_thread().map_err(device_error("binding the CUDA context"))?;
         let stream = ctx.new_stream().map_err(device_error("creating a stream"))?;
+        let capture_stream = ctx.new_stream().map_err(device_error("creating a stream"))?;
         let blas = CudaBlas::new(stream.clone()).map_err(blas_error("creating a cuBLAS handle"))?;
-        let workspace = stream
+        let blas_workspace = stream
             .alloc_zeros::<u8>(BLAS_WORKSPACE)
             .map_err(device_error("allocating the cuBLAS workspace"))?;
-        let workspace_ptr = workspace.device_ptr(&stream).0;
-        // SAFETY: the workspace lives as long as the handle (both fields of this Gpu) and is
-        // used on the handle's stream only.
-        let set = unsafe {
-            blas_sys::cublasSetWorkspace_v2(
-                *blas.handle(),
-                workspace_ptr as *mut std::ffi::c_void,
-                BLAS_WORKSPACE,
-            )
-            .result()
-        };
-        if let Err(e) = set {
-            // cuBLAS keeps its own workspace: products still run; graph captures of them may
-            // allocate (or fail, and decode steps then run without graphs).
-            tracing::warn!("cuBLAS kept its default workspace: {e:?}");
-        }
-        Ok(Arc::new(Gpu {
+        let gpu = Gpu {
             ctx,
             name: compiled.name.clone(),
             compiled,
             stream,
+            capture_stream,
+            capturing: AtomicBool::new(false),
             blas: Mutex::new(blas),
-            _blas_workspace: workspace,
+            blas_workspace,
             dtype,
             ordinal,
-        }))
+        };
+        if let Err(e) = gpu.set_blas_workspace(&gpu.blas.lock().unwrap_or_else(|p| p.into_inner()))
+        {
+            // cuBLAS keeps its own workspace: products still run; graph captures of them may
+            // allocate (or fail, and decode steps then run without graphs).
+            tracing::warn!("cuBLAS kept its default workspace: {e}");
+        }
+        Ok(Arc::new(gpu))
+    }
+
+    /// Gives the handle this Gpu's workspace (again after each stream change, which resets
+    /// it to cuBLAS's own pool).
+    fn set_blas_workspace(&self, blas: &CudaBlas) -> Result<()> {
+        let workspace = self.blas_workspace.device_ptr(&self.stream).0;
+        // SAFETY: the workspace lives as long as the handle (both fields of this Gpu); its
+        // users (products on the stream, or replayed on it) run one after another.
+        unsafe {
+            blas_sys::cublasSetWorkspace_v2(
+                *blas.handle(),
+                workspace as *mut std::ffi::c_void,
+                BLAS_WORKSPACE,
+            )
+            .result()
+        }
+        .map_err(blas_error("setting the cuBLAS workspace"))
+    }
+
+    /// Points cuBLAS at `stream` (with this Gpu's workspace).
+    fn bind_blas(&self, blas: &mut CudaBlas, stream: &Arc<CudaStream>) -> Result<()> {
+        // SAFETY: the handle is used under its lock; both streams belong to this context.
+        unsafe { blas.set_stream(Arc::clone(stream)) }
+            .map_err(blas_error("setting the cuBLAS stream"))?;
+        self.set_blas_workspace(blas)
+    }
+
+    /// Where kernel launches go now.
+    fn launch_stream(&self) -> &Arc<CudaStream> {
+        if self.capturing.load(Ordering::Acquire) { &self.capture_stream } else { &self.stream }
     }
 
     fn kernels(&self) -> &Kernels {
@@ -495,7 +526,7 @@ impl Gpu {
         shared_mem_bytes: u32,
         args: &[&dyn Arg],
     ) -> Result<()> {
-        let mut builder = self.stream.launch_builder(function);
+        let mut builder = self.launch_stream().launch_builder(function);
         for arg in args {
             arg.push(&mut builder);
         }
@@ -858,27 +889,53 @@ impl Gpu {
         if self.mma_prefill(head_dim).is_some() { MMA_TILE } else { PREFILL_TILE }
     }
 
-    /// Records the work `queue` puts on this Gpu's stream as a graph instead of running it
-    /// (nothing runs until [`Gpu::replay`]). `queue` must only launch kernels and cuBLAS
-    /// products: no copies from pageable memory, allocations or waits.
+    /// Records the launches `queue` makes (kernels and cuBLAS products) as a graph instead
+    /// of running them (nothing runs until [`Gpu::replay`]). They are captured on a stream of
+    /// their own, so work other threads queue on this Gpu's stream meanwhile stays out.
+    /// The caller keeps every other thread's launches on this Gpu out for the duration
+    /// (the model's scratch lock), and `queue` must not copy, allocate or wait.
     pub fn capture(&self, queue: impl FnOnce() -> Result<()>) -> Result<Graph> {
-        self.stream
+        {
+            let mut blas = self.blas.lock().unwrap_or_else(|p| p.into_inner());
+            self.bind_blas(&mut blas, &self.capture_stream)?;
+        }
+        let begun = self
+            .capture_stream
             .begin_capture(driver_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(device_error("starting a graph capture"))?;
-        let queued = queue();
-        // Always ended, so that the stream leaves capture mode whatever happened.
-        let ended = self.stream.end_capture(driver_sys::CUgraphInstantiate_flags(0));
-        queued?;
-        let graph = ended
-            .map_err(device_error("ending a graph capture"))?
-            .ok_or_else(|| Error::Device("a graph capture recorded no work".into()))?;
-        graph.upload().map_err(device_error("uploading a graph"))?;
-        Ok(Graph(graph))
+            .map_err(device_error("starting a graph capture"));
+        let recorded = begun.and_then(|()| {
+            self.capturing.store(true, Ordering::Release);
+            let queued = queue();
+            self.capturing.store(false, Ordering::Release);
+            // Always ended, so that the stream leaves capture mode whatever happened.
+            let ended = self.capture_stream.end_capture(driver_sys::CUgraphInstantiate_flags(0));
+            queued?;
+            ended
+                .map_err(device_error("ending a graph capture"))?
+                .ok_or_else(|| Error::Device("a graph capture recorded no work".into()))
+        });
+        {
+            let mut blas = self.blas.lock().unwrap_or_else(|p| p.into_inner());
+            self.bind_blas(&mut blas, &self.stream)?;
+        }
+        let graph = Graph(recorded?);
+        // SAFETY: the graph's executable is alive (owned by `graph`) and this Gpu's stream
+        // belongs to the context it was captured in.
+        unsafe {
+            cudarc::driver::result::graph::upload(graph.0.cu_graph_exec(), self.stream.cu_stream())
+        }
+        .map_err(device_error("uploading a graph"))?;
+        Ok(graph)
     }
 
-    /// Queues the work of a captured graph on this Gpu's stream, as captured.
+    /// Queues a captured graph's work on this Gpu's stream, in order with the rest.
     pub fn replay(&self, graph: &Graph) -> Result<()> {
-        graph.0.launch().map_err(device_error("launching a graph"))
+        self.bind()?;
+        // SAFETY: as in `capture`.
+        unsafe {
+            cudarc::driver::result::graph::launch(graph.0.cu_graph_exec(), self.stream.cu_stream())
+        }
+        .map_err(device_error("launching a graph"))
     }
 
     /// Times `f` with CUDA events after one warm-up call; returns milliseconds per call.

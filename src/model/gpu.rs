@@ -255,6 +255,9 @@ const GRAPH_BATCHES: [usize; 17] =
     [1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256];
 /// Narrowest block table of a graph; wider ones double (one graph per doubling).
 const GRAPH_MIN_BLOCKS: usize = 8;
+/// Graphs kept per model before they are all dropped and captured again as needed: every
+/// batch size with a few block-table widths, for a few instances.
+const MAX_GRAPHS: usize = 256;
 
 /// The captured batch size `sequences` run as; None past the largest (run without a graph).
 fn graph_batch(sequences: usize) -> Option<usize> {
@@ -479,10 +482,9 @@ struct Scratch {
     host_logits: cuda::HostBuffer,
     /// One chosen id per sequence (sampling on the device).
     chosen: Buffer,
-    /// Decode steps captured over these buffers and the KV arena of generation
-    /// `graph_arena`; dropped with them.
-    graphs: HashMap<GraphShape, cuda::Graph>,
-    graph_arena: u64,
+    /// Decode steps captured over these buffers, by the generation of the KV arena they
+    /// write (the instances sharing this model have one each); dropped with the buffers.
+    graphs: HashMap<(u64, GraphShape), cuda::Graph>,
     /// Shapes run once without a graph: lazily loaded kernels and cuBLAS's first use of a
     /// size happen outside any capture (as PyTorch warms up before capturing).
     warmed_up: HashSet<GraphShape>,
@@ -519,7 +521,6 @@ impl Scratch {
             host_logits: gpu.alloc_host(seqs * shape.vocab * 4)?,
             chosen: gpu.alloc(seqs * 4)?,
             graphs: HashMap::new(),
-            graph_arena: 0,
             warmed_up: HashSet::new(),
         })
     }
@@ -713,20 +714,21 @@ impl GpuModel {
         let pass = Pass { step, ids: word(0), last_rows: word(5), seqs };
         match graph {
             Some(shape) => {
-                if s.graph_arena != arena.generation() {
-                    s.graphs.clear();
-                    s.graph_arena = arena.generation();
-                }
-                if !s.graphs.contains_key(&shape) && !s.warmed_up.insert(shape) {
+                let key = (arena.generation(), shape);
+                if !s.graphs.contains_key(&key) && !s.warmed_up.insert(shape) {
                     match gpu.capture(|| self.queue_pass(s, arena, &pass)) {
                         Ok(captured) => {
+                            if s.graphs.len() >= MAX_GRAPHS {
+                                // Mostly graphs of arenas since grown or dropped.
+                                s.graphs.clear();
+                            }
                             tracing::debug!(
                                 batch = shape.batch,
                                 block_table = shape.max_blocks,
                                 graphs = s.graphs.len() + 1,
                                 "captured a decode step as a CUDA graph"
                             );
-                            s.graphs.insert(shape, captured);
+                            s.graphs.insert(key, captured);
                         }
                         Err(e) => {
                             tracing::warn!("CUDA graphs turned off: capturing a decode step: {e}");
@@ -734,7 +736,7 @@ impl GpuModel {
                         }
                     }
                 }
-                match s.graphs.get(&shape) {
+                match s.graphs.get(&key) {
                     Some(captured) => gpu.replay(captured)?,
                     None => self.queue_pass(s, arena, &pass)?,
                 }
