@@ -2,8 +2,9 @@
 //! server serialises it for its client there), one per running sequence per step, so sends
 //! run on this thread while the engine runs its next step. One queue keeps each request's
 //! pieces and its end in order. When sends fall behind the steps (hundreds of streams), the
-//! steps queued meanwhile go out together with each request's pieces joined into one
-//! response, so the number of sends per second stays within what this thread can do.
+//! steps queued meanwhile go out together with up to `MAX_JOINED` consecutive pieces of a
+//! request joined into one response: sends per second fall by as much, and answers still
+//! stream in small pieces.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -105,23 +106,30 @@ fn run(batches: Receiver<Vec<Emission>>) {
     }
 }
 
-/// Joins each request's consecutive text pieces into one (its end stays after them). Only
-/// the order within a request matters; requests may pass one another.
+/// Pieces of one request a backlog joins into one response at most.
+const MAX_JOINED: usize = 4;
+
+/// Joins each request's consecutive text pieces, `MAX_JOINED` at most into one (its end
+/// stays after them). Only the order within a request matters; requests may pass one
+/// another.
 fn coalesce(emissions: Vec<Emission>) -> Vec<Emission> {
     let mut joined: Vec<Emission> = Vec::with_capacity(emissions.len());
-    // Per request: where in `joined` its text since its last end is.
-    let mut open_text: HashMap<*const SharedSink, usize> = HashMap::new();
+    // Per request: where in `joined` its latest text since its last end is, and how many
+    // pieces it holds.
+    let mut open_text: HashMap<*const SharedSink, (usize, usize)> = HashMap::new();
     for emission in emissions {
         match emission {
             Emission::Text(shared, text) => {
                 let key = Arc::as_ptr(&shared);
-                if let Some(&at) = open_text.get(&key)
-                    && let Emission::Text(_, so_far) = &mut joined[at]
+                if let Some((at, pieces)) = open_text.get_mut(&key)
+                    && *pieces < MAX_JOINED
+                    && let Emission::Text(_, so_far) = &mut joined[*at]
                 {
                     so_far.push_str(&text);
+                    *pieces += 1;
                     continue;
                 }
-                open_text.insert(key, joined.len());
+                open_text.insert(key, (joined.len(), 1));
                 joined.push(Emission::Text(shared, text));
             }
             Emission::Finish(shared, result) => {
@@ -288,6 +296,20 @@ mod tests {
             })
             .collect();
         assert_eq!(shape, ["1:ab", "0:xy", "1:end", "1:c"]);
+    }
+
+    #[test]
+    fn a_backlog_joins_a_requests_pieces_a_few_at_a_time() {
+        let (sink, _) = recorder(usize::MAX);
+        let pieces = (0..10).map(|i| Emission::Text(Arc::clone(&sink), i.to_string())).collect();
+        let texts: Vec<String> = coalesce(pieces)
+            .into_iter()
+            .map(|e| match e {
+                Emission::Text(_, text) => text,
+                Emission::Finish(..) => unreachable!(),
+            })
+            .collect();
+        assert_eq!(texts, ["0123", "4567", "89"]);
     }
 
     #[test]
