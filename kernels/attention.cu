@@ -6,7 +6,8 @@
 //   (the whole K and V rows with 16-byte loads, V staged in shared memory), then adds the V
 //   rows with lanes across the head dim. Splitting the keys over blocks (flash-decoding)
 //   keeps the chip busy when there are few sequences; each split leaves (max, sum, unnormalised output) and the last split to
-//   finish merges them (with one split, the block writes the output itself).
+//   finish merges them. A sequence uses only the splits its keys reach (the others return
+//   at once); with one, the block writes the output itself.
 // attention_prefill — a tile of up to PREFILL_TILE consecutive tokens of one sequence per
 //   (tile, head): the block stages 32 keys of K and V in shared memory (f32) and every query
 //   of the tile uses them, so K/V is read once per tile rather than once per token.
@@ -47,10 +48,13 @@ extern "C" __global__ void attention_decode(
     const int* table = block_tables + (size_t)token_seq[t] * max_blocks_per_seq;
     const int visible = token_pos[t] + 1;
     // partition 0: each sequence divides its own keys over the splits (a CUDA graph replays
-    // one launch for any lengths): whole warps, at least DECODE_MIN_PARTITION keys a split;
-    // splits past a short sequence's keys leave empty results the merge skips.
+    // one launch for any lengths): whole warps, at least DECODE_MIN_PARTITION keys a split.
     if (partition <= 0)
         partition = max(DECODE_MIN_PARTITION, ((visible + splits - 1) / splits + 31) / 32 * 32);
+    // Splits past this sequence's keys have nothing to do; with one split left, it writes
+    // the output itself (no partial, no merge).
+    const int used_splits = min(splits, (visible + partition - 1) / partition);
+    if (split >= used_splits) return;
     const int begin = split * partition;
     const int end = min(visible, begin + partition);
 
@@ -155,14 +159,14 @@ extern "C" __global__ void attention_decode(
         float value = 0.0f;
         for (int w = 0; w < ATTN_WARPS; w++)
             if (warp_sum_s[w] > 0.0f) value += warp_acc[w][d] * expf(warp_max_s[w] - block_max);
-        if (splits == 1)
+        if (used_splits == 1)
             out[((size_t)t * num_heads + head) * head_dim + d] = from_f32<elem>(value / total);
         else
             part[2 + d] = value;
     }
-    if (splits == 1) return;
+    if (used_splits == 1) return;
     if (threadIdx.x == 0) {
-        part[0] = block_max;  // -inf for a split past the sequence's end
+        part[0] = block_max;
         part[1] = total;
     }
     // The last split of this (token, head) to finish merges all of them (the fence makes
@@ -171,21 +175,21 @@ extern "C" __global__ void attention_decode(
     __threadfence();
     __syncthreads();
     int* counter = split_counters + (size_t)blockIdx.x * num_heads + head;
-    if (threadIdx.x == 0) last = atomicAdd(counter, 1) == splits - 1;
+    if (threadIdx.x == 0) last = atomicAdd(counter, 1) == used_splits - 1;
     __syncthreads();
     if (!last) return;
     __threadfence();
     const float* parts = partial + ((size_t)blockIdx.x * num_heads + head) * splits * (head_dim + 2);
     float global_max = NEG_INFINITY;
-    for (int s = 0; s < splits; s++) global_max = fmaxf(global_max, __ldcg(parts + s * (head_dim + 2)));
+    for (int s = 0; s < used_splits; s++) global_max = fmaxf(global_max, __ldcg(parts + s * (head_dim + 2)));
     float merged_total = 0.0f;
-    for (int s = 0; s < splits; s++) {
+    for (int s = 0; s < used_splits; s++) {
         const float m_s = __ldcg(parts + s * (head_dim + 2)), l_s = __ldcg(parts + s * (head_dim + 2) + 1);
         if (l_s > 0.0f) merged_total += l_s * expf(m_s - global_max);
     }
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float value = 0.0f;
-        for (int s = 0; s < splits; s++) {
+        for (int s = 0; s < used_splits; s++) {
             const float* p = parts + s * (head_dim + 2);
             const float l_s = __ldcg(p + 1);
             if (l_s > 0.0f) value += __ldcg(p + 2 + d) * expf(__ldcg(p) - global_max);
