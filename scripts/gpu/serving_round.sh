@@ -6,13 +6,12 @@
 #
 #   1  the GPU tests (gpu_tests): the sampling kernel and CUDA-graph decode steps on the
 #      device among them
-#   2  `triton-llm bench`, ChatGLM2-6B shape: batch 64 with the host choosing tokens, with
-#      the sampling kernel, and with the kernel and CUDA graphs; batch 1 without and with
-#      graphs
+#   2  `triton-llm bench`, ChatGLM2-6B shape: batch 64 with the host choosing tokens, and
+#      with the sampling kernel and CUDA graphs; batch 1 without and with graphs
 #   3  served, ChatGLM2-6B shape, greedy, device sampling and graphs: 64 and 256 streams
-#   4  the same at 64 streams without graphs, then also with the host sampling
-#   5  ChatGLM2-6B at 64 streams sampled (temperature 0.8, top-k 50, top-p 0.8)
-#   6  InternLM2.5-7B shape, greedy, device sampling and graphs: 256 streams
+#   4  InternLM2.5-7B shape, the same, 256 streams
+#   5  ChatGLM2-6B at 64 streams without graphs, then also with the host sampling
+#   6  ChatGLM2-6B at 64 streams sampled (temperature 0.8, top-k 50, top-p 0.8)
 #
 # Writes $OUT/serve_load.jsonl (tools/load.py), $OUT/serve_phases.jsonl (where each step's
 # host time went), $OUT/bench.jsonl, $OUT/gpu_tests.log and the servers' logs. Budget:
@@ -56,7 +55,6 @@ bench() { # bench NAME FLAGS...
         --load-format dummy --device cuda --prompt 128 --new 64 $* | tee -a '$OUT/bench.jsonl'"
 }
 bench "batch 64, host chooses" --batch 64
-bench "batch 64, sampling kernel" --batch 64 --sample-on-device
 bench "batch 64, sampling kernel, graphs" --batch 64 --sample-on-device --cuda-graphs
 bench "batch 1" --batch 1
 bench "batch 1, graphs" --batch 1 --cuda-graphs
@@ -69,6 +67,9 @@ serve() { # serve NAME LOG [VAR=VALUE ...] -- LEVELS
 LEVELS=(64 256)
 serve "chatglm2-6b greedy, device sampling, graphs" server-glm-graphs.log SHAPE=chatglm2-6b \
     SAMPLE_ON_DEVICE=true CUDA_GRAPHS=true
+LEVELS=(256)
+serve "internlm2.5-7b greedy, device sampling, graphs" server-internlm.log SHAPE=internlm2_5-7b \
+    SAMPLE_ON_DEVICE=true CUDA_GRAPHS=true
 LEVELS=(64)
 serve "chatglm2-6b greedy, device sampling" server-glm-device.log SHAPE=chatglm2-6b \
     SAMPLE_ON_DEVICE=true CUDA_GRAPHS=false
@@ -76,8 +77,5 @@ serve "chatglm2-6b greedy, host sampling" server-glm-host.log SHAPE=chatglm2-6b 
     SAMPLE_ON_DEVICE=false CUDA_GRAPHS=false
 serve "chatglm2-6b sampled, device sampling, graphs" server-glm-sampled.log SHAPE=chatglm2-6b \
     SAMPLE_ON_DEVICE=true CUDA_GRAPHS=true TEMPERATURE=0.8
-LEVELS=(256)
-serve "internlm2.5-7b greedy, device sampling, graphs" server-internlm.log SHAPE=internlm2_5-7b \
-    SAMPLE_ON_DEVICE=true CUDA_GRAPHS=true
 echo "== done in $(($(date +%s) - START)) s"
 cat "$OUT/serve_phases.jsonl" 2>/dev/null
