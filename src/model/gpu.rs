@@ -722,7 +722,8 @@ impl GpuModel {
                                 // Mostly graphs of arenas since grown or dropped.
                                 s.graphs.clear();
                             }
-                            tracing::debug!(
+                            // At most a few dozen a model: logged, so that serving logs show graphs in use.
+                            tracing::info!(
                                 batch = shape.batch,
                                 block_table = shape.max_blocks,
                                 graphs = s.graphs.len() + 1,
