@@ -722,7 +722,7 @@ impl GpuModel {
                                 // Mostly graphs of arenas since grown or dropped.
                                 s.graphs.clear();
                             }
-                            // At most a few dozen a model: logged, so that serving logs show graphs in use.
+                            // A few dozen a model at most: serving logs show graphs in use.
                             tracing::info!(
                                 batch = shape.batch,
                                 block_table = shape.max_blocks,
