@@ -22,10 +22,16 @@ TEST_REPOSITORY = REPO / "tests" / "model_repository"
 FIXTURES = REPO / "tests" / "fixtures"
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(count):
+    """`count` distinct free loopback ports (all held open until each is known)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def required_env(name):
@@ -43,7 +49,7 @@ class Server:
         backends = self.workdir / "backends" / "llm"
         backends.mkdir(parents=True, exist_ok=True)
         shutil.copy(required_env("TRITON_LLM_LIB"), backends / "libtriton_llm.so")
-        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         self.log_path = self.workdir / "tritonserver.log"
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(
@@ -71,17 +77,22 @@ class Server:
         return f"127.0.0.1:{self.grpc_port}"
 
     def wait_live(self, timeout=120):
-        """Waits until the server answers (live, not necessarily every model ready)."""
+        """Waits until the server answers (live, not necessarily every model ready) and its
+        metrics endpoint too: tritonserver starts that one after HTTP, so a test reading a
+        metric right after `live` could find nothing listening yet on a loaded machine."""
         deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with {self.process.returncode}:\n{self.log_text()}")
-            try:
-                with urllib.request.urlopen(f"http://{self.http_url}/v2/health/live", timeout=2):
-                    return self
-            except OSError:
-                time.sleep(0.3)
-        raise RuntimeError(f"tritonserver did not come up:\n{self.log_text()}")
+        for url in (f"http://{self.http_url}/v2/health/live", f"http://127.0.0.1:{self.metrics_port}/metrics"):
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"tritonserver exited with {self.process.returncode}:\n{self.log_text()}")
+                try:
+                    with urllib.request.urlopen(url, timeout=2):
+                        break
+                except OSError:
+                    if time.time() > deadline:
+                        raise RuntimeError(f"tritonserver did not answer {url}:\n{self.log_text()}")
+                    time.sleep(0.3)
+        return self
 
     def wait_model_ready(self, model, timeout=120):
         deadline = time.time() + timeout
