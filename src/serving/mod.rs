@@ -118,6 +118,8 @@ pub trait EngineMetrics: Send {
     fn time_to_first_token(&mut self, seconds: f64);
     fn inter_token_latency(&mut self, seconds: f64);
     fn cancelled(&mut self);
+    /// A running sequence gave its KV blocks back to make room; it is recomputed later.
+    fn preempted(&mut self);
     fn kv_blocks(&mut self, used: usize, free: usize);
     fn prefix_hit_tokens(&mut self, count: usize);
     /// One step that ran a forward pass: how many sequences it ran, and where its time went.
@@ -202,6 +204,7 @@ impl EngineMetrics for NoMetrics {
     fn time_to_first_token(&mut self, _: f64) {}
     fn inter_token_latency(&mut self, _: f64) {}
     fn cancelled(&mut self) {}
+    fn preempted(&mut self) {}
     fn kv_blocks(&mut self, _: usize, _: usize) {}
     fn prefix_hit_tokens(&mut self, _: usize) {}
     fn step(&mut self, _: usize, _: &StepTimes) {}
@@ -407,6 +410,7 @@ fn serve<'m>(
             let mut newest = running.pop().expect("more than one running");
             space.release(&mut newest.generating.sequence);
             tracing::debug!("out of KV blocks: preempting a sequence to recompute it later");
+            metrics.preempted();
             waiting.push_front(newest);
         }
         metrics.queue(running.len(), waiting.len());

@@ -60,6 +60,7 @@ pub struct MetricFamilies {
     running: Family,
     waiting: Family,
     cancelled: Family,
+    preempted: Family,
     time_to_first_token: Family,
     inter_token_latency: Family,
     kv_blocks_used: Family,
@@ -110,6 +111,11 @@ impl MetricFamilies {
                 COUNTER,
                 "llm_requests_cancelled_total",
                 "Requests stopped because the client cancelled or went away",
+            )?,
+            preempted: Family::new(
+                COUNTER,
+                "llm_requests_preempted_total",
+                "Running sequences that gave their KV blocks back to make room (recomputed later)",
             )?,
             time_to_first_token: Family::new(
                 HISTOGRAM,
@@ -271,6 +277,7 @@ pub struct InstanceMetrics {
     running: Arc<Metric>,
     waiting: Arc<Metric>,
     cancelled: Arc<Metric>,
+    preempted: Arc<Metric>,
     time_to_first_token: Arc<Metric>,
     inter_token_latency: Arc<Metric>,
     kv_blocks_used: Arc<Metric>,
@@ -293,6 +300,7 @@ impl InstanceMetrics {
             running: m(|f| &f.running, "running", false)?,
             waiting: m(|f| &f.waiting, "waiting", false)?,
             cancelled: m(|f| &f.cancelled, "cancelled", false)?,
+            preempted: m(|f| &f.preempted, "preempted", false)?,
             time_to_first_token: m(|f| &f.time_to_first_token, "time_to_first_token", true)?,
             inter_token_latency: m(|f| &f.inter_token_latency, "inter_token_latency", true)?,
             kv_blocks_used: m(|f| &f.kv_blocks_used, "kv_blocks_used", false)?,
@@ -343,6 +351,10 @@ impl EngineMetrics for InstanceMetrics {
 
     fn cancelled(&mut self) {
         self.cancelled.add(1.0);
+    }
+
+    fn preempted(&mut self) {
+        self.preempted.add(1.0);
     }
 
     fn kv_blocks(&mut self, used: usize, free: usize) {

@@ -150,6 +150,26 @@ def test_a_bad_request_on_a_stream_gets_its_error(server):
     assert error is None and history
 
 
+def test_statistics_count_streamed_requests(server):
+    """Decoupled models report each request's statistics when its last response is out."""
+    def counts():
+        url = f"http://{server.http_url}/v2/models/internlm2-tiny-stream/stats"
+        with urllib.request.urlopen(url) as reply:
+            stats = json.loads(reply.read())["model_stats"][0]["inference_stats"]
+        return int(stats["success"]["count"]), int(stats["fail"]["count"])
+
+    success, fail = counts()
+    for _ in range(2):
+        pieces, history, error = grpc_stream(server, "internlm2-tiny-stream", {"prompt": "hi", "max_new_tokens": "4"})
+        assert error is None and history
+    pieces, history, error = grpc_stream(server, "internlm2-tiny-stream", {"prompt": "hi", "seed": "x"})
+    assert error is not None and "seed" in str(error)
+    deadline = time.time() + 5  # reported just after the last response went out
+    while counts() != (success + 2, fail + 1) and time.time() < deadline:
+        time.sleep(0.1)
+    assert counts() == (success + 2, fail + 1)
+
+
 @pytest.fixture(scope="module")
 def slow_server(tmp_path_factory):
     """A model slow enough to cancel mid-answer: random weights at a small shape with the
