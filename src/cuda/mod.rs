@@ -10,7 +10,6 @@
 mod arena;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::{CudaBlas, result as blas_result, sys as blas_sys};
@@ -317,9 +316,6 @@ pub struct Gpu {
     compiled: Arc<Compiled>,
     stream: Arc<CudaStream>,
     capture_stream: Arc<CudaStream>,
-    /// Launches go to `capture_stream` (set by `capture` for the thread capturing; callers
-    /// keep every other launch out meanwhile: see `capture`).
-    capturing: AtomicBool,
     /// cuBLAS handles are not to be used by two threads at once.
     blas: Mutex<CudaBlas>,
     /// cuBLAS's workspace, set explicitly so that graph captures do not allocate their own.
@@ -327,6 +323,12 @@ pub struct Gpu {
     pub dtype: DType,
     pub ordinal: usize,
     pub name: String,
+}
+
+thread_local! {
+    /// The address of the Gpu whose `capture` runs on this thread (0: none): only that
+    /// thread's launches go to its capture stream.
+    static CAPTURING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// Bytes of cuBLAS workspace per handle (its default on Hopper).
@@ -364,7 +366,6 @@ impl Gpu {
             compiled,
             stream,
             capture_stream,
-            capturing: AtomicBool::new(false),
             blas: Mutex::new(blas),
             blas_workspace,
             dtype,
@@ -406,7 +407,8 @@ impl Gpu {
 
     /// Where kernel launches go now.
     fn launch_stream(&self) -> &Arc<CudaStream> {
-        if self.capturing.load(Ordering::Acquire) { &self.capture_stream } else { &self.stream }
+        let capturing = CAPTURING.with(|gpu| gpu.get() == self as *const Gpu as usize);
+        if capturing { &self.capture_stream } else { &self.stream }
     }
 
     fn kernels(&self) -> &Kernels {
@@ -904,9 +906,17 @@ impl Gpu {
             .begin_capture(driver_sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(device_error("starting a graph capture"));
         let recorded = begun.and_then(|()| {
-            self.capturing.store(true, Ordering::Release);
+            struct Capturing;
+            impl Drop for Capturing {
+                // Also when `queue` panics: later launches on this thread must not go astray.
+                fn drop(&mut self) {
+                    CAPTURING.with(|gpu| gpu.set(0));
+                }
+            }
+            CAPTURING.with(|gpu| gpu.set(self as *const Gpu as usize));
+            let capturing = Capturing;
             let queued = queue();
-            self.capturing.store(false, Ordering::Release);
+            drop(capturing);
             // Always ended, so that the stream leaves capture mode whatever happened.
             let ended = self.capture_stream.end_capture(driver_sys::CUgraphInstantiate_flags(0));
             queued?;
