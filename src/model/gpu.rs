@@ -8,7 +8,7 @@
 //! run on our GEMV kernel, larger ones (prefill) on cuBLAS.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rayon::prelude::*;
@@ -125,7 +125,6 @@ impl WeightLoader<'_> {
 pub type InvFreq = Box<dyn Fn(usize) -> Vec<f32> + Send + Sync>;
 
 pub struct GpuModel {
-    gpu: Arc<Gpu>,
     shape: Shape,
     weights: Weights,
     info: ModelInfo,
@@ -137,24 +136,42 @@ pub struct GpuModel {
     sample_on_device: AtomicBool,
     /// Decode steps are captured as CUDA graphs and replayed (`Scratch::graphs`).
     cuda_graphs: AtomicBool,
+    /// Captures that failed; graphs are turned off at `MAX_CAPTURE_FAILURES` (one failure
+    /// may be an error left over from earlier work, reported by the next driver call).
+    capture_failures: AtomicUsize,
+    /// Last: fields drop in order, and the graphs in `scratch` must go before the module
+    /// and cuBLAS handle they launch (freed with the last `Arc<Gpu>`).
+    gpu: Arc<Gpu>,
 }
 
-/// cos/sin rows of the positions seen so far, for the inverse frequencies last asked for
-/// (constant but for InternLM2's dynamic NTK past its trained context).
-#[derive(Default)]
+const MAX_CAPTURE_FAILURES: usize = 3;
+
+/// cos/sin rows of the positions seen so far for the model's own inverse frequencies.
+/// Others (InternLM2's dynamic NTK past its trained context, different at each length)
+/// get just the rows asked for, computed afresh.
 struct RopeCache {
     inv_freq: Vec<f32>,
     /// Per position: cos of each frequency, then sin.
     rows: Vec<f32>,
+    /// The rows last computed for other frequencies.
+    uncached: Vec<f32>,
 }
 
 impl RopeCache {
+    fn new(inv_freq: Vec<f32>) -> Self {
+        RopeCache { inv_freq, rows: Vec::new(), uncached: Vec::new() }
+    }
+
     fn rows(&mut self, inv_freq: &[f32], start: usize, end: usize) -> &[f32] {
-        if self.inv_freq != inv_freq {
-            self.inv_freq = inv_freq.to_vec();
-            self.rows.clear();
-        }
         let width = 2 * inv_freq.len();
+        if self.inv_freq != inv_freq {
+            self.uncached.clear();
+            for position in start..end {
+                let (cos, sin) = rope::cos_sin(inv_freq, position);
+                self.uncached.extend(cos.iter().chain(&sin));
+            }
+            return &self.uncached;
+        }
         for position in self.rows.len() / width..end {
             let (cos, sin) = rope::cos_sin(inv_freq, position);
             self.rows.extend(cos.iter().chain(&sin));
@@ -199,6 +216,8 @@ impl GpuModel {
         info: ModelInfo,
         inv_freq: InvFreq,
     ) -> Self {
+        // A one-token call: the frequencies of every call within the trained context.
+        let rope_cache = RopeCache::new(inv_freq(1));
         GpuModel {
             gpu,
             shape,
@@ -206,9 +225,10 @@ impl GpuModel {
             info,
             inv_freq,
             scratch: Mutex::new(None),
-            rope_cache: Mutex::new(RopeCache::default()),
+            rope_cache: Mutex::new(rope_cache),
             sample_on_device: AtomicBool::new(false),
             cuda_graphs: AtomicBool::new(false),
+            capture_failures: AtomicUsize::new(0),
         }
     }
 
@@ -732,8 +752,15 @@ impl GpuModel {
                             s.graphs.insert(key, captured);
                         }
                         Err(e) => {
-                            tracing::warn!("CUDA graphs turned off: capturing a decode step: {e}");
-                            self.cuda_graphs.store(false, Ordering::Relaxed);
+                            let failures = self.capture_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                            if failures >= MAX_CAPTURE_FAILURES {
+                                tracing::warn!("CUDA graphs turned off: capturing a decode step: {e}");
+                                self.cuda_graphs.store(false, Ordering::Relaxed);
+                            } else {
+                                // Tried again the next time this shape runs.
+                                tracing::warn!("capturing a decode step failed (will retry): {e}");
+                                s.warmed_up.remove(&shape);
+                            }
                         }
                     }
                 }
@@ -921,7 +948,7 @@ mod tests {
     fn graph_tables_keep_their_offsets_and_pad_with_tokens_that_write_nowhere() {
         let shape = test_shape();
         let inv_freq: InvFreq = Box::new(|_| rope::inv_freq(10000.0, 16));
-        let mut cache = RopeCache::default();
+        let mut cache = RopeCache::new(inv_freq(1));
         let block_size = 16;
         let blocks: Vec<Vec<u32>> = (0..4).map(|s| (0..8).map(|b| b * 4 + s).collect()).collect();
         let graph = Some(GraphShape { batch: 4, max_blocks: 8 });
@@ -976,7 +1003,7 @@ mod tests {
     fn calls_without_a_graph_keep_their_own_shape() {
         let shape = test_shape();
         let inv_freq: InvFreq = Box::new(|_| rope::inv_freq(10000.0, 16));
-        let mut cache = RopeCache::default();
+        let mut cache = RopeCache::new(inv_freq(1));
         let blocks: Vec<u32> = (0..8).collect();
         let (prompt, next) = ([1u32, 2, 3], [4u32]);
         let steps = [
@@ -1018,16 +1045,20 @@ mod tests {
 
     #[test]
     fn the_rope_cache_gives_the_cpu_engines_angles() {
-        let mut cache = RopeCache::default();
         let inv_freq = rope::inv_freq(10000.0, 8);
+        let mut cache = RopeCache::new(inv_freq.clone());
         let rows = cache.rows(&inv_freq, 3, 6).to_vec();
         for (i, position) in (3..6).enumerate() {
             let (cos, sin) = rope::cos_sin(&inv_freq, position);
             assert_eq!(rows[i * 8..i * 8 + 4], cos[..]);
             assert_eq!(rows[i * 8 + 4..i * 8 + 8], sin[..]);
         }
-        // Other frequencies (dynamic NTK) replace the cached rows.
+        // Other frequencies (dynamic NTK) get only the rows asked for, and leave the cache.
         let scaled = rope::inv_freq(20000.0, 8);
-        assert_eq!(cache.rows(&scaled, 0, 1)[..4], rope::cos_sin(&scaled, 0).0[..]);
+        let scaled_rows = cache.rows(&scaled, 7, 9).to_vec();
+        assert_eq!(scaled_rows.len(), 2 * 8);
+        assert_eq!(scaled_rows[8..12], rope::cos_sin(&scaled, 8).0[..]);
+        assert_eq!(cache.rows.len(), 6 * 8);
+        assert_eq!(cache.rows(&inv_freq, 5, 6), &rows[16..24]);
     }
 }
