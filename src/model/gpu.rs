@@ -495,6 +495,9 @@ struct Scratch {
     last_normed: Buffer,
     logits: Buffer,
     tables: Buffer,
+    /// Words a call's `finish` reads (the sampling kernel's), apart from the tables so that
+    /// their growth (penalized ids) does not reallocate the rest and drop the graphs.
+    extra: Buffer,
     attention_partial: Buffer,
     /// One int per (sequence, head), zero between calls (kernels/attention.cu).
     split_counters: Buffer,
@@ -509,6 +512,9 @@ struct Scratch {
     /// size happen outside any capture (as PyTorch warms up before capturing).
     warmed_up: HashSet<GraphShape>,
 }
+
+/// The extra-words buffer's first size: 256 rows of sampling words and many ids.
+const EXTRA_MIN_BYTES: usize = 64 << 10;
 
 impl Scratch {
     fn new(
@@ -536,6 +542,7 @@ impl Scratch {
             last_normed: gpu.alloc(seqs * h * e)?,
             logits: gpu.alloc(seqs * shape.vocab * 4)?,
             tables: gpu.alloc(table_bytes)?,
+            extra: gpu.alloc(EXTRA_MIN_BYTES)?,
             attention_partial: gpu.alloc(partial_bytes)?,
             split_counters: gpu.alloc(seqs * shape.attention.num_heads * 4)?,
             host_logits: gpu.alloc_host(seqs * shape.vocab * 4)?,
@@ -659,8 +666,8 @@ pub fn sampling_words(rows: &[Option<SampleRow<'_>>], vocab: usize) -> Vec<u32> 
 
 impl GpuModel {
     /// Runs the pass up to the logits (left on the device in the scratch), with `extra`
-    /// words uploaded alongside the step's tables, then `finish` (given the device address
-    /// of the extra words) while the scratch is held.
+    /// words uploaded after the step's tables, then `finish` (given the device address of
+    /// the extra words) while the scratch is held.
     fn forward_on_device<R>(
         &self,
         arena: &mut dyn KvStore,
@@ -675,9 +682,7 @@ impl GpuModel {
         let block_size = arena.block_size();
         let graph = if arena.num_blocks() > 0 { self.graph_shape(steps, block_size) } else { None };
         let (total, seqs) = graph.map_or((real_tokens, steps.len()), |g| (g.batch, g.batch));
-        let mut tables = self.tables(steps, block_size, graph)?;
-        let extra_at = tables.words.len() * 4;
-        tables.words.extend_from_slice(extra);
+        let tables = self.tables(steps, block_size, graph)?;
         let gpu = &self.gpu;
         gpu.bind()?;
 
@@ -713,7 +718,11 @@ impl GpuModel {
             )?);
         }
         let s = guard.as_mut().expect("allocated above");
+        if s.extra.bytes() < extra.len() * 4 {
+            s.extra = gpu.alloc(2 * extra.len() * 4)?;
+        }
         gpu.write_bytes(&mut s.tables, 0, bytemuck::cast_slice(&tables.words))?;
+        gpu.write_bytes(&mut s.extra, 0, bytemuck::cast_slice(extra))?;
         let word = |table: usize| s.tables.at(tables.offsets[table] * 4);
         let step = StepTables {
             tokens: total,
@@ -771,7 +780,7 @@ impl GpuModel {
             }
             None => self.queue_pass(s, arena, &pass)?,
         }
-        let extra_ptr = s.tables.at(extra_at);
+        let extra_ptr = s.extra.ptr();
         finish(gpu, s, extra_ptr)
     }
 
