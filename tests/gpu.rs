@@ -345,6 +345,36 @@ fn a_model_larger_than_the_gpu_fails_its_load_clearly() {
     assert!(message.contains("GiB free"), "{message}");
 }
 
+/// The serving engine reserves the activations of its largest call before it sizes the KV
+/// cache: the memory is taken then (a second reservation takes none), and answers stay the
+/// same.
+#[test]
+fn activations_are_reserved_before_the_kv_cache() {
+    if !gpu_present("reserve activations") {
+        return;
+    }
+    let dir = fixture("chatglm2-tiny");
+    let gpu = model::load_on(&dir, LoadFormat::Safetensors, Device::Cuda(0), DType::F32).unwrap();
+    let prompt = ids(&golden("chatglm2-tiny", "model_golden.json")["cases"][0]["input_ids"]);
+    let (first, tokens) = greedy(gpu.as_ref(), &prompt, 8);
+    let free = || gpu.device_free_memory().unwrap().expect("a device's free memory");
+    let before = free();
+    gpu.reserve_activations(4096, 60).unwrap(); // 60 sequences run as a graph batch of 64
+    let reserved = free();
+    // At least the logits rows added to the 16 of the first calls' scratch.
+    let logits_bytes = (64 - 16) * gpu.info().logits_width * 4;
+    gpu.reserve_activations(4096, 60).unwrap();
+    let again = free();
+    let (first_after, tokens_after) = greedy(gpu.as_ref(), &prompt, 8);
+    let pass = before >= reserved + logits_bytes && again == reserved && tokens_after == tokens;
+    report(json!({"check": "reserve_activations", "reserved_mib": (before - reserved) >> 20,
+        "second_mib": (reserved - again) >> 20, "pass": pass}));
+    assert!(before >= reserved + logits_bytes, "{before} free before, {reserved} after");
+    assert_eq!(again, reserved, "a second reservation of the same size took memory");
+    assert_eq!(tokens_after, tokens);
+    assert_eq!(first_after, first);
+}
+
 /// The batched sampling kernel on the device against `engine::sampler::choose`, over rows
 /// as wide as ChatGLM2's vocabulary with the engine's own parameter words; then its time
 /// for 64 rows (the logits of a 64-sequence decode step).

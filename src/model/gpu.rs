@@ -582,6 +582,14 @@ impl super::CausalLm for GpuModel {
         Ok(Some(self.gpu.memory()?.0))
     }
 
+    fn reserve_activations(&self, max_tokens: usize, max_seqs: usize) -> Result<()> {
+        // Decode batches run padded to the next captured size.
+        let seqs = graph_batch(max_seqs).unwrap_or(max_seqs).max(max_seqs);
+        self.gpu.bind()?;
+        let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        self.fit_scratch(&mut guard, max_tokens.max(seqs), seqs, 0, 0)
+    }
+
     fn set_sample_on_device(&self, on: bool) {
         self.sample_on_device.store(on, Ordering::Relaxed);
     }
@@ -689,34 +697,7 @@ impl GpuModel {
         let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         let table_bytes = tables.words.len() * 4;
         let partial_bytes = tables.partial_floats(&self.shape) * 4;
-        let fits = guard.as_ref().is_some_and(|s| {
-            s.tokens >= total
-                && s.seqs >= seqs
-                && s.tables.bytes() >= table_bytes
-                && s.attention_partial.bytes() >= partial_bytes
-        });
-        if !fits {
-            let (tokens, seqs) = match guard.as_ref() {
-                Some(s) => (s.tokens.max(total), s.seqs.max(seqs)),
-                None => (total.max(16), seqs.max(16)),
-            };
-            let table_capacity =
-                guard.as_ref().map_or(0, |s| s.tables.bytes()).max(table_bytes).max(64 << 10);
-            let partial_capacity = guard
-                .as_ref()
-                .map_or(0, |s| s.attention_partial.bytes())
-                .max(partial_bytes)
-                .max(1 << 20);
-            *guard = None; // free the old buffers (and the graphs over them) first
-            *guard = Some(Scratch::new(
-                gpu,
-                &self.shape,
-                tokens,
-                seqs,
-                2 * table_capacity,
-                2 * partial_capacity,
-            )?);
-        }
+        self.fit_scratch(&mut guard, total, seqs, table_bytes, partial_bytes)?;
         let s = guard.as_mut().expect("allocated above");
         if s.extra.bytes() < extra.len() * 4 {
             s.extra = gpu.alloc(2 * extra.len() * 4)?;
@@ -761,9 +742,12 @@ impl GpuModel {
                             s.graphs.insert(key, captured);
                         }
                         Err(e) => {
-                            let failures = self.capture_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                            let failures =
+                                self.capture_failures.fetch_add(1, Ordering::Relaxed) + 1;
                             if failures >= MAX_CAPTURE_FAILURES {
-                                tracing::warn!("CUDA graphs turned off: capturing a decode step: {e}");
+                                tracing::warn!(
+                                    "CUDA graphs turned off: capturing a decode step: {e}"
+                                );
                                 self.cuda_graphs.store(false, Ordering::Relaxed);
                             } else {
                                 // Tried again the next time this shape runs.
@@ -782,6 +766,49 @@ impl GpuModel {
         }
         let extra_ptr = s.extra.ptr();
         finish(gpu, s, extra_ptr)
+    }
+
+    /// Grows the scratch (if it is smaller) to hold a call of `tokens` tokens and `seqs`
+    /// sequences with its tables and attention partials. Growth frees the old buffers and
+    /// the graphs captured over them.
+    fn fit_scratch(
+        &self,
+        guard: &mut Option<Scratch>,
+        tokens: usize,
+        seqs: usize,
+        table_bytes: usize,
+        partial_bytes: usize,
+    ) -> Result<()> {
+        let fits = guard.as_ref().is_some_and(|s| {
+            s.tokens >= tokens
+                && s.seqs >= seqs
+                && s.tables.bytes() >= table_bytes
+                && s.attention_partial.bytes() >= partial_bytes
+        });
+        if fits {
+            return Ok(());
+        }
+        let (tokens, seqs) = match guard.as_ref() {
+            Some(s) => (s.tokens.max(tokens), s.seqs.max(seqs)),
+            None => (tokens.max(16), seqs.max(16)),
+        };
+        let table_capacity =
+            guard.as_ref().map_or(0, |s| s.tables.bytes()).max(table_bytes).max(64 << 10);
+        let partial_capacity = guard
+            .as_ref()
+            .map_or(0, |s| s.attention_partial.bytes())
+            .max(partial_bytes)
+            .max(1 << 20);
+        *guard = None; // free the old buffers (and the graphs over them) first
+        *guard = Some(Scratch::new(
+            &self.gpu,
+            &self.shape,
+            tokens,
+            seqs,
+            2 * table_capacity,
+            2 * partial_capacity,
+        )?);
+        Ok(())
     }
 
     /// Queues the pass up to the logits: the same launches whether they run now or are

@@ -114,6 +114,14 @@ pub trait CausalLm: Send + Sync {
         Ok(None)
     }
 
+    /// Allocates up front what a call of up to `max_tokens` tokens and `max_seqs` sequences
+    /// needs besides the KV cache (the GPU engine's activations), so that the cache is sized
+    /// from the memory left and serving does not allocate (engines that allocate per call
+    /// need nothing).
+    fn reserve_activations(&self, _max_tokens: usize, _max_seqs: usize) -> Result<()> {
+        Ok(())
+    }
+
     /// Runs the new tokens of several sequences in one pass: the matrix products see all
     /// tokens at once (vLLM's flat layout), attention runs per sequence over its own blocks.
     /// Each step's `ids` take positions `start..`, their K/V go into its blocks of `arena`.

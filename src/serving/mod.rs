@@ -224,6 +224,9 @@ impl ServingEngine {
         name: &str,
         mut metrics: Box<dyn EngineMetrics>,
     ) -> Result<Self> {
+        // Activations first: the KV cache takes its share of the memory left after them.
+        let max_tokens = config.max_num_batched_tokens.max(config.max_num_seqs);
+        model.model.reserve_activations(max_tokens, config.max_num_seqs)?;
         let num_blocks = config.num_blocks(&model)?;
         tracing::info!(
             "engine {name}: {num_blocks} KV blocks of {} tokens ({} MiB)",
