@@ -34,7 +34,7 @@ pub struct SchedulerConfig {
     pub block_size: usize,
     /// LMDeploy's rule: above 1, a number of blocks; otherwise the fraction of the memory
     /// available when the engine starts (host memory for the CPU engine, free device memory
-    /// after the weights for the GPU engine).
+    /// after the weights and reserved activations for the GPU engine).
     pub cache_max_entry_count: f64,
     /// Share the KV blocks of identical prompt prefixes between requests.
     pub enable_prefix_caching: bool,
