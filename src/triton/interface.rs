@@ -148,10 +148,14 @@ impl<'a> Inputs<'a> {
 
     fn number<T: std::str::FromStr>(&self, name: &str, what: &str) -> Result<Option<T>> {
         let Some(text) = self.scalar(name)? else { return Ok(None) };
-        text.trim()
-            .parse::<T>()
-            .map(Some)
-            .map_err(|_| invalid(name, format!("{text:?} is not {what}")))
+        let digits = text.trim().trim_start_matches('+');
+        text.trim().parse::<T>().map(Some).map_err(|_| {
+            if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+                invalid(name, format!("{text:?} is too large (at most {})", u64::MAX))
+            } else {
+                invalid(name, format!("{text:?} is not {what}"))
+            }
+        })
     }
 
     fn finite(&self, name: &str) -> Result<Option<f32>> {
@@ -169,6 +173,10 @@ impl<'a> Inputs<'a> {
         }
     }
 }
+
+/// Limits on a request's stop strings (the cost of matching them each token).
+pub const MAX_STOP_STRINGS: usize = 256;
+pub const MAX_STOP_BYTES: usize = 16 << 10;
 
 /// Decodes one request's inputs into a chat turn with the model's defaults applied.
 pub fn decode_request(
@@ -200,6 +208,8 @@ pub fn decode_request(
         .collect();
 
     let system_prompt = match inputs.scalar(SYSTEM_PROMPT)? {
+        // "" asks for none, which is all ChatGLM2 has.
+        Some("") if family == Family::ChatGlm2 => None,
         Some(_) if family == Family::ChatGlm2 => {
             return Err(invalid(SYSTEM_PROMPT, "ChatGLM2 has no system prompt".into()));
         }
@@ -234,6 +244,20 @@ pub fn decode_request(
     let stop = inputs.strings(STOP)?.unwrap_or_default();
     if stop.iter().any(|s| s.is_empty()) {
         return Err(invalid(STOP, "stop strings must not be empty".into()));
+    }
+    // Every generated token is searched for each of them in the engine's shared step.
+    if stop.len() > MAX_STOP_STRINGS {
+        return Err(invalid(
+            STOP,
+            format!("at most {MAX_STOP_STRINGS} stop strings, got {}", stop.len()),
+        ));
+    }
+    let stop_bytes: usize = stop.iter().map(|s| s.len()).sum();
+    if stop_bytes > MAX_STOP_BYTES {
+        return Err(invalid(
+            STOP,
+            format!("stop strings of at most {MAX_STOP_BYTES} bytes in all, got {stop_bytes}"),
+        ));
     }
 
     Ok(ChatRequest {
@@ -409,6 +433,36 @@ mod tests {
         }
         let message = error(&[(PROMPT, &["q"]), (SYSTEM_PROMPT, &["be brief"])]);
         assert!(message.starts_with("system_prompt: "), "{message}");
+        // "" means no system prompt, which ChatGLM2 takes.
+        let r = request(&[(PROMPT, &["q"]), (SYSTEM_PROMPT, &[""])]).unwrap();
+        assert_eq!(r.turn.system_prompt, None);
+    }
+
+    #[test]
+    fn integers_past_64_bits_are_called_too_large() {
+        for name in [MAX_TOKEN, MAX_NEW_TOKENS, TOP_K, HISTORY_LEN, SEED] {
+            let message = error(&[(PROMPT, &["q"]), (name, &["18446744073709551616"])]);
+            assert!(message.starts_with(&format!("{name}: ")), "{message}");
+            assert!(message.contains("too large (at most 18446744073709551615)"), "{message}");
+        }
+        let r = request(&[(PROMPT, &["q"]), (MAX_TOKEN, &["18446744073709551615"])]).unwrap();
+        assert_eq!(r.options.max_token, Some(usize::MAX));
+        assert!(
+            error(&[(PROMPT, &["q"]), (MAX_TOKEN, &["-18446744073709551616"])])
+                .contains("not a positive integer")
+        );
+    }
+
+    #[test]
+    fn stop_strings_are_limited_in_number_and_length() {
+        let many: Vec<String> = (0..=MAX_STOP_STRINGS).map(|i| format!("s{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let message = error(&[(PROMPT, &["q"]), (STOP, &many)]);
+        assert!(message.starts_with("stop: at most 256 stop strings, got 257"), "{message}");
+        assert!(request(&[(PROMPT, &["q"]), (STOP, &many[..MAX_STOP_STRINGS])]).is_ok());
+        let long = "x".repeat(MAX_STOP_BYTES + 1);
+        let message = error(&[(PROMPT, &["q"]), (STOP, &[&long])]);
+        assert!(message.starts_with("stop: stop strings of at most 16384 bytes"), "{message}");
     }
 
     #[test]

@@ -186,7 +186,7 @@ BAD_INPUTS = [
     ({"prompt": "hi", "temperature": "nan"}, "temperature", "finite"),
     ({"prompt": "hi", "temperature": "-0.5"}, "temperature", ">= 0"),
     ({"prompt": "hi", "max_token": "-5"}, "max_token", "not a positive integer"),
-    ({"prompt": "hi", "max_token": "99999999999999999999999"}, "max_token", "not a positive integer"),
+    ({"prompt": "hi", "max_token": "99999999999999999999999"}, "max_token", "too large"),
     ({"prompt": "hi", "max_token": "3"}, "max_token", "prompt alone is"),
     ({"prompt": "hi", "history_len": "-1"}, "history_len", "not a non-negative integer"),
     ({"prompt": "hi", "top_p": "1.5"}, "top_p", "(0, 1]"),
@@ -197,6 +197,7 @@ BAD_INPUTS = [
     ({"prompt": "hi", "system_prompt": "be brief"}, "system_prompt", "no system prompt"),
     ({"prompt": "hi", "stop": [""]}, "stop", "must not be empty"),
     ({"prompt": "长" * 600}, "prompt", "do not fit the model's context"),
+    ({"prompt": "hi", "history": ["长" * 100, "长" * 100]}, "prompt", "1 kept history pairs; a smaller history_len"),
 ]
 
 
@@ -213,6 +214,12 @@ def test_bad_input_gets_its_error_and_the_next_request_succeeds(server, fields, 
     assert grpc_error.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert problem in grpc_error.value.message()
     assert http_chat(server, "chatglm2-tiny", good)[0]
+
+
+def test_an_empty_system_prompt_is_none_on_chatglm2(server):
+    fields = {"prompt": "你好", "temperature": "0", "max_new_tokens": "8"}
+    assert http_chat(server, "chatglm2-tiny", {**fields, "system_prompt": ""}) == \
+        http_chat(server, "chatglm2-tiny", fields)
 
 
 def test_malformed_bytes_buffer_is_rejected(server):
