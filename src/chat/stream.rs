@@ -114,11 +114,14 @@ struct StopStrings {
     ready: usize,
     /// Where the first stop string starts, once one is found.
     stopped_at: Option<usize>,
+    /// Bytes of the longest stop string.
+    longest: usize,
 }
 
 impl StopStrings {
     fn new(stops: Vec<String>) -> Self {
-        StopStrings { stops, text: String::new(), taken: 0, ready: 0, stopped_at: None }
+        let longest = stops.iter().map(String::len).max().unwrap_or(0);
+        StopStrings { stops, text: String::new(), taken: 0, ready: 0, stopped_at: None, longest }
     }
 
     fn is_stopped(&self) -> bool {
@@ -140,7 +143,7 @@ impl StopStrings {
                 self.text[search_from..].find(stop.as_str()).map(|i| search_from + i)
             })
             .min();
-        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
+        let longest = self.longest;
         self.ready = match found {
             Some(at) => {
                 self.stopped_at = Some(at);
