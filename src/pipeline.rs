@@ -154,7 +154,15 @@ impl ChatModel {
     ) -> Result<Generating<'_>> {
         let prompt_ids = self.chat_prompt_ids(turn)?;
         let kept = chat::kept_history(&turn.history, turn.history_len).to_vec();
-        self.start(prompt_ids, options, Some((turn.query.clone(), kept)))
+        let pairs = kept.len();
+        self.start(prompt_ids, options, Some((turn.query.clone(), kept))).map_err(|e| match e {
+            // Too long for the context: say the history counts too.
+            Error::InvalidRequest(message) if pairs > 0 => Error::InvalidRequest(format!(
+                "{message} (the prompt includes the {pairs} kept history pairs; a smaller \
+                 history_len keeps fewer)"
+            )),
+            e => e,
+        })
     }
 
     /// Starts a raw continuation of token ids (no chat format, no clean-up).
