@@ -290,6 +290,9 @@ fn serve<'m>(
     let mut open = true;
     let mut prefix_hits = space.blocks.prefix_hit_tokens;
     let mut step_log = StepLog::new();
+    // The gauges read the cache's size from the start, not from the first request on.
+    metrics.kv_blocks(space.blocks.used(), space.blocks.available());
+    metrics.queue(0, 0);
     let emitter = match Emitter::start(name) {
         Ok(emitter) => emitter,
         Err(error) => {
