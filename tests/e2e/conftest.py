@@ -62,6 +62,8 @@ class Server:
                 f"--http-port={self.http_port}",
                 f"--grpc-port={self.grpc_port}",
                 f"--metrics-port={self.metrics_port}",
+                # Shutdown waits this long for open client connections (30 s by default).
+                "--exit-timeout-secs=5",
                 *extra_args,
             ],
             stdout=self.log,
