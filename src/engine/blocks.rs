@@ -4,17 +4,34 @@
 //! same prefix (a multi-round chat resending its history) shares them. Unreferenced cached
 //! blocks stay reusable until space is needed, then the least recently used go first.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 
 pub type BlockId = u32;
 
-/// The hash identifying a full block: its tokens and everything before them.
-fn chain_hash(previous: u64, tokens: &[u32]) -> u64 {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    previous.hash(&mut hasher);
-    tokens.hash(&mut hasher);
-    hasher.finish()
+/// Identifies a full block's content: its tokens and everything before them. A match is
+/// trusted without comparing tokens, so it is 128 bits from two hashers keyed at random per
+/// engine: an accidental collision is out of reach, and clients cannot craft one.
+type BlockHash = u128;
+
+#[derive(Debug)]
+struct ChainHasher([RandomState; 2]);
+
+impl ChainHasher {
+    fn new() -> Self {
+        ChainHasher([RandomState::new(), RandomState::new()])
+    }
+
+    fn hash(&self, previous: BlockHash, tokens: &[u32]) -> BlockHash {
+        let half = |keys: &RandomState| {
+            let mut hasher = keys.build_hasher();
+            previous.hash(&mut hasher);
+            tokens.hash(&mut hasher);
+            hasher.finish() as u128
+        };
+        (half(&self.0[0]) << 64) | half(&self.0[1])
+    }
 }
 
 #[derive(Debug)]
@@ -25,9 +42,10 @@ pub struct BlockManager {
     free: Vec<BlockId>,
     /// Cached blocks nobody references, oldest first (evicted in this order).
     evictable: VecDeque<BlockId>,
-    cached: HashMap<u64, BlockId>,
+    cached: HashMap<BlockHash, BlockId>,
     /// The hash a block is registered under, if any.
-    block_hash: Vec<Option<u64>>,
+    block_hash: Vec<Option<BlockHash>>,
+    hasher: ChainHasher,
     enable_prefix_caching: bool,
     /// Prompt tokens served from cached blocks since the start.
     pub prefix_hit_tokens: u64,
@@ -40,7 +58,16 @@ pub struct BlockTable {
     /// Full blocks already registered for reuse (a prefix of `blocks`).
     registered: usize,
     /// Hash chain up to the last registered block.
-    last_hash: u64,
+    last_hash: BlockHash,
+    /// Its K/V were computed in a way no other sequence's would be (past the rope limit):
+    /// none of its blocks is offered for reuse.
+    unshareable: bool,
+}
+
+impl BlockTable {
+    pub fn mark_unshareable(&mut self) {
+        self.unshareable = true;
+    }
 }
 
 impl BlockManager {
@@ -52,6 +79,7 @@ impl BlockManager {
             evictable: VecDeque::new(),
             cached: HashMap::new(),
             block_hash: vec![None; num_blocks],
+            hasher: ChainHasher::new(),
             enable_prefix_caching,
             prefix_hit_tokens: 0,
         }
@@ -104,7 +132,7 @@ impl BlockManager {
             let reusable = prompt.len().saturating_sub(1) / self.block_size;
             let mut hash = 0;
             for chunk in prompt.chunks_exact(self.block_size).take(reusable) {
-                hash = chain_hash(hash, chunk);
+                hash = self.hasher.hash(hash, chunk);
                 match self.cached.get(&hash) {
                     Some(&block) => hits.push((block, hash)),
                     None => break,
@@ -147,13 +175,13 @@ impl BlockManager {
 
     /// Registers the blocks that `tokens` (all computed) fill completely, for reuse.
     pub fn register_full_blocks(&mut self, table: &mut BlockTable, tokens: &[u32]) {
-        if !self.enable_prefix_caching {
+        if !self.enable_prefix_caching || table.unshareable {
             return;
         }
         let full = (tokens.len() / self.block_size).min(table.blocks.len());
         while table.registered < full {
             let start = table.registered * self.block_size;
-            let hash = chain_hash(table.last_hash, &tokens[start..start + self.block_size]);
+            let hash = self.hasher.hash(table.last_hash, &tokens[start..start + self.block_size]);
             let block = table.blocks[table.registered];
             // A block with the same content may already be cached (two identical prompts
             // computed at once); the first one stays the cached copy.

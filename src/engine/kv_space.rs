@@ -49,10 +49,15 @@ impl KvSpace {
                 self.blocks.num_blocks()
             ));
         }
-        // Past the limit the prompt's K depends on its own length: nothing cached fits it.
+        // Past the limit the prompt's K depends on its own length (computed in one call, see
+        // `must_prefill_whole`): nothing cached fits it, and its blocks fit nothing else.
+        // This holds for a preempted sequence recomputed past the limit too.
         let reuse = self.rope_limit.is_none_or(|limit| tokens <= limit);
         match self.blocks.allocate_prompt(sequence.tokens(), reuse) {
-            Some((table, cached)) => {
+            Some((mut table, cached)) => {
+                if !reuse {
+                    table.mark_unshareable();
+                }
                 sequence.table = table;
                 sequence.set_computed(cached);
                 Admission::Admitted
@@ -74,13 +79,10 @@ impl KvSpace {
     }
 
     /// Offers the sequence's newly filled blocks for reuse: those computed in calls that
-    /// did not reach past the rope limit, whose K is the same for every such call.
+    /// did not reach past the rope limit, whose K is the same for every such call (a
+    /// sequence admitted past it has its table marked unshareable).
     pub fn register(&mut self, sequence: &mut Sequence) {
-        let limit = match self.rope_limit {
-            Some(limit) if sequence.prompt_len() > limit => 0,
-            Some(limit) => limit,
-            None => usize::MAX,
-        };
+        let limit = self.rope_limit.unwrap_or(usize::MAX);
         let (table, computed) = sequence.table_and_computed_tokens();
         let reusable = &computed[..computed.len().min(limit)];
         self.blocks.register_full_blocks(table, reusable);
