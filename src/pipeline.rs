@@ -260,7 +260,7 @@ impl Generating<'_> {
         let Some(id) = self.sequence.accept(ran, chosen) else { return String::new() };
         let (text, stopped) = self.answer.push(id);
         if stopped {
-            self.sequence.stop(FinishReason::Stop);
+            self.sequence.stop_on_stop_string();
         }
         text
     }

@@ -220,6 +220,14 @@ impl Sequence {
         self.finish_reason.get_or_insert(reason);
     }
 
+    /// A stop string ended the answer: that is why it ended, even when the token that
+    /// completed it also used up the budget.
+    pub fn stop_on_stop_string(&mut self) {
+        if matches!(self.finish_reason, None | Some(FinishReason::Length)) {
+            self.finish_reason = Some(FinishReason::Stop);
+        }
+    }
+
     pub fn into_generation(self) -> Generation {
         Generation {
             output_ids: self.output_ids().to_vec(),

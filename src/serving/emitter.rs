@@ -24,6 +24,23 @@ pub(super) struct SharedSink {
     refused: AtomicBool,
 }
 
+impl Drop for SharedSink {
+    /// A request whose engine or response thread died before its end still gets one, so
+    /// that its client is not left waiting (normally the end has taken the sink already).
+    fn drop(&mut self) {
+        let unfinished = self.sink.get_mut().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(sink) = unfinished {
+            let error = Error::Internal("the engine stopped before answering".into());
+            // Maybe during a panic's unwinding: a second panic would abort the server.
+            let finished =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sink.finish(Err(error))));
+            if finished.is_err() {
+                tracing::error!("ending an unanswered request panicked");
+            }
+        }
+    }
+}
+
 impl SharedSink {
     pub(super) fn new(sink: Box<dyn AnswerSink>) -> Arc<Self> {
         Arc::new(SharedSink { sink: Mutex::new(Some(sink)), refused: AtomicBool::new(false) })

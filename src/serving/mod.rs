@@ -274,6 +274,8 @@ struct Active<'m> {
     sink: Arc<SharedSink>,
     arrived: Instant,
     last_token: Option<Instant>,
+    /// Admitted before (and preempted since): its prompt and prefix hits are counted.
+    admitted_before: bool,
 }
 
 fn serve<'m>(
@@ -288,7 +290,6 @@ fn serve<'m>(
     let mut waiting: VecDeque<Active<'m>> = VecDeque::new();
     let mut running: Vec<Active<'m>> = Vec::new();
     let mut open = true;
-    let mut prefix_hits = space.blocks.prefix_hit_tokens;
     let mut step_log = StepLog::new();
     // The gauges read the cache's size from the start, not from the first request on.
     metrics.kv_blocks(space.blocks.used(), space.blocks.available());
@@ -307,7 +308,13 @@ fn serve<'m>(
         match model.start_chat(&job.turn, &job.options) {
             Ok(generating) => {
                 let sink = SharedSink::new(job.sink);
-                Some(Active { generating, sink, arrived: job.arrived, last_token: None })
+                Some(Active {
+                    generating,
+                    sink,
+                    arrived: job.arrived,
+                    last_token: None,
+                    admitted_before: false,
+                })
             }
             Err(error) => {
                 job.sink.finish(Err(error));
@@ -361,12 +368,16 @@ fn serve<'m>(
         // Admit in order while there are seats and blocks.
         while running.len() < config.max_num_seqs {
             let Some(mut active) = waiting.pop_front() else { break };
-            let is_new = active.generating.sequence.computed() == 0
-                && active.generating.sequence.output_ids().is_empty();
+            let hits_before = space.blocks.prefix_hit_tokens;
             match space.admit(&mut active.generating.sequence) {
                 Admission::Admitted => {
-                    if is_new {
+                    // Counted once: a preempted sequence's recompute is not a new prompt,
+                    // nor are its hits on its own blocks prefix reuse.
+                    if !active.admitted_before {
                         metrics.prompt_tokens(active.generating.sequence.prompt_len());
+                        let hits = space.blocks.prefix_hit_tokens - hits_before;
+                        metrics.prefix_hit_tokens(hits as usize);
+                        active.admitted_before = true;
                     }
                     running.push(active);
                 }
@@ -381,9 +392,6 @@ fn serve<'m>(
                 }
             }
         }
-        let hits = space.blocks.prefix_hit_tokens;
-        metrics.prefix_hit_tokens((hits - prefix_hits) as usize);
-        prefix_hits = hits;
         if running.is_empty() {
             metrics.queue(0, waiting.len());
             metrics.kv_blocks(space.blocks.used(), space.blocks.available());
@@ -424,6 +432,13 @@ fn serve<'m>(
         let stepped: Vec<usize> = (0..running.len())
             .filter(|&i| plan[i] > 0 && !running[i].generating.is_finished())
             .collect();
+        if stepped.is_empty() {
+            // Nothing to run: the lone sequence that filled the cache was ended above.
+            retire(&mut running, space, &emitter);
+            metrics.queue(running.len(), waiting.len());
+            metrics.kv_blocks(space.blocks.used(), space.blocks.available());
+            continue;
+        }
         for &i in &stepped {
             running[i].generating.sequence.prepare_step(plan[i]);
         }
@@ -522,7 +537,8 @@ where
         let Active { generating, sink, .. } = active;
         match generating.finish() {
             Ok((rest, completion)) => {
-                if !rest.is_empty() {
+                // A cancelled request's client is gone: only its end is sent.
+                if !rest.is_empty() && completion.finish_reason != FinishReason::Cancelled {
                     ends.push(Emission::Text(Arc::clone(&sink), rest));
                 }
                 ends.push(Emission::Finish(sink, Ok(completion)));
