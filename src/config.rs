@@ -131,6 +131,19 @@ impl ModelConfig {
                 _ => unknown_parameters.push(key.clone()),
             }
         }
+        let scheduler = &parameters.scheduler;
+        // Every running sequence decodes each step; with fewer tokens a step than seats,
+        // prefills would wait behind decodes (vLLM refuses this too).
+        if scheduler.max_num_batched_tokens < scheduler.max_num_seqs {
+            return Err(parameter_error(
+                "max_num_batched_tokens",
+                format!(
+                    "{} is below max_num_seqs {}: a step must have room for every sequence's \
+                     decode",
+                    scheduler.max_num_batched_tokens, scheduler.max_num_seqs
+                ),
+            ));
+        }
         Ok(ModelConfig { name, max_batch_size, decoupled, parameters, unknown_parameters })
     }
 }
@@ -212,6 +225,7 @@ mod tests {
             (r#""sample_on_device":{"string_value":"yes"}"#, "sample_on_device"),
             (r#""cuda_graphs":{"string_value":"on"}"#, "cuda_graphs"),
             (r#""block_size":{"string_value":"0"}"#, "block_size"),
+            (r#""max_num_seqs":{"string_value":"4096"}"#, "max_num_batched_tokens"),
         ] {
             let message = parse(params).unwrap_err().to_string();
             assert!(message.contains(&format!("parameter {key}")), "{message}");
