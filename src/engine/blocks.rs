@@ -5,7 +5,7 @@
 //! blocks stay reusable until space is needed, then the least recently used go first.
 
 use std::collections::hash_map::RandomState;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hash, Hasher};
 
 pub type BlockId = u32;
@@ -34,6 +34,45 @@ impl ChainHasher {
     }
 }
 
+/// Cached blocks nobody references, in the order they became so: a cache hit takes one out
+/// from anywhere (a long chat history hits many of hundreds of thousands of blocks) and
+/// eviction takes the oldest, both in O(log n).
+#[derive(Debug)]
+struct Evictable {
+    by_age: BTreeMap<u64, BlockId>,
+    /// Each block's key in `by_age`, while it is there.
+    age: Vec<Option<u64>>,
+    next_age: u64,
+}
+
+impl Evictable {
+    fn new(num_blocks: usize) -> Self {
+        Evictable { by_age: BTreeMap::new(), age: vec![None; num_blocks], next_age: 0 }
+    }
+
+    fn len(&self) -> usize {
+        self.by_age.len()
+    }
+
+    fn push(&mut self, block: BlockId) {
+        self.by_age.insert(self.next_age, block);
+        self.age[block as usize] = Some(self.next_age);
+        self.next_age += 1;
+    }
+
+    fn remove(&mut self, block: BlockId) {
+        if let Some(age) = self.age[block as usize].take() {
+            self.by_age.remove(&age);
+        }
+    }
+
+    fn pop_oldest(&mut self) -> Option<BlockId> {
+        let (_, block) = self.by_age.pop_first()?;
+        self.age[block as usize] = None;
+        Some(block)
+    }
+}
+
 #[derive(Debug)]
 pub struct BlockManager {
     block_size: usize,
@@ -41,7 +80,7 @@ pub struct BlockManager {
     /// Never-used or invalidated blocks.
     free: Vec<BlockId>,
     /// Cached blocks nobody references, oldest first (evicted in this order).
-    evictable: VecDeque<BlockId>,
+    evictable: Evictable,
     cached: HashMap<BlockHash, BlockId>,
     /// The hash a block is registered under, if any.
     block_hash: Vec<Option<BlockHash>>,
@@ -76,7 +115,7 @@ impl BlockManager {
             block_size,
             ref_counts: vec![0; num_blocks],
             free: (0..num_blocks as BlockId).rev().collect(),
-            evictable: VecDeque::new(),
+            evictable: Evictable::new(num_blocks),
             cached: HashMap::new(),
             block_hash: vec![None; num_blocks],
             hasher: ChainHasher::new(),
@@ -110,7 +149,7 @@ impl BlockManager {
         let block = match self.free.pop() {
             Some(block) => block,
             None => {
-                let block = self.evictable.pop_front()?;
+                let block = self.evictable.pop_oldest()?;
                 if let Some(hash) = self.block_hash[block as usize].take() {
                     self.cached.remove(&hash);
                 }
@@ -146,7 +185,7 @@ impl BlockManager {
         }
         for &(block, hash) in &hits {
             if self.ref_counts[block as usize] == 0 {
-                self.evictable.retain(|&b| b != block);
+                self.evictable.remove(block);
             }
             self.ref_counts[block as usize] += 1;
             table.blocks.push(block);
@@ -201,7 +240,7 @@ impl BlockManager {
             *count -= 1;
             if *count == 0 {
                 if self.block_hash[block as usize].is_some() {
-                    self.evictable.push_back(block);
+                    self.evictable.push(block);
                 } else {
                     self.free.push(block);
                 }
@@ -291,6 +330,33 @@ mod tests {
         m.free(table);
         // Both cached prefixes were evicted: nothing is reused.
         assert_eq!(m.allocate_prompt(&tokens(3, 1), true).unwrap().1, 0);
+    }
+
+    #[test]
+    fn a_hit_refreshes_its_block_and_the_rest_keep_their_order() {
+        // Blocks of 2: a 3-token prompt caches its first block, its second goes back free.
+        let mut m = BlockManager::new(4, 2, true);
+        let use_prompt = |m: &mut BlockManager, salt| {
+            let prompt = tokens(3, salt);
+            let (mut table, hit) = m.allocate_prompt(&prompt, true).unwrap();
+            m.register_full_blocks(&mut table, &prompt);
+            m.free(table);
+            hit
+        };
+        for salt in [0, 1, 2] {
+            assert_eq!(use_prompt(&mut m, salt), 0);
+        }
+        // The oldest (salt 0) is hit and let go again: now the newest.
+        assert_eq!(use_prompt(&mut m, 0), 2);
+        assert_eq!(m.available(), 4);
+        // Two fresh blocks: the free one, then the oldest cached one (salt 1's).
+        let (fresh, _) = m.allocate_prompt(&tokens(4, 9), false).unwrap();
+        m.free(fresh);
+        for (salt, reused) in [(0, 2), (1, 0), (2, 2)] {
+            let (table, hit) = m.allocate_prompt(&tokens(3, salt), true).unwrap();
+            assert_eq!(hit, reused, "salt {salt}");
+            m.free(table);
+        }
     }
 
     #[test]
