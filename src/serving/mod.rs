@@ -225,7 +225,12 @@ impl ServingEngine {
         mut metrics: Box<dyn EngineMetrics>,
     ) -> Result<Self> {
         // Activations first: the KV cache takes its share of the memory left after them.
-        let max_tokens = config.max_num_batched_tokens.max(config.max_num_seqs);
+        // A prompt past the rope limit runs whole, next to the other sequences' decodes.
+        let whole_prefill = match model.model.info().length_dependent_rope_after {
+            Some(limit) if model.max_context() > limit => model.max_context() + config.max_num_seqs,
+            _ => 0,
+        };
+        let max_tokens = config.max_num_batched_tokens.max(config.max_num_seqs).max(whole_prefill);
         model.model.reserve_activations(max_tokens, config.max_num_seqs)?;
         let num_blocks = config.num_blocks(&model)?;
         tracing::info!(
