@@ -67,14 +67,19 @@ pub struct Completion {
     pub finish_reason: FinishReason,
 }
 
+/// A folder's family (from config.json) and tokenizer, without its weights.
+pub fn load_tokenizer(dir: &Path) -> Result<(Family, Tokenizer)> {
+    let (family, _) = model::read_config(dir)?;
+    let tokenizer_family = match family {
+        Family::ChatGlm2 => TokenizerFamily::ChatGlm2,
+        Family::InternLm2 => TokenizerFamily::InternLm2,
+    };
+    Ok((family, Tokenizer::from_folder(dir, tokenizer_family)?))
+}
+
 impl ChatModel {
     pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
-        let (family, _) = model::read_config(dir)?;
-        let tokenizer_family = match family {
-            Family::ChatGlm2 => TokenizerFamily::ChatGlm2,
-            Family::InternLm2 => TokenizerFamily::InternLm2,
-        };
-        let tokenizer = Tokenizer::from_folder(dir, tokenizer_family)?;
+        let (family, tokenizer) = load_tokenizer(dir)?;
         let model = model::load_on(dir, options.load_format, options.device, options.dtype)?;
         model.set_sample_on_device(options.sample_on_device);
         model.set_cuda_graphs(options.cuda_graphs);

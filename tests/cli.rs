@@ -44,6 +44,36 @@ fn tokenize_with_and_without_specials() {
 }
 
 #[test]
+fn tokenize_reads_no_weights_and_applies_the_chat_template() {
+    for folder in ["chatglm2-tiny", "internlm2-tiny"] {
+        let golden = golden(folder, "chat_golden.json");
+        let case = golden["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| {
+                c["history_in"] == serde_json::json!([])
+                    && c["meta_instruction_is_default"] != false
+            })
+            .unwrap();
+        let expected = ids(&case["prompt_ids"]);
+        let query = case["query"].as_str().unwrap();
+        let folder_copy = copy_fixture(folder);
+        std::fs::remove_file(folder_copy.path().join("model.safetensors")).unwrap();
+        let model = folder_copy.path().to_str().unwrap();
+        let out = json_of(&triton_llm(&["tokenize", "--model", model, "--chat", query]));
+        assert_eq!(ids(&out["ids"]), expected, "{folder}");
+        let out =
+            json_of(&triton_llm(&["tokenize", "--model", model, "--chat", "--system", "", query]));
+        let ids = ids(&out["ids"]);
+        match folder {
+            "chatglm2-tiny" => assert_eq!(ids, expected, "ChatGLM2 has no system prompt"),
+            _ => assert!(ids.len() < expected.len(), "no system block: {ids:?}"),
+        }
+    }
+}
+
+#[test]
 fn logits_match_the_golden() {
     for folder in ["chatglm2-tiny", "internlm2-tiny"] {
         let golden = golden(folder, "model_golden.json");

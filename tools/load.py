@@ -15,7 +15,10 @@ Throughput is always over the whole run.
 
 Works with decoupled models (one response per piece) and with plain ones (one response:
 then TTFT is the whole answer's latency). Output tokens are the `generated_tokens`
-response parameter of each final response.
+response parameter of each final response, prompt tokens (reported as a mean) its
+`prompt_tokens`. With --random-words every request has a prompt of its own, as in
+throughput benchmarks; the default prompts repeat, so the server's prefix cache serves most
+of each prompt after its first time.
 """
 
 import argparse
@@ -23,6 +26,7 @@ import json
 import multiprocessing
 import os
 import queue
+import random
 import threading
 import time
 
@@ -30,6 +34,24 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 PROMPTS = ["你好", "hello world", "What is RMSNorm?", "请用一句话介绍你自己。"]
+
+# English words that ChatGLM2's and InternLM2's tokenizers each encode as one token (checked
+# with `triton-llm tokenize`): a prompt of N of them is N tokens plus the chat template
+# (16 tokens for ChatGLM2, 10 for InternLM2 without its system prompt).
+WORDS = """able action activity age air area arm art attention back bad black blue body book boy building
+business car care case center change child city class community company computer control cost
+country data day development difference doctor door early education effect end event experience
+eye face fact family father field figure film foot force form friend game girl green ground
+group hair hand head health heart history home hour house idea image important information
+interest issue job kind land large law leader level life light line lot love man market matter
+member mind minute model moment money month mother movie music name need news night number
+office official organization others paper parent part party patient people person phone picture
+piece place plan player point policy population position power practice price problem product
+program project public question rate reason record red relationship report research result right
+river road role room same school season service show side site small son song source space star
+state step stone story street student study support system table tax teacher team technology
+test thing time town tree truth type use value view voice wall war water way week white wife
+window woman word work worker world year""".split()
 
 
 def inputs(fields):
@@ -52,6 +74,14 @@ class Session(threading.Thread):
         self.index, self.args, self.deadline, self.budget = index, args, deadline, budget
         # Latencies as (time the request was sent, seconds).
         self.ttft, self.itl, self.tokens, self.requests, self.errors = [], [], 0, 0, []
+        self.prompt_tokens = 0
+        # Random-word prompts: reproducible per session, different across sessions.
+        self.words = random.Random(index)
+
+    def prompt(self, n):
+        if self.args.random_words:
+            return " ".join(self.words.choice(WORDS) for _ in range(self.args.random_words))
+        return " ".join([PROMPTS[(self.index + n) % len(PROMPTS)]] * self.args.prompt_repeat)
 
     def run(self):
         client = grpcclient.InferenceServerClient(self.args.url)
@@ -62,9 +92,11 @@ class Session(threading.Thread):
         n = 0
         try:
             while time.monotonic() < self.deadline and self.budget.take():
-                prompt = " ".join([PROMPTS[(self.index + n) % len(PROMPTS)]] * self.args.prompt_repeat)
+                prompt = self.prompt(n)
                 fields = {"prompt": prompt, "max_new_tokens": str(self.args.max_new_tokens),
                           "temperature": str(self.args.temperature)}
+                if self.args.system_prompt is not None:
+                    fields["system_prompt"] = self.args.system_prompt
                 if self.args.turns > 1 and history:
                     fields["history"] = [text for pair in history for text in pair]
                 sent = time.monotonic()
@@ -90,6 +122,8 @@ class Session(threading.Thread):
                     if final is not None and final.bool_param:
                         generated = parameters.get("generated_tokens")
                         self.tokens += generated.int64_param if generated is not None else 0
+                        prompt_tokens = parameters.get("prompt_tokens")
+                        self.prompt_tokens += prompt_tokens.int64_param if prompt_tokens is not None else 0
                         self.requests += 1
                         history = (history + [[prompt, "".join(answer)]])[-(self.args.turns - 1):] \
                             if self.args.turns > 1 else []
@@ -137,6 +171,7 @@ def run_sessions(args, indices, deadline, budget, results=None, start=None):
         "errors": [e for s in sessions for e in s.errors],
         "requests": sum(s.requests for s in sessions),
         "tokens": sum(s.tokens for s in sessions),
+        "prompt_tokens": sum(s.prompt_tokens for s in sessions),
     }
     if results is not None:
         results.put(merged)
@@ -153,6 +188,12 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--prompt-repeat", type=int, default=1,
                         help="repeat each prompt text this many times (longer prompts)")
+    parser.add_argument("--random-words", type=int, default=0, metavar="N",
+                        help="each request a fresh prompt of N random words (N tokens plus the chat "
+                             "template), so that no two requests share prefix-cache blocks; default: "
+                             "a few fixed prompts, repeated --prompt-repeat times")
+    parser.add_argument("--system-prompt", help="InternLM2's system prompt (\"\" for none; default: "
+                                                "the model's own)")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--turns", type=int, default=1, help="rounds each session keeps as history")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for a response")
@@ -201,6 +242,7 @@ def main():
         "seconds": round(elapsed, 3),
         "requests": requests, "requests_per_s": requests / elapsed,
         "output_tokens": tokens, "output_tokens_per_s": tokens / elapsed,
+        "prompt_tokens_mean": sum(p["prompt_tokens"] for p in parts) / requests if requests else None,
         "warmup_s": args.warmup,
         "ttft_ms_p50": percentile(latencies("ttft", steady), 50),
         "ttft_ms_p99": percentile(latencies("ttft", steady), 99),

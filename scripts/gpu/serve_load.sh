@@ -9,11 +9,11 @@
 # SAMPLE_ON_DEVICE (true: the batched sampling kernel; false: the host samples the logits),
 # CUDA_GRAPHS (true: decode steps replayed as CUDA graphs), TEMPERATURE (0: greedy; above:
 # the model's default top-k 50 / top-p 0.8 sampling).
-# Prompts are a chat question repeated 16 times (about 130 tokens with the template),
-# answers 128 new tokens; latency percentiles leave out requests sent in the first 3 s (all
-# sessions start at once; tools/load.py reports them with those too). After each level it prints where the engine's steps spent their
-# time (llm_engine_step_seconds_total by phase, over the level's steps). Needs .carry from
-# scripts/gpu/pack.sh; unpacks what it needs.
+# Prompts are 128 tokens (see WORDS below), answers 128 new tokens; latency percentiles
+# leave out requests sent in the first 3 s (all sessions start at once; tools/load.py reports
+# them with those too). After each level it prints where the engine's steps spent their time
+# (llm_engine_step_seconds_total by phase, over the level's steps) and the prompt tokens the
+# prefix cache served. Needs .carry from scripts/gpu/pack.sh; unpacks what it needs.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 SECONDS_EACH=${1:-20}
@@ -24,9 +24,12 @@ SAMPLE_ON_DEVICE=${SAMPLE_ON_DEVICE:-true}
 CUDA_GRAPHS=${CUDA_GRAPHS:-false}
 TEMPERATURE=${TEMPERATURE:-0}
 MODEL=$(echo "$SHAPE" | tr '.-' '__')_stream
+# Prompts of 128 tokens with the chat template (ChatGLM2's takes 16, InternLM2's 10 without
+# its system prompt), random words of their own for each request, as in the 128-in/128-out
+# benchmarks the targets come from: no request reuses another's KV blocks.
 case $SHAPE in
-    chatglm2*) TOKENIZER=tests/fixtures/chatglm2/tokenizer.model ;;
-    internlm2*) TOKENIZER=tests/fixtures/internlm2/tokenizer.model ;;
+    chatglm2*) TOKENIZER=tests/fixtures/chatglm2/tokenizer.model WORDS=112 ;;
+    internlm2*) TOKENIZER=tests/fixtures/internlm2/tokenizer.model WORDS=118 ;;
     *) echo "unknown SHAPE $SHAPE" >&2; exit 2 ;;
 esac
 OUT=${OUT:-/tmp/gpucheck-out}
@@ -67,7 +70,8 @@ import json, re, urllib.request
 text = urllib.request.urlopen("http://127.0.0.1:8102/metrics", timeout=5).read().decode()
 totals = {}
 for line in text.splitlines():
-    m = re.match(r'(llm_engine_step\w*_total)\{([^}]*)\} (\S+)', line)
+    m = re.match(r'(llm_engine_step\w*_total|llm_prompt_tokens_total|llm_prefix_cache_hit_tokens_total)'
+                 r'\{([^}]*)\} (\S+)', line)
     if m:
         phase = re.search(r'phase="(\w+)"', m.group(2))
         key = m.group(1) + ("/" + phase.group(1) if phase else "")
@@ -81,7 +85,8 @@ for level in $LEVELS; do
     before=$(steps_now)
     timeout $((SECONDS_EACH + 120)) python3 tools/load.py --url 127.0.0.1:8101 \
         --model "$MODEL" --concurrency "$level" --duration "$SECONDS_EACH" \
-        --max-new-tokens 128 --prompt-repeat 16 --temperature "$TEMPERATURE" --warmup 3 |
+        --max-new-tokens 128 --random-words "$WORDS" --system-prompt "" \
+        --temperature "$TEMPERATURE" --warmup 3 |
         tee -a "$OUT/serve_load.jsonl"
     after=$(steps_now)
     python3 - "$before" "$after" "$level" "$SHAPE" "$SAMPLE_ON_DEVICE" "$TEMPERATURE" "$CUDA_GRAPHS" <<'PY' |
@@ -93,6 +98,8 @@ phases = {k.split("/")[1]: round(v / steps * 1e3, 3) for k, v in d.items() if "/
 print(json.dumps({"level": int(sys.argv[3]), "shape": sys.argv[4], "sample_on_device": sys.argv[5],
                   "temperature": float(sys.argv[6]), "cuda_graphs": sys.argv[7], "steps": int(steps),
                   "mean_sequences": round(d.get("llm_engine_step_sequences_total", 0.0) / steps, 1),
+                  "prompt_tokens": int(d.get("llm_prompt_tokens_total", 0.0)),
+                  "prefix_cache_hit_tokens": int(d.get("llm_prefix_cache_hit_tokens_total", 0.0)),
                   "ms_per_step": phases}))
 PY
         tee -a "$OUT/serve_phases.jsonl"

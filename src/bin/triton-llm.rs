@@ -8,11 +8,11 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
-use triton_llm::chat::DEFAULT_HISTORY_LEN;
+use triton_llm::chat::{self, DEFAULT_HISTORY_LEN};
 use triton_llm::cuda::DType;
 use triton_llm::engine::{SampleRow, SamplingParams};
 use triton_llm::model::{self, CausalLm, Checkpoint, Device, KvStore, LoadFormat, SeqStep};
-use triton_llm::pipeline::{ChatModel, ChatTurn, GenerationOptions, LoadOptions};
+use triton_llm::pipeline::{ChatModel, ChatTurn, GenerationOptions, LoadOptions, load_tokenizer};
 use triton_llm::{Error, Result};
 
 #[derive(Parser)]
@@ -28,13 +28,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Token ids of a text: {"ids": [...]}.
+    /// Token ids of a text: {"ids": [...]} (reads config.json and tokenizer.model only).
     Tokenize {
-        #[command(flatten)]
-        model: ModelArgs,
-        /// Leave out the family's special prefix ([gMASK] sop / BOS).
+        /// A Hugging Face model folder (config.json, tokenizer.model).
         #[arg(long)]
+        model: PathBuf,
+        /// Leave out the family's special prefix ([gMASK] sop / BOS).
+        #[arg(long, conflicts_with = "chat")]
         no_special: bool,
+        /// The ids a chat's first round sends for TEXT: the family's chat template applied.
+        #[arg(long)]
+        chat: bool,
+        /// With --chat: InternLM2's system prompt ("" for none; default: the model's own).
+        #[arg(long, requires = "chat")]
+        system: Option<String>,
         text: String,
     },
     /// Last-position logits of a token sequence: {"logits": [...]} (full padded width).
@@ -237,9 +244,13 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Tokenize { model, no_special, text } => {
-            let chat = model.load()?;
-            print_json(&json!({ "ids": chat.tokenizer.encode(&text, !no_special)? }));
+        Command::Tokenize { model, no_special, chat, system, text } => {
+            let (family, tokenizer) = load_tokenizer(&model)?;
+            let text = match chat {
+                true => chat::build_prompt(family, &text, &[], system.as_deref()),
+                false => text,
+            };
+            print_json(&json!({ "ids": tokenizer.encode(&text, !no_special)? }));
         }
         Command::Logits { model, ids } => {
             let chat = model.load()?;

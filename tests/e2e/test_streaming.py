@@ -143,6 +143,26 @@ def test_the_load_tool_reports_what_it_ran(server, processes, warmup):
         assert 0 < report["ttft_ms_p50"] <= report["ttft_ms_p99"] == report["ttft_ms_p99_with_warmup"]
 
 
+def test_the_load_tool_can_give_every_request_a_prompt_of_its_own(server):
+    """--random-words: fresh prompts of that many words (no block of them shared beyond the
+    first, which holds the chat template), and the mean prompt length the server reported."""
+    model = "chatglm2-tiny-stream"
+    prompt_before = server.metric("llm_prompt_tokens_total", model)
+    hits_before = server.metric("llm_prefix_cache_hit_tokens_total", model)
+    command = [sys.executable, str(REPO / "tools" / "load.py"), "--url", server.grpc_url,
+               "--model", model, "--concurrency", "4", "--requests", "12",
+               "--max-new-tokens", "4", "--random-words", "40"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["requests"] == 12 and report["errors"] == 0, report
+    prompt_tokens = server.metric("llm_prompt_tokens_total", model) - prompt_before
+    assert report["prompt_tokens_mean"] * 12 == prompt_tokens
+    assert report["prompt_tokens_mean"] > 40 + 15  # the words and ChatGLM2's template
+    # The block size is 16: repeated prompts of this length would hit 48 tokens or more each.
+    assert server.metric("llm_prefix_cache_hit_tokens_total", model) - hits_before <= 16 * 12
+
+
 def test_a_bad_request_on_a_stream_gets_its_error(server):
     pieces, history, error = grpc_stream(server, "chatglm2-tiny-stream", {"prompt": "hi", "top_p": "7"})
     assert error is not None and "top_p" in str(error)
