@@ -23,6 +23,10 @@ SHAPE=${SHAPE:-chatglm2-6b}
 SAMPLE_ON_DEVICE=${SAMPLE_ON_DEVICE:-true}
 CUDA_GRAPHS=${CUDA_GRAPHS:-false}
 TEMPERATURE=${TEMPERATURE:-0}
+# For a dry run of this script without a GPU: KIND=KIND_CPU and SHAPE_CONFIG, a config.json
+# of the family at a small size (the tokenizer stays SHAPE's).
+KIND=${KIND:-KIND_GPU}
+SHAPE_CONFIG=${SHAPE_CONFIG:-bench/shapes/$SHAPE/config.json}
 MODEL=$(echo "$SHAPE" | tr '.-' '__')_stream
 # Prompts of 128 tokens with the chat template (ChatGLM2's takes 16, InternLM2's 10 without
 # its system prompt), random words of their own for each request, as in the 128-in/128-out
@@ -43,11 +47,12 @@ export PYTHONPATH="/tmp/carry/pylib:$PWD/scripts/gpu/pyshim${PYTHONPATH:+:$PYTHO
 rm -rf /tmp/load-repo /tmp/load-backends /tmp/load-model
 mkdir -p "/tmp/load-repo/$MODEL/1" /tmp/load-backends/llm /tmp/load-model
 xz -dc .carry/libtriton_llm.so.xz > /tmp/load-backends/llm/libtriton_llm.so
-cp "bench/shapes/$SHAPE/config.json" "$TOKENIZER" /tmp/load-model/
+cp "$SHAPE_CONFIG" /tmp/load-model/config.json
+cp "$TOKENIZER" /tmp/load-model/
 {
     sed -e "s/^name: .*/name: \"$MODEL\"/" -e '/^instance_group/d' -e '/^parameters/d' \
         tests/model_repository/chatglm2-tiny-stream/config.pbtxt
-    echo 'instance_group [ { kind: KIND_GPU count: 1 } ]'
+    echo "instance_group [ { kind: $KIND count: 1 } ]"
     for kv in model_dir=/tmp/load-model load_format=dummy dtype=bf16 max_num_seqs=256 \
         max_num_batched_tokens=8192 sample_on_device=$SAMPLE_ON_DEVICE cuda_graphs=$CUDA_GRAPHS; do
         echo "parameters { key: \"${kv%%=*}\" value { string_value: \"${kv#*=}\" } }"
