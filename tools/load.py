@@ -237,11 +237,15 @@ def main():
     errors = [e for p in parts for e in p["errors"]]
     requests = sum(p["requests"] for p in parts)
     tokens = sum(p["tokens"] for p in parts)
+    pieces = sum(len(p["ttft"]) + len(p["itl"]) for p in parts)
     print(json.dumps({
         "model": args.model, "concurrency": args.concurrency, "processes": processes,
         "seconds": round(elapsed, 3),
         "requests": requests, "requests_per_s": requests / elapsed,
         "output_tokens": tokens, "output_tokens_per_s": tokens / elapsed,
+        # Tokens per text response: above 1 where the server joined pieces (a send backlog)
+        # or held back a token with no whole character yet.
+        "tokens_per_response": tokens / pieces if pieces else None,
         "prompt_tokens_mean": sum(p["prompt_tokens"] for p in parts) / requests if requests else None,
         "warmup_s": args.warmup,
         "ttft_ms_p50": percentile(latencies("ttft", steady), 50),

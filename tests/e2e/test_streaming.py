@@ -136,6 +136,7 @@ def test_the_load_tool_reports_what_it_ran(server, processes, warmup):
     generated = server.metric("llm_generated_tokens_total", model) - generated_before
     assert report["output_tokens"] == generated, report
     assert report["output_tokens_per_s"] > 0
+    assert report["tokens_per_response"] >= 1  # a streamed piece holds one token or more
     assert report["ttft_ms_p99_with_warmup"] > 0
     if warmup:
         assert report["ttft_ms_p50"] is None and report["itl_ms_p99"] is None, report
