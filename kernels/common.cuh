@@ -18,6 +18,12 @@ typedef f16 elem;
 typedef float elem;
 #endif
 
+// 16 bytes of elems, loaded or stored as one vector access.
+union Chunk {
+    int4 raw;
+    elem e[16 / sizeof(elem)];
+};
+
 #define NEG_INFINITY __int_as_float(0xff800000)
 
 __device__ __forceinline__ float to_f32(float x) { return x; }

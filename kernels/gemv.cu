@@ -10,11 +10,6 @@
 #define GEMV_MAX_ROWS 8
 #define GEMV_THREADS 128
 
-union Chunk {
-    int4 raw;
-    elem e[16 / sizeof(elem)];
-};
-
 // acc[r] += Σ_k x[r, k] · w_row[k] for r < m, over this block's share of k.
 __device__ __forceinline__ void accumulate_row(const elem* __restrict__ x,
                                                const elem* __restrict__ w_row,

@@ -79,7 +79,6 @@ enum Arg {
     Buffer(usize),
     Null,
     I32(i32),
-    I64(i64),
     F32(f32),
 }
 
@@ -114,7 +113,6 @@ fn launch(
             Arg::Buffer(i) => (0, i as u64),
             Arg::Null => (0, -1i64 as u64),
             Arg::I32(v) => (1, v as i64 as u64),
-            Arg::I64(v) => (2, v as u64),
             Arg::F32(v) => (4, u64::from(v.to_bits())),
         };
         input.push(kind);
@@ -315,7 +313,7 @@ fn gemv_swiglu_is_silu_of_gate_times_up() {
 }
 
 #[test]
-fn embedding_and_silu_mul() {
+fn embedding_copies_the_rows_of_the_ids() {
     let mut rng = ChaCha8Rng::seed_from_u64(4);
     let dtype = DType::BF16;
     let (vocab, width) = (10, 72);
@@ -332,19 +330,34 @@ fn embedding_and_silu_mul() {
     let want: Vec<f32> =
         ids.iter().flat_map(|&i| table[i as usize * width..][..width].to_vec()).collect();
     assert_close(&f32s(&out[2]), &want, 0.0, "embedding");
+}
 
-    let (rows, half) = (3, 40);
-    let gate_up = rounded(dtype, &random(&mut rng, rows * 2 * half, 3.0));
-    let total = rows * half;
-    let out = launch(
-        dtype,
-        "silu_mul",
-        [(total as u32).div_ceil(64), 1, 1],
-        64,
-        vec![dtype.encode(&gate_up), vec![0; total * 2]],
-        &with_buffers(2, [Arg::I32(half as i32), Arg::I64(total as i64)]),
-    );
-    assert_close(&elems(dtype, &out[1]), &cpu::silu_mul_packed(&gate_up, half), 8e-3, "silu_mul");
+#[test]
+fn silu_mul_in_chunks_and_element_by_element() {
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    // Widths of whole 16-byte chunks (vector accesses) and not (the element path, with a
+    // partial last chunk); fewer grid rows than rows, so that rows loop.
+    for (dtype, tolerance) in [(DType::F32, 1e-6), (DType::BF16, 8e-3)] {
+        for (rows, width, grid_rows) in [(3, 40, 3), (5, 40, 2), (3, 36, 2), (2, 7, 1)] {
+            let gate_up = rounded(dtype, &random(&mut rng, rows * 2 * width, 3.0));
+            let chunk = 16 / dtype.size();
+            let blocks = width.div_ceil(chunk).div_ceil(2) as u32;
+            let out = launch(
+                dtype,
+                "silu_mul",
+                [blocks, grid_rows, 1],
+                2,
+                vec![dtype.encode(&gate_up), vec![0; rows * width * dtype.size()]],
+                &with_buffers(2, [Arg::I32(width as i32), Arg::I32(rows as i32)]),
+            );
+            assert_close(
+                &elems(dtype, &out[1]),
+                &cpu::silu_mul_packed(&gate_up, width),
+                tolerance,
+                &format!("silu_mul {} rows {rows} width {width}", dtype.name()),
+            );
+        }
+    }
 }
 
 /// K/V of `len` positions per sequence scattered over the blocks of a paged cache.

@@ -628,16 +628,17 @@ impl Gpu {
         )
     }
 
+    /// SwiGLU of `rows` packed `[gate | up]` rows (kernels/silu_mul.cu).
     pub fn silu_mul(&self, gate_up: u64, out: u64, rows: usize, width: usize) -> Result<()> {
-        let total = (rows * width) as i64;
-        let grid = ((rows * width).div_ceil(256) as u32, 1);
-        let width = width as i32;
+        let chunks = width.div_ceil(16 / self.dtype.size());
+        let grid = (chunks.div_ceil(256) as u32, rows.min(65_535) as u32);
+        let (width, rows) = (width as i32, rows as i32);
         self.launch(
             &self.kernels().silu_mul,
             "silu_mul",
             grid,
             256,
-            &[&gate_up, &out, &width, &total],
+            &[&gate_up, &out, &width, &rows],
         )
     }
 
