@@ -50,7 +50,11 @@ step "gpu tests" 60 bash -c "/tmp/carry/gpu_tests --test-threads 1 --nocapture >
     grep -E '^GPUCHECK|^test |test result' '$OUT/gpu_tests.log'"
 # What failed its device test is left out of the rest (off, as it is by default), so that
 # one broken part does not cost the round its figures.
-passed() { grep -q "^test $1 \.\.\. ok" "$OUT/gpu_tests.log" 2>/dev/null; }
+# A test that found no device skips as "ok": that is no pass.
+passed() {
+    grep -q "^test $1 \.\.\. ok" "$OUT/gpu_tests.log" 2>/dev/null &&
+        ! grep -q "skipped (no CUDA device" "$OUT/gpu_tests.log"
+}
 GRAPHS=true SAMPLE=true
 if ! passed decode_steps_replayed_as_cuda_graphs_match_launched_ones; then
     GRAPHS=false
