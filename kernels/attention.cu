@@ -1,13 +1,17 @@
 // Causal attention over the paged KV cache, never storing a score row (online softmax).
 // Two kernels by the shape of the work:
 //
-// attention_decode — query tokens that come one per sequence (decode steps). A block takes
-//   one (token, head, split of at least 128 keys): each warp scores 32 keys at once, a lane per key
-//   (the whole K and V rows with 16-byte loads, V staged in shared memory), then adds the V
-//   rows with lanes across the head dim. Splitting the keys over blocks (flash-decoding)
-//   keeps the chip busy when there are few sequences; each split leaves (max, sum, unnormalised output) and the last split to
-//   finish merges them. A sequence uses only the splits its keys reach (the others return
-//   at once); with one, the block writes the output itself.
+// attention_decode_h{1,2,4,8} — query tokens that come one per sequence (decode steps). A
+//   block takes one (token, group of 1, 2, 4 or 8 query heads that share a K/V head, split of at
+//   least 128 keys): each warp scores 32 keys at once, a lane per key (the whole K and V
+//   rows with 16-byte loads, V staged in shared memory) against every head of the group,
+//   then adds the V rows with lanes across the head dim. The group reads the K/V once
+//   between its heads: with many sequences a decode step's attention is bound by those
+//   reads, and ChatGLM2 has 16 query heads per K/V head. With few sequences, one head a
+//   block and splitting the keys over blocks (flash-decoding) keep the chip busy; each
+//   split leaves (max, sum, unnormalised output) per head and the last split to finish
+//   merges them. A sequence uses only the splits its keys reach (the others return at
+//   once); with one, the block writes the output itself.
 // attention_prefill — a tile of up to PREFILL_TILE consecutive tokens of one sequence per
 //   (tile, head): the block stages 32 keys of K and V in shared memory (f32) and every query
 //   of the tile uses them, so K/V is read once per tile rather than once per token.
@@ -32,7 +36,11 @@ __device__ __forceinline__ size_t cache_row(const int* table, int key, int block
     return (size_t)table[key / block_size] * block_size + key % block_size;
 }
 
-extern "C" __global__ void attention_decode(
+// HEADS query heads a block (attention_decode_h1 … _h8 below; HEADS divides
+// num_heads / num_kv_heads). grid: (decode tokens, num_heads / HEADS, splits); block:
+// ATTN_THREADS; dynamic shared memory: ATTN_WARPS · 32 · head_dim elems.
+template <int HEADS>
+__device__ __forceinline__ void decode_attention(
     const elem* __restrict__ q, const elem* __restrict__ k_cache,
     const elem* __restrict__ v_cache, elem* __restrict__ out, float* __restrict__ partial,
     int* __restrict__ split_counters, const int* __restrict__ decode_rows,
@@ -40,10 +48,11 @@ extern "C" __global__ void attention_decode(
     const int* __restrict__ token_pos, const int* __restrict__ block_tables,
     int max_blocks_per_seq, int block_size, int num_heads, int num_kv_heads, int head_dim,
     float scale, int partition, int splits) {
+    constexpr int heads = HEADS;
     const int t = decode_rows[blockIdx.x];
-    const int head = blockIdx.y, split = blockIdx.z;
+    const int first_head = blockIdx.y * heads, split = blockIdx.z;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    const int kv_head = head / (num_heads / num_kv_heads);
+    const int kv_head = first_head / (num_heads / num_kv_heads);
     const int kv_width = num_kv_heads * head_dim;
     const int* table = block_tables + (size_t)token_seq[t] * max_blocks_per_seq;
     const int visible = token_pos[t] + 1;
@@ -58,146 +67,206 @@ extern "C" __global__ void attention_decode(
     const int begin = split * partition;
     const int end = min(visible, begin + partition);
 
-    __shared__ float q_s[32 * MAX_DIMS_PER_LANE];
-    const elem* q_head = q + ((size_t)t * num_heads + head) * head_dim;
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) q_s[d] = to_f32(q_head[d]) * scale;
+    __shared__ float q_s[heads][32 * MAX_DIMS_PER_LANE];
+    const elem* q_first = q + ((size_t)t * num_heads + first_head) * head_dim;
+    for (int i = threadIdx.x; i < heads * head_dim; i += blockDim.x)
+        q_s[i / head_dim][i % head_dim] = to_f32(q_first[i]) * scale;
     __syncthreads();
 
     constexpr int V = 16 / sizeof(elem);
     const bool vector_rows = head_dim % V == 0;
-    float acc[MAX_DIMS_PER_LANE];
+    float acc[heads][MAX_DIMS_PER_LANE];
+    float running_max[heads], running_sum[heads];
 #pragma unroll
-    for (int j = 0; j < MAX_DIMS_PER_LANE; j++) acc[j] = 0.0f;
-    float running_max = NEG_INFINITY, running_sum = 0.0f;
+    for (int h = 0; h < heads; h++) {
+        running_max[h] = NEG_INFINITY;
+        running_sum[h] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < MAX_DIMS_PER_LANE; j++) acc[h][j] = 0.0f;
+    }
 
     // Each lane fetches its key's whole K and V rows at once (one round trip per chunk of
     // 32 keys); V goes through shared memory so the P·V sum can run with lanes across dims.
-    // Dynamic shared memory: ATTN_WARPS · 32 · head_dim elems.
     extern __shared__ __align__(16) unsigned char decode_shared[];
     elem* v_warp = reinterpret_cast<elem*>(decode_shared) + (size_t)warp * 32 * head_dim;
     for (int base = begin + warp * 32; base < end; base += ATTN_THREADS) {
         const int key = base + lane;
         const bool valid = key < end;
-        float score = NEG_INFINITY;
+        float dot[heads];
+#pragma unroll
+        for (int h = 0; h < heads; h++) dot[h] = 0.0f;
         if (valid) {
             const size_t row = cache_row(table, key, block_size);
             const size_t at = row * kv_width + (size_t)kv_head * head_dim;
             const elem* k_row = k_cache + at;
             const elem* v_row = v_cache + at;
-            float dot = 0.0f;
             if (vector_rows) {
                 const int4* k4 = reinterpret_cast<const int4*>(k_row);
                 const int4* v4 = reinterpret_cast<const int4*>(v_row);
                 int4* v_dst = reinterpret_cast<int4*>(v_warp + lane * head_dim);
                 const int chunks = head_dim / V;
-                for (int c0 = 0; c0 < chunks; c0 += 16) {
-                    AttnChunk kc[16];
-                    int4 vc[16];
+                // Chunks of K and V in flight per lane: fewer where more heads' sums take
+                // registers (no spills).
+                constexpr int IN_FLIGHT = heads >= 4 ? 8 : 16;
+                for (int c0 = 0; c0 < chunks; c0 += IN_FLIGHT) {
+                    AttnChunk kc[IN_FLIGHT];
+                    int4 vc[IN_FLIGHT];
 #pragma unroll
-                    for (int c = 0; c < 16; c++) {
+                    for (int c = 0; c < IN_FLIGHT; c++) {
                         if (c0 + c < chunks) {
                             kc[c].raw = __ldg(k4 + c0 + c);
                             vc[c] = __ldg(v4 + c0 + c);
                         }
                     }
 #pragma unroll
-                    for (int c = 0; c < 16; c++) {
+                    for (int c = 0; c < IN_FLIGHT; c++) {
                         if (c0 + c < chunks) {
                             v_dst[c0 + c] = vc[c];
 #pragma unroll
-                            for (int j = 0; j < V; j++)
-                                dot += q_s[(c0 + c) * V + j] * to_f32(kc[c].e[j]);
+                            for (int j = 0; j < V; j++) {
+                                const float k = to_f32(kc[c].e[j]);
+#pragma unroll
+                                for (int h = 0; h < heads; h++)
+                                    dot[h] += q_s[h][(c0 + c) * V + j] * k;
+                            }
                         }
                     }
                 }
             } else {
                 for (int d = 0; d < head_dim; d++) {
-                    dot += q_s[d] * to_f32(k_row[d]);
+                    const float k = to_f32(k_row[d]);
+#pragma unroll
+                    for (int h = 0; h < heads; h++)
+                        dot[h] += q_s[h][d] * k;
                     v_warp[lane * head_dim + d] = v_row[d];
                 }
             }
-            score = dot;
         }
         __syncwarp();
-        const float new_max = fmaxf(running_max, warp_max(score));
-        const float correction = expf(running_max - new_max);
-        const float p = valid ? expf(score - new_max) : 0.0f;
-        running_sum = running_sum * correction + warp_sum(p);
-        running_max = new_max;
+        float p[heads];
 #pragma unroll
-        for (int j = 0; j < MAX_DIMS_PER_LANE; j++) acc[j] *= correction;
+        for (int h = 0; h < heads; h++) {
+            const float score = valid ? dot[h] : NEG_INFINITY;
+            const float new_max = fmaxf(running_max[h], warp_max(score));
+            const float correction = expf(running_max[h] - new_max);
+            p[h] = valid ? expf(score - new_max) : 0.0f;
+            running_sum[h] = running_sum[h] * correction + warp_sum(p[h]);
+            running_max[h] = new_max;
+#pragma unroll
+            for (int j = 0; j < MAX_DIMS_PER_LANE; j++) acc[h][j] *= correction;
+        }
         const int count = min(32, end - base);
         for (int kk = 0; kk < count; kk++) {
-            const float pk = __shfl_sync(0xffffffffu, p, kk);
             const elem* v_key = v_warp + kk * head_dim;
+            float v[MAX_DIMS_PER_LANE];
 #pragma unroll
             for (int j = 0; j < MAX_DIMS_PER_LANE; j++) {
                 const int d = lane + 32 * j;
-                if (d < head_dim) acc[j] += pk * to_f32(v_key[d]);
+                v[j] = d < head_dim ? to_f32(v_key[d]) : 0.0f;
+            }
+#pragma unroll
+            for (int h = 0; h < heads; h++) {
+                const float pk = __shfl_sync(0xffffffffu, p[h], kk);
+#pragma unroll
+                for (int j = 0; j < MAX_DIMS_PER_LANE; j++) acc[h][j] += pk * v[j];
             }
         }
         __syncwarp();  // v_warp is refilled by the next chunk
     }
 
-    // Merge the warps, then write the output (one split) or this split's partial result.
-    __shared__ float warp_max_s[ATTN_WARPS], warp_sum_s[ATTN_WARPS];
-    __shared__ float warp_acc[ATTN_WARPS][32 * MAX_DIMS_PER_LANE];
-    if (lane == 0) {
-        warp_max_s[warp] = running_max;
-        warp_sum_s[warp] = running_sum;
-    }
-#pragma unroll
-    for (int j = 0; j < MAX_DIMS_PER_LANE; j++) warp_acc[warp][lane + 32 * j] = acc[j];
+    // Merge the warps, then write each head's output (one split) or this split's partial
+    // result. The V staging memory, no longer read, holds the warps' sums:
+    // [ATTN_WARPS][heads][head_dim] floats (at most 4 · 8 · 128 · 4 bytes, within the
+    // 4 · 32 · head_dim elems it has).
+    __shared__ float warp_max_s[ATTN_WARPS][heads], warp_sum_s[ATTN_WARPS][heads];
+    float* warp_acc = reinterpret_cast<float*>(decode_shared);
     __syncthreads();
-    float block_max = NEG_INFINITY;
-    for (int w = 0; w < ATTN_WARPS; w++) block_max = fmaxf(block_max, warp_max_s[w]);
-    float total = 0.0f;
-    for (int w = 0; w < ATTN_WARPS; w++)
-        if (warp_sum_s[w] > 0.0f) total += warp_sum_s[w] * expf(warp_max_s[w] - block_max);
-    float* part = partial + (((size_t)blockIdx.x * num_heads + head) * splits + split) * (head_dim + 2);
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float value = 0.0f;
+#pragma unroll
+    for (int h = 0; h < heads; h++) {
+        if (lane == 0) {
+            warp_max_s[warp][h] = running_max[h];
+            warp_sum_s[warp][h] = running_sum[h];
+        }
+#pragma unroll
+        for (int j = 0; j < MAX_DIMS_PER_LANE; j++) {
+            const int d = lane + 32 * j;
+            if (d < head_dim) warp_acc[((size_t)warp * heads + h) * head_dim + d] = acc[h][j];
+        }
+    }
+    __syncthreads();
+    for (int h = 0; h < heads; h++) {
+        const int head = first_head + h;
+        float block_max = NEG_INFINITY;
+        for (int w = 0; w < ATTN_WARPS; w++) block_max = fmaxf(block_max, warp_max_s[w][h]);
+        float total = 0.0f;
         for (int w = 0; w < ATTN_WARPS; w++)
-            if (warp_sum_s[w] > 0.0f) value += warp_acc[w][d] * expf(warp_max_s[w] - block_max);
-        if (used_splits == 1)
-            out[((size_t)t * num_heads + head) * head_dim + d] = from_f32<elem>(value / total);
-        else
-            part[2 + d] = value;
+            if (warp_sum_s[w][h] > 0.0f) total += warp_sum_s[w][h] * expf(warp_max_s[w][h] - block_max);
+        float* part = partial + (((size_t)blockIdx.x * num_heads + head) * splits + split) * (head_dim + 2);
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+            float value = 0.0f;
+            for (int w = 0; w < ATTN_WARPS; w++)
+                if (warp_sum_s[w][h] > 0.0f)
+                    value += warp_acc[((size_t)w * heads + h) * head_dim + d] * expf(warp_max_s[w][h] - block_max);
+            if (used_splits == 1)
+                out[((size_t)t * num_heads + head) * head_dim + d] = from_f32<elem>(value / total);
+            else
+                part[2 + d] = value;
+        }
+        if (used_splits > 1 && threadIdx.x == 0) {
+            part[0] = block_max;
+            part[1] = total;
+        }
     }
     if (used_splits == 1) return;
-    if (threadIdx.x == 0) {
-        part[0] = block_max;
-        part[1] = total;
-    }
-    // The last split of this (token, head) to finish merges all of them (the fence makes
-    // this block's partial visible before it is counted).
+    // The last split of this (token, head group) to finish merges all of them (the fence
+    // makes this block's partials visible before it is counted).
     __shared__ bool last;
     __threadfence();
     __syncthreads();
-    int* counter = split_counters + (size_t)blockIdx.x * num_heads + head;
+    int* counter = split_counters + (size_t)blockIdx.x * num_heads + first_head;
     if (threadIdx.x == 0) last = atomicAdd(counter, 1) == used_splits - 1;
     __syncthreads();
     if (!last) return;
     __threadfence();
-    const float* parts = partial + ((size_t)blockIdx.x * num_heads + head) * splits * (head_dim + 2);
-    float global_max = NEG_INFINITY;
-    for (int s = 0; s < used_splits; s++) global_max = fmaxf(global_max, __ldcg(parts + s * (head_dim + 2)));
-    float merged_total = 0.0f;
-    for (int s = 0; s < used_splits; s++) {
-        const float m_s = __ldcg(parts + s * (head_dim + 2)), l_s = __ldcg(parts + s * (head_dim + 2) + 1);
-        if (l_s > 0.0f) merged_total += l_s * expf(m_s - global_max);
-    }
-    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float value = 0.0f;
+    for (int h = 0; h < heads; h++) {
+        const int head = first_head + h;
+        const float* parts = partial + ((size_t)blockIdx.x * num_heads + head) * splits * (head_dim + 2);
+        float global_max = NEG_INFINITY;
+        for (int s = 0; s < used_splits; s++) global_max = fmaxf(global_max, __ldcg(parts + s * (head_dim + 2)));
+        float merged_total = 0.0f;
         for (int s = 0; s < used_splits; s++) {
-            const float* p = parts + s * (head_dim + 2);
-            const float l_s = __ldcg(p + 1);
-            if (l_s > 0.0f) value += __ldcg(p + 2 + d) * expf(__ldcg(p) - global_max);
+            const float m_s = __ldcg(parts + s * (head_dim + 2)), l_s = __ldcg(parts + s * (head_dim + 2) + 1);
+            if (l_s > 0.0f) merged_total += l_s * expf(m_s - global_max);
         }
-        out[((size_t)t * num_heads + head) * head_dim + d] = from_f32<elem>(value / merged_total);
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+            float value = 0.0f;
+            for (int s = 0; s < used_splits; s++) {
+                const float* p = parts + s * (head_dim + 2);
+                const float l_s = __ldcg(p + 1);
+                if (l_s > 0.0f) value += __ldcg(p + 2 + d) * expf(__ldcg(p) - global_max);
+            }
+            out[((size_t)t * num_heads + head) * head_dim + d] = from_f32<elem>(value / merged_total);
+        }
     }
     if (threadIdx.x == 0) *counter = 0;  // ready for the next call
 }
+
+#define ATTENTION_DECODE(H)                                                                      \
+    extern "C" __global__ void attention_decode_h##H(                                           \
+        const elem* __restrict__ q, const elem* __restrict__ k_cache,                           \
+        const elem* __restrict__ v_cache, elem* __restrict__ out, float* __restrict__ partial,  \
+        int* __restrict__ split_counters, const int* __restrict__ decode_rows,                  \
+        const int* __restrict__ token_seq, const int* __restrict__ token_pos,                   \
+        const int* __restrict__ block_tables, int max_blocks_per_seq, int block_size,           \
+        int num_heads, int num_kv_heads, int head_dim, float scale, int partition, int splits) { \
+        decode_attention<H>(q, k_cache, v_cache, out, partial, split_counters, decode_rows,     \
+                            token_seq, token_pos, block_tables, max_blocks_per_seq, block_size, \
+                            num_heads, num_kv_heads, head_dim, scale, partition, splits);       \
+    }
+ATTENTION_DECODE(1)
+ATTENTION_DECODE(2)
+ATTENTION_DECODE(4)
+ATTENTION_DECODE(8)
 
 // tiles[2i], tiles[2i+1]: first flat row and count (≤ PREFILL_TILE) of tile i; its tokens
 // are consecutive positions of one sequence. Dynamic shared memory:

@@ -301,15 +301,21 @@ fn check_batched(folder: &str, copies: usize, cuda_graphs: bool) {
     );
 }
 
+// 129 sequences: enough that a decode attention block takes both query heads of a K/V
+// head (decode_heads_per_block in src/model/gpu.rs).
+const SEQUENCES_FOR_HEAD_GROUPS: usize = 43;
+
 #[test]
 fn chatglm2_tiny_batched_paged_pass_matches_single_sequences() {
     check_batched("chatglm2-tiny", 1, false);
     check_batched("chatglm2-tiny", 4, false);
+    check_batched("chatglm2-tiny", SEQUENCES_FOR_HEAD_GROUPS, false);
 }
 
 #[test]
 fn internlm2_tiny_batched_paged_pass_matches_single_sequences() {
     check_batched("internlm2-tiny", 1, false);
+    check_batched("internlm2-tiny", SEQUENCES_FOR_HEAD_GROUPS, false);
 }
 
 #[test]
@@ -317,6 +323,7 @@ fn decode_steps_replayed_as_cuda_graphs_match_launched_ones() {
     for folder in ["chatglm2-tiny", "internlm2-tiny"] {
         check_batched(folder, 1, true); // 3 sequences as a graph of 4 (GEMV products)
         check_batched(folder, 4, true); // 12 as a graph of 16 (cuBLAS products)
+        check_batched(folder, SEQUENCES_FOR_HEAD_GROUPS, true); // two heads a block
     }
 }
 

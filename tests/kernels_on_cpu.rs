@@ -410,62 +410,83 @@ fn paged_cache(
 #[test]
 fn decode_attention_over_paged_blocks_with_and_without_key_splits() {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
-    let shape = AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim: 64 };
-    let kv_width = shape.num_kv_heads * shape.head_dim;
+    // (shape, query heads a block takes): a head a block; a block per K/V head; the most a
+    // block takes (8 of a group of 16); and a head size whose rows are not whole 16-byte
+    // chunks in bf16 (element by element).
+    let cases = [
+        (AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim: 64 }, 1),
+        (AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim: 64 }, 2),
+        (AttentionShape { num_heads: 16, num_kv_heads: 1, head_dim: 128 }, 8),
+        (AttentionShape { num_heads: 8, num_kv_heads: 2, head_dim: 36 }, 4),
+    ];
     let (lens, block_size) = ([300usize, 45, 129], 16);
-    for dtype in [DType::F32, DType::BF16] {
-        let cache = paged_cache(&mut rng, dtype, &lens, kv_width, block_size);
-        let q =
-            rounded(dtype, &random(&mut rng, lens.len() * shape.num_heads * shape.head_dim, 1.0));
-        let mut want = Vec::new();
-        for (s, &len) in lens.iter().enumerate() {
-            let (k, v) = &cache.contiguous[s];
-            let q_row =
-                &q[s * shape.num_heads * shape.head_dim..][..shape.num_heads * shape.head_dim];
-            want.extend(cpu::causal_attention(q_row, k, v, len - 1, shape));
-        }
-        // One split; splits of 128 keys (the longest sequence needs three); then partition 0,
-        // as CUDA graphs launch it: each sequence divides its own keys (300 keys: 3 × 128;
-        // 45: one split and two empty ones; 129: two and an empty one; with 4 splits, 300
-        // keys take 3 of 128 and leave one empty).
-        for (splits, partition) in [(1, 320), (3, 128), (3, 0), (4, 0), (1, 0)] {
-            let heads = shape.num_heads;
-            let out = launch(
-                dtype,
-                "attention_decode",
-                [lens.len() as u32, heads as u32, splits as u32],
-                128,
-                vec![
-                    dtype.encode(&q),
-                    dtype.encode(&cache.k),
-                    dtype.encode(&cache.v),
-                    vec![0; q.len() * dtype.size()],
-                    vec![0; lens.len() * heads * splits * (shape.head_dim + 2) * 4],
-                    vec![0; lens.len() * heads * 4],
-                    i32_bytes(&[0, 1, 2]),
-                    i32_bytes(&[0, 1, 2]),
-                    i32_bytes(&lens.map(|l| l as i32 - 1)),
-                    i32_bytes(&cache.block_tables),
-                ],
-                &with_buffers(
-                    10,
-                    [
-                        Arg::I32(cache.max_blocks as i32),
-                        Arg::I32(block_size as i32),
-                        Arg::I32(heads as i32),
-                        Arg::I32(shape.num_kv_heads as i32),
-                        Arg::I32(shape.head_dim as i32),
-                        Arg::F32(1.0 / (shape.head_dim as f32).sqrt()),
-                        Arg::I32(partition),
-                        Arg::I32(splits as i32),
+    for (shape, heads_per_block) in cases {
+        let kv_width = shape.num_kv_heads * shape.head_dim;
+        for dtype in [DType::F32, DType::BF16] {
+            let cache = paged_cache(&mut rng, dtype, &lens, kv_width, block_size);
+            let q_width = shape.num_heads * shape.head_dim;
+            let q = rounded(dtype, &random(&mut rng, lens.len() * q_width, 1.0));
+            let mut want = Vec::new();
+            for (s, &len) in lens.iter().enumerate() {
+                let (k, v) = &cache.contiguous[s];
+                want.extend(cpu::causal_attention(
+                    &q[s * q_width..][..q_width],
+                    k,
+                    v,
+                    len - 1,
+                    shape,
+                ));
+            }
+            // One split; splits of 128 keys (the longest sequence needs three); then
+            // partition 0, as CUDA graphs launch it: each sequence divides its own keys (300
+            // keys: 3 × 128; 45: one split and two empty ones; 129: two and an empty one;
+            // with 4 splits, 300 keys take 3 of 128 and leave one empty).
+            for (splits, partition) in [(1, 320), (3, 128), (3, 0), (4, 0), (1, 0)] {
+                let heads = shape.num_heads;
+                let out = launch(
+                    dtype,
+                    &format!("attention_decode_h{heads_per_block}"),
+                    [lens.len() as u32, (heads / heads_per_block) as u32, splits as u32],
+                    128,
+                    vec![
+                        dtype.encode(&q),
+                        dtype.encode(&cache.k),
+                        dtype.encode(&cache.v),
+                        vec![0; q.len() * dtype.size()],
+                        vec![0; lens.len() * heads * splits * (shape.head_dim + 2) * 4],
+                        vec![0; lens.len() * heads * 4],
+                        i32_bytes(&[0, 1, 2]),
+                        i32_bytes(&[0, 1, 2]),
+                        i32_bytes(&lens.map(|l| l as i32 - 1)),
+                        i32_bytes(&cache.block_tables),
                     ],
-                ),
-            );
-            let tolerance = if dtype == DType::F32 { 1e-5 } else { 8e-3 };
-            let what = format!("{} with {splits} splits of {partition}", dtype.name());
-            assert_close(&elems(dtype, &out[3]), &rounded(dtype, &want), tolerance, &what);
-            // The split counters are zero again for the next call.
-            assert!(out[5].iter().all(|&b| b == 0), "{what}: counters left set");
+                    &with_buffers(
+                        10,
+                        [
+                            Arg::I32(cache.max_blocks as i32),
+                            Arg::I32(block_size as i32),
+                            Arg::I32(heads as i32),
+                            Arg::I32(shape.num_kv_heads as i32),
+                            Arg::I32(shape.head_dim as i32),
+                            Arg::F32(1.0 / (shape.head_dim as f32).sqrt()),
+                            Arg::I32(partition),
+                            Arg::I32(splits as i32),
+                        ],
+                    ),
+                );
+                let tolerance = if dtype == DType::F32 { 1e-5 } else { 8e-3 };
+                let what = format!(
+                    "{} heads / {} K/V heads of {}, {heads_per_block} a block, {} with {splits} \
+                     splits of {partition}",
+                    heads,
+                    shape.num_kv_heads,
+                    shape.head_dim,
+                    dtype.name()
+                );
+                assert_close(&elems(dtype, &out[3]), &rounded(dtype, &want), tolerance, &what);
+                // The split counters are zero again for the next call.
+                assert!(out[5].iter().all(|&b| b == 0), "{what}: counters left set");
+            }
         }
     }
 }

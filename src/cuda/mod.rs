@@ -184,7 +184,8 @@ struct Kernels {
     gemv_swiglu: CudaFunction,
     add_bias: CudaFunction,
     rope_write_kv: CudaFunction,
-    attention_decode: CudaFunction,
+    /// attention_decode_h1, _h2, _h4, _h8: query heads a block takes.
+    attention_decode: [CudaFunction; 4],
     attention_prefill: CudaFunction,
     /// The tensor-core prefill (bf16 and f16 modules only).
     attention_prefill_mma: Option<CudaFunction>,
@@ -194,15 +195,20 @@ struct Kernels {
 impl Kernels {
     fn load(module: &Arc<CudaModule>, dtype: DType) -> Result<Self> {
         let f = |name: &str| module.load_function(name).map_err(device_error(name));
-        let attention_decode = f("attention_decode")?;
-        // Its V staging takes up to 4 warps · 32 keys · 128 dims · 4 bytes (f32): over the
-        // 48 KiB a kernel gets without asking.
-        attention_decode
-            .set_attribute(
-                driver_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                DECODE_MAX_SHARED as i32,
-            )
-            .map_err(device_error("attention_decode shared memory"))?;
+        let decode = |heads: usize| -> Result<CudaFunction> {
+            let name = format!("attention_decode_h{heads}");
+            let function = f(&name)?;
+            // Its V staging takes up to 4 warps · 32 keys · 128 dims · 4 bytes (f32): over
+            // the 48 KiB a kernel gets without asking.
+            function
+                .set_attribute(
+                    driver_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    DECODE_MAX_SHARED as i32,
+                )
+                .map_err(device_error(&format!("{name} shared memory")))?;
+            Ok(function)
+        };
+        let attention_decode = [decode(1)?, decode(2)?, decode(4)?, decode(8)?];
         Ok(Kernels {
             embedding: f("embedding")?,
             add_rms_norm: f("add_rms_norm")?,
@@ -817,10 +823,20 @@ impl Gpu {
         );
         if step.num_decode > 0 {
             let (partition, splits) = (step.partition as i32, step.splits as i32);
-            let grid = (step.num_decode as u32, shape.num_heads as u32, step.splits as u32);
+            let kernel = match step.heads_per_block {
+                1 => 0,
+                2 => 1,
+                4 => 2,
+                8 => 3,
+                other => {
+                    return Err(Error::Internal(format!("no decode attention for {other} heads")));
+                }
+            };
+            let head_groups = shape.num_heads / step.heads_per_block;
+            let grid = (step.num_decode as u32, head_groups as u32, step.splits as u32);
             let shared = (4 * 32 * shape.head_dim * self.dtype.size()) as u32;
             self.launch_3d(
-                &self.kernels().attention_decode,
+                &self.kernels().attention_decode[kernel],
                 "attention_decode",
                 grid,
                 128,
@@ -1079,6 +1095,8 @@ pub struct StepTables {
     /// Key splits of the decode attention and the keys each covers.
     pub splits: usize,
     pub partition: usize,
+    /// Query heads (of one K/V head) a decode attention block takes.
+    pub heads_per_block: usize,
     /// (first row, count) pairs of the prefill tiles.
     pub tiles: u64,
     pub num_tiles: usize,

@@ -318,6 +318,7 @@ fn lay_out_tables(
         num_tiles: 0,
         splits: 1,
         partition: 0,
+        heads_per_block: 1,
     };
     let vocab = shape.vocab;
     for step in steps {
@@ -407,7 +408,8 @@ fn lay_out_tables(
         row += step.ids.len();
     }
     if words.num_decode > 0 {
-        let blocks = words.num_decode * shape.attention.num_heads;
+        words.heads_per_block = decode_heads_per_block(words.num_decode, &shape.attention);
+        let blocks = words.num_decode * shape.attention.num_heads / words.heads_per_block;
         (words.splits, words.partition) = match graph {
             Some(_) => (graph_splits(blocks), 0),
             None => decode_splits(blocks, longest_decode),
@@ -421,6 +423,22 @@ const NO_SLOT: u32 = u32::MAX;
 
 /// Blocks the decode attention aims for (a few per SM).
 const DECODE_ATTENTION_BLOCKS: usize = 512;
+
+/// Query heads sharing a K/V head that one decode attention block takes (kernels/attention.cu
+/// has kernels for 1, 2, 4 and 8): the most, dividing the group, that still leaves
+/// DECODE_ATTENTION_BLOCKS / 2 blocks for the decode tokens. Many sequences then read each
+/// K/V head once per block of heads instead of once per query head; few keep a block per
+/// head, and as many blocks as before.
+fn decode_heads_per_block(num_decode: usize, attention: &AttentionShape) -> usize {
+    let group = attention.num_heads / attention.num_kv_heads;
+    [8, 4, 2]
+        .into_iter()
+        .find(|&h| {
+            group.is_multiple_of(h)
+                && num_decode * attention.num_heads / h >= DECODE_ATTENTION_BLOCKS / 2
+        })
+        .unwrap_or(1)
+}
 
 /// Fewest keys a decode split covers: four warps of 32 (DECODE_MIN_PARTITION in
 /// kernels/attention.cu).
@@ -456,6 +474,7 @@ struct TableWords {
     num_tiles: usize,
     splits: usize,
     partition: usize,
+    heads_per_block: usize,
 }
 
 impl TableWords {
@@ -718,6 +737,7 @@ impl GpuModel {
             num_decode: tables.num_decode,
             splits: tables.splits,
             partition: tables.partition,
+            heads_per_block: tables.heads_per_block,
             tiles: word(9),
             num_tiles: tables.num_tiles,
         };
@@ -949,6 +969,22 @@ mod tests {
         }
         assert_eq!(decode_splits(32, 1024), (8, 128)); // one sequence of ChatGLM2-6B
         assert_eq!(decode_splits(2048, 1024).0, 1); // 64 sequences fill the chip alone
+    }
+
+    #[test]
+    fn decode_blocks_group_the_heads_of_a_kv_head_once_sequences_fill_the_chip() {
+        let chatglm2 = AttentionShape { num_heads: 32, num_kv_heads: 2, head_dim: 128 };
+        let internlm2 = AttentionShape { num_heads: 32, num_kv_heads: 8, head_dim: 128 };
+        let llama = AttentionShape { num_heads: 32, num_kv_heads: 32, head_dim: 128 };
+        let per_block = |n, shape: &AttentionShape| decode_heads_per_block(n, shape);
+        assert_eq!([1, 8, 16, 64, 256].map(|n| per_block(n, &chatglm2)), [1, 1, 2, 8, 8]);
+        assert_eq!([1, 8, 16, 64, 256].map(|n| per_block(n, &internlm2)), [1, 1, 2, 4, 4]);
+        assert_eq!([1, 256].map(|n| per_block(n, &llama)), [1, 1]);
+        // Divisors of the group only: 2 of a group of 6, 4 (not 8) of a group of 12.
+        let six = AttentionShape { num_heads: 12, num_kv_heads: 2, head_dim: 64 };
+        assert_eq!(per_block(256, &six), 2);
+        let twelve = AttentionShape { num_heads: 24, num_kv_heads: 2, head_dim: 64 };
+        assert_eq!(per_block(256, &twelve), 4);
     }
 
     fn test_shape() -> Shape {

@@ -39,7 +39,7 @@ static const std::map<std::string, std::function<void(const Args&)>> KERNELS = {
                       a.ptr<const elem*>(3), a.ptr<elem*>(4), a.i32(5), a.f32(6));
      }},
     {"silu_mul",
-     [](const Args& a) { silu_mul(a.ptr<const elem*>(0), a.ptr<elem*>(1), a.i32(2), a.i64(3)); }},
+     [](const Args& a) { silu_mul(a.ptr<const elem*>(0), a.ptr<elem*>(1), a.i32(2), a.i32(3)); }},
     {"gemv_elem",
      [](const Args& a) {
          gemv_elem(a.ptr<const elem*>(0), a.ptr<const elem*>(1), a.ptr<const elem*>(2),
@@ -62,14 +62,18 @@ static const std::map<std::string, std::function<void(const Args&)>> KERNELS = {
                        a.ptr<const float*>(6), a.i32(7), a.i32(8), a.i32(9), a.i32(10),
                        a.i32(11), a.i32(12));
      }},
-    {"attention_decode",
-     [](const Args& a) {
-         attention_decode(a.ptr<const elem*>(0), a.ptr<const elem*>(1), a.ptr<const elem*>(2),
-                          a.ptr<elem*>(3), a.ptr<float*>(4), a.ptr<int*>(5), a.ptr<const int*>(6),
-                          a.ptr<const int*>(7), a.ptr<const int*>(8), a.ptr<const int*>(9),
-                          a.i32(10), a.i32(11), a.i32(12), a.i32(13), a.i32(14), a.f32(15),
-                          a.i32(16), a.i32(17));
-     }},
+#define DECODE_ENTRY(H)                                                                          \
+    {"attention_decode_h" #H, [](const Args& a) {                                                  \
+         attention_decode_h##H(a.ptr<const elem*>(0), a.ptr<const elem*>(1),                       \
+                               a.ptr<const elem*>(2), a.ptr<elem*>(3), a.ptr<float*>(4),           \
+                               a.ptr<int*>(5), a.ptr<const int*>(6), a.ptr<const int*>(7),         \
+                               a.ptr<const int*>(8), a.ptr<const int*>(9), a.i32(10), a.i32(11),   \
+                               a.i32(12), a.i32(13), a.i32(14), a.f32(15), a.i32(16), a.i32(17)); \
+     }}
+    DECODE_ENTRY(1),
+    DECODE_ENTRY(2),
+    DECODE_ENTRY(4),
+    DECODE_ENTRY(8),
     {"attention_prefill",
      [](const Args& a) {
          attention_prefill(a.ptr<const elem*>(0), a.ptr<const elem*>(1), a.ptr<const elem*>(2),
