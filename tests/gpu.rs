@@ -366,18 +366,32 @@ fn activations_are_reserved_before_the_kv_cache() {
     let (first, tokens) = greedy(gpu.as_ref(), &prompt, 8);
     let free = || gpu.device_free_memory().unwrap().expect("a device's free memory");
     let before = free();
-    gpu.reserve_activations(4096, 60).unwrap(); // 60 sequences run as a graph batch of 64
+    gpu.reserve_activations(4096, 60, 64).unwrap(); // 60 sequences run as a graph batch of 64
     let reserved = free();
     // At least the logits rows added to the 16 of the first calls' scratch.
     let logits_bytes = (64 - 16) * gpu.info().logits_width * 4;
-    gpu.reserve_activations(4096, 60).unwrap();
+    gpu.reserve_activations(4096, 60, 64).unwrap();
     let again = free();
     let (first_after, tokens_after) = greedy(gpu.as_ref(), &prompt, 8);
-    let pass = before >= reserved + logits_bytes && again == reserved && tokens_after == tokens;
+    // The longest sequence (512 tokens, 32 blocks of 16) in one call: its step tables (cos
+    // and sin of every token) fit in what was reserved.
+    let long: Vec<u32> = (0..512).map(|i| (i * 7 % 1000) as u32).collect();
+    let blocks: Vec<u32> = (0..32).collect();
+    let mut arena = gpu.new_arena(16, 32).unwrap();
+    let before_long = free();
+    gpu.forward_batch(arena.as_mut(), &[SeqStep { ids: &long, start: 0, blocks: &blocks }])
+        .unwrap();
+    let after_long = free();
+    let pass = before >= reserved + logits_bytes
+        && again == reserved
+        && after_long == before_long
+        && tokens_after == tokens;
     report(json!({"check": "reserve_activations", "reserved_mib": (before - reserved) >> 20,
-        "second_mib": (reserved - again) >> 20, "pass": pass}));
+        "second_mib": (reserved - again) >> 20, "long_call_bytes": before_long as i64 - after_long as i64,
+        "pass": pass}));
     assert!(before >= reserved + logits_bytes, "{before} free before, {reserved} after");
     assert_eq!(again, reserved, "a second reservation of the same size took memory");
+    assert_eq!(after_long, before_long, "a call within the reservation grew the scratch");
     assert_eq!(tokens_after, tokens);
     assert_eq!(first_after, first);
 }

@@ -33,6 +33,30 @@ pub struct Shape {
 }
 
 impl Shape {
+    /// Rotary frequencies of a head (cos and sin tables of this many values per token).
+    fn freq_len(&self) -> usize {
+        match self.rope {
+            Rope::Glm { rotary_dim } => rotary_dim / 2,
+            Rope::RotateHalf => self.attention.head_dim / 2,
+        }
+    }
+
+    /// The most table words a call of `tokens` tokens (graph padding included) and `seqs`
+    /// sequences with block tables `max_blocks` wide lays out (`lay_out_tables`): ids,
+    /// positions, slots, token → sequence, tiles of at least one token (two words each) and
+    /// cos/sin per token; last rows, decode rows and the block table per sequence.
+    fn max_table_words(&self, tokens: usize, seqs: usize, max_blocks: usize) -> usize {
+        tokens * (6 + 2 * self.freq_len()) + seqs * (2 + max_blocks)
+    }
+
+    /// The most floats the decode attention's split results take for `seqs` sequences:
+    /// blocks × splits stays within DECODE_ATTENTION_BLOCKS plus one split per block
+    /// (`decode_splits`, `graph_splits`), and a block takes at most 8 heads.
+    fn max_partial_floats(&self, seqs: usize) -> usize {
+        let a = &self.attention;
+        (DECODE_ATTENTION_BLOCKS * 8 + seqs * a.num_heads) * (a.head_dim + 2)
+    }
+
     fn q_width(&self) -> usize {
         self.attention.num_heads * self.attention.head_dim
     }
@@ -298,10 +322,7 @@ fn lay_out_tables(
     block_size: usize,
     graph: Option<GraphShape>,
 ) -> Result<TableWords> {
-    let freq_len = match shape.rope {
-        Rope::Glm { rotary_dim } => rotary_dim / 2,
-        Rope::RotateHalf => shape.attention.head_dim / 2,
-    };
+    let freq_len = shape.freq_len();
     let needed_blocks =
         steps.iter().map(|s| (s.start + s.ids.len()).div_ceil(block_size)).max().unwrap_or(1);
     let max_blocks = graph.map_or(needed_blocks, |g| g.max_blocks);
@@ -601,12 +622,22 @@ impl super::CausalLm for GpuModel {
         Ok(Some(self.gpu.memory()?.0))
     }
 
-    fn reserve_activations(&self, max_tokens: usize, max_seqs: usize) -> Result<()> {
-        // Decode batches run padded to the next captured size.
+    fn reserve_activations(
+        &self,
+        max_tokens: usize,
+        max_seqs: usize,
+        max_blocks_per_seq: usize,
+    ) -> Result<()> {
+        // Decode batches run padded to the next captured size, their block tables to the
+        // next power of two.
         let seqs = graph_batch(max_seqs).unwrap_or(max_seqs).max(max_seqs);
+        let tokens = max_tokens.max(seqs);
+        let max_blocks = max_blocks_per_seq.next_power_of_two().max(GRAPH_MIN_BLOCKS);
+        let table_bytes = self.shape.max_table_words(tokens, seqs, max_blocks) * 4;
+        let partial_bytes = self.shape.max_partial_floats(seqs) * 4;
         self.gpu.bind()?;
         let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        self.fit_scratch(&mut guard, max_tokens.max(seqs), seqs, 0, 0)
+        self.fit_scratch(&mut guard, tokens, seqs, table_bytes, partial_bytes)
     }
 
     fn set_sample_on_device(&self, on: bool) {
@@ -1069,6 +1100,66 @@ mod tests {
         assert!(lay_out_tables(&shape, &inv_freq, &mut cache, 64, &five, 16, graph).is_err());
         let steps = [SeqStep { ids: &ids[0], start: 8 * 16, blocks: &blocks[0] }];
         assert!(lay_out_tables(&shape, &inv_freq, &mut cache, 64, &steps, 16, graph).is_err());
+    }
+
+    /// What `reserve_activations` sets aside covers the tables and split results of every
+    /// call within its limits: prompts in the smallest tiles, decodes with and without a
+    /// graph, long and short sequences, mixed.
+    #[test]
+    fn reserved_tables_and_split_results_cover_every_call_within_the_limits() {
+        let shape = test_shape();
+        let inv_freq: InvFreq = Box::new(|_| rope::inv_freq(10000.0, 16));
+        let mut cache = RopeCache::new(inv_freq(1));
+        let (block_size, max_tokens, max_seqs, max_blocks_per_seq) = (16, 256, 60, 20usize);
+        let seqs = graph_batch(max_seqs).unwrap();
+        let table_words = shape.max_table_words(
+            max_tokens.max(seqs),
+            seqs,
+            max_blocks_per_seq.next_power_of_two().max(GRAPH_MIN_BLOCKS),
+        );
+        let partial_floats = shape.max_partial_floats(seqs);
+        let blocks: Vec<Vec<u32>> = (0..max_seqs)
+            .map(|s| (0..max_blocks_per_seq).map(|b| (b * max_seqs + s) as u32).collect())
+            .collect();
+        let prompt: Vec<u32> = (0..max_tokens as u32).collect();
+        let one = [7u32];
+        let longest = max_blocks_per_seq * block_size;
+        // (new tokens of each sequence, its start)
+        let calls: Vec<Vec<(usize, usize)>> = vec![
+            vec![(max_tokens, 0)],
+            vec![(max_tokens - max_seqs + 1, longest - max_tokens)],
+            (0..max_seqs).map(|s| (1, longest - 1 - s)).collect(),
+            (0..max_seqs).map(|s| (1, s)).collect(),
+            (0..3).map(|s| (1, s * 100)).collect(),
+            (0..max_seqs - 2).map(|s| (1, s + 40)).chain([(100, 0), (90, 200)]).collect(),
+        ];
+        for (i, call) in calls.iter().enumerate() {
+            let steps: Vec<SeqStep<'_>> = call
+                .iter()
+                .enumerate()
+                .map(|(s, &(new, start))| SeqStep {
+                    ids: if new == 1 { &one } else { &prompt[..new] },
+                    start,
+                    blocks: &blocks[s],
+                })
+                .collect();
+            let decode_only = call.iter().all(|&(new, _)| new == 1);
+            let graph = decode_only.then(|| {
+                let widest = call.iter().map(|&(_, start)| (start + 1).div_ceil(block_size));
+                let max_blocks = widest.max().unwrap().next_power_of_two().max(GRAPH_MIN_BLOCKS);
+                GraphShape { batch: graph_batch(call.len()).unwrap(), max_blocks }
+            });
+            for graph in [None, graph] {
+                for tile in [1, 64] {
+                    let words =
+                        lay_out_tables(&shape, &inv_freq, &mut cache, tile, &steps, 16, graph)
+                            .unwrap();
+                    assert!(words.words.len() <= table_words, "call {i}: {}", words.words.len());
+                    let partial = words.partial_floats(&shape);
+                    assert!(partial <= partial_floats, "call {i}: {partial} split floats");
+                }
+            }
+        }
     }
 
     #[test]

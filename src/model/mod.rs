@@ -115,10 +115,15 @@ pub trait CausalLm: Send + Sync {
     }
 
     /// Allocates up front what a call of up to `max_tokens` tokens and `max_seqs` sequences
-    /// needs besides the KV cache (the GPU engine's activations), so that the cache is sized
-    /// from the memory left and serving does not allocate (engines that allocate per call
-    /// need nothing).
-    fn reserve_activations(&self, _max_tokens: usize, _max_seqs: usize) -> Result<()> {
+    /// of up to `max_blocks_per_seq` KV blocks needs besides the KV cache (the GPU engine's
+    /// activations and step tables), so that the cache is sized from the memory left and
+    /// serving does not allocate (engines that allocate per call need nothing).
+    fn reserve_activations(
+        &self,
+        _max_tokens: usize,
+        _max_seqs: usize,
+        _max_blocks_per_seq: usize,
+    ) -> Result<()> {
         Ok(())
     }
 

@@ -231,7 +231,8 @@ impl ServingEngine {
             _ => 0,
         };
         let max_tokens = config.max_num_batched_tokens.max(config.max_num_seqs).max(whole_prefill);
-        model.model.reserve_activations(max_tokens, config.max_num_seqs)?;
+        let max_blocks_per_seq = model.max_context().div_ceil(config.block_size);
+        model.model.reserve_activations(max_tokens, config.max_num_seqs, max_blocks_per_seq)?;
         let num_blocks = config.num_blocks(&model)?;
         tracing::info!(
             "engine {name}: {num_blocks} KV blocks of {} tokens ({} MiB)",
