@@ -51,10 +51,10 @@ impl Shape {
 
     /// The most floats the decode attention's split results take for `seqs` sequences:
     /// blocks × splits stays within DECODE_ATTENTION_BLOCKS plus one split per block
-    /// (`decode_splits`, `graph_splits`), and a block takes at most 8 heads.
+    /// (`decode_splits`, `graph_splits`), and a block takes at most MAX_BLOCK_HEADS heads.
     fn max_partial_floats(&self, seqs: usize) -> usize {
         let a = &self.attention;
-        (DECODE_ATTENTION_BLOCKS * 8 + seqs * a.num_heads) * (a.head_dim + 2)
+        (DECODE_ATTENTION_BLOCKS * MAX_BLOCK_HEADS + seqs * a.num_heads) * (a.head_dim + 2)
     }
 
     fn q_width(&self) -> usize {
@@ -452,7 +452,7 @@ const DECODE_ATTENTION_BLOCKS: usize = 512;
 /// head, and as many blocks as before.
 fn decode_heads_per_block(num_decode: usize, attention: &AttentionShape) -> usize {
     let group = attention.num_heads / attention.num_kv_heads;
-    [8, 4, 2]
+    [MAX_BLOCK_HEADS, 4, 2]
         .into_iter()
         .find(|&h| {
             group.is_multiple_of(h)
@@ -460,6 +460,9 @@ fn decode_heads_per_block(num_decode: usize, attention: &AttentionShape) -> usiz
         })
         .unwrap_or(1)
 }
+
+/// The most query heads a decode attention block takes (attention_decode_h8).
+const MAX_BLOCK_HEADS: usize = 8;
 
 /// Fewest keys a decode split covers: four warps of 32 (DECODE_MIN_PARTITION in
 /// kernels/attention.cu).
