@@ -353,8 +353,8 @@ fn a_model_larger_than_the_gpu_fails_its_load_clearly() {
 }
 
 /// The serving engine reserves the activations of its largest call before it sizes the KV
-/// cache: the memory is taken then (a second reservation takes none), and answers stay the
-/// same.
+/// cache: the scratch is sized then (a second reservation and a long call within it leave it
+/// as it is), and answers stay the same.
 #[test]
 fn activations_are_reserved_before_the_kv_cache() {
     if !gpu_present("reserve activations") {
@@ -366,32 +366,33 @@ fn activations_are_reserved_before_the_kv_cache() {
     let (first, tokens) = greedy(gpu.as_ref(), &prompt, 8);
     let free = || gpu.device_free_memory().unwrap().expect("a device's free memory");
     let before = free();
-    gpu.reserve_activations(4096, 60, 64).unwrap(); // 60 sequences run as a graph batch of 64
-    let reserved = free();
-    // At least the logits rows added to the 16 of the first calls' scratch.
-    let logits_bytes = (64 - 16) * gpu.info().logits_width * 4;
-    gpu.reserve_activations(4096, 60, 64).unwrap();
-    let again = free();
+    let reserved = gpu.reserve_activations(4096, 60, 64).unwrap(); // 60 sequences run as a graph batch of 64
+    let reserved_free = free();
+    // At least the K/V rows of 4,096 tokens (f32, inside the fused QKV product) and the
+    // logits rows of 64 sequences.
+    let least = 4096 * gpu.info().kv_width * 4 + 64 * gpu.info().logits_width * 4;
+    let again = gpu.reserve_activations(4096, 60, 64).unwrap();
     let (first_after, tokens_after) = greedy(gpu.as_ref(), &prompt, 8);
     // The longest sequence (512 tokens, 32 blocks of 16) in one call: its step tables (cos
     // and sin of every token) fit in what was reserved.
     let long: Vec<u32> = (0..512).map(|i| (i * 7 % 1000) as u32).collect();
     let blocks: Vec<u32> = (0..32).collect();
     let mut arena = gpu.new_arena(16, 32).unwrap();
-    let before_long = free();
     gpu.forward_batch(arena.as_mut(), &[SeqStep { ids: &long, start: 0, blocks: &blocks }])
         .unwrap();
-    let after_long = free();
-    let pass = before >= reserved + logits_bytes
+    let after_long = gpu.reserve_activations(1, 1, 1).unwrap();
+    let pass = reserved >= least
         && again == reserved
-        && after_long == before_long
-        && tokens_after == tokens;
-    report(json!({"check": "reserve_activations", "reserved_mib": (before - reserved) >> 20,
-        "second_mib": (reserved - again) >> 20, "long_call_bytes": before_long as i64 - after_long as i64,
-        "pass": pass}));
-    assert!(before >= reserved + logits_bytes, "{before} free before, {reserved} after");
-    assert_eq!(again, reserved, "a second reservation of the same size took memory");
-    assert_eq!(after_long, before_long, "a call within the reservation grew the scratch");
+        && after_long == reserved
+        && tokens_after == tokens
+        && first_after == first;
+    // The driver's free memory is reported, not checked: its pool grows in chunks.
+    report(json!({"check": "reserve_activations", "reserved_mib": reserved >> 20,
+        "least_mib": least >> 20, "again_mib": again >> 20, "after_long_mib": after_long >> 20,
+        "driver_free_drop_mib": (before as i64 - reserved_free as i64) >> 20, "pass": pass}));
+    assert!(reserved >= least, "{reserved} bytes reserved, at least {least} expected");
+    assert_eq!(again, reserved, "a second reservation of the same size changed the scratch");
+    assert_eq!(after_long, reserved, "a call within the reservation grew the scratch");
     assert_eq!(tokens_after, tokens);
     assert_eq!(first_after, first);
 }

@@ -594,6 +594,32 @@ impl Scratch {
             warmed_up: HashSet::new(),
         })
     }
+
+    /// Device memory held, counted buffer by buffer (the driver's free memory moves in its
+    /// pool's chunks, too coarse to show a small model's scratch).
+    fn device_bytes(&self) -> usize {
+        [
+            &self.x,
+            &self.normed,
+            &self.qkv,
+            &self.q,
+            &self.context,
+            &self.attn_out,
+            &self.gate_up,
+            &self.act,
+            &self.mlp_out,
+            &self.last_normed,
+            &self.logits,
+            &self.tables,
+            &self.extra,
+            &self.attention_partial,
+            &self.split_counters,
+            &self.chosen,
+        ]
+        .iter()
+        .map(|b| b.bytes())
+        .sum()
+    }
 }
 
 impl super::CausalLm for GpuModel {
@@ -630,7 +656,7 @@ impl super::CausalLm for GpuModel {
         max_tokens: usize,
         max_seqs: usize,
         max_blocks_per_seq: usize,
-    ) -> Result<()> {
+    ) -> Result<usize> {
         // Decode batches run padded to the next captured size, their block tables to the
         // next power of two.
         let seqs = graph_batch(max_seqs).unwrap_or(max_seqs).max(max_seqs);
@@ -640,7 +666,8 @@ impl super::CausalLm for GpuModel {
         let partial_bytes = self.shape.max_partial_floats(seqs) * 4;
         self.gpu.bind()?;
         let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        self.fit_scratch(&mut guard, tokens, seqs, table_bytes, partial_bytes)
+        self.fit_scratch(&mut guard, tokens, seqs, table_bytes, partial_bytes)?;
+        Ok(guard.as_ref().map_or(0, Scratch::device_bytes))
     }
 
     fn set_sample_on_device(&self, on: bool) {

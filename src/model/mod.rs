@@ -117,14 +117,15 @@ pub trait CausalLm: Send + Sync {
     /// Allocates up front what a call of up to `max_tokens` tokens and `max_seqs` sequences
     /// of up to `max_blocks_per_seq` KV blocks needs besides the KV cache (the GPU engine's
     /// activations and step tables), so that the cache is sized from the memory left and
-    /// serving does not allocate (engines that allocate per call need nothing).
+    /// serving does not allocate (engines that allocate per call need nothing). Returns the
+    /// device bytes the activations then hold (0 where nothing is reserved).
     fn reserve_activations(
         &self,
         _max_tokens: usize,
         _max_seqs: usize,
         _max_blocks_per_seq: usize,
-    ) -> Result<()> {
-        Ok(())
+    ) -> Result<usize> {
+        Ok(0)
     }
 
     /// Runs the new tokens of several sequences in one pass: the matrix products see all

@@ -232,12 +232,14 @@ impl ServingEngine {
         };
         let max_tokens = config.max_num_batched_tokens.max(config.max_num_seqs).max(whole_prefill);
         let max_blocks_per_seq = model.max_context().div_ceil(config.block_size);
-        model.model.reserve_activations(max_tokens, config.max_num_seqs, max_blocks_per_seq)?;
+        let activation_bytes =
+            model.model.reserve_activations(max_tokens, config.max_num_seqs, max_blocks_per_seq)?;
         let num_blocks = config.num_blocks(&model)?;
         tracing::info!(
-            "engine {name}: {num_blocks} KV blocks of {} tokens ({} MiB)",
+            "engine {name}: {num_blocks} KV blocks of {} tokens ({} MiB), activations {} MiB",
             config.block_size,
-            (num_blocks * model.model.kv_bytes_per_block(config.block_size)) >> 20
+            (num_blocks * model.model.kv_bytes_per_block(config.block_size)) >> 20,
+            activation_bytes >> 20
         );
         let mut space = KvSpace::new(
             model.model.as_ref(),
