@@ -69,8 +69,8 @@ impl ModelConfig {
             load_format: LoadFormat::default(),
             dtype: DType::default(),
             session_len: None,
-            sample_on_device: false,
-            cuda_graphs: false,
+            sample_on_device: true,
+            cuda_graphs: true,
             scheduler: SchedulerConfig::default(),
         };
         let mut unknown_parameters = Vec::new();
@@ -183,6 +183,13 @@ mod tests {
         assert_eq!(config.parameters.history_len_default, DEFAULT_HISTORY_LEN);
         assert_eq!(config.parameters.max_token_default, None);
         assert!(!config.decoupled);
+        // Both checked on a device (BENCHMARKS.md), so on unless a model turns them off.
+        assert!(config.parameters.sample_on_device && config.parameters.cuda_graphs);
+        let config = parse(
+            r#""sample_on_device":{"string_value":"false"},"cuda_graphs":{"string_value":"false"}"#,
+        )
+        .unwrap();
+        assert!(!config.parameters.sample_on_device && !config.parameters.cuda_graphs);
     }
 
     #[test]

@@ -21,7 +21,7 @@ shift || true
 LEVELS=${*:-64 256}
 SHAPE=${SHAPE:-chatglm2-6b}
 SAMPLE_ON_DEVICE=${SAMPLE_ON_DEVICE:-true}
-CUDA_GRAPHS=${CUDA_GRAPHS:-false}
+CUDA_GRAPHS=${CUDA_GRAPHS:-true}
 TEMPERATURE=${TEMPERATURE:-0}
 # For a dry run of this script without a GPU: KIND=KIND_CPU and SHAPE_CONFIG, a config.json
 # of the family at a small size (the tokenizer stays SHAPE's).

@@ -95,12 +95,14 @@ enum Command {
         /// Tokens to generate per sequence.
         #[arg(long, default_value_t = 64)]
         new: usize,
-        /// With the GPU engine: choose each token with the batched sampling kernel (else the
-        /// logits come back and the host takes each row's argmax).
-        #[arg(long)]
+        /// With the GPU engine: choose each token with the batched sampling kernel (`false`:
+        /// the logits come back and the host takes each row's argmax).
+        #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
+              action = clap::ArgAction::Set)]
         sample_on_device: bool,
         /// With the GPU engine: capture decode steps as CUDA graphs and replay them.
-        #[arg(long)]
+        #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
+              action = clap::ArgAction::Set)]
         cuda_graphs: bool,
     },
 }
@@ -116,11 +118,14 @@ struct ModelArgs {
     /// Longest prompt + answer served (default: the model's context).
     #[arg(long)]
     session_len: Option<usize>,
-    /// With the GPU engine: choose each next token with the batched sampling kernel.
-    #[arg(long)]
+    /// With the GPU engine: choose each next token with the batched sampling kernel
+    /// (`false`: the logits come back and the host samples).
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set)]
     sample_on_device: bool,
     /// With the GPU engine: capture decode steps as CUDA graphs and replay them.
-    #[arg(long)]
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set)]
     cuda_graphs: bool,
     #[command(flatten)]
     device: DeviceArgs,
