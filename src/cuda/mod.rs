@@ -991,9 +991,9 @@ impl Gpu {
         Ok(2.0 * bytes as f64 / (ms * 1e-3))
     }
 
-    /// Weight bytes per second the product kernels read for `m` rows against an `[n, k]`
-    /// weight (the decode path for m ≤ GEMV_MAX_ROWS), cycling through enough copies of the
-    /// weight that none is still in L2 when it comes round again.
+    /// Weight bytes per second the product of `m` rows against an `[n, k]` weight reads
+    /// (the GEMV kernel for m ≤ GEMV_MAX_ROWS, cuBLAS above), cycling through enough copies
+    /// of the weight that none is still in L2 when it comes round again.
     pub fn measure_matmul_bandwidth(&self, m: usize, n: usize, k: usize) -> Result<f64> {
         let bytes = n * k * self.dtype.size();
         let copies = (256usize << 20).div_ceil(bytes).max(2);
