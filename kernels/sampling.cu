@@ -5,9 +5,15 @@
 // select by mass) and a draw walking the kept tokens in id order. Masses are integers and
 // their sums exact, so the atomics' order cannot change a result.
 //
-// Each thread owns a contiguous run of ids, so "in id order" is thread order then run order.
-// Only __syncthreads, shared memory and integer atomics are used (no warp shuffles): the
-// host test runs this file on CPU threads as written (tests/kernel_host/).
+// Passes whose result does not depend on order (the guard, the argmax with its lowest-id
+// tie break, the radix selects' histograms) stride over the row, so that a warp reads
+// consecutive ids. The steps that need id order (the tied-mass scan and the draw) give each
+// thread a contiguous run, so "in id order" is thread order then run order. With top-k on,
+// the candidates (usually k of them) are first gathered into shared memory and sorted by id:
+// masses, top-p and the draw then run over that short list instead of the whole row, which
+// would take a dozen more passes over it. Only __syncthreads, shared memory and integer
+// atomics are used (no warp shuffles): the host test runs this file on CPU threads as
+// written (tests/kernel_host/).
 
 #define SAMPLE_THREADS 512
 // Words of one row's parameters (src/model/gpu.rs writes them).
@@ -25,6 +31,9 @@
 #define SAMPLE_ACTIVE 1u
 #define SAMPLE_GUARD 2u
 #define SAMPLE_MASS_SCALE 1099511627776.0f  // 2^40 (MASS_SCALE in sampler.rs)
+// Most top-k candidates kept in shared memory; a row with more (ties at the k-th key, or a
+// large k) weighs its whole row instead.
+#define SAMPLE_CANDIDATES 1024
 
 __device__ __forceinline__ unsigned int order_key(float x) {
     if (x != x) return 0u;  // NaN ranks lowest
@@ -62,12 +71,12 @@ __device__ __forceinline__ unsigned long long block_exclusive_scan(unsigned long
 }
 
 // The largest key whose weight at or above it reaches `limit`, eight bits at a time from
-// the top (a radix select over weighted keys); `*above` gets the weight of greater keys.
-// With unit weights and limit k it is the k-th largest key. `bucket` holds 256 values;
-// `found_*` are shared.
+// the top (a radix select over weighted keys), over indices 0..count (strided: the sums do
+// not depend on order); `*above` gets the weight of greater keys. With unit weights and
+// limit k it is the k-th largest key. `bucket` holds 256 values; `found_*` are shared.
 template <typename Key, typename Weight>
 __device__ __forceinline__ unsigned int radix_select(Key key_of, Weight weight_of, double limit,
-                                                     unsigned int begin, unsigned int end,
+                                                     unsigned int count,
                                                      unsigned long long* bucket,
                                                      unsigned int* found_prefix,
                                                      unsigned long long* found_above,
@@ -79,7 +88,7 @@ __device__ __forceinline__ unsigned int radix_select(Key key_of, Weight weight_o
         const unsigned int mask = shift == 24 ? 0u : 0xffffffffu << (shift + 8);
         for (unsigned int b = t; b < 256; b += blockDim.x) bucket[b] = 0;
         __syncthreads();
-        for (unsigned int i = begin; i < end; ++i) {
+        for (unsigned int i = t; i < count; i += blockDim.x) {
             const unsigned int key = key_of(i);
             const unsigned long long weight = weight_of(i);
             if (weight > 0 && (key & mask) == prefix) atomicAdd(&bucket[(key >> shift) & 255u], weight);
@@ -115,26 +124,26 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     __shared__ unsigned int found_prefix;
     __shared__ unsigned long long found_above;
     __shared__ int invalid;
+    __shared__ unsigned int candidates[SAMPLE_CANDIDATES];
+    __shared__ unsigned long long candidate_mass[SAMPLE_CANDIDATES];
+    __shared__ unsigned int candidate_count;
 
     const unsigned int* p = params + blockIdx.x * SAMPLE_WORDS;
     if (!(p[SAMPLE_FLAGS] & SAMPLE_ACTIVE)) return;
     float* row = logits + (unsigned long long)p[SAMPLE_ROW] * stride;
     const unsigned int n = p[SAMPLE_WIDTH];
     const unsigned int t = threadIdx.x;
-    const unsigned int run = (n + blockDim.x - 1) / blockDim.x;
-    const unsigned int begin = t * run < n ? t * run : n;
-    const unsigned int end = begin + run < n ? begin + run : n;
 
     // ChatGLM2's guard: a row holding NaN/Inf becomes zeros with 5e4 at id 5.
     if (p[SAMPLE_FLAGS] & SAMPLE_GUARD) {
         if (t == 0) invalid = 0;
         __syncthreads();
         bool bad = false;
-        for (unsigned int i = begin; i < end; ++i) bad |= !is_finite_bits(row[i]);
+        for (unsigned int i = t; i < n; i += blockDim.x) bad |= !is_finite_bits(row[i]);
         if (bad) invalid = 1;
         __syncthreads();
         if (invalid) {
-            for (unsigned int i = begin; i < end; ++i) row[i] = 0.0f;
+            for (unsigned int i = t; i < n; i += blockDim.x) row[i] = 0.0f;
             __syncthreads();
             if (t == 0 && n > 5) row[5] = 5e4f;
         }
@@ -155,28 +164,32 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
         __syncthreads();
     }
 
-    // The best (scaled) value, lowest id among equals.
+    // The best (scaled) value, lowest id among equals: each thread's ids rise, so a strict
+    // comparison keeps its lowest, and the reduction breaks ties by id.
     // Scaled by the temperature's reciprocal, computed once on the host: a division here
     // would call IEEE division's slow path (a stack frame) from every pass.
     const float inv_temperature = __uint_as_float(p[SAMPLE_INV_TEMPERATURE]);
     const bool greedy = inv_temperature == 0.0f;
 #define SCALED(i) (greedy ? row[i] : row[i] * inv_temperature)
     {
-        unsigned int key = 0, id = begin;
-        for (unsigned int i = begin; i < end; ++i) {
+        unsigned int key = 0, id = 0xffffffffu;
+        for (unsigned int i = t; i < n; i += blockDim.x) {
             const unsigned int k = order_key(SCALED(i));
-            if (k > key || i == begin) {
+            if (k > key || id == 0xffffffffu) {
                 key = k;
                 id = i;
             }
         }
-        best_key[t] = begin < end ? key : 0u;
-        best_id[t] = begin < end ? id : 0xffffffffu;
+        best_key[t] = key;
+        best_id[t] = id;
         __syncthreads();
         for (unsigned int half = blockDim.x / 2; half > 0; half >>= 1) {
             if (t < half) {
                 const unsigned int ok = best_key[t + half], oi = best_id[t + half];
-                if (ok > best_key[t] || (ok == best_key[t] && oi < best_id[t])) {
+                const bool better = oi != 0xffffffffu &&
+                    (best_id[t] == 0xffffffffu || ok > best_key[t] ||
+                     (ok == best_key[t] && oi < best_id[t]));
+                if (better) {
                     best_key[t] = ok;
                     best_id[t] = oi;
                 }
@@ -193,21 +206,70 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     // top-k: the k-th largest key.
     const auto key_of = [&](unsigned int i) { return order_key(SCALED(i)); };
     const unsigned int top_k = p[SAMPLE_TOP_K];
+    const bool top_k_on = top_k > 0 && top_k < n;
     unsigned long long above;
     unsigned int threshold = 0;
-    if (top_k > 0 && top_k < n) {
+    if (top_k_on) {
         const auto one = [](unsigned int) { return 1ull; };
-        threshold = radix_select(key_of, one, (double)top_k, begin, end, bucket, &found_prefix,
+        threshold = radix_select(key_of, one, (double)top_k, n, bucket, &found_prefix,
                                  &found_above, &above);
     }
-
-    // Fixed-point masses of the candidates (key >= threshold) and their total.
     const float max = SCALED(top);
-    const auto mass_of = [&](unsigned int i) {
-        return key_of(i) >= threshold ? fixed_mass(SCALED(i), max) : 0ull;
+
+    // The candidates (key >= threshold) in id order: with top-k, gathered into shared memory
+    // and sorted (bitonic, padded to a power of two with ids past every row); else the row.
+    bool compact = false;
+    if (top_k_on) {
+        if (t == 0) candidate_count = 0;
+        __syncthreads();
+        for (unsigned int i = t; i < n; i += blockDim.x) {
+            if (key_of(i) >= threshold) {
+                const unsigned int slot = atomicAdd(&candidate_count, 1u);
+                if (slot < SAMPLE_CANDIDATES) candidates[slot] = i;
+            }
+        }
+        __syncthreads();
+        compact = candidate_count <= SAMPLE_CANDIDATES;
+        if (compact) {
+            unsigned int size = 1;
+            while (size < candidate_count) size <<= 1;
+            for (unsigned int j = candidate_count + t; j < size; j += blockDim.x)
+                candidates[j] = 0xffffffffu;
+            __syncthreads();
+            for (unsigned int k = 2; k <= size; k <<= 1) {
+                for (unsigned int j = k >> 1; j > 0; j >>= 1) {
+                    for (unsigned int i = t; i < size; i += blockDim.x) {
+                        const unsigned int partner = i ^ j;
+                        if (partner > i) {
+                            const unsigned int a = candidates[i], b = candidates[partner];
+                            if ((a > b) == ((i & k) == 0)) {
+                                candidates[i] = b;
+                                candidates[partner] = a;
+                            }
+                        }
+                    }
+                    __syncthreads();
+                }
+            }
+            for (unsigned int j = t; j < candidate_count; j += blockDim.x)
+                candidate_mass[j] = fixed_mass(SCALED(candidates[j]), max);
+            __syncthreads();
+        }
+    }
+    // From here on, index j of the candidates: an id of the row, or of the gathered list.
+    const unsigned int count = compact ? candidate_count : n;
+    const auto id_at = [&](unsigned int j) { return compact ? candidates[j] : j; };
+    const auto key_at = [&](unsigned int j) { return key_of(id_at(j)); };
+    // Fixed-point masses of the candidates (key >= threshold) and their total.
+    const auto mass_at = [&](unsigned int j) {
+        if (compact) return candidate_mass[j];
+        return key_of(j) >= threshold ? fixed_mass(SCALED(j), max) : 0ull;
     };
+    const unsigned int run = (count + blockDim.x - 1) / blockDim.x;
+    const unsigned int begin = t * run < count ? t * run : count;
+    const unsigned int end = begin + run < count ? begin + run : count;
     unsigned long long own = 0;
-    for (unsigned int i = begin; i < end; ++i) own += mass_of(i);
+    for (unsigned int j = begin; j < end; ++j) own += mass_at(j);
     unsigned long long total;
     block_exclusive_scan(own, scratch, &total);
     if (total == 0) {  // an infinite or NaN best: nothing to weigh
@@ -224,14 +286,14 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     double limit = 0.0;
     if (cutting) {
         limit = (double)top_p * (double)total;
-        cut = radix_select(key_of, mass_of, limit, begin, end, bucket, &found_prefix, &found_above,
+        cut = radix_select(key_at, mass_at, limit, count, bucket, &found_prefix, &found_above,
                            &above_cut);
     }
 
     // Mass of the tokens at the cut that come before each thread's run.
     unsigned long long own_tied = 0;
-    for (unsigned int i = begin; i < end; ++i)
-        if (key_of(i) == cut) own_tied += mass_of(i);
+    for (unsigned int j = begin; j < end; ++j)
+        if (key_at(j) == cut) own_tied += mass_at(j);
     unsigned long long tied_total;
     const unsigned long long tied_before = block_exclusive_scan(own_tied, scratch, &tied_total);
     // The kept mass of this thread's run in id order, added to `*sum`; with `draw`, stops at
@@ -239,10 +301,10 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     const auto walk_kept = [&](bool draw, unsigned long long target,
                                unsigned long long* sum) -> unsigned int {
         unsigned long long tied = tied_before;
-        for (unsigned int i = begin; i < end; ++i) {
-            const unsigned long long m = mass_of(i);
+        for (unsigned int j = begin; j < end; ++j) {
+            const unsigned long long m = mass_at(j);
             if (m == 0) continue;
-            const unsigned int key = key_of(i);
+            const unsigned int key = key_at(j);
             bool keep = key > cut;
             if (key == cut) {
                 keep = !cutting || (double)(above_cut + tied) < limit;
@@ -250,7 +312,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
             }
             if (!keep) continue;
             *sum += m;
-            if (draw && *sum > target) return i;
+            if (draw && *sum > target) return id_at(j);
         }
         return 0xffffffffu;
     };

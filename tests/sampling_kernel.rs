@@ -181,6 +181,11 @@ fn cases(rng: &mut ChaCha8Rng) -> Vec<Row> {
     infinite[200] = 2.0;
     rows.push(Row { top_k: 0, top_p: 1.0, ..base(infinite, false) });
     rows.push(Row { active: false, ..base(vec![1.0; 10], false) });
+    // More tokens tied at the k-th key than the kernel gathers (SAMPLE_CANDIDATES, 1,024):
+    // the whole row is weighed instead.
+    let two_levels: Vec<f32> = (0..3000).map(|i| if i % 3 == 0 { 0.5 } else { 1.0 }).collect();
+    rows.push(Row { top_k: 5, top_p: 0.9, uniform: 0.37, ..base(two_levels.clone(), false) });
+    rows.push(Row { top_k: 5, top_p: 1.0, uniform: 0.999, ..base(two_levels, false) });
     rows
 }
 
