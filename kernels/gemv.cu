@@ -1,132 +1,212 @@
 // Decode-time matrix product for a few rows: y[m, n] = Σ_k x[m, k] · W[n, k] (+ bias[n]),
 // W as PyTorch stores it ([out, in], row-major). Decode is bound by reading W once, so a
-// block of GEMV_THREADS streams one row of W with 16-byte loads, four in flight per thread,
-// and applies each loaded chunk to all m ≤ GEMV_MAX_ROWS rows of x (x is small and stays in
-// L1/L2). One row of W per block gives thousands of small blocks: the last wave is a small
-// share of the work, where a warp per row left the last of few waves mostly idle.
-// Every output is summed in the same order whatever m is, so a sequence's result does not
-// depend on its batch.
-// grid: N; block: GEMV_THREADS.
+// block of GEMV_THREADS streams W with 16-byte loads, several in flight per thread, and
+// applies each loaded chunk to all m ≤ GEMV_MAX_ROWS rows of x (x is small and stays in
+// L1/L2). A block takes one row of W for a single sequence (thousands of small blocks: the
+// last wave is a small share of the work) and GEMV_WIDE_COLS rows from two sequences on:
+// every x chunk loaded then serves that many rows of W, where one row a block read x from
+// L1 m times over for each byte of W (at 8 rows, 26-32% of the copy rate on an H200).
+// Every output is summed in the same order whatever m and the rows a block takes (each
+// thread's chunks in rising k, then the same block reduction), so a sequence's result does
+// not depend on its batch.
+// grid: ceil(N / COLS); block: GEMV_THREADS.
 #define GEMV_MAX_ROWS 8
 #define GEMV_THREADS 128
+// Rows of W a block takes from two sequences on (src/cuda/mod.rs: GEMV_WIDE_COLS).
+#define GEMV_WIDE_COLS 4
 
-// acc[r] += Σ_k x[r, k] · w_row[k] for r < m, over this block's share of k.
-__device__ __forceinline__ void accumulate_row(const elem* __restrict__ x,
-                                               const elem* __restrict__ w_row,
-                                               float acc[GEMV_MAX_ROWS], int m, int k) {
+// acc[q][r] += Σ_k x[r, k] · w_rows[q][k] for r < m and q < Q, over this block's share of k,
+// with DEPTH chunks of each row in flight.
+template <int Q, int DEPTH>
+__device__ __forceinline__ void accumulate_rows(const elem* __restrict__ x,
+                                                const elem* const (&w_rows)[Q],
+                                                float (&acc)[Q][GEMV_MAX_ROWS], int m, int k) {
     constexpr int V = 16 / sizeof(elem);
     const int tid = threadIdx.x;
     if (k % V == 0) {
         // Rows of W and x start on 16-byte boundaries: k·sizeof(elem) is a multiple of 16
         // and every buffer comes from cudaMalloc.
         const int chunks = k / V;
-        const int4* w4 = reinterpret_cast<const int4*>(w_row);
         int c = tid;
-        for (; c + 3 * GEMV_THREADS < chunks; c += 4 * GEMV_THREADS) {
-            Chunk wc[4];
+        for (; c + (DEPTH - 1) * GEMV_THREADS < chunks; c += DEPTH * GEMV_THREADS) {
+            Chunk wc[Q][DEPTH];
 #pragma unroll
-            for (int u = 0; u < 4; u++) wc[u].raw = __ldg(w4 + c + GEMV_THREADS * u);
+            for (int q = 0; q < Q; q++)
+#pragma unroll
+                for (int u = 0; u < DEPTH; u++)
+                    wc[q][u].raw = __ldg(reinterpret_cast<const int4*>(w_rows[q]) + c + GEMV_THREADS * u);
 #pragma unroll
             for (int r = 0; r < GEMV_MAX_ROWS; r++) {
                 if (r < m) {
                     const int4* x4 = reinterpret_cast<const int4*>(x + (size_t)r * k);
 #pragma unroll
-                    for (int u = 0; u < 4; u++) {
+                    for (int u = 0; u < DEPTH; u++) {
                         Chunk xc;
                         xc.raw = __ldg(x4 + c + GEMV_THREADS * u);
+                        float xv[V];
 #pragma unroll
-                        for (int j = 0; j < V; j++) acc[r] += to_f32(wc[u].e[j]) * to_f32(xc.e[j]);
+                        for (int j = 0; j < V; j++) xv[j] = to_f32(xc.e[j]);
+#pragma unroll
+                        for (int q = 0; q < Q; q++)
+#pragma unroll
+                            for (int j = 0; j < V; j++) acc[q][r] += to_f32(wc[q][u].e[j]) * xv[j];
                     }
                 }
             }
         }
         for (; c < chunks; c += GEMV_THREADS) {
-            Chunk wc;
-            wc.raw = __ldg(w4 + c);
+            Chunk wc[Q];
+#pragma unroll
+            for (int q = 0; q < Q; q++) wc[q].raw = __ldg(reinterpret_cast<const int4*>(w_rows[q]) + c);
 #pragma unroll
             for (int r = 0; r < GEMV_MAX_ROWS; r++) {
                 if (r < m) {
                     Chunk xc;
                     xc.raw = __ldg(reinterpret_cast<const int4*>(x + (size_t)r * k) + c);
+                    float xv[V];
 #pragma unroll
-                    for (int j = 0; j < V; j++) acc[r] += to_f32(wc.e[j]) * to_f32(xc.e[j]);
+                    for (int j = 0; j < V; j++) xv[j] = to_f32(xc.e[j]);
+#pragma unroll
+                    for (int q = 0; q < Q; q++)
+#pragma unroll
+                        for (int j = 0; j < V; j++) acc[q][r] += to_f32(wc[q].e[j]) * xv[j];
                 }
             }
         }
     } else {
         for (int i = tid; i < k; i += GEMV_THREADS) {
-            const float wv = to_f32(w_row[i]);
 #pragma unroll
-            for (int r = 0; r < GEMV_MAX_ROWS; r++)
-                if (r < m) acc[r] += wv * to_f32(x[(size_t)r * k + i]);
+            for (int r = 0; r < GEMV_MAX_ROWS; r++) {
+                if (r < m) {
+                    const float xv = to_f32(x[(size_t)r * k + i]);
+#pragma unroll
+                    for (int q = 0; q < Q; q++) acc[q][r] += to_f32(w_rows[q][i]) * xv;
+                }
+            }
         }
     }
 }
 
-// Sums acc[r] over the block; thread r < m gets row r's total.
-__device__ __forceinline__ float block_row_sum(float acc[GEMV_MAX_ROWS], int m,
-                                               float (*partial)[GEMV_THREADS / 32]) {
+// Sums acc[q][r] over the block; thread q·GEMV_MAX_ROWS + r (r < m) gets that total.
+template <int Q>
+__device__ __forceinline__ float block_rows_sum(float (&acc)[Q][GEMV_MAX_ROWS], int m,
+                                                float (*partial)[GEMV_THREADS / 32]) {
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
-    for (int r = 0; r < GEMV_MAX_ROWS; r++) {
-        if (r < m) {
-            const float s = warp_sum(acc[r]);
-            if (lane == 0) partial[r][warp] = s;
+    for (int q = 0; q < Q; q++) {
+#pragma unroll
+        for (int r = 0; r < GEMV_MAX_ROWS; r++) {
+            if (r < m) {
+                const float s = warp_sum(acc[q][r]);
+                if (lane == 0) partial[q * GEMV_MAX_ROWS + r][warp] = s;
+            }
         }
     }
     __syncthreads();
     float sum = 0.0f;
-    if ((int)threadIdx.x < m) {
+    const int t = threadIdx.x;
+    if (t < Q * GEMV_MAX_ROWS && t % GEMV_MAX_ROWS < m) {
 #pragma unroll
-        for (int w = 0; w < GEMV_THREADS / 32; w++) sum += partial[threadIdx.x][w];
+        for (int w = 0; w < GEMV_THREADS / 32; w++) sum += partial[t][w];
     }
     return sum;
 }
 
-template <typename OUT>
+// Columns COLS·blockIdx.x onwards (the last block's rows past n repeat row n - 1 and are
+// not written).
+template <int COLS, int DEPTH, typename OUT>
 __device__ __forceinline__ void gemv(const elem* __restrict__ x, const elem* __restrict__ w,
                                      const elem* __restrict__ bias, OUT* __restrict__ y, int m,
                                      int n, int k) {
-    const int col = blockIdx.x;
-    float acc[GEMV_MAX_ROWS];
+    const int first = blockIdx.x * COLS;
+    const elem* w_rows[COLS];
+    float acc[COLS][GEMV_MAX_ROWS];
 #pragma unroll
-    for (int r = 0; r < GEMV_MAX_ROWS; r++) acc[r] = 0.0f;
-    accumulate_row(x, w + (size_t)col * k, acc, m, k);
-    __shared__ float partial[GEMV_MAX_ROWS][GEMV_THREADS / 32];
-    const float sum = block_row_sum(acc, m, partial);
-    if ((int)threadIdx.x < m) {
+    for (int q = 0; q < COLS; q++) {
+        w_rows[q] = w + (size_t)min(first + q, n - 1) * k;
+#pragma unroll
+        for (int r = 0; r < GEMV_MAX_ROWS; r++) acc[q][r] = 0.0f;
+    }
+    accumulate_rows<COLS, DEPTH>(x, w_rows, acc, m, k);
+    __shared__ float partial[COLS * GEMV_MAX_ROWS][GEMV_THREADS / 32];
+    const float sum = block_rows_sum<COLS>(acc, m, partial);
+    const int t = threadIdx.x, col = first + t / GEMV_MAX_ROWS, r = t % GEMV_MAX_ROWS;
+    if (t < COLS * GEMV_MAX_ROWS && r < m && col < n) {
         const float b = bias ? to_f32(bias[col]) : 0.0f;
-        y[(size_t)threadIdx.x * n + col] = from_f32<OUT>(sum + b);
+        y[(size_t)r * n + col] = from_f32<OUT>(sum + b);
     }
 }
 
-// The [gate | up] product and SwiGLU in one: block `col` reads W rows col (gate) and
-// width + col (up) and writes act[r, col] = silu(gate) · up, rounding gate and up to elem
-// first as the unfused path (product, then silu_mul) does. grid: width.
-extern "C" __global__ void gemv_swiglu(const elem* __restrict__ x, const elem* __restrict__ w,
-                                       elem* __restrict__ act, int m, int width, int k) {
-    const int col = blockIdx.x;
-    float gate[GEMV_MAX_ROWS], up[GEMV_MAX_ROWS];
+// The [gate | up] product and SwiGLU in one: a block reads the W rows of COLS columns of
+// gate (col) and up (width + col) and writes act[r, col] = silu(gate) · up, rounding gate
+// and up to elem first as the unfused path (product, then silu_mul) does.
+// grid: ceil(width / COLS).
+template <int COLS, int DEPTH>
+__device__ __forceinline__ void gemv_swiglu_cols(const elem* __restrict__ x,
+                                                 const elem* __restrict__ w,
+                                                 elem* __restrict__ act, int m, int width, int k) {
+    const int first = blockIdx.x * COLS;
+    const elem* w_rows[2 * COLS];
+    float acc[2 * COLS][GEMV_MAX_ROWS];
 #pragma unroll
-    for (int r = 0; r < GEMV_MAX_ROWS; r++) gate[r] = up[r] = 0.0f;
-    accumulate_row(x, w + (size_t)col * k, gate, m, k);
-    accumulate_row(x, w + (size_t)(width + col) * k, up, m, k);
-    __shared__ float partial[GEMV_MAX_ROWS][GEMV_THREADS / 32];
-    const float g = to_f32(from_f32<elem>(block_row_sum(gate, m, partial)));
-    __syncthreads();  // `partial` is reused
-    const float u = to_f32(from_f32<elem>(block_row_sum(up, m, partial)));
-    if ((int)threadIdx.x < m) act[(size_t)threadIdx.x * width + col] = from_f32<elem>(g / (1.0f + expf(-g)) * u);
+    for (int q = 0; q < COLS; q++) {
+        const int col = min(first + q, width - 1);
+        w_rows[q] = w + (size_t)col * k;                    // gate
+        w_rows[COLS + q] = w + (size_t)(width + col) * k;   // up
+    }
+#pragma unroll
+    for (int q = 0; q < 2 * COLS; q++)
+#pragma unroll
+        for (int r = 0; r < GEMV_MAX_ROWS; r++) acc[q][r] = 0.0f;
+    accumulate_rows<2 * COLS, DEPTH>(x, w_rows, acc, m, k);
+    __shared__ float partial[2 * COLS * GEMV_MAX_ROWS][GEMV_THREADS / 32];
+    const float sum = block_rows_sum<2 * COLS>(acc, m, partial);
+    // Thread q·GEMV_MAX_ROWS + r holds gate (q < COLS) or up (q ≥ COLS) of column q mod
+    // COLS, row r: the gate threads take the up totals through shared memory.
+    __shared__ float rounded[2 * COLS * GEMV_MAX_ROWS];
+    const int t = threadIdx.x;
+    if (t < 2 * COLS * GEMV_MAX_ROWS) rounded[t] = to_f32(from_f32<elem>(sum));
+    __syncthreads();
+    const int col = first + t / GEMV_MAX_ROWS, r = t % GEMV_MAX_ROWS;
+    if (t < COLS * GEMV_MAX_ROWS && r < m && col < width) {
+        const float g = rounded[t], u = rounded[COLS * GEMV_MAX_ROWS + t];
+        act[(size_t)r * width + col] = from_f32<elem>(g / (1.0f + expf(-g)) * u);
+    }
 }
 
+// One row of W a block, four chunks in flight (a single sequence).
 extern "C" __global__ void gemv_elem(const elem* x, const elem* w, const elem* bias, elem* y, int m,
                                      int n, int k) {
-    gemv<elem>(x, w, bias, y, m, n, k);
+    gemv<1, 4, elem>(x, w, bias, y, m, n, k);
 }
 
 // The output projection: logits in f32 for the sampler.
 extern "C" __global__ void gemv_f32(const elem* x, const elem* w, const elem* bias, float* y, int m,
                                     int n, int k) {
-    gemv<float>(x, w, bias, y, m, n, k);
+    gemv<1, 4, float>(x, w, bias, y, m, n, k);
+}
+
+// Its gate and up rows two chunks each in flight: four loads a thread, as the products.
+extern "C" __global__ void gemv_swiglu(const elem* __restrict__ x, const elem* __restrict__ w,
+                                       elem* __restrict__ act, int m, int width, int k) {
+    gemv_swiglu_cols<1, 2>(x, w, act, m, width, k);
+}
+
+// GEMV_WIDE_COLS rows of W a block, two chunks of each in flight (two sequences or more).
+extern "C" __global__ void gemv_elem_wide(const elem* x, const elem* w, const elem* bias, elem* y,
+                                          int m, int n, int k) {
+    gemv<GEMV_WIDE_COLS, 2, elem>(x, w, bias, y, m, n, k);
+}
+
+extern "C" __global__ void gemv_f32_wide(const elem* x, const elem* w, const elem* bias, float* y,
+                                         int m, int n, int k) {
+    gemv<GEMV_WIDE_COLS, 2, float>(x, w, bias, y, m, n, k);
+}
+
+// Half as many columns as the plain products: each takes a gate row and an up row.
+extern "C" __global__ void gemv_swiglu_wide(const elem* __restrict__ x, const elem* __restrict__ w,
+                                            elem* __restrict__ act, int m, int width, int k) {
+    gemv_swiglu_cols<GEMV_WIDE_COLS / 2, 2>(x, w, act, m, width, k);
 }
 
 // Bias for the cuBLAS path (prefill): y[r, c] += bias[c].

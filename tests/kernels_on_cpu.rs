@@ -247,10 +247,10 @@ fn add_rms_norm_adds_the_residual_and_normalises() {
 #[test]
 fn gemv_products_match_plain_sums() {
     let mut rng = ChaCha8Rng::seed_from_u64(2);
-    // k = 8192 runs the four-loads-in-flight loop more than once, 264 its tail, 130 the
-    // unaligned path.
+    // k = 8192 runs the loads-in-flight loop more than once, 264 its tail, 130 the unaligned
+    // path; n = 5, 37 and 9 leave the wide kernels' last block with one column of four.
     for (dtype, tolerance) in [(DType::F32, 1e-4), (DType::BF16, 1e-2)] {
-        for (m, n, k) in [(1, 5, 8192), (3, 37, 264), (8, 9, 130)] {
+        for (m, n, k) in [(1, 5, 8192), (3, 37, 264), (8, 9, 130), (2, 5, 8192)] {
             let x = rounded(dtype, &random(&mut rng, m * k, 1.0));
             let w = rounded(dtype, &random(&mut rng, n * k, 1.0));
             let bias = rounded(dtype, &random(&mut rng, n, 1.0));
@@ -262,24 +262,45 @@ fn gemv_products_match_plain_sums() {
                     (dot + f64::from(bias[c])) as f32
                 })
                 .collect();
-            let buffers = || {
-                vec![dtype.encode(&x), dtype.encode(&w), dtype.encode(&bias), vec![0; m * n * 4]]
+            let run = |name: &str, rows: usize, cols: usize, out_bytes: usize| {
+                let buffers = vec![
+                    dtype.encode(&x[..rows * k]),
+                    dtype.encode(&w),
+                    dtype.encode(&bias),
+                    vec![0; rows * n * 4],
+                ];
+                let args = [
+                    Arg::Buffer(0),
+                    Arg::Buffer(1),
+                    Arg::Buffer(2),
+                    Arg::Buffer(3),
+                    Arg::I32(rows as i32),
+                    Arg::I32(n as i32),
+                    Arg::I32(k as i32),
+                ];
+                let grid = [n.div_ceil(cols) as u32, 1, 1];
+                let out = launch(dtype, name, grid, 128, buffers, &args);
+                out[3][..rows * n * out_bytes].to_vec()
             };
-            let args = [
-                Arg::Buffer(0),
-                Arg::Buffer(1),
-                Arg::Buffer(2),
-                Arg::Buffer(3),
-                Arg::I32(m as i32),
-                Arg::I32(n as i32),
-                Arg::I32(k as i32),
-            ];
-            let logits = launch(dtype, "gemv_f32", [n as u32, 1, 1], 128, buffers(), &args);
-            let what = format!("gemv_f32 {} {m}x{n}x{k}", dtype.name());
-            assert_close(&f32s(&logits[3]), &want, 1e-4, &what);
-            let y = launch(dtype, "gemv_elem", [n as u32, 1, 1], 128, buffers(), &args);
-            let what = format!("gemv_elem {} {m}x{n}x{k}", dtype.name());
-            assert_close(&elems(dtype, &y[3][..m * n * dtype.size()]), &want, tolerance, &what);
+            let e = dtype.size();
+            for (name, cols, out_bytes) in [
+                ("gemv_f32", 1, 4),
+                ("gemv_f32_wide", 4, 4),
+                ("gemv_elem", 1, e),
+                ("gemv_elem_wide", 4, e),
+            ] {
+                let out = run(name, m, cols, out_bytes);
+                let what = format!("{name} {} {m}x{n}x{k}", dtype.name());
+                if out_bytes == 4 {
+                    assert_close(&f32s(&out), &want, 1e-4, &what);
+                } else {
+                    assert_close(&elems(dtype, &out), &want, tolerance, &what);
+                }
+                // A sequence's outputs do not depend on its batch or the kernel's width:
+                // the first row alone through the single-sequence kernel, bit for bit.
+                let narrow = if out_bytes == 4 { "gemv_f32" } else { "gemv_elem" };
+                assert_eq!(out[..n * out_bytes], run(narrow, 1, 1, out_bytes), "{what}: row 0");
+            }
         }
     }
 }
@@ -288,27 +309,47 @@ fn gemv_products_match_plain_sums() {
 fn gemv_swiglu_is_silu_of_gate_times_up() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     for (dtype, tolerance) in [(DType::F32, 1e-4), (DType::BF16, 1.6e-2)] {
-        let (m, width, k) = (2, 24, 512);
-        let x = rounded(dtype, &random(&mut rng, m * k, 1.0));
-        let w = rounded(dtype, &random(&mut rng, 2 * width * k, 0.2));
-        let product = |r: usize, c: usize| -> f32 {
-            (0..k).map(|j| f64::from(x[r * k + j]) * f64::from(w[c * k + j])).sum::<f64>() as f32
-        };
-        // Gate and up are rounded to the element type before SwiGLU, as the unfused path does.
-        let gate_up: Vec<f32> = (0..m)
-            .flat_map(|r| (0..2 * width).map(move |c| (r, c)))
-            .map(|(r, c)| product(r, c))
-            .collect();
-        let want = cpu::silu_mul_packed(&rounded(dtype, &gate_up), width);
-        let out = launch(
-            dtype,
-            "gemv_swiglu",
-            [width as u32, 1, 1],
-            128,
-            vec![dtype.encode(&x), dtype.encode(&w), vec![0; m * width * dtype.size()]],
-            &with_buffers(3, [Arg::I32(m as i32), Arg::I32(width as i32), Arg::I32(k as i32)]),
-        );
-        assert_close(&elems(dtype, &out[2]), &want, tolerance, dtype.name());
+        // width 23: the wide kernel's last block has one column of two.
+        for (m, width, k) in [(1, 24, 512), (2, 24, 512), (5, 23, 264)] {
+            let x = rounded(dtype, &random(&mut rng, m * k, 1.0));
+            let w = rounded(dtype, &random(&mut rng, 2 * width * k, 0.2));
+            let product = |r: usize, c: usize| -> f32 {
+                (0..k).map(|j| f64::from(x[r * k + j]) * f64::from(w[c * k + j])).sum::<f64>()
+                    as f32
+            };
+            // Gate and up are rounded to the element type before SwiGLU, as the unfused path
+            // does.
+            let gate_up: Vec<f32> = (0..m)
+                .flat_map(|r| (0..2 * width).map(move |c| (r, c)))
+                .map(|(r, c)| product(r, c))
+                .collect();
+            let want = cpu::silu_mul_packed(&rounded(dtype, &gate_up), width);
+            let run = |name: &str, rows: usize, cols: usize| {
+                let out = launch(
+                    dtype,
+                    name,
+                    [width.div_ceil(cols) as u32, 1, 1],
+                    128,
+                    vec![
+                        dtype.encode(&x[..rows * k]),
+                        dtype.encode(&w),
+                        vec![0; rows * width * dtype.size()],
+                    ],
+                    &with_buffers(
+                        3,
+                        [Arg::I32(rows as i32), Arg::I32(width as i32), Arg::I32(k as i32)],
+                    ),
+                );
+                out[2].clone()
+            };
+            let single = run("gemv_swiglu", 1, 1);
+            for (name, cols) in [("gemv_swiglu", 1), ("gemv_swiglu_wide", 2)] {
+                let out = run(name, m, cols);
+                let what = format!("{name} {} {m}x{width}x{k}", dtype.name());
+                assert_close(&elems(dtype, &out), &want, tolerance, &what);
+                assert_eq!(out[..width * dtype.size()], single[..], "{what}: row 0");
+            }
+        }
     }
 }
 

@@ -182,6 +182,10 @@ struct Kernels {
     gemv_elem: CudaFunction,
     gemv_f32: CudaFunction,
     gemv_swiglu: CudaFunction,
+    /// GEMV_WIDE_COLS rows of W a block (two sequences or more).
+    gemv_elem_wide: CudaFunction,
+    gemv_f32_wide: CudaFunction,
+    gemv_swiglu_wide: CudaFunction,
     add_bias: CudaFunction,
     rope_write_kv: CudaFunction,
     /// attention_decode_h1, _h2, _h4, _h8: query heads a block takes.
@@ -217,6 +221,9 @@ impl Kernels {
             gemv_elem: f("gemv_elem")?,
             gemv_f32: f("gemv_f32")?,
             gemv_swiglu: f("gemv_swiglu")?,
+            gemv_elem_wide: f("gemv_elem_wide")?,
+            gemv_f32_wide: f("gemv_f32_wide")?,
+            gemv_swiglu_wide: f("gemv_swiglu_wide")?,
             add_bias: f("add_bias")?,
             rope_write_kv: f("rope_write_kv")?,
             attention_decode,
@@ -272,6 +279,9 @@ pub const SAMPLE_WORDS: usize = 10;
 pub const GEMV_MAX_ROWS: usize = 8;
 /// Threads of a GEMV block (GEMV_THREADS in kernels/gemv.cu).
 const GEMV_THREADS: u32 = 128;
+/// Rows of W a GEMV block takes from two sequences on (GEMV_WIDE_COLS in kernels/gemv.cu):
+/// each x chunk loaded then serves that many rows of W.
+const GEMV_WIDE_COLS: usize = 4;
 
 /// A device buffer of raw elements; its pointer is what kernels receive.
 pub struct Buffer {
@@ -663,13 +673,15 @@ impl Gpu {
         f32_out: bool,
     ) -> Result<()> {
         if m <= GEMV_MAX_ROWS {
-            let grid = (n as u32, 1);
-            let (m, n, k) = (m as i32, n as i32, k as i32);
-            let (function, name) = if f32_out {
-                (&self.kernels().gemv_f32, "gemv_f32")
-            } else {
-                (&self.kernels().gemv_elem, "gemv_elem")
+            let kernels = self.kernels();
+            let (function, name, cols) = match (f32_out, m > 1) {
+                (true, false) => (&kernels.gemv_f32, "gemv_f32", 1),
+                (false, false) => (&kernels.gemv_elem, "gemv_elem", 1),
+                (true, true) => (&kernels.gemv_f32_wide, "gemv_f32_wide", GEMV_WIDE_COLS),
+                (false, true) => (&kernels.gemv_elem_wide, "gemv_elem_wide", GEMV_WIDE_COLS),
             };
+            let grid = (n.div_ceil(cols) as u32, 1);
+            let (m, n, k) = (m as i32, n as i32, k as i32);
             return self.launch(
                 function,
                 name,
@@ -736,11 +748,17 @@ impl Gpu {
         k: usize,
     ) -> Result<()> {
         if m <= GEMV_MAX_ROWS {
+            // The wide kernel's block takes GEMV_WIDE_COLS rows of W: half of them gate rows.
+            let (function, name, cols) = if m > 1 {
+                (&self.kernels().gemv_swiglu_wide, "gemv_swiglu_wide", GEMV_WIDE_COLS / 2)
+            } else {
+                (&self.kernels().gemv_swiglu, "gemv_swiglu", 1)
+            };
             let (m, width_i, k) = (m as i32, width as i32, k as i32);
             return self.launch(
-                &self.kernels().gemv_swiglu,
-                "gemv_swiglu",
-                (width as u32, 1),
+                function,
+                name,
+                (width.div_ceil(cols) as u32, 1),
                 GEMV_THREADS,
                 &[&x, &w, &act, &m, &width_i, &k],
             );
