@@ -9,7 +9,11 @@
 // both engines rotate alike and no thread spends time on trigonometry.
 // `slots[t]` = block · block_size + offset, where token t's K/V go (cache rows of
 // num_kv_heads · head_dim); -1: nowhere.
-// grid: (tokens, num_heads + 2 · num_kv_heads); block: 64 threads.
+// grid: (tokens, head groups); a block takes its token's heads of group blockIdx.y (all
+// heads split evenly over gridDim.y groups), a thread a pair of values at a time. Decode
+// steps launch a group per head (64 threads: one pair each); prompts one group a token (a
+// block per head and token left the chip scheduling tiny blocks: 375 GB/s on an H100 over
+// a 1024-token prompt).
 extern "C" __global__ void rope_write_kv(const elem* __restrict__ qkv,
                                          const elem* __restrict__ bias, elem* __restrict__ q_out,
                                          elem* __restrict__ k_cache, elem* __restrict__ v_cache,
@@ -18,30 +22,35 @@ extern "C" __global__ void rope_write_kv(const elem* __restrict__ qkv,
                                          int num_heads, int num_kv_heads, int head_dim,
                                          int rope_mode, int rot_dim) {
     const size_t t = blockIdx.x;
-    const int head = blockIdx.y;
     const int q_width = num_heads * head_dim, kv_width = num_kv_heads * head_dim;
     const size_t row_width = q_width + 2 * kv_width;
     const elem* row = qkv + t * row_width;
-    const int base = head * head_dim;
+    const int all_heads = num_heads + 2 * num_kv_heads;
+    const int per_group = (all_heads + gridDim.y - 1) / gridDim.y;
+    const int first = blockIdx.y * per_group;
+    const int heads_here = min(per_group, all_heads - first);
     // A negative slot is a padding token (a CUDA graph's batch rounded up): q only.
-    if (slots[t] < 0 && head >= num_heads) return;
-    const size_t slot = slots[t];
-
-    if (head >= num_heads + num_kv_heads) {  // a v head: copied with its bias
-        elem* dst = v_cache + slot * kv_width + (base - q_width - kv_width);
-        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-            float v = to_f32(row[base + d]);
-            if (bias) v += to_f32(bias[base + d]);
-            dst[d] = from_f32<elem>(v);
-        }
-        return;
-    }
+    const bool keep_kv = slots[t] >= 0;
+    const size_t slot = keep_kv ? slots[t] : 0;
     const float* cos_t = cos_sin + t * 2 * freq_len;
     const float* sin_t = cos_t + freq_len;
-    elem* dst = head < num_heads ? q_out + t * q_width + base
-                                 : k_cache + slot * kv_width + (base - q_width);
     const int half = head_dim / 2;
-    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+    for (int work = threadIdx.x; work < heads_here * half; work += blockDim.x) {
+        const int head = first + work / half, i = work % half;
+        if (head >= num_heads && !keep_kv) continue;
+        const int base = head * head_dim;
+        if (head >= num_heads + num_kv_heads) {  // a v head: copied with its bias
+            elem* dst = v_cache + slot * kv_width + (base - q_width - kv_width);
+#pragma unroll
+            for (int d = i; d < head_dim; d += half) {
+                float v = to_f32(row[base + d]);
+                if (bias) v += to_f32(bias[base + d]);
+                dst[d] = from_f32<elem>(v);
+            }
+            continue;
+        }
+        elem* dst = head < num_heads ? q_out + t * q_width + base
+                                     : k_cache + slot * kv_width + (base - q_width);
         int a_dim, b_dim;
         bool rotate;
         if (rope_mode == 0) {

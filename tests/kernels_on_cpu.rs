@@ -627,37 +627,41 @@ fn rope_write_kv_rotates_q_and_k_and_files_k_and_v_in_their_slots() {
                 want_v[slot * kv_width..][..kv_width]
                     .copy_from_slice(&row[q_width + kv_width..][..kv_width]);
             }
-            let out = launch(
-                dtype,
-                "rope_write_kv",
-                [positions.len() as u32, (heads + 2 * kv_heads) as u32, 1],
-                64,
-                vec![
-                    dtype.encode(&qkv),
-                    dtype.encode(&bias),
-                    vec![0; positions.len() * q_width * dtype.size()],
-                    vec![0; cache_rows * kv_width * dtype.size()],
-                    vec![0; cache_rows * kv_width * dtype.size()],
-                    i32_bytes(&slots),
-                    f32_bytes(&cos_sin),
-                ],
-                &with_buffers(
-                    7,
-                    [
-                        Arg::I32(freq_len as i32),
-                        Arg::I32(heads as i32),
-                        Arg::I32(kv_heads as i32),
-                        Arg::I32(head_dim as i32),
-                        Arg::I32(mode),
-                        Arg::I32(rot_dim as i32),
+            // A block per head and token (decode), per token (prompts; 32 threads walk the
+            // token's 4 heads × 8 pairs in turns), and heads in uneven groups (3 of 2, 2, 0).
+            for (groups, threads) in [(heads + 2 * kv_heads, 64), (1, 32), (3, 16)] {
+                let out = launch(
+                    dtype,
+                    "rope_write_kv",
+                    [positions.len() as u32, groups as u32, 1],
+                    threads,
+                    vec![
+                        dtype.encode(&qkv),
+                        dtype.encode(&bias),
+                        vec![0; positions.len() * q_width * dtype.size()],
+                        vec![0; cache_rows * kv_width * dtype.size()],
+                        vec![0; cache_rows * kv_width * dtype.size()],
+                        i32_bytes(&slots),
+                        f32_bytes(&cos_sin),
                     ],
-                ),
-            );
-            let tolerance = if dtype == DType::F32 { 1e-6 } else { 8e-3 };
-            let what = format!("mode {mode} {}", dtype.name());
-            assert_close(&elems(dtype, &out[2]), &rounded(dtype, &want_q), tolerance, &what);
-            assert_close(&elems(dtype, &out[3]), &rounded(dtype, &want_k), tolerance, &what);
-            assert_close(&elems(dtype, &out[4]), &rounded(dtype, &want_v), 0.0, &what);
+                    &with_buffers(
+                        7,
+                        [
+                            Arg::I32(freq_len as i32),
+                            Arg::I32(heads as i32),
+                            Arg::I32(kv_heads as i32),
+                            Arg::I32(head_dim as i32),
+                            Arg::I32(mode),
+                            Arg::I32(rot_dim as i32),
+                        ],
+                    ),
+                );
+                let tolerance = if dtype == DType::F32 { 1e-6 } else { 8e-3 };
+                let what = format!("mode {mode} {}, {groups} groups of {threads}", dtype.name());
+                assert_close(&elems(dtype, &out[2]), &rounded(dtype, &want_q), tolerance, &what);
+                assert_close(&elems(dtype, &out[3]), &rounded(dtype, &want_k), tolerance, &what);
+                assert_close(&elems(dtype, &out[4]), &rounded(dtype, &want_v), 0.0, &what);
+            }
         }
     }
 }

@@ -279,6 +279,8 @@ pub const SAMPLE_WORDS: usize = 10;
 pub const GEMV_MAX_ROWS: usize = 8;
 /// Threads of a GEMV block (GEMV_THREADS in kernels/gemv.cu).
 const GEMV_THREADS: u32 = 128;
+/// Tokens from which `rope_write_kv` takes a block per token instead of per head and token.
+const ROPE_BLOCK_PER_TOKEN_FROM: usize = 256;
 /// Rows of W a GEMV block takes from two sequences on (GEMV_WIDE_COLS in kernels/gemv.cu):
 /// each x chunk loaded then serves that many rows of W.
 const GEMV_WIDE_COLS: usize = 4;
@@ -790,12 +792,16 @@ impl Gpu {
             Rope::Glm { rotary_dim } => (0i32, rotary_dim as i32),
             Rope::RotateHalf => (1i32, shape.head_dim as i32),
         };
-        let grid = (step.tokens as u32, (shape.num_heads + 2 * shape.num_kv_heads) as u32);
+        // Decode steps: a block per head and token, for latency. Prompts: a block per token,
+        // so that the chip is not left scheduling tens of thousands of 64-thread blocks.
+        let all_heads = shape.num_heads + 2 * shape.num_kv_heads;
+        let (groups, threads) =
+            if step.tokens >= ROPE_BLOCK_PER_TOKEN_FROM { (1, 256) } else { (all_heads, 64) };
         self.launch(
             &self.kernels().rope_write_kv,
             "rope_write_kv",
-            grid,
-            64,
+            (step.tokens as u32, groups as u32),
+            threads,
             &[
                 &qkv,
                 &bias,
