@@ -68,7 +68,8 @@ for _ in $(seq 120); do
     kill -0 $SERVER 2>/dev/null || break
     sleep 1
 done
-# The engine's step counters, summed over label sets: {name or name/phase: value}.
+# The engine's step counters, summed over label sets: {name or name/phase: value}; and the
+# server's TTFT histogram (ttft_count, ttft_le_0.1, ...: first tokens by then).
 steps_now() {
     python3 - <<'PY'
 import json, re, urllib.request
@@ -80,6 +81,11 @@ for line in text.splitlines():
     if m:
         phase = re.search(r'phase="(\w+)"', m.group(2))
         key = m.group(1) + ("/" + phase.group(1) if phase else "")
+        totals[key] = totals.get(key, 0.0) + float(m.group(3))
+    m = re.match(r'llm_time_to_first_token_seconds_(count|bucket)\{([^}]*)\} (\S+)', line)
+    if m:
+        le = re.search(r'le="([^"]+)"', m.group(2))
+        key = "ttft_count" if m.group(1) == "count" else "ttft_le_" + le.group(1)
         totals[key] = totals.get(key, 0.0) + float(m.group(3))
 print(json.dumps(totals))
 PY
@@ -105,6 +111,13 @@ print(json.dumps({"level": int(sys.argv[3]), "shape": sys.argv[4], "sample_on_de
                   "mean_sequences": round(d.get("llm_engine_step_sequences_total", 0.0) / steps, 1),
                   "prompt_tokens": int(d.get("llm_prompt_tokens_total", 0.0)),
                   "prefix_cache_hit_tokens": int(d.get("llm_prefix_cache_hit_tokens_total", 0.0)),
+                  # Server side (request in the engine to first token chosen): the share of
+                  # first tokens later than each bucket bound, client and transport left out;
+                  # over all the level's requests, the warm-up's too.
+                  "server_ttft_share_over": {k[len("ttft_le_"):]: round(1 - v / d["ttft_count"], 4)
+                                             for k, v in d.items()
+                                             if k.startswith("ttft_le_") and d.get("ttft_count")
+                                             and 0.05 <= float(k[len("ttft_le_"):]) <= 0.5},
                   "ms_per_step": phases}))
 PY
         tee -a "$OUT/serve_phases.jsonl"

@@ -13,9 +13,11 @@ use super::error::{TritonError, TritonResult, ffi};
 use super::sys;
 use crate::serving::{EngineMetrics, StepTimes};
 
-/// Seconds; from a fast CPU step to a slow queue.
-const LATENCY_BUCKETS: &[f64] =
-    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+/// Seconds; from a fast CPU step to a slow queue, finer around 0.2 s (a common TTFT target,
+/// so that the share of first tokens later than it can be read off the buckets).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 struct Family(*mut sys::TRITONSERVER_MetricFamily);
 
