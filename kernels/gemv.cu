@@ -3,7 +3,7 @@
 // block of GEMV_THREADS streams W with 16-byte loads, several in flight per thread, and
 // applies each loaded chunk to all m ≤ GEMV_MAX_ROWS rows of x (x is small and stays in
 // L1/L2). A block takes one row of W for a single sequence (thousands of small blocks: the
-// last wave is a small share of the work) and GEMV_WIDE_COLS rows from two sequences on:
+// last wave is a small share of the work) and GEMV_WIDE_COLS rows from three sequences on:
 // every x chunk loaded then serves that many rows of W, where one row a block read x from
 // L1 m times over for each byte of W (at 8 rows, 26-32% of the copy rate on an H200).
 // Every output is summed in the same order whatever m and the rows a block takes (each
@@ -12,7 +12,7 @@
 // grid: ceil(N / COLS); block: GEMV_THREADS.
 #define GEMV_MAX_ROWS 8
 #define GEMV_THREADS 128
-// Rows of W a block takes from two sequences on (src/cuda/mod.rs: GEMV_WIDE_COLS).
+// Rows of W a wide block takes (src/cuda/mod.rs: GEMV_WIDE_COLS; GEMV_WIDE_FROM sequences on).
 #define GEMV_WIDE_COLS 4
 
 // acc[q][r] += Σ_k x[r, k] · w_rows[q][k] for r < m and q < Q, over this block's share of k,
@@ -192,7 +192,7 @@ extern "C" __global__ void gemv_swiglu(const elem* __restrict__ x, const elem* _
     gemv_swiglu_cols<1, 2>(x, w, act, m, width, k);
 }
 
-// GEMV_WIDE_COLS rows of W a block, two chunks of each in flight (two sequences or more).
+// GEMV_WIDE_COLS rows of W a block, two chunks of each in flight (three sequences or more).
 extern "C" __global__ void gemv_elem_wide(const elem* x, const elem* w, const elem* bias, elem* y,
                                           int m, int n, int k) {
     gemv<GEMV_WIDE_COLS, 2, elem>(x, w, bias, y, m, n, k);
