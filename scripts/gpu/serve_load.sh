@@ -8,7 +8,8 @@
 # Environment: SHAPE (chatglm2-6b or internlm2_5-7b, a folder of bench/shapes),
 # SAMPLE_ON_DEVICE (true: the batched sampling kernel; false: the host samples the logits),
 # CUDA_GRAPHS (true: decode steps replayed as CUDA graphs), TEMPERATURE (0: greedy; above:
-# the model's default top-k 50 / top-p 0.8 sampling).
+# the model's default top-k 50 / top-p 0.8 sampling), MAX_BATCHED_TOKENS (8192: the tokens a
+# step may carry, max_num_batched_tokens).
 # Prompts are 128 tokens (see WORDS below), answers 128 new tokens; latency percentiles
 # leave out requests sent in the first 3 s (all sessions start at once; tools/load.py reports
 # them with those too). After each level it prints where the engine's steps spent their time
@@ -23,6 +24,7 @@ SHAPE=${SHAPE:-chatglm2-6b}
 SAMPLE_ON_DEVICE=${SAMPLE_ON_DEVICE:-true}
 CUDA_GRAPHS=${CUDA_GRAPHS:-true}
 TEMPERATURE=${TEMPERATURE:-0}
+MAX_BATCHED_TOKENS=${MAX_BATCHED_TOKENS:-8192}
 # For a dry run of this script without a GPU: KIND=KIND_CPU and SHAPE_CONFIG, a config.json
 # of the family at a small size (the tokenizer stays SHAPE's).
 KIND=${KIND:-KIND_GPU}
@@ -54,7 +56,8 @@ cp "$TOKENIZER" /tmp/load-model/
         tests/model_repository/chatglm2-tiny-stream/config.pbtxt
     echo "instance_group [ { kind: $KIND count: 1 } ]"
     for kv in model_dir=/tmp/load-model load_format=dummy dtype=bf16 max_num_seqs=256 \
-        max_num_batched_tokens=8192 sample_on_device=$SAMPLE_ON_DEVICE cuda_graphs=$CUDA_GRAPHS; do
+        max_num_batched_tokens=$MAX_BATCHED_TOKENS sample_on_device=$SAMPLE_ON_DEVICE \
+        cuda_graphs=$CUDA_GRAPHS; do
         echo "parameters { key: \"${kv%%=*}\" value { string_value: \"${kv#*=}\" } }"
     done
 } > "/tmp/load-repo/$MODEL/config.pbtxt"
@@ -90,7 +93,7 @@ for line in text.splitlines():
 print(json.dumps(totals))
 PY
 }
-echo "== $SHAPE, sample_on_device=$SAMPLE_ON_DEVICE, cuda_graphs=$CUDA_GRAPHS, temperature $TEMPERATURE"
+echo "== $SHAPE, sample_on_device=$SAMPLE_ON_DEVICE, cuda_graphs=$CUDA_GRAPHS, temperature $TEMPERATURE, max_num_batched_tokens $MAX_BATCHED_TOKENS"
 for level in $LEVELS; do
     echo "== concurrency $level, ${SECONDS_EACH} s"
     before=$(steps_now)
@@ -100,14 +103,16 @@ for level in $LEVELS; do
         --temperature "$TEMPERATURE" --warmup 3 |
         tee -a "$OUT/serve_load.jsonl"
     after=$(steps_now)
-    python3 - "$before" "$after" "$level" "$SHAPE" "$SAMPLE_ON_DEVICE" "$TEMPERATURE" "$CUDA_GRAPHS" <<'PY' |
+    python3 - "$before" "$after" "$level" "$SHAPE" "$SAMPLE_ON_DEVICE" "$TEMPERATURE" "$CUDA_GRAPHS" \
+        "$MAX_BATCHED_TOKENS" <<'PY' |
 import json, sys
 before, after = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
 steps = d.get("llm_engine_steps_total", 0.0) or 1.0
 phases = {k.split("/")[1]: round(v / steps * 1e3, 3) for k, v in d.items() if "/" in k}
 print(json.dumps({"level": int(sys.argv[3]), "shape": sys.argv[4], "sample_on_device": sys.argv[5],
-                  "temperature": float(sys.argv[6]), "cuda_graphs": sys.argv[7], "steps": int(steps),
+                  "temperature": float(sys.argv[6]), "cuda_graphs": sys.argv[7],
+                  "max_num_batched_tokens": int(sys.argv[8]), "steps": int(steps),
                   "mean_sequences": round(d.get("llm_engine_step_sequences_total", 0.0) / steps, 1),
                   "prompt_tokens": int(d.get("llm_prompt_tokens_total", 0.0)),
                   "prefix_cache_hit_tokens": int(d.get("llm_prefix_cache_hit_tokens_total", 0.0)),
