@@ -23,31 +23,9 @@
 # SERVING_BUDGET_S (480).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/gpucheck-out}
-mkdir -p "$OUT" /tmp/carry
-START=$(date +%s)
-BUDGET=${SERVING_BUDGET_S:-480}
+BUDGET=${SERVING_BUDGET_S:-480} LOG=serving_round.txt
 SECONDS_EACH=${SERVING_SECONDS:-15}
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
-    [ -d "$d" ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
-done
-
-left() { echo $((START + BUDGET - $(date +%s))); }
-step() { # step NAME NEEDED_SECONDS COMMAND...
-    local name=$1 needed=$2
-    shift 2
-    if [ "$(left)" -lt "$needed" ]; then
-        echo "== $name: skipped, $(left) s left of the budget" | tee -a "$OUT/serving_round.txt"
-        return
-    fi
-    echo "== $name" | tee -a "$OUT/serving_round.txt"
-    timeout "$(left)" "$@"
-    echo "== $name: exit $?" | tee -a "$OUT/serving_round.txt"
-}
-
-if [ ! -x /tmp/carry/gpu_tests ]; then
-    xz -dc .carry/gpu_tests.xz > /tmp/carry/gpu_tests && chmod +x /tmp/carry/gpu_tests
-fi
+source scripts/gpu/round.sh
 step "gpu tests" 60 bash -c "/tmp/carry/gpu_tests --test-threads 1 --nocapture > '$OUT/gpu_tests.log' 2>&1; \
     grep -E '^GPUCHECK|^test |test result' '$OUT/gpu_tests.log'"
 # What failed its device test is left out of the rest (off, as it is by default), so that
@@ -73,9 +51,6 @@ if ! passed the_sampling_kernel_chooses_as_the_host_sampler_on_the_device ||
     echo "== the sampling kernel did not pass its device tests: left off below" | tee -a "$OUT/serving_round.txt"
 fi
 FLAGS="--sample-on-device $SAMPLE --cuda-graphs $GRAPHS"
-if [ ! -x /tmp/carry/triton-llm ]; then
-    xz -dc .carry/triton-llm.xz > /tmp/carry/triton-llm && chmod +x /tmp/carry/triton-llm
-fi
 bench() { # bench NAME FLAGS...
     local name=$1
     shift

@@ -17,29 +17,8 @@
 # $OUT/torch_linear.jsonl, $OUT/profile.txt and $OUT/ttft_round.txt. Budget: TTFT_BUDGET_S (300).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/gpucheck-out}
-mkdir -p "$OUT" /tmp/carry
-START=$(date +%s)
-BUDGET=${TTFT_BUDGET_S:-300}
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
-    [ -d "$d" ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
-done
-left() { echo $((START + BUDGET - $(date +%s))); }
-step() { # step NAME NEEDED_SECONDS COMMAND...
-    local name=$1 needed=$2
-    shift 2
-    if [ "$(left)" -lt "$needed" ]; then
-        echo "== $name: skipped, $(left) s left of the budget" | tee -a "$OUT/ttft_round.txt"
-        return
-    fi
-    echo "== $name" | tee -a "$OUT/ttft_round.txt"
-    timeout "$(left)" "$@"
-    echo "== $name: exit $?" | tee -a "$OUT/ttft_round.txt"
-}
-for binary in gpu_tests triton-llm; do
-    [ -x /tmp/carry/$binary ] ||
-        { xz -dc .carry/$binary.xz > /tmp/carry/$binary && chmod +x /tmp/carry/$binary; }
-done
+BUDGET=${TTFT_BUDGET_S:-300} LOG=ttft_round.txt
+source scripts/gpu/round.sh
 step "gpu tests" 60 bash -c "/tmp/carry/gpu_tests --test-threads 1 --nocapture > '$OUT/gpu_tests.log' 2>&1; \
     grep -E '^GPUCHECK.*\"pass\":false|^    [a-z_]+$|test result' '$OUT/gpu_tests.log'"
 bench() { # bench NAME ARGS...
