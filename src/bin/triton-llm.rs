@@ -95,15 +95,6 @@ enum Command {
         /// Tokens to generate per sequence.
         #[arg(long, default_value_t = 64)]
         new: usize,
-        /// With the GPU engine: choose each token with the batched sampling kernel (`false`:
-        /// the logits come back and the host takes each row's argmax).
-        #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
-              action = clap::ArgAction::Set)]
-        sample_on_device: bool,
-        /// With the GPU engine: capture decode steps as CUDA graphs and replay them.
-        #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
-              action = clap::ArgAction::Set)]
-        cuda_graphs: bool,
     },
 }
 
@@ -118,15 +109,6 @@ struct ModelArgs {
     /// Longest prompt + answer served (default: the model's context).
     #[arg(long)]
     session_len: Option<usize>,
-    /// With the GPU engine: choose each next token with the batched sampling kernel
-    /// (`false`: the logits come back and the host samples).
-    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
-          action = clap::ArgAction::Set)]
-    sample_on_device: bool,
-    /// With the GPU engine: capture decode steps as CUDA graphs and replay them.
-    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
-          action = clap::ArgAction::Set)]
-    cuda_graphs: bool,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -139,6 +121,15 @@ struct DeviceArgs {
     /// The GPU engine's element type: bf16, f16 or f32 (the CPU engine computes in f32).
     #[arg(long, default_value = "bf16")]
     dtype: DType,
+    /// With the GPU engine: choose each next token with the batched sampling kernel
+    /// (`false`: the logits come back and the host samples).
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set)]
+    sample_on_device: bool,
+    /// With the GPU engine: capture decode steps as CUDA graphs and replay them.
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set)]
+    cuda_graphs: bool,
 }
 
 impl ModelArgs {
@@ -148,8 +139,8 @@ impl ModelArgs {
             session_len: self.session_len,
             device: self.device.device,
             dtype: self.device.dtype,
-            sample_on_device: self.sample_on_device,
-            cuda_graphs: self.cuda_graphs,
+            sample_on_device: self.device.sample_on_device,
+            cuda_graphs: self.device.cuda_graphs,
         };
         ChatModel::load(&self.model, &options)
     }
@@ -313,8 +304,6 @@ fn run(command: Command) -> Result<()> {
             batch,
             prompt,
             new,
-            sample_on_device,
-            cuda_graphs,
         } => {
             let (family, config, checkpoint) = match (model, shape) {
                 (Some(dir), _) => {
@@ -334,12 +323,12 @@ fn run(command: Command) -> Result<()> {
             };
             let lm = model::load_config(family, config, &checkpoint, device.device, device.dtype)?;
             checkpoint.finish()?;
-            lm.set_sample_on_device(sample_on_device);
-            lm.set_cuda_graphs(cuda_graphs);
+            lm.set_sample_on_device(device.sample_on_device);
+            lm.set_cuda_graphs(device.cuda_graphs);
             let on_gpu = device.device != Device::Cpu;
             let options = BenchOptions {
-                sample_on_device: sample_on_device && on_gpu,
-                cuda_graphs: cuda_graphs && on_gpu,
+                sample_on_device: device.sample_on_device && on_gpu,
+                cuda_graphs: device.cuda_graphs && on_gpu,
             };
             bench(lm.as_ref(), device, batch, prompt, new, options)?;
         }
