@@ -57,9 +57,13 @@ __device__ __forceinline__ void decode_attention(
     const int* table = block_tables + (size_t)token_seq[t] * max_blocks_per_seq;
     const int visible = token_pos[t] + 1;
     // partition 0: each sequence divides its own keys over the splits (a CUDA graph replays
-    // one launch for any lengths): whole warps, at least DECODE_MIN_PARTITION keys a split.
-    if (partition <= 0)
-        partition = max(DECODE_MIN_PARTITION, ((visible + splits - 1) / splits + 31) / 32 * 32);
+    // one launch for any lengths) as decode_splits divides a launched step's: into at most
+    // one split per DECODE_MIN_PARTITION keys, of whole warps (129 keys stay one split
+    // rather than 128 and a one-key split with its merge).
+    if (partition <= 0) {
+        const int used = max(1, min(splits, visible / DECODE_MIN_PARTITION));
+        partition = ((visible + used - 1) / used + 31) / 32 * 32;
+    }
     // Splits past this sequence's keys have nothing to do; with one split left, it writes
     // the output itself (no partial, no merge).
     const int used_splits = min(splits, (visible + partition - 1) / partition);

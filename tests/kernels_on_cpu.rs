@@ -479,9 +479,9 @@ fn decode_attention_over_paged_blocks_with_and_without_key_splits() {
                 ));
             }
             // One split; splits of 128 keys (the longest sequence needs three); then
-            // partition 0, as CUDA graphs launch it: each sequence divides its own keys (300
-            // keys: 3 × 128; 45: one split and two empty ones; 129: two and an empty one;
-            // with 4 splits, 300 keys take 3 of 128 and leave one empty).
+            // partition 0, as CUDA graphs launch it: each sequence divides its own keys into
+            // at most one split per 128 (300 keys: 2 of 160 and an empty one; 45 and 129:
+            // one split and empty ones; with 4 splits, 300 keys still take 2).
             for (splits, partition) in [(1, 320), (3, 128), (3, 0), (4, 0), (1, 0)] {
                 let heads = shape.num_heads;
                 let out = launch(
