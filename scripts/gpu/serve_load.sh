@@ -9,7 +9,8 @@
 # SAMPLE_ON_DEVICE (true: the batched sampling kernel; false: the host samples the logits),
 # CUDA_GRAPHS (true: decode steps replayed as CUDA graphs), TEMPERATURE (0: greedy; above:
 # the model's default top-k 50 / top-p 0.8 sampling), MAX_BATCHED_TOKENS (8192: the tokens a
-# step may carry, max_num_batched_tokens).
+# step may carry, max_num_batched_tokens), LOAD_PROCESSES (0: tools/load.py's own choice, one
+# client process per 32 sessions).
 # Prompts are 128 tokens (see WORDS below), answers 128 new tokens; latency percentiles
 # leave out requests sent in the first 3 s (all sessions start at once; tools/load.py reports
 # them with those too). After each level it prints where the engine's steps spent their time
@@ -25,6 +26,7 @@ SAMPLE_ON_DEVICE=${SAMPLE_ON_DEVICE:-true}
 CUDA_GRAPHS=${CUDA_GRAPHS:-true}
 TEMPERATURE=${TEMPERATURE:-0}
 MAX_BATCHED_TOKENS=${MAX_BATCHED_TOKENS:-8192}
+LOAD_PROCESSES=${LOAD_PROCESSES:-0}
 # For a dry run of this script without a GPU: KIND=KIND_CPU and SHAPE_CONFIG, a config.json
 # of the family at a small size (the tokenizer stays SHAPE's).
 KIND=${KIND:-KIND_GPU}
@@ -100,7 +102,7 @@ for level in $LEVELS; do
     timeout $((SECONDS_EACH + 120)) python3 tools/load.py --url 127.0.0.1:8101 \
         --model "$MODEL" --concurrency "$level" --duration "$SECONDS_EACH" \
         --max-new-tokens 128 --random-words "$WORDS" --system-prompt "" \
-        --temperature "$TEMPERATURE" --warmup 3 |
+        --temperature "$TEMPERATURE" --warmup 3 --processes "$LOAD_PROCESSES" |
         tee -a "$OUT/serve_load.jsonl"
     after=$(steps_now)
     python3 - "$before" "$after" "$level" "$SHAPE" "$SAMPLE_ON_DEVICE" "$TEMPERATURE" "$CUDA_GRAPHS" \
