@@ -2,18 +2,17 @@
 // W as PyTorch stores it ([out, in], row-major). Decode is bound by reading W once, so a
 // block of GEMV_THREADS streams W with 16-byte loads, several in flight per thread, and
 // applies each loaded chunk to all m ≤ GEMV_MAX_ROWS rows of x (x is small and stays in
-// L1/L2). A block takes one row of W for a single sequence (thousands of small blocks: the
-// last wave is a small share of the work) and GEMV_WIDE_COLS rows from three sequences on:
-// every x chunk loaded then serves that many rows of W, where one row a block read x from
-// L1 m times over for each byte of W (at 8 rows, 26-32% of the copy rate on an H200).
+// L1/L2). A block takes one row of W (thousands of small blocks: the last wave is a small
+// share of the work). Each extra row of x is read from L1 again for every byte of W, so the
+// kernel wins over cuBLAS for one row only (on an H200: 62-101% of the copy rate against
+// cuBLAS's 56-92%; at two rows 54-84% against 56-94%). The engine runs it for a single
+// sequence (GEMV_UP_TO_ROWS in src/cuda/mod.rs); `triton-llm bench` times both.
 // Every output is summed in the same order whatever m and the rows a block takes (each
 // thread's chunks in rising k, then the same block reduction), so a sequence's result does
 // not depend on its batch.
-// grid: ceil(N / COLS); block: GEMV_THREADS.
+// grid: N; block: GEMV_THREADS.
 #define GEMV_MAX_ROWS 8
 #define GEMV_THREADS 128
-// Rows of W a wide block takes (src/cuda/mod.rs: GEMV_WIDE_COLS; GEMV_WIDE_FROM sequences on).
-#define GEMV_WIDE_COLS 4
 
 // acc[q][r] += Σ_k x[r, k] · w_rows[q][k] for r < m and q < Q, over this block's share of k,
 // with DEPTH chunks of each row in flight.
@@ -190,23 +189,6 @@ extern "C" __global__ void gemv_f32(const elem* x, const elem* w, const elem* bi
 extern "C" __global__ void gemv_swiglu(const elem* __restrict__ x, const elem* __restrict__ w,
                                        elem* __restrict__ act, int m, int width, int k) {
     gemv_swiglu_cols<1, 2>(x, w, act, m, width, k);
-}
-
-// GEMV_WIDE_COLS rows of W a block, two chunks of each in flight (three sequences or more).
-extern "C" __global__ void gemv_elem_wide(const elem* x, const elem* w, const elem* bias, elem* y,
-                                          int m, int n, int k) {
-    gemv<GEMV_WIDE_COLS, 2, elem>(x, w, bias, y, m, n, k);
-}
-
-extern "C" __global__ void gemv_f32_wide(const elem* x, const elem* w, const elem* bias, float* y,
-                                         int m, int n, int k) {
-    gemv<GEMV_WIDE_COLS, 2, float>(x, w, bias, y, m, n, k);
-}
-
-// Half as many columns as the plain products: each takes a gate row and an up row.
-extern "C" __global__ void gemv_swiglu_wide(const elem* __restrict__ x, const elem* __restrict__ w,
-                                            elem* __restrict__ act, int m, int width, int k) {
-    gemv_swiglu_cols<GEMV_WIDE_COLS / 2, 2>(x, w, act, m, width, k);
 }
 
 // Bias for the cuBLAS path (prefill): y[r, c] += bias[c].

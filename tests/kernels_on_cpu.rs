@@ -248,7 +248,7 @@ fn add_rms_norm_adds_the_residual_and_normalises() {
 fn gemv_products_match_plain_sums() {
     let mut rng = ChaCha8Rng::seed_from_u64(2);
     // k = 8192 runs the loads-in-flight loop more than once, 264 its tail, 130 the unaligned
-    // path; n = 5, 37 and 9 leave the wide kernels' last block with one column of four.
+    // path.
     for (dtype, tolerance) in [(DType::F32, 1e-4), (DType::BF16, 1e-2)] {
         for (m, n, k) in [(1, 5, 8192), (3, 37, 264), (8, 9, 130), (2, 5, 8192)] {
             let x = rounded(dtype, &random(&mut rng, m * k, 1.0));
@@ -262,7 +262,7 @@ fn gemv_products_match_plain_sums() {
                     (dot + f64::from(bias[c])) as f32
                 })
                 .collect();
-            let run = |name: &str, rows: usize, cols: usize, out_bytes: usize| {
+            let run = |name: &str, rows: usize, out_bytes: usize| {
                 let buffers = vec![
                     dtype.encode(&x[..rows * k]),
                     dtype.encode(&w),
@@ -278,28 +278,21 @@ fn gemv_products_match_plain_sums() {
                     Arg::I32(n as i32),
                     Arg::I32(k as i32),
                 ];
-                let grid = [n.div_ceil(cols) as u32, 1, 1];
-                let out = launch(dtype, name, grid, 128, buffers, &args);
+                let out = launch(dtype, name, [n as u32, 1, 1], 128, buffers, &args);
                 out[3][..rows * n * out_bytes].to_vec()
             };
             let e = dtype.size();
-            for (name, cols, out_bytes) in [
-                ("gemv_f32", 1, 4),
-                ("gemv_f32_wide", 4, 4),
-                ("gemv_elem", 1, e),
-                ("gemv_elem_wide", 4, e),
-            ] {
-                let out = run(name, m, cols, out_bytes);
+            for (name, out_bytes) in [("gemv_f32", 4), ("gemv_elem", e)] {
+                let out = run(name, m, out_bytes);
                 let what = format!("{name} {} {m}x{n}x{k}", dtype.name());
                 if out_bytes == 4 {
                     assert_close(&f32s(&out), &want, 1e-4, &what);
                 } else {
                     assert_close(&elems(dtype, &out), &want, tolerance, &what);
                 }
-                // A sequence's outputs do not depend on its batch or the kernel's width:
-                // the first row alone through the single-sequence kernel, bit for bit.
-                let narrow = if out_bytes == 4 { "gemv_f32" } else { "gemv_elem" };
-                assert_eq!(out[..n * out_bytes], run(narrow, 1, 1, out_bytes), "{what}: row 0");
+                // A sequence's outputs do not depend on its batch: the first row alone,
+                // bit for bit.
+                assert_eq!(out[..n * out_bytes], run(name, 1, out_bytes), "{what}: row 0");
             }
         }
     }
@@ -309,7 +302,6 @@ fn gemv_products_match_plain_sums() {
 fn gemv_swiglu_is_silu_of_gate_times_up() {
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     for (dtype, tolerance) in [(DType::F32, 1e-4), (DType::BF16, 1.6e-2)] {
-        // width 23: the wide kernel's last block has one column of two.
         for (m, width, k) in [(1, 24, 512), (2, 24, 512), (5, 23, 264)] {
             let x = rounded(dtype, &random(&mut rng, m * k, 1.0));
             let w = rounded(dtype, &random(&mut rng, 2 * width * k, 0.2));
@@ -324,11 +316,11 @@ fn gemv_swiglu_is_silu_of_gate_times_up() {
                 .map(|(r, c)| product(r, c))
                 .collect();
             let want = cpu::silu_mul_packed(&rounded(dtype, &gate_up), width);
-            let run = |name: &str, rows: usize, cols: usize| {
+            let run = |rows: usize| {
                 let out = launch(
                     dtype,
-                    name,
-                    [width.div_ceil(cols) as u32, 1, 1],
+                    "gemv_swiglu",
+                    [width as u32, 1, 1],
                     128,
                     vec![
                         dtype.encode(&x[..rows * k]),
@@ -342,13 +334,10 @@ fn gemv_swiglu_is_silu_of_gate_times_up() {
                 );
                 out[2].clone()
             };
-            let single = run("gemv_swiglu", 1, 1);
-            for (name, cols) in [("gemv_swiglu", 1), ("gemv_swiglu_wide", 2)] {
-                let out = run(name, m, cols);
-                let what = format!("{name} {} {m}x{width}x{k}", dtype.name());
-                assert_close(&elems(dtype, &out), &want, tolerance, &what);
-                assert_eq!(out[..width * dtype.size()], single[..], "{what}: row 0");
-            }
+            let out = run(m);
+            let what = format!("gemv_swiglu {} {m}x{width}x{k}", dtype.name());
+            assert_close(&elems(dtype, &out), &want, tolerance, &what);
+            assert_eq!(out[..width * dtype.size()], run(1)[..], "{what}: row 0");
         }
     }
 }

@@ -54,7 +54,7 @@ order = sorted(per)
 starts = [i for i in order if names[i].startswith("embedding")]
 if starts:
     first = starts[-1]
-    # The call ends with the logits product (gemv_f32 for up to 8 rows); with more rows
+    # The call ends with the logits product (gemv_f32 for a single row); with more rows
     # cuBLAS makes the logits, and the bench's kernel sweep after it begins with fill_uniform.
     ends = [i for i in order if i > first and names[i].startswith(("gemv_f32", "fill_uniform"))]
     last = ends[0] if ends else order[-1]

@@ -296,15 +296,7 @@ fn run(command: Command) -> Result<()> {
         Command::Chat { model, system, history_len, generation } => {
             interactive_chat(&model.load()?, system, history_len, &generation.options())?;
         }
-        Command::Bench {
-            model,
-            shape,
-            load_format,
-            device,
-            batch,
-            prompt,
-            new,
-        } => {
+        Command::Bench { model, shape, load_format, device, batch, prompt, new } => {
             let (family, config, checkpoint) = match (model, shape) {
                 (Some(dir), _) => {
                     let (family, config) = model::read_config(&dir)?;
@@ -552,27 +544,41 @@ fn bench(
     });
     if let Device::Cuda(ordinal) = device.device {
         // The decode step's products alone (a batch's rows against each weight shape of both
-        // 6B/7B families: the GEMV kernel up to 8 rows, cuBLAS above), as a share of the copy
-        // bandwidth: what the end-to-end decode figure is built from.
+        // 6B/7B families, on the kernel the engine picks for those rows), as a share of the
+        // copy bandwidth: what the end-to-end decode figure is built from. Up to the GEMV
+        // kernel's rows, both kernels, to check the engine's pick.
+        use triton_llm::cuda::{GEMV_MAX_ROWS, ProductKernel};
         let gpu = triton_llm::cuda::Gpu::open(ordinal, device.dtype)?;
-        let mut shares = serde_json::Map::new();
-        for (n, k) in [
-            (4608, 4096),
-            (4096, 4096),
-            (27392, 4096),
-            (4096, 13696),
-            (65024, 4096),
-            (6144, 4096),
-            (28672, 4096),
-            (4096, 14336),
-        ] {
-            let read = gpu.measure_matmul_bandwidth(batch, n, k)?;
-            shares.insert(
-                format!("{n}x{k}"),
-                json!((100.0 * read / bandwidth * 10.0).round() / 10.0),
-            );
+        let measure = |kernel: ProductKernel| -> triton_llm::Result<serde_json::Value> {
+            let mut shares = serde_json::Map::new();
+            for (n, k) in [
+                (4608, 4096),
+                (4096, 4096),
+                (27392, 4096),
+                (4096, 13696),
+                (65024, 4096),
+                (6144, 4096),
+                (28672, 4096),
+                (4096, 14336),
+            ] {
+                let read = gpu.measure_matmul_bandwidth(kernel, batch, n, k)?;
+                shares.insert(
+                    format!("{n}x{k}"),
+                    json!((100.0 * read / bandwidth * 10.0).round() / 10.0),
+                );
+            }
+            Ok(serde_json::Value::Object(shares))
+        };
+        let chosen = ProductKernel::for_rows(batch);
+        report["products_kernel"] = json!(chosen.name());
+        report["products_percent_of_bandwidth"] = measure(chosen)?;
+        if batch <= GEMV_MAX_ROWS {
+            let mut kernels = serde_json::Map::new();
+            for kernel in [ProductKernel::Gemv, ProductKernel::Cublas] {
+                kernels.insert(kernel.name().into(), measure(kernel)?);
+            }
+            report["product_kernels_percent_of_bandwidth"] = serde_json::Value::Object(kernels);
         }
-        report["products_percent_of_bandwidth"] = serde_json::Value::Object(shares);
     }
     if let Some(flops) = matmul_flops {
         let floor = prefill_flops / flops;

@@ -182,10 +182,6 @@ struct Kernels {
     gemv_elem: CudaFunction,
     gemv_f32: CudaFunction,
     gemv_swiglu: CudaFunction,
-    /// GEMV_WIDE_COLS rows of W a block (GEMV_WIDE_FROM sequences or more).
-    gemv_elem_wide: CudaFunction,
-    gemv_f32_wide: CudaFunction,
-    gemv_swiglu_wide: CudaFunction,
     add_bias: CudaFunction,
     rope_write_kv: CudaFunction,
     /// attention_decode_h1, _h2, _h4, _h8: query heads a block takes.
@@ -221,9 +217,6 @@ impl Kernels {
             gemv_elem: f("gemv_elem")?,
             gemv_f32: f("gemv_f32")?,
             gemv_swiglu: f("gemv_swiglu")?,
-            gemv_elem_wide: f("gemv_elem_wide")?,
-            gemv_f32_wide: f("gemv_f32_wide")?,
-            gemv_swiglu_wide: f("gemv_swiglu_wide")?,
             add_bias: f("add_bias")?,
             rope_write_kv: f("rope_write_kv")?,
             attention_decode,
@@ -275,20 +268,38 @@ const SAMPLE_THREADS: u32 = 512;
 /// Words of one row's sampling parameters (SAMPLE_WORDS in kernels/sampling.cu).
 pub const SAMPLE_WORDS: usize = 10;
 
-/// Rows up to which the GEMV kernel runs a product (its GEMV_MAX_ROWS); above, cuBLAS.
+/// Rows the GEMV kernels take at most (GEMV_MAX_ROWS in kernels/gemv.cu).
 pub const GEMV_MAX_ROWS: usize = 8;
+/// Rows up to which the engine's products run on the GEMV kernel; above, cuBLAS. Measured on
+/// an H200 (BENCHMARKS.md), as shares of the copy rate over the 6B/7B weight shapes: one
+/// row, GEMV 62-101% against cuBLAS 56-92%; two rows, GEMV 54-84% against cuBLAS 56-94%.
+pub const GEMV_UP_TO_ROWS: usize = 1;
 /// Threads of a GEMV block (GEMV_THREADS in kernels/gemv.cu).
 const GEMV_THREADS: u32 = 128;
 /// Tokens from which `rope_write_kv` takes a block per token instead of per head and token.
 const ROPE_BLOCK_PER_TOKEN_FROM: usize = 256;
-/// Rows of W a wide GEMV block takes (GEMV_WIDE_COLS in kernels/gemv.cu): each x chunk
-/// loaded then serves that many rows of W.
-const GEMV_WIDE_COLS: usize = 4;
-/// Sequences from which products take the wide GEMV kernels. With one row of W a block, L1
-/// carries x's rows m times over for every byte of W: 26-32% of the copy rate at m = 8,
-/// 97% at m = 1. The wide kernels' fewer, larger blocks (121 registers) fill the chip in
-/// coarser waves, so two sequences, which add only one more x row, stay on the narrow ones.
-const GEMV_WIDE_FROM: usize = 3;
+
+/// The kernel that runs a product `x[m, k] · W[n, k]ᵀ`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProductKernel {
+    /// Ours, a block per row of W (up to GEMV_MAX_ROWS rows of x).
+    Gemv,
+    Cublas,
+}
+
+impl ProductKernel {
+    /// The kernel the engine runs a product of `m` rows on.
+    pub fn for_rows(m: usize) -> ProductKernel {
+        if m <= GEMV_UP_TO_ROWS { ProductKernel::Gemv } else { ProductKernel::Cublas }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ProductKernel::Gemv => "gemv",
+            ProductKernel::Cublas => "cublas",
+        }
+    }
+}
 
 /// A device buffer of raw elements; its pointer is what kernels receive.
 pub struct Buffer {
@@ -665,8 +676,8 @@ impl Gpu {
         )
     }
 
-    /// `y[m, n] = x[m, k] · W[n, k]ᵀ (+ bias)`: the GEMV kernel for up to
-    /// [`GEMV_MAX_ROWS`] rows (decode), cuBLAS above. `y` is f32 when `f32_out`, else elems.
+    /// `y[m, n] = x[m, k] · W[n, k]ᵀ (+ bias)` on [`ProductKernel::for_rows`]`(m)`.
+    /// `y` is f32 when `f32_out`, else elems.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul(
         &self,
@@ -679,15 +690,35 @@ impl Gpu {
         k: usize,
         f32_out: bool,
     ) -> Result<()> {
-        if m <= GEMV_MAX_ROWS {
-            let kernels = self.kernels();
-            let (function, name, cols) = match (f32_out, m >= GEMV_WIDE_FROM) {
-                (true, false) => (&kernels.gemv_f32, "gemv_f32", 1),
-                (false, false) => (&kernels.gemv_elem, "gemv_elem", 1),
-                (true, true) => (&kernels.gemv_f32_wide, "gemv_f32_wide", GEMV_WIDE_COLS),
-                (false, true) => (&kernels.gemv_elem_wide, "gemv_elem_wide", GEMV_WIDE_COLS),
+        self.matmul_on(ProductKernel::for_rows(m), x, w, bias, y, m, n, k, f32_out)
+    }
+
+    /// [`Gpu::matmul`] on a given kernel (the GEMV ones take at most GEMV_MAX_ROWS rows).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_on(
+        &self,
+        kernel: ProductKernel,
+        x: u64,
+        w: u64,
+        bias: u64,
+        y: u64,
+        m: usize,
+        n: usize,
+        k: usize,
+        f32_out: bool,
+    ) -> Result<()> {
+        if kernel == ProductKernel::Gemv {
+            if m > GEMV_MAX_ROWS {
+                return Err(Error::Internal(format!(
+                    "the GEMV kernel takes at most {GEMV_MAX_ROWS} rows, not {m}"
+                )));
+            }
+            let (function, name) = if f32_out {
+                (&self.kernels().gemv_f32, "gemv_f32")
+            } else {
+                (&self.kernels().gemv_elem, "gemv_elem")
             };
-            let grid = (n.div_ceil(cols) as u32, 1);
+            let grid = (n as u32, 1);
             let (m, n, k) = (m as i32, n as i32, k as i32);
             return self.launch(
                 function,
@@ -754,23 +785,39 @@ impl Gpu {
         width: usize,
         k: usize,
     ) -> Result<()> {
-        if m <= GEMV_MAX_ROWS {
-            // The wide kernel's block takes GEMV_WIDE_COLS rows of W: half of them gate rows.
-            let (function, name, cols) = if m >= GEMV_WIDE_FROM {
-                (&self.kernels().gemv_swiglu_wide, "gemv_swiglu_wide", GEMV_WIDE_COLS / 2)
-            } else {
-                (&self.kernels().gemv_swiglu, "gemv_swiglu", 1)
-            };
+        self.swiglu_product_on(ProductKernel::for_rows(m), x, w, gate_up, act, m, width, k)
+    }
+
+    /// [`Gpu::swiglu_product`] on a given kernel (the GEMV ones take at most GEMV_MAX_ROWS
+    /// rows).
+    #[allow(clippy::too_many_arguments)]
+    pub fn swiglu_product_on(
+        &self,
+        kernel: ProductKernel,
+        x: u64,
+        w: u64,
+        gate_up: u64,
+        act: u64,
+        m: usize,
+        width: usize,
+        k: usize,
+    ) -> Result<()> {
+        if kernel == ProductKernel::Gemv {
+            if m > GEMV_MAX_ROWS {
+                return Err(Error::Internal(format!(
+                    "the GEMV kernel takes at most {GEMV_MAX_ROWS} rows, not {m}"
+                )));
+            }
             let (m, width_i, k) = (m as i32, width as i32, k as i32);
             return self.launch(
-                function,
-                name,
-                (width.div_ceil(cols) as u32, 1),
+                &self.kernels().gemv_swiglu,
+                "gemv_swiglu",
+                (width as u32, 1),
                 GEMV_THREADS,
                 &[&x, &w, &act, &m, &width_i, &k],
             );
         }
-        self.matmul(x, w, 0, gate_up, m, 2 * width, k, false)?;
+        self.matmul_on(ProductKernel::Cublas, x, w, 0, gate_up, m, 2 * width, k, false)?;
         self.silu_mul(gate_up, act, m, width)
     }
 
@@ -1020,10 +1067,16 @@ impl Gpu {
         Ok(2.0 * bytes as f64 / (ms * 1e-3))
     }
 
-    /// Weight bytes per second the product of `m` rows against an `[n, k]` weight reads
-    /// (the GEMV kernel for m ≤ GEMV_MAX_ROWS, cuBLAS above), cycling through enough copies
-    /// of the weight that none is still in L2 when it comes round again.
-    pub fn measure_matmul_bandwidth(&self, m: usize, n: usize, k: usize) -> Result<f64> {
+    /// Weight bytes per second the product of `m` rows against an `[n, k]` weight reads on
+    /// `kernel`, cycling through enough copies of the weight that none is still in L2 when it
+    /// comes round again.
+    pub fn measure_matmul_bandwidth(
+        &self,
+        kernel: ProductKernel,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<f64> {
         let bytes = n * k * self.dtype.size();
         let copies = (256usize << 20).div_ceil(bytes).max(2);
         let weights = (0..copies).map(|_| self.alloc(bytes)).collect::<Result<Vec<Buffer>>>()?;
@@ -1037,7 +1090,7 @@ impl Gpu {
         let repeats = 8 * copies;
         let ms = self.time_ms(repeats, || {
             next = (next + 1) % copies;
-            self.matmul(x.ptr(), weights[next].ptr(), 0, y.ptr(), m, n, k, false)
+            self.matmul_on(kernel, x.ptr(), weights[next].ptr(), 0, y.ptr(), m, n, k, false)
         })?;
         Ok(bytes as f64 / (ms * 1e-3))
     }

@@ -4,8 +4,8 @@
 //! rotary layout, and the rotary frequencies of a call. Per token, every layer runs
 //! RMSNorm (fused with the residual add) → QKV product → bias + rotary + paged K/V write →
 //! paged attention → output product → RMSNorm → [gate | up] product → SwiGLU → down
-//! product; the residual stream stays f32. Products of up to `GEMV_MAX_ROWS` tokens (decode)
-//! run on our GEMV kernel, larger ones (prefill) on cuBLAS.
+//! product; the residual stream stays f32. Products of up to `GEMV_UP_TO_ROWS` tokens
+//! (a single sequence's decode step) run on our GEMV kernel, larger ones on cuBLAS.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

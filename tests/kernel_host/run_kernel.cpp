@@ -55,21 +55,6 @@ static const std::map<std::string, std::function<void(const Args&)>> KERNELS = {
          gemv_swiglu(a.ptr<const elem*>(0), a.ptr<const elem*>(1), a.ptr<elem*>(2), a.i32(3),
                      a.i32(4), a.i32(5));
      }},
-    {"gemv_elem_wide",
-     [](const Args& a) {
-         gemv_elem_wide(a.ptr<const elem*>(0), a.ptr<const elem*>(1), a.ptr<const elem*>(2),
-                        a.ptr<elem*>(3), a.i32(4), a.i32(5), a.i32(6));
-     }},
-    {"gemv_f32_wide",
-     [](const Args& a) {
-         gemv_f32_wide(a.ptr<const elem*>(0), a.ptr<const elem*>(1), a.ptr<const elem*>(2),
-                       a.ptr<float*>(3), a.i32(4), a.i32(5), a.i32(6));
-     }},
-    {"gemv_swiglu_wide",
-     [](const Args& a) {
-         gemv_swiglu_wide(a.ptr<const elem*>(0), a.ptr<const elem*>(1), a.ptr<elem*>(2),
-                          a.i32(3), a.i32(4), a.i32(5));
-     }},
     {"rope_write_kv",
      [](const Args& a) {
          rope_write_kv(a.ptr<const elem*>(0), a.ptr<const elem*>(1), a.ptr<elem*>(2),
