@@ -25,19 +25,12 @@ for batch in 1 2 3 4 8; do
         --shape chatglm2-6b --load-format dummy --device cuda --prompt 128 --new 64 \
         --batch $batch | tee -a '$OUT/bench.jsonl'"
 done
-serve() { # serve NAME LOG [VAR=VALUE ...] -- LEVELS
-    local name=$1 log=$2
-    shift 2
-    step "$name" 50 env "$@" bash scripts/gpu/serve_load.sh "$SECONDS_EACH" "${LEVELS[@]}"
-    cp /tmp/load-server.log "$OUT/$log" 2>/dev/null
-}
 LEVELS=(64 256)
-serve "chatglm2-6b greedy" server-glm.log SHAPE=chatglm2-6b
+serve "chatglm2-6b greedy" server-glm.log 50 SHAPE=chatglm2-6b
 LEVELS=(256)
-serve "internlm2.5-7b greedy" server-internlm.log SHAPE=internlm2_5-7b
+serve "internlm2.5-7b greedy" server-internlm.log 50 SHAPE=internlm2_5-7b
 LEVELS=(64)
-serve "chatglm2-6b sampled" server-glm-sampled.log SHAPE=chatglm2-6b TEMPERATURE=0.8
+serve "chatglm2-6b sampled" server-glm-sampled.log 50 SHAPE=chatglm2-6b TEMPERATURE=0.8
 echo "== done in $(($(date +%s) - START)) s"
-# A device call brings back 8 files at most: the servers' logs travel as one archive.
-(cd "$OUT" && tar -cJf servers.tar.xz server-*.log 2>/dev/null && rm -f server-*.log)
+pack_server_logs
 cat "$OUT/serve_phases.jsonl" 2>/dev/null

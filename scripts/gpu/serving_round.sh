@@ -63,26 +63,19 @@ bench "batch 256, $FLAGS" --batch 256 $FLAGS
 step "torch linear probe" 30 bash -c "python3 scripts/gpu/torch_linear_probe.py | tee '$OUT/torch_linear.jsonl'"
 bench "batch 1, no graphs" --batch 1 --sample-on-device false --cuda-graphs false
 [ $GRAPHS = true ] && bench "batch 1, graphs" --batch 1 --sample-on-device false --cuda-graphs true
-serve() { # serve NAME LOG [VAR=VALUE ...] -- LEVELS
-    local name=$1 log=$2
-    shift 2
-    step "$name" 70 env "$@" bash scripts/gpu/serve_load.sh "$SECONDS_EACH" "${LEVELS[@]}"
-    cp /tmp/load-server.log "$OUT/$log" 2>/dev/null
-}
 LEVELS=(64 256)
-serve "chatglm2-6b greedy, device sampling $SAMPLE, graphs $GRAPHS" server-glm-graphs.log \
+serve "chatglm2-6b greedy, device sampling $SAMPLE, graphs $GRAPHS" server-glm-graphs.log 70 \
     SHAPE=chatglm2-6b SAMPLE_ON_DEVICE=$SAMPLE CUDA_GRAPHS=$GRAPHS
 LEVELS=(256)
-serve "internlm2.5-7b greedy, device sampling $SAMPLE, graphs $GRAPHS" server-internlm.log \
+serve "internlm2.5-7b greedy, device sampling $SAMPLE, graphs $GRAPHS" server-internlm.log 70 \
     SHAPE=internlm2_5-7b SAMPLE_ON_DEVICE=$SAMPLE CUDA_GRAPHS=$GRAPHS
 LEVELS=(64)
-serve "chatglm2-6b greedy, device sampling $SAMPLE" server-glm-device.log SHAPE=chatglm2-6b \
+serve "chatglm2-6b greedy, device sampling $SAMPLE" server-glm-device.log 70 SHAPE=chatglm2-6b \
     SAMPLE_ON_DEVICE=$SAMPLE CUDA_GRAPHS=false
-serve "chatglm2-6b greedy, host sampling" server-glm-host.log SHAPE=chatglm2-6b \
+serve "chatglm2-6b greedy, host sampling" server-glm-host.log 70 SHAPE=chatglm2-6b \
     SAMPLE_ON_DEVICE=false CUDA_GRAPHS=false
-serve "chatglm2-6b sampled, device sampling $SAMPLE, graphs $GRAPHS" server-glm-sampled.log \
+serve "chatglm2-6b sampled, device sampling $SAMPLE, graphs $GRAPHS" server-glm-sampled.log 70 \
     SHAPE=chatglm2-6b SAMPLE_ON_DEVICE=$SAMPLE CUDA_GRAPHS=$GRAPHS TEMPERATURE=0.8
 echo "== done in $(($(date +%s) - START)) s"
-# A device call brings back 8 files at most: the servers' logs travel as one archive.
-(cd "$OUT" && tar -cJf servers.tar.xz server-*.log 2>/dev/null && rm -f server-*.log)
+pack_server_logs
 cat "$OUT/serve_phases.jsonl" 2>/dev/null

@@ -279,6 +279,16 @@ const GEMV_THREADS: u32 = 128;
 /// Tokens from which `rope_write_kv` takes a block per token instead of per head and token.
 const ROPE_BLOCK_PER_TOKEN_FROM: usize = 256;
 
+/// `m` as the GEMV kernel's row count, which is at most GEMV_MAX_ROWS.
+fn gemv_rows(m: usize) -> Result<i32> {
+    if m > GEMV_MAX_ROWS {
+        return Err(Error::Internal(format!(
+            "the GEMV kernel takes at most {GEMV_MAX_ROWS} rows, not {m}"
+        )));
+    }
+    Ok(m as i32)
+}
+
 /// The kernel that runs a product `x[m, k] · W[n, k]ᵀ`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProductKernel {
@@ -708,18 +718,14 @@ impl Gpu {
         f32_out: bool,
     ) -> Result<()> {
         if kernel == ProductKernel::Gemv {
-            if m > GEMV_MAX_ROWS {
-                return Err(Error::Internal(format!(
-                    "the GEMV kernel takes at most {GEMV_MAX_ROWS} rows, not {m}"
-                )));
-            }
+            let m = gemv_rows(m)?;
             let (function, name) = if f32_out {
                 (&self.kernels().gemv_f32, "gemv_f32")
             } else {
                 (&self.kernels().gemv_elem, "gemv_elem")
             };
             let grid = (n as u32, 1);
-            let (m, n, k) = (m as i32, n as i32, k as i32);
+            let (n, k) = (n as i32, k as i32);
             return self.launch(
                 function,
                 name,
@@ -803,12 +809,8 @@ impl Gpu {
         k: usize,
     ) -> Result<()> {
         if kernel == ProductKernel::Gemv {
-            if m > GEMV_MAX_ROWS {
-                return Err(Error::Internal(format!(
-                    "the GEMV kernel takes at most {GEMV_MAX_ROWS} rows, not {m}"
-                )));
-            }
-            let (m, width_i, k) = (m as i32, width as i32, k as i32);
+            let m = gemv_rows(m)?;
+            let (width_i, k) = (width as i32, k as i32);
             return self.launch(
                 &self.kernels().gemv_swiglu,
                 "gemv_swiglu",
