@@ -778,8 +778,8 @@ impl Gpu {
     }
 
     /// `act[m, width] = silu(x · W_gateᵀ) ⊙ (x · W_upᵀ)` for a `[gate | up]` weight of
-    /// `2·width` rows: one fused kernel for decode, else the product into `gate_up`
-    /// (`m · 2·width` elements) and then SwiGLU.
+    /// `2·width` rows: one fused GEMV kernel for a single sequence, else cuBLAS's product into
+    /// `gate_up` (`m · 2·width` elements) and then SwiGLU.
     #[allow(clippy::too_many_arguments)]
     pub fn swiglu_product(
         &self,
@@ -791,24 +791,7 @@ impl Gpu {
         width: usize,
         k: usize,
     ) -> Result<()> {
-        self.swiglu_product_on(ProductKernel::for_rows(m), x, w, gate_up, act, m, width, k)
-    }
-
-    /// [`Gpu::swiglu_product`] on a given kernel (the GEMV ones take at most GEMV_MAX_ROWS
-    /// rows).
-    #[allow(clippy::too_many_arguments)]
-    pub fn swiglu_product_on(
-        &self,
-        kernel: ProductKernel,
-        x: u64,
-        w: u64,
-        gate_up: u64,
-        act: u64,
-        m: usize,
-        width: usize,
-        k: usize,
-    ) -> Result<()> {
-        if kernel == ProductKernel::Gemv {
+        if ProductKernel::for_rows(m) == ProductKernel::Gemv {
             let m = gemv_rows(m)?;
             let (width_i, k) = (width as i32, k as i32);
             return self.launch(
