@@ -7,6 +7,8 @@ export TRITON_PYTHON="$_repo/.venv-triton/bin/python"
 _target="${CARGO_TARGET_DIR:-$_repo/target}"
 export TRITON_LLM_LIB="$_target/release/libtriton_llm.so"
 export TRITON_LLM_CLI="$_target/release/triton-llm"
+# The same library built with the test-only `fault-injection` feature (scripts/test.sh).
+export TRITON_LLM_FAULT_LIB="$_target/fault-injection/libtriton_llm.so"
 # CUDA 13's NVRTC and ptxas from PyPI wheels, for compiling the kernels without a GPU.
 export TRITON_LLM_NVRTC_LIB="$_site/nvidia/cu13/lib"
 export TRITON_LLM_PTXAS="$_site/nvidia/cu13/bin/ptxas"

@@ -4,7 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
+# The fault-injection library first (tests/e2e/test_faults.py), kept apart from the release
+# one; the crate's tests run with the feature too, so the fault prompts' parsing is tested.
+cargo build --release --locked --lib --features fault-injection
+mkdir -p "$(dirname "$TRITON_LLM_FAULT_LIB")"
+cp "$(dirname "$TRITON_LLM_LIB")/libtriton_llm.so" "$TRITON_LLM_FAULT_LIB"
 # libnvrtc for the kernel compile tests; the GPU tests themselves skip without a driver.
-LD_LIBRARY_PATH="$TRITON_LLM_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo test --release --locked
+LD_LIBRARY_PATH="$TRITON_LLM_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+    cargo test --release --locked --features fault-injection
+# The library and CLI as released (no fault injection), which the other e2e tests serve.
 cargo build --release --locked
 "$TRITON_PYTHON" -m pytest -q tests/e2e "$@"

@@ -33,6 +33,8 @@ pub struct ModelParameters {
     pub sample_on_device: bool,
     /// KIND_GPU instances capture decode steps as CUDA graphs and replay them.
     pub cuda_graphs: bool,
+    /// Longest chat input in bytes; None = what the context can hold.
+    pub max_input_bytes: Option<usize>,
     /// In-flight batching limits of each instance's engine.
     pub scheduler: SchedulerConfig,
 }
@@ -71,6 +73,7 @@ impl ModelConfig {
             session_len: None,
             sample_on_device: true,
             cuda_graphs: true,
+            max_input_bytes: None,
             scheduler: SchedulerConfig::default(),
         };
         let mut unknown_parameters = Vec::new();
@@ -128,6 +131,10 @@ impl ModelConfig {
                 }
                 "sample_on_device" => parameters.sample_on_device = parse_bool(key, value)?,
                 "cuda_graphs" => parameters.cuda_graphs = parse_bool(key, value)?,
+                "max_input_bytes" => parameters.max_input_bytes = Some(parse_count(key, value, 1)?),
+                "max_queued_requests" => {
+                    parameters.scheduler.max_queued_requests = parse_count(key, value, 1)?;
+                }
                 _ => unknown_parameters.push(key.clone()),
             }
         }
@@ -213,6 +220,12 @@ mod tests {
         assert_eq!(config.parameters.system_prompt.as_deref(), Some(""));
         assert_eq!(config.parameters.load_format, LoadFormat::Dummy);
         assert_eq!(config.unknown_parameters, vec!["colour".to_string()]);
+        let config = parse(
+            r#""max_input_bytes":{"string_value":"4096"},"max_queued_requests":{"string_value":"3"}"#,
+        )
+        .unwrap();
+        assert_eq!(config.parameters.max_input_bytes, Some(4096));
+        assert_eq!(config.parameters.scheduler.max_queued_requests, 3);
     }
 
     #[test]
@@ -232,6 +245,8 @@ mod tests {
             (r#""sample_on_device":{"string_value":"yes"}"#, "sample_on_device"),
             (r#""cuda_graphs":{"string_value":"on"}"#, "cuda_graphs"),
             (r#""block_size":{"string_value":"0"}"#, "block_size"),
+            (r#""max_input_bytes":{"string_value":"0"}"#, "max_input_bytes"),
+            (r#""max_queued_requests":{"string_value":"-4"}"#, "max_queued_requests"),
             (r#""max_num_seqs":{"string_value":"4096"}"#, "max_num_batched_tokens"),
         ] {
             let message = parse(params).unwrap_err().to_string();

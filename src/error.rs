@@ -34,12 +34,21 @@ pub enum Error {
     /// kernel compile or launch.
     #[error("GPU: {0}")]
     Device(String),
+    /// The GPU context is unusable (a sticky error such as an illegal address): every later
+    /// call on it fails the same way, so the engine stops serving until the model reloads.
+    #[error("GPU fault, the device context is lost: {0}")]
+    DeviceLost(String),
     /// A fault of the engine itself, not of the request.
     #[error("{0}")]
     Internal(String),
 }
 
 impl Error {
+    /// Whether the engine that met this error can serve no more requests.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, Error::DeviceLost(_))
+    }
+
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
     }

@@ -12,6 +12,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod engine;
 pub mod error;
+pub mod faults;
 pub mod model;
 pub mod pipeline;
 pub mod serving;

@@ -25,6 +25,9 @@ pub struct LoadOptions {
     pub sample_on_device: bool,
     /// Capture decode steps as CUDA graphs (`CausalLm::set_cuda_graphs`).
     pub cuda_graphs: bool,
+    /// Longest chat input (prompt, kept history and system prompt) in bytes; default: what
+    /// the context could hold at the tokenizer's longest piece.
+    pub max_input_bytes: Option<usize>,
 }
 
 pub struct ChatModel {
@@ -32,6 +35,7 @@ pub struct ChatModel {
     pub model: Box<dyn CausalLm>,
     pub tokenizer: Tokenizer,
     max_context: usize,
+    max_input_bytes: usize,
 }
 
 /// Everything one generation may ask for beyond the prompt.
@@ -55,6 +59,15 @@ pub struct ChatTurn {
     pub history_len: usize,
     /// InternLM2's meta instruction: None = the model's default, "" = none.
     pub system_prompt: Option<String>,
+}
+
+/// A chat turn tokenized and checked against the input limits, ready to start (the
+/// tokenizing happens where the request arrives, not on the engine's thread).
+#[derive(Clone, Debug)]
+pub struct ChatPrompt {
+    pub ids: Vec<u32>,
+    query: String,
+    kept: History,
 }
 
 #[derive(Clone, Debug)]
@@ -107,11 +120,22 @@ impl ChatModel {
             }
             None => info.max_context,
         };
-        Ok(ChatModel { family, model, tokenizer, max_context })
+        // No text longer than this can tokenize into the context: each token covers at most
+        // the tokenizer's longest piece. Longer inputs are refused before any encoding.
+        let max_input_bytes = match options.max_input_bytes {
+            Some(bytes) => bytes,
+            None => max_context.saturating_mul(tokenizer.max_piece_bytes().max(1)),
+        };
+        Ok(ChatModel { family, model, tokenizer, max_context, max_input_bytes })
     }
 
     pub fn max_context(&self) -> usize {
         self.max_context
+    }
+
+    /// The longest chat input accepted, in bytes (`LoadOptions::max_input_bytes`).
+    pub fn max_input_bytes(&self) -> usize {
+        self.max_input_bytes
     }
 
     /// The ids that end an answer: config eos, and for InternLM2 also `</s>` and `<|im_end|>`.
@@ -142,13 +166,33 @@ impl ChatModel {
 
     /// The token ids of a chat turn's prompt.
     pub fn chat_prompt_ids(&self, turn: &ChatTurn) -> Result<Vec<u32>> {
+        Ok(self.prepare_chat(turn)?.ids)
+    }
+
+    /// Tokenizes a chat turn, refusing first, by its length in bytes, an input no context
+    /// could hold (so a huge prompt costs no tokenizing).
+    pub fn prepare_chat(&self, turn: &ChatTurn) -> Result<ChatPrompt> {
         if turn.query.is_empty() {
             return Err(Error::InvalidRequest("prompt: must not be empty".into()));
         }
         let kept = chat::kept_history(&turn.history, turn.history_len);
+        let bytes = turn.query.len()
+            + kept.iter().map(|(q, r)| q.len() + r.len()).sum::<usize>()
+            + turn.system_prompt.as_deref().map_or(0, str::len);
+        if bytes > self.max_input_bytes {
+            return Err(Error::InvalidRequest(format!(
+                "prompt: the prompt, its {} kept history pairs and the system prompt are {bytes} \
+                 bytes, over the {} bytes this model takes (its context is {} tokens; model \
+                 parameter max_input_bytes)",
+                kept.len(),
+                self.max_input_bytes,
+                self.max_context
+            )));
+        }
         let text =
             chat::build_prompt(self.family, &turn.query, kept, turn.system_prompt.as_deref());
-        self.tokenizer.encode(&text, true)
+        let ids = self.tokenizer.encode(&text, true)?;
+        Ok(ChatPrompt { ids, query: turn.query.clone(), kept: kept.to_vec() })
     }
 
     /// Starts a `model.chat` turn: its prompt checked against the limits, ready to step.
@@ -157,10 +201,17 @@ impl ChatModel {
         turn: &ChatTurn,
         options: &GenerationOptions,
     ) -> Result<Generating<'_>> {
-        let prompt_ids = self.chat_prompt_ids(turn)?;
-        let kept = chat::kept_history(&turn.history, turn.history_len).to_vec();
-        let pairs = kept.len();
-        self.start(prompt_ids, options, Some((turn.query.clone(), kept))).map_err(|e| match e {
+        self.start_prepared(self.prepare_chat(turn)?, options)
+    }
+
+    /// Starts a chat turn tokenized by `prepare_chat`.
+    pub fn start_prepared(
+        &self,
+        prompt: ChatPrompt,
+        options: &GenerationOptions,
+    ) -> Result<Generating<'_>> {
+        let pairs = prompt.kept.len();
+        self.start(prompt.ids, options, Some((prompt.query, prompt.kept))).map_err(|e| match e {
             // Too long for the context: say the history counts too.
             Error::InvalidRequest(message) if pairs > 0 => Error::InvalidRequest(format!(
                 "{message} (the prompt includes the {pairs} kept history pairs; a smaller \

@@ -10,6 +10,7 @@ use common::fixture;
 use triton_llm::Result;
 use triton_llm::engine::kv_space::{Admission, KvSpace};
 use triton_llm::engine::{FinishReason, GenerateRequest, SamplingParams, Sequence};
+use triton_llm::faults::Fault;
 use triton_llm::model::CausalLm;
 use triton_llm::pipeline::{ChatModel, ChatTurn, Completion, GenerationOptions, LoadOptions};
 use triton_llm::serving::{
@@ -169,9 +170,14 @@ fn turn(query: &str) -> ChatTurn {
     }
 }
 
-fn job(query: &str, max_new: usize, answers: &mpsc::Sender<Result<Completion>>) -> ChatJob {
+fn job(
+    chat: &ChatModel,
+    query: &str,
+    max_new: usize,
+    answers: &mpsc::Sender<Result<Completion>>,
+) -> ChatJob {
     ChatJob {
-        turn: turn(query),
+        prompt: chat.prepare_chat(&turn(query)).unwrap(),
         options: GenerationOptions {
             sampling: SamplingParams::greedy(),
             max_new_tokens: Some(max_new),
@@ -180,12 +186,13 @@ fn job(query: &str, max_new: usize, answers: &mpsc::Sender<Result<Completion>>) 
         },
         sink: Box::new(Collect(answers.clone())),
         arrived: Instant::now(),
+        fault: None,
     }
 }
 
 /// An engine of `blocks` blocks of 4 tokens, 8 tokens a step (prompts prefill in chunks).
 fn small_engine(
-    chat: ChatModel,
+    chat: &Arc<ChatModel>,
     blocks: usize,
     prefix_caching: bool,
 ) -> (ServingEngine, Arc<Mutex<Counts>>) {
@@ -195,10 +202,11 @@ fn small_engine(
         block_size: 4,
         cache_max_entry_count: blocks as f64,
         enable_prefix_caching: prefix_caching,
+        ..SchedulerConfig::default()
     };
     let counts = Arc::new(Mutex::new(Counts::default()));
     let engine =
-        ServingEngine::start(Arc::new(chat), config, "test", Box::new(Recorder(counts.clone())))
+        ServingEngine::start(Arc::clone(chat), config, "test", Box::new(Recorder(counts.clone())))
             .unwrap();
     (engine, counts)
 }
@@ -208,7 +216,7 @@ fn small_engine(
 #[test]
 fn a_preempted_prompt_is_counted_once() {
     for prefix_caching in [false, true] {
-        let chat = internlm2_tiny();
+        let chat = Arc::new(internlm2_tiny());
         let short = chat.chat_prompt_ids(&turn("hi")).unwrap().len();
         let mut query = String::from("tell me");
         while chat.chat_prompt_ids(&turn(&query)).unwrap().len() < 95 {
@@ -216,10 +224,10 @@ fn a_preempted_prompt_is_counted_once() {
         }
         let long = chat.chat_prompt_ids(&turn(&query)).unwrap().len();
         let blocks = short.div_ceil(4) + long.div_ceil(4) + 1;
-        let (engine, counts) = small_engine(chat, blocks, prefix_caching);
+        let (engine, counts) = small_engine(&chat, blocks, prefix_caching);
         let (answers, completions) = mpsc::channel();
-        engine.submit(job("hi", 20, &answers));
-        engine.submit(job(&query, 3, &answers));
+        engine.submit(job(&chat, "hi", 20, &answers));
+        engine.submit(job(&chat, &query, 3, &answers));
         let mut served = 0;
         for _ in 0..2 {
             let completion = completions.recv_timeout(Duration::from_secs(60)).unwrap().unwrap();
@@ -237,14 +245,252 @@ fn a_preempted_prompt_is_counted_once() {
 /// nothing after it.
 #[test]
 fn a_sequence_that_fills_the_cache_ends_without_an_empty_step() {
-    let chat = internlm2_tiny();
+    let chat = Arc::new(internlm2_tiny());
     let prompt = chat.chat_prompt_ids(&turn("hi")).unwrap().len();
-    let (engine, counts) = small_engine(chat, prompt.div_ceil(4) + 1, false);
+    let (engine, counts) = small_engine(&chat, prompt.div_ceil(4) + 1, false);
     let (answers, completions) = mpsc::channel();
-    engine.submit(job("hi", 40, &answers));
+    engine.submit(job(&chat, "hi", 40, &answers));
     let completion = completions.recv_timeout(Duration::from_secs(60)).unwrap().unwrap();
     drop(engine);
     assert_eq!(completion.finish_reason, FinishReason::Length);
     assert!(completion.output_ids.len() < 40);
     assert_eq!(counts.lock().unwrap().empty_steps, 0);
+}
+
+/// What reached a request's sink: text, its end, or its drop without an end.
+#[derive(Debug)]
+enum Event {
+    Text,
+    End(Result<Completion>),
+    DroppedUnanswered,
+}
+
+struct Probe {
+    events: mpsc::Sender<Event>,
+    answered: bool,
+}
+
+impl AnswerSink for Probe {
+    fn on_text(&mut self, _: &str) -> bool {
+        let _ = self.events.send(Event::Text);
+        true
+    }
+    fn is_cancelled(&mut self) -> bool {
+        false
+    }
+    fn finish(mut self: Box<Self>, result: Result<Completion>) {
+        self.answered = true;
+        let _ = self.events.send(Event::End(result));
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        if !self.answered {
+            let _ = self.events.send(Event::DroppedUnanswered);
+        }
+    }
+}
+
+fn probe_job(
+    chat: &ChatModel,
+    max_new: usize,
+    fault: Option<Fault>,
+) -> (ChatJob, mpsc::Receiver<Event>) {
+    let (events, received) = mpsc::channel();
+    let mut job = job(chat, "hi", max_new, &mpsc::channel().0);
+    job.sink = Box::new(Probe { events, answered: false });
+    job.fault = fault;
+    (job, received)
+}
+
+/// The request's last event (its end, or its drop), skipping text.
+fn outcome(events: &mpsc::Receiver<Event>) -> Event {
+    loop {
+        match events.recv_timeout(Duration::from_secs(60)).expect("the request was answered") {
+            Event::Text => continue,
+            end => return end,
+        }
+    }
+}
+
+fn error_of(event: Event) -> triton_llm::Error {
+    match event {
+        Event::End(Err(error)) => error,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[derive(Default)]
+struct Health(Arc<Mutex<bool>>);
+
+impl EngineMetrics for Health {
+    fn prompt_tokens(&mut self, _: usize) {}
+    fn generated_tokens(&mut self, _: usize) {}
+    fn queue(&mut self, _: usize, _: usize) {}
+    fn time_to_first_token(&mut self, _: f64) {}
+    fn inter_token_latency(&mut self, _: f64) {}
+    fn cancelled(&mut self) {}
+    fn preempted(&mut self) {}
+    fn kv_blocks(&mut self, _: usize, _: usize) {}
+    fn prefix_hit_tokens(&mut self, _: usize) {}
+    fn step(&mut self, _: usize, _: &StepTimes) {}
+    fn failed(&mut self) {
+        *self.0.lock().unwrap() = true;
+    }
+}
+
+fn engine_with(
+    chat: &Arc<ChatModel>,
+    config: SchedulerConfig,
+) -> (ServingEngine, Arc<Mutex<bool>>) {
+    let failed = Arc::new(Mutex::new(false));
+    let engine =
+        ServingEngine::start(Arc::clone(chat), config, "test", Box::new(Health(failed.clone())))
+            .unwrap();
+    (engine, failed)
+}
+
+fn small_config() -> SchedulerConfig {
+    SchedulerConfig { cache_max_entry_count: 64.0, ..SchedulerConfig::default() }
+}
+
+/// A failed forward pass ends the requests it ran with INTERNAL; the engine serves on.
+#[test]
+fn a_failed_step_ends_its_requests_and_the_engine_goes_on() {
+    let chat = Arc::new(internlm2_tiny());
+    let (engine, failed) = engine_with(&chat, small_config());
+    let (faulty, faulty_events) = probe_job(&chat, 8, Some(Fault::StepError));
+    engine.submit(faulty);
+    let error = error_of(outcome(&faulty_events));
+    assert!(matches!(error, triton_llm::Error::Internal(_)), "{error}");
+    let (next, next_events) = probe_job(&chat, 8, None);
+    engine.submit(next);
+    assert!(matches!(outcome(&next_events), Event::End(Ok(_))));
+    assert!(engine.failure().is_none() && !*failed.lock().unwrap());
+}
+
+/// A lost device and a panicking engine thread stop the engine for good: what it held is
+/// answered, and every later request gets UNAVAILABLE at once, with the reason logged and
+/// reported to the metrics.
+#[test]
+fn a_lost_device_or_a_dead_engine_thread_answers_unavailable_from_then_on() {
+    let chat = Arc::new(internlm2_tiny());
+    for fault in [Fault::DeviceLost, Fault::EnginePanic] {
+        let (engine, failed) = engine_with(&chat, small_config());
+        let (running, running_events) = probe_job(&chat, 10_000, None);
+        engine.submit(running);
+        assert!(matches!(running_events.recv_timeout(Duration::from_secs(60)), Ok(Event::Text)));
+        let (faulty, faulty_events) = probe_job(&chat, 8, Some(fault));
+        engine.submit(faulty);
+        match fault {
+            Fault::DeviceLost => {
+                let error = error_of(outcome(&faulty_events));
+                assert!(error.to_string().contains("the engine failed"), "{error}");
+            }
+            // The thread died holding the job: only its drop is left to answer it (the
+            // Triton sink does so; tests/e2e/test_faults.py).
+            _ => assert!(matches!(outcome(&faulty_events), Event::DroppedUnanswered)),
+        }
+        // The sequence that was running is answered too.
+        assert!(matches!(outcome(&running_events), Event::End(Err(_))), "{fault:?}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while engine.failure().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let reason = engine.failure().expect("the engine reports its failure").to_string();
+        assert!(reason.contains("injected fault"), "{reason}");
+        assert!(*failed.lock().unwrap(), "{fault:?}: the metrics were told");
+        let (later, later_events) = probe_job(&chat, 8, None);
+        engine.submit(later);
+        let error = error_of(outcome(&later_events));
+        assert!(matches!(error, triton_llm::Error::Unavailable(_)), "{error}");
+        assert!(error.to_string().contains("reload the model"), "{error}");
+    }
+}
+
+/// Past `max_queued_requests` waiting, a request is answered UNAVAILABLE at once; the ones
+/// already taken are served.
+#[test]
+fn a_full_queue_answers_unavailable_at_once() {
+    let chat = Arc::new(internlm2_tiny());
+    let config = SchedulerConfig {
+        max_num_seqs: 1,
+        max_num_batched_tokens: 64,
+        max_queued_requests: 1,
+        ..small_config()
+    };
+    let (engine, _) = engine_with(&chat, config);
+    let (running, running_events) = probe_job(&chat, 60, None);
+    engine.submit(running);
+    // Running now: it no longer counts against the queue.
+    assert!(matches!(running_events.recv_timeout(Duration::from_secs(60)), Ok(Event::Text)));
+    let (queued, queued_events) = probe_job(&chat, 4, None);
+    engine.submit(queued);
+    let (refused, refused_events) = probe_job(&chat, 4, None);
+    let submitted = Instant::now();
+    engine.submit(refused);
+    let error = error_of(outcome(&refused_events));
+    assert!(submitted.elapsed() < Duration::from_secs(1));
+    assert!(matches!(error, triton_llm::Error::Unavailable(_)), "{error}");
+    assert!(error.to_string().contains("max_queued_requests"), "{error}");
+    assert!(matches!(outcome(&running_events), Event::End(Ok(_))));
+    assert!(matches!(outcome(&queued_events), Event::End(Ok(_))));
+    // Both slots are free again.
+    let (after, after_events) = probe_job(&chat, 4, None);
+    engine.submit(after);
+    assert!(matches!(outcome(&after_events), Event::End(Ok(_))));
+}
+
+/// An input no context could hold is refused by its byte length before it is tokenized,
+/// with the limit derived from the context or set by the model.
+#[test]
+fn inputs_over_the_byte_limit_are_refused_before_tokenizing() {
+    let chat = internlm2_tiny();
+    let limit = chat.max_input_bytes();
+    assert!(limit >= chat.max_context(), "{limit}");
+    let huge = "字".repeat(limit / 3 + 1);
+    let started = Instant::now();
+    let error = chat.prepare_chat(&turn(&huge)).unwrap_err().to_string();
+    assert!(started.elapsed() < Duration::from_millis(50), "{:?}", started.elapsed());
+    assert!(error.starts_with("prompt: ") && error.contains("max_input_bytes"), "{error}");
+    // History counts as what it is: kept pairs only.
+    let mut with_history = turn("hi");
+    with_history.history = vec![(huge.clone(), "a".into())];
+    with_history.history_len = 1;
+    let error = chat.prepare_chat(&with_history).unwrap_err().to_string();
+    assert!(error.contains("1 kept history pairs"), "{error}");
+    with_history.history_len = 0;
+    assert!(chat.prepare_chat(&with_history).is_ok());
+    let options = LoadOptions { max_input_bytes: Some(8), ..LoadOptions::default() };
+    let strict = ChatModel::load(&fixture("internlm2-tiny"), &options).unwrap();
+    assert_eq!(strict.max_input_bytes(), 8);
+    assert!(strict.prepare_chat(&turn("12345678")).is_ok());
+    assert!(strict.prepare_chat(&turn("123456789")).is_err());
+}
+
+/// Several CPU engines in one process (instances, models) size their KV caches against the
+/// host memory the others have not yet touched: each takes its fraction of what is left,
+/// not of the same memory again. A stopped engine gives its share back.
+#[test]
+fn kv_caches_are_sized_against_what_other_engines_were_promised() {
+    let options = LoadOptions { session_len: Some(512), ..LoadOptions::default() };
+    let chat = ChatModel::load(&fixture("internlm2-tiny"), &options).unwrap();
+    // Many seats and a long context, so that the fraction binds, not the cap.
+    let config = SchedulerConfig {
+        max_num_seqs: 4096,
+        max_num_batched_tokens: 4096,
+        cache_max_entry_count: 0.05,
+        ..SchedulerConfig::default()
+    };
+    let (first, first_promise) = config.num_blocks(&chat).unwrap();
+    let (second, second_promise) = config.num_blocks(&chat).unwrap();
+    assert!(first_promise.is_some() && second_promise.is_some(), "host memory is promised");
+    // The second sees about 5% less memory.
+    let expected = first as f64 * 0.95;
+    assert!((second as f64) < first as f64 * 0.97, "{first} then {second}");
+    assert!((second as f64 - expected).abs() < first as f64 * 0.02, "{first} then {second}");
+    drop((first_promise, second_promise));
+    let (again, _) = config.num_blocks(&chat).unwrap();
+    assert!((again as f64 - first as f64).abs() < first as f64 * 0.02, "{first}, later {again}");
 }

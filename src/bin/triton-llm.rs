@@ -141,6 +141,7 @@ impl ModelArgs {
             dtype: self.device.dtype,
             sample_on_device: self.device.sample_on_device,
             cuda_graphs: self.device.cuda_graphs,
+            max_input_bytes: None,
         };
         ChatModel::load(&self.model, &options)
     }

@@ -91,7 +91,33 @@ impl std::str::FromStr for DType {
 }
 
 fn device_error(what: &str) -> impl Fn(cudarc::driver::DriverError) -> Error + '_ {
-    move |e| Error::Device(format!("{what}: {e}"))
+    move |e| {
+        if is_sticky(&e) {
+            Error::DeviceLost(format!("{what}: {e}"))
+        } else {
+            Error::Device(format!("{what}: {e}"))
+        }
+    }
+}
+
+/// Errors that leave the context unusable: every later call fails with them, so the only
+/// way on is a new context (the driver API's "sticky" errors).
+fn is_sticky(error: &cudarc::driver::DriverError) -> bool {
+    use cudarc::driver::sys::CUresult as R;
+    matches!(
+        error.0,
+        R::CUDA_ERROR_ILLEGAL_ADDRESS
+            | R::CUDA_ERROR_LAUNCH_TIMEOUT
+            | R::CUDA_ERROR_LAUNCH_FAILED
+            | R::CUDA_ERROR_ASSERT
+            | R::CUDA_ERROR_HARDWARE_STACK_ERROR
+            | R::CUDA_ERROR_ILLEGAL_INSTRUCTION
+            | R::CUDA_ERROR_MISALIGNED_ADDRESS
+            | R::CUDA_ERROR_INVALID_ADDRESS_SPACE
+            | R::CUDA_ERROR_INVALID_PC
+            | R::CUDA_ERROR_ECC_UNCORRECTABLE
+            | R::CUDA_ERROR_CONTEXT_IS_DESTROYED
+    )
 }
 
 fn blas_error(what: &str) -> impl Fn(cudarc::cublas::result::CublasError) -> Error + '_ {
@@ -1167,4 +1193,25 @@ pub struct StepTables {
     /// (first row, count) pairs of the prefill tiles.
     pub tiles: u64,
     pub num_tiles: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cudarc::driver::DriverError;
+    use cudarc::driver::sys::CUresult as R;
+
+    #[test]
+    fn sticky_driver_errors_lose_the_device_and_others_do_not() {
+        // (Formatting a DriverError asks libcuda for its text, so only the codes are tested.)
+        for code in
+            [R::CUDA_ERROR_ILLEGAL_ADDRESS, R::CUDA_ERROR_LAUNCH_FAILED, R::CUDA_ERROR_ASSERT]
+        {
+            assert!(is_sticky(&DriverError(code)), "{code:?}");
+        }
+        for code in [R::CUDA_ERROR_OUT_OF_MEMORY, R::CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES] {
+            assert!(!is_sticky(&DriverError(code)), "{code:?}");
+        }
+        assert!(Error::DeviceLost("x".into()).is_fatal() && !Error::Device("x".into()).is_fatal());
+    }
 }

@@ -7,6 +7,7 @@
 //! stream in small pieces.
 
 use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
@@ -158,20 +159,28 @@ fn coalesce(emissions: Vec<Emission>) -> Vec<Emission> {
     joined
 }
 
+/// Sends each emission. A sink that panics takes no more text (its sequence stops) and
+/// gets its end from `SharedSink`'s drop if `finish` itself panicked; the others go on.
 fn deliver(batch: Vec<Emission>) {
     for emission in batch {
         match emission {
             Emission::Text(shared, text) => {
-                if let Some(sink) = shared.lock().as_mut()
-                    && !sink.on_text(&text)
-                {
+                let sent = catch_unwind(AssertUnwindSafe(|| {
+                    shared.lock().as_mut().is_none_or(|sink| sink.on_text(&text))
+                }));
+                if !matches!(sent, Ok(true)) {
                     shared.refused.store(true, Ordering::Relaxed);
+                }
+                if let Err(panic) = sent {
+                    tracing::error!("sending text panicked: {}", super::panic_text(panic));
                 }
             }
             Emission::Finish(shared, result) => {
                 let sink = shared.lock().take();
-                if let Some(sink) = sink {
-                    sink.finish(result);
+                if let Some(sink) = sink
+                    && let Err(panic) = catch_unwind(AssertUnwindSafe(|| sink.finish(result)))
+                {
+                    tracing::error!("ending a request panicked: {}", super::panic_text(panic));
                 }
             }
         }

@@ -8,8 +8,10 @@
 //! within the token budget) → forward and choose next tokens → detokenise and emit → retire.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvError, Sender, TryRecvError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -19,7 +21,8 @@ mod emitter;
 
 use crate::engine::FinishReason;
 use crate::engine::kv_space::{Admission, KvSpace};
-use crate::pipeline::{ChatModel, ChatTurn, Completion, Generating, GenerationOptions};
+use crate::faults::Fault;
+use crate::pipeline::{ChatModel, ChatPrompt, Completion, Generating, GenerationOptions};
 use crate::{Error, Result};
 use emitter::{Emission, Emitter, SharedSink};
 
@@ -38,6 +41,9 @@ pub struct SchedulerConfig {
     pub cache_max_entry_count: f64,
     /// Share the KV blocks of identical prompt prefixes between requests.
     pub enable_prefix_caching: bool,
+    /// Requests submitted and not yet running; past this a new one is answered UNAVAILABLE
+    /// at once (like Triton's `max_queue_size`), so a flood cannot grow memory without end.
+    pub max_queued_requests: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -48,33 +54,63 @@ impl Default for SchedulerConfig {
             block_size: 16,
             cache_max_entry_count: 0.8,
             enable_prefix_caching: true,
+            max_queued_requests: 1024,
         }
+    }
+}
+
+/// Engines size and allocate their caches one at a time: two reading the same free memory
+/// at once would each take their share of all of it.
+static SIZING: Mutex<()> = Mutex::new(());
+
+/// Host memory promised to the KV caches of this process's CPU engines. Their pages are
+/// mapped lazily, so MemAvailable does not show them taken until they fill: without this
+/// ledger every instance (of every model) would take its fraction of the same memory.
+static HOST_KV_PROMISED: Mutex<usize> = Mutex::new(0);
+
+/// A CPU engine's entry in `HOST_KV_PROMISED`, given back when the engine stops.
+pub struct HostKvPromise(usize);
+
+impl Drop for HostKvPromise {
+    fn drop(&mut self) {
+        let mut promised = HOST_KV_PROMISED.lock().unwrap_or_else(|p| p.into_inner());
+        *promised = promised.saturating_sub(self.0);
     }
 }
 
 impl SchedulerConfig {
     /// The number of KV blocks for `model`: what `cache_max_entry_count` asks for, never
     /// more than every running sequence at full length needs twice over (the spare half
-    /// keeps finished prefixes for reuse).
-    pub fn num_blocks(&self, model: &ChatModel) -> Result<usize> {
+    /// keeps finished prefixes for reuse). Host memory it takes is promised until the
+    /// returned guard drops; call it while holding `SIZING` and allocate before letting go.
+    pub fn num_blocks(&self, model: &ChatModel) -> Result<(usize, Option<HostKvPromise>)> {
         let bytes_per_block = model.model.kv_bytes_per_block(self.block_size);
         let enough = 2 * self.max_num_seqs * model.max_context().div_ceil(self.block_size);
-        if self.cache_max_entry_count > 1.0 {
-            return Ok(self.cache_max_entry_count as usize);
-        }
-        let available = match model.model.device_free_memory()? {
-            Some(device_free) => device_free,
-            None => available_host_memory()?,
+        let device_free = model.model.device_free_memory()?;
+        let mut promised = HOST_KV_PROMISED.lock().unwrap_or_else(|p| p.into_inner());
+        let blocks = if self.cache_max_entry_count > 1.0 {
+            self.cache_max_entry_count as usize
+        } else {
+            let available = match device_free {
+                Some(device_free) => device_free,
+                None => available_host_memory()?.saturating_sub(*promised),
+            };
+            let blocks = (self.cache_max_entry_count * available as f64) as usize / bytes_per_block;
+            if blocks == 0 {
+                return Err(Error::Config(format!(
+                    "cache_max_entry_count {} of {available} available bytes holds no KV block \
+                     of {bytes_per_block} bytes",
+                    self.cache_max_entry_count
+                )));
+            }
+            blocks.min(enough)
         };
-        let blocks = (self.cache_max_entry_count * available as f64) as usize / bytes_per_block;
-        if blocks == 0 {
-            return Err(Error::Config(format!(
-                "cache_max_entry_count {} of {available} available bytes holds no KV block of \
-                 {bytes_per_block} bytes",
-                self.cache_max_entry_count
-            )));
-        }
-        Ok(blocks.min(enough))
+        let promise = device_free.is_none().then(|| {
+            let bytes = blocks.saturating_mul(bytes_per_block);
+            *promised = promised.saturating_add(bytes);
+            HostKvPromise(bytes)
+        });
+        Ok((blocks, promise))
     }
 }
 
@@ -102,11 +138,29 @@ pub trait AnswerSink: Send {
 }
 
 pub struct ChatJob {
-    pub turn: ChatTurn,
+    /// The turn, tokenized where the request arrived (`ChatModel::prepare_chat`).
+    pub prompt: ChatPrompt,
     pub options: GenerationOptions,
     pub sink: Box<dyn AnswerSink>,
     /// When the request arrived (time to first token counts from here).
     pub arrived: Instant,
+    /// A failure to inject (tests only; see `faults`).
+    pub fault: Option<Fault>,
+}
+
+/// A submitted job and its place in the queue bound, given back when it starts running or
+/// ends (or is dropped with the engine).
+struct Queued {
+    job: ChatJob,
+    slot: QueueSlot,
+}
+
+struct QueueSlot(Arc<AtomicUsize>);
+
+impl Drop for QueueSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// What the engine reports as it runs (Prometheus metrics in the server). Called from the
@@ -124,6 +178,9 @@ pub trait EngineMetrics: Send {
     fn prefix_hit_tokens(&mut self, count: usize);
     /// One step that ran a forward pass: how many sequences it ran, and where its time went.
     fn step(&mut self, sequences: usize, times: &StepTimes);
+    /// The engine has stopped for good (its thread panicked or the device was lost); it
+    /// answers UNAVAILABLE until the model is reloaded.
+    fn failed(&mut self) {}
 }
 
 /// Where one engine step's time goes, on the host's clock: what decides whether serving is
@@ -213,8 +270,13 @@ impl EngineMetrics for NoMetrics {
 /// A running engine. Dropping it stops the thread: queued and running requests end with an
 /// error, and the thread is joined.
 pub struct ServingEngine {
-    jobs: Option<Sender<ChatJob>>,
+    jobs: Option<Sender<Queued>>,
     worker: Option<JoinHandle<()>>,
+    /// Jobs submitted and not yet running (`SchedulerConfig::max_queued_requests`).
+    queued: Arc<AtomicUsize>,
+    max_queued: usize,
+    /// Why the engine stopped for good, once it has.
+    failure: Arc<OnceLock<String>>,
 }
 
 impl ServingEngine {
@@ -232,9 +294,10 @@ impl ServingEngine {
         };
         let max_tokens = config.max_num_batched_tokens.max(config.max_num_seqs).max(whole_prefill);
         let max_blocks_per_seq = model.max_context().div_ceil(config.block_size);
+        let sizing = SIZING.lock().unwrap_or_else(|p| p.into_inner());
         let activation_bytes =
             model.model.reserve_activations(max_tokens, config.max_num_seqs, max_blocks_per_seq)?;
-        let num_blocks = config.num_blocks(&model)?;
+        let (num_blocks, promise) = config.num_blocks(&model)?;
         tracing::info!(
             "engine {name}: {num_blocks} KV blocks of {} tokens ({} MiB), activations {} MiB",
             config.block_size,
@@ -247,23 +310,87 @@ impl ServingEngine {
             num_blocks,
             config.enable_prefix_caching,
         )?;
+        drop(sizing);
         let (jobs, receiver) = mpsc::channel();
+        let failure = Arc::new(OnceLock::new());
         let worker = std::thread::Builder::new()
             .name(format!("llm-{name}"))
             .spawn({
                 let name = name.to_string();
-                move || serve(&model, &name, config, &mut space, receiver, metrics.as_mut())
+                let failure = Arc::clone(&failure);
+                move || {
+                    // Given back with the cache, when the thread ends.
+                    let _promise = promise;
+                    let served = catch_unwind(AssertUnwindSafe(|| {
+                        serve(&model, &name, config, &mut space, &receiver, metrics.as_mut())
+                    }));
+                    let reason = match served {
+                        Ok(Ok(())) => return,
+                        Ok(Err(error)) => format!("the engine failed: {error}"),
+                        Err(panic) => format!("the engine thread panicked: {}", panic_text(panic)),
+                    };
+                    tracing::error!(
+                        "engine {name}: {reason}; it answers UNAVAILABLE until the model is reloaded"
+                    );
+                    metrics.failed();
+                    let _ = failure.set(reason);
+                    // Whatever was queued meanwhile, and whatever comes until the instance goes.
+                    for queued in receiver.iter() {
+                        queued.job.sink.finish(Err(stopped(&failure)));
+                    }
+                }
             })
             .map_err(|e| Error::Config(format!("starting the engine thread: {e}")))?;
-        Ok(ServingEngine { jobs: Some(jobs), worker: Some(worker) })
+        Ok(ServingEngine {
+            jobs: Some(jobs),
+            worker: Some(worker),
+            queued: Arc::new(AtomicUsize::new(0)),
+            max_queued: config.max_queued_requests,
+            failure,
+        })
     }
 
+    /// Queues a job, or answers it at once when the engine has stopped or its queue is full.
     pub fn submit(&self, job: ChatJob) {
+        if self.failure.get().is_some() {
+            return job.sink.finish(Err(stopped(&self.failure)));
+        }
+        let taken = self.queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+            (queued < self.max_queued).then_some(queued + 1)
+        });
+        if let Err(queued) = taken {
+            return job.sink.finish(Err(Error::Unavailable(format!(
+                "the model is busy: {queued} requests are waiting (max_queued_requests); try \
+                 again later"
+            ))));
+        }
+        let slot = QueueSlot(Arc::clone(&self.queued));
         let jobs = self.jobs.as_ref().expect("the sender lives until drop");
-        if let Err(mpsc::SendError(job)) = jobs.send(job) {
-            job.sink.finish(Err(Error::Unavailable("the model's engine has stopped".into())));
+        if let Err(mpsc::SendError(queued)) = jobs.send(Queued { job, slot }) {
+            queued.job.sink.finish(Err(stopped(&self.failure)));
         }
     }
+
+    /// Why the engine has stopped serving, if it has.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
+    }
+}
+
+fn stopped(failure: &OnceLock<String>) -> Error {
+    Error::Unavailable(match failure.get() {
+        Some(reason) => format!("the model's engine has stopped ({reason}); reload the model"),
+        None => "the model's engine has stopped".into(),
+    })
+}
+
+/// The message a panic carried.
+pub fn panic_text(panic: Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 impl Drop for ServingEngine {
@@ -284,16 +411,21 @@ struct Active<'m> {
     last_token: Option<Instant>,
     /// Admitted before (and preempted since): its prompt and prefix hits are counted.
     admitted_before: bool,
+    /// Held until first admitted: the job still counts against the queue bound.
+    slot: Option<QueueSlot>,
+    fault: Option<Fault>,
 }
 
+/// Runs the engine until its job channel closes (Ok), or until an error leaves it unable to
+/// serve (Err, after every request it held has been answered).
 fn serve<'m>(
     model: &'m ChatModel,
     name: &str,
     config: SchedulerConfig,
     space: &mut KvSpace,
-    jobs: Receiver<ChatJob>,
+    jobs: &Receiver<Queued>,
     metrics: &mut dyn EngineMetrics,
-) {
+) -> Result<()> {
     // Started generations waiting for KV blocks (preempted ones go back to the front).
     let mut waiting: VecDeque<Active<'m>> = VecDeque::new();
     let mut running: Vec<Active<'m>> = Vec::new();
@@ -302,18 +434,17 @@ fn serve<'m>(
     // The gauges read the cache's size from the start, not from the first request on.
     metrics.kv_blocks(space.blocks.used(), space.blocks.available());
     metrics.queue(0, 0);
-    let emitter = match Emitter::start(name) {
-        Ok(emitter) => emitter,
-        Err(error) => {
-            tracing::error!("engine {name}: {error}");
-            for job in jobs.iter() {
-                job.sink.finish(Err(Error::Unavailable("the model's engine has stopped".into())));
+    let emitter = Emitter::start(name)?;
+    let start = |Queued { job, slot }: Queued| -> Option<Active<'m>> {
+        match job.fault {
+            Some(Fault::EnginePanic) => panic!("injected fault: the engine thread panics"),
+            Some(Fault::SinkDropped) => {
+                drop(job.sink);
+                return None;
             }
-            return;
+            _ => {}
         }
-    };
-    let start = |job: ChatJob| -> Option<Active<'m>> {
-        match model.start_chat(&job.turn, &job.options) {
+        match model.start_prepared(job.prompt, &job.options) {
             Ok(generating) => {
                 let sink = SharedSink::new(job.sink);
                 Some(Active {
@@ -322,6 +453,8 @@ fn serve<'m>(
                     arrived: job.arrived,
                     last_token: None,
                     admitted_before: false,
+                    slot: Some(slot),
+                    fault: job.fault,
                 })
             }
             Err(error) => {
@@ -356,7 +489,7 @@ fn serve<'m>(
                     .map(|active| Emission::Finish(active.sink, unloading()))
                     .collect(),
             );
-            break;
+            return Ok(());
         }
 
         // Cancellations, also of requests still waiting.
@@ -386,6 +519,7 @@ fn serve<'m>(
                         let hits = space.blocks.prefix_hit_tokens - hits_before;
                         metrics.prefix_hit_tokens(hits as usize);
                         active.admitted_before = true;
+                        active.slot = None;
                     }
                     running.push(active);
                 }
@@ -455,7 +589,15 @@ fn serve<'m>(
         let rows: Vec<_> =
             stepped.iter().map(|&i| running[i].generating.sequence.sample_row()).collect();
         let forward_start = Instant::now();
-        let result = model.model.forward_sample(space.arena.as_mut(), &steps, &rows);
+        let injected = stepped.iter().find_map(|&i| match running[i].fault {
+            Some(Fault::StepError) => Some(Error::Internal("injected fault: a step error".into())),
+            Some(Fault::DeviceLost) => Some(Error::DeviceLost("injected fault".into())),
+            _ => None,
+        });
+        let result = match injected {
+            Some(error) => Err(error),
+            None => model.model.forward_sample(space.arena.as_mut(), &steps, &rows),
+        };
         drop((steps, rows));
         let mut times = StepTimes {
             schedule: forward_start - step_start,
@@ -508,6 +650,21 @@ fn serve<'m>(
                 emitter.send(pieces);
                 metrics.generated_tokens(generated);
             }
+            Err(error) if error.is_fatal() => {
+                // Nothing more can run: answer everything held, then stop.
+                for active in running.iter_mut() {
+                    active.generating.fail(Error::Internal(format!("the engine failed: {error}")));
+                }
+                for active in waiting.iter_mut() {
+                    active.generating.fail(Error::Unavailable(format!(
+                        "the model's engine has stopped ({error}); reload the model"
+                    )));
+                }
+                retire(&mut running, space, &emitter);
+                retire(&mut waiting, space, &emitter);
+                metrics.queue(0, 0);
+                return Err(error);
+            }
             Err(error) => {
                 // A failed pass leaves the stepped sequences' K/V unusable: end them.
                 tracing::error!("forward pass failed: {error}");
@@ -526,6 +683,7 @@ fn serve<'m>(
         metrics.step(stepped.len(), &times);
         step_log.record(name, stepped.len(), &times);
     }
+    Ok(())
 }
 
 /// Queues the finished sequences' completions (or errors), frees their blocks and removes

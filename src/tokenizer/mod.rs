@@ -148,6 +148,15 @@ impl Tokenizer {
         }
     }
 
+    /// The most bytes of text one token stands for (its longest piece): an input of N
+    /// tokens is at most N times this long.
+    pub fn max_piece_bytes(&self) -> usize {
+        match &self.backend {
+            Backend::Sp(sp) => sp.model.pieces.iter().map(|p| p.text.len()).max().unwrap_or(1),
+            Backend::Hf(hf) => hf.inner.get_vocab(true).keys().map(String::len).max().unwrap_or(1),
+        }
+    }
+
     /// Id of a token string: a piece, or a special token name (`[gMASK]`, `<|im_end|>`).
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         match &self.backend {

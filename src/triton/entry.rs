@@ -20,11 +20,7 @@ fn guard(entry: &str, work: impl FnOnce() -> TritonResult<()>) -> *mut sys::TRIT
             error.into_raw()
         }
         Err(panic) => {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
+            let message = crate::serving::panic_text(panic);
             TritonError::internal(format!("{entry} panicked: {message}")).into_raw()
         }
     }
@@ -115,8 +111,9 @@ pub extern "C" fn TRITONBACKEND_ModelInstanceFinalize(
 
 /// Serves a batch of requests. Triton never calls this concurrently for one instance.
 /// Returning success hands every request to the backend, which answers and releases each
-/// exactly once; so after the state lookup this never fails, and per-request problems go
-/// out as that request's error response.
+/// exactly once; so after the state lookup this never fails, even if something panics
+/// (an error return would make the server release the requests a second time), and
+/// per-request problems go out as that request's error response.
 #[unsafe(no_mangle)]
 pub extern "C" fn TRITONBACKEND_ModelInstanceExecute(
     instance: *mut sys::TRITONBACKEND_ModelInstance,
@@ -135,7 +132,15 @@ pub extern "C" fn TRITONBACKEND_ModelInstanceExecute(
             // SAFETY: each pointer is a live request, wrapped once; this closure cannot fail
             // after this point, so ownership has passed to us.
             let owned = raw.iter().map(|&r| unsafe { Request::from_raw(r) }).collect();
-            state.execute(owned);
+            // `execute` answers each request even when taking it in panics; this only
+            // keeps a panic elsewhere from turning into an error return.
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| state.execute(owned))) {
+                tracing::error!(
+                    "instance {}: execute panicked: {}",
+                    state.name,
+                    crate::serving::panic_text(panic)
+                );
+            }
         })
     })
 }

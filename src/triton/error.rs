@@ -69,6 +69,7 @@ impl From<crate::Error> for TritonError {
             | crate::Error::Weights(_)
             | crate::Error::Tokenizer(_)
             | crate::Error::Device(_)
+            | crate::Error::DeviceLost(_)
             | crate::Error::Internal(_) => Self::internal(message),
         }
     }

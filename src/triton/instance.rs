@@ -3,6 +3,7 @@
 //! request gets its own error response at once and never affects the others.
 
 use std::ffi::c_void;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::ptr;
 use std::sync::Arc;
 
@@ -13,12 +14,16 @@ use super::model::{ModelHandle, ModelState};
 use super::request::Request;
 use super::sink::{self, TritonSink, now_ns};
 use super::sys;
+use crate::faults::{self, Fault};
 use crate::model::Device;
-use crate::serving::{ChatJob, EngineMetrics, NoMetrics, ServingEngine};
+use crate::pipeline::ChatModel;
+use crate::serving::{ChatJob, EngineMetrics, NoMetrics, ServingEngine, panic_text};
 
 pub struct InstanceState {
     pub name: String,
     model: Arc<ModelState>,
+    /// The weights and tokenizer the engine runs; requests are tokenized with it here.
+    chat: Arc<ChatModel>,
     /// Dropped at finalize: its thread answers what is still queued and is joined.
     engine: ServingEngine,
     raw: InstanceHandle,
@@ -104,46 +109,49 @@ impl InstanceState {
             },
             None => Box::new(NoMetrics),
         };
-        let engine = ServingEngine::start(chat, model.config.parameters.scheduler, &name, metrics)?;
+        let engine = ServingEngine::start(
+            Arc::clone(&chat),
+            model.config.parameters.scheduler,
+            &name,
+            metrics,
+        )?;
         tracing::info!("instance {name}: {device:?} (device id {device_id}) ready");
-        Ok(InstanceState { name, model, engine, raw })
+        Ok(InstanceState { name, model, chat, engine, raw })
     }
 
     /// Hands every request to the engine (or answers it at once when its inputs are bad).
     /// Returns before the answers: the engine thread sends them and releases the requests.
+    /// Never unwinds: the requests are ours now, and each gets exactly one final answer even
+    /// if taking it in panics.
     pub fn execute(&self, requests: Vec<Request>) {
         let received = now_ns();
         let arrived = std::time::Instant::now();
-        let config = &self.model.config;
-        let batched = config.max_batch_size > 0;
         let batch_size = requests.len() as u64;
         for request in requests {
-            let decoded = request.inputs().and_then(|inputs| {
-                let chat = interface::decode_request(
-                    &inputs,
-                    batched,
-                    self.model.family,
-                    &config.parameters,
-                )?;
-                Ok((chat, request.requested_outputs()?))
-            });
-            let (chat, requested) = match decoded {
-                Ok(decoded) => decoded,
-                Err(error) => {
+            // The request stays out here while its inputs are read: a panic there leaves it
+            // to answer. Past `admit` it belongs to a sink, which answers it if dropped.
+            match catch_unwind(AssertUnwindSafe(|| self.decode(&request))) {
+                Ok(Ok(decoded)) => {
+                    let admitted = catch_unwind(AssertUnwindSafe(|| {
+                        self.admit(request, decoded, received, arrived)
+                    }));
+                    if let Err(panic) = admitted {
+                        tracing::error!(
+                            "instance {}: submitting a request panicked: {}",
+                            self.name,
+                            panic_text(panic)
+                        );
+                    }
+                }
+                Ok(Err(error)) => {
                     tracing::debug!("instance {}: request {:?}: {error}", self.name, request.id());
                     sink::answer_now(self.raw, request, received, error);
-                    continue;
                 }
-            };
-            match TritonSink::new(self.raw, request, requested, batched, config.decoupled, received)
-            {
-                Ok(sink) => self.engine.submit(ChatJob {
-                    turn: chat.turn,
-                    options: chat.options,
-                    sink: Box::new(sink),
-                    arrived,
-                }),
-                Err((request, error)) => sink::answer_now(self.raw, request, received, error),
+                Err(panic) => {
+                    let message = format!("taking the request in panicked: {}", panic_text(panic));
+                    tracing::error!("instance {}: {message}", self.name);
+                    sink::answer_now(self.raw, request, received, TritonError::internal(message));
+                }
             }
         }
         let report = ffi!(sys::TRITONBACKEND_ModelInstanceReportBatchStatistics(
@@ -158,4 +166,64 @@ impl InstanceState {
             tracing::warn!("instance {}: reporting batch statistics failed: {e}", self.name);
         }
     }
+
+    /// Reads, checks and tokenizes one request's inputs (here, not on the engine's thread,
+    /// so a long prompt holds up no running sequence).
+    fn decode(&self, request: &Request) -> TritonResult<Decoded> {
+        let config = &self.model.config;
+        let inputs = request.inputs()?;
+        let chat = interface::decode_request(
+            &inputs,
+            config.max_batch_size > 0,
+            self.model.family,
+            &config.parameters,
+        )?;
+        let fault = faults::requested(&chat.turn.query);
+        if fault == Some(Fault::ExecutePanic) {
+            panic!("injected fault: execute panics");
+        }
+        let prompt = self.chat.prepare_chat(&chat.turn)?;
+        Ok(Decoded {
+            prompt,
+            options: chat.options,
+            requested: request.requested_outputs()?,
+            fault,
+        })
+    }
+
+    fn admit(
+        &self,
+        request: Request,
+        decoded: Decoded,
+        received: u64,
+        arrived: std::time::Instant,
+    ) {
+        let config = &self.model.config;
+        let sink = TritonSink::new(
+            self.raw,
+            request,
+            decoded.requested,
+            config.max_batch_size > 0,
+            config.decoupled,
+            received,
+            decoded.fault,
+        );
+        match sink {
+            Ok(sink) => self.engine.submit(ChatJob {
+                prompt: decoded.prompt,
+                options: decoded.options,
+                sink: Box::new(sink),
+                arrived,
+                fault: decoded.fault,
+            }),
+            Err((request, error)) => sink::answer_now(self.raw, request, received, error),
+        }
+    }
+}
+
+struct Decoded {
+    prompt: crate::pipeline::ChatPrompt,
+    options: crate::pipeline::GenerationOptions,
+    requested: Vec<String>,
+    fault: Option<Fault>,
 }

@@ -57,6 +57,14 @@ pub struct ChatRequest {
 /// The elements of a BYTES tensor: each a 4-byte little-endian length and that many bytes.
 /// The server does not check that the last element's length fits, so every bound is checked.
 pub fn decode_bytes<'a>(input: &str, mut data: &'a [u8], count: usize) -> Result<Vec<&'a [u8]>> {
+    // Every element takes at least its prefix: a count the data cannot hold is refused
+    // before anything is sized by it.
+    if count > data.len() / 4 {
+        return Err(invalid(
+            input,
+            format!("the shape declares {count} elements but the data holds {} bytes", data.len()),
+        ));
+    }
     let mut elements = Vec::with_capacity(count);
     for index in 0..count {
         let Some((prefix, rest)) = data.split_first_chunk::<4>() else {
@@ -121,10 +129,10 @@ impl<'a> Inputs<'a> {
                 }
             }
         }
-        if dims.iter().any(|&d| d < 0) {
-            return Err(invalid(name, format!("invalid shape {:?}", tensor.shape)));
-        }
-        let count = dims.iter().product::<i64>() as usize;
+        let count = dims
+            .iter()
+            .try_fold(1usize, |count, &d| count.checked_mul(usize::try_from(d).ok()?))
+            .ok_or_else(|| invalid(name, format!("invalid shape {:?}", tensor.shape)))?;
         let elements = decode_bytes(name, &tensor.data, count)?;
         elements
             .into_iter()
@@ -327,6 +335,7 @@ mod tests {
             session_len: None,
             sample_on_device: false,
             cuda_graphs: false,
+            max_input_bytes: None,
             scheduler: Default::default(),
         }
     }
@@ -364,7 +373,16 @@ mod tests {
                 .contains("declares 100 bytes")
         );
         assert!(
-            decode_bytes("prompt", &[1, 0], 1).unwrap_err().to_string().contains("length prefix")
+            decode_bytes("prompt", &[3, 0, 0, 0, b'a', b'b', b'c', 1, 0], 2)
+                .unwrap_err()
+                .to_string()
+                .contains("element 1 has no complete length prefix")
+        );
+        assert!(
+            decode_bytes("prompt", &[1, 0], 1)
+                .unwrap_err()
+                .to_string()
+                .contains("the shape declares 1 elements but the data holds 2 bytes")
         );
         assert!(decode_bytes("prompt", &data, 2).unwrap_err().to_string().contains("left after"));
     }
@@ -480,6 +498,28 @@ mod tests {
         );
         let message = decode_request(&tensors, false, Family::ChatGlm2, &defaults()).unwrap_err();
         assert!(message.to_string().starts_with("prompt: element 0 declares 9 bytes"));
+    }
+
+    #[test]
+    fn absurd_declared_shapes_are_refused_before_any_allocation() {
+        // Products past usize, negative dims and counts the data cannot hold: each an
+        // error naming the input, never an overflow or a huge allocation.
+        for shape in [
+            vec![i64::MAX, i64::MAX],
+            vec![1 << 32, 1 << 32],
+            vec![-1],
+            vec![1, -3],
+            vec![1 << 40],
+            vec![4_000_000_000],
+        ] {
+            let prompt = InputTensor { is_bytes: true, shape: shape.clone(), data: vec![0; 8] };
+            let tensors = HashMap::from([(PROMPT.to_string(), prompt)]);
+            let message = decode_request(&tensors, false, Family::ChatGlm2, &defaults())
+                .unwrap_err()
+                .to_string();
+            assert!(message.starts_with("prompt: "), "{shape:?}: {message}");
+        }
+        assert!(decode_bytes("history", &[], usize::MAX).is_err());
     }
 
     #[test]

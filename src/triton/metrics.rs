@@ -71,6 +71,7 @@ pub struct MetricFamilies {
     steps: Family,
     step_sequences: Family,
     step_seconds: Family,
+    healthy: Family,
 }
 
 static FAMILIES: Mutex<Weak<MetricFamilies>> = Mutex::new(Weak::new());
@@ -151,6 +152,13 @@ impl MetricFamilies {
                 "llm_engine_step_seconds_total",
                 "Host time of the engine's steps by phase: schedule, forward (the pass and \
                  the choice of next tokens), detokenize, emit (responses, metrics, retiring)",
+            )?,
+            healthy: Family::new(
+                GAUGE,
+                "llm_engine_healthy",
+                "1 while the instance's engine serves; 0 once it has stopped for good (its \
+                 thread panicked or the GPU was lost: requests get UNAVAILABLE until the model \
+                 is reloaded)",
             )?,
         }))
     }
@@ -289,6 +297,7 @@ pub struct InstanceMetrics {
     step_sequences: Arc<Metric>,
     /// In the order of `StepTimes::PHASES`.
     step_seconds: Vec<Arc<Metric>>,
+    healthy: Arc<Metric>,
 }
 
 impl InstanceMetrics {
@@ -296,7 +305,10 @@ impl InstanceMetrics {
         let m = |family: fn(&MetricFamilies) -> &Family, name, histogram| {
             Metric::shared(families, family, name, (model, instance), None, histogram)
         };
+        let healthy = m(|f| &f.healthy, "healthy", false)?;
+        healthy.set(1.0);
         Ok(InstanceMetrics {
+            healthy,
             prompt_tokens: m(|f| &f.prompt_tokens, "prompt_tokens", false)?,
             generated_tokens: m(|f| &f.generated_tokens, "generated_tokens", false)?,
             running: m(|f| &f.running, "running", false)?,
@@ -368,6 +380,10 @@ impl EngineMetrics for InstanceMetrics {
         if count > 0 {
             self.prefix_hit_tokens.add(count as f64);
         }
+    }
+
+    fn failed(&mut self) {
+        self.healthy.set(0.0);
     }
 
     fn step(&mut self, sequences: usize, times: &StepTimes) {

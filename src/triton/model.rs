@@ -135,6 +135,7 @@ impl ModelState {
             dtype: parameters.dtype,
             sample_on_device: parameters.sample_on_device,
             cuda_graphs: parameters.cuda_graphs,
+            max_input_bytes: parameters.max_input_bytes,
         };
         let started = std::time::Instant::now();
         let engine = ChatModel::load(&parameters.model_dir, &options)

@@ -116,6 +116,11 @@ impl ResponseFactory {
         Ok(ResponseFactory { raw })
     }
 
+    /// Sends no response, only `flags` (FINAL: the stream ends).
+    pub fn send_flags(&self, flags: u32) -> TritonResult<()> {
+        ffi!(sys::TRITONBACKEND_ResponseFactorySendFlags(self.raw, flags))
+    }
+
     /// Whether the client cancelled the stream or dropped the connection.
     pub fn is_cancelled(&self) -> bool {
         let mut cancelled = false;

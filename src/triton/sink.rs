@@ -10,6 +10,7 @@ use super::request::Request;
 use super::response::{Response, ResponseFactory};
 use super::sys;
 use crate::engine::FinishReason;
+use crate::faults::Fault;
 use crate::pipeline::Completion;
 use crate::serving::AnswerSink;
 
@@ -23,13 +24,15 @@ pub(crate) fn now_ns() -> u64 {
 
 pub(crate) struct TritonSink {
     instance: InstanceHandle,
-    request: Request,
+    /// None once answered and released.
+    request: Option<Request>,
     /// Decoupled models stream through a factory; the others answer once.
     factory: Option<ResponseFactory>,
     requested: Vec<String>,
     batched: bool,
     received_ns: u64,
     cancelled: bool,
+    fault: Option<Fault>,
 }
 
 impl TritonSink {
@@ -41,6 +44,7 @@ impl TritonSink {
         batched: bool,
         decoupled: bool,
         received_ns: u64,
+        fault: Option<Fault>,
     ) -> Result<Self, (Request, TritonError)> {
         let factory = match decoupled.then(|| ResponseFactory::new(&request)).transpose() {
             Ok(factory) => factory,
@@ -48,12 +52,13 @@ impl TritonSink {
         };
         Ok(TritonSink {
             instance,
-            request,
+            request: Some(request),
             factory,
             requested,
             batched,
             received_ns,
             cancelled: false,
+            fault,
         })
     }
 
@@ -75,11 +80,18 @@ impl TritonSink {
         response.send(0, None)
     }
 
-    fn send_final(&self, result: TritonResult<Completion>) -> TritonResult<()> {
-        let mut response = match &self.factory {
-            Some(factory) => Response::from_factory(factory)?,
-            None => Response::new(&self.request)?,
-        };
+    fn new_response(&self, request: &Request) -> TritonResult<Response> {
+        match &self.factory {
+            Some(factory) => Response::from_factory(factory),
+            None => Response::new(request),
+        }
+    }
+
+    fn send_final(&self, request: &Request, result: TritonResult<Completion>) -> TritonResult<()> {
+        if self.fault == Some(Fault::FinalSendFails) {
+            return Err(TritonError::internal("injected fault: the final response fails"));
+        }
+        let mut response = self.new_response(request)?;
         let completion = match result {
             Ok(completion) => completion,
             Err(error) => {
@@ -103,6 +115,44 @@ impl TritonSink {
         })();
         response.send(sys::TRITONSERVER_RESPONSE_COMPLETE_FINAL, filled.err())
     }
+
+    /// After a failed final send: an error response in its place, or at least the FINAL flag
+    /// (a decoupled client waits for it).
+    fn send_fallback_final(&self, request: &Request, failure: TritonError) {
+        let error =
+            TritonError::internal(format!("the final response could not be sent: {failure}"));
+        let sent = self.new_response(request).and_then(|response| {
+            response.send(sys::TRITONSERVER_RESPONSE_COMPLETE_FINAL, Some(error))
+        });
+        let sent = match (sent, &self.factory) {
+            (Err(e), Some(factory)) => {
+                tracing::error!("sending an error in place of a final response failed: {e}");
+                factory.send_flags(sys::TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            }
+            (sent, _) => sent,
+        };
+        if let Err(e) = sent {
+            tracing::error!("the request's final response could not be sent at all: {e}");
+        }
+    }
+
+    /// Sends the final answer once, reports the request's statistics and releases it.
+    fn answer(&mut self, result: TritonResult<Completion>) {
+        let Some(request) = self.request.take() else { return };
+        let success = result.is_ok();
+        // Runs on the engine's threads: a panic here must not take them down.
+        let sent = catch_unwind(AssertUnwindSafe(|| self.send_final(&request, result)))
+            .unwrap_or_else(|_| Err(TritonError::internal("sending the final response panicked")));
+        if let Err(error) = sent {
+            tracing::error!("sending a final response failed: {error}");
+            let fallback =
+                catch_unwind(AssertUnwindSafe(|| self.send_fallback_final(&request, error)));
+            if fallback.is_err() {
+                tracing::error!("sending a fallback final response panicked");
+            }
+        }
+        report_and_release(self.instance, request, success, self.received_ns);
+    }
 }
 
 impl AnswerSink for TritonSink {
@@ -117,15 +167,16 @@ impl AnswerSink for TritonSink {
     }
 
     fn is_cancelled(&mut self) -> bool {
-        let cancelled = match &self.factory {
-            Some(factory) => factory.is_cancelled(),
-            None => self.request.is_cancelled(),
+        let cancelled = match (&self.factory, &self.request) {
+            (Some(factory), _) => factory.is_cancelled(),
+            (None, Some(request)) => request.is_cancelled(),
+            (None, None) => false,
         };
         self.cancelled |= cancelled;
         cancelled
     }
 
-    fn finish(self: Box<Self>, result: crate::Result<Completion>) {
+    fn finish(mut self: Box<Self>, result: crate::Result<Completion>) {
         let result = match result {
             Ok(completion)
                 if self.cancelled && completion.finish_reason == FinishReason::Cancelled =>
@@ -134,15 +185,20 @@ impl AnswerSink for TritonSink {
             }
             other => other.map_err(TritonError::from),
         };
-        let sink = *self;
-        let success = result.is_ok();
-        // Runs on the engine thread: a panic here must not take the engine down.
-        let sent = catch_unwind(AssertUnwindSafe(|| sink.send_final(result)))
-            .unwrap_or_else(|_| Err(TritonError::internal("sending the final response panicked")));
-        if let Err(error) = sent {
-            tracing::error!("sending a final response failed: {error}");
+        self.answer(result);
+    }
+}
+
+impl Drop for TritonSink {
+    /// A sink dropped unanswered (its engine died, a queue holding it was dropped) still
+    /// answers, so that no client waits forever.
+    fn drop(&mut self) {
+        if self.request.is_some() {
+            tracing::error!("a request was dropped unanswered; answering it with an error");
+            self.answer(Err(TritonError::internal(
+                "the request was dropped before it was answered (the engine stopped)",
+            )));
         }
-        report_and_release(sink.instance, sink.request, success, sink.received_ns);
     }
 }
 

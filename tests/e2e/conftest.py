@@ -4,6 +4,7 @@ libtriton_llm.so, for the end-to-end tests. scripts/test.sh sets the environment
   TRITONSERVER_BIN   the tritonserver executable
   TRITON_LLM_LIB     the built libtriton_llm.so
   TRITON_LLM_CLI     the built triton-llm binary (the reference answers)
+  TRITON_LLM_FAULT_LIB  libtriton_llm.so built with the test-only `fault-injection` feature
 """
 
 import json
@@ -44,11 +45,11 @@ def required_env(name):
 class Server:
     """One tritonserver process on free loopback ports; its log goes to a file."""
 
-    def __init__(self, repository, workdir, *extra_args):
+    def __init__(self, repository, workdir, *extra_args, library=None):
         self.workdir = Path(workdir)
         backends = self.workdir / "backends" / "llm"
         backends.mkdir(parents=True, exist_ok=True)
-        shutil.copy(required_env("TRITON_LLM_LIB"), backends / "libtriton_llm.so")
+        shutil.copy(library or required_env("TRITON_LLM_LIB"), backends / "libtriton_llm.so")
         self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         self.log_path = self.workdir / "tritonserver.log"
         self.log = open(self.log_path, "w")
