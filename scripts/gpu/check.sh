@@ -12,12 +12,11 @@
 #   d  tritonserver + libtriton_llm.so, KIND_GPU, chatglm2-6b dummy: HTTP generate, gRPC tokens/s
 #      (lib/serve_check.py) against bench c1's output_tokens_per_s
 #
-# Every step has a timeout and the whole run a time limit (GPUCHECK_BUDGET_S, default 520 s;
-# with the last server shutdown that is at most 9 minutes): a step gets at most what is left
-# after a reserve for the steps after it, and is skipped when too little is left, so a hung
-# step cannot cost the run its table. No step stops the run. Full logs: $OUT/logs.txt; rows:
-# $OUT/results.json (lib/results.py); the last thing printed is the table. Exit 0 when no
-# row failed.
+# Every step has a timeout and the whole run a time limit (GPUCHECK_BUDGET_S, default 520 s):
+# a step gets at most what is left after a reserve for the steps after it, and is skipped
+# when too little is left, so a hung step cannot cost the run its table. No step stops the
+# run. Full logs: $OUT/logs.txt; rows: $OUT/results.json (lib/results.py); the last thing
+# printed is the table. Exit 0 when no row failed.
 #
 # Knobs (for trying it elsewhere, e.g. on a CPU box with the tiny model):
 #   GPUCHECK_STEPS="a b c d"   steps to run      GPUCHECK_BUDGET_S=520
