@@ -12,8 +12,8 @@
 // grid: (tokens, head groups); a block takes its token's heads of group blockIdx.y (all
 // heads split evenly over gridDim.y groups), a thread a pair of values at a time. Decode
 // steps launch a group per head (64 threads: one pair each); prompts one group a token (a
-// block per head and token left the chip scheduling tiny blocks: 375 GB/s on an H100 over
-// a 1024-token prompt).
+// block per head and token leaves the chip scheduling tiny blocks, far below the memory's
+// rate over a long prompt).
 extern "C" __global__ void rope_write_kv(const elem* __restrict__ qkv,
                                          const elem* __restrict__ bias, elem* __restrict__ q_out,
                                          elem* __restrict__ k_cache, elem* __restrict__ v_cache,

@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# Every GPU check in one run, on the GPU machine, from the repo root, after
-# scripts/gpu/pack.sh filled .carry here and .carry travelled with the tree:
+# Every GPU correctness check in one run, on the GPU machine, from the repo root, after
+# scripts/gpu/pack.sh filled .carry here and .carry travelled with the tree (the
+# measurements are scripts/gpu/bench.sh's):
 #
 #   bash scripts/gpu/check.sh
 #
 #   a  gpu_tests: the `cargo test --release --test gpu` executable (GPUCHECK lines -> rows)
 #   b  compute-sanitizer memcheck on `triton-llm generate` (chatglm2-tiny, then internlm2-tiny)
-#   c  `triton-llm bench` on the 6B/7B shapes with dummy weights (one JSON object each)
+#   c  `triton-llm bench` on the 6B/7B shapes with dummy weights (one JSON object each): the
+#      bench runs on the device, and c1 is what d's served tokens/s is held against
 #   d  tritonserver + libtriton_llm.so, KIND_GPU, chatglm2-6b dummy: HTTP generate, gRPC tokens/s
-#      (scripts/gpu/serve_check.py) against bench c1's output_tokens_per_s
+#      (lib/serve_check.py) against bench c1's output_tokens_per_s
 #
-# Every step has a timeout and the whole run a budget (GPUCHECK_BUDGET_S, default 520 s; with
-# the last server shutdown that is at most 9 minutes): a
-# step gets at most what is left after a reserve for the steps after it, and is skipped when
-# too little is left. No step stops the run. Full logs: $OUT/logs.txt; rows: $OUT/results.json;
-# the last thing printed is the table. Exit 0 when no row failed.
+# Every step has a timeout and the whole run a time limit (GPUCHECK_BUDGET_S, default 520 s):
+# a step gets at most what is left after a reserve for the steps after it, and is skipped
+# when too little is left, so a hung step cannot cost the run its table. No step stops the
+# run. Full logs: $OUT/logs.txt; rows: $OUT/results.json (lib/results.py); the last thing
+# printed is the table. Exit 0 when no row failed.
 #
 # Knobs (for trying it elsewhere, e.g. on a CPU box with the tiny model):
 #   GPUCHECK_STEPS="a b c d"   steps to run      GPUCHECK_BUDGET_S=520
@@ -52,7 +54,7 @@ LOGS=$OUT/logs.txt
 [ -d /usr/local/cuda/bin ] && PATH=$PATH:/usr/local/cuda/bin
 export PATH
 
-R() { python3 "$REPO/scripts/gpu/results.py" "$ROWS" "$@"; }
+R() { python3 "$REPO/scripts/gpu/lib/results.py" "$ROWS" "$@"; }
 now() { date +%s; }
 has() { [[ "$STEPS" == *" $1 "* ]]; }
 
@@ -138,7 +140,7 @@ else
     R row setup pylib "missing or broken .carry/pylib.tar.xz" FAIL
 fi
 # The carried cp312 rapidjson first; the json shim where it does not load.
-export PYTHONPATH="$CARRY/pylib:$REPO/scripts/gpu/pyshim${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$CARRY/pylib:$REPO/scripts/gpu/lib/pyshim${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_LLM_CLI=$CARRY/triton-llm TRITON_LLM_LIB=$CARRY/libtriton_llm.so
 # Tests compiled with env!("CARGO_MANIFEST_DIR") look for fixtures under the build's path.
 build_repo=$(sed -n 's/^build_repo=//p' .carry/MANIFEST.txt 2>/dev/null)
@@ -354,7 +356,7 @@ PY
                 per=$(( left < 120 ? left : 120 ))
                 clog=$W/d_client.log
                 t0=$(now)
-                timeout -k 5 "$left" python3 scripts/gpu/serve_check.py --model "$SERVE_MODEL" \
+                timeout -k 5 "$left" python3 scripts/gpu/lib/serve_check.py --model "$SERVE_MODEL" \
                     --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT" \
                     --new "$NEW" --timeout "$per" > "$W/d_client.stdout" 2> "$clog"
                 RC=$?
@@ -363,7 +365,7 @@ PY
                 verdict=$([ "$RC" = 0 ] && echo PASS || echo FAIL)
                 cat "$W/d_client.stdout" >> "$clog"
                 say d "$SERVE_MODEL http + grpc requests" "$verdict" "$SECS" "$clog"
-                keep_log "d: serve_check.py (stderr, then stdout)" "$clog"
+                keep_log "d: lib/serve_check.py (stderr, then stdout)" "$clog"
             fi
         fi
         stop_server

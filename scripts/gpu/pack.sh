@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Packs into the git-ignored .carry/ what the GPU check (scripts/gpu/check.sh) needs on a
-# machine without cargo, network or tritonclient. Run here, in the dev checkout; then carry
-# `.carry` along with the working tree and run `bash scripts/gpu/check.sh` there.
+# Packs into the git-ignored .carry/ what the GPU scripts (scripts/gpu/check.sh, the
+# correctness checks, and scripts/gpu/bench.sh, the measurements) need on a machine without
+# cargo, network or tritonclient. Run here, in the dev checkout; then carry `.carry` along
+# with the working tree and run `bash scripts/gpu/check.sh` or `bash scripts/gpu/bench.sh
+# PART` there.
 #
 #   .carry/triton-llm.xz         release CLI, stripped
 #   .carry/libtriton_llm.so.xz   release backend, stripped
@@ -203,6 +205,6 @@ if [ ${#missing[@]} -gt 0 ]; then
     say "ERROR: missing: ${missing[*]}"
     status=1
 else
-    say "ready: carry [\".carry\"], run: bash scripts/gpu/check.sh"
+    say "ready: carry [\".carry\"], run: bash scripts/gpu/check.sh or bash scripts/gpu/bench.sh PART"
 fi
 exit $status

@@ -296,9 +296,9 @@ pub const SAMPLE_WORDS: usize = 10;
 
 /// Rows the GEMV kernels take at most (GEMV_MAX_ROWS in kernels/gemv.cu).
 pub const GEMV_MAX_ROWS: usize = 8;
-/// Rows up to which the engine's products run on the GEMV kernel; above, cuBLAS. Measured on
-/// an H200 (BENCHMARKS.md), as shares of the copy rate over the 6B/7B weight shapes: one
-/// row, GEMV 62-101% against cuBLAS 56-92%; two rows, GEMV 54-84% against cuBLAS 56-94%.
+/// Rows up to which the engine's products run on the GEMV kernel; above, cuBLAS, which reads
+/// the weights faster from two rows on (`triton-llm bench` times both; BENCHMARKS.md, "Small
+/// batches").
 pub const GEMV_UP_TO_ROWS: usize = 1;
 /// Threads of a GEMV block (GEMV_THREADS in kernels/gemv.cu).
 const GEMV_THREADS: u32 = 128;

@@ -1,28 +1,24 @@
 #!/usr/bin/env bash
-# Per-kernel times of one forward call of the ChatGLM2-6B shape, read with Nsight Compute on
-# the GPU machine after scripts/gpu/check.sh unpacked .carry:
+# Per-kernel times of one forward call of a 6B/7B shape, read with Nsight Compute on the GPU
+# machine; run by `bash scripts/gpu/bench.sh profile`:
 #
-#   bash scripts/gpu/profile.sh [SHAPE] [BATCH] [PROMPT] [NEW]
+#   bash scripts/gpu/lib/profile.sh [SHAPE] [BATCH] [PROMPT] [NEW]
 #
 # Records every kernel of a short bench run and keeps those of its last forward call (from
 # the last `embedding` launch to the logits product after it): with NEW=2 (default) a decode
-# step at context PROMPT+1, with NEW=1 the prefill of PROMPT tokens. Prints a table by
-# kernel: count, total µs, share of the call, and GB/s read+written.
+# step at context PROMPT+1, with NEW=1 the prefill of PROMPT tokens. LAUNCHES (default 1700):
+# the launches ncu records, which must reach past the profiled call.
+# Prints a table by kernel: count, total µs, share of the call, and GB/s read+written.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../../.."
+source scripts/gpu/lib/common.sh
 SHAPE=${1:-chatglm2-6b}
 BATCH=${2:-1}
 PROMPT=${3:-128}
 NEW=${4:-2}
 TAG=$SHAPE-b$BATCH-p$PROMPT-n$NEW
-OUT=${OUT:-/tmp/gpucheck-out}
-mkdir -p "$OUT"
-[ -d /usr/local/cuda/bin ] && PATH=$PATH:/usr/local/cuda/bin
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
-    [ -d "$d" ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
-done
-CLI=/tmp/carry/triton-llm
-[ -x "$CLI" ] || { mkdir -p /tmp/carry; xz -dc .carry/triton-llm.xz > "$CLI"; chmod +x "$CLI"; }
+carry_binary triton-llm
+CLI=$CARRY/triton-llm
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 timeout 240 "$NCU" --clock-control none --csv --print-units base \
     --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \

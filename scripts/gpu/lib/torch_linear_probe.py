@@ -1,7 +1,7 @@
 """What PyTorch's bf16 linear (cuBLASLt) reaches for the skinny products of a decode step,
 as a share of the copy bandwidth measured here: the reference for our cuBLAS path.
 
-    python3 scripts/gpu/torch_linear_probe.py      (on the GPU machine; prints JSON lines)
+    bash scripts/gpu/bench.sh torch      (on the GPU machine; JSON lines, also $OUT/torch_linear.jsonl)
 """
 import json
 

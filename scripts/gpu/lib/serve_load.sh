@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Serving throughput on the GPU machine (issue 5's H100 figures): tritonserver with the llm
-# backend serving the ChatGLM2-6B shape (dummy bf16 weights) in decoupled mode on KIND_GPU,
-# driven by tools/load.py over gRPC streaming at each concurrency given:
+# Serving throughput on the GPU machine, run by `bash scripts/gpu/bench.sh serve` and by its
+# composite parts: tritonserver with the llm backend serving a 6B/7B shape (dummy bf16
+# weights) in decoupled mode on KIND_GPU, driven by tools/load.py over gRPC streaming at
+# each concurrency given:
 #
-#   bash scripts/gpu/serve_load.sh [SECONDS] [CONCURRENCY ...]     (default: 20 64 256)
+#   bash scripts/gpu/lib/serve_load.sh [SECONDS] [CONCURRENCY ...]     (default: 20 64 256)
 #
 # Environment: SHAPE (chatglm2-6b or internlm2_5-7b, a folder of bench/shapes),
 # SAMPLE_ON_DEVICE (true: the batched sampling kernel; false: the host samples the logits),
@@ -17,7 +18,8 @@
 # (llm_engine_step_seconds_total by phase, over the level's steps) and the prompt tokens the
 # prefix cache served. Needs .carry from scripts/gpu/pack.sh; unpacks what it needs.
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../../.."
+source scripts/gpu/lib/common.sh
 SECONDS_EACH=${1:-20}
 shift || true
 LEVELS=${*:-64 256}
@@ -40,14 +42,7 @@ case $SHAPE in
     internlm2*) TOKENIZER=tests/fixtures/internlm2/tokenizer.model WORDS=118 ;;
     *) echo "unknown SHAPE $SHAPE" >&2; exit 2 ;;
 esac
-OUT=${OUT:-/tmp/gpucheck-out}
-mkdir -p "$OUT" /tmp/carry
-for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
-    [ -d "$d" ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
-done
-[ -x /tmp/ts/tritonserver/bin/tritonserver ] || python3 -m tarfile -e .carry/tritonserver.tar.xz /tmp/ts
-[ -d /tmp/carry/pylib ] || python3 -m tarfile -e .carry/pylib.tar.xz /tmp/carry/pylib
-export PYTHONPATH="/tmp/carry/pylib:$PWD/scripts/gpu/pyshim${PYTHONPATH:+:$PYTHONPATH}"
+carry_server
 rm -rf /tmp/load-repo /tmp/load-backends /tmp/load-model
 mkdir -p "/tmp/load-repo/$MODEL/1" /tmp/load-backends/llm /tmp/load-model
 xz -dc .carry/libtriton_llm.so.xz > /tmp/load-backends/llm/libtriton_llm.so

@@ -1,0 +1,78 @@
+# Sourced from the repo root by scripts/gpu/bench.sh and its helpers (serve_load.sh,
+# profile.sh): what runs on the GPU machine needs the CUDA libraries on the loader path and
+# the binaries pack.sh put in .carry unpacked, since that machine has no cargo or network.
+OUT=${OUT:-/tmp/gpucheck-out}
+CARRY=/tmp/carry
+mkdir -p "$OUT" "$CARRY"
+case ":$PATH:" in *:/usr/local/cuda/bin:*) ;; *) [ -d /usr/local/cuda/bin ] && PATH=$PATH:/usr/local/cuda/bin ;; esac
+export PATH
+# cudarc opens libcuda, libnvrtc and libcublas at run time (a deployment sets
+# LD_LIBRARY_PATH the same way).
+for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
+    case ":${LD_LIBRARY_PATH:-}:" in
+        *":$d:"*) ;;
+        *) [ -d "$d" ] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d" ;;
+    esac
+done
+
+# carry_binary NAME...: .carry/NAME.xz unpacked once into $CARRY/NAME, executable
+carry_binary() {
+    local name
+    for name in "$@"; do
+        [ -x "$CARRY/$name" ] ||
+            { xz -dc ".carry/$name.xz" > "$CARRY/$name" && chmod +x "$CARRY/$name"; }
+    done
+}
+
+# carry_server: tritonserver into /tmp/ts and the Python client into $CARRY/pylib, once;
+# the carried cp312 rapidjson first, the json shim (lib/pyshim) where it does not load.
+carry_server() {
+    [ -x /tmp/ts/tritonserver/bin/tritonserver ] || python3 -m tarfile -e .carry/tritonserver.tar.xz /tmp/ts
+    [ -d "$CARRY/pylib" ] || python3 -m tarfile -e .carry/pylib.tar.xz "$CARRY/pylib"
+    case ":${PYTHONPATH:-}:" in
+        *":$CARRY/pylib:"*) ;;
+        *) export PYTHONPATH="$CARRY/pylib:$PWD/scripts/gpu/lib/pyshim${PYTHONPATH:+:$PYTHONPATH}" ;;
+    esac
+}
+
+# The budgeted runner of bench.sh's composite parts: `budget SECONDS LOG` starts the clock
+# (LOG: the part's summary file under $OUT); `step` runs a command only while the budget
+# allows and stops it when the budget runs out, so that one slow step costs the steps after
+# it, not the whole run's results.
+budget() {
+    START=$(date +%s) BUDGET=$1 LOG=$2
+}
+left() { echo $((START + BUDGET - $(date +%s))); }
+step() { # step NAME NEEDED_SECONDS COMMAND...
+    local name=$1 needed=$2
+    shift 2
+    if [ "$(left)" -lt "$needed" ]; then
+        echo "== $name: skipped, $(left) s left of the budget" | tee -a "$OUT/$LOG"
+        return
+    fi
+    echo "== $name" | tee -a "$OUT/$LOG"
+    timeout "$(left)" "$@"
+    echo "== $name: exit $?" | tee -a "$OUT/$LOG"
+}
+# gpu_tests NEEDED_SECONDS [GREP_PATTERN]: the GPU tests first, so that a part's figures
+# come from a build that passed them; the whole log is $OUT/gpu_tests.log, the console gets
+# the lines GREP_PATTERN picks (default: the failed checks and the summary).
+gpu_tests() {
+    local pattern=${2:-'^GPUCHECK.*"pass":false|^    [a-z_]+$|test result'}
+    carry_binary gpu_tests
+    step "gpu tests" "$1" bash -c "$CARRY/gpu_tests --test-threads 1 --nocapture > '$OUT/gpu_tests.log' 2>&1; \
+        grep -E '$pattern' '$OUT/gpu_tests.log'"
+}
+# serve NAME LOG NEEDED_SECONDS [VAR=VALUE ...]: lib/serve_load.sh at the levels in the
+# array LEVELS for SECONDS_EACH seconds each, the environment as given; the server's log
+# kept as $OUT/LOG.
+serve() {
+    local name=$1 log=$2 needed=$3
+    shift 3
+    step "$name" "$needed" env "$@" bash scripts/gpu/lib/serve_load.sh "$SECONDS_EACH" "${LEVELS[@]}"
+    cp /tmp/load-server.log "$OUT/$log" 2>/dev/null
+}
+# The servers' logs go back as one archive: fewer files to bring back from the machine.
+pack_server_logs() {
+    (cd "$OUT" && tar -cJf servers.tar.xz server-*.log 2>/dev/null && rm -f server-*.log)
+}
