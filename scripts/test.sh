@@ -14,4 +14,5 @@ LD_LIBRARY_PATH="$TRITON_LLM_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
     cargo test --release --locked --features fault-injection
 # The library and CLI as released (no fault injection), which the other e2e tests serve.
 cargo build --release --locked
-"$TRITON_PYTHON" -m pytest -q tests/e2e "$@"
+# The soak (tests/e2e/test_soak.py) runs 5 minutes here; SOAK_SECONDS shortens it.
+SOAK_SECONDS="${SOAK_SECONDS:-300}" "$TRITON_PYTHON" -m pytest -q tests/e2e "$@"

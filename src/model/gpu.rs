@@ -651,6 +651,11 @@ impl super::CausalLm for GpuModel {
         Ok(Some(self.gpu.memory()?.0))
     }
 
+    fn check_device(&self) -> Result<()> {
+        self.gpu.bind()?;
+        self.gpu.synchronize()
+    }
+
     fn reserve_activations(
         &self,
         max_tokens: usize,

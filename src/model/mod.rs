@@ -114,6 +114,13 @@ pub trait CausalLm: Send + Sync {
         Ok(None)
     }
 
+    /// After a failed pass: whether the device can still run anything (an error such as a
+    /// failed cuBLAS call may hide a sticky one, which only the next call would show).
+    /// `Error::DeviceLost` when it cannot.
+    fn check_device(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Allocates up front what a call of up to `max_tokens` tokens and `max_seqs` sequences
     /// of up to `max_blocks_per_seq` KV blocks needs besides the KV cache (the GPU engine's
     /// activations and step tables), so that the cache is sized from the memory left and

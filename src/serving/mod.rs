@@ -597,7 +597,14 @@ fn serve<'m>(
         let result = match injected {
             Some(error) => Err(error),
             None => model.model.forward_sample(space.arena.as_mut(), &steps, &rows),
-        };
+        }
+        .map_err(|error| match model.model.check_device() {
+            Err(lost) if lost.is_fatal() && !error.is_fatal() => {
+                tracing::error!("forward pass failed: {error}");
+                lost
+            }
+            _ => error,
+        });
         drop((steps, rows));
         let mut times = StepTimes {
             schedule: forward_start - step_start,
