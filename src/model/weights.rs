@@ -54,7 +54,7 @@ impl StoredDtype {
     }
 }
 
-struct TensorEntry {
+pub struct TensorEntry {
     shard: usize,
     dtype: StoredDtype,
     shape: Vec<usize>,
@@ -226,7 +226,19 @@ fn read_header(path: &Path, file: &File, shard: usize) -> Result<Vec<(String, Te
     }
     let mut header = vec![0u8; header_len as usize];
     file.read_exact_at(&mut header, 8).map_err(|e| Error::io(path, e))?;
-    let parsed: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+    parse_header(path, &header, file_len, shard)
+}
+
+/// The checks of [`read_header`] on the JSON `header` of a file of `file_len` bytes (pure,
+/// so it can be fuzzed); `path` only names the file in errors.
+pub fn parse_header(
+    path: &Path,
+    header: &[u8],
+    file_len: u64,
+    shard: usize,
+) -> Result<Vec<(String, TensorEntry)>> {
+    let bad = |what: String| Error::Weights(format!("{}: {what}", path.display()));
+    let parsed: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(header)
         .map_err(|e| bad(format!("header is not valid JSON ({e})")))?;
 
     #[derive(serde::Deserialize)]
@@ -235,7 +247,7 @@ fn read_header(path: &Path, file: &File, shard: usize) -> Result<Vec<(String, Te
         shape: Vec<usize>,
         data_offsets: (u64, u64),
     }
-    let data_start = 8 + header_len;
+    let data_start = 8 + header.len() as u64;
     let mut entries = Vec::with_capacity(parsed.len());
     for (name, value) in parsed {
         if name == "__metadata__" {
@@ -256,6 +268,13 @@ fn read_header(path: &Path, file: &File, shard: usize) -> Result<Vec<(String, Te
             return Err(bad(format!(
                 "tensor {name}: data_offsets {begin}..{end} do not hold shape {:?} of {}",
                 info.shape, info.dtype
+            )));
+        }
+        // Past any file (a truncated one fails below, naming the sizes); checked before the
+        // absolute offsets are computed, which would overflow.
+        if data_start.checked_add(end).is_none() {
+            return Err(bad(format!(
+                "tensor {name}: data_offsets {begin}..{end} lie past the end of the file"
             )));
         }
         entries.push((
@@ -284,7 +303,7 @@ fn read_header(path: &Path, file: &File, shard: usize) -> Result<Vec<(String, Te
         return Err(bad(format!(
             "header describes {} data bytes but the file holds {} (truncated or corrupt)",
             cursor - data_start,
-            file_len - data_start
+            file_len.saturating_sub(data_start)
         )));
     }
     Ok(entries)

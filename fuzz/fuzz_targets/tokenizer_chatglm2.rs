@@ -1,0 +1,13 @@
+#![no_main]
+//! The real ChatGLM2 tokenizer on arbitrary text and ids (checks in `src/lib.rs`).
+
+use std::sync::LazyLock;
+
+use libfuzzer_sys::fuzz_target;
+use triton_llm::tokenizer::{Tokenizer, TokenizerFamily};
+use triton_llm_fuzz::{check_tokenizer, fixture_tokenizer};
+
+static TOKENIZER: LazyLock<Tokenizer> =
+    LazyLock::new(|| fixture_tokenizer("chatglm2", TokenizerFamily::ChatGlm2));
+
+fuzz_target!(|data: &[u8]| check_tokenizer(&TOKENIZER, data));
