@@ -2,7 +2,8 @@
 # Installs what building, serving and testing need on a fresh Debian machine that has the
 # Rust toolchain: a C toolchain, libclang (bindgen reads triton_headers/), python3-venv, and
 # a virtualenv .venv-triton with the real tritonserver 2.51 (PyPI wheel nvidia-pytriton)
-# and the pinned tritonclient. Safe to run again: it only installs what is missing.
+# and the pinned tritonclient; cargo-fuzz for the fuzz targets. Safe to run again: it only
+# installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,4 +40,6 @@ fi
 if [ ! -x "$TRITON_LLM_PTXAS" ] || [ ! -d "$TRITON_LLM_NVRTC_LIB" ]; then
     .venv-triton/bin/pip install -q --no-deps nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-nvcc==13.0.88
 fi
+# cargo-fuzz runs the fuzz targets (scripts/fuzz.sh).
+command -v cargo-fuzz >/dev/null || cargo install -q cargo-fuzz --locked
 echo "setup: ready ($TRITONSERVER_BIN)" >&2

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every test: the crate's own (goldens, errors, CLI) and the end-to-end ones against a real
-# tritonserver with the freshly built backend. Needs scripts/setup.sh first.
+# Every test: the crate's own (goldens, errors, CLI, properties), the end-to-end ones against
+# a real tritonserver with the freshly built backend (faults, a 5-minute soak), then the fuzz
+# targets for a bounded time. Needs scripts/setup.sh first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -16,3 +17,5 @@ LD_LIBRARY_PATH="$TRITON_LLM_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
 cargo build --release --locked
 # The soak (tests/e2e/test_soak.py) runs 5 minutes here; SOAK_SECONDS shortens it.
 SOAK_SECONDS="${SOAK_SECONDS:-300}" "$TRITON_PYTHON" -m pytest -q tests/e2e "$@"
+# Each fuzz target for FUZZ_SECONDS on its committed corpus (a crash fails the run).
+FUZZ_SECONDS="${FUZZ_SECONDS:-10}" bash scripts/fuzz.sh

@@ -10,7 +10,7 @@ use crate::cuda::DType;
 use crate::engine::kv_space::{Admission, KvSpace};
 use crate::engine::{FinishReason, GenerateRequest, SamplingParams, Sequence};
 use crate::model::{self, CausalLm, Device, Family, KvCache, LoadFormat};
-use crate::tokenizer::{Tokenizer, TokenizerFamily};
+use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
 #[derive(Clone, Debug, Default)]
@@ -83,11 +83,7 @@ pub struct Completion {
 /// A folder's family (from config.json) and tokenizer, without its weights.
 pub fn load_tokenizer(dir: &Path) -> Result<(Family, Tokenizer)> {
     let (family, _) = model::read_config(dir)?;
-    let tokenizer_family = match family {
-        Family::ChatGlm2 => TokenizerFamily::ChatGlm2,
-        Family::InternLm2 => TokenizerFamily::InternLm2,
-    };
-    Ok((family, Tokenizer::from_folder(dir, tokenizer_family)?))
+    Ok((family, Tokenizer::from_folder(dir, family)?))
 }
 
 impl ChatModel {

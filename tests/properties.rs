@@ -435,24 +435,28 @@ proptest! {
         max_num_batched_tokens in 8usize..64,
         num_blocks in 12u32..40,
     ) {
-        let chat = ChatModel::load(&fixture(folder), &LoadOptions::default()).unwrap();
+        let chat = Arc::new(ChatModel::load(&fixture(folder), &LoadOptions::default()).unwrap());
         let config = SchedulerConfig {
             max_num_seqs: 4,
             max_num_batched_tokens,
             block_size: 8,
             cache_max_entry_count: num_blocks as f64,
             enable_prefix_caching: true,
+            ..SchedulerConfig::default()
         };
-        let engine = ServingEngine::start(Arc::new(chat), config, "properties", Box::new(NoMetrics))
-            .unwrap();
+        let engine =
+            ServingEngine::start(Arc::clone(&chat), config, "properties", Box::new(NoMetrics))
+                .unwrap();
         let (done, results) = mpsc::channel();
         for (query, stop, seed, max_new) in &jobs {
+            // No InternLM2 meta instruction (250 tiny-tokenizer tokens): prompts fit the cache.
+            let prompt = chat.prepare_chat(&turn(query.clone(), vec![], Some(""))).unwrap();
             engine.submit(ChatJob {
-                // No InternLM2 meta instruction (250 tiny-tokenizer tokens): prompts fit the cache.
-                turn: turn(query.clone(), vec![], Some("")),
+                prompt,
                 options: options(*seed, 0.8, *max_new, stop.clone()),
                 sink: Box::new(Collect { pieces: String::new(), done: done.clone() }),
                 arrived: std::time::Instant::now(),
+                fault: None,
             });
         }
         for _ in &jobs {

@@ -7,18 +7,19 @@ mod common;
 use common::{fixture, golden, ids};
 use serde_json::Value;
 use triton_llm::Error;
-use triton_llm::tokenizer::{Tokenizer, TokenizerFamily};
+use triton_llm::model::Family;
+use triton_llm::tokenizer::Tokenizer;
 
 const CHATGLM2: [&str; 2] = ["chatglm2", "chatglm2-tiny"];
 const INTERNLM2: [&str; 2] = ["internlm2", "internlm2-tiny"];
-const ALL: [(&str, TokenizerFamily); 4] = [
-    ("chatglm2", TokenizerFamily::ChatGlm2),
-    ("chatglm2-tiny", TokenizerFamily::ChatGlm2),
-    ("internlm2", TokenizerFamily::InternLm2),
-    ("internlm2-tiny", TokenizerFamily::InternLm2),
+const ALL: [(&str, Family); 4] = [
+    ("chatglm2", Family::ChatGlm2),
+    ("chatglm2-tiny", Family::ChatGlm2),
+    ("internlm2", Family::InternLm2),
+    ("internlm2-tiny", Family::InternLm2),
 ];
 
-fn load(folder: &str, family: TokenizerFamily) -> Tokenizer {
+fn load(folder: &str, family: Family) -> Tokenizer {
     Tokenizer::from_folder(&fixture(folder), family).unwrap()
 }
 
@@ -43,7 +44,7 @@ fn stream(tok: &Tokenizer, ids: &[u32]) -> String {
 #[test]
 fn chatglm2_encode_cases() {
     for folder in CHATGLM2 {
-        let tok = load(folder, TokenizerFamily::ChatGlm2);
+        let tok = load(folder, Family::ChatGlm2);
         let g = tok_golden(folder);
         let cases = g["encode_cases"].as_array().unwrap();
         assert_eq!(cases.len(), 32);
@@ -70,7 +71,7 @@ fn chatglm2_encode_cases() {
 #[test]
 fn internlm2_encode_cases() {
     for folder in INTERNLM2 {
-        let tok = load(folder, TokenizerFamily::InternLm2);
+        let tok = load(folder, Family::InternLm2);
         let g = tok_golden(folder);
         let cases = g["encode_cases"].as_array().unwrap();
         assert_eq!(cases.len(), 38);
@@ -100,7 +101,7 @@ fn internlm2_encode_cases() {
 
 #[test]
 fn internlm2_special_text_is_split_out_literally() {
-    let tok = load("internlm2", TokenizerFamily::InternLm2);
+    let tok = load("internlm2", Family::InternLm2);
     // Text right against the specials stays as it is (no stripping).
     assert_eq!(
         tok.encode("a<|im_end|> b<s>", false).unwrap(),
@@ -113,7 +114,7 @@ fn internlm2_special_text_is_split_out_literally() {
 
 #[test]
 fn chatglm2_special_text_is_not_recognised() {
-    let tok = load("chatglm2", TokenizerFamily::ChatGlm2);
+    let tok = load("chatglm2", Family::ChatGlm2);
     for t in ["[gMASK]", "sop", "eop", "[MASK]", "<s>", "</s>", "<unk>"] {
         let got = tok.encode(t, false).unwrap();
         assert!(got.iter().all(|&id| id > 2 && id < 64789), "{t:?} → {got:?}");
@@ -125,7 +126,7 @@ fn chatglm2_special_text_is_not_recognised() {
 #[test]
 fn chatglm2_decode_cases() {
     for folder in CHATGLM2 {
-        let tok = load(folder, TokenizerFamily::ChatGlm2);
+        let tok = load(folder, Family::ChatGlm2);
         let g = tok_golden(folder);
         for case in g["decode_cases"].as_array().unwrap() {
             let i = ids(&case["ids"]);
@@ -139,7 +140,7 @@ fn chatglm2_decode_cases() {
 #[test]
 fn internlm2_decode_cases() {
     for folder in INTERNLM2 {
-        let tok = load(folder, TokenizerFamily::InternLm2);
+        let tok = load(folder, Family::InternLm2);
         let g = tok_golden(folder);
         for case in g["decode_cases"].as_array().unwrap() {
             let i = ids(&case["ids"]);
@@ -156,7 +157,7 @@ fn internlm2_decode_cases() {
 fn invalid_byte_runs() {
     // ChatGLM2 (sentencepiece): one U+FFFD per byte that starts no character; valid
     // characters inside the run survive.
-    let glm = load("chatglm2", TokenizerFamily::ChatGlm2);
+    let glm = load("chatglm2", Family::ChatGlm2);
     let byte = |b: u32| b + 3;
     assert_eq!(
         glm.decode(&[byte(0xF0), byte(0x41), byte(0xE4), byte(0xB9), byte(0x9D)]),
@@ -169,7 +170,7 @@ fn invalid_byte_runs() {
     );
     // InternLM2 (HF ByteFallback): an invalid run is U+FFFD for every byte; skipped
     // specials do not end the run.
-    let ilm = load("internlm2", TokenizerFamily::InternLm2);
+    let ilm = load("internlm2", Family::InternLm2);
     assert_eq!(
         ilm.decode(&[byte(0xF0), byte(0x41), byte(0xE4), byte(0xB9), byte(0x9D)]),
         "\u{FFFD}".repeat(5)
@@ -180,7 +181,7 @@ fn invalid_byte_runs() {
 
 #[test]
 fn chatglm2_leading_space_is_stripped_once() {
-    let tok = load("chatglm2", TokenizerFamily::ChatGlm2);
+    let tok = load("chatglm2", Family::ChatGlm2);
     // "▁Hello" "▁world": only the first piece loses its space, also after specials.
     assert_eq!(tok.decode(&[13755, 993]), "Hello world");
     assert_eq!(tok.decode(&[64790, 64792, 13755, 993]), "Hello world");
@@ -205,7 +206,7 @@ fn out_of_range_ids_decode_to_nothing() {
 #[test]
 fn chatglm2_chat_prompt_ids() {
     for folder in CHATGLM2 {
-        let tok = load(folder, TokenizerFamily::ChatGlm2);
+        let tok = load(folder, Family::ChatGlm2);
         let g = tok_golden(folder);
         let prompts = g["chat_prompts"].as_array().unwrap();
         assert_eq!(prompts.len(), 3);
@@ -263,7 +264,7 @@ fn internlm2_prompt(query: &str, history: &Value, meta: &str) -> String {
 #[test]
 fn internlm2_chat_prompt_ids() {
     for folder in INTERNLM2 {
-        let tok = load(folder, TokenizerFamily::InternLm2);
+        let tok = load(folder, Family::InternLm2);
         let g = tok_golden(folder);
         let prompts = g["chat_prompts_hf"].as_array().unwrap();
         assert_eq!(prompts.len(), 4);
@@ -332,7 +333,7 @@ fn round_trip_where_the_original_does() {
         let tok = load(folder, family);
         let g = tok_golden(folder);
         let decoded_key =
-            if family == TokenizerFamily::ChatGlm2 { "decoded" } else { "decoded_skip_special" };
+            if family == Family::ChatGlm2 { "decoded" } else { "decoded_skip_special" };
         let mut n = 0;
         for case in g["encode_cases"].as_array().unwrap() {
             let t = text(&case["text"]);
@@ -456,7 +457,7 @@ fn stream_equals_decode_on_random_ids() {
 #[test]
 fn stream_holds_back_unfinished_characters() {
     // ChatGLM2: "▁" + the 4 bytes of 𠀀: nothing until the character is complete.
-    let glm = load("chatglm2", TokenizerFamily::ChatGlm2);
+    let glm = load("chatglm2", Family::ChatGlm2);
     let mut s = glm.stream_decoder();
     let out: Vec<String> = [30910, 243, 163, 131, 131, 4815].iter().map(|&id| s.push(id)).collect();
     assert_eq!(out, ["", "", "", "", "𠀀", " rare"]);
@@ -472,7 +473,7 @@ fn stream_holds_back_unfinished_characters() {
 
     // InternLM2: a byte run stays open until a non-byte piece (or the end) closes it,
     // because one bad byte turns the whole run into U+FFFD; skipped specials keep it open.
-    let ilm = load("internlm2", TokenizerFamily::InternLm2);
+    let ilm = load("internlm2", Family::InternLm2);
     let mut s = ilm.stream_decoder();
     let out: Vec<String> = [243, 162, 155, 131, 92542, 9843].iter().map(|&id| s.push(id)).collect();
     assert_eq!(out, ["", "", "", "", "", "😀Hello"]);
@@ -507,18 +508,12 @@ fn vocabulary_and_special_ids() {
         assert_eq!(tok.token_to_id("</s>"), Some(2), "{folder}");
         assert_eq!(tok.token_to_id("no such token"), None, "{folder}");
     }
-    assert_eq!(load("chatglm2", TokenizerFamily::ChatGlm2).vocab_size(), 64794);
-    assert_eq!(load("internlm2", TokenizerFamily::InternLm2).vocab_size(), 92544);
-    assert_eq!(
-        load("internlm2", TokenizerFamily::InternLm2).token_to_id("<|im_end|>"),
-        Some(92542)
-    );
-    assert_eq!(
-        load("internlm2-tiny", TokenizerFamily::InternLm2).token_to_id("<|im_end|>"),
-        Some(1022)
-    );
-    assert_eq!(load("chatglm2", TokenizerFamily::ChatGlm2).token_to_id("[gMASK]"), Some(64790));
-    assert_eq!(load("chatglm2", TokenizerFamily::ChatGlm2).token_to_id("▁Hello"), Some(13755));
+    assert_eq!(load("chatglm2", Family::ChatGlm2).vocab_size(), 64794);
+    assert_eq!(load("internlm2", Family::InternLm2).vocab_size(), 92544);
+    assert_eq!(load("internlm2", Family::InternLm2).token_to_id("<|im_end|>"), Some(92542));
+    assert_eq!(load("internlm2-tiny", Family::InternLm2).token_to_id("<|im_end|>"), Some(1022));
+    assert_eq!(load("chatglm2", Family::ChatGlm2).token_to_id("[gMASK]"), Some(64790));
+    assert_eq!(load("chatglm2", Family::ChatGlm2).token_to_id("▁Hello"), Some(13755));
 }
 
 /// Without `tokenizer_config.json` (the real-model fixture folders) InternLM2's specials
@@ -527,8 +522,8 @@ fn vocabulary_and_special_ids() {
 fn internlm2_specials_without_tokenizer_config() {
     let dir = common::copy_fixture("internlm2-tiny");
     std::fs::remove_file(dir.path().join("tokenizer_config.json")).unwrap();
-    let without = Tokenizer::from_folder(dir.path(), TokenizerFamily::InternLm2).unwrap();
-    let with = load("internlm2-tiny", TokenizerFamily::InternLm2);
+    let without = Tokenizer::from_folder(dir.path(), Family::InternLm2).unwrap();
+    let with = load("internlm2-tiny", Family::InternLm2);
     let prompt =
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<|action_start|><|plugin|>";
     assert_eq!(without.encode(prompt, true).unwrap(), with.encode(prompt, true).unwrap());
@@ -543,7 +538,7 @@ fn tokenizer_is_send_and_sync() {
 
 // ---------------------------------------------------------------- broken files
 
-fn load_err(dir: &std::path::Path, family: TokenizerFamily) -> Error {
+fn load_err(dir: &std::path::Path, family: Family) -> Error {
     match Tokenizer::from_folder(dir, family) {
         Ok(_) => panic!("{} loaded", dir.display()),
         Err(e) => e,
@@ -553,12 +548,12 @@ fn load_err(dir: &std::path::Path, family: TokenizerFamily) -> Error {
 #[test]
 fn missing_folder_or_file_names_the_path() {
     let missing = fixture("no-such-model");
-    let err = load_err(&missing, TokenizerFamily::ChatGlm2);
+    let err = load_err(&missing, Family::ChatGlm2);
     assert!(matches!(err, Error::Io { .. }), "{err:?}");
     assert!(err.to_string().contains("no-such-model"), "{err}");
 
     let dir = tempfile::tempdir().unwrap();
-    let err = load_err(dir.path(), TokenizerFamily::InternLm2);
+    let err = load_err(dir.path(), Family::InternLm2);
     assert!(err.to_string().contains("tokenizer.model"), "{err}");
 }
 
@@ -580,10 +575,9 @@ fn corrupt_tokenizer_model_is_a_clear_error() {
     for cut in [1, 7, 100, good.len() / 3, good.len() / 2, good.len() - 300, good.len() - 1] {
         bad_files.push(("truncated", good[..cut].to_vec()));
     }
-    for (family, folder) in [
-        (TokenizerFamily::ChatGlm2, "chatglm2-tiny"),
-        (TokenizerFamily::InternLm2, "internlm2-tiny"),
-    ] {
+    for (family, folder) in
+        [(Family::ChatGlm2, "chatglm2-tiny"), (Family::InternLm2, "internlm2-tiny")]
+    {
         for (what, bytes) in &bad_files {
             let dir = common::copy_fixture(folder);
             std::fs::write(dir.path().join("tokenizer.model"), bytes).unwrap();
@@ -598,7 +592,7 @@ fn corrupt_tokenizer_model_is_a_clear_error() {
     for cut in (0..2000).chain(good.len() - 2000..good.len()) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("tokenizer.model"), &good[..cut]).unwrap();
-        let err = load_err(dir.path(), TokenizerFamily::ChatGlm2);
+        let err = load_err(dir.path(), Family::ChatGlm2);
         assert!(matches!(err, Error::Tokenizer(_)), "cut {cut}: {err:?}");
     }
 }
@@ -624,7 +618,7 @@ fn tokenizer_json_is_preferred() {
         "model": {"type": "WordLevel", "vocab": {"<unk>": 0, "hello": 1, "</s>": 2, "world": 3}, "unk_token": "<unk>"}
     });
     std::fs::write(dir.path().join("tokenizer.json"), json.to_string()).unwrap();
-    let tok = Tokenizer::from_folder(dir.path(), TokenizerFamily::InternLm2).unwrap();
+    let tok = Tokenizer::from_folder(dir.path(), Family::InternLm2).unwrap();
     assert_eq!(tok.encode("hello world", false).unwrap(), [1, 3]);
     assert_eq!(tok.decode(&[1, 3, 2]), "hello world");
     assert_eq!(tok.vocab_size(), 4);
@@ -634,7 +628,7 @@ fn tokenizer_json_is_preferred() {
     assert_eq!([1, 3, 2].map(|id| s.push(id)).concat() + &s.finish(), "hello world");
 
     std::fs::write(dir.path().join("tokenizer.json"), b"{ not json").unwrap();
-    let err = load_err(dir.path(), TokenizerFamily::InternLm2);
+    let err = load_err(dir.path(), Family::InternLm2);
     assert!(
         matches!(err, Error::Tokenizer(_)) && err.to_string().contains("tokenizer.json"),
         "{err}"

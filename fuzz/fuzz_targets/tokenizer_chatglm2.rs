@@ -4,10 +4,11 @@
 use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
-use triton_llm::tokenizer::{Tokenizer, TokenizerFamily};
+use triton_llm::model::Family;
+use triton_llm::tokenizer::Tokenizer;
 use triton_llm_fuzz::{check_tokenizer, fixture_tokenizer};
 
 static TOKENIZER: LazyLock<Tokenizer> =
-    LazyLock::new(|| fixture_tokenizer("chatglm2", TokenizerFamily::ChatGlm2));
+    LazyLock::new(|| fixture_tokenizer("chatglm2", Family::ChatGlm2));
 
 fuzz_target!(|data: &[u8]| check_tokenizer(&TOKENIZER, data));

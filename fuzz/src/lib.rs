@@ -2,10 +2,11 @@
 
 use std::path::PathBuf;
 
-use triton_llm::tokenizer::{Tokenizer, TokenizerFamily};
+use triton_llm::model::Family;
+use triton_llm::tokenizer::Tokenizer;
 
 /// A fixture tokenizer of the main crate (the real ChatGLM2 / InternLM2 ones).
-pub fn fixture_tokenizer(folder: &str, family: TokenizerFamily) -> Tokenizer {
+pub fn fixture_tokenizer(folder: &str, family: Family) -> Tokenizer {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(folder);
     Tokenizer::from_folder(&dir, family).expect("the fixture tokenizer loads")
 }
@@ -59,8 +60,8 @@ fn check_encode(tok: &Tokenizer, text: &str) {
     assert!(plain.iter().all(|&id| id < vocab), "{text:?} → {plain:?}");
     // The special tokens go in front and change nothing else.
     let prefix = match tok.family() {
-        TokenizerFamily::ChatGlm2 => 2,
-        TokenizerFamily::InternLm2 => 1,
+        Family::ChatGlm2 => 2,
+        Family::InternLm2 => 1,
     };
     assert_eq!(special.len(), plain.len() + prefix, "{text:?}");
     assert_eq!(special[prefix..], plain[..], "{text:?}");
@@ -75,11 +76,11 @@ fn check_encode(tok: &Tokenizer, text: &str) {
 /// checks the cases against it): not where '▁' stands for a space, nor ChatGLM2's leading
 /// spaces (its decode drops them with the dummy prefix), nor InternLM2's special-token
 /// text (decoded with the specials skipped).
-fn round_trips(family: TokenizerFamily, text: &str) -> bool {
+fn round_trips(family: Family, text: &str) -> bool {
     const INTERNLM2_SPECIAL: [&str; 5] = ["<s>", "</s>", "<unk>", "<|", "[UNUSED_TOKEN_"];
     !text.contains('▁')
         && match family {
-            TokenizerFamily::ChatGlm2 => !text.starts_with(' '),
-            TokenizerFamily::InternLm2 => !INTERNLM2_SPECIAL.iter().any(|s| text.contains(s)),
+            Family::ChatGlm2 => !text.starts_with(' '),
+            Family::InternLm2 => !INTERNLM2_SPECIAL.iter().any(|s| text.contains(s)),
         }
 }

@@ -20,13 +20,8 @@ pub use decode::StreamDecoder;
 use decode::{ByteRuns, SpDecoder, Surface};
 use sentencepiece::{PieceKind, SPACE_SYMBOL, SpModel};
 
+use crate::model::Family;
 use crate::{Error, Result};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TokenizerFamily {
-    ChatGlm2,
-    InternLm2,
-}
 
 /// ChatGLM2's wrapper tokens, ids `piece count + k` in this order.
 const CHATGLM2_SPECIALS: [&str; 5] = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"];
@@ -43,7 +38,7 @@ const INTERNLM2_RENAMED: [(&str, &str); 6] = [
 ];
 
 pub struct Tokenizer {
-    family: TokenizerFamily,
+    family: Family,
     backend: Backend,
 }
 
@@ -82,7 +77,7 @@ struct AddedToken {
 impl Tokenizer {
     /// Reads `tokenizer.json` if the folder has one (HF tokenizers format, loaded by the
     /// `tokenizers` crate), else `tokenizer.model`.
-    pub fn from_folder(dir: &Path, family: TokenizerFamily) -> Result<Self> {
+    pub fn from_folder(dir: &Path, family: Family) -> Result<Self> {
         let json = dir.join("tokenizer.json");
         let backend = if json.is_file() {
             let bytes = std::fs::read(&json).map_err(|e| Error::io(&json, e))?;
@@ -97,10 +92,8 @@ impl Tokenizer {
             let named = |e: String| Error::Tokenizer(format!("{}: {e}", path.display()));
             let model = SpModel::parse(&bytes).map_err(named)?;
             let sp = match family {
-                TokenizerFamily::ChatGlm2 => SpTokenizer::chatglm2(model),
-                TokenizerFamily::InternLm2 => {
-                    SpTokenizer::internlm2(model, read_added_tokens(dir)?)
-                }
+                Family::ChatGlm2 => SpTokenizer::chatglm2(model),
+                Family::InternLm2 => SpTokenizer::internlm2(model, read_added_tokens(dir)?),
             }
             .map_err(named)?;
             tracing::debug!(path = %path.display(), pieces = sp.model.pieces.len(), "loaded tokenizer.model");
@@ -109,7 +102,7 @@ impl Tokenizer {
         Ok(Tokenizer { family, backend })
     }
 
-    pub fn family(&self) -> TokenizerFamily {
+    pub fn family(&self) -> Family {
         self.family
     }
 
