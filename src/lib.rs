@@ -1,20 +1,24 @@
 //! triton_llm — a Triton Inference Server backend that serves ChatGLM2 and InternLM2 chat
 //! models with its own engine.
 //!
-//! Data flow: Triton request (`triton`: FFI fence, entry points, the seed interface;
-//! `config`: the model's config.pbtxt parameters) → chat template (`chat`) → tokenizer (`tokenizer`) → engine
-//! (`engine`: generation loop, sampler) → model graph (`model`, one file per family) →
-//! device ops (`cpu`, `cuda` with the kernels of `kernels/`). The `triton-llm` CLI runs the same path without a server.
+//! Data flow: Triton request (`triton`: FFI fence, entry points, the model's config.pbtxt
+//! parameters, the seed interface) → chat template (`chat`) → tokenizer (`tokenizer`) →
+//! serving loop (`serving`: in-flight batching, KV blocks) over per-sequence generation
+//! (`engine`) and next-token choice (`sampling`) → model graph (`model`, one file per
+//! family, computing in a `dtype`) → device ops (`cpu`, `cuda` with the kernels of
+//! `kernels/`). `pipeline` ties a model folder's parts together; the `triton-llm` CLI runs
+//! the same path without a server. `faults` lets tests make a chosen part fail.
 
 pub mod chat;
-pub mod config;
 pub mod cpu;
 pub mod cuda;
+pub mod dtype;
 pub mod engine;
 pub mod error;
 pub mod faults;
 pub mod model;
 pub mod pipeline;
+pub mod sampling;
 pub mod serving;
 pub mod tokenizer;
 pub mod triton;

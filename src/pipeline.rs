@@ -6,10 +6,11 @@ use std::path::Path;
 
 use crate::chat::stream::AnswerStream;
 use crate::chat::{self, History};
-use crate::cuda::DType;
+use crate::dtype::DType;
 use crate::engine::kv_space::{Admission, KvSpace};
-use crate::engine::{FinishReason, GenerateRequest, SamplingParams, Sequence};
+use crate::engine::{FinishReason, GenerateRequest, Sequence};
 use crate::model::{self, CausalLm, Device, Family, KvCache, LoadFormat};
+use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 

@@ -3,9 +3,9 @@
 mod common;
 
 use common::*;
-use triton_llm::engine::SamplingParams;
 use triton_llm::model::{self, LoadFormat};
 use triton_llm::pipeline::{ChatModel, ChatTurn, GenerationOptions, LoadOptions};
+use triton_llm::sampling::SamplingParams;
 
 fn load_error(dir: &std::path::Path) -> String {
     match ChatModel::load(dir, &LoadOptions::default()) {

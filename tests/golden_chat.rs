@@ -6,8 +6,9 @@ mod common;
 use common::*;
 use triton_llm::chat::DEFAULT_HISTORY_LEN;
 use triton_llm::chat::internlm2::DEFAULT_META_INSTRUCTION;
-use triton_llm::engine::{FinishReason, SamplingParams};
+use triton_llm::engine::FinishReason;
 use triton_llm::pipeline::{ChatModel, ChatTurn, GenerationOptions, LoadOptions};
+use triton_llm::sampling::SamplingParams;
 
 fn pairs(v: &serde_json::Value) -> Vec<(String, String)> {
     serde_json::from_value(v.clone()).unwrap()

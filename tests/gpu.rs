@@ -12,7 +12,8 @@ mod common;
 
 use common::*;
 use serde_json::json;
-use triton_llm::cuda::{self, DType};
+use triton_llm::cuda;
+use triton_llm::dtype::DType;
 use triton_llm::model::{self, CausalLm, Device, LoadFormat, SeqStep};
 
 /// The GPU tests are `#[ignore]`d, so a machine without a GPU reports them as not run,
@@ -398,14 +399,14 @@ fn activations_are_reserved_before_the_kv_cache() {
     assert_eq!(first_after, first);
 }
 
-/// The batched sampling kernel on the device against `engine::sampler::choose`, over rows
+/// The batched sampling kernel on the device against `sampling::choose`, over rows
 /// as wide as ChatGLM2's vocabulary with the engine's own parameter words; then its time
 /// for 64 rows (the logits of a 64-sequence decode step).
 #[test]
 #[ignore = "needs an NVIDIA GPU (scripts/gpu/check.sh runs it)"]
 fn the_sampling_kernel_chooses_as_the_host_sampler_on_the_device() {
     use rand::{RngExt, SeedableRng};
-    use triton_llm::engine::SampleRow;
+    use triton_llm::sampling::SampleRow;
     require_gpu("sampling kernel");
     let gpu = cuda::Gpu::open(0, DType::F32).unwrap();
     let vocab = 65024;
@@ -468,7 +469,7 @@ fn the_sampling_kernel_chooses_as_the_host_sampler_on_the_device() {
         .enumerate()
         .map(|(i, row)| {
             let mut row_logits = logits[i * vocab..(i + 1) * vocab].to_vec();
-            triton_llm::engine::sampler::choose(&mut row_logits, row.as_ref().unwrap())
+            triton_llm::sampling::choose(&mut row_logits, row.as_ref().unwrap())
         })
         .collect();
     let differing: Vec<usize> = (0..rows.len()).filter(|&i| got[i] != want[i]).collect();
@@ -487,8 +488,8 @@ fn the_sampling_kernel_chooses_as_the_host_sampler_on_the_device() {
 #[test]
 #[ignore = "needs an NVIDIA GPU (scripts/gpu/check.sh runs it)"]
 fn sampling_on_the_device_answers_as_sampling_on_the_host() {
-    use triton_llm::engine::SamplingParams;
     use triton_llm::pipeline::{ChatModel, GenerationOptions, LoadOptions};
+    use triton_llm::sampling::SamplingParams;
     require_gpu("sampling on the device");
     for folder in ["chatglm2-tiny", "internlm2-tiny"] {
         let answer = |sample_on_device: bool, sampling: SamplingParams| {

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use triton_llm::cpu::{self, AttentionShape};
-use triton_llm::cuda::DType;
+use triton_llm::dtype::DType;
 
 /// The kernel files the harness includes, in the engine's order.
 const KERNEL_FILES: [&str; 7] = [

@@ -1,5 +1,5 @@
 //! The GPU's batched sampling kernel (kernels/sampling.cu) against its definition,
-//! `engine::sampler::choose`, without a GPU: the kernel's source runs on CPU threads, one
+//! `sampling::choose`, without a GPU: the kernel's source runs on CPU threads, one
 //! per CUDA thread (tests/kernel_host/), so its block-wide logic (radix selects, scans, the
 //! draw) is checked on every machine. tests/gpu.rs runs the same comparison on a device.
 
@@ -8,8 +8,8 @@ use std::process::Command;
 
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use triton_llm::engine::SampleRow;
-use triton_llm::engine::sampler::choose;
+use triton_llm::sampling::SampleRow;
+use triton_llm::sampling::choose;
 
 /// Words of a row's parameters (SAMPLE_WORDS in the kernel).
 const WORDS: usize = 10;

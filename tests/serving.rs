@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use common::fixture;
 use triton_llm::Result;
 use triton_llm::engine::kv_space::{Admission, KvSpace};
-use triton_llm::engine::{FinishReason, GenerateRequest, SamplingParams, Sequence};
+use triton_llm::engine::{FinishReason, GenerateRequest, Sequence};
 use triton_llm::faults::Fault;
 use triton_llm::model::CausalLm;
 use triton_llm::pipeline::{ChatModel, ChatTurn, Completion, GenerationOptions, LoadOptions};
+use triton_llm::sampling::SamplingParams;
 use triton_llm::serving::{
     AnswerSink, ChatJob, EngineMetrics, SchedulerConfig, ServingEngine, StepTimes,
 };

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use triton_llm::config::ModelConfig;
+use triton_llm::triton::config::ModelConfig;
 use triton_llm::model::Family;
 use triton_llm::triton::interface::{
     self as seed, InputTensor, MAX_STOP_BYTES, MAX_STOP_STRINGS, decode_request, encode_bytes,

@@ -9,10 +9,10 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use triton_llm::chat::{self, DEFAULT_HISTORY_LEN};
-use triton_llm::cuda::DType;
-use triton_llm::engine::{SampleRow, SamplingParams};
+use triton_llm::dtype::DType;
 use triton_llm::model::{self, CausalLm, Checkpoint, Device, KvStore, LoadFormat, SeqStep};
 use triton_llm::pipeline::{ChatModel, ChatTurn, GenerationOptions, LoadOptions, load_tokenizer};
+use triton_llm::sampling::{SampleRow, SamplingParams};
 use triton_llm::{Error, Result};
 
 #[derive(Parser)]

@@ -21,72 +21,23 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 
 pub use arena::KvArena;
 
+use crate::dtype::DType;
 use crate::{Error, Result};
 
-/// Element type of weights, activations and the KV cache on the device.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub enum DType {
-    #[default]
-    BF16,
-    F16,
-    F32,
-}
-
-impl DType {
-    pub fn size(self) -> usize {
-        match self {
-            DType::BF16 | DType::F16 => 2,
-            DType::F32 => 4,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            DType::BF16 => "bf16",
-            DType::F16 => "f16",
-            DType::F32 => "f32",
-        }
-    }
-
-    fn define(self) -> &'static str {
-        match self {
-            DType::BF16 => "-DELEM_BF16",
-            DType::F16 => "-DELEM_F16",
-            DType::F32 => "-DELEM_F32",
-        }
-    }
-
-    fn cuda_type(self) -> blas_sys::cudaDataType {
-        match self {
-            DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
-            DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
-            DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
-        }
-    }
-
-    /// Host values in this type's bytes (round to nearest even).
-    pub fn encode(self, values: &[f32]) -> Vec<u8> {
-        match self {
-            DType::F32 => bytemuck::cast_slice(values).to_vec(),
-            DType::BF16 => {
-                values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect()
-            }
-            DType::F16 => {
-                values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect()
-            }
-        }
+/// The kernels' element type, as the preprocessor define kernels/common.cuh reads.
+fn dtype_define(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "-DELEM_BF16",
+        DType::F16 => "-DELEM_F16",
+        DType::F32 => "-DELEM_F32",
     }
 }
 
-impl std::str::FromStr for DType {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "bf16" | "bfloat16" => Ok(DType::BF16),
-            "f16" | "fp16" | "float16" => Ok(DType::F16),
-            "f32" | "fp32" | "float32" => Ok(DType::F32),
-            other => Err(format!("unknown dtype {other:?} (expected bf16, f16 or f32)")),
-        }
+fn cuda_type(dtype: DType) -> blas_sys::cudaDataType {
+    match dtype {
+        DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
+        DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
+        DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
     }
 }
 
@@ -182,7 +133,7 @@ fn module_source() -> String {
 pub fn compile(dtype: DType, arch: &'static str) -> Result<Ptx> {
     let options = CompileOptions {
         arch: Some(arch),
-        options: vec![dtype.define().to_string(), "--std=c++17".into()],
+        options: vec![dtype_define(dtype).to_string(), "--std=c++17".into()],
         use_fast_math: Some(false),
         ..Default::default()
     };
@@ -613,7 +564,7 @@ impl Gpu {
     }
 
     /// Chooses the next token of `rows` rows of f32 logits (`stride` apart) on the device,
-    /// each as `engine::sampler::choose` does, from `SAMPLE_WORDS` parameter words per row
+    /// each as `sampling::choose` does, from `SAMPLE_WORDS` parameter words per row
     /// and the rows' distinct penalized ids; writes one id per row to `chosen`. The logits
     /// are changed in place (guard, penalty).
     pub fn sample_rows(
@@ -764,7 +715,7 @@ impl Gpu {
         // read as column-major Wᵀ (transposed back) and row-major X as column-major Xᵀ.
         let (alpha, beta) = (1.0f32, 0.0f32);
         let out_type =
-            if f32_out { blas_sys::cudaDataType::CUDA_R_32F } else { self.dtype.cuda_type() };
+            if f32_out { blas_sys::cudaDataType::CUDA_R_32F } else { cuda_type(self.dtype) };
         let blas = self.blas.lock().unwrap_or_else(|p| p.into_inner());
         // SAFETY: W holds n·k, X m·k and Y m·n elements of the stated types.
         unsafe {
@@ -777,10 +728,10 @@ impl Gpu {
                 k as i32,
                 (&alpha as *const f32).cast(),
                 w as *const std::ffi::c_void,
-                self.dtype.cuda_type(),
+                cuda_type(self.dtype),
                 k as i32,
                 x as *const std::ffi::c_void,
-                self.dtype.cuda_type(),
+                cuda_type(self.dtype),
                 k as i32,
                 (&beta as *const f32).cast(),
                 y as *mut std::ffi::c_void,

@@ -4,12 +4,11 @@
 
 pub mod blocks;
 pub mod kv_space;
-pub mod sampler;
 
 use crate::model::SeqStep;
+use crate::sampling::{SampleRow, Sampler, SamplingParams};
 use crate::{Error, Result};
 pub use blocks::BlockTable;
-pub use sampler::{SampleRow, Sampler, SamplingParams};
 
 #[derive(Clone, Debug)]
 pub struct GenerateRequest {

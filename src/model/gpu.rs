@@ -14,8 +14,9 @@ use std::sync::{Arc, Mutex};
 use rayon::prelude::*;
 
 use super::{Checkpoint, KvStore, ModelInfo, SeqStep, batch_offsets, rope};
-use crate::cuda::{self, AttentionShape, Buffer, DType, Gpu, Rope, StepTables};
-use crate::engine::SampleRow;
+use crate::cuda::{self, AttentionShape, Buffer, Gpu, Rope, StepTables};
+use crate::dtype::DType;
+use crate::sampling::SampleRow;
 use crate::{Error, Result};
 
 /// Sizes of the decoder.

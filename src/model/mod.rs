@@ -13,7 +13,7 @@ use std::path::Path;
 
 use rayon::prelude::*;
 
-use crate::engine::{SampleRow, sampler};
+use crate::sampling::{self, SampleRow};
 use crate::{Error, Result, cpu, cuda};
 pub use weights::Checkpoint;
 
@@ -82,7 +82,7 @@ pub fn choose_on_host(logits: Vec<Vec<f32>>, rows: &[Option<SampleRow<'_>>]) -> 
     logits
         .into_par_iter()
         .zip(rows)
-        .map(|(mut logits, row)| row.as_ref().map(|row| sampler::choose(&mut logits, row)))
+        .map(|(mut logits, row)| row.as_ref().map(|row| sampling::choose(&mut logits, row)))
         .collect()
 }
 
@@ -153,7 +153,7 @@ pub trait CausalLm: Send + Sync {
     fn set_cuda_graphs(&self, _on: bool) {}
 
     /// `forward_batch`, then the next token of each row that asks for one, chosen as
-    /// `engine::sampler::choose` defines. Engines that can choose on their device override
+    /// `sampling::choose` defines. Engines that can choose on their device override
     /// this so that only the chosen ids come back.
     fn forward_sample(
         &self,
@@ -360,7 +360,7 @@ impl std::str::FromStr for Device {
 
 /// Loads the model of a folder onto the CPU engine (f32).
 pub fn load(dir: &Path, format: LoadFormat) -> Result<Box<dyn CausalLm>> {
-    load_on(dir, format, Device::Cpu, cuda::DType::F32)
+    load_on(dir, format, Device::Cpu, crate::dtype::DType::F32)
 }
 
 /// Loads the model of a folder onto `device`; `dtype` is the GPU engine's (the CPU engine
@@ -369,7 +369,7 @@ pub fn load_on(
     dir: &Path,
     format: LoadFormat,
     device: Device,
-    dtype: cuda::DType,
+    dtype: crate::dtype::DType,
 ) -> Result<Box<dyn CausalLm>> {
     let (family, config) = read_config(dir)?;
     let checkpoint = match format {
@@ -386,7 +386,7 @@ pub fn load_config(
     config: serde_json::Value,
     checkpoint: &Checkpoint,
     device: Device,
-    dtype: cuda::DType,
+    dtype: crate::dtype::DType,
 ) -> Result<Box<dyn CausalLm>> {
     let dummy = checkpoint.is_dummy();
     let model: Box<dyn CausalLm> = match device {

@@ -7,7 +7,8 @@ use std::ptr;
 use std::sync::Arc;
 
 use super::error::{TritonError, TritonResult, ffi, owned_string};
-use super::instance::{InstanceHandle, InstanceState};
+use super::handle::InstanceHandle;
+use super::instance::InstanceState;
 use super::model::{ModelHandle, ModelState};
 use super::request::Request;
 use super::{log, sys};

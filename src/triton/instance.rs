@@ -8,6 +8,7 @@ use std::ptr;
 use std::sync::Arc;
 
 use super::error::{TritonError, TritonResult, ffi, owned_string};
+use super::handle::InstanceHandle;
 use super::interface;
 use super::metrics::InstanceMetrics;
 use super::model::{ModelHandle, ModelState};
@@ -28,14 +29,6 @@ pub struct InstanceState {
     engine: ServingEngine,
     raw: InstanceHandle,
 }
-
-/// The server's handle of an instance, valid between its Initialize and Finalize.
-#[derive(Clone, Copy)]
-pub(crate) struct InstanceHandle(pub(crate) *mut sys::TRITONBACKEND_ModelInstance);
-
-// The handle is only used from the thread the server calls the instance on.
-unsafe impl Send for InstanceHandle {}
-unsafe impl Sync for InstanceHandle {}
 
 impl InstanceHandle {
     fn name(self) -> TritonResult<String> {

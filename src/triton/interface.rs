@@ -10,11 +10,11 @@
 
 use std::collections::HashMap;
 
+use super::config::ModelParameters;
 use crate::chat::History;
-use crate::config::ModelParameters;
-use crate::engine::SamplingParams;
 use crate::model::Family;
 use crate::pipeline::{ChatTurn, Completion, GenerationOptions};
+use crate::sampling::SamplingParams;
 use crate::{Error, Result};
 
 pub const PROMPT: &str = "prompt";

@@ -6,8 +6,10 @@
 //! tritonserver dlopens the library. Code outside this module never calls into it, so
 //! tests and the CLI link without a server.
 
+pub mod config;
 mod entry;
 pub mod error;
+mod handle;
 mod instance;
 pub mod interface;
 mod log;

@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::ptr;
 use std::sync::{Arc, Mutex};
 
+use super::config::ModelConfig;
 use super::error::{TritonError, TritonResult, ffi, owned_string};
 use super::metrics::MetricFamilies;
 use super::sys;
-use crate::config::ModelConfig;
 use crate::model::{self, Device, Family};
 use crate::pipeline::{ChatModel, LoadOptions};
 

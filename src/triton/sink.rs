@@ -4,7 +4,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use super::error::{TritonError, TritonResult, ffi};
-use super::instance::InstanceHandle;
+use super::handle::InstanceHandle;
 use super::interface::{self, OutputTensor};
 use super::request::Request;
 use super::response::{Response, ResponseFactory};

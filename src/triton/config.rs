@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::chat::DEFAULT_HISTORY_LEN;
-use crate::cuda::DType;
+use crate::dtype::DType;
 use crate::model::LoadFormat;
 use crate::serving::SchedulerConfig;
 use crate::{Error, Result};
