@@ -9,6 +9,10 @@
 //! `kernels/`). `pipeline` ties a model folder's parts together; the `triton-llm` CLI runs
 //! the same path without a server. `faults` lets tests make a chosen part fail.
 
+// `unsafe` lives only in `triton` (the FFI fence) and `cuda` (device memory and launches),
+// each of which allows it for itself with every block's SAFETY comment enforced.
+#![deny(unsafe_code)]
+
 pub mod chat;
 pub mod cpu;
 pub mod cuda;

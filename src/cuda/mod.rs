@@ -7,6 +7,9 @@
 //! This module and `src/triton` are the only places with `unsafe`: kernel launches take raw
 //! device pointers, and every launch here passes pointers of buffers the caller sized.
 
+#![allow(unsafe_code)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 mod arena;
 
 use std::collections::HashMap;

@@ -21,8 +21,10 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 struct Family(*mut sys::TRITONSERVER_MetricFamily);
 
-// The server's metric objects are thread-safe; each is used through one owner.
+// SAFETY: the server's metric families are thread-safe objects (its metrics API may be called
+// from any thread); the pointer is deleted once, by its one owner's drop.
 unsafe impl Send for Family {}
+// SAFETY: as for Send: shared use only makes the server's thread-safe calls.
 unsafe impl Sync for Family {}
 
 impl Family {
@@ -170,7 +172,10 @@ struct Metric {
     _families: Arc<MetricFamilies>,
 }
 
+// SAFETY: the server's metrics are thread-safe (increment, set and observe may be called
+// from any thread); the pointer is deleted once, by its one owner's drop.
 unsafe impl Send for Metric {}
+// SAFETY: as for Send: shared use only makes the server's thread-safe calls.
 unsafe impl Sync for Metric {}
 
 impl Metric {

@@ -6,6 +6,9 @@
 //! tritonserver dlopens the library. Code outside this module never calls into it, so
 //! tests and the CLI link without a server.
 
+#![allow(unsafe_code)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 pub mod config;
 mod entry;
 pub mod error;

@@ -14,8 +14,9 @@ pub struct Request {
     raw: *mut sys::TRITONBACKEND_Request,
 }
 
-// The server lets a backend answer and release a request from any thread (responses of
-// in-flight requests are sent from the engine thread); a Request is used by one thread at a time.
+// SAFETY: the server lets a backend answer and release a request from any thread (responses
+// of in-flight requests are sent from the engine's threads); a Request is owned, so one
+// thread at a time uses it.
 unsafe impl Send for Request {}
 
 impl Request {

@@ -106,7 +106,8 @@ pub struct ResponseFactory {
     raw: *mut sys::TRITONBACKEND_ResponseFactory,
 }
 
-// Responses may come from any thread; the factory is used by one thread at a time.
+// SAFETY: a factory's responses may be created and sent from any thread; it is owned, so
+// one thread at a time uses it, and it is deleted once, on drop.
 unsafe impl Send for ResponseFactory {}
 
 impl ResponseFactory {
