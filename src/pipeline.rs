@@ -1,15 +1,14 @@
-//! A served model: weights, tokenizer and chat format of one folder, and the two ways to
-//! use them — a chat turn (`model.chat` semantics) and a raw continuation of token ids.
-//! The CLI and the Triton backend both go through here.
+//! A served model: weights, tokenizer and chat format of one folder, and its prompts — a
+//! chat turn (`model.chat` semantics) or a raw continuation of token ids — turned into
+//! generations. The serving loop (`serving`) runs them, for the CLI and the backend alike.
 
 use std::path::Path;
 
 use crate::chat::stream::AnswerStream;
 use crate::chat::{self, History};
 use crate::dtype::DType;
-use crate::engine::kv_space::{Admission, KvSpace};
 use crate::engine::{FinishReason, GenerateRequest, Sequence};
-use crate::model::{self, CausalLm, Device, Family, KvCache, LoadFormat};
+use crate::model::{self, CausalLm, Device, Family, LoadFormat};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -62,13 +61,21 @@ pub struct ChatTurn {
     pub system_prompt: Option<String>,
 }
 
-/// A chat turn tokenized and checked against the input limits, ready to start (the
-/// tokenizing happens where the request arrives, not on the engine's thread).
+/// A prompt's token ids, ready to start: a chat turn tokenized and checked against the
+/// input limits (where the request arrives, not on the engine's thread), or raw ids.
 #[derive(Clone, Debug)]
-pub struct ChatPrompt {
+pub struct Prompt {
     pub ids: Vec<u32>,
-    query: String,
-    kept: History,
+    /// The query and kept history of a chat turn; None for raw ids (no chat format, no
+    /// clean-up of the answer).
+    chat: Option<(String, History)>,
+}
+
+impl Prompt {
+    /// Raw token ids, continued without a chat format.
+    pub fn raw(ids: Vec<u32>) -> Self {
+        Prompt { ids, chat: None }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -168,7 +175,7 @@ impl ChatModel {
 
     /// Tokenizes a chat turn, refusing first, by its length in bytes, an input no context
     /// could hold (so a huge prompt costs no tokenizing).
-    pub fn prepare_chat(&self, turn: &ChatTurn) -> Result<ChatPrompt> {
+    pub fn prepare_chat(&self, turn: &ChatTurn) -> Result<Prompt> {
         if turn.query.is_empty() {
             return Err(Error::InvalidRequest("prompt: must not be empty".into()));
         }
@@ -189,110 +196,23 @@ impl ChatModel {
         let text =
             chat::build_prompt(self.family, &turn.query, kept, turn.system_prompt.as_deref());
         let ids = self.tokenizer.encode(&text, true)?;
-        Ok(ChatPrompt { ids, query: turn.query.clone(), kept: kept.to_vec() })
+        Ok(Prompt { ids, chat: Some((turn.query.clone(), kept.to_vec())) })
     }
 
-    /// Starts a `model.chat` turn: its prompt checked against the limits, ready to step.
-    pub fn start_chat(
-        &self,
-        turn: &ChatTurn,
-        options: &GenerationOptions,
-    ) -> Result<Generating<'_>> {
-        self.start_prepared(self.prepare_chat(turn)?, options)
-    }
-
-    /// Starts a chat turn tokenized by `prepare_chat`.
-    pub fn start_prepared(
-        &self,
-        prompt: ChatPrompt,
-        options: &GenerationOptions,
-    ) -> Result<Generating<'_>> {
-        let pairs = prompt.kept.len();
-        self.start(prompt.ids, options, Some((prompt.query, prompt.kept))).map_err(|e| match e {
+    /// Starts a prompt's generation: checked against the length limits, ready to step.
+    pub fn start(&self, prompt: Prompt, options: &GenerationOptions) -> Result<Generating<'_>> {
+        let pairs = prompt.chat.as_ref().map_or(0, |(_, kept)| kept.len());
+        let sequence = Sequence::new(self.request(prompt.ids, options)).map_err(|e| match e {
             // Too long for the context: say the history counts too.
             Error::InvalidRequest(message) if pairs > 0 => Error::InvalidRequest(format!(
                 "{message} (the prompt includes the {pairs} kept history pairs; a smaller \
                  history_len keeps fewer)"
             )),
             e => e,
-        })
-    }
-
-    /// Starts a raw continuation of token ids (no chat format, no clean-up).
-    pub fn start_continuation(
-        &self,
-        prompt_ids: Vec<u32>,
-        options: &GenerationOptions,
-    ) -> Result<Generating<'_>> {
-        self.start(prompt_ids, options, None)
-    }
-
-    fn start(
-        &self,
-        prompt_ids: Vec<u32>,
-        options: &GenerationOptions,
-        chat: Option<(String, History)>,
-    ) -> Result<Generating<'_>> {
-        let sequence = Sequence::new(self.request(prompt_ids, options))?;
-        let clean = chat.is_some().then_some(self.family);
+        })?;
+        let clean = prompt.chat.is_some().then_some(self.family);
         let answer = AnswerStream::new(&self.tokenizer, clean, options.stop.clone());
-        Ok(Generating { sequence, answer, chat, error: None })
-    }
-
-    /// One `model.chat` turn. `on_text` receives the answer as it is generated (pieces that
-    /// add up to the final response, never a broken character) and returns false to stop.
-    pub fn chat(
-        &self,
-        turn: &ChatTurn,
-        options: &GenerationOptions,
-        on_text: impl FnMut(&str) -> bool,
-    ) -> Result<Completion> {
-        self.run_alone(self.start_chat(turn, options)?, on_text)
-    }
-
-    /// Continues raw token ids without a chat format.
-    pub fn continue_ids(
-        &self,
-        prompt_ids: Vec<u32>,
-        options: &GenerationOptions,
-        on_text: impl FnMut(&str) -> bool,
-    ) -> Result<Completion> {
-        self.run_alone(self.start_continuation(prompt_ids, options)?, on_text)
-    }
-
-    /// Steps one generation to its end on this thread, with a KV space of its own.
-    fn run_alone(
-        &self,
-        mut generating: Generating<'_>,
-        mut on_text: impl FnMut(&str) -> bool,
-    ) -> Result<Completion> {
-        let block_size = KvCache::BLOCK_SIZE;
-        let blocks = generating.sequence.max_len().div_ceil(block_size);
-        let mut space = KvSpace::new(self.model.as_ref(), block_size, blocks, false)?;
-        let admitted = space.admit(&mut generating.sequence);
-        debug_assert_eq!(admitted, Admission::Admitted, "the space was sized for the sequence");
-        while !generating.is_finished() {
-            let sequence = &mut generating.sequence;
-            let tokens = sequence.pending_tokens();
-            if !space.ensure(sequence, tokens) {
-                return Err(Error::Internal("the sequence outgrew its own KV space".into()));
-            }
-            sequence.prepare_step(tokens);
-            let chosen = self.model.forward_sample(
-                space.arena.as_mut(),
-                &[sequence.step(tokens)],
-                &[sequence.sample_row()],
-            )?;
-            let text = generating.accept(tokens, chosen[0]);
-            if !text.is_empty() && !on_text(&text) {
-                generating.cancel();
-            }
-        }
-        let (rest, completion) = generating.finish()?;
-        if !rest.is_empty() {
-            on_text(&rest);
-        }
-        Ok(completion)
+        Ok(Generating { sequence, answer, chat: prompt.chat, error: None })
     }
 }
 

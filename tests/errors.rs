@@ -212,7 +212,7 @@ fn prompt_over_the_context_is_refused() {
         history_len: 10,
         system_prompt: None,
     };
-    let msg = chat.chat(&turn, &greedy(Some(100_000)), |_| true).unwrap_err().to_string();
+    let msg = common::chat(&chat, &turn, &greedy(Some(100_000)), |_| true).unwrap_err().to_string();
     assert_mentions(&msg, &["prompt", "context of 512 tokens"]);
 }
 
@@ -221,7 +221,7 @@ fn max_token_below_the_prompt_is_refused() {
     let chat = ChatModel::load(&fixture("chatglm2-tiny"), &LoadOptions::default()).unwrap();
     let turn =
         ChatTurn { query: "你好".into(), history: vec![], history_len: 10, system_prompt: None };
-    let msg = chat.chat(&turn, &greedy(Some(10)), |_| true).unwrap_err().to_string();
+    let msg = common::chat(&chat, &turn, &greedy(Some(10)), |_| true).unwrap_err().to_string();
     assert_mentions(&msg, &["max_token", "10", "16 tokens"]);
 }
 
@@ -230,6 +230,6 @@ fn empty_prompt_is_refused() {
     let chat = ChatModel::load(&fixture("internlm2-tiny"), &LoadOptions::default()).unwrap();
     let turn =
         ChatTurn { query: String::new(), history: vec![], history_len: 10, system_prompt: None };
-    let msg = chat.chat(&turn, &greedy(None), |_| true).unwrap_err().to_string();
+    let msg = common::chat(&chat, &turn, &greedy(None), |_| true).unwrap_err().to_string();
     assert_mentions(&msg, &["prompt", "empty"]);
 }

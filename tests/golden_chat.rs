@@ -27,13 +27,12 @@ fn check_case(
         "{query}: prompt ids"
     );
     let mut streamed = String::new();
-    let completion = chat
-        .chat(&turn, &options, |piece| {
-            assert!(!piece.is_empty());
-            streamed.push_str(piece);
-            true
-        })
-        .unwrap();
+    let completion = common::chat(chat, &turn, &options, |piece| {
+        assert!(!piece.is_empty());
+        streamed.push_str(piece);
+        true
+    })
+    .unwrap();
     assert_eq!(completion.output_ids, ids(&case["generated_ids"]), "{query}: generated ids");
     assert_eq!(completion.response, case["response"].as_str().unwrap(), "{query}: response");
     assert_eq!(completion.history, pairs(&case["history_out"]), "{query}: history");
@@ -107,21 +106,25 @@ fn history_len_and_limits_follow_the_interface() {
     };
     let one_round = ChatTurn { history: history[2..].to_vec(), history_len: 10, ..turn.clone() };
     assert_eq!(chat.chat_prompt_ids(&turn).unwrap(), chat.chat_prompt_ids(&one_round).unwrap());
-    let completion = chat.chat(&turn, &greedy(None, Some(3)), |_| true).unwrap();
+    let completion = common::chat(&chat, &turn, &greedy(None, Some(3)), |_| true).unwrap();
     assert_eq!(completion.history.len(), 2);
     assert_eq!(completion.history[0], history[2]);
     assert_eq!(completion.history[1].0, "hi");
     // history_len 0 keeps none.
     let none = ChatTurn { history_len: 0, ..turn.clone() };
-    assert_eq!(chat.chat(&none, &greedy(None, Some(2)), |_| true).unwrap().history.len(), 1);
+    assert_eq!(
+        common::chat(&chat, &none, &greedy(None, Some(2)), |_| true).unwrap().history.len(),
+        1
+    );
 
     // max_token counts the prompt; max_new_tokens only the answer; the tighter wins.
     let prompt = chat.chat_prompt_ids(&turn).unwrap().len();
-    let by_total = chat.chat(&turn, &greedy(Some(prompt + 5), None), |_| true).unwrap();
+    let by_total = common::chat(&chat, &turn, &greedy(Some(prompt + 5), None), |_| true).unwrap();
     assert_eq!((by_total.output_ids.len(), by_total.finish_reason), (5, FinishReason::Length));
-    let by_new = chat.chat(&turn, &greedy(Some(prompt + 5), Some(3)), |_| true).unwrap();
+    let by_new = common::chat(&chat, &turn, &greedy(Some(prompt + 5), Some(3)), |_| true).unwrap();
     assert_eq!(by_new.output_ids.len(), 3);
-    let by_total_again = chat.chat(&turn, &greedy(Some(prompt + 2), Some(3)), |_| true).unwrap();
+    let by_total_again =
+        common::chat(&chat, &turn, &greedy(Some(prompt + 2), Some(3)), |_| true).unwrap();
     assert_eq!(by_total_again.output_ids.len(), 2);
 }
 
@@ -147,7 +150,7 @@ fn seeded_sampling_is_reproducible() {
             ignore_eos: true,
             ..Default::default()
         };
-        chat.chat(&turn, &options, |_| true).unwrap().output_ids
+        common::chat(&chat, &turn, &options, |_| true).unwrap().output_ids
     };
     assert_eq!(run(1234), run(1234));
     assert_ne!(run(1234), run(99));
@@ -169,12 +172,11 @@ fn a_false_callback_stops_the_answer() {
         ..Default::default()
     };
     let mut pieces = 0;
-    let completion = chat
-        .chat(&turn, &options, |_| {
-            pieces += 1;
-            pieces < 3
-        })
-        .unwrap();
+    let completion = common::chat(&chat, &turn, &options, |_| {
+        pieces += 1;
+        pieces < 3
+    })
+    .unwrap();
     assert_eq!(completion.finish_reason, FinishReason::Cancelled);
     assert!(completion.output_ids.len() < 50);
 }

@@ -502,7 +502,14 @@ fn sampling_on_the_device_answers_as_sampling_on_the_host() {
             let chat = ChatModel::load(&fixture(folder), &options).unwrap();
             let generation =
                 GenerationOptions { sampling, max_new_tokens: Some(48), ..Default::default() };
-            chat.continue_ids(vec![5, 17, 300, 42, 7], &generation, |_| true).unwrap().output_ids
+            triton_llm::serving::generate(
+                &chat,
+                triton_llm::pipeline::Prompt::raw(vec![5, 17, 300, 42, 7]),
+                &generation,
+                |_| true,
+            )
+            .unwrap()
+            .output_ids
         };
         let sampled = SamplingParams {
             temperature: 0.9,

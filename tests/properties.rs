@@ -394,8 +394,7 @@ proptest! {
         let chat = chat_model(folder);
         let mut streamed = String::new();
         let mut count = 0;
-        let completion = chat
-            .chat(&turn(query, history, Some("")), &options(seed, temperature, max_new, stop), |piece| {
+        let completion = common::chat(chat, &turn(query, history, Some("")), &options(seed, temperature, max_new, stop), |piece| {
                 assert!(!piece.is_empty(), "an empty piece was sent");
                 streamed.push_str(piece);
                 count += 1;

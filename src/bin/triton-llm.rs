@@ -11,8 +11,11 @@ use serde_json::json;
 use triton_llm::chat::{self, DEFAULT_HISTORY_LEN};
 use triton_llm::dtype::DType;
 use triton_llm::model::{self, CausalLm, Checkpoint, Device, KvStore, LoadFormat, SeqStep};
-use triton_llm::pipeline::{ChatModel, ChatTurn, GenerationOptions, LoadOptions, load_tokenizer};
+use triton_llm::pipeline::{
+    ChatModel, ChatTurn, GenerationOptions, LoadOptions, Prompt, load_tokenizer,
+};
 use triton_llm::sampling::{SampleRow, SamplingParams};
+use triton_llm::serving;
 use triton_llm::{Error, Result};
 
 #[derive(Parser)]
@@ -280,9 +283,11 @@ fn run(command: Command) -> Result<()> {
                         history_len: input.history_len,
                         system_prompt: input.system,
                     };
-                    chat.chat(&turn, &options, |_| true)?
+                    serving::generate(&chat, chat.prepare_chat(&turn)?, &options, |_| true)?
                 }
-                (None, Some(ids)) => chat.continue_ids(ids.0, &options, |_| true)?,
+                (None, Some(ids)) => {
+                    serving::generate(&chat, Prompt::raw(ids.0), &options, |_| true)?
+                }
                 (None, None) => unreachable!("clap requires --prompt or --ids"),
             };
             print_json(&json!({
@@ -373,9 +378,11 @@ fn interactive_chat(
         };
         print!("\nAssistant: ");
         stdout.flush().map_err(io)?;
-        let result = chat.chat(&turn, options, |piece| {
-            print!("{piece}");
-            std::io::stdout().flush().is_ok()
+        let result = chat.prepare_chat(&turn).and_then(|prompt| {
+            serving::generate(chat, prompt, options, |piece| {
+                print!("{piece}");
+                std::io::stdout().flush().is_ok()
+            })
         });
         println!();
         match result {

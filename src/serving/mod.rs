@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -22,7 +22,8 @@ mod emitter;
 use crate::engine::FinishReason;
 use crate::engine::kv_space::{Admission, KvSpace};
 use crate::faults::Fault;
-use crate::pipeline::{ChatModel, ChatPrompt, Completion, Generating, GenerationOptions};
+use crate::model::KvCache;
+use crate::pipeline::{ChatModel, Completion, Generating, GenerationOptions, Prompt};
 use crate::{Error, Result};
 use emitter::{Emission, Emitter, SharedSink};
 
@@ -138,8 +139,8 @@ pub trait AnswerSink: Send {
 }
 
 pub struct ChatJob {
-    /// The turn, tokenized where the request arrived (`ChatModel::prepare_chat`).
-    pub prompt: ChatPrompt,
+    /// The prompt, tokenized where the request arrived (`ChatModel::prepare_chat`).
+    pub prompt: Prompt,
     pub options: GenerationOptions,
     pub sink: Box<dyn AnswerSink>,
     /// When the request arrived (time to first token counts from here).
@@ -377,6 +378,111 @@ impl ServingEngine {
     }
 }
 
+/// Runs one generation to its end through the serving loop, with a KV space of its own, and
+/// hands its text to `on_text` on this thread as it comes (pieces that add up to the
+/// response; false stops it). The CLI and the tests generate this way, so that every
+/// answer comes from the one loop the backend serves with.
+pub fn generate(
+    model: &ChatModel,
+    prompt: Prompt,
+    options: &GenerationOptions,
+    mut on_text: impl FnMut(&str) -> bool,
+) -> Result<Completion> {
+    // Room for this sequence at its longest, and its whole prompt in one pass.
+    let max_len = model.start(prompt.clone(), options)?.sequence.max_len();
+    let block_size = KvCache::BLOCK_SIZE;
+    let config = SchedulerConfig {
+        max_num_seqs: 1,
+        max_num_batched_tokens: max_len,
+        block_size,
+        enable_prefix_caching: false,
+        max_queued_requests: 1,
+        ..SchedulerConfig::default()
+    };
+    let mut space =
+        KvSpace::new(model.model.as_ref(), block_size, max_len.div_ceil(block_size), false)?;
+    std::thread::scope(|scope| {
+        let (jobs, receiver) = mpsc::channel();
+        let worker = std::thread::Builder::new()
+            .name("llm-generate".into())
+            .spawn_scoped(scope, move || {
+                serve(model, "generate", config, &mut space, &receiver, &mut NoMetrics)
+            })
+            .map_err(|e| Error::Internal(format!("starting the engine thread: {e}")))?;
+        let (events, answers) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let job = ChatJob {
+            prompt,
+            options: options.clone(),
+            sink: Box::new(Relay { events, stop: Arc::clone(&stop) }),
+            arrived: Instant::now(),
+            fault: None,
+        };
+        let slot = QueueSlot(Arc::new(AtomicUsize::new(1)));
+        // The loop holds the receiver until this sender goes.
+        let _ = jobs.send(Queued { job, slot });
+        let mut streamed = String::new();
+        let answer = loop {
+            match answers.recv() {
+                Ok(Relayed::Text(text)) => {
+                    streamed.push_str(&text);
+                    if !on_text(&text) {
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                }
+                Ok(Relayed::End(answer)) => break answer,
+                // The sink went unanswered: the loop died (its join says why).
+                Err(_) => break Err(Error::Internal("the engine stopped before answering".into())),
+            }
+        };
+        drop(jobs);
+        match worker.join() {
+            Err(panic) => {
+                return Err(Error::Internal(format!(
+                    "the engine thread panicked: {}",
+                    panic_text(panic)
+                )));
+            }
+            Ok(Err(error)) if answer.is_ok() => return Err(error),
+            Ok(_) => {}
+        }
+        let completion = answer?;
+        // A stopped answer's last piece goes only to the end (a client that stops is
+        // usually gone); this caller is still here, so it gets it too.
+        if let Some(rest) = completion.response.strip_prefix(streamed.as_str())
+            && !rest.is_empty()
+        {
+            on_text(rest);
+        }
+        Ok(completion)
+    })
+}
+
+enum Relayed {
+    Text(String),
+    End(Result<Completion>),
+}
+
+/// `generate`'s sink: passes the answer to the calling thread, and its stop back.
+struct Relay {
+    events: Sender<Relayed>,
+    stop: Arc<AtomicBool>,
+}
+
+impl AnswerSink for Relay {
+    fn on_text(&mut self, text: &str) -> bool {
+        self.events.send(Relayed::Text(text.to_string())).is_ok()
+    }
+
+    fn is_cancelled(&mut self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    fn finish(self: Box<Self>, result: Result<Completion>) {
+        let _ = self.events.send(Relayed::End(result));
+    }
+}
+
 fn stopped(failure: &OnceLock<String>) -> Error {
     Error::Unavailable(match failure.get() {
         Some(reason) => format!("the model's engine has stopped ({reason}); reload the model"),
@@ -444,7 +550,7 @@ fn serve<'m>(
             }
             _ => {}
         }
-        match model.start_prepared(job.prompt, &job.options) {
+        match model.start(job.prompt, &job.options) {
             Ok(generating) => {
                 let sink = SharedSink::new(job.sink);
                 Some(Active {

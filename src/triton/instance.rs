@@ -215,7 +215,7 @@ impl InstanceState {
 }
 
 struct Decoded {
-    prompt: crate::pipeline::ChatPrompt,
+    prompt: crate::pipeline::Prompt,
     options: crate::pipeline::GenerationOptions,
     requested: Vec<String>,
     fault: Option<Fault>,

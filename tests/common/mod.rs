@@ -107,3 +107,13 @@ pub fn copy_fixture(name: &str) -> tempfile::TempDir {
     }
     dir
 }
+
+/// One chat turn through the serving loop (`serving::generate`), as the CLI runs it.
+pub fn chat(
+    model: &triton_llm::pipeline::ChatModel,
+    turn: &triton_llm::pipeline::ChatTurn,
+    options: &triton_llm::pipeline::GenerationOptions,
+    on_text: impl FnMut(&str) -> bool,
+) -> triton_llm::Result<triton_llm::pipeline::Completion> {
+    triton_llm::serving::generate(model, model.prepare_chat(turn)?, options, on_text)
+}
