@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CPU engine timings for BENCHMARKS.md: greedy 64-token generates on the two
+# CPU path timings for BENCHMARKS.md: greedy 64-token generates on the two
 # tiny fixtures and a random-weight 0.57B-parameter InternLM2 (the real tokenizer, a
 # hidden-1024 / 24-layer config), each with the machine's copy bandwidth measured in the
 # same run. Usage: bench/cpu.sh  (after `cargo build --release`)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Serving figures of the CPU engine for BENCHMARKS.md, on a model slow enough to be
+# Serving figures of the CPU path for BENCHMARKS.md, on a model slow enough to be
 # server-bound: InternLM2 layout, random weights (load_format dummy), hidden 256, 4 layers,
 # the real 92,544-token vocabulary and tokenizer, decoupled, one KIND_CPU instance; and its
 # copy without prefix caching. Runs tools/load.py, perf_analyzer when PERF_ANALYZER_BIN is

@@ -5,7 +5,7 @@
 //   0 — GLM: pairs (2i, 2i+1) for 2i < rot_dim, the rest of the head passes through;
 //   1 — rotate half: pairs (i, i + head_dim/2) over the whole head.
 // `cos_sin[t]` holds token t's cos then sin of each frequency (freq_len of each), computed
-// on the host exactly as the CPU engine computes them (angle in f32, cos/sin in f64), so
+// on the host exactly as the CPU path computes them (angle in f32, cos/sin in f64), so
 // both engines rotate alike and no thread spends time on trigonometry.
 // `slots[t]` = block · block_size + offset, where token t's K/V go (cache rows of
 // num_kv_heads · head_dim); -1: nowhere.

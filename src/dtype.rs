@@ -1,5 +1,5 @@
-//! The element type a model computes and stores in on its device (the CPU engine computes
-//! in f32; the GPU engine in any of these).
+//! The element type a model computes and stores in on its device (the CPU path computes
+//! in f32; the GPU path in any of these).
 
 /// Element type of weights, activations and the KV cache on the device.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

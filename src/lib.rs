@@ -3,11 +3,15 @@
 //!
 //! Data flow: Triton request (`triton`: FFI fence, entry points, the model's config.pbtxt
 //! parameters, the seed interface) → chat template (`chat`) → tokenizer (`tokenizer`) →
-//! serving loop (`serving`: in-flight batching, KV blocks) over per-sequence generation
-//! (`engine`) and next-token choice (`sampling`) → model graph (`model`, one file per
-//! family, computing in a `dtype`) → device ops (`cpu`, `cuda` with the kernels of
-//! `kernels/`). `pipeline` ties a model folder's parts together; the `triton-llm` CLI runs
-//! the same path without a server. `faults` lets tests make a chosen part fail.
+//! serving engine (`serving`: one per instance, in-flight batching) over each sequence's
+//! generation and KV blocks (`sequence`) and next-token choice (`sampling`) → model graph
+//! (`model`, one file per family, computing in a `dtype`) → device ops (`cpu`, `cuda` with
+//! the kernels of `kernels/`). `pipeline` ties a model folder's parts together; the
+//! `triton-llm` CLI runs the same path without a server. `faults` lets tests make a chosen
+//! part fail.
+//!
+//! "Engine" means the serving engine alone; where the model runs is its device (the CPU
+//! path, the GPU path).
 
 // `unsafe` lives only in `triton` (the FFI fence) and `cuda` (device memory and launches),
 // each of which allows it for itself with every block's SAFETY comment enforced.
@@ -17,12 +21,12 @@ pub mod chat;
 pub mod cpu;
 pub mod cuda;
 pub mod dtype;
-pub mod engine;
 pub mod error;
 pub mod faults;
 pub mod model;
 pub mod pipeline;
 pub mod sampling;
+pub mod sequence;
 pub mod serving;
 pub mod tokenizer;
 pub mod triton;

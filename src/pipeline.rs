@@ -7,9 +7,9 @@ use std::path::Path;
 use crate::chat::stream::AnswerStream;
 use crate::chat::{self, History};
 use crate::dtype::DType;
-use crate::engine::{FinishReason, GenerateRequest, Sequence};
 use crate::model::{self, CausalLm, Device, Family, LoadFormat};
 use crate::sampling::SamplingParams;
+use crate::sequence::{FinishReason, GenerateRequest, Sequence};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -17,7 +17,7 @@ use crate::{Error, Result};
 pub struct LoadOptions {
     pub load_format: LoadFormat,
     pub device: Device,
-    /// The GPU engine's element type (the CPU engine computes in f32).
+    /// The GPU path's element type (the CPU path computes in f32).
     pub dtype: DType,
     /// The longest sequence served (`session_len`); default: the model's context.
     pub session_len: Option<usize>,

@@ -1,4 +1,4 @@
-//! `model.chat` of the original remote code, reproduced end to end on the CPU engine:
+//! `model.chat` of the original remote code, reproduced end to end on the CPU path:
 //! prompt ids, generated ids, response text and returned history.
 
 mod common;
@@ -6,9 +6,9 @@ mod common;
 use common::*;
 use triton_llm::chat::DEFAULT_HISTORY_LEN;
 use triton_llm::chat::internlm2::DEFAULT_META_INSTRUCTION;
-use triton_llm::engine::FinishReason;
 use triton_llm::pipeline::{ChatModel, ChatTurn, GenerationOptions, LoadOptions};
 use triton_llm::sampling::SamplingParams;
+use triton_llm::sequence::FinishReason;
 
 fn pairs(v: &serde_json::Value) -> Vec<(String, String)> {
     serde_json::from_value(v.clone()).unwrap()

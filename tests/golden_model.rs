@@ -1,4 +1,4 @@
-//! The CPU engine against the goldens recorded from the original HF remote code:
+//! The CPU path against the goldens recorded from the original HF remote code:
 //! last-position logits (1e-4 relative L2, and per-logit), greedy tokens through the KV
 //! cache, and the top-5 logits of every cached decode step (which covers InternLM2's
 //! dynamic-NTK steps, where the cached and recomputed paths differ).

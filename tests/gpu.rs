@@ -1,4 +1,4 @@
-//! The GPU engine against the CPU engine on the tiny fixtures: last-position logits within
+//! The GPU path against the CPU path on the tiny fixtures: last-position logits within
 //! 1e-2 relative L2 in bf16 and 1e-4 in f32, the same 16 greedy tokens, and a batched
 //! paged pass equal to each sequence alone. In f32 the greedy tokens must be identical. In
 //! bf16 the GPU is fed the CPU's tokens and must pick the same one at every step unless the
@@ -483,7 +483,7 @@ fn the_sampling_kernel_chooses_as_the_host_sampler_on_the_device() {
     assert!(differing.is_empty(), "rows {differing:?}: device {got:?} host {want:?}");
 }
 
-/// A seeded, penalised sampled answer is the same whether the GPU engine chooses each token
+/// A seeded, penalised sampled answer is the same whether the GPU path chooses each token
 /// on the device or the host samples its logits (f32: the logits are the same bits).
 #[test]
 #[ignore = "needs an NVIDIA GPU (scripts/gpu/check.sh runs it)"]

@@ -1,5 +1,5 @@
-//! The GPU engine's kernels (kernels/*.cu) run on CPU threads, one per CUDA thread
-//! (tests/kernel_host/shim.h), against the CPU engine's ops (src/cpu) or plain sums: their
+//! The GPU path's kernels (kernels/*.cu) run on CPU threads, one per CUDA thread
+//! (tests/kernel_host/shim.h), against the CPU path's ops (src/cpu) or plain sums: their
 //! logic — indexing, reductions, the split-key merge of decode attention, paged lookups — is
 //! checked in CI, where there is no GPU. tests/gpu.rs checks them on a device through the
 //! whole model. The tensor-core prefill (inline PTX) is not emulated.

@@ -12,10 +12,10 @@ use proptest::prelude::*;
 use triton_llm::Result;
 use triton_llm::chat::clean_response;
 use triton_llm::chat::stream::AnswerStream;
-use triton_llm::engine::BlockTable;
-use triton_llm::engine::blocks::{BlockId, BlockManager};
 use triton_llm::pipeline::{ChatModel, ChatTurn, Completion, GenerationOptions, LoadOptions};
 use triton_llm::sampling::SamplingParams;
+use triton_llm::sequence::BlockTable;
+use triton_llm::sequence::blocks::{BlockId, BlockManager};
 use triton_llm::serving::{
     AnswerSink, ChatJob, NoMetrics, SchedulerConfig, ServingEngine, plan_step,
 };

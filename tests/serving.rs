@@ -1,4 +1,4 @@
-//! The serving engine's bookkeeping under preemption and a full cache, on the CPU engine
+//! The serving engine's bookkeeping under preemption and a full cache, on the CPU path
 //! with the tiny InternLM2 fixture (its dynamic-NTK rope changes past 128 positions).
 
 mod common;
@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 
 use common::fixture;
 use triton_llm::Result;
-use triton_llm::engine::kv_space::{Admission, KvSpace};
-use triton_llm::engine::{FinishReason, GenerateRequest, Sequence};
 use triton_llm::faults::Fault;
 use triton_llm::model::CausalLm;
 use triton_llm::pipeline::{ChatModel, ChatTurn, Completion, GenerationOptions, LoadOptions};
 use triton_llm::sampling::SamplingParams;
+use triton_llm::sequence::kv_space::{Admission, KvSpace};
+use triton_llm::sequence::{FinishReason, GenerateRequest, Sequence};
 use triton_llm::serving::{
     AnswerSink, ChatJob, EngineMetrics, SchedulerConfig, ServingEngine, StepTimes,
 };

@@ -200,7 +200,7 @@ impl Floats {
 
 /// K/V of the sequences an engine serves, in fixed-size blocks: per layer, K and V each
 /// `[blocks, block_size, kv_width]`, post-rope. Sequences reach their positions through
-/// block tables (`engine::blocks`).
+/// block tables (`sequence::blocks`).
 pub struct KvArena {
     block_size: usize,
     kv_width: usize,

@@ -122,7 +122,7 @@ pub trait CausalLm: Send + Sync {
     }
 
     /// Allocates up front what a call of up to `max_tokens` tokens and `max_seqs` sequences
-    /// of up to `max_blocks_per_seq` KV blocks needs besides the KV cache (the GPU engine's
+    /// of up to `max_blocks_per_seq` KV blocks needs besides the KV cache (the GPU path's
     /// activations and step tables), so that the cache is sized from the memory left and
     /// serving does not allocate (engines that allocate per call need nothing). Returns the
     /// device bytes the activations then hold (0 where nothing is reserved).
@@ -149,7 +149,7 @@ pub trait CausalLm: Send + Sync {
     /// the host already ignore it).
     fn set_sample_on_device(&self, _on: bool) {}
 
-    /// Whether decode steps are captured as CUDA graphs and replayed (GPU engines).
+    /// Whether decode steps are captured as CUDA graphs and replayed (the GPU path).
     fn set_cuda_graphs(&self, _on: bool) {}
 
     /// `forward_batch`, then the next token of each row that asks for one, chosen as
@@ -358,12 +358,12 @@ impl std::str::FromStr for Device {
     }
 }
 
-/// Loads the model of a folder onto the CPU engine (f32).
+/// Loads the model of a folder onto the CPU path (f32).
 pub fn load(dir: &Path, format: LoadFormat) -> Result<Box<dyn CausalLm>> {
     load_on(dir, format, Device::Cpu, crate::dtype::DType::F32)
 }
 
-/// Loads the model of a folder onto `device`; `dtype` is the GPU engine's (the CPU engine
+/// Loads the model of a folder onto `device`; `dtype` is the GPU path's (the CPU path
 /// computes in f32).
 pub fn load_on(
     dir: &Path,

@@ -190,7 +190,7 @@ fn deliver(batch: Vec<Emission>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::FinishReason;
+    use crate::sequence::FinishReason;
 
     /// Records what reaches it; refuses text after `accept` pieces.
     struct Recorder {

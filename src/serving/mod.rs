@@ -19,11 +19,11 @@ use rayon::prelude::*;
 
 mod emitter;
 
-use crate::engine::FinishReason;
-use crate::engine::kv_space::{Admission, KvSpace};
 use crate::faults::Fault;
 use crate::model::KvCache;
 use crate::pipeline::{ChatModel, Completion, Generating, GenerationOptions, Prompt};
+use crate::sequence::FinishReason;
+use crate::sequence::kv_space::{Admission, KvSpace};
 use crate::{Error, Result};
 use emitter::{Emission, Emitter, SharedSink};
 
@@ -37,8 +37,8 @@ pub struct SchedulerConfig {
     /// Tokens per KV block.
     pub block_size: usize,
     /// LMDeploy's rule: above 1, a number of blocks; otherwise the fraction of the memory
-    /// available when the engine starts (host memory for the CPU engine, free device memory
-    /// after the weights and reserved activations for the GPU engine).
+    /// available when the engine starts (host memory for the CPU path, free device memory
+    /// after the weights and reserved activations for the GPU path).
     pub cache_max_entry_count: f64,
     /// Share the KV blocks of identical prompt prefixes between requests.
     pub enable_prefix_caching: bool,
@@ -69,7 +69,7 @@ static SIZING: Mutex<()> = Mutex::new(());
 /// ledger every instance (of every model) would take its fraction of the same memory.
 static HOST_KV_PROMISED: Mutex<usize> = Mutex::new(0);
 
-/// A CPU engine's entry in `HOST_KV_PROMISED`, given back when the engine stops.
+/// A CPU path's entry in `HOST_KV_PROMISED`, given back when the engine stops.
 pub struct HostKvPromise(usize);
 
 impl Drop for HostKvPromise {

@@ -321,7 +321,7 @@ pub fn encode_outputs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::FinishReason;
+    use crate::sequence::FinishReason;
     use std::path::PathBuf;
 
     fn defaults() -> ModelParameters {

@@ -9,9 +9,9 @@ use super::interface::{self, OutputTensor};
 use super::request::Request;
 use super::response::{Response, ResponseFactory};
 use super::sys;
-use crate::engine::FinishReason;
 use crate::faults::Fault;
 use crate::pipeline::Completion;
+use crate::sequence::FinishReason;
 use crate::serving::AnswerSink;
 
 /// CLOCK_MONOTONIC in nanoseconds, the clock of Triton's statistics.
