@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Every test: the crate's own (goldens, errors, CLI, properties), the end-to-end ones against
-# a real tritonserver with the freshly built backend (faults, a 5-minute soak), then the fuzz
-# targets for a bounded time. Needs scripts/setup.sh first.
+# Formatting and lints, then every test: the crate's own (goldens, errors, CLI, properties),
+# the end-to-end ones against a real tritonserver with the freshly built backend (faults, a
+# 5-minute soak), then the fuzz targets for a bounded time. Needs scripts/setup.sh first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
+cargo fmt --check
+cargo clippy --release --locked --all-targets --features fault-injection -- -D warnings
 # The fault-injection library first (tests/e2e/test_faults.py), kept apart from the release
 # one; the crate's tests run with the feature too, so the fault prompts' parsing is tested.
 cargo build --release --locked --lib --features fault-injection
 mkdir -p "$(dirname "$TRITON_LLM_FAULT_LIB")"
 cp "$(dirname "$TRITON_LLM_LIB")/libtriton_llm.so" "$TRITON_LLM_FAULT_LIB"
-# libnvrtc for the kernel compile tests; the GPU tests themselves skip without a driver.
+# libnvrtc for the kernel compile tests; the GPU tests are ignored without a device.
 LD_LIBRARY_PATH="$TRITON_LLM_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
     cargo test --release --locked --features fault-injection
 # The library and CLI as released (no fault injection), which the other e2e tests serve.
