@@ -23,7 +23,7 @@
 #define ATTN_THREADS (ATTN_WARPS * 32)
 #define MAX_DIMS_PER_LANE 4  // head_dim ≤ 128
 #define PREFILL_TILE 16
-#define DECODE_MIN_PARTITION 128  // decode_splits in src/model/gpu.rs
+#define DECODE_MIN_PARTITION 128  // decode_splits in src/model/gpu/tables.rs
 #define PREFILL_QUERIES_PER_WARP (PREFILL_TILE / ATTN_WARPS)
 #define PREFILL_MAX_DIMS_PER_LANE 4  // head_dim ≤ 128
 

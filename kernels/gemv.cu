@@ -5,7 +5,7 @@
 // L1/L2). A block takes one row of W (thousands of small blocks: the last wave is a small
 // share of the work). Each extra row of x is read from L1 again for every byte of W, so the
 // kernel beats cuBLAS for one row only (BENCHMARKS.md). The engine runs it for a single
-// sequence (GEMV_UP_TO_ROWS in src/cuda/mod.rs); `triton-llm bench` times both.
+// sequence (GEMV_UP_TO_ROWS in src/cuda/blas.rs); `triton-llm bench` times both.
 // Every output is summed in the same order whatever m and the rows a block takes (each
 // thread's chunks in rising k, then the same block reduction), so a sequence's result does
 // not depend on its batch.

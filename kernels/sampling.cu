@@ -16,7 +16,7 @@
 // written (tests/kernel_host/).
 
 #define SAMPLE_THREADS 512
-// Words of one row's parameters (src/model/gpu.rs writes them).
+// Words of one row's parameters (src/model/gpu/tables.rs writes them).
 #define SAMPLE_WORDS 10
 #define SAMPLE_ROW 0          // row of `logits`
 #define SAMPLE_WIDTH 1        // ids below it may be produced

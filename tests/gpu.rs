@@ -303,7 +303,7 @@ fn check_batched(folder: &str, copies: usize, cuda_graphs: bool) {
 }
 
 // 129 sequences: enough that a decode attention block takes both query heads of a K/V
-// head (decode_heads_per_block in src/model/gpu.rs).
+// head (decode_heads_per_block in src/model/gpu/tables.rs).
 const SEQUENCES_FOR_HEAD_GROUPS: usize = 43;
 
 #[test]

@@ -1,4 +1,4 @@
-//! K/V of the sequences a GPU engine serves, in fixed-size blocks on the device: per layer,
+//! K/V of the sequences a GPU path serves, in fixed-size blocks on the device: per layer,
 //! K and V each `[blocks, block_size, kv_width]` elements of the model's dtype, post-rope.
 //! Kernels reach positions through block tables, as on the CPU (`cpu::KvArena`).
 

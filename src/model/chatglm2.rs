@@ -242,7 +242,7 @@ impl Model {
     }
 }
 
-/// Loads a ChatGLM2 checkpoint onto the GPU (the shared decoder of `gpu.rs`). The fused
+/// Loads a ChatGLM2 checkpoint onto the GPU (the shared decoder of `gpu/`). The fused
 /// QKV is already `[q | k | v]` and `dense_h_to_4h` already `[gate | up]`.
 pub fn load_gpu(value: serde_json::Value, loader: &gpu::WeightLoader<'_>) -> Result<gpu::GpuModel> {
     let config: Config = parse_config(value)?;

@@ -252,7 +252,7 @@ fn unpack_wqkv(packed: &[f32], kv_heads: usize, group: usize, d: usize, width: u
     out
 }
 
-/// Loads an InternLM2 checkpoint onto the GPU (the shared decoder of `gpu.rs`), with
+/// Loads an InternLM2 checkpoint onto the GPU (the shared decoder of `gpu/`), with
 /// `wqkv` unpacked and `w1` (gate) / `w3` (up) stacked into one `[gate | up]` product.
 pub fn load_gpu(value: serde_json::Value, loader: &gpu::WeightLoader<'_>) -> Result<gpu::GpuModel> {
     let config: Config = parse_config(value)?;

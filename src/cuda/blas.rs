@@ -1,0 +1,210 @@
+//! Matrix products: our GEMV kernel for a few rows, cuBLAS above; the cuBLAS handle's
+//! stream and workspace.
+
+use std::sync::Arc;
+
+use cudarc::cublas::{CudaBlas, result as blas_result, sys as blas_sys};
+use cudarc::driver::{CudaStream, DevicePtr};
+
+use super::{Gpu, blas_error};
+use crate::dtype::DType;
+use crate::{Error, Result};
+
+fn cuda_type(dtype: DType) -> blas_sys::cudaDataType {
+    match dtype {
+        DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
+        DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
+        DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
+    }
+}
+
+/// Rows the GEMV kernels take at most (GEMV_MAX_ROWS in kernels/gemv.cu).
+pub const GEMV_MAX_ROWS: usize = 8;
+/// Rows up to which the engine's products run on the GEMV kernel; above, cuBLAS, which reads
+/// the weights faster from two rows on (`triton-llm bench` times both; BENCHMARKS.md, "Small
+/// batches").
+pub const GEMV_UP_TO_ROWS: usize = 1;
+/// Threads of a GEMV block (GEMV_THREADS in kernels/gemv.cu).
+const GEMV_THREADS: u32 = 128;
+
+/// `m` as the GEMV kernel's row count, which is at most GEMV_MAX_ROWS.
+fn gemv_rows(m: usize) -> Result<i32> {
+    if m > GEMV_MAX_ROWS {
+        return Err(Error::Internal(format!(
+            "the GEMV kernel takes at most {GEMV_MAX_ROWS} rows, not {m}"
+        )));
+    }
+    Ok(m as i32)
+}
+
+/// The kernel that runs a product `x[m, k] · W[n, k]ᵀ`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProductKernel {
+    /// Ours, a block per row of W (up to GEMV_MAX_ROWS rows of x).
+    Gemv,
+    Cublas,
+}
+
+impl ProductKernel {
+    /// The kernel the engine runs a product of `m` rows on.
+    pub fn for_rows(m: usize) -> ProductKernel {
+        if m <= GEMV_UP_TO_ROWS { ProductKernel::Gemv } else { ProductKernel::Cublas }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ProductKernel::Gemv => "gemv",
+            ProductKernel::Cublas => "cublas",
+        }
+    }
+}
+
+/// Bytes of cuBLAS workspace per handle (its default on Hopper).
+pub(super) const BLAS_WORKSPACE: usize = 32 << 20;
+
+impl Gpu {
+    /// Gives the handle this Gpu's workspace (again after each stream change, which resets
+    /// it to cuBLAS's own pool).
+    pub(super) fn set_blas_workspace(&self, blas: &CudaBlas) -> Result<()> {
+        let workspace = self.blas_workspace.device_ptr(&self.stream).0;
+        // SAFETY: the workspace lives as long as the handle (both fields of this Gpu); its
+        // users (products on the stream, or replayed on it) run one after another.
+        unsafe {
+            blas_sys::cublasSetWorkspace_v2(
+                *blas.handle(),
+                workspace as *mut std::ffi::c_void,
+                BLAS_WORKSPACE,
+            )
+            .result()
+        }
+        .map_err(blas_error("setting the cuBLAS workspace"))
+    }
+
+    /// Points cuBLAS at `stream` (with this Gpu's workspace).
+    pub(super) fn bind_blas(&self, blas: &mut CudaBlas, stream: &Arc<CudaStream>) -> Result<()> {
+        // SAFETY: the handle is used under its lock; both streams belong to this context.
+        unsafe { blas.set_stream(Arc::clone(stream)) }
+            .map_err(blas_error("setting the cuBLAS stream"))?;
+        self.set_blas_workspace(blas)
+    }
+
+    /// `y[m, n] = x[m, k] · W[n, k]ᵀ (+ bias)` on [`ProductKernel::for_rows`]`(m)`.
+    /// `y` is f32 when `f32_out`, else elems.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul(
+        &self,
+        x: u64,
+        w: u64,
+        bias: u64,
+        y: u64,
+        m: usize,
+        n: usize,
+        k: usize,
+        f32_out: bool,
+    ) -> Result<()> {
+        self.matmul_on(ProductKernel::for_rows(m), x, w, bias, y, m, n, k, f32_out)
+    }
+
+    /// [`Gpu::matmul`] on a given kernel (the GEMV ones take at most GEMV_MAX_ROWS rows).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_on(
+        &self,
+        kernel: ProductKernel,
+        x: u64,
+        w: u64,
+        bias: u64,
+        y: u64,
+        m: usize,
+        n: usize,
+        k: usize,
+        f32_out: bool,
+    ) -> Result<()> {
+        if kernel == ProductKernel::Gemv {
+            let m = gemv_rows(m)?;
+            let (function, name) = if f32_out {
+                (&self.kernels().gemv_f32, "gemv_f32")
+            } else {
+                (&self.kernels().gemv_elem, "gemv_elem")
+            };
+            let grid = (n as u32, 1);
+            let (n, k) = (n as i32, k as i32);
+            return self.launch(
+                function,
+                name,
+                grid,
+                GEMV_THREADS,
+                &[&x, &w, &bias, &y, &m, &n, &k],
+            );
+        }
+        // Row-major Y[m, n] is column-major Yᵀ[n, m] = W[n, k] · Xᵀ[k, m], with row-major W
+        // read as column-major Wᵀ (transposed back) and row-major X as column-major Xᵀ.
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let out_type =
+            if f32_out { blas_sys::cudaDataType::CUDA_R_32F } else { cuda_type(self.dtype) };
+        let blas = self.blas.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: W holds n·k, X m·k and Y m·n elements of the stated types.
+        unsafe {
+            blas_result::gemm_ex(
+                *blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                (&alpha as *const f32).cast(),
+                w as *const std::ffi::c_void,
+                cuda_type(self.dtype),
+                k as i32,
+                x as *const std::ffi::c_void,
+                cuda_type(self.dtype),
+                k as i32,
+                (&beta as *const f32).cast(),
+                y as *mut std::ffi::c_void,
+                out_type,
+                n as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(blas_error("cublasGemmEx"))?;
+        if bias != 0 {
+            if f32_out {
+                return Err(Error::Internal("a bias on an f32 product is not supported".into()));
+            }
+            let total = (m * n) as i32;
+            let n = n as i32;
+            let grid = ((total as usize).div_ceil(256) as u32, 1);
+            self.launch(&self.kernels().add_bias, "add_bias", grid, 256, &[&y, &bias, &n, &total])?;
+        }
+        Ok(())
+    }
+
+    /// `act[m, width] = silu(x · W_gateᵀ) ⊙ (x · W_upᵀ)` for a `[gate | up]` weight of
+    /// `2·width` rows: one fused GEMV kernel for a single sequence, else cuBLAS's product into
+    /// `gate_up` (`m · 2·width` elements) and then SwiGLU.
+    #[allow(clippy::too_many_arguments)]
+    pub fn swiglu_product(
+        &self,
+        x: u64,
+        w: u64,
+        gate_up: u64,
+        act: u64,
+        m: usize,
+        width: usize,
+        k: usize,
+    ) -> Result<()> {
+        if ProductKernel::for_rows(m) == ProductKernel::Gemv {
+            let m = gemv_rows(m)?;
+            let (width_i, k) = (width as i32, k as i32);
+            return self.launch(
+                &self.kernels().gemv_swiglu,
+                "gemv_swiglu",
+                (width as u32, 1),
+                GEMV_THREADS,
+                &[&x, &w, &act, &m, &width_i, &k],
+            );
+        }
+        self.matmul_on(ProductKernel::Cublas, x, w, 0, gate_up, m, 2 * width, k, false)?;
+        self.silu_mul(gate_up, act, m, width)
+    }
+}

@@ -1,0 +1,163 @@
+//! The kernels of `kernels/*.cu`, compiled with NVRTC into one module per device and dtype.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, sys as driver_sys};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+
+use super::launch::DECODE_MAX_SHARED;
+use super::{device_count, device_error};
+use crate::dtype::DType;
+use crate::{Error, Result};
+
+/// The kernels' element type, as the preprocessor define kernels/common.cuh reads.
+fn dtype_define(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "-DELEM_BF16",
+        DType::F16 => "-DELEM_F16",
+        DType::F32 => "-DELEM_F32",
+    }
+}
+
+/// The kernel sources, in the order they are concatenated into one module.
+const SOURCES: [(&str, &str); 10] = [
+    ("common.cuh", include_str!("../../kernels/common.cuh")),
+    ("embedding.cu", include_str!("../../kernels/embedding.cu")),
+    ("rms_norm.cu", include_str!("../../kernels/rms_norm.cu")),
+    ("gemv.cu", include_str!("../../kernels/gemv.cu")),
+    ("rope_kv.cu", include_str!("../../kernels/rope_kv.cu")),
+    ("attention.cu", include_str!("../../kernels/attention.cu")),
+    ("attention_mma.cu", include_str!("../../kernels/attention_mma.cu")),
+    ("silu_mul.cu", include_str!("../../kernels/silu_mul.cu")),
+    ("fill.cu", include_str!("../../kernels/fill.cu")),
+    ("sampling.cu", include_str!("../../kernels/sampling.cu")),
+];
+
+fn module_source() -> String {
+    let mut source = String::new();
+    for (name, text) in SOURCES {
+        source.push_str(&format!("// ---- kernels/{name}\n#line 1 \"{name}\"\n{text}\n"));
+    }
+    source
+}
+
+/// Compiles every kernel for `dtype` to PTX for a virtual architecture such as
+/// `compute_90` (the driver finishes it for the exact device at module load).
+pub fn compile(dtype: DType, arch: &'static str) -> Result<Ptx> {
+    let options = CompileOptions {
+        arch: Some(arch),
+        options: vec![dtype_define(dtype).to_string(), "--std=c++17".into()],
+        use_fast_math: Some(false),
+        ..Default::default()
+    };
+    std::panic::catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(module_source(), options))
+        .map_err(|_| Error::Device("NVRTC (libnvrtc) could not be loaded".into()))?
+        .map_err(|e| Error::Device(format!("compiling kernels/*.cu for {arch}: {e}")))
+}
+
+fn virtual_arch(major: i32, minor: i32) -> &'static str {
+    static NAMES: OnceLock<Mutex<HashMap<(i32, i32), &'static str>>> = OnceLock::new();
+    let mut names = NAMES.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    names
+        .entry((major, minor))
+        .or_insert_with(|| Box::leak(format!("compute_{major}{minor}").into_boxed_str()))
+}
+
+/// The kernels of one module.
+pub(super) struct Kernels {
+    pub(super) embedding: CudaFunction,
+    pub(super) add_rms_norm: CudaFunction,
+    pub(super) silu_mul: CudaFunction,
+    pub(super) fill_uniform: CudaFunction,
+    pub(super) gemv_elem: CudaFunction,
+    pub(super) gemv_f32: CudaFunction,
+    pub(super) gemv_swiglu: CudaFunction,
+    pub(super) add_bias: CudaFunction,
+    pub(super) rope_write_kv: CudaFunction,
+    /// attention_decode_h1, _h2, _h4, _h8: query heads a block takes.
+    pub(super) attention_decode: [CudaFunction; 4],
+    pub(super) attention_prefill: CudaFunction,
+    /// The tensor-core prefill (bf16 and f16 modules only).
+    pub(super) attention_prefill_mma: Option<CudaFunction>,
+    pub(super) sample_rows: CudaFunction,
+}
+
+impl Kernels {
+    fn load(module: &Arc<CudaModule>, dtype: DType) -> Result<Self> {
+        let f = |name: &str| module.load_function(name).map_err(device_error(name));
+        let decode = |heads: usize| -> Result<CudaFunction> {
+            let name = format!("attention_decode_h{heads}");
+            let function = f(&name)?;
+            // Its V staging takes up to 4 warps · 32 keys · 128 dims · 4 bytes (f32): over
+            // the 48 KiB a kernel gets without asking.
+            function
+                .set_attribute(
+                    driver_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    DECODE_MAX_SHARED as i32,
+                )
+                .map_err(device_error(&format!("{name} shared memory")))?;
+            Ok(function)
+        };
+        let attention_decode = [decode(1)?, decode(2)?, decode(4)?, decode(8)?];
+        Ok(Kernels {
+            embedding: f("embedding")?,
+            add_rms_norm: f("add_rms_norm")?,
+            silu_mul: f("silu_mul")?,
+            fill_uniform: f("fill_uniform")?,
+            gemv_elem: f("gemv_elem")?,
+            gemv_f32: f("gemv_f32")?,
+            gemv_swiglu: f("gemv_swiglu")?,
+            add_bias: f("add_bias")?,
+            rope_write_kv: f("rope_write_kv")?,
+            attention_decode,
+            attention_prefill: f("attention_prefill")?,
+            attention_prefill_mma: match dtype {
+                DType::F32 => None,
+                DType::BF16 | DType::F16 => Some(f("attention_prefill_mma")?),
+            },
+            sample_rows: f("sample_rows")?,
+        })
+    }
+}
+
+/// A device's context and the kernels compiled for it in one dtype, shared by every
+/// [`Gpu`](super::Gpu) opened on that device and dtype.
+pub(super) struct Compiled {
+    pub(super) ctx: Arc<CudaContext>,
+    pub(super) kernels: Kernels,
+    pub(super) name: String,
+}
+
+impl Compiled {
+    pub(super) fn create(ordinal: usize, dtype: DType) -> Result<Compiled> {
+        let count = device_count();
+        if ordinal >= count {
+            return Err(Error::Device(if count == 0 {
+                "no CUDA device (or no CUDA driver, NVRTC and cuBLAS libraries) on this machine"
+                    .into()
+            } else {
+                format!("device {ordinal} does not exist ({count} CUDA devices)")
+            }));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(device_error("creating the CUDA context"))?;
+        // Each buffer is used on the stream of the Gpu that made it only: cudarc's
+        // per-buffer event tracking (for buffers shared across streams) would only add two
+        // event calls per kernel argument.
+        // SAFETY: as above; buffers never cross from one Gpu to another.
+        unsafe { ctx.disable_event_tracking() };
+        let (major, minor) =
+            ctx.compute_capability().map_err(device_error("reading the compute capability"))?;
+        let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+        let started = std::time::Instant::now();
+        let ptx = compile(dtype, virtual_arch(major, minor))?;
+        let module = ctx.load_module(ptx).map_err(device_error("loading the kernel module"))?;
+        let kernels = Kernels::load(&module, dtype)?;
+        tracing::info!(
+            "GPU {ordinal} ({name}, sm_{major}{minor}): kernels compiled for {} in {:.2} s",
+            dtype.name(),
+            started.elapsed().as_secs_f64()
+        );
+        Ok(Compiled { ctx, kernels, name })
+    }
+}

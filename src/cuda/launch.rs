@@ -1,0 +1,379 @@
+//! The kernel launch wrappers, one method of `Gpu` each (the products' are in blas.rs).
+
+use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+
+use super::{Gpu, device_error};
+use crate::{Error, Result};
+
+/// Threads of a sampling block (SAMPLE_THREADS in kernels/sampling.cu).
+const SAMPLE_THREADS: u32 = 512;
+/// Words of one row's sampling parameters (SAMPLE_WORDS in kernels/sampling.cu).
+pub const SAMPLE_WORDS: usize = 10;
+
+/// Tokens from which `rope_write_kv` takes a block per token instead of per head and token.
+const ROPE_BLOCK_PER_TOKEN_FROM: usize = 256;
+
+impl Gpu {
+    pub(super) fn launch(
+        &self,
+        function: &CudaFunction,
+        name: &str,
+        grid: (u32, u32),
+        block: u32,
+        args: &[&dyn Arg],
+    ) -> Result<()> {
+        self.launch_3d(function, name, (grid.0, grid.1, 1), block, 0, args)
+    }
+
+    fn launch_3d(
+        &self,
+        function: &CudaFunction,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared_mem_bytes: u32,
+        args: &[&dyn Arg],
+    ) -> Result<()> {
+        let mut builder = self.launch_stream().launch_builder(function);
+        for arg in args {
+            arg.push(&mut builder);
+        }
+        let config = LaunchConfig {
+            grid_dim: (grid.0.max(1), grid.1.max(1), grid.2.max(1)),
+            block_dim: (block, 1, 1),
+            shared_mem_bytes,
+        };
+        // SAFETY: each wrapper (here and in blas.rs) passes arguments matching its kernel's
+        // signature, and pointers into buffers its caller sized for the launch's shape.
+        unsafe { builder.launch(config) }.map(|_| ()).map_err(device_error(name))
+    }
+
+    /// Chooses the next token of `rows` rows of f32 logits (`stride` apart) on the device,
+    /// each as `sampling::choose` does, from `SAMPLE_WORDS` parameter words per row
+    /// and the rows' distinct penalized ids; writes one id per row to `chosen`. The logits
+    /// are changed in place (guard, penalty).
+    pub fn sample_rows(
+        &self,
+        logits: u64,
+        stride: usize,
+        params: u64,
+        penalized: u64,
+        chosen: u64,
+        rows: usize,
+    ) -> Result<()> {
+        let stride = stride as u64;
+        self.launch(
+            &self.kernels().sample_rows,
+            "sample_rows",
+            (rows as u32, 1),
+            SAMPLE_THREADS,
+            &[&logits, &stride, &params, &penalized, &chosen],
+        )
+    }
+
+    /// Fills `n` elements at `out` with uniform values in ±bound (dummy weights).
+    pub fn fill_uniform(&self, out: u64, n: usize, seed: u64, bound: f32) -> Result<()> {
+        let blocks = n.div_ceil(256).min(65_536) as u32;
+        let n = n as u64;
+        self.launch(
+            &self.kernels().fill_uniform,
+            "fill_uniform",
+            (blocks, 1),
+            256,
+            &[&out, &n, &seed, &bound],
+        )
+    }
+
+    pub fn embedding(
+        &self,
+        ids: u64,
+        table: u64,
+        out: u64,
+        tokens: usize,
+        width: usize,
+    ) -> Result<()> {
+        let width = width as i32;
+        self.launch(
+            &self.kernels().embedding,
+            "embedding",
+            (tokens as u32, 1),
+            1024,
+            &[&ids, &table, &out, &width],
+        )
+    }
+
+    /// `residual += delta` (if delta ≠ 0) then RMSNorm into `out`, over `rows` rows (or the
+    /// residual rows listed at `row_index`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_rms_norm(
+        &self,
+        residual: u64,
+        delta: u64,
+        row_index: u64,
+        weight: u64,
+        out: u64,
+        rows: usize,
+        width: usize,
+        eps: f32,
+    ) -> Result<()> {
+        // About 8 values per thread, at most NORM_PER_THREAD (16) of 512 threads
+        // (kernels/rms_norm.cu).
+        let threads = (width.div_ceil(8).div_ceil(32) * 32).clamp(32, 512);
+        if width > 16 * threads {
+            return Err(Error::Config(format!(
+                "hidden size {width} is over the 8192 RMSNorm takes"
+            )));
+        }
+        let width = width as i32;
+        self.launch(
+            &self.kernels().add_rms_norm,
+            "add_rms_norm",
+            (rows as u32, 1),
+            threads as u32,
+            &[&residual, &delta, &row_index, &weight, &out, &width, &eps],
+        )
+    }
+
+    /// SwiGLU of `rows` packed `[gate | up]` rows (kernels/silu_mul.cu).
+    pub fn silu_mul(&self, gate_up: u64, out: u64, rows: usize, width: usize) -> Result<()> {
+        let chunks = width.div_ceil(16 / self.dtype.size());
+        let grid = (chunks.div_ceil(256) as u32, rows.min(65_535) as u32);
+        let (width, rows) = (width as i32, rows as i32);
+        self.launch(
+            &self.kernels().silu_mul,
+            "silu_mul",
+            grid,
+            256,
+            &[&gate_up, &out, &width, &rows],
+        )
+    }
+
+    /// Bias, rotary and the K/V cache write after the QKV product (kernels/rope_kv.cu).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_write_kv(
+        &self,
+        qkv: u64,
+        bias: u64,
+        q_out: u64,
+        k_cache: u64,
+        v_cache: u64,
+        step: &StepTables,
+        shape: &AttentionShape,
+        rope: Rope,
+    ) -> Result<()> {
+        let (freq_len, heads, kv_heads, head_dim) = (
+            step.freq_len as i32,
+            shape.num_heads as i32,
+            shape.num_kv_heads as i32,
+            shape.head_dim as i32,
+        );
+        let (mode, rot_dim) = match rope {
+            Rope::Glm { rotary_dim } => (0i32, rotary_dim as i32),
+            Rope::RotateHalf => (1i32, shape.head_dim as i32),
+        };
+        // Decode steps: a block per head and token, for latency. Prompts: a block per token,
+        // so that the chip is not left scheduling tens of thousands of 64-thread blocks.
+        let all_heads = shape.num_heads + 2 * shape.num_kv_heads;
+        let (groups, threads) =
+            if step.tokens >= ROPE_BLOCK_PER_TOKEN_FROM { (1, 256) } else { (all_heads, 64) };
+        self.launch(
+            &self.kernels().rope_write_kv,
+            "rope_write_kv",
+            (step.tokens as u32, groups as u32),
+            threads,
+            &[
+                &qkv,
+                &bias,
+                &q_out,
+                &k_cache,
+                &v_cache,
+                &step.slots,
+                &step.cos_sin,
+                &freq_len,
+                &heads,
+                &kv_heads,
+                &head_dim,
+                &mode,
+                &rot_dim,
+            ],
+        )
+    }
+
+    /// Causal attention of every new token over its sequence's cached K/V
+    /// (kernels/attention.cu): decode tokens by key splits, prefill tokens by tiles.
+    /// `partial` holds the decode splits' results; `split_counters` one zeroed int per
+    /// (decode token, head).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        q: u64,
+        k_cache: u64,
+        v_cache: u64,
+        out: u64,
+        partial: u64,
+        split_counters: u64,
+        step: &StepTables,
+        shape: &AttentionShape,
+        block_size: usize,
+    ) -> Result<()> {
+        let scale = 1.0 / (shape.head_dim as f32).sqrt();
+        let (max_blocks, block_size, heads, kv_heads, head_dim) = (
+            step.max_blocks_per_seq as i32,
+            block_size as i32,
+            shape.num_heads as i32,
+            shape.num_kv_heads as i32,
+            shape.head_dim as i32,
+        );
+        if step.num_decode > 0 {
+            let (partition, splits) = (step.partition as i32, step.splits as i32);
+            let kernel = match step.heads_per_block {
+                1 => 0,
+                2 => 1,
+                4 => 2,
+                8 => 3,
+                other => {
+                    return Err(Error::Internal(format!("no decode attention for {other} heads")));
+                }
+            };
+            let head_groups = shape.num_heads / step.heads_per_block;
+            let grid = (step.num_decode as u32, head_groups as u32, step.splits as u32);
+            let shared = (4 * 32 * shape.head_dim * self.dtype.size()) as u32;
+            self.launch_3d(
+                &self.kernels().attention_decode[kernel],
+                "attention_decode",
+                grid,
+                128,
+                shared,
+                &[
+                    &q,
+                    &k_cache,
+                    &v_cache,
+                    &out,
+                    &partial,
+                    &split_counters,
+                    &step.decode_rows,
+                    &step.token_seq,
+                    &step.positions,
+                    &step.block_tables,
+                    &max_blocks,
+                    &block_size,
+                    &heads,
+                    &kv_heads,
+                    &head_dim,
+                    &scale,
+                    &partition,
+                    &splits,
+                ],
+            )?;
+        }
+        if step.num_tiles > 0 {
+            let grid = (step.num_tiles as u32, shape.num_heads as u32, 1);
+            let args: [&dyn Arg; 14] = [
+                &q,
+                &k_cache,
+                &v_cache,
+                &out,
+                &step.tiles,
+                &step.token_seq,
+                &step.positions,
+                &step.block_tables,
+                &max_blocks,
+                &block_size,
+                &heads,
+                &kv_heads,
+                &head_dim,
+                &scale,
+            ];
+            match self.mma_prefill(shape.head_dim) {
+                Some(function) => {
+                    self.launch_3d(function, "attention_prefill_mma", grid, 128, 0, &args)?;
+                }
+                None => {
+                    let d = shape.head_dim;
+                    let shared = ((32 * (d + 1) + 32 * d + PREFILL_TILE * d) * 4) as u32;
+                    let function = &self.kernels().attention_prefill;
+                    self.launch_3d(function, "attention_prefill", grid, 128, shared, &args)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The tensor-core prefill kernel, where it applies (16-bit dtypes, heads a multiple
+    /// of 16 wide).
+    fn mma_prefill(&self, head_dim: usize) -> Option<&CudaFunction> {
+        self.kernels().attention_prefill_mma.as_ref().filter(|_| head_dim.is_multiple_of(16))
+    }
+
+    /// Query tokens per prefill attention block for heads of `head_dim`
+    /// (MMA_TILE / PREFILL_TILE in kernels/attention*.cu).
+    pub fn prefill_tile(&self, head_dim: usize) -> usize {
+        if self.mma_prefill(head_dim).is_some() { MMA_TILE } else { PREFILL_TILE }
+    }
+}
+
+/// Anything passed to a kernel by value.
+pub(super) trait Arg {
+    fn push<'a>(&'a self, builder: &mut cudarc::driver::LaunchArgs<'a>);
+}
+
+macro_rules! kernel_arg {
+    ($($t:ty),*) => {$(
+        impl Arg for $t {
+            fn push<'a>(&'a self, builder: &mut cudarc::driver::LaunchArgs<'a>) {
+                builder.arg(self);
+            }
+        }
+    )*};
+}
+kernel_arg!(u64, i64, i32, f32);
+
+/// Attention head counts of a model.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The rotary layouts of the two families (kernels/rope_kv.cu).
+#[derive(Clone, Copy, Debug)]
+pub enum Rope {
+    /// ChatGLM2: interleaved pairs over the first `rotary_dim` dims of each head.
+    Glm { rotary_dim: usize },
+    /// InternLM2: pairs (i, i + d/2) over the whole head.
+    RotateHalf,
+}
+
+/// Dynamic shared memory attention_decode may ask for: 4 warps · 32 keys · 128 dims · f32.
+pub(super) const DECODE_MAX_SHARED: usize = 4 * 32 * MAX_HEAD_DIM * 4;
+/// Query tokens per block of the CUDA-core prefill attention kernel (PREFILL_TILE).
+const PREFILL_TILE: usize = 16;
+/// Query tokens per block of the tensor-core prefill attention kernel (MMA_TILE).
+const MMA_TILE: usize = 64;
+/// The widest head the attention kernels take (decode: 256; prefill: 128).
+pub const MAX_HEAD_DIM: usize = 128;
+
+/// Device pointers of one forward call's per-token tables (all within one upload).
+pub struct StepTables {
+    pub tokens: usize,
+    pub positions: u64,
+    pub slots: u64,
+    pub token_seq: u64,
+    /// Per token: cos of each rotary frequency, then sin (`freq_len` each).
+    pub cos_sin: u64,
+    pub freq_len: usize,
+    pub block_tables: u64,
+    pub max_blocks_per_seq: usize,
+    /// Rows of the tokens that are a sequence's only token in this call (decode).
+    pub decode_rows: u64,
+    pub num_decode: usize,
+    /// Key splits of the decode attention and the keys each covers.
+    pub splits: usize,
+    pub partition: usize,
+    /// Query heads (of one K/V head) a decode attention block takes.
+    pub heads_per_block: usize,
+    /// (first row, count) pairs of the prefill tiles.
+    pub tiles: u64,
+    pub num_tiles: usize,
+}

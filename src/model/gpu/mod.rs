@@ -1,0 +1,239 @@
+//! The decoder graph both families run on the GPU. The families differ only in facts
+//! their own files own and hand over here: how checkpoint tensors map onto these slots
+//! (InternLM2's per-group QKV packing and separate w1/w3 are rearranged at load), the
+//! rotary layout, and the rotary frequencies of a call. Per token, every layer runs
+//! RMSNorm (fused with the residual add) → QKV product → bias + rotary + paged K/V write →
+//! paged attention → output product → RMSNorm → [gate | up] product → SwiGLU → down
+//! product; the residual stream stays f32. Products of up to `GEMV_UP_TO_ROWS` tokens
+//! (a single sequence's decode step) run on our GEMV kernel, larger ones on cuBLAS.
+
+/// Decode steps captured as CUDA graphs: the shapes they are captured at, capture, replay.
+mod graphs;
+/// The forward pass: the tables uploaded, the launches of every layer queued.
+mod pass;
+/// Activation buffers of a call.
+mod scratch;
+/// Per-call tables (ids, positions, slots, block tables, rotary, attention work) and the
+/// sampling kernel's words, laid out on the host for one upload.
+mod tables;
+/// Weights on the device and their loading.
+mod weights;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rayon::prelude::*;
+
+use super::{KvStore, ModelInfo, SeqStep};
+use crate::Result;
+use crate::cuda::{self, AttentionShape, Gpu, Rope};
+use crate::dtype::DType;
+use crate::sampling::SampleRow;
+
+use graphs::{GRAPH_MIN_BLOCKS, graph_batch};
+use scratch::Scratch;
+use tables::RopeCache;
+
+pub use tables::sampling_words;
+pub use weights::{LayerWeights, WeightLoader, Weights, check_fits};
+
+/// Sizes of the decoder.
+#[derive(Clone, Debug)]
+pub struct Shape {
+    pub hidden: usize,
+    pub num_layers: usize,
+    pub attention: AttentionShape,
+    pub ffn: usize,
+    pub vocab: usize,
+    pub eps: f32,
+    pub rope: Rope,
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+}
+
+impl Shape {
+    /// Rotary frequencies of a head (cos and sin tables of this many values per token).
+    fn freq_len(&self) -> usize {
+        match self.rope {
+            Rope::Glm { rotary_dim } => rotary_dim / 2,
+            Rope::RotateHalf => self.attention.head_dim / 2,
+        }
+    }
+
+    fn q_width(&self) -> usize {
+        self.attention.num_heads * self.attention.head_dim
+    }
+
+    fn kv_width(&self) -> usize {
+        self.attention.num_kv_heads * self.attention.head_dim
+    }
+
+    fn qkv_width(&self) -> usize {
+        self.q_width() + 2 * self.kv_width()
+    }
+
+    /// Elements of every weight, in load order (for the memory check before loading).
+    fn num_weights(&self) -> usize {
+        let h = self.hidden;
+        let per_layer = 2 * h
+            + self.qkv_width() * h
+            + if self.qkv_bias { self.qkv_width() } else { 0 }
+            + self.q_width() * h
+            + if self.o_bias { h } else { 0 }
+            + 3 * self.ffn * h;
+        2 * self.vocab * h + h + self.num_layers * per_layer
+    }
+}
+
+/// Rotary inverse frequencies for a call whose sequence reaches `total_len` positions.
+pub type InvFreq = Box<dyn Fn(usize) -> Vec<f32> + Send + Sync>;
+
+pub struct GpuModel {
+    shape: Shape,
+    weights: Weights,
+    info: ModelInfo,
+    inv_freq: InvFreq,
+    /// Activations of one forward call; one call at a time per model.
+    scratch: Mutex<Option<Scratch>>,
+    rope_cache: Mutex<RopeCache>,
+    /// `forward_sample` chooses with the sampling kernel (kernels/sampling.cu).
+    sample_on_device: AtomicBool,
+    /// Decode steps are captured as CUDA graphs and replayed (`Scratch::graphs`).
+    cuda_graphs: AtomicBool,
+    /// Captures that failed; graphs are turned off at `MAX_CAPTURE_FAILURES` (one failure
+    /// may be an error left over from earlier work, reported by the next driver call).
+    capture_failures: AtomicUsize,
+    /// Last: fields drop in order, and the graphs in `scratch` must go before the module
+    /// and cuBLAS handle they launch (freed with the last `Arc<Gpu>`).
+    gpu: Arc<Gpu>,
+}
+
+impl GpuModel {
+    pub fn new(
+        gpu: Arc<Gpu>,
+        shape: Shape,
+        weights: Weights,
+        info: ModelInfo,
+        inv_freq: InvFreq,
+    ) -> Self {
+        // A one-token call: the frequencies of every call within the trained context.
+        let rope_cache = RopeCache::new(inv_freq(1));
+        GpuModel {
+            gpu,
+            shape,
+            weights,
+            info,
+            inv_freq,
+            scratch: Mutex::new(None),
+            rope_cache: Mutex::new(rope_cache),
+            sample_on_device: AtomicBool::new(false),
+            cuda_graphs: AtomicBool::new(false),
+            capture_failures: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.gpu.dtype
+    }
+}
+
+impl super::CausalLm for GpuModel {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn new_arena(&self, block_size: usize, num_blocks: usize) -> Result<Box<dyn KvStore>> {
+        Ok(Box::new(cuda::KvArena::new(
+            Arc::clone(&self.gpu),
+            self.shape.num_layers,
+            self.shape.kv_width(),
+            block_size,
+            num_blocks,
+        )?))
+    }
+
+    fn kv_bytes_per_block(&self, block_size: usize) -> usize {
+        cuda::KvArena::block_bytes(
+            self.shape.num_layers,
+            self.shape.kv_width(),
+            block_size,
+            self.gpu.dtype.size(),
+        )
+    }
+
+    fn device_free_memory(&self) -> Result<Option<usize>> {
+        self.gpu.bind()?;
+        Ok(Some(self.gpu.memory()?.0))
+    }
+
+    fn check_device(&self) -> Result<()> {
+        self.gpu.bind()?;
+        self.gpu.synchronize()
+    }
+
+    fn reserve_activations(
+        &self,
+        max_tokens: usize,
+        max_seqs: usize,
+        max_blocks_per_seq: usize,
+    ) -> Result<usize> {
+        // Decode batches run padded to the next captured size, their block tables to the
+        // next power of two.
+        let seqs = graph_batch(max_seqs).unwrap_or(max_seqs).max(max_seqs);
+        let tokens = max_tokens.max(seqs);
+        let max_blocks = max_blocks_per_seq.next_power_of_two().max(GRAPH_MIN_BLOCKS);
+        let table_bytes = self.shape.max_table_words(tokens, seqs, max_blocks) * 4;
+        let partial_bytes = self.shape.max_partial_floats(seqs) * 4;
+        self.gpu.bind()?;
+        let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        self.fit_scratch(&mut guard, tokens, seqs, table_bytes, partial_bytes)?;
+        Ok(guard.as_ref().map_or(0, Scratch::device_bytes))
+    }
+
+    fn set_sample_on_device(&self, on: bool) {
+        self.sample_on_device.store(on, Ordering::Relaxed);
+    }
+
+    fn set_cuda_graphs(&self, on: bool) {
+        self.cuda_graphs.store(on, Ordering::Relaxed);
+    }
+
+    fn forward_batch(
+        &self,
+        arena: &mut dyn KvStore,
+        steps: &[SeqStep<'_>],
+    ) -> Result<Vec<Vec<f32>>> {
+        let vocab = self.shape.vocab;
+        self.forward_on_device(arena, steps, &[], |gpu, s, _| {
+            let logits = gpu.read_f32_pinned(&s.logits, steps.len() * vocab, &mut s.host_logits)?;
+            // Rows of 65k-92k floats for up to hundreds of sequences: copied out on all cores.
+            Ok(logits.par_chunks_exact(vocab).map(<[f32]>::to_vec).collect())
+        })
+    }
+
+    fn forward_sample(
+        &self,
+        arena: &mut dyn KvStore,
+        steps: &[SeqStep<'_>],
+        rows: &[Option<SampleRow<'_>>],
+    ) -> Result<Vec<Option<u32>>> {
+        if !self.sample_on_device.load(Ordering::Relaxed) {
+            return Ok(super::choose_on_host(self.forward_batch(arena, steps)?, rows));
+        }
+        let words = sampling_words(rows, self.shape.vocab);
+        self.forward_on_device(arena, steps, &words, |gpu, s, words_at| {
+            let penalized = words_at + (rows.len() * cuda::SAMPLE_WORDS * 4) as u64;
+            let stride = self.shape.vocab;
+            gpu.sample_rows(
+                s.logits.ptr(),
+                stride,
+                words_at,
+                penalized,
+                s.chosen.ptr(),
+                rows.len(),
+            )?;
+            let chosen = gpu.read_u32(&s.chosen, rows.len())?;
+            Ok(rows.iter().zip(chosen).map(|(row, id)| row.as_ref().map(|_| id)).collect())
+        })
+    }
+}
