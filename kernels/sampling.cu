@@ -1,6 +1,6 @@
 // Batched sampling: one block per row chooses that row's next token on the device, so a
 // step copies back one id per sequence instead of its logits. It follows `choose` in
-// src/engine/sampler.rs step for step: guard, repetition penalty, greedy argmax, then
+// src/sampling.rs step for step: guard, repetition penalty, greedy argmax, then
 // temperature, top-k (radix select of the k-th key), fixed-point masses, top-p (radix
 // select by mass) and a draw walking the kept tokens in id order. Masses are integers and
 // their sums exact, so the atomics' order cannot change a result.
@@ -30,7 +30,7 @@
 #define SAMPLE_PENALIZED_COUNT 9
 #define SAMPLE_ACTIVE 1u
 #define SAMPLE_GUARD 2u
-#define SAMPLE_MASS_SCALE 1099511627776.0f  // 2^40 (MASS_SCALE in sampler.rs)
+#define SAMPLE_MASS_SCALE 1099511627776.0f  // 2^40 (MASS_SCALE in src/sampling.rs)
 // Most top-k candidates kept in shared memory; a row with more (ties at the k-th key, or a
 // large k) weighs its whole row instead.
 #define SAMPLE_CANDIDATES 1024
