@@ -6,6 +6,7 @@ use common::*;
 use triton_llm::model::{self, LoadFormat};
 use triton_llm::pipeline::{ChatModel, ChatTurn, GenerationOptions, LoadOptions};
 use triton_llm::sampling::SamplingParams;
+use triton_llm::sequence::kv_space::KvCache;
 
 fn load_error(dir: &std::path::Path) -> String {
     match ChatModel::load(dir, &LoadOptions::default()) {
@@ -127,8 +128,8 @@ fn no_weights_at_all() {
     assert_mentions(&load_error(dir.path()), &["neither model.safetensors", "convert"]);
     // …but the dummy load format serves the folder at its real shapes.
     let model = model::load(dir.path(), LoadFormat::Dummy).unwrap();
-    let mut cache = model.new_cache();
-    assert_eq!(model.forward(&[1001, 1003, 5], &mut cache).unwrap().len(), 1024);
+    let mut cache = KvCache::new(model.as_ref()).unwrap();
+    assert_eq!(cache.forward(model.as_ref(), &[1001, 1003, 5]).unwrap().len(), 1024);
 }
 
 #[test]
@@ -164,8 +165,8 @@ fn sharded_checkpoint_loads_like_the_single_file() {
     let single = model::load(&fixture("internlm2-tiny"), LoadFormat::Safetensors).unwrap();
     let ids = [1, 320, 400, 500];
     assert_eq!(
-        sharded.forward(&ids, &mut sharded.new_cache()).unwrap(),
-        single.forward(&ids, &mut single.new_cache()).unwrap()
+        KvCache::new(sharded.as_ref()).unwrap().forward(sharded.as_ref(), &ids).unwrap(),
+        KvCache::new(single.as_ref()).unwrap().forward(single.as_ref(), &ids).unwrap()
     );
 }
 
@@ -192,8 +193,9 @@ fn half_precision_checkpoints_load() {
         let half_model = model::load(dir.path(), LoadFormat::Safetensors).unwrap();
         let full = model::load(&fixture("chatglm2-tiny"), LoadFormat::Safetensors).unwrap();
         let ids = [1001, 1003, 676, 330];
-        let a = half_model.forward(&ids, &mut half_model.new_cache()).unwrap();
-        let b = full.forward(&ids, &mut full.new_cache()).unwrap();
+        let a =
+            KvCache::new(half_model.as_ref()).unwrap().forward(half_model.as_ref(), &ids).unwrap();
+        let b = KvCache::new(full.as_ref()).unwrap().forward(full.as_ref(), &ids).unwrap();
         let rel = relative_l2(&a, &b);
         assert!(rel < 2e-2, "{tag}: relative L2 {rel}");
     }

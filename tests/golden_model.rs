@@ -7,6 +7,7 @@ mod common;
 
 use common::*;
 use triton_llm::model::{self, LoadFormat};
+use triton_llm::sequence::kv_space::KvCache;
 
 fn check_family(folder: &str) {
     let model = model::load(&fixture(folder), LoadFormat::Safetensors).unwrap();
@@ -16,8 +17,8 @@ fn check_family(folder: &str) {
         let input = ids(&case["input_ids"]);
         let expected = floats(&case["last_logits"]);
 
-        let mut cache = model.new_cache();
-        let logits = model.forward(&input, &mut cache).unwrap();
+        let mut cache = KvCache::new(model.as_ref()).unwrap();
+        let logits = cache.forward(model.as_ref(), &input).unwrap();
         let rel = relative_l2(&logits, &expected);
         let max = max_abs_diff(&logits, &expected);
         assert!(rel < 1e-4 && max < 1e-4, "{folder}/{name}: relative L2 {rel:e}, max |Δ| {max:e}");
@@ -44,7 +45,7 @@ fn check_family(folder: &str) {
             let next = argmax(&logits);
             tokens.push(next);
             if step + 1 < steps.len() {
-                logits = model.forward(&[next], &mut cache).unwrap();
+                logits = cache.forward(model.as_ref(), &[next]).unwrap();
             }
         }
         assert_eq!(tokens, ids(&case["greedy_16"]), "{folder}/{name} greedy tokens");
@@ -76,11 +77,11 @@ fn check_batched(folder: &str) {
     let alone: Vec<Vec<Vec<f32>>> = prompts
         .iter()
         .map(|prompt| {
-            let mut cache = model.new_cache();
-            let mut logits = vec![model.forward(prompt, &mut cache).unwrap()];
+            let mut cache = KvCache::new(model.as_ref()).unwrap();
+            let mut logits = vec![cache.forward(model.as_ref(), prompt).unwrap()];
             for _ in 0..6 {
                 let next = argmax(logits.last().unwrap());
-                logits.push(model.forward(&[next], &mut cache).unwrap());
+                logits.push(cache.forward(model.as_ref(), &[next]).unwrap());
             }
             logits
         })

@@ -15,6 +15,7 @@ use serde_json::json;
 use triton_llm::cuda;
 use triton_llm::dtype::DType;
 use triton_llm::model::{self, CausalLm, Device, LoadFormat, SeqStep};
+use triton_llm::sequence::kv_space::KvCache;
 
 /// The GPU tests are `#[ignore]`d, so a machine without a GPU reports them as not run,
 /// never as passed; asked for anyway (scripts/gpu/check.sh passes --include-ignored), one
@@ -52,10 +53,10 @@ const BF16_TIE: f32 = 0.05;
 
 /// Logits of every step of `forced` fed after `prompt`.
 fn teacher_forced(model: &dyn CausalLm, prompt: &[u32], forced: &[u32]) -> Vec<Vec<f32>> {
-    let mut cache = model.new_cache();
-    let mut all = vec![model.forward(prompt, &mut cache).unwrap()];
+    let mut cache = KvCache::new(model).unwrap();
+    let mut all = vec![cache.forward(model, prompt).unwrap()];
     for &token in &forced[..forced.len() - 1] {
-        all.push(model.forward(&[token], &mut cache).unwrap());
+        all.push(cache.forward(model, &[token]).unwrap());
     }
     all
 }
@@ -102,15 +103,15 @@ fn kernels_assemble_without_spills() {
 }
 
 fn greedy(model: &dyn CausalLm, prompt: &[u32], steps: usize) -> (Vec<f32>, Vec<u32>) {
-    let mut cache = model.new_cache();
-    let first = model.forward(prompt, &mut cache).unwrap();
+    let mut cache = KvCache::new(model).unwrap();
+    let first = cache.forward(model, prompt).unwrap();
     let mut logits = first.clone();
     let mut tokens = Vec::new();
     for step in 0..steps {
         let next = argmax(&logits);
         tokens.push(next);
         if step + 1 < steps {
-            logits = model.forward(&[next], &mut cache).unwrap();
+            logits = cache.forward(model, &[next]).unwrap();
         }
     }
     (first, tokens)
@@ -143,9 +144,9 @@ fn check_against_cpu(folder: &str, dtype: DType, limit: f64) {
             // The prompt in two calls, the second starting mid-sequence over cached keys (the
             // serving engine's chunked prefill).
             let split = input.len() * 2 / 3;
-            let mut cache = gpu.new_cache();
-            gpu.forward(&input[..split], &mut cache).unwrap();
-            let chunked = gpu.forward(&input[split..], &mut cache).unwrap();
+            let mut cache = KvCache::new(gpu.as_ref()).unwrap();
+            cache.forward(gpu.as_ref(), &input[..split]).unwrap();
+            let chunked = cache.forward(gpu.as_ref(), &input[split..]).unwrap();
             let rel = relative_l2(&chunked, &cpu_logits);
             let pass = rel < limit;
             report(json!({"check": "chunked_prefill", "model": folder, "case": name,
@@ -229,11 +230,11 @@ fn check_batched(folder: &str, copies: usize, cuda_graphs: bool) {
         cases
             .iter()
             .map(|prompt| {
-                let mut cache = gpu.new_cache();
-                let mut logits = vec![gpu.forward(prompt, &mut cache).unwrap()];
+                let mut cache = KvCache::new(gpu.as_ref()).unwrap();
+                let mut logits = vec![cache.forward(gpu.as_ref(), prompt).unwrap()];
                 for _ in 1..steps {
                     let next = argmax(logits.last().unwrap());
-                    logits.push(gpu.forward(&[next], &mut cache).unwrap());
+                    logits.push(cache.forward(gpu.as_ref(), &[next]).unwrap());
                 }
                 logits
             })

@@ -90,13 +90,6 @@ pub fn choose_on_host(logits: Vec<Vec<f32>>, rows: &[Option<SampleRow<'_>>]) -> 
 pub trait CausalLm: Send + Sync {
     fn info(&self) -> &ModelInfo;
 
-    /// A private, growing cache for one sequence (the CLI, tests).
-    fn new_cache(&self) -> KvCache {
-        KvCache::new(
-            self.new_arena(KvCache::BLOCK_SIZE, 0).expect("an empty arena allocates nothing"),
-        )
-    }
-
     /// A K/V arena of `num_blocks` blocks for this model, on its device.
     fn new_arena(&self, block_size: usize, num_blocks: usize) -> Result<Box<dyn KvStore>> {
         let info = self.info();
@@ -163,15 +156,6 @@ pub trait CausalLm: Send + Sync {
     ) -> Result<Vec<Option<u32>>> {
         Ok(choose_on_host(self.forward_batch(arena, steps)?, rows))
     }
-
-    /// One sequence with a private cache (`forward_batch` of one).
-    fn forward(&self, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        cache.reserve(cache.len + ids.len())?;
-        let step = SeqStep { ids, start: cache.len, blocks: &cache.blocks };
-        let mut logits = self.forward_batch(cache.arena.as_mut(), &[step])?;
-        cache.len += ids.len();
-        Ok(logits.pop().expect("one sequence in, one row of logits out"))
-    }
 }
 
 /// The K/V blocks of one engine, on the model's device (`cpu::KvArena`, `cuda::KvArena`).
@@ -219,32 +203,6 @@ pub(crate) fn cpu_arena(store: &mut dyn KvStore) -> Result<&mut cpu::KvArena> {
         .as_any_mut()
         .downcast_mut()
         .ok_or_else(|| Error::Internal("a CPU model was given another device's KV arena".into()))
-}
-
-/// One sequence's private K/V (the CLI, tests): an arena of its own that grows in blocks.
-pub struct KvCache {
-    pub arena: Box<dyn KvStore>,
-    pub blocks: Vec<u32>,
-    /// Number of positions stored.
-    pub len: usize,
-}
-
-impl KvCache {
-    pub const BLOCK_SIZE: usize = 64;
-
-    pub fn new(arena: Box<dyn KvStore>) -> Self {
-        KvCache { arena, blocks: Vec::new(), len: 0 }
-    }
-
-    /// Makes room for `len` positions (growing by doubling).
-    pub fn reserve(&mut self, len: usize) -> Result<()> {
-        let blocks = len.div_ceil(Self::BLOCK_SIZE);
-        if blocks > self.arena.num_blocks() {
-            self.arena.grow_to(blocks.max(2 * self.arena.num_blocks()))?;
-            self.blocks = (0..self.arena.num_blocks() as u32).collect();
-        }
-        Ok(())
-    }
 }
 
 /// One sequence's share of a batched forward pass.

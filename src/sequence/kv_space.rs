@@ -1,10 +1,11 @@
-//! The KV space of one engine: the device arena holding K/V and the block bookkeeping
-//! that hands its blocks to sequences, kept in step.
+//! Where K/V lives: the KV space of one engine (the device arena holding K/V and the block
+//! bookkeeping that hands its blocks to sequences, kept in step), and a single sequence's
+//! private cache over the same arena for direct forward calls (the CLI's logits, tests).
 
 use super::Sequence;
 use super::blocks::BlockManager;
 use crate::Result;
-use crate::model::{CausalLm, KvStore};
+use crate::model::{CausalLm, KvStore, SeqStep};
 
 pub struct KvSpace {
     pub arena: Box<dyn KvStore>,
@@ -91,5 +92,45 @@ impl KvSpace {
     /// Takes back the sequence's blocks (finished or preempted).
     pub fn release(&mut self, sequence: &mut Sequence) {
         self.blocks.free(sequence.take_blocks());
+    }
+}
+
+/// One sequence's private K/V for direct forward calls: an arena of its own whose blocks,
+/// in order, are the sequence's, growing by doubling.
+pub struct KvCache {
+    arena: Box<dyn KvStore>,
+    blocks: Vec<u32>,
+    /// Number of positions stored.
+    len: usize,
+}
+
+impl KvCache {
+    pub const BLOCK_SIZE: usize = 64;
+
+    pub fn new(model: &dyn CausalLm) -> Result<Self> {
+        Ok(KvCache { arena: model.new_arena(Self::BLOCK_SIZE, 0)?, blocks: Vec::new(), len: 0 })
+    }
+
+    /// Positions stored.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Runs `ids` after what the cache holds (`forward_batch` of one) and keeps their K/V;
+    /// returns the last position's logits.
+    pub fn forward(&mut self, model: &dyn CausalLm, ids: &[u32]) -> Result<Vec<f32>> {
+        let blocks = (self.len + ids.len()).div_ceil(Self::BLOCK_SIZE);
+        if blocks > self.arena.num_blocks() {
+            self.arena.grow_to(blocks.max(2 * self.arena.num_blocks()))?;
+            self.blocks = (0..self.arena.num_blocks() as u32).collect();
+        }
+        let step = SeqStep { ids, start: self.len, blocks: &self.blocks };
+        let mut logits = model.forward_batch(self.arena.as_mut(), &[step])?;
+        self.len += ids.len();
+        Ok(logits.pop().expect("one sequence in, one row of logits out"))
     }
 }

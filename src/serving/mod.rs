@@ -20,10 +20,9 @@ use rayon::prelude::*;
 mod emitter;
 
 use crate::faults::Fault;
-use crate::model::KvCache;
 use crate::pipeline::{ChatModel, Completion, Generating, GenerationOptions, Prompt};
 use crate::sequence::FinishReason;
-use crate::sequence::kv_space::{Admission, KvSpace};
+use crate::sequence::kv_space::{Admission, KvCache, KvSpace};
 use crate::{Error, Result};
 use emitter::{Emission, Emitter, SharedSink};
 

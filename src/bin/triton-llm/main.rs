@@ -16,6 +16,7 @@ use triton_llm::pipeline::{
     ChatModel, ChatTurn, GenerationOptions, LoadOptions, Prompt, load_tokenizer,
 };
 use triton_llm::sampling::SamplingParams;
+use triton_llm::sequence::kv_space::KvCache;
 use triton_llm::serving;
 use triton_llm::{Error, Result};
 
@@ -255,7 +256,7 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Logits { model, ids } => {
             let chat = model.load()?;
-            let mut cache = chat.model.new_cache();
+            let mut cache = KvCache::new(chat.model.as_ref())?;
             if ids.0.len() > chat.max_context() {
                 return Err(Error::InvalidRequest(format!(
                     "ids: {} tokens exceed the model's context of {}",
@@ -263,7 +264,7 @@ fn run(command: Command) -> Result<()> {
                     chat.max_context()
                 )));
             }
-            print_json(&json!({ "logits": chat.model.forward(&ids.0, &mut cache)? }));
+            print_json(&json!({ "logits": cache.forward(chat.model.as_ref(), &ids.0)? }));
         }
         Command::Generate { model, input, generation } => {
             let chat = model.load()?;
