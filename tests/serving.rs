@@ -269,14 +269,26 @@ enum Event {
 struct Probe {
     events: mpsc::Sender<Event>,
     answered: bool,
+    seen_text: bool,
+    /// (held, release): once running (its first text seen), the engine's next cancellation
+    /// poll of this request says `held` and waits for `release`, so the engine stands still
+    /// with the request running while a test arranges the rest.
+    hold: Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>,
 }
 
 impl AnswerSink for Probe {
     fn on_text(&mut self, _: &str) -> bool {
+        self.seen_text = true;
         let _ = self.events.send(Event::Text);
         true
     }
     fn is_cancelled(&mut self) -> bool {
+        if self.seen_text
+            && let Some((held, release)) = self.hold.take()
+        {
+            held.send(()).unwrap();
+            release.recv().unwrap();
+        }
         false
     }
     fn finish(mut self: Box<Self>, result: Result<Completion>) {
@@ -300,9 +312,24 @@ fn probe_job(
 ) -> (ChatJob, mpsc::Receiver<Event>) {
     let (events, received) = mpsc::channel();
     let mut job = job(chat, "hi", max_new, &mpsc::channel().0);
-    job.sink = Box::new(Probe { events, answered: false });
+    job.sink = Box::new(Probe { events, answered: false, seen_text: false, hold: None });
     job.fault = fault;
     (job, received)
+}
+
+/// A job that, once running, holds the engine still (`Probe::hold`): the engine has
+/// stopped when the first receiver gets `()`, and goes on when the sender sends one.
+fn held_job(
+    chat: &ChatModel,
+    max_new: usize,
+) -> (ChatJob, mpsc::Receiver<Event>, mpsc::Receiver<()>, mpsc::Sender<()>) {
+    let (events, received) = mpsc::channel();
+    let (held, is_held) = mpsc::channel();
+    let (release, released) = mpsc::channel();
+    let mut job = job(chat, "hi", max_new, &mpsc::channel().0);
+    let hold = Some((held, released));
+    job.sink = Box::new(Probe { events, answered: false, seen_text: false, hold });
+    (job, received, is_held, release)
 }
 
 /// The request's last event (its end, or its drop), skipping text.
@@ -379,11 +406,13 @@ fn a_lost_device_or_a_dead_engine_thread_answers_unavailable_from_then_on() {
     let chat = Arc::new(internlm2_tiny());
     for fault in [Fault::DeviceLost, Fault::EnginePanic] {
         let (engine, failed) = engine_with(&chat, small_config());
-        let (running, running_events) = probe_job(&chat, 10_000, None);
+        // Still running when the fault comes: the engine waits in its poll meanwhile.
+        let (running, running_events, is_held, release) = held_job(&chat, 10_000);
         engine.submit(running);
-        assert!(matches!(running_events.recv_timeout(Duration::from_secs(60)), Ok(Event::Text)));
+        is_held.recv_timeout(Duration::from_secs(60)).unwrap();
         let (faulty, faulty_events) = probe_job(&chat, 8, Some(fault));
         engine.submit(faulty);
+        release.send(()).unwrap();
         match fault {
             Fault::DeviceLost => {
                 let error = error_of(outcome(&faulty_events));
@@ -422,10 +451,10 @@ fn a_full_queue_answers_unavailable_at_once() {
         ..small_config()
     };
     let (engine, _) = engine_with(&chat, config);
-    let (running, running_events) = probe_job(&chat, 60, None);
+    let (running, running_events, is_held, release) = held_job(&chat, 60);
     engine.submit(running);
-    // Running now: it no longer counts against the queue.
-    assert!(matches!(running_events.recv_timeout(Duration::from_secs(60)), Ok(Event::Text)));
+    // Running now (it no longer counts against the queue), and the engine stands still.
+    is_held.recv_timeout(Duration::from_secs(60)).unwrap();
     let (queued, queued_events) = probe_job(&chat, 4, None);
     engine.submit(queued);
     let (refused, refused_events) = probe_job(&chat, 4, None);
@@ -433,6 +462,7 @@ fn a_full_queue_answers_unavailable_at_once() {
     engine.submit(refused);
     let error = error_of(outcome(&refused_events));
     assert!(submitted.elapsed() < Duration::from_secs(1));
+    release.send(()).unwrap();
     assert!(matches!(error, triton_llm::Error::Unavailable(_)), "{error}");
     assert!(error.to_string().contains("max_queued_requests"), "{error}");
     assert!(matches!(outcome(&running_events), Event::End(Ok(_))));
@@ -477,21 +507,22 @@ fn inputs_over_the_byte_limit_are_refused_before_tokenizing() {
 fn kv_caches_are_sized_against_what_other_engines_were_promised() {
     let options = LoadOptions { session_len: Some(512), ..LoadOptions::default() };
     let chat = ChatModel::load(&fixture("internlm2-tiny"), &options).unwrap();
-    // Many seats and a long context, so that the fraction binds, not the cap.
+    // Many seats and a long context, so that the fraction binds, not the cap. (Sizing
+    // allocates nothing.)
     let config = SchedulerConfig {
-        max_num_seqs: 4096,
-        max_num_batched_tokens: 4096,
-        cache_max_entry_count: 0.05,
+        max_num_seqs: 1 << 16,
+        max_num_batched_tokens: 1 << 16,
+        cache_max_entry_count: 0.2,
         ..SchedulerConfig::default()
     };
     let (first, first_promise) = config.num_blocks(&chat).unwrap();
     let (second, second_promise) = config.num_blocks(&chat).unwrap();
     assert!(first_promise.is_some() && second_promise.is_some(), "host memory is promised");
-    // The second sees about 5% less memory.
-    let expected = first as f64 * 0.95;
-    assert!((second as f64) < first as f64 * 0.97, "{first} then {second}");
-    assert!((second as f64 - expected).abs() < first as f64 * 0.02, "{first} then {second}");
+    // The second sees the first's 20% gone (give or take what other tests hold meanwhile).
+    let expected = first as f64 * 0.8;
+    assert!((second as f64) < first as f64 * 0.9, "{first} then {second}");
+    assert!((second as f64 - expected).abs() < first as f64 * 0.05, "{first} then {second}");
     drop((first_promise, second_promise));
     let (again, _) = config.num_blocks(&chat).unwrap();
-    assert!((again as f64 - first as f64).abs() < first as f64 * 0.02, "{first}, later {again}");
+    assert!((again as f64 - first as f64).abs() < first as f64 * 0.05, "{first}, later {again}");
 }
