@@ -129,15 +129,9 @@ impl EngineMetrics for Recorder {
     fn prompt_tokens(&mut self, count: usize) {
         self.0.lock().unwrap().prompt_tokens += count;
     }
-    fn generated_tokens(&mut self, _: usize) {}
-    fn queue(&mut self, _: usize, _: usize) {}
-    fn time_to_first_token(&mut self, _: f64) {}
-    fn inter_token_latency(&mut self, _: f64) {}
-    fn cancelled(&mut self) {}
     fn preempted(&mut self) {
         self.0.lock().unwrap().preempted += 1;
     }
-    fn kv_blocks(&mut self, _: usize, _: usize) {}
     fn prefix_hit_tokens(&mut self, count: usize) {
         self.0.lock().unwrap().prefix_hit_tokens += count;
     }
@@ -353,16 +347,6 @@ fn error_of(event: Event) -> triton_llm::Error {
 struct Health(Arc<Mutex<bool>>);
 
 impl EngineMetrics for Health {
-    fn prompt_tokens(&mut self, _: usize) {}
-    fn generated_tokens(&mut self, _: usize) {}
-    fn queue(&mut self, _: usize, _: usize) {}
-    fn time_to_first_token(&mut self, _: f64) {}
-    fn inter_token_latency(&mut self, _: f64) {}
-    fn cancelled(&mut self) {}
-    fn preempted(&mut self) {}
-    fn kv_blocks(&mut self, _: usize, _: usize) {}
-    fn prefix_hit_tokens(&mut self, _: usize) {}
-    fn step(&mut self, _: usize, _: &StepTimes) {}
     fn failed(&mut self) {
         *self.0.lock().unwrap() = true;
     }

@@ -166,18 +166,19 @@ impl Drop for QueueSlot {
 /// What the engine reports as it runs (Prometheus metrics in the server). Called from the
 /// engine thread.
 pub trait EngineMetrics: Send {
-    fn prompt_tokens(&mut self, count: usize);
-    fn generated_tokens(&mut self, count: usize);
-    fn queue(&mut self, running: usize, waiting: usize);
-    fn time_to_first_token(&mut self, seconds: f64);
-    fn inter_token_latency(&mut self, seconds: f64);
-    fn cancelled(&mut self);
+    // Each defaults to nothing, so that an implementation states only what it watches.
+    fn prompt_tokens(&mut self, _count: usize) {}
+    fn generated_tokens(&mut self, _count: usize) {}
+    fn queue(&mut self, _running: usize, _waiting: usize) {}
+    fn time_to_first_token(&mut self, _seconds: f64) {}
+    fn inter_token_latency(&mut self, _seconds: f64) {}
+    fn cancelled(&mut self) {}
     /// A running sequence gave its KV blocks back to make room; it is recomputed later.
-    fn preempted(&mut self);
-    fn kv_blocks(&mut self, used: usize, free: usize);
-    fn prefix_hit_tokens(&mut self, count: usize);
+    fn preempted(&mut self) {}
+    fn kv_blocks(&mut self, _used: usize, _free: usize) {}
+    fn prefix_hit_tokens(&mut self, _count: usize) {}
     /// One step that ran a forward pass: how many sequences it ran, and where its time went.
-    fn step(&mut self, sequences: usize, times: &StepTimes);
+    fn step(&mut self, _sequences: usize, _times: &StepTimes) {}
     /// The engine has stopped for good (its thread panicked or the device was lost); it
     /// answers UNAVAILABLE until the model is reloaded.
     fn failed(&mut self) {}
@@ -254,18 +255,7 @@ impl StepLog {
 /// For engines nobody watches.
 pub struct NoMetrics;
 
-impl EngineMetrics for NoMetrics {
-    fn prompt_tokens(&mut self, _: usize) {}
-    fn generated_tokens(&mut self, _: usize) {}
-    fn queue(&mut self, _: usize, _: usize) {}
-    fn time_to_first_token(&mut self, _: f64) {}
-    fn inter_token_latency(&mut self, _: f64) {}
-    fn cancelled(&mut self) {}
-    fn preempted(&mut self) {}
-    fn kv_blocks(&mut self, _: usize, _: usize) {}
-    fn prefix_hit_tokens(&mut self, _: usize) {}
-    fn step(&mut self, _: usize, _: &StepTimes) {}
-}
+impl EngineMetrics for NoMetrics {}
 
 /// A running engine. Dropping it stops the thread: queued and running requests end with an
 /// error, and the thread is joined.
