@@ -557,9 +557,9 @@ fn a_sticky_cuda_error_stops_the_engine_for_good() {
     assert!(pass, "{text}");
 }
 
-/// The child of `a_sticky_cuda_error_stops_the_engine_for_good`. Run any other way (with
-/// every ignored test, say) it does nothing: it would poison the CUDA context of the tests
-/// after it.
+/// The child of `a_sticky_cuda_error_stops_the_engine_for_good`. Run any other way it fails
+/// at once rather than poison the CUDA context of the tests after it (the device scripts
+/// pass `--skip sticky_cuda_error_in_this_process` with `--include-ignored`).
 #[test]
 #[ignore = "runs in a child process of a_sticky_cuda_error_stops_the_engine_for_good"]
 fn sticky_cuda_error_in_this_process() {
@@ -569,10 +569,10 @@ fn sticky_cuda_error_in_this_process() {
     use triton_llm::pipeline::{ChatModel, ChatTurn, Completion, GenerationOptions, LoadOptions};
     use triton_llm::serving::{AnswerSink, ChatJob, NoMetrics, SchedulerConfig, ServingEngine};
 
-    if std::env::var_os(STICKY_CHILD).is_none() {
-        eprintln!("sticky_cuda_error_in_this_process: only runs as its parent test's child");
-        return;
-    }
+    assert!(
+        std::env::var_os(STICKY_CHILD).is_some(),
+        "runs only as the child of a_sticky_cuda_error_stops_the_engine_for_good"
+    );
     struct Reply(mpsc::Sender<triton_llm::Result<Completion>>);
     impl AnswerSink for Reply {
         fn on_text(&mut self, _: &str) -> bool {

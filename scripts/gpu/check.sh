@@ -183,7 +183,7 @@ if has a; then
         skip a "$what" "no time left"
     else
         log=$W/a_gpu_tests.log
-        timed "$t" "$log" "$CARRY/gpu_tests" --include-ignored --test-threads 1 --nocapture
+        timed "$t" "$log" "$CARRY/gpu_tests" --include-ignored --skip sticky_cuda_error_in_this_process --test-threads 1 --nocapture
         summary=$(grep -E '^test result:' "$log" | tail -n1 | sed -E 's/^test result: //; s/; [0-9]+ measured.*//')
         lines=$(grep -c 'GPUCHECK ' "$log")
         if [ "$RC" = 124 ] || [ "$RC" = 137 ]; then

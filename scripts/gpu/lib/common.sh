@@ -60,7 +60,7 @@ step() { # step NAME NEEDED_SECONDS COMMAND...
 gpu_tests() {
     local pattern=${2:-'^GPUCHECK.*"pass":false|^    [a-z_]+$|test result'}
     carry_binary gpu_tests
-    step "gpu tests" "$1" bash -c "$CARRY/gpu_tests --include-ignored --test-threads 1 --nocapture > '$OUT/gpu_tests.log' 2>&1; \
+    step "gpu tests" "$1" bash -c "$CARRY/gpu_tests --include-ignored --skip sticky_cuda_error_in_this_process --test-threads 1 --nocapture > '$OUT/gpu_tests.log' 2>&1; \
         grep -E '$pattern' '$OUT/gpu_tests.log'"
 }
 # serve NAME LOG NEEDED_SECONDS [VAR=VALUE ...]: lib/serve_load.sh at the levels in the
