@@ -8,7 +8,7 @@
 //! (`model`, one file per family, computing in a `dtype`) → device ops (`cpu`, `cuda` with
 //! the kernels of `kernels/`). `pipeline` ties a model folder's parts together; the
 //! `triton-llm` CLI runs the same path without a server. `faults` lets tests make a chosen
-//! part fail.
+//! part fail; `probe` measures the GPU apart from a model (the CUDA layer is the crate's own).
 //!
 //! "Engine" means the serving engine alone; where the model runs is its device (the CPU
 //! path, the GPU path).
@@ -19,12 +19,13 @@
 
 pub mod chat;
 pub mod cpu;
-pub mod cuda;
+pub(crate) mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod faults;
 pub mod model;
 pub mod pipeline;
+pub mod probe;
 pub mod sampling;
 pub mod sequence;
 pub mod serving;

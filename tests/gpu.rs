@@ -12,16 +12,16 @@ mod common;
 
 use common::*;
 use serde_json::json;
-use triton_llm::cuda;
 use triton_llm::dtype::DType;
 use triton_llm::model::{self, CausalLm, Device, LoadFormat, SeqStep};
+use triton_llm::probe;
 use triton_llm::sequence::kv_space::KvCache;
 
 /// The GPU tests are `#[ignore]`d, so a machine without a GPU reports them as not run,
 /// never as passed; asked for anyway (scripts/gpu/check.sh passes --include-ignored), one
 /// without a device fails here.
 fn require_gpu(test: &str) {
-    assert!(cuda::available(), "{test}: needs a CUDA device, driver, NVRTC and cuBLAS");
+    assert!(probe::cuda_available(), "{test}: needs a CUDA device, driver, NVRTC and cuBLAS");
 }
 
 fn report(value: serde_json::Value) {
@@ -30,18 +30,18 @@ fn report(value: serde_json::Value) {
 
 #[test]
 fn kernels_compile_for_every_dtype() {
-    if !cuda::nvrtc_available() {
+    if !probe::nvrtc_available() {
         eprintln!("kernels_compile_for_every_dtype: skipped (no NVRTC library here)");
         return;
     }
     for arch in ["compute_80", "compute_90"] {
         for dtype in [DType::BF16, DType::F16, DType::F32] {
-            let ptx = cuda::compile(dtype, arch).unwrap();
-            assert!(ptx.to_src().contains("attention_prefill"), "{arch} {dtype:?}");
+            let ptx = probe::compile_kernels(dtype, arch).unwrap();
+            assert!(ptx.contains("attention_prefill"), "{arch} {dtype:?}");
             // For reading the compiler's output (ptxas -v, local memory) without a GPU.
             if let Some(dir) = std::env::var_os("TRITON_LLM_DUMP_PTX") {
                 let path = std::path::Path::new(&dir).join(format!("{arch}-{}.ptx", dtype.name()));
-                std::fs::write(path, ptx.to_src()).unwrap();
+                std::fs::write(path, ptx).unwrap();
             }
         }
     }
@@ -70,16 +70,16 @@ fn kernels_assemble_without_spills() {
         eprintln!("kernels_assemble_without_spills: skipped (TRITON_LLM_PTXAS not set)");
         return;
     };
-    if !cuda::nvrtc_available() {
+    if !probe::nvrtc_available() {
         eprintln!("kernels_assemble_without_spills: skipped (no NVRTC library here)");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     for (arch, sm) in [("compute_80", "sm_80"), ("compute_90", "sm_90")] {
         for dtype in [DType::BF16, DType::F16, DType::F32] {
-            let ptx = cuda::compile(dtype, arch).unwrap();
+            let ptx = probe::compile_kernels(dtype, arch).unwrap();
             let path = dir.path().join(format!("{arch}-{}.ptx", dtype.name()));
-            std::fs::write(&path, ptx.to_src()).unwrap();
+            std::fs::write(&path, ptx).unwrap();
             let output = std::process::Command::new(&ptxas)
                 .args(["-v", &format!("-arch={sm}"), "-o"])
                 .arg(dir.path().join("out.cubin"))
@@ -409,7 +409,7 @@ fn the_sampling_kernel_chooses_as_the_host_sampler_on_the_device() {
     use rand::{RngExt, SeedableRng};
     use triton_llm::sampling::SampleRow;
     require_gpu("sampling kernel");
-    let gpu = cuda::Gpu::open(0, DType::F32).unwrap();
+    let gpu = probe::DeviceProbe::open(0, DType::F32).unwrap();
     let vocab = 65024;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
     let settings = [
@@ -448,23 +448,8 @@ fn the_sampling_kernel_chooses_as_the_host_sampler_on_the_device() {
             })
         })
         .collect();
-    let words = triton_llm::model::gpu::sampling_words(&rows, vocab);
-    let device_logits = gpu.upload_bytes(bytemuck::cast_slice(&logits)).unwrap();
-    let device_words = gpu.upload_bytes(bytemuck::cast_slice(&words)).unwrap();
-    let penalized_at = device_words.ptr() + (rows.len() * cuda::SAMPLE_WORDS * 4) as u64;
-    let chosen = gpu.alloc(rows.len() * 4).unwrap();
-    let launch = || {
-        gpu.sample_rows(
-            device_logits.ptr(),
-            vocab,
-            device_words.ptr(),
-            penalized_at,
-            chosen.ptr(),
-            rows.len(),
-        )
-    };
-    launch().unwrap();
-    let got = gpu.read_u32(&chosen, rows.len()).unwrap();
+    let kernel = gpu.sampling(&logits, vocab, &rows).unwrap();
+    let got = kernel.choose().unwrap();
     let want: Vec<u32> = rows
         .iter()
         .enumerate()
@@ -476,7 +461,7 @@ fn the_sampling_kernel_chooses_as_the_host_sampler_on_the_device() {
     let differing: Vec<usize> = (0..rows.len()).filter(|&i| got[i] != want[i]).collect();
     // Penalised again at every launch: the timing runs on rows it keeps changing, which
     // costs the same.
-    let ms = gpu.time_ms(20, launch).unwrap();
+    let ms = kernel.time_ms(20).unwrap();
     report(json!({
         "check": "sampling_kernel", "rows": rows.len(), "vocab": vocab,
         "differing_rows": differing, "ms_per_step": ms, "pass": differing.is_empty(),
@@ -531,12 +516,16 @@ fn sampling_on_the_device_answers_as_sampling_on_the_host() {
 }
 
 /// Set in the child process of `a_sticky_cuda_error_stops_the_engine_for_good`.
+#[cfg(feature = "fault-injection")]
 const STICKY_CHILD: &str = "TRITON_LLM_STICKY_CHILD";
 
 /// A sticky CUDA error (an illegal address: the embedding kernel reading through a null
 /// table) stops the serving engine for good: its next pass fails with `DeviceLost`, that
 /// request gets an error and every later one UNAVAILABLE at once. The error poisons the
-/// process's CUDA context for every later test, so it happens in a child process.
+/// process's CUDA context for every later test, so it happens in a child process. Built
+/// with the `fault-injection` feature, which makes the fault (scripts/test.sh and the GPU
+/// pack build the tests with it).
+#[cfg(feature = "fault-injection")]
 #[test]
 #[ignore = "needs an NVIDIA GPU (scripts/gpu/check.sh runs it)"]
 fn a_sticky_cuda_error_stops_the_engine_for_good() {
@@ -560,6 +549,7 @@ fn a_sticky_cuda_error_stops_the_engine_for_good() {
 /// The child of `a_sticky_cuda_error_stops_the_engine_for_good`. Run any other way it fails
 /// at once rather than poison the CUDA context of the tests after it (the device scripts
 /// pass `--skip sticky_cuda_error_in_this_process` with `--include-ignored`).
+#[cfg(feature = "fault-injection")]
 #[test]
 #[ignore = "runs in a child process of a_sticky_cuda_error_stops_the_engine_for_good"]
 fn sticky_cuda_error_in_this_process() {
@@ -606,10 +596,7 @@ fn sticky_cuda_error_in_this_process() {
         answer.recv_timeout(Duration::from_secs(60)).expect("an answer")
     };
     assert!(ask().is_ok());
-    let gpu = cuda::Gpu::open(0, DType::F32).unwrap();
-    let ids = gpu.upload_bytes(&0u32.to_le_bytes()).unwrap();
-    let out = gpu.alloc(4096).unwrap();
-    let poisoned = gpu.embedding(ids.ptr(), 0, out.ptr(), 1, 256).and_then(|()| gpu.synchronize());
+    let poisoned = probe::DeviceProbe::open(0, DType::F32).unwrap().lose_device();
     assert!(matches!(poisoned, Err(Error::DeviceLost(_))), "{poisoned:?}");
     let failed = ask().unwrap_err();
     assert!(failed.to_string().contains("the engine failed"), "{failed}");

@@ -7,7 +7,8 @@
 #
 #   .carry/triton-llm.xz         release CLI, stripped
 #   .carry/libtriton_llm.so.xz   release backend, stripped
-#   .carry/gpu_tests.xz          `cargo test --release --test gpu` executable, stripped
+#   .carry/gpu_tests.xz          `cargo test --release --test gpu --features fault-injection`
+#                                executable, stripped (the feature makes the lost-device test's fault)
 #   .carry/tritonserver.tar.xz   Triton 2.51.0 (../shared/tools/pack-tritonserver; reused if present)
 #   .carry/pylib.tar.xz          tritonclient 2.51.0 (pure Python) + packaging + python-rapidjson (cp312)
 #   .carry/MANIFEST.txt          what was packed, from which commit, the build's repo path
@@ -64,17 +65,12 @@ pack_binary() {
 
 gpu_test_exe=""
 if [ "$build" = 1 ]; then
-    say "cargo build --release --locked"
-    if ! cargo build --release --locked; then
-        say "FAILED: cargo build --release --locked (see the errors above)"
-        missing+=("cargo build --release failed")
-    fi
-    say "cargo test --release --locked --test gpu --no-run"
+    say "cargo test --release --locked --test gpu --features fault-injection --no-run"
     json=$(mktemp)
     # json-render-diagnostics: compiler errors print readably on stderr, the JSON lines
     # (artifacts) go to stdout.
-    if ! cargo test --release --locked --test gpu --no-run --message-format=json-render-diagnostics >"$json"; then
-        say "FAILED: cargo test --release --locked --test gpu --no-run (is there a tests/gpu.rs that compiles?)"
+    if ! cargo test --release --locked --test gpu --features fault-injection --no-run --message-format=json-render-diagnostics >"$json"; then
+        say "FAILED: cargo test --release --locked --test gpu --features fault-injection --no-run (is there a tests/gpu.rs that compiles?)"
     fi
     gpu_test_exe=$(python3 - "$json" <<'PY'
 import json, sys
@@ -92,11 +88,17 @@ PY
 )
     rm -f "$json"
     [ -n "$gpu_test_exe" ] || say "MISSING gpu_tests: cargo reported no executable for the test target 'gpu'"
+    # After the tests' build, whose fault-injection library would otherwise be the one packed.
+    say "cargo build --release --locked"
+    if ! cargo build --release --locked; then
+        say "FAILED: cargo build --release --locked (see the errors above)"
+        missing+=("cargo build --release failed")
+    fi
 elif [ "$binaries" = 1 ]; then
     # newest executable release/deps/gpu-<hash> (not the .d file)
     gpu_test_exe=$(find "$release/deps" -maxdepth 1 -type f -name 'gpu-*' -perm -u+x ! -name '*.d' \
         -printf '%T@ %p\n' 2>/dev/null | sort -rn | head -n1 | cut -d' ' -f2-)
-    [ -n "$gpu_test_exe" ] || say "MISSING gpu_tests: no executable $release/deps/gpu-* (build it with cargo test --release --test gpu --no-run)"
+    [ -n "$gpu_test_exe" ] || say "MISSING gpu_tests: no executable $release/deps/gpu-* (build it with cargo test --release --test gpu --features fault-injection --no-run)"
 fi
 
 if [ "$binaries" = 1 ]; then

@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use super::{Buffer, Gpu};
-use crate::Result;
+use super::{Buffer, Gpu, View};
+use crate::{Error, Result};
 
 pub struct KvArena {
     gpu: Arc<Gpu>,
@@ -43,10 +43,6 @@ impl KvArena {
         Ok(arena)
     }
 
-    pub fn bytes_per_block(&self) -> usize {
-        Self::block_bytes(self.num_layers, self.kv_width, self.block_size, self.gpu.dtype.size())
-    }
-
     /// Bytes of K/V one block holds across all layers.
     pub fn block_bytes(
         num_layers: usize,
@@ -70,10 +66,15 @@ impl KvArena {
         self.generation
     }
 
-    /// Device pointers of layer `layer`'s K and V.
-    pub fn layer(&self, layer: usize) -> (u64, u64) {
-        let (k, v) = &self.layers[layer];
-        (k.ptr(), v.ptr())
+    /// Layer `layer`'s K and V.
+    pub fn layer(&self, layer: usize) -> Result<(View<'_>, View<'_>)> {
+        match self.layers.get(layer) {
+            Some((k, v)) => Ok((k.view(), v.view())),
+            None => Err(Error::Internal(format!(
+                "layer {layer} of a K/V arena of {} layers with {} blocks",
+                self.num_layers, self.num_blocks
+            ))),
+        }
     }
 
     /// Adds blocks at the end, keeping what the old ones hold.

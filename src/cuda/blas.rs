@@ -6,7 +6,8 @@ use std::sync::Arc;
 use cudarc::cublas::{CudaBlas, result as blas_result, sys as blas_sys};
 use cudarc::driver::{CudaStream, DevicePtr};
 
-use super::{Gpu, blas_error};
+use super::launch::bytes;
+use super::{Gpu, View, blas_error};
 use crate::dtype::DType;
 use crate::{Error, Result};
 
@@ -93,10 +94,10 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn matmul(
         &self,
-        x: u64,
-        w: u64,
-        bias: u64,
-        y: u64,
+        x: View<'_>,
+        w: View<'_>,
+        bias: Option<View<'_>>,
+        y: View<'_>,
         m: usize,
         n: usize,
         k: usize,
@@ -110,15 +111,22 @@ impl Gpu {
     pub fn matmul_on(
         &self,
         kernel: ProductKernel,
-        x: u64,
-        w: u64,
-        bias: u64,
-        y: u64,
+        x: View<'_>,
+        w: View<'_>,
+        bias: Option<View<'_>>,
+        y: View<'_>,
         m: usize,
         n: usize,
         k: usize,
         f32_out: bool,
     ) -> Result<()> {
+        let e = self.dtype.size();
+        x.check("product input", bytes(&[m, k, e]))?;
+        w.check("product weight", bytes(&[n, k, e]))?;
+        y.check("product out", bytes(&[m, n, if f32_out { 4 } else { e }]))?;
+        if let Some(bias) = bias {
+            bias.check("product bias", bytes(&[n, e]))?;
+        }
         if kernel == ProductKernel::Gemv {
             let m = gemv_rows(m)?;
             let (function, name) = if f32_out {
@@ -142,7 +150,9 @@ impl Gpu {
         let out_type =
             if f32_out { blas_sys::cudaDataType::CUDA_R_32F } else { cuda_type(self.dtype) };
         let blas = self.blas.lock().unwrap_or_else(|p| p.into_inner());
-        // SAFETY: W holds n·k, X m·k and Y m·n elements of the stated types.
+        // SAFETY: the views were checked above to hold W's n·k, X's m·k and Y's m·n
+        // elements of the stated types; cuBLAS queues on this Gpu's stream, in order with
+        // the launches that fill and read them.
         unsafe {
             blas_result::gemm_ex(
                 *blas.handle(),
@@ -152,14 +162,14 @@ impl Gpu {
                 m as i32,
                 k as i32,
                 (&alpha as *const f32).cast(),
-                w as *const std::ffi::c_void,
+                w.ptr() as *const std::ffi::c_void,
                 cuda_type(self.dtype),
                 k as i32,
-                x as *const std::ffi::c_void,
+                x.ptr() as *const std::ffi::c_void,
                 cuda_type(self.dtype),
                 k as i32,
                 (&beta as *const f32).cast(),
-                y as *mut std::ffi::c_void,
+                y.ptr() as *mut std::ffi::c_void,
                 out_type,
                 n as i32,
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
@@ -167,7 +177,7 @@ impl Gpu {
             )
         }
         .map_err(blas_error("cublasGemmEx"))?;
-        if bias != 0 {
+        if let Some(bias) = bias {
             if f32_out {
                 return Err(Error::Internal("a bias on an f32 product is not supported".into()));
             }
@@ -185,15 +195,19 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn swiglu_product(
         &self,
-        x: u64,
-        w: u64,
-        gate_up: u64,
-        act: u64,
+        x: View<'_>,
+        w: View<'_>,
+        gate_up: View<'_>,
+        act: View<'_>,
         m: usize,
         width: usize,
         k: usize,
     ) -> Result<()> {
         if ProductKernel::for_rows(m) == ProductKernel::Gemv {
+            let e = self.dtype.size();
+            x.check("SwiGLU product input", bytes(&[m, k, e]))?;
+            w.check("SwiGLU product weight", bytes(&[2 * width, k, e]))?;
+            act.check("SwiGLU product out", bytes(&[m, width, e]))?;
             let m = gemv_rows(m)?;
             let (width_i, k) = (width as i32, k as i32);
             return self.launch(
@@ -204,7 +218,7 @@ impl Gpu {
                 &[&x, &w, &act, &m, &width_i, &k],
             );
         }
-        self.matmul_on(ProductKernel::Cublas, x, w, 0, gate_up, m, 2 * width, k, false)?;
+        self.matmul_on(ProductKernel::Cublas, x, w, None, gate_up, m, 2 * width, k, false)?;
         self.silu_mul(gate_up, act, m, width)
     }
 }

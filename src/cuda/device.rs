@@ -1,6 +1,7 @@
 //! A device's context, a model's streams on it, device and pinned host memory, copies.
 
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::CudaBlas;
@@ -12,25 +13,73 @@ use super::{blas_error, device_error};
 use crate::dtype::DType;
 use crate::{Error, Result};
 
-/// A device buffer of raw elements; its pointer is what kernels receive.
+/// A device buffer of raw bytes. Kernels see it only through [`View`]s, which carry its
+/// size, so every launch wrapper can check that what it writes and reads lies inside.
 pub struct Buffer {
     slice: CudaSlice<u8>,
     ptr: u64,
 }
 
 impl Buffer {
-    pub fn ptr(&self) -> u64 {
-        self.ptr
-    }
-
     pub fn bytes(&self) -> usize {
         self.slice.len()
     }
 
-    /// The address `offset` bytes in.
-    pub fn at(&self, offset: usize) -> u64 {
-        debug_assert!(offset <= self.slice.len());
-        self.ptr + offset as u64
+    /// The whole buffer.
+    pub fn view(&self) -> View<'_> {
+        View { ptr: self.ptr, bytes: self.slice.len(), _buffer: PhantomData }
+    }
+
+    /// `bytes` bytes from `offset` on; an error when they run past the end.
+    pub fn range(&self, offset: usize, bytes: usize) -> Result<View<'_>> {
+        match offset.checked_add(bytes) {
+            Some(end) if end <= self.slice.len() => {
+                Ok(View { ptr: self.ptr + offset as u64, bytes, _buffer: PhantomData })
+            }
+            _ => Err(Error::Internal(format!(
+                "bytes {offset}..+{bytes} lie outside a device buffer of {}",
+                self.slice.len()
+            ))),
+        }
+    }
+}
+
+/// A span of device memory inside a live [`Buffer`]: the only form in which an address
+/// reaches a kernel. It borrows the buffer, so it cannot outlive it, and it knows its
+/// length, which each launch wrapper checks against what the launch's shape reaches.
+/// (Device memory is written through shared views: it is not Rust memory, and the one
+/// stream a model queues on orders every access.)
+#[derive(Clone, Copy, Debug)]
+pub struct View<'a> {
+    ptr: u64,
+    bytes: usize,
+    _buffer: PhantomData<&'a Buffer>,
+}
+
+impl View<'_> {
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The device address, for a kernel argument (only this module launches).
+    pub(super) fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// The address where a launch's argument list can borrow it.
+    pub(super) fn ptr_ref(&self) -> &u64 {
+        &self.ptr
+    }
+
+    /// Fails unless the view holds at least `bytes` bytes; `what` names it in the error.
+    pub(super) fn check(&self, what: &str, bytes: usize) -> Result<()> {
+        if self.bytes < bytes {
+            return Err(Error::Internal(format!(
+                "{what}: the launch reaches {bytes} bytes of a device view of {}",
+                self.bytes
+            )));
+        }
+        Ok(())
     }
 }
 

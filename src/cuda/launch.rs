@@ -2,7 +2,7 @@
 
 use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 
-use super::{Gpu, device_error};
+use super::{Gpu, View, device_error};
 use crate::{Error, Result};
 
 /// Threads of a sampling block (SAMPLE_THREADS in kernels/sampling.cu).
@@ -44,23 +44,29 @@ impl Gpu {
             shared_mem_bytes,
         };
         // SAFETY: each wrapper (here and in blas.rs) passes arguments matching its kernel's
-        // signature, and pointers into buffers its caller sized for the launch's shape.
+        // signature; every address is a `View` of a live buffer, checked to hold what the
+        // launch's shape reaches, and indices the kernels follow (ids, slots, block tables,
+        // rows) are checked against their buffers where the host lays them out.
         unsafe { builder.launch(config) }.map(|_| ()).map_err(device_error(name))
     }
 
     /// Chooses the next token of `rows` rows of f32 logits (`stride` apart) on the device,
     /// each as `sampling::choose` does, from `SAMPLE_WORDS` parameter words per row
     /// and the rows' distinct penalized ids; writes one id per row to `chosen`. The logits
-    /// are changed in place (guard, penalty).
+    /// are changed in place (guard, penalty). `penalized` holds the ids the words point
+    /// into (the words come from `model::gpu::sampling_words`, which checks those offsets).
     pub fn sample_rows(
         &self,
-        logits: u64,
+        logits: View<'_>,
         stride: usize,
-        params: u64,
-        penalized: u64,
-        chosen: u64,
+        params: View<'_>,
+        penalized: View<'_>,
+        chosen: View<'_>,
         rows: usize,
     ) -> Result<()> {
+        logits.check("sample_rows logits", bytes(&[rows, stride, 4]))?;
+        params.check("sample_rows parameters", bytes(&[rows, SAMPLE_WORDS, 4]))?;
+        chosen.check("sample_rows chosen ids", bytes(&[rows, 4]))?;
         let stride = stride as u64;
         self.launch(
             &self.kernels().sample_rows,
@@ -71,8 +77,9 @@ impl Gpu {
         )
     }
 
-    /// Fills `n` elements at `out` with uniform values in ±bound (dummy weights).
-    pub fn fill_uniform(&self, out: u64, n: usize, seed: u64, bound: f32) -> Result<()> {
+    /// Fills `n` elements of `out` with uniform values in ±bound (dummy weights).
+    pub fn fill_uniform(&self, out: View<'_>, n: usize, seed: u64, bound: f32) -> Result<()> {
+        out.check("fill_uniform", bytes(&[n, self.dtype.size()]))?;
         let blocks = n.div_ceil(256).min(65_536) as u32;
         let n = n as u64;
         self.launch(
@@ -84,14 +91,19 @@ impl Gpu {
         )
     }
 
+    /// The f32 rows of `table` (elems, `width` wide) at `tokens` ids, into `out`. The ids
+    /// are checked against the table's rows on the host (`model::gpu` tables).
     pub fn embedding(
         &self,
-        ids: u64,
-        table: u64,
-        out: u64,
+        ids: View<'_>,
+        table: View<'_>,
+        out: View<'_>,
         tokens: usize,
         width: usize,
     ) -> Result<()> {
+        ids.check("embedding ids", bytes(&[tokens, 4]))?;
+        table.check("embedding table", bytes(&[width, self.dtype.size()]))?;
+        out.check("embedding out", bytes(&[tokens, width, 4]))?;
         let width = width as i32;
         self.launch(
             &self.kernels().embedding,
@@ -102,16 +114,17 @@ impl Gpu {
         )
     }
 
-    /// `residual += delta` (if delta ≠ 0) then RMSNorm into `out`, over `rows` rows (or the
-    /// residual rows listed at `row_index`).
+    /// `residual += delta` (if there is one) then RMSNorm into `out`, over `rows` rows (or
+    /// the residual and delta rows listed in `row_index`). The residual is f32, the rest
+    /// elems.
     #[allow(clippy::too_many_arguments)]
     pub fn add_rms_norm(
         &self,
-        residual: u64,
-        delta: u64,
-        row_index: u64,
-        weight: u64,
-        out: u64,
+        residual: View<'_>,
+        delta: Option<View<'_>>,
+        row_index: Option<View<'_>>,
+        weight: View<'_>,
+        out: View<'_>,
         rows: usize,
         width: usize,
         eps: f32,
@@ -124,6 +137,19 @@ impl Gpu {
                 "hidden size {width} is over the 8192 RMSNorm takes"
             )));
         }
+        let e = self.dtype.size();
+        match row_index {
+            // Listed rows: indices into buffers the caller sized for every row they name.
+            Some(index) => index.check("add_rms_norm row index", bytes(&[rows, 4]))?,
+            None => {
+                residual.check("add_rms_norm residual", bytes(&[rows, width, 4]))?;
+                if let Some(delta) = delta {
+                    delta.check("add_rms_norm delta", bytes(&[rows, width, e]))?;
+                }
+            }
+        }
+        weight.check("add_rms_norm weight", bytes(&[width, e]))?;
+        out.check("add_rms_norm out", bytes(&[rows, width, e]))?;
         let width = width as i32;
         self.launch(
             &self.kernels().add_rms_norm,
@@ -135,8 +161,17 @@ impl Gpu {
     }
 
     /// SwiGLU of `rows` packed `[gate | up]` rows (kernels/silu_mul.cu).
-    pub fn silu_mul(&self, gate_up: u64, out: u64, rows: usize, width: usize) -> Result<()> {
-        let chunks = width.div_ceil(16 / self.dtype.size());
+    pub fn silu_mul(
+        &self,
+        gate_up: View<'_>,
+        out: View<'_>,
+        rows: usize,
+        width: usize,
+    ) -> Result<()> {
+        let e = self.dtype.size();
+        gate_up.check("silu_mul input", bytes(&[rows, 2 * width, e]))?;
+        out.check("silu_mul out", bytes(&[rows, width, e]))?;
+        let chunks = width.div_ceil(16 / e);
         let grid = (chunks.div_ceil(256) as u32, rows.min(65_535) as u32);
         let (width, rows) = (width as i32, rows as i32);
         self.launch(
@@ -149,18 +184,33 @@ impl Gpu {
     }
 
     /// Bias, rotary and the K/V cache write after the QKV product (kernels/rope_kv.cu).
+    /// The slots in `step` are checked against the caches on the host (`model::gpu`
+    /// tables take them from block tables the KV space hands out).
     #[allow(clippy::too_many_arguments)]
     pub fn rope_write_kv(
         &self,
-        qkv: u64,
-        bias: u64,
-        q_out: u64,
-        k_cache: u64,
-        v_cache: u64,
-        step: &StepTables,
+        qkv: View<'_>,
+        bias: Option<View<'_>>,
+        q_out: View<'_>,
+        k_cache: View<'_>,
+        v_cache: View<'_>,
+        step: &StepTables<'_>,
         shape: &AttentionShape,
         rope: Rope,
     ) -> Result<()> {
+        let e = self.dtype.size();
+        let (q_width, kv_width) =
+            (shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim);
+        let qkv_width = q_width + 2 * kv_width;
+        qkv.check("rope_write_kv input", bytes(&[step.tokens, qkv_width, e]))?;
+        if let Some(bias) = bias {
+            bias.check("rope_write_kv bias", bytes(&[qkv_width, e]))?;
+        }
+        q_out.check("rope_write_kv queries", bytes(&[step.tokens, q_width, e]))?;
+        let kv_block = bytes(&[step.block_size, kv_width, e]);
+        k_cache.check("rope_write_kv K cache", kv_block)?;
+        v_cache.check("rope_write_kv V cache", kv_block)?;
+        step.check()?;
         let (freq_len, heads, kv_heads, head_dim) = (
             step.freq_len as i32,
             shape.num_heads as i32,
@@ -206,20 +256,35 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
-        q: u64,
-        k_cache: u64,
-        v_cache: u64,
-        out: u64,
-        partial: u64,
-        split_counters: u64,
-        step: &StepTables,
+        q: View<'_>,
+        k_cache: View<'_>,
+        v_cache: View<'_>,
+        out: View<'_>,
+        partial: View<'_>,
+        split_counters: View<'_>,
+        step: &StepTables<'_>,
         shape: &AttentionShape,
-        block_size: usize,
     ) -> Result<()> {
+        let e = self.dtype.size();
+        let q_width = shape.num_heads * shape.head_dim;
+        q.check("attention queries", bytes(&[step.tokens, q_width, e]))?;
+        out.check("attention out", bytes(&[step.tokens, q_width, e]))?;
+        step.check()?;
+        let kv_block = bytes(&[step.block_size, shape.num_kv_heads, shape.head_dim, e]);
+        k_cache.check("attention K cache", kv_block)?;
+        v_cache.check("attention V cache", kv_block)?;
+        if step.num_decode > 0 && step.splits > 1 {
+            partial.check(
+                "attention partial results",
+                bytes(&[step.num_decode, shape.num_heads, step.splits, shape.head_dim + 2, 4]),
+            )?;
+            split_counters
+                .check("attention split counters", bytes(&[step.num_decode, shape.num_heads, 4]))?;
+        }
         let scale = 1.0 / (shape.head_dim as f32).sqrt();
         let (max_blocks, block_size, heads, kv_heads, head_dim) = (
             step.max_blocks_per_seq as i32,
-            block_size as i32,
+            step.block_size as i32,
             shape.num_heads as i32,
             shape.num_kv_heads as i32,
             shape.head_dim as i32,
@@ -299,6 +364,22 @@ impl Gpu {
         Ok(())
     }
 
+    /// Launches the embedding kernel over a null table: an illegal address, which loses
+    /// the context for good (the tests of a lost device).
+    #[cfg(feature = "fault-injection")]
+    pub fn read_through_null(&self) -> Result<()> {
+        let ids = self.upload_bytes(&0u32.to_le_bytes())?;
+        let out = self.alloc(4096)?;
+        let (table, width) = (None::<View<'_>>, 256i32);
+        self.launch(
+            &self.kernels().embedding,
+            "embedding",
+            (1, 1),
+            1024,
+            &[&ids.view(), &table, &out.view(), &width],
+        )
+    }
+
     /// The tensor-core prefill kernel, where it applies (16-bit dtypes, heads a multiple
     /// of 16 wide).
     fn mma_prefill(&self, head_dim: usize) -> Option<&CudaFunction> {
@@ -315,6 +396,32 @@ impl Gpu {
 /// Anything passed to a kernel by value.
 pub(super) trait Arg {
     fn push<'a>(&'a self, builder: &mut cudarc::driver::LaunchArgs<'a>);
+}
+
+impl Arg for View<'_> {
+    fn push<'a>(&'a self, builder: &mut cudarc::driver::LaunchArgs<'a>) {
+        builder.arg(self.ptr_ref());
+    }
+}
+
+/// An absent optional pointer argument (the kernels test for null).
+static NULL: u64 = 0;
+
+impl Arg for Option<View<'_>> {
+    fn push<'a>(&'a self, builder: &mut cudarc::driver::LaunchArgs<'a>) {
+        match self {
+            Some(view) => view.push(builder),
+            None => {
+                builder.arg(&NULL);
+            }
+        }
+    }
+}
+
+/// Bytes of a launch's extent: the product of `factors`, saturating, so that an overflowing
+/// shape fails the size checks instead of wrapping around.
+pub(super) fn bytes(factors: &[usize]) -> usize {
+    factors.iter().fold(1usize, |acc, &f| acc.saturating_mul(f))
 }
 
 macro_rules! kernel_arg {
@@ -354,19 +461,23 @@ const MMA_TILE: usize = 64;
 /// The widest head the attention kernels take (decode: 256; prefill: 128).
 pub const MAX_HEAD_DIM: usize = 128;
 
-/// Device pointers of one forward call's per-token tables (all within one upload).
-pub struct StepTables {
+/// Views of one forward call's per-token tables (all within one upload).
+pub struct StepTables<'a> {
     pub tokens: usize,
-    pub positions: u64,
-    pub slots: u64,
-    pub token_seq: u64,
+    /// Sequences (rows of the block tables).
+    pub seqs: usize,
+    pub positions: View<'a>,
+    pub slots: View<'a>,
+    pub token_seq: View<'a>,
     /// Per token: cos of each rotary frequency, then sin (`freq_len` each).
-    pub cos_sin: u64,
+    pub cos_sin: View<'a>,
     pub freq_len: usize,
-    pub block_tables: u64,
+    pub block_tables: View<'a>,
     pub max_blocks_per_seq: usize,
+    /// Positions per K/V block.
+    pub block_size: usize,
     /// Rows of the tokens that are a sequence's only token in this call (decode).
-    pub decode_rows: u64,
+    pub decode_rows: View<'a>,
     pub num_decode: usize,
     /// Key splits of the decode attention and the keys each covers.
     pub splits: usize,
@@ -374,6 +485,21 @@ pub struct StepTables {
     /// Query heads (of one K/V head) a decode attention block takes.
     pub heads_per_block: usize,
     /// (first row, count) pairs of the prefill tiles.
-    pub tiles: u64,
+    pub tiles: View<'a>,
     pub num_tiles: usize,
+}
+
+impl StepTables<'_> {
+    /// The tables hold what the call's counts say. Their values (slots and block ids within
+    /// the K/V arena, rows within the call) are checked where they are laid out.
+    fn check(&self) -> Result<()> {
+        let per_token = bytes(&[self.tokens, 4]);
+        self.positions.check("positions", per_token)?;
+        self.slots.check("K/V slots", per_token)?;
+        self.token_seq.check("token sequences", per_token)?;
+        self.cos_sin.check("rotary table", bytes(&[self.tokens, 2 * self.freq_len, 4]))?;
+        self.block_tables.check("block tables", bytes(&[self.seqs, self.max_blocks_per_seq, 4]))?;
+        self.decode_rows.check("decode rows", bytes(&[self.num_decode, 4]))?;
+        self.tiles.check("prefill tiles", bytes(&[self.num_tiles, 2, 4]))
+    }
 }

@@ -4,8 +4,9 @@
 //! CUDA is loaded at run time (cudarc's dynamic loading), so the crate builds and its tests
 //! pass on machines without it; [`available`] says whether this one can run the engine.
 //!
-//! This module and `src/triton` are the only places with `unsafe`: kernel launches take raw
-//! device pointers, and every launch here passes pointers of buffers the caller sized.
+//! This module and `src/triton` are the only places with `unsafe`. Addresses never leave
+//! it: kernels get [`View`]s of live buffers, and each launch wrapper checks them against
+//! the extent its shape reaches before it launches.
 
 #![allow(unsafe_code)]
 #![warn(clippy::undocumented_unsafe_blocks)]
@@ -30,9 +31,9 @@ use cudarc::cublas::sys as blas_sys;
 use cudarc::driver::{CudaContext, sys as driver_sys};
 
 pub use arena::KvArena;
-pub use blas::{GEMV_MAX_ROWS, GEMV_UP_TO_ROWS, ProductKernel};
+pub use blas::{GEMV_MAX_ROWS, ProductKernel};
 pub use compile::compile;
-pub use device::{Buffer, Gpu, HostBuffer};
+pub use device::{Buffer, Gpu, HostBuffer, View};
 pub use graph::Graph;
 pub use launch::{AttentionShape, MAX_HEAD_DIM, Rope, SAMPLE_WORDS, StepTables};
 
@@ -121,5 +122,13 @@ mod tests {
             assert!(!is_sticky(&DriverError(code)), "{code:?}");
         }
         assert!(Error::DeviceLost("x".into()).is_fatal() && !Error::Device("x".into()).is_fatal());
+    }
+
+    #[test]
+    fn launch_extents_saturate_instead_of_wrapping() {
+        assert_eq!(launch::bytes(&[3, 5, 2]), 30);
+        assert_eq!(launch::bytes(&[]), 1);
+        // An overflowing shape asks for more than any view holds, so the check refuses it.
+        assert_eq!(launch::bytes(&[usize::MAX / 2, 3, 4]), usize::MAX);
     }
 }

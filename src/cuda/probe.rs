@@ -28,7 +28,7 @@ impl Gpu {
     pub fn measure_bandwidth(&self, bytes: usize) -> Result<f64> {
         let src = self.alloc(bytes)?;
         let mut dst = self.alloc(bytes)?;
-        self.fill_uniform(src.ptr(), bytes / self.dtype.size(), 7, 1.0)?;
+        self.fill_uniform(src.view(), bytes / self.dtype.size(), 7, 1.0)?;
         let ms = self.time_ms(20, || self.copy(&src, &mut dst, bytes))?;
         Ok(2.0 * bytes as f64 / (ms * 1e-3))
     }
@@ -47,16 +47,16 @@ impl Gpu {
         let copies = (256usize << 20).div_ceil(bytes).max(2);
         let weights = (0..copies).map(|_| self.alloc(bytes)).collect::<Result<Vec<Buffer>>>()?;
         for (i, w) in weights.iter().enumerate() {
-            self.fill_uniform(w.ptr(), n * k, 10 + i as u64, 0.01)?;
+            self.fill_uniform(w.view(), n * k, 10 + i as u64, 0.01)?;
         }
         let x = self.alloc(m * k * self.dtype.size())?;
-        self.fill_uniform(x.ptr(), m * k, 3, 1.0)?;
+        self.fill_uniform(x.view(), m * k, 3, 1.0)?;
         let y = self.alloc(m * n * self.dtype.size())?;
         let mut next = 0;
         let repeats = 8 * copies;
         let ms = self.time_ms(repeats, || {
             next = (next + 1) % copies;
-            self.matmul_on(kernel, x.ptr(), weights[next].ptr(), 0, y.ptr(), m, n, k, false)
+            self.matmul_on(kernel, x.view(), weights[next].view(), None, y.view(), m, n, k, false)
         })?;
         Ok(bytes as f64 / (ms * 1e-3))
     }
@@ -68,10 +68,11 @@ impl Gpu {
         let bytes = elems * self.dtype.size();
         let (a, b) = (self.alloc(bytes)?, self.alloc(bytes)?);
         let c = self.alloc(bytes)?;
-        self.fill_uniform(a.ptr(), elems, 1, 1.0)?;
-        self.fill_uniform(b.ptr(), elems, 2, 1.0)?;
-        let ms = self
-            .time_ms(10, || self.matmul(a.ptr(), b.ptr(), 0, c.ptr(), size, size, size, false))?;
+        self.fill_uniform(a.view(), elems, 1, 1.0)?;
+        self.fill_uniform(b.view(), elems, 2, 1.0)?;
+        let ms = self.time_ms(10, || {
+            self.matmul(a.view(), b.view(), None, c.view(), size, size, size, false)
+        })?;
         Ok(2.0 * (size as f64).powi(3) / (ms * 1e-3))
     }
 }

@@ -3,7 +3,7 @@
 //! (fields named exactly as in `config.json`), checks every tensor and owns its forward pass.
 
 pub mod chatglm2;
-pub mod gpu;
+pub(crate) mod gpu;
 pub mod internlm2;
 pub mod rope;
 pub mod weights;

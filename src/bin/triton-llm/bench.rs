@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use serde_json::json;
 use triton_llm::model::{self, CausalLm, Checkpoint, Device, KvStore, LoadFormat, SeqStep};
+use triton_llm::probe::DeviceProbe;
 use triton_llm::sampling::SampleRow;
 use triton_llm::{Error, Result};
 
@@ -149,11 +150,10 @@ fn bench(
     let (bandwidth, matmul_flops, elem_bytes, device_name) = match device.device {
         Device::Cpu => (measure_host_bandwidth(), None, 4usize, "cpu".to_string()),
         Device::Cuda(ordinal) => {
-            let gpu = triton_llm::cuda::Gpu::open(ordinal, device.dtype)?;
-            gpu.bind()?;
-            let bandwidth = gpu.measure_bandwidth(1 << 30)?;
-            let flops = gpu.measure_matmul(8192)?;
-            (bandwidth, Some(flops), device.dtype.size(), gpu.name.clone())
+            let gpu = DeviceProbe::open(ordinal, device.dtype)?;
+            let bandwidth = gpu.bandwidth(1 << 30)?;
+            let flops = gpu.matmul_flops(8192)?;
+            (bandwidth, Some(flops), device.dtype.size(), gpu.name().to_string())
         }
     };
     let block_size = 16;
@@ -213,8 +213,8 @@ fn bench(
         // 6B/7B families, on the kernel the engine picks for those rows), as a share of the
         // copy bandwidth: what the end-to-end decode figure is built from. Up to the GEMV
         // kernel's rows, both kernels, to check the engine's pick.
-        use triton_llm::cuda::{GEMV_MAX_ROWS, ProductKernel};
-        let gpu = triton_llm::cuda::Gpu::open(ordinal, device.dtype)?;
+        use triton_llm::probe::{GEMV_MAX_ROWS, ProductKernel};
+        let gpu = DeviceProbe::open(ordinal, device.dtype)?;
         let measure = |kernel: ProductKernel| -> triton_llm::Result<serde_json::Value> {
             let mut shares = serde_json::Map::new();
             for (n, k) in [
@@ -227,7 +227,7 @@ fn bench(
                 (28672, 4096),
                 (4096, 14336),
             ] {
-                let read = gpu.measure_matmul_bandwidth(kernel, batch, n, k)?;
+                let read = gpu.product_bandwidth(kernel, batch, n, k)?;
                 shares.insert(
                     format!("{n}x{k}"),
                     json!((100.0 * read / bandwidth * 10.0).round() / 10.0),

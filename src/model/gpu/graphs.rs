@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 
 use super::GpuModel;
 use super::pass::Pass;
-use super::scratch::Scratch;
+use super::scratch::{Graphs, Scratch};
 use crate::Result;
 use crate::cuda;
 use crate::model::SeqStep;
@@ -32,28 +32,29 @@ impl GpuModel {
     /// (the first warms up), replayed from then on; run directly while there is none.
     pub(super) fn run_graph(
         &self,
-        s: &mut Scratch,
+        s: &Scratch,
+        graphs: &mut Graphs,
         arena: &cuda::KvArena,
-        pass: &Pass,
+        pass: &Pass<'_>,
         shape: GraphShape,
     ) -> Result<()> {
         let gpu = &self.gpu;
         let key = (arena.generation(), shape);
-        if !s.graphs.contains_key(&key) && !s.warmed_up.insert(shape) {
+        if !graphs.captured.contains_key(&key) && !graphs.warmed_up.insert(shape) {
             match gpu.capture(|| self.queue_pass(s, arena, pass)) {
                 Ok(captured) => {
-                    if s.graphs.len() >= MAX_GRAPHS {
+                    if graphs.captured.len() >= MAX_GRAPHS {
                         // Mostly graphs of arenas since grown or dropped.
-                        s.graphs.clear();
+                        graphs.captured.clear();
                     }
                     // A few dozen a model at most: serving logs show graphs in use.
                     tracing::info!(
                         batch = shape.batch,
                         block_table = shape.max_blocks,
-                        graphs = s.graphs.len() + 1,
+                        graphs = graphs.captured.len() + 1,
                         "captured a decode step as a CUDA graph"
                     );
-                    s.graphs.insert(key, captured);
+                    graphs.captured.insert(key, captured);
                 }
                 Err(e) => {
                     let failures = self.capture_failures.fetch_add(1, Ordering::Relaxed) + 1;
@@ -63,12 +64,12 @@ impl GpuModel {
                     } else {
                         // Tried again the next time this shape runs.
                         tracing::warn!("capturing a decode step failed (will retry): {e}");
-                        s.warmed_up.remove(&shape);
+                        graphs.warmed_up.remove(&shape);
                     }
                 }
             }
         }
-        match s.graphs.get(&key) {
+        match graphs.captured.get(&key) {
             Some(captured) => gpu.replay(captured)?,
             None => self.queue_pass(s, arena, pass)?,
         }

@@ -4,7 +4,7 @@
 //! rotary layout, and the rotary frequencies of a call. Per token, every layer runs
 //! RMSNorm (fused with the residual add) → QKV product → bias + rotary + paged K/V write →
 //! paged attention → output product → RMSNorm → [gate | up] product → SwiGLU → down
-//! product; the residual stream stays f32. Products of up to `GEMV_UP_TO_ROWS` tokens
+//! product; the residual stream stays f32. Products of up to `cuda::GEMV_UP_TO_ROWS` tokens
 //! (a single sequence's decode step) run on our GEMV kernel, larger ones on cuBLAS.
 
 /// Decode steps captured as CUDA graphs: the shapes they are captured at, capture, replay.
@@ -221,15 +221,15 @@ impl super::CausalLm for GpuModel {
             return Ok(super::choose_on_host(self.forward_batch(arena, steps)?, rows));
         }
         let words = sampling_words(rows, self.shape.vocab);
-        self.forward_on_device(arena, steps, &words, |gpu, s, words_at| {
-            let penalized = words_at + (rows.len() * cuda::SAMPLE_WORDS * 4) as u64;
-            let stride = self.shape.vocab;
+        self.forward_on_device(arena, steps, &words, |gpu, s, uploaded| {
+            let params = rows.len() * cuda::SAMPLE_WORDS * 4;
+            let penalized = s.extra.range(params, uploaded - params)?;
             gpu.sample_rows(
-                s.logits.ptr(),
-                stride,
-                words_at,
+                s.logits.view(),
+                self.shape.vocab,
+                s.extra.range(0, params)?,
                 penalized,
-                s.chosen.ptr(),
+                s.chosen.view(),
                 rows.len(),
             )?;
             let chosen = gpu.read_u32(&s.chosen, rows.len())?;

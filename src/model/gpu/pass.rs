@@ -2,21 +2,21 @@
 //! captured decode graph replayed).
 
 use super::GpuModel;
-use super::scratch::Scratch;
-use crate::cuda::{self, Buffer, Gpu, StepTables};
+use super::scratch::{Graphs, Scratch};
+use crate::cuda::{self, Buffer, Gpu, StepTables, View};
 use crate::model::{KvStore, SeqStep, batch_offsets};
 use crate::{Error, Result};
 
 impl GpuModel {
     /// Runs the pass up to the logits (left on the device in the scratch), with `extra`
-    /// words uploaded after the step's tables, then `finish` (given the device address of
-    /// the extra words) while the scratch is held.
+    /// words uploaded to the scratch's `extra` buffer, then `finish` (given the bytes of
+    /// extra words uploaded) while the scratch is held.
     pub(super) fn forward_on_device<R>(
         &self,
         arena: &mut dyn KvStore,
         steps: &[SeqStep<'_>],
         extra: &[u32],
-        finish: impl FnOnce(&Gpu, &mut Scratch, u64) -> Result<R>,
+        finish: impl FnOnce(&Gpu, &mut Scratch, usize) -> Result<R>,
     ) -> Result<R> {
         let arena: &mut cuda::KvArena = arena.as_any_mut().downcast_mut().ok_or_else(|| {
             Error::Internal("a GPU model was given another device's KV arena".into())
@@ -25,7 +25,7 @@ impl GpuModel {
         let block_size = arena.block_size();
         let graph = if arena.num_blocks() > 0 { self.graph_shape(steps, block_size) } else { None };
         let (total, seqs) = graph.map_or((real_tokens, steps.len()), |g| (g.batch, g.batch));
-        let tables = self.tables(steps, block_size, graph)?;
+        let tables = self.tables(steps, block_size, arena.num_blocks(), graph)?;
         let gpu = &self.gpu;
         gpu.bind()?;
 
@@ -39,52 +39,69 @@ impl GpuModel {
         }
         gpu.write_bytes(&mut s.tables, 0, bytemuck::cast_slice(&tables.words))?;
         gpu.write_bytes(&mut s.extra, 0, bytemuck::cast_slice(extra))?;
-        let word = |table: usize| s.tables.at(tables.offsets[table] * 4);
-        let step = StepTables {
-            tokens: total,
-            positions: word(1),
-            slots: word(2),
-            token_seq: word(3),
-            cos_sin: word(7),
-            freq_len: tables.freq_len,
-            block_tables: word(6),
-            max_blocks_per_seq: tables.max_blocks,
-            decode_rows: word(8),
-            num_decode: tables.num_decode,
-            splits: tables.splits,
-            partition: tables.partition,
-            heads_per_block: tables.heads_per_block,
-            tiles: word(9),
-            num_tiles: tables.num_tiles,
+        // The graphs leave the scratch while its buffers are lent to the pass as views.
+        let mut graphs = std::mem::take(&mut s.graphs);
+        let run = |s: &Scratch, graphs: &mut Graphs| -> Result<()> {
+            let word = |table: usize| {
+                let (offset, bytes) = tables.span(table);
+                s.tables.range(offset, bytes)
+            };
+            let step = StepTables {
+                tokens: total,
+                seqs,
+                positions: word(1)?,
+                slots: word(2)?,
+                token_seq: word(3)?,
+                cos_sin: word(7)?,
+                freq_len: tables.freq_len,
+                block_tables: word(6)?,
+                max_blocks_per_seq: tables.max_blocks,
+                block_size,
+                decode_rows: word(8)?,
+                num_decode: tables.num_decode,
+                splits: tables.splits,
+                partition: tables.partition,
+                heads_per_block: tables.heads_per_block,
+                tiles: word(9)?,
+                num_tiles: tables.num_tiles,
+            };
+            let pass = Pass { step, ids: word(0)?, last_rows: word(5)?, seqs };
+            match graph {
+                Some(shape) => self.run_graph(s, graphs, arena, &pass, shape),
+                None => self.queue_pass(s, arena, &pass),
+            }
         };
-        let pass = Pass { step, ids: word(0), last_rows: word(5), seqs };
-        match graph {
-            Some(shape) => self.run_graph(s, arena, &pass, shape)?,
-            None => self.queue_pass(s, arena, &pass)?,
-        }
-        let extra_ptr = s.extra.ptr();
-        finish(gpu, s, extra_ptr)
+        let ran = run(s, &mut graphs);
+        s.graphs = graphs;
+        ran?;
+        finish(gpu, s, extra.len() * 4)
     }
 
     /// Queues the pass up to the logits: the same launches whether they run now or are
     /// captured into a graph (device addresses only; nothing read back, nothing allocated).
-    pub(super) fn queue_pass(&self, s: &Scratch, arena: &cuda::KvArena, pass: &Pass) -> Result<()> {
+    pub(super) fn queue_pass(
+        &self,
+        s: &Scratch,
+        arena: &cuda::KvArena,
+        pass: &Pass<'_>,
+    ) -> Result<()> {
         let gpu = &self.gpu;
         let (step, total) = (&pass.step, pass.step.tokens);
-        let block_size = arena.block_size();
         let shape = &self.shape;
         let (h, ffn) = (shape.hidden, shape.ffn);
         let w = &self.weights;
-        let bias = |b: &Option<Buffer>| b.as_ref().map_or(0, Buffer::ptr);
-        gpu.embedding(pass.ids, w.embedding.ptr(), s.x.ptr(), total, h)?;
+        fn view(b: &Option<Buffer>) -> Option<View<'_>> {
+            b.as_ref().map(Buffer::view)
+        }
+        gpu.embedding(pass.ids, w.embedding.view(), s.x.view(), total, h)?;
         for (l, layer) in w.layers.iter().enumerate() {
-            let delta = if l == 0 { 0 } else { s.mlp_out.ptr() };
-            let normed = s.normed.ptr();
+            let delta = if l == 0 { None } else { Some(s.mlp_out.view()) };
+            let normed = s.normed.view();
             gpu.add_rms_norm(
-                s.x.ptr(),
+                s.x.view(),
                 delta,
-                0,
-                layer.attention_norm.ptr(),
+                None,
+                layer.attention_norm.view(),
                 normed,
                 total,
                 h,
@@ -92,19 +109,19 @@ impl GpuModel {
             )?;
             gpu.matmul(
                 normed,
-                layer.qkv.ptr(),
-                0,
-                s.qkv.ptr(),
+                layer.qkv.view(),
+                None,
+                s.qkv.view(),
                 total,
                 shape.qkv_width(),
                 h,
                 false,
             )?;
-            let (k_cache, v_cache) = arena.layer(l);
+            let (k_cache, v_cache) = arena.layer(l)?;
             gpu.rope_write_kv(
-                s.qkv.ptr(),
-                bias(&layer.qkv_bias),
-                s.q.ptr(),
+                s.qkv.view(),
+                view(&layer.qkv_bias),
+                s.q.view(),
                 k_cache,
                 v_cache,
                 step,
@@ -112,31 +129,30 @@ impl GpuModel {
                 shape.rope,
             )?;
             gpu.attention(
-                s.q.ptr(),
+                s.q.view(),
                 k_cache,
                 v_cache,
-                s.context.ptr(),
-                s.attention_partial.ptr(),
-                s.split_counters.ptr(),
+                s.context.view(),
+                s.attention_partial.view(),
+                s.split_counters.view(),
                 step,
                 &shape.attention,
-                block_size,
             )?;
             gpu.matmul(
-                s.context.ptr(),
-                layer.o.ptr(),
-                bias(&layer.o_bias),
-                s.attn_out.ptr(),
+                s.context.view(),
+                layer.o.view(),
+                view(&layer.o_bias),
+                s.attn_out.view(),
                 total,
                 h,
                 shape.q_width(),
                 false,
             )?;
             gpu.add_rms_norm(
-                s.x.ptr(),
-                s.attn_out.ptr(),
-                0,
-                layer.ffn_norm.ptr(),
+                s.x.view(),
+                Some(s.attn_out.view()),
+                None,
+                layer.ffn_norm.view(),
                 normed,
                 total,
                 h,
@@ -144,30 +160,39 @@ impl GpuModel {
             )?;
             gpu.swiglu_product(
                 normed,
-                layer.gate_up.ptr(),
-                s.gate_up.ptr(),
-                s.act.ptr(),
+                layer.gate_up.view(),
+                s.gate_up.view(),
+                s.act.view(),
                 total,
                 ffn,
                 h,
             )?;
-            gpu.matmul(s.act.ptr(), layer.down.ptr(), 0, s.mlp_out.ptr(), total, h, ffn, false)?;
+            gpu.matmul(
+                s.act.view(),
+                layer.down.view(),
+                None,
+                s.mlp_out.view(),
+                total,
+                h,
+                ffn,
+                false,
+            )?;
         }
         gpu.add_rms_norm(
-            s.x.ptr(),
-            s.mlp_out.ptr(),
-            pass.last_rows,
-            w.final_norm.ptr(),
-            s.last_normed.ptr(),
+            s.x.view(),
+            Some(s.mlp_out.view()),
+            Some(pass.last_rows),
+            w.final_norm.view(),
+            s.last_normed.view(),
             pass.seqs,
             h,
             shape.eps,
         )?;
         gpu.matmul(
-            s.last_normed.ptr(),
-            w.output.ptr(),
-            0,
-            s.logits.ptr(),
+            s.last_normed.view(),
+            w.output.view(),
+            None,
+            s.logits.view(),
             pass.seqs,
             shape.vocab,
             h,
@@ -177,10 +202,10 @@ impl GpuModel {
 }
 
 /// One pass's device tables: what `queue_pass` launches over.
-pub(super) struct Pass {
-    step: StepTables,
-    ids: u64,
-    last_rows: u64,
+pub(super) struct Pass<'a> {
+    step: StepTables<'a>,
+    ids: View<'a>,
+    last_rows: View<'a>,
     /// Sequences (rows of logits), padding included.
     seqs: usize,
 }

@@ -34,9 +34,16 @@ pub(super) struct Scratch {
     pub(super) host_logits: cuda::HostBuffer,
     /// One chosen id per sequence (sampling on the device).
     pub(super) chosen: Buffer,
-    /// Decode steps captured over these buffers, by the generation of the KV arena they
-    /// write (the instances sharing this model have one each); dropped with the buffers.
-    pub(super) graphs: HashMap<(u64, GraphShape), cuda::Graph>,
+    /// Decode steps captured over these buffers; dropped with them.
+    pub(super) graphs: Graphs,
+}
+
+/// The decode steps captured over one scratch's buffers.
+#[derive(Default)]
+pub(super) struct Graphs {
+    /// By the generation of the KV arena they write (the instances sharing this model have
+    /// one each) and their shape.
+    pub(super) captured: HashMap<(u64, GraphShape), cuda::Graph>,
     /// Shapes run once without a graph: lazily loaded kernels and cuBLAS's first use of a
     /// size happen outside any capture (as PyTorch warms up before capturing).
     pub(super) warmed_up: HashSet<GraphShape>,
@@ -76,8 +83,7 @@ impl Scratch {
             split_counters: gpu.alloc(seqs * shape.attention.num_heads * 4)?,
             host_logits: gpu.alloc_host(seqs * shape.vocab * 4)?,
             chosen: gpu.alloc(seqs * 4)?,
-            graphs: HashMap::new(),
-            warmed_up: HashSet::new(),
+            graphs: Graphs::default(),
         })
     }
 

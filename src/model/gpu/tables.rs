@@ -67,11 +67,13 @@ impl GpuModel {
         &self,
         steps: &[SeqStep<'_>],
         block_size: usize,
+        num_blocks: usize,
         graph: Option<GraphShape>,
     ) -> Result<TableWords> {
         let mut cache = self.rope_cache.lock().unwrap_or_else(|p| p.into_inner());
         let tile = self.gpu.prefill_tile(self.shape.attention.head_dim);
-        lay_out_tables(&self.shape, &self.inv_freq, &mut cache, tile, steps, block_size, graph)
+        let arena = (block_size, num_blocks);
+        lay_out_tables(&self.shape, &self.inv_freq, &mut cache, tile, steps, arena, graph)
     }
 }
 
@@ -80,15 +82,18 @@ impl GpuModel {
 /// call of that shape puts each table at the same offset: padding tokens have id 0, position
 /// 0, no K/V slot (-1), an all-zero block table and the identity rotation; the decode
 /// attention divides each sequence's own keys (partition 0) over splits fixed by the batch.
+/// `arena` is the K/V arena's (block size, blocks): every block a step names must be in it,
+/// since the kernels write and read the slots these tables give without bounds of their own.
 fn lay_out_tables(
     shape: &Shape,
     inv_freq: &InvFreq,
     cache: &mut RopeCache,
     tile: usize,
     steps: &[SeqStep<'_>],
-    block_size: usize,
+    arena: (usize, usize),
     graph: Option<GraphShape>,
 ) -> Result<TableWords> {
+    let (block_size, num_blocks) = arena;
     let freq_len = shape.freq_len();
     let needed_blocks =
         steps.iter().map(|s| (s.start + s.ids.len()).div_ceil(block_size)).max().unwrap_or(1);
@@ -100,6 +105,7 @@ fn lay_out_tables(
     let mut words = TableWords {
         words: Vec::new(),
         offsets: [0; TABLES],
+        begun: [false; TABLES],
         freq_len,
         max_blocks,
         num_decode: 0,
@@ -110,8 +116,14 @@ fn lay_out_tables(
     };
     let vocab = shape.vocab;
     for step in steps {
-        if step.blocks.len() < (step.start + step.ids.len()).div_ceil(block_size) {
+        let needed = (step.start + step.ids.len()).div_ceil(block_size);
+        if step.blocks.len() < needed {
             return Err(Error::Internal("a block table does not cover its sequence".into()));
+        }
+        if let Some(&block) = step.blocks[..needed].iter().find(|&&b| b as usize >= num_blocks) {
+            return Err(Error::Internal(format!(
+                "block {block} is outside the K/V arena's {num_blocks} blocks"
+            )));
         }
     }
     // ids
@@ -259,6 +271,8 @@ const TABLES: usize = 10;
 pub(super) struct TableWords {
     pub(super) words: Vec<u32>,
     pub(super) offsets: [usize; TABLES],
+    /// Tables laid out (the others are empty at offset 0).
+    begun: [bool; TABLES],
     pub(super) freq_len: usize,
     pub(super) max_blocks: usize,
     pub(super) num_decode: usize,
@@ -285,6 +299,17 @@ impl TableWords {
 impl TableWords {
     fn begin(&mut self, table: usize) {
         self.offsets[table] = self.words.len();
+        self.begun[table] = true;
+    }
+
+    /// Where table `table` lies in the upload, as (first byte, bytes): up to the next
+    /// table's start, the last one to the end of the words.
+    pub(super) fn span(&self, table: usize) -> (usize, usize) {
+        let begin = self.offsets[table];
+        let end = (table + 1..TABLES)
+            .find(|&next| self.begun[next])
+            .map_or(self.words.len(), |next| self.offsets[next]);
+        (begin * 4, (end - begin) * 4)
     }
 }
 
@@ -392,7 +417,7 @@ mod tests {
                 .enumerate()
                 .map(|(s, &start)| SeqStep { ids: &ids[s], start, blocks: &blocks[s] })
                 .collect();
-            lay_out_tables(&shape, &inv_freq, cache, 64, &steps, block_size, graph).unwrap()
+            lay_out_tables(&shape, &inv_freq, cache, 64, &steps, (block_size, 64), graph).unwrap()
         };
         let three = lay_out(&mut cache, &[3, 40, 100]);
         let four = lay_out(&mut cache, &[120, 1, 17, 64]);
@@ -427,9 +452,45 @@ mod tests {
         // refused, not overrun.
         let five: Vec<SeqStep<'_>> =
             (0..5).map(|s| SeqStep { ids: &ids[0], start: s, blocks: &blocks[0] }).collect();
-        assert!(lay_out_tables(&shape, &inv_freq, &mut cache, 64, &five, 16, graph).is_err());
+        assert!(lay_out_tables(&shape, &inv_freq, &mut cache, 64, &five, (16, 64), graph).is_err());
         let steps = [SeqStep { ids: &ids[0], start: 8 * 16, blocks: &blocks[0] }];
-        assert!(lay_out_tables(&shape, &inv_freq, &mut cache, 64, &steps, 16, graph).is_err());
+        assert!(
+            lay_out_tables(&shape, &inv_freq, &mut cache, 64, &steps, (16, 64), graph).is_err()
+        );
+        // A block past the arena's end is refused: the kernels would write outside it.
+        let steps = [SeqStep { ids: &ids[0], start: 40, blocks: &blocks[1] }];
+        let (fits, short) = ((16, 10), (16, 9)); // the step reaches block 4·2 + 1 = 9
+        assert!(lay_out_tables(&shape, &inv_freq, &mut cache, 64, &steps, fits, None).is_ok());
+        let refused = lay_out_tables(&shape, &inv_freq, &mut cache, 64, &steps, short, None);
+        assert!(refused.is_err_and(|e| e.to_string().contains("block 9")));
+    }
+
+    /// Each table's span runs to the next laid-out table (the never-used table 4 aside), so
+    /// the views the kernels get hold exactly what each table holds.
+    #[test]
+    fn table_spans_cover_each_table_and_nothing_before_it() {
+        let shape = test_shape();
+        let inv_freq: InvFreq = Box::new(|_| rope::inv_freq(10000.0, 16));
+        let mut cache = RopeCache::new(inv_freq(1));
+        let blocks: Vec<u32> = (0..8).collect();
+        let (prompt, next) = ([1u32, 2, 3], [4u32]);
+        let steps = [
+            SeqStep { ids: &prompt, start: 0, blocks: &blocks },
+            SeqStep { ids: &next, start: 20, blocks: &blocks },
+        ];
+        let words =
+            lay_out_tables(&shape, &inv_freq, &mut cache, 2, &steps, (16, 8), None).unwrap();
+        let tokens = 4 * 4;
+        assert_eq!(words.span(0), (0, tokens)); // ids
+        assert_eq!(words.span(1), (tokens, tokens)); // positions
+        assert_eq!(words.span(2).1, tokens); // slots
+        assert_eq!(words.span(3).1, tokens); // token → sequence
+        assert_eq!(words.span(5).1, 2 * 4); // last rows
+        assert_eq!(words.span(6).1, 2 * words.max_blocks * 4); // block tables
+        assert_eq!(words.span(7).1, 4 * 2 * words.freq_len * 4); // cos/sin
+        assert_eq!(words.span(8).1, words.num_decode * 4);
+        let (offset, bytes) = words.span(9);
+        assert_eq!((offset + bytes, bytes), (words.words.len() * 4, words.num_tiles * 2 * 4));
     }
 
     /// What `reserve_activations` sets aside covers the tables and split results of every
@@ -481,9 +542,16 @@ mod tests {
             });
             for graph in [None, graph] {
                 for tile in [1, 64] {
-                    let words =
-                        lay_out_tables(&shape, &inv_freq, &mut cache, tile, &steps, 16, graph)
-                            .unwrap();
+                    let words = lay_out_tables(
+                        &shape,
+                        &inv_freq,
+                        &mut cache,
+                        tile,
+                        &steps,
+                        (16, 1 << 20),
+                        graph,
+                    )
+                    .unwrap();
                     assert!(words.words.len() <= table_words, "call {i}: {}", words.words.len());
                     let partial = words.partial_floats(&shape);
                     assert!(partial <= partial_floats, "call {i}: {partial} split floats");
@@ -503,7 +571,8 @@ mod tests {
             SeqStep { ids: &prompt, start: 0, blocks: &blocks },
             SeqStep { ids: &next, start: 200, blocks: &blocks },
         ];
-        let words = lay_out_tables(&shape, &inv_freq, &mut cache, 2, &steps, 32, None).unwrap();
+        let words =
+            lay_out_tables(&shape, &inv_freq, &mut cache, 2, &steps, (32, 1 << 20), None).unwrap();
         assert_eq!((words.num_decode, words.num_tiles, words.max_blocks), (1, 2, 7));
         assert_eq!((words.splits, words.partition), decode_splits(4, 201));
         assert!(words.partition > 0);

@@ -65,7 +65,7 @@ impl WeightLoader<'_> {
             .bytes()
             .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
         let bound = 1.0 / (*shape.last().unwrap_or(&1) as f32).sqrt();
-        self.gpu.fill_uniform(buffer.ptr(), numel, seed, bound)?;
+        self.gpu.fill_uniform(buffer.view(), numel, seed, bound)?;
         Ok(buffer)
     }
 }

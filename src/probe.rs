@@ -1,0 +1,133 @@
+//! The GPU measured and checked apart from any model: the ceilings `triton-llm bench` holds
+//! its figures against (copy bandwidth, product throughput, the rate products read their
+//! weights at) and the sampling kernel on its own, for the GPU tests. The CUDA layer itself
+//! (`cuda`) is private to the crate; this is the little of it others may use.
+
+use std::sync::Arc;
+
+use crate::Result;
+use crate::cuda::{self, Buffer, Gpu};
+use crate::dtype::DType;
+use crate::sampling::SampleRow;
+
+pub use crate::cuda::{GEMV_MAX_ROWS, ProductKernel, SAMPLE_WORDS};
+
+/// Whether the CUDA driver, NVRTC and cuBLAS load and a device is present.
+pub fn cuda_available() -> bool {
+    cuda::available()
+}
+
+/// Whether NVRTC alone loads (the kernels compile without a device).
+pub fn nvrtc_available() -> bool {
+    cuda::nvrtc_available()
+}
+
+/// The PTX of every kernel for `dtype` on the virtual architecture `arch`
+/// (e.g. `compute_90`).
+pub fn compile_kernels(dtype: DType, arch: &'static str) -> Result<String> {
+    Ok(cuda::compile(dtype, arch)?.to_src())
+}
+
+/// A device with the kernels of one dtype.
+pub struct DeviceProbe {
+    gpu: Arc<Gpu>,
+}
+
+impl DeviceProbe {
+    pub fn open(ordinal: usize, dtype: DType) -> Result<Self> {
+        let gpu = Gpu::open(ordinal, dtype)?;
+        gpu.bind()?;
+        Ok(DeviceProbe { gpu })
+    }
+
+    /// The device's name, as the driver gives it.
+    pub fn name(&self) -> &str {
+        &self.gpu.name
+    }
+
+    /// Copy bandwidth in bytes/s (read plus written) over a buffer of `bytes`.
+    pub fn bandwidth(&self, bytes: usize) -> Result<f64> {
+        self.gpu.measure_bandwidth(bytes)
+    }
+
+    /// Flop/s of this dtype's cuBLAS product at `size`³.
+    pub fn matmul_flops(&self, size: usize) -> Result<f64> {
+        self.gpu.measure_matmul(size)
+    }
+
+    /// Weight bytes/s a product of `m` rows against an `[n, k]` weight reads on `kernel`.
+    pub fn product_bandwidth(
+        &self,
+        kernel: ProductKernel,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<f64> {
+        self.gpu.measure_matmul_bandwidth(kernel, m, n, k)
+    }
+
+    /// The sampling kernel set up as the engine's step sets it up, over one row of f32
+    /// `logits` (`stride` wide) for each of `rows`.
+    pub fn sampling(
+        &self,
+        logits: &[f32],
+        stride: usize,
+        rows: &[Option<SampleRow<'_>>],
+    ) -> Result<SamplingProbe<'_>> {
+        let words = crate::model::gpu::sampling_words(rows, stride);
+        let rows = rows.len();
+        Ok(SamplingProbe {
+            gpu: &self.gpu,
+            logits: self.gpu.upload_bytes(bytemuck::cast_slice(logits))?,
+            words: self.gpu.upload_bytes(bytemuck::cast_slice(&words))?,
+            chosen: self.gpu.alloc(rows * 4)?,
+            stride,
+            rows,
+        })
+    }
+
+    /// Makes the device fail as a kernel fault would (an illegal address: a launch that
+    /// reads through a null pointer), for tests of what a lost device does.
+    #[cfg(feature = "fault-injection")]
+    pub fn lose_device(&self) -> Result<()> {
+        self.gpu.read_through_null()?;
+        self.gpu.synchronize()
+    }
+}
+
+/// The sampling kernel over uploaded logits (`DeviceProbe::sampling`).
+pub struct SamplingProbe<'a> {
+    gpu: &'a Gpu,
+    logits: Buffer,
+    words: Buffer,
+    chosen: Buffer,
+    stride: usize,
+    rows: usize,
+}
+
+impl SamplingProbe<'_> {
+    fn launch(&self) -> Result<()> {
+        let params = self.rows * SAMPLE_WORDS * 4;
+        let penalized = self.words.range(params, self.words.bytes().saturating_sub(params))?;
+        self.gpu.sample_rows(
+            self.logits.view(),
+            self.stride,
+            self.words.range(0, params)?,
+            penalized,
+            self.chosen.view(),
+            self.rows,
+        )
+    }
+
+    /// Each row's chosen id. The kernel changes the logits in place (guard, penalty), as
+    /// the engine's step does.
+    pub fn choose(&self) -> Result<Vec<u32>> {
+        self.launch()?;
+        self.gpu.read_u32(&self.chosen, self.rows)
+    }
+
+    /// Milliseconds per launch over `repeats` launches.
+    pub fn time_ms(&self, repeats: usize) -> Result<f64> {
+        self.gpu.time_ms(repeats, || self.launch())
+    }
+}
