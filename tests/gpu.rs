@@ -515,6 +515,46 @@ fn sampling_on_the_device_answers_as_sampling_on_the_host() {
     }
 }
 
+/// Two engines on one device (two KIND_GPU instances, or two models) size their KV caches
+/// one after the other, each from the memory the other left: the second takes its fraction
+/// of what is free after the first, and together they never take more than was free.
+#[test]
+#[ignore = "needs an NVIDIA GPU (scripts/gpu/check.sh runs it)"]
+fn engines_sharing_a_device_size_their_caches_from_what_is_left() {
+    use std::sync::Arc;
+    use triton_llm::pipeline::{ChatModel, LoadOptions};
+    use triton_llm::serving::{NoMetrics, SchedulerConfig, ServingEngine};
+    require_gpu("two engines on one device");
+    let options = LoadOptions { device: Device::Cuda(0), dtype: DType::F32, ..Default::default() };
+    let chat = Arc::new(ChatModel::load(&fixture("chatglm2-tiny"), &options).unwrap());
+    let free = || chat.model.device_free_memory().unwrap().unwrap() as f64;
+    // Many seats, so that the fraction binds and not the cap of what they could use.
+    let config = SchedulerConfig {
+        cache_max_entry_count: 0.25,
+        max_num_seqs: 1 << 14,
+        ..SchedulerConfig::default()
+    };
+    let before = free();
+    let first =
+        ServingEngine::start(Arc::clone(&chat), config, "first", Box::new(NoMetrics)).unwrap();
+    let between = free();
+    let second =
+        ServingEngine::start(Arc::clone(&chat), config, "second", Box::new(NoMetrics)).unwrap();
+    let after = free();
+    let (took_first, took_second) = ((before - between) / before, (between - after) / between);
+    let pass = (0.2..0.3).contains(&took_first) && (0.2..0.3).contains(&took_second);
+    report(json!({
+        "check": "two_engines_share_a_device", "free_gib_before": before / 1073741824.0,
+        "first_took_of_free": took_first, "second_took_of_free": took_second,
+        "pass": pass,
+    }));
+    // Each took about its quarter (activations and the pool's rounding aside) of what was
+    // free when it started, so the second's cache is smaller: nothing taken twice.
+    assert!(pass, "first took {took_first:.3} of the free memory, the second {took_second:.3}");
+    assert!(after > 0.5 * before);
+    drop((first, second));
+}
+
 /// Set in the child process of `a_sticky_cuda_error_stops_the_engine_for_good`.
 #[cfg(feature = "fault-injection")]
 const STICKY_CHILD: &str = "TRITON_LLM_STICKY_CHILD";
