@@ -17,7 +17,8 @@ LD_LIBRARY_PATH="$TRITON_LLM_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
     cargo test --release --locked --features fault-injection
 # The library and CLI as released (no fault injection), which the other e2e tests serve.
 cargo build --release --locked
-# The soak (tests/e2e/test_soak.py) runs 5 minutes here; SOAK_SECONDS shortens it.
+# The soak (tests/e2e/test_soak.py) runs 5 minutes here; SOAK_SECONDS shortens it (SOAK_KIND
+# and SOAK_STREAMS are for the GPU run, scripts/gpu/check.sh step s).
 SOAK_SECONDS="${SOAK_SECONDS:-300}" "$TRITON_PYTHON" -m pytest -q tests/e2e "$@"
 # Each fuzz target for FUZZ_SECONDS on its committed corpus (a crash fails the run).
 FUZZ_SECONDS="${FUZZ_SECONDS:-10}" bash scripts/fuzz.sh

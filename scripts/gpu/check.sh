@@ -11,6 +11,10 @@
 #      bench runs on the device, and c1 is what d's served tokens/s is held against
 #   d  tritonserver + libtriton_llm.so, KIND_GPU, chatglm2-6b dummy: HTTP generate, gRPC tokens/s
 #      (lib/serve_check.py) against bench c1's output_tokens_per_s
+#   s  (only when asked: GPUCHECK_STEPS=s GPUCHECK_BUDGET_S=590) the soak of
+#      tests/e2e/test_soak.py on KIND_GPU instances: GPUCHECK_SOAK_STREAMS streams (256) for
+#      what the budget leaves (a command runs 10 minutes at most: about 8 minutes of load),
+#      0 unanswered, RSS and GPU memory flat, the engines idle after
 #
 # Every step has a timeout and the whole run a time limit (GPUCHECK_BUDGET_S, default 520 s):
 # a step gets at most what is left after a reserve for the steps after it, and is skipped
@@ -370,6 +374,35 @@ PY
         fi
         stop_server
         keep_log "d: tritonserver log" "$slog"
+    fi
+fi
+
+# ---------------------------------------------------------------------------- s: GPU soak
+if has s; then
+    streams=${GPUCHECK_SOAK_STREAMS:-256}
+    what="soak KIND_GPU $streams streams"
+    t=$(alloc 600 5 120)
+    [ -n "$TS_UNPACK" ] && wait "$TS_UNPACK"
+    if [ ! -x "$TS/tritonserver/bin/tritonserver" ]; then
+        R row s "$what" "tritonserver did not unpack from .carry/tritonserver.tar.xz" FAIL
+        say s "$what (no tritonserver)" FAIL 0
+    elif [ ! -f "$CARRY/libtriton_llm.so" ]; then
+        skip s "$what" "no libtriton_llm.so in .carry"
+    elif [ "$t" = 0 ]; then
+        skip s "$what" "no time left"
+    else
+        # The load runs for what is left after the server's start and the drain after it.
+        soak_s=$((t - 100))
+        log=$W/s_soak.log
+        timed "$t" "$log" env SOAK_KIND=KIND_GPU SOAK_STREAMS="$streams" SOAK_SECONDS="$soak_s" \
+            TRITONSERVER_BIN="$TS/tritonserver/bin/tritonserver" \
+            python3 -m pytest -q -s -p no:cacheprovider tests/e2e/test_soak.py
+        line=$(grep -E '^soak ' "$log" | tail -n1 | cut -c1-400)
+        verdict=$([ "$RC" = 0 ] && echo PASS || echo FAIL)
+        { [ "$RC" = 124 ] || [ "$RC" = 137 ]; } && line="timed out after ${t}s; $line"
+        R row s "$what, ${soak_s}s of load" "${line:-exit $RC}" "$verdict" --seconds "$SECS"
+        say s "$what" "$verdict" "$SECS" "$log"
+        keep_log "s: GPU soak" "$log"
     fi
 fi
 

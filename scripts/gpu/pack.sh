@@ -11,6 +11,7 @@
 #                                executable, stripped (the feature makes the lost-device test's fault)
 #   .carry/tritonserver.tar.xz   Triton 2.51.0 (../shared/tools/pack-tritonserver; reused if present)
 #   .carry/pylib.tar.xz          tritonclient 2.51.0 (pure Python) + packaging + python-rapidjson (cp312)
+#                                + pytest, pluggy, iniconfig (the GPU soak runs tests/e2e/test_soak.py)
 #   .carry/MANIFEST.txt          what was packed, from which commit, the build's repo path
 #
 # Usage: scripts/gpu/pack.sh [--no-build] [--deps-only] [--force-server]
@@ -138,11 +139,14 @@ pylib_ok=1
 mkdir -p "$wheel_cache"
 if ! ls "$wheel_cache"/tritonclient-2.51.0-*.whl >/dev/null 2>&1 \
     || ! ls "$wheel_cache"/python_rapidjson-*-cp312-*.whl >/dev/null 2>&1 \
-    || ! ls "$wheel_cache"/packaging-*.whl >/dev/null 2>&1; then
+    || ! ls "$wheel_cache"/packaging-*.whl >/dev/null 2>&1 \
+    || ! ls "$wheel_cache"/pytest-*.whl >/dev/null 2>&1 \
+    || ! ls "$wheel_cache"/pluggy-*.whl >/dev/null 2>&1 \
+    || ! ls "$wheel_cache"/iniconfig-*.whl >/dev/null 2>&1; then
     say "downloading wheels into $wheel_cache"
     if ! python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux1_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
-        -d "$wheel_cache" tritonclient==2.51.0 python-rapidjson packaging >&2; then
+        -d "$wheel_cache" tritonclient==2.51.0 python-rapidjson packaging pytest pluggy iniconfig >&2; then
         say "MISSING pylib: pip download failed"
         missing+=("pylib.tar.xz (pip download)")
         pylib_ok=0
@@ -165,10 +169,14 @@ with zipfile.ZipFile(newest("tritonclient-2.51.0-*.whl")) as z:
     for name in z.namelist():
         if name.startswith(prefix + "tritonclient/") and not name.endswith("/"):
             members.append((name[len(prefix):], z.read(name)))
-for pattern, top in (("python_rapidjson-*-cp312-*.whl", "rapidjson"), ("packaging-*.whl", "packaging")):
+for pattern, tops in (("python_rapidjson-*-cp312-*.whl", ("rapidjson",)),
+                      ("packaging-*.whl", ("packaging",)),
+                      ("pytest-*.whl", ("pytest/", "_pytest/", "py.py")),
+                      ("pluggy-*.whl", ("pluggy/",)),
+                      ("iniconfig-*.whl", ("iniconfig/",))):
     with zipfile.ZipFile(newest(pattern)) as z:
         for name in z.namelist():
-            if name.startswith(top) and ".dist-info/" not in name and not name.endswith("/"):
+            if name.startswith(tops) and ".dist-info/" not in name and not name.endswith("/"):
                 members.append((name, z.read(name)))
 with lzma.open(out + ".part", "w", preset=9) as xzf, tarfile.open(fileobj=xzf, mode="w") as tf:
     for name, data in sorted(members):

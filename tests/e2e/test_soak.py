@@ -4,6 +4,10 @@ lengths and sampling, clients that go away mid-answer and a few bad requests. Ev
 sent is answered (0 unanswered), the server's RSS after the warm-up stays within 10%, and
 once the load stops the engines are back to 0 running, 0 waiting and 0 KV blocks in use.
 
+On a GPU (scripts/gpu/check.sh, step s) the same test runs with SOAK_KIND=KIND_GPU and
+SOAK_STREAMS=256: the instances run on device 0, and the device's used memory (nvidia-smi)
+after the warm-up must stay flat to the end (within 1% or 64 MiB).
+
 Cancelling over gRPC is left out on Triton releases before 2.57: their gRPC front end
 crashes (SIGSEGV in ModelStreamInferHandler::Process) when many clients cancel streams,
 with any backend (README, "Which Triton"). On those, clients go away over HTTP only, which
@@ -14,6 +18,7 @@ import json
 import os
 import queue
 import random
+import subprocess
 import sys
 import threading
 import time
@@ -28,7 +33,8 @@ from conftest import FIXTURES, TEST_REPOSITORY, Server
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 from load import WORDS  # noqa: E402  (one-token words: prompts of a known size)
 
-STREAMS = 64
+STREAMS = int(os.environ.get("SOAK_STREAMS", "64"))
+KIND = os.environ.get("SOAK_KIND", "KIND_CPU")
 MODELS = ("soak-chatglm2", "soak-internlm2")
 ANSWER_TIMEOUT_S = 120
 
@@ -42,6 +48,9 @@ def write_repository(root):
         config = (config.replace(f'name: "{source}"', f'name: "{name}"')
                   .replace(f"../../../fixtures/{fixture}", str(FIXTURES / fixture)))
         config += 'parameters { key: "cache_max_entry_count" value { string_value: "96" } }\n'
+        if KIND == "KIND_GPU":
+            config = config.replace("kind: KIND_CPU count: 2", "kind: KIND_GPU count: 2 gpus: [ 0 ]")
+            assert "KIND_GPU" in config, config
         (root / name / "config.pbtxt").write_text(config)
     return root
 
@@ -164,12 +173,19 @@ def grpc_worker(server, seed, stop_at, tally, cancels):
         client.close()
 
 
+def gpu_memory_used_mib():
+    """Used memory of device 0 as nvidia-smi reports it (MiB)."""
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                          "-i", "0"], capture_output=True, text=True, timeout=30, check=True)
+    return int(out.stdout.strip().splitlines()[0])
+
+
 def engine_totals(server):
     return {name: sum(server.metric(name, model) for model in MODELS)
             for name in ("llm_requests_running", "llm_requests_waiting", "llm_kv_blocks_used")}
 
 
-def test_64_streams_soak_without_a_leak_or_an_unanswered_request(tmp_path):
+def test_soak_without_a_leak_or_an_unanswered_request(tmp_path):
     seconds = float(os.environ.get("SOAK_SECONDS", "60"))
     server = Server(write_repository(tmp_path / "repository"), tmp_path / "server").wait_live()
     try:
@@ -189,10 +205,14 @@ def test_64_streams_soak_without_a_leak_or_an_unanswered_request(tmp_path):
         # then sampled to the end.
         time.sleep(seconds / 5)
         warm = server.rss_kib()
-        samples = []
+        gpu = KIND == "KIND_GPU"
+        gpu_warm = gpu_memory_used_mib() if gpu else 0
+        samples, gpu_samples = [], []
         while time.time() < stop_at:
             time.sleep(min(5.0, max(0.0, stop_at - time.time())))
             samples.append(server.rss_kib())
+            if gpu:
+                gpu_samples.append(gpu_memory_used_mib())
         for worker in workers:
             worker.join(timeout=ANSWER_TIMEOUT_S + 30)
             assert not worker.is_alive(), "a client is stuck"
@@ -202,14 +222,20 @@ def test_64_streams_soak_without_a_leak_or_an_unanswered_request(tmp_path):
             time.sleep(0.5)
             totals = engine_totals(server)
         counts = tally.counts
-        print(f"soak {seconds:.0f} s, gRPC cancels {'on' if grpc_cancels else 'off'}: {counts}; "
+        print(f"soak {seconds:.0f} s, {STREAMS} streams, {KIND}, "
+              f"gRPC cancels {'on' if grpc_cancels else 'off'}: {counts}; "
               f"RSS {warm} KiB after warm-up, then {min(samples)}-{max(samples)} KiB, "
-              f"last {samples[-1]} KiB; after the load {totals}")
+              f"last {samples[-1]} KiB; after the load {totals}"
+              + (f"; GPU memory {gpu_warm} MiB after warm-up, then "
+                 f"{min(gpu_samples)}-{max(gpu_samples)} MiB" if gpu else ""))
         assert counts["unanswered"] == 0, tally.problems
         assert counts["answered"] > STREAMS, counts
         assert counts["unexpected_errors"] == 0, tally.problems
         assert counts["sent"] == counts["answered"] + counts["refused"] + counts["went_away"], counts
         assert samples[-1] <= warm * 1.10, f"RSS grew from {warm} KiB to {samples[-1]} KiB"
+        if gpu:
+            limit = gpu_warm + max(64, gpu_warm // 100)
+            assert max(gpu_samples) <= limit, f"GPU memory grew from {gpu_warm} MiB to {max(gpu_samples)} MiB"
         assert all(value == 0 for value in totals.values()), totals
         assert server.process.poll() is None
     finally:
