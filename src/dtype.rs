@@ -51,3 +51,65 @@ impl std::str::FromStr for DType {
         }
     }
 }
+
+/// How the KV cache stores K and V: in the model's own element type, or quantised per token
+/// and K/V head to 8 or 4 bits with an f16 scale and zero beside each head's values
+/// (LMDeploy's `quant_policy` 8 and 4; `cpu::kv_quant` has the exact arithmetic).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum KvFormat {
+    /// The model's element type (f32 on the CPU path; the GPU path's dtype).
+    #[default]
+    Model,
+    Int8,
+    Int4,
+}
+
+impl KvFormat {
+    /// LMDeploy's `quant_policy`: 0 (the model's type), 8 (int8) or 4 (int4).
+    pub fn from_quant_policy(policy: &str) -> Result<Self, String> {
+        match policy.trim() {
+            "0" => Ok(KvFormat::Model),
+            "8" => Ok(KvFormat::Int8),
+            "4" => Ok(KvFormat::Int4),
+            other => Err(format!(
+                "quant_policy {other:?} is not one of 0 (KV cache in the model's type), 8 (int8) \
+                 or 4 (int4)"
+            )),
+        }
+    }
+
+    pub fn quant_policy(self) -> u32 {
+        match self {
+            KvFormat::Model => 0,
+            KvFormat::Int8 => 8,
+            KvFormat::Int4 => 4,
+        }
+    }
+
+    /// Bits per stored value (None: the model's element type).
+    pub fn bits(self) -> Option<u32> {
+        match self {
+            KvFormat::Model => None,
+            KvFormat::Int8 => Some(8),
+            KvFormat::Int4 => Some(4),
+        }
+    }
+
+    /// Bytes one token's K (or V) takes in one layer: `kv_heads` heads of `head_dim`
+    /// values, `elem` bytes each in the model's type; quantised, the packed values plus
+    /// an f16 scale and zero per head.
+    pub fn bytes_per_token(self, kv_heads: usize, head_dim: usize, elem: usize) -> usize {
+        match self.bits() {
+            None => kv_heads * head_dim * elem,
+            Some(bits) => kv_heads * (head_dim * bits as usize / 8 + 4),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvFormat::Model => "model dtype",
+            KvFormat::Int8 => "int8",
+            KvFormat::Int4 => "int4",
+        }
+    }
+}

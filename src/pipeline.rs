@@ -6,7 +6,7 @@ use std::path::Path;
 
 use crate::chat::stream::AnswerStream;
 use crate::chat::{self, History};
-use crate::dtype::DType;
+use crate::dtype::{DType, KvFormat};
 use crate::model::{self, CausalLm, Device, Family, LoadFormat};
 use crate::sampling::SamplingParams;
 use crate::sequence::{FinishReason, GenerateRequest, Sequence};
@@ -28,6 +28,8 @@ pub struct LoadOptions {
     /// Longest chat input (prompt, kept history and system prompt) in bytes; default: what
     /// the context could hold at the tokenizer's longest piece.
     pub max_input_bytes: Option<usize>,
+    /// How the KV cache stores K/V (`quant_policy`).
+    pub kv_format: KvFormat,
 }
 
 pub struct ChatModel {
@@ -36,6 +38,7 @@ pub struct ChatModel {
     pub tokenizer: Tokenizer,
     max_context: usize,
     max_input_bytes: usize,
+    kv_format: KvFormat,
 }
 
 /// Everything one generation may ask for beyond the prompt.
@@ -130,11 +133,17 @@ impl ChatModel {
             Some(bytes) => bytes,
             None => max_context.saturating_mul(tokenizer.max_piece_bytes().max(1)),
         };
-        Ok(ChatModel { family, model, tokenizer, max_context, max_input_bytes })
+        let kv_format = options.kv_format;
+        Ok(ChatModel { family, model, tokenizer, max_context, max_input_bytes, kv_format })
     }
 
     pub fn max_context(&self) -> usize {
         self.max_context
+    }
+
+    /// How the engines' KV caches store K/V.
+    pub fn kv_format(&self) -> KvFormat {
+        self.kv_format
     }
 
     /// The longest chat input accepted, in bytes (`LoadOptions::max_input_bytes`).

@@ -6,7 +6,8 @@
 mod common;
 
 use common::*;
-use triton_llm::model::{self, LoadFormat};
+use triton_llm::dtype::KvFormat;
+use triton_llm::model::{self, CausalLm, LoadFormat, SeqStep};
 use triton_llm::sequence::kv_space::KvCache;
 
 fn check_family(folder: &str) {
@@ -66,7 +67,6 @@ fn internlm2_tiny_matches_original_logits_and_greedy_tokens() {
 /// of all of them together, then a prefill joining running decodes) give each sequence
 /// exactly the logits it gets alone.
 fn check_batched(folder: &str) {
-    use triton_llm::model::SeqStep;
     let model = model::load(&fixture(folder), LoadFormat::Safetensors).unwrap();
     let golden = golden(folder, "model_golden.json");
     let prompts: Vec<Vec<u32>> =
@@ -91,7 +91,8 @@ fn check_batched(folder: &str) {
     // the first sequence starts alone and decodes while the others prefill.
     let block_size = 4;
     let per_sequence = 64;
-    let mut arena = model.new_arena(block_size, per_sequence * prompts.len()).unwrap();
+    let mut arena =
+        model.new_arena(block_size, per_sequence * prompts.len(), KvFormat::Model).unwrap();
     let tables: Vec<Vec<u32>> = (0..prompts.len())
         .map(|i| (0..per_sequence).map(|b| (b * prompts.len() + i) as u32).collect())
         .collect();
@@ -140,4 +141,65 @@ fn chatglm2_tiny_batched_forward_equals_one_at_a_time() {
 #[test]
 fn internlm2_tiny_batched_forward_equals_one_at_a_time() {
     check_batched("internlm2-tiny");
+}
+
+/// Logits of the prompt and then of each `forced` token after it, through an arena that
+/// stores K/V as `format`.
+fn logits_through(
+    model: &dyn CausalLm,
+    format: KvFormat,
+    prompt: &[u32],
+    forced: &[u32],
+) -> Vec<Vec<f32>> {
+    let block_size = 16;
+    let blocks: Vec<u32> = (0..(prompt.len() + forced.len()).div_ceil(block_size) as u32).collect();
+    let mut arena = model.new_arena(block_size, blocks.len(), format).unwrap();
+    let step = |ids: &[u32], start: usize, arena: &mut dyn triton_llm::model::KvStore| {
+        let steps = [SeqStep { ids, start, blocks: &blocks }];
+        model.forward_batch(arena, &steps).unwrap().remove(0)
+    };
+    let mut all = vec![step(prompt, 0, arena.as_mut())];
+    for (i, &token) in forced.iter().enumerate() {
+        all.push(step(&[token], prompt.len() + i, arena.as_mut()));
+    }
+    all
+}
+
+/// An int8 or int4 KV cache (`quant_policy` 8, 4) moves the logits of the tiny fixtures by
+/// little against the f32 cache, teacher-forced along the goldens' greedy tokens; the
+/// distances are printed (BENCHMARKS.md, "KV cache formats") and bounded here.
+fn check_quantised_kv(folder: &str) {
+    let model = model::load(&fixture(folder), LoadFormat::Safetensors).unwrap();
+    let golden = golden(folder, "model_golden.json");
+    for (format, bound) in [(KvFormat::Int8, 0.01), (KvFormat::Int4, 0.15)] {
+        let (mut worst_rel, mut worst_abs, mut same_argmax, mut steps) = (0f64, 0f32, 0, 0);
+        for case in golden["cases"].as_array().unwrap() {
+            let prompt = ids(&case["input_ids"]);
+            let forced = ids(&case["greedy_16"]);
+            let full = logits_through(model.as_ref(), KvFormat::Model, &prompt, &forced);
+            let quantised = logits_through(model.as_ref(), format, &prompt, &forced);
+            for (f, q) in full.iter().zip(&quantised) {
+                worst_rel = worst_rel.max(relative_l2(q, f));
+                worst_abs = worst_abs.max(max_abs_diff(q, f));
+                same_argmax += usize::from(argmax(q) == argmax(f));
+                steps += 1;
+            }
+        }
+        eprintln!(
+            "KV {format:?} on {folder}: logits relative L2 ≤ {worst_rel:.2e}, max |Δ| \
+             {worst_abs:.2e}, same argmax at {same_argmax}/{steps} steps"
+        );
+        assert!(worst_rel < bound, "{folder} {format:?}: relative L2 {worst_rel:e}");
+        assert!(worst_rel > 0.0, "{folder} {format:?}: the cache was not quantised");
+    }
+}
+
+#[test]
+fn chatglm2_tiny_logits_move_little_under_a_quantised_kv_cache() {
+    check_quantised_kv("chatglm2-tiny");
+}
+
+#[test]
+fn internlm2_tiny_logits_move_little_under_a_quantised_kv_cache() {
+    check_quantised_kv("internlm2-tiny");
 }

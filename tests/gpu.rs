@@ -12,7 +12,7 @@ mod common;
 
 use common::*;
 use serde_json::json;
-use triton_llm::dtype::DType;
+use triton_llm::dtype::{DType, KvFormat};
 use triton_llm::model::{self, CausalLm, Device, LoadFormat, SeqStep};
 use triton_llm::probe;
 use triton_llm::sequence::kv_space::KvCache;
@@ -254,8 +254,9 @@ fn check_batched(folder: &str, copies: usize, cuda_graphs: bool) {
     let prompts: Vec<&Vec<u32>> = cases.iter().cycle().take(cases.len() * copies).collect();
     let block_size = 16;
     let per_sequence = 8;
-    let mut arenas: Vec<_> =
-        (0..2).map(|_| gpu.new_arena(block_size, per_sequence * prompts.len()).unwrap()).collect();
+    let mut arenas: Vec<_> = (0..2)
+        .map(|_| gpu.new_arena(block_size, per_sequence * prompts.len(), KvFormat::Model).unwrap())
+        .collect();
     // Interleaved, descending block ids: no sequence owns a contiguous range.
     let tables: Vec<Vec<u32>> = (0..prompts.len())
         .map(|s| {
@@ -380,7 +381,7 @@ fn activations_are_reserved_before_the_kv_cache() {
     // and sin of every token) fit in what was reserved.
     let long: Vec<u32> = (0..512).map(|i| (i * 7 % 1000) as u32).collect();
     let blocks: Vec<u32> = (0..32).collect();
-    let mut arena = gpu.new_arena(16, 32).unwrap();
+    let mut arena = gpu.new_arena(16, 32, KvFormat::Model).unwrap();
     gpu.forward_batch(arena.as_mut(), &[SeqStep { ids: &long, start: 0, blocks: &blocks }])
         .unwrap();
     let after_long = gpu.reserve_activations(1, 1, 1).unwrap();

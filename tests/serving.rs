@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::fixture;
 use triton_llm::Result;
+use triton_llm::dtype::KvFormat;
 use triton_llm::faults::Fault;
 use triton_llm::model::CausalLm;
 use triton_llm::pipeline::{ChatModel, ChatTurn, Completion, GenerationOptions, LoadOptions};
@@ -72,7 +73,7 @@ fn blocks_recomputed_past_the_rope_limit_are_not_reused() {
     let chat = internlm2_tiny();
     let model = chat.model.as_ref();
     assert_eq!(model.info().length_dependent_rope_after, Some(128));
-    let mut space = KvSpace::new(model, 16, 12, true).unwrap();
+    let mut space = KvSpace::new(model, KvFormat::Model, 16, 12, true).unwrap();
     let prompt: Vec<u32> = (0..100u32).map(|i| (i * 37 + 11) % 1000 + 3).collect();
     let mut first = greedy_sequence(prompt, 60);
     assert_eq!(space.admit(&mut first), Admission::Admitted);
@@ -82,7 +83,7 @@ fn blocks_recomputed_past_the_rope_limit_are_not_reused() {
     let mut next_prompt = first.tokens()[..120].to_vec();
     next_prompt.extend([5, 6, 7]);
     let fresh = {
-        let mut uncached = KvSpace::new(model, 16, 12, false).unwrap();
+        let mut uncached = KvSpace::new(model, KvFormat::Model, 16, 12, false).unwrap();
         let mut next = greedy_sequence(next_prompt.clone(), 5);
         assert_eq!(uncached.admit(&mut next), Admission::Admitted);
         last_logits(model, &mut uncached, &mut next)
@@ -509,4 +510,41 @@ fn kv_caches_are_sized_against_what_other_engines_were_promised() {
     drop((first_promise, second_promise));
     let (again, _) = config.num_blocks(&chat).unwrap();
     assert!((again as f64 - first as f64).abs() < first as f64 * 0.05, "{first}, later {again}");
+}
+
+/// An int8 or int4 KV cache (`quant_policy` 8, 4) holds as many more blocks in the same
+/// memory as its blocks are smaller, and the engine serves from it.
+#[test]
+fn a_quantised_kv_cache_holds_more_blocks_in_the_same_memory_and_serves() {
+    let load = |kv_format| {
+        let options = LoadOptions { session_len: Some(512), kv_format, ..LoadOptions::default() };
+        ChatModel::load(&fixture("chatglm2-tiny"), &options).unwrap()
+    };
+    let config = SchedulerConfig {
+        max_num_seqs: 1 << 16,
+        max_num_batched_tokens: 1 << 16,
+        cache_max_entry_count: 0.05,
+        ..SchedulerConfig::default()
+    };
+    let full = load(KvFormat::Model);
+    let (full_blocks, promise) = config.num_blocks(&full).unwrap();
+    drop(promise);
+    let full_bytes = full.model.kv_bytes_per_block(16, KvFormat::Model) as f64;
+    for format in [KvFormat::Int8, KvFormat::Int4] {
+        let chat = load(format);
+        let (blocks, promise) = config.num_blocks(&chat).unwrap();
+        drop(promise);
+        let saved = full_bytes / chat.model.kv_bytes_per_block(16, format) as f64;
+        let gained = blocks as f64 / full_blocks as f64;
+        // (Other tests' memory moves the available figure a little between the two.)
+        assert!(
+            (gained / saved - 1.0).abs() < 0.1,
+            "{format:?}: {gained:.2}× the blocks, {saved:.2}× smaller"
+        );
+        assert!(saved > 2.0, "{format:?}: blocks only {saved:.2}× smaller");
+        let options = GenerationOptions { max_new_tokens: Some(8), ..GenerationOptions::default() };
+        let prompt = triton_llm::pipeline::Prompt::raw(vec![5, 17, 300, 42, 7]);
+        let answer = triton_llm::serving::generate(&chat, prompt, &options, |_| true).unwrap();
+        assert_eq!(answer.output_ids.len(), 8, "{format:?}");
+    }
 }

@@ -2,8 +2,15 @@
 //! the engine behind KIND_CPU instances. Activations are row-major `[tokens, width]`
 //! slices; matrix products go through `faer` (SIMD, multi-threaded on rayon's pool).
 
+/// The K/V blocks of the CPU path, in the model's f32 or quantised.
+mod kv_arena;
+/// The 8- and 4-bit KV formats' exact arithmetic.
+pub mod kv_quant;
+
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
+
+pub use kv_arena::KvArena;
 
 /// A linear layer, `y = x · Wᵀ (+ b)` with PyTorch's `W: [out_features, in_features]`.
 ///
@@ -172,117 +179,6 @@ pub fn causal_attention(
     out
 }
 
-/// Zeroed f32 memory mapped straight from the OS: pages are committed only once written
-/// and returned whole when dropped, so a large, mostly idle KV arena costs what it holds
-/// (heap memory of that size would be zeroed up front and kept by the allocator).
-struct Floats(Option<memmap2::MmapMut>);
-
-impl Floats {
-    fn zeroed(len: usize) -> crate::Result<Self> {
-        if len == 0 {
-            return Ok(Floats(None));
-        }
-        let bytes = len * std::mem::size_of::<f32>();
-        let map = memmap2::MmapOptions::new().len(bytes).map_anon().map_err(|e| {
-            crate::Error::Unavailable(format!("mapping {bytes} bytes for the KV cache: {e}"))
-        })?;
-        Ok(Floats(Some(map)))
-    }
-
-    fn get(&self) -> &[f32] {
-        self.0.as_deref().map(bytemuck::cast_slice).unwrap_or(&[])
-    }
-
-    fn get_mut(&mut self) -> &mut [f32] {
-        self.0.as_deref_mut().map(bytemuck::cast_slice_mut).unwrap_or(&mut [])
-    }
-}
-
-/// K/V of the sequences an engine serves, in fixed-size blocks: per layer, K and V each
-/// `[blocks, block_size, kv_width]`, post-rope. Sequences reach their positions through
-/// block tables (`sequence::blocks`).
-pub struct KvArena {
-    block_size: usize,
-    kv_width: usize,
-    num_blocks: usize,
-    layers: Vec<(Floats, Floats)>,
-}
-
-impl KvArena {
-    pub fn new(
-        num_layers: usize,
-        kv_width: usize,
-        block_size: usize,
-        num_blocks: usize,
-    ) -> crate::Result<Self> {
-        let floats = num_blocks * block_size * kv_width;
-        let layers = (0..num_layers)
-            .map(|_| Ok((Floats::zeroed(floats)?, Floats::zeroed(floats)?)))
-            .collect::<crate::Result<_>>()?;
-        Ok(KvArena { block_size, kv_width, num_blocks, layers })
-    }
-
-    pub fn block_size(&self) -> usize {
-        self.block_size
-    }
-
-    pub fn num_blocks(&self) -> usize {
-        self.num_blocks
-    }
-
-    /// Bytes of K/V one block holds across all layers.
-    pub fn bytes_per_block(num_layers: usize, kv_width: usize, block_size: usize) -> usize {
-        num_layers * 2 * block_size * kv_width * std::mem::size_of::<f32>()
-    }
-
-    /// Adds blocks at the end (a single sequence's private arena grows as it goes).
-    pub fn grow_to(&mut self, num_blocks: usize) -> crate::Result<()> {
-        if num_blocks <= self.num_blocks {
-            return Ok(());
-        }
-        let floats = num_blocks * self.block_size * self.kv_width;
-        for (k, v) in &mut self.layers {
-            for store in [k, v] {
-                let mut grown = Floats::zeroed(floats)?;
-                let old = store.get();
-                grown.get_mut()[..old.len()].copy_from_slice(old);
-                *store = grown;
-            }
-        }
-        self.num_blocks = num_blocks;
-        Ok(())
-    }
-
-    fn offset(&self, blocks: &[u32], position: usize) -> usize {
-        let block = blocks[position / self.block_size] as usize;
-        (block * self.block_size + position % self.block_size) * self.kv_width
-    }
-
-    /// Stores the K and V rows of `position`.
-    pub fn write(&mut self, layer: usize, blocks: &[u32], position: usize, k: &[f32], v: &[f32]) {
-        let at = self.offset(blocks, position);
-        let (k_store, v_store) = &mut self.layers[layer];
-        k_store.get_mut()[at..at + self.kv_width].copy_from_slice(k);
-        v_store.get_mut()[at..at + self.kv_width].copy_from_slice(v);
-    }
-
-    /// K and V of positions `0..len` as contiguous `[len, kv_width]` rows.
-    pub fn gather(&self, layer: usize, blocks: &[u32], len: usize) -> (Vec<f32>, Vec<f32>) {
-        let (k_store, v_store) = (self.layers[layer].0.get(), self.layers[layer].1.get());
-        let mut k = Vec::with_capacity(len * self.kv_width);
-        let mut v = Vec::with_capacity(len * self.kv_width);
-        let mut position = 0;
-        while position < len {
-            let run = (self.block_size - position % self.block_size).min(len - position);
-            let at = self.offset(blocks, position);
-            k.extend_from_slice(&k_store[at..at + run * self.kv_width]);
-            v.extend_from_slice(&v_store[at..at + run * self.kv_width]);
-            position += run;
-        }
-        (k, v)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,20 +208,6 @@ mod tests {
                 assert_eq!(row, &alone[i][..], "row {i} of a batch of {m}");
             }
         }
-    }
-
-    #[test]
-    fn the_arena_stores_rows_through_block_tables() {
-        let mut arena = KvArena::new(1, 2, 2, 4).unwrap();
-        let blocks = [3, 1, 0];
-        for p in 0..5 {
-            let x = p as f32;
-            arena.write(0, &blocks, p, &[x, x + 0.5], &[-x, -x - 0.5]);
-        }
-        let (k, v) = arena.gather(0, &blocks, 5);
-        assert_eq!(k, vec![0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5]);
-        assert_eq!(v[8..], [-4.0, -4.5]);
-        assert_eq!(arena.gather(0, &[1], 1).0, vec![2.0, 2.5]); // block 1 holds positions 2, 3
     }
 
     #[test]

@@ -91,6 +91,7 @@ impl Config {
             num_parameters,
             decode_parameters: num_parameters - vocab * h,
             kv_width: self.num_kv_heads() * d,
+            kv_heads: self.num_kv_heads(),
             length_dependent_rope_after: None,
         }
     }

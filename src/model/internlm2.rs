@@ -114,6 +114,7 @@ impl Config {
             num_parameters,
             decode_parameters: num_parameters - vocab * h,
             kv_width: self.num_key_value_heads * d,
+            kv_heads: self.num_key_value_heads,
             length_dependent_rope_after: match scaling {
                 Scaling::Dynamic(_) => Some(self.max_position_embeddings),
                 _ => None,

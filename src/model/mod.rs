@@ -13,6 +13,7 @@ use std::path::Path;
 
 use rayon::prelude::*;
 
+use crate::dtype::KvFormat;
 use crate::sampling::{self, SampleRow};
 use crate::{Error, Result, cpu, cuda};
 pub use weights::Checkpoint;
@@ -68,8 +69,9 @@ pub struct ModelInfo {
     /// Parameters read by one decode step: all but the embedding table, of which a step
     /// reads one row (the figure bandwidth limits are computed from).
     pub decode_parameters: usize,
-    /// Values of K (and of V) one token stores per layer.
+    /// Values of K (and of V) one token stores per layer: `kv_heads` heads.
     pub kv_width: usize,
+    pub kv_heads: usize,
     /// Dynamic NTK: once a forward call reaches past this many positions, the rotary base
     /// (so every K it writes) depends on the call's length, as in the original. K computed
     /// in such calls is only valid for that exact call: not reusable as a cached prefix,
@@ -90,15 +92,34 @@ pub fn choose_on_host(logits: Vec<Vec<f32>>, rows: &[Option<SampleRow<'_>>]) -> 
 pub trait CausalLm: Send + Sync {
     fn info(&self) -> &ModelInfo;
 
-    /// A K/V arena of `num_blocks` blocks for this model, on its device.
-    fn new_arena(&self, block_size: usize, num_blocks: usize) -> Result<Box<dyn KvStore>> {
+    /// A K/V arena of `num_blocks` blocks for this model, on its device, storing `format`.
+    fn new_arena(
+        &self,
+        block_size: usize,
+        num_blocks: usize,
+        format: KvFormat,
+    ) -> Result<Box<dyn KvStore>> {
         let info = self.info();
-        Ok(Box::new(cpu::KvArena::new(info.num_layers, info.kv_width, block_size, num_blocks)?))
+        Ok(Box::new(cpu::KvArena::new(
+            info.num_layers,
+            info.kv_heads,
+            info.kv_width / info.kv_heads,
+            format,
+            block_size,
+            num_blocks,
+        )?))
     }
 
     /// Bytes one block of `block_size` positions takes in this model's arena.
-    fn kv_bytes_per_block(&self, block_size: usize) -> usize {
-        cpu::KvArena::bytes_per_block(self.info().num_layers, self.info().kv_width, block_size)
+    fn kv_bytes_per_block(&self, block_size: usize, format: KvFormat) -> usize {
+        let info = self.info();
+        cpu::KvArena::bytes_per_block(
+            info.num_layers,
+            info.kv_heads,
+            info.kv_width / info.kv_heads,
+            format,
+            block_size,
+        )
     }
 
     /// Free memory of the model's device, when it is not the host's (the GPU after the

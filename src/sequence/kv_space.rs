@@ -5,6 +5,7 @@
 use super::Sequence;
 use super::blocks::BlockManager;
 use crate::Result;
+use crate::dtype::KvFormat;
 use crate::model::{CausalLm, KvStore, SeqStep};
 
 pub struct KvSpace {
@@ -27,12 +28,13 @@ pub enum Admission {
 impl KvSpace {
     pub fn new(
         model: &dyn CausalLm,
+        format: KvFormat,
         block_size: usize,
         num_blocks: usize,
         enable_prefix_caching: bool,
     ) -> Result<Self> {
         Ok(KvSpace {
-            arena: model.new_arena(block_size, num_blocks)?,
+            arena: model.new_arena(block_size, num_blocks, format)?,
             blocks: BlockManager::new(num_blocks, block_size, enable_prefix_caching),
             rope_limit: model.info().length_dependent_rope_after,
         })
@@ -108,7 +110,8 @@ impl KvCache {
     pub const BLOCK_SIZE: usize = 64;
 
     pub fn new(model: &dyn CausalLm) -> Result<Self> {
-        Ok(KvCache { arena: model.new_arena(Self::BLOCK_SIZE, 0)?, blocks: Vec::new(), len: 0 })
+        let arena = model.new_arena(Self::BLOCK_SIZE, 0, KvFormat::Model)?;
+        Ok(KvCache { arena, blocks: Vec::new(), len: 0 })
     }
 
     /// Positions stored.

@@ -84,7 +84,7 @@ impl SchedulerConfig {
     /// keeps finished prefixes for reuse). Host memory it takes is promised until the
     /// returned guard drops; call it while holding `SIZING` and allocate before letting go.
     pub fn num_blocks(&self, model: &ChatModel) -> Result<(usize, Option<HostKvPromise>)> {
-        let bytes_per_block = model.model.kv_bytes_per_block(self.block_size);
+        let bytes_per_block = model.model.kv_bytes_per_block(self.block_size, model.kv_format());
         let enough = 2 * self.max_num_seqs * model.max_context().div_ceil(self.block_size);
         let device_free = model.model.device_free_memory()?;
         let mut promised = HOST_KV_PROMISED.lock().unwrap_or_else(|p| p.into_inner());
@@ -288,14 +288,19 @@ impl ServingEngine {
         let activation_bytes =
             model.model.reserve_activations(max_tokens, config.max_num_seqs, max_blocks_per_seq)?;
         let (num_blocks, promise) = config.num_blocks(&model)?;
+        let block_bytes = model.model.kv_bytes_per_block(config.block_size, model.kv_format());
         tracing::info!(
-            "engine {name}: {num_blocks} KV blocks of {} tokens ({} MiB), activations {} MiB",
+            "engine {name}: {num_blocks} KV blocks of {} tokens ({} MiB; K/V stored as {}, {} \
+             bytes a token), activations {} MiB",
             config.block_size,
-            (num_blocks * model.model.kv_bytes_per_block(config.block_size)) >> 20,
+            (num_blocks * block_bytes) >> 20,
+            model.kv_format().name(),
+            block_bytes / config.block_size,
             activation_bytes >> 20
         );
         let mut space = KvSpace::new(
             model.model.as_ref(),
+            model.kv_format(),
             config.block_size,
             num_blocks,
             config.enable_prefix_caching,
@@ -388,8 +393,13 @@ pub fn generate(
         max_queued_requests: 1,
         ..SchedulerConfig::default()
     };
-    let mut space =
-        KvSpace::new(model.model.as_ref(), block_size, max_len.div_ceil(block_size), false)?;
+    let mut space = KvSpace::new(
+        model.model.as_ref(),
+        model.kv_format(),
+        block_size,
+        max_len.div_ceil(block_size),
+        false,
+    )?;
     std::thread::scope(|scope| {
         let (jobs, receiver) = mpsc::channel();
         let worker = std::thread::Builder::new()

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::chat::DEFAULT_HISTORY_LEN;
-use crate::dtype::DType;
+use crate::dtype::{DType, KvFormat};
 use crate::model::LoadFormat;
 use crate::serving::SchedulerConfig;
 use crate::{Error, Result};
@@ -35,6 +35,8 @@ pub struct ModelParameters {
     pub cuda_graphs: bool,
     /// Longest chat input in bytes; None = what the context can hold.
     pub max_input_bytes: Option<usize>,
+    /// `quant_policy`: how the KV cache stores K/V.
+    pub kv_format: KvFormat,
     /// In-flight batching limits of each instance's engine.
     pub scheduler: SchedulerConfig,
 }
@@ -74,6 +76,7 @@ impl ModelConfig {
             sample_on_device: true,
             cuda_graphs: true,
             max_input_bytes: None,
+            kv_format: KvFormat::Model,
             scheduler: SchedulerConfig::default(),
         };
         let mut unknown_parameters = Vec::new();
@@ -132,6 +135,10 @@ impl ModelConfig {
                 "sample_on_device" => parameters.sample_on_device = parse_bool(key, value)?,
                 "cuda_graphs" => parameters.cuda_graphs = parse_bool(key, value)?,
                 "max_input_bytes" => parameters.max_input_bytes = Some(parse_count(key, value, 1)?),
+                "quant_policy" => {
+                    parameters.kv_format =
+                        KvFormat::from_quant_policy(value).map_err(|e| parameter_error(key, e))?;
+                }
                 "max_queued_requests" => {
                     parameters.scheduler.max_queued_requests = parse_count(key, value, 1)?;
                 }
@@ -226,6 +233,13 @@ mod tests {
         .unwrap();
         assert_eq!(config.parameters.max_input_bytes, Some(4096));
         assert_eq!(config.parameters.scheduler.max_queued_requests, 3);
+        assert_eq!(config.parameters.kv_format, KvFormat::Model);
+        for (policy, format) in
+            [("0", KvFormat::Model), ("8", KvFormat::Int8), ("4", KvFormat::Int4)]
+        {
+            let json = format!(r#""quant_policy":{{"string_value":"{policy}"}}"#);
+            assert_eq!(parse(&json).unwrap().parameters.kv_format, format);
+        }
     }
 
     #[test]
@@ -247,6 +261,7 @@ mod tests {
             (r#""block_size":{"string_value":"0"}"#, "block_size"),
             (r#""max_input_bytes":{"string_value":"0"}"#, "max_input_bytes"),
             (r#""max_queued_requests":{"string_value":"-4"}"#, "max_queued_requests"),
+            (r#""quant_policy":{"string_value":"16"}"#, "quant_policy"),
             (r#""max_num_seqs":{"string_value":"4096"}"#, "max_num_batched_tokens"),
         ] {
             let message = parse(params).unwrap_err().to_string();

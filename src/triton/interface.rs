@@ -336,6 +336,7 @@ mod tests {
             sample_on_device: false,
             cuda_graphs: false,
             max_input_bytes: None,
+            kv_format: Default::default(),
             scheduler: Default::default(),
         }
     }

@@ -136,6 +136,7 @@ impl ModelState {
             sample_on_device: parameters.sample_on_device,
             cuda_graphs: parameters.cuda_graphs,
             max_input_bytes: parameters.max_input_bytes,
+            kv_format: parameters.kv_format,
         };
         let started = std::time::Instant::now();
         let engine = ChatModel::load(&parameters.model_dir, &options)

@@ -1,9 +1,11 @@
 """The paged KV cache through a real tritonserver: prefix reuse across the rounds of a chat
-gives the same answers as no reuse (and is used), and a cache too small for all concurrent
-requests queues them instead of failing any."""
+gives the same answers as no reuse (and is used), a cache too small for all concurrent
+requests queues them instead of failing any, and an int8 cache (quant_policy 8) answers as
+the CLI does with the same cache, whatever reuse, queueing and preemption happen."""
 
 from concurrent.futures import ThreadPoolExecutor
 
+from conftest import cli_generate
 from test_seed_interface import flatten, http_chat
 
 
@@ -47,3 +49,26 @@ def test_a_prompt_larger_than_the_whole_cache_is_refused(server):
         http_chat(server, "chatglm2-tiny-smallkv", {"prompt": "长" * 70, "max_new_tokens": "4"})
     assert "KV-cache blocks" in error.value.message()
     assert http_chat(server, "chatglm2-tiny-smallkv", {"prompt": "hi", "max_new_tokens": "4"})
+
+
+def test_an_int8_kv_cache_answers_the_same_through_reuse_and_preemption(server):
+    model = "chatglm2-tiny-kvint8"
+    history = []
+    for query in ["你好", "What is RMSNorm?", "hello world"]:
+        fields = {"prompt": query, "history": flatten(history), "temperature": "0",
+                  "max_new_tokens": "12"}
+        expected = cli_generate("chatglm2-tiny", query, history, quant_policy=8, max_new_tokens=12)
+        answer = http_chat(server, model, fields)
+        assert answer == (expected["response"], expected["history"]), query
+        history = answer[1]
+    assert server.metric("llm_prefix_cache_hit_tokens_total", model) > 0
+    queries = ["你好", "hello world", "What is RMSNorm?", "请用一句话介绍你自己。"]
+    fields = [{"prompt": q * (1 + i % 3), "temperature": "0", "max_new_tokens": "20"}
+              for i, q in enumerate(queries * 3)]
+    expected = [http_chat(server, model, f) for f in fields]
+    preempted_before = server.metric("llm_requests_preempted_total", model)
+    with ThreadPoolExecutor(len(fields)) as pool:
+        results = list(pool.map(lambda f: http_chat(server, model, f), fields))
+    assert results == expected
+    assert server.metric("llm_requests_preempted_total", model) > preempted_before
+    assert server.metric("llm_kv_blocks_used", model) == 0

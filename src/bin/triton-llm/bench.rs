@@ -158,7 +158,7 @@ fn bench(
     };
     let block_size = 16;
     let per_sequence = (prompt_len + new_tokens).div_ceil(block_size);
-    let mut arena = lm.new_arena(block_size, batch * per_sequence)?;
+    let mut arena = lm.new_arena(block_size, batch * per_sequence, device.kv_format)?;
     let tables: Vec<Vec<u32>> = (0..batch)
         .map(|b| ((b * per_sequence) as u32..((b + 1) * per_sequence) as u32).collect())
         .collect();
@@ -180,8 +180,14 @@ fn bench(
     // token) plus the K/V of each sequence at its mean length.
     let weight_bytes = info.decode_parameters as f64 * elem_bytes as f64;
     let mean_len = prompt_len as f64 + decode_steps / 2.0;
-    let kv_bytes =
-        batch as f64 * mean_len * (info.num_layers * 2 * info.kv_width * elem_bytes) as f64;
+    let kv_token_bytes = info.num_layers
+        * 2
+        * device.kv_format.bytes_per_token(
+            info.kv_heads,
+            info.kv_width / info.kv_heads,
+            elem_bytes,
+        );
+    let kv_bytes = batch as f64 * mean_len * kv_token_bytes as f64;
     let step_floor_s = (weight_bytes + kv_bytes) / bandwidth;
     // Prefill floor: 2 flops per parameter and token (attention, about 2% more at 1024
     // tokens for these shapes, is left out).
@@ -194,6 +200,8 @@ fn bench(
         "batch": batch,
         "prompt_tokens": prompt_len,
         "new_tokens": new_tokens,
+        "kv_format": device.kv_format.name(),
+        "kv_bytes_per_token": kv_token_bytes,
         "sample_on_device": options.sample_on_device,
         "cuda_graphs": options.cuda_graphs,
         "ttft_ms": ttft * 1e3,

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use triton_llm::chat::{self, DEFAULT_HISTORY_LEN};
-use triton_llm::dtype::DType;
+use triton_llm::dtype::{DType, KvFormat};
 use triton_llm::model::{Device, LoadFormat};
 use triton_llm::pipeline::{
     ChatModel, ChatTurn, GenerationOptions, LoadOptions, Prompt, load_tokenizer,
@@ -135,6 +135,10 @@ struct DeviceArgs {
     #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
           action = clap::ArgAction::Set)]
     cuda_graphs: bool,
+    /// The KV cache's format, as LMDeploy's quant_policy: 0 (the model's type), 8 (int8)
+    /// or 4 (int4; both per token and head, CPU path only so far).
+    #[arg(long = "quant-policy", default_value = "0", value_parser = KvFormat::from_quant_policy)]
+    kv_format: KvFormat,
 }
 
 impl ModelArgs {
@@ -147,6 +151,7 @@ impl ModelArgs {
             sample_on_device: self.device.sample_on_device,
             cuda_graphs: self.device.cuda_graphs,
             max_input_bytes: None,
+            kv_format: self.device.kv_format,
         };
         ChatModel::load(&self.model, &options)
     }

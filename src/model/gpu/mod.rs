@@ -25,9 +25,10 @@ use std::sync::{Arc, Mutex};
 use rayon::prelude::*;
 
 use super::{KvStore, ModelInfo, SeqStep};
+use crate::Error;
 use crate::Result;
 use crate::cuda::{self, AttentionShape, Gpu, Rope};
-use crate::dtype::DType;
+use crate::dtype::{DType, KvFormat};
 use crate::sampling::SampleRow;
 
 use graphs::{GRAPH_MIN_BLOCKS, graph_batch};
@@ -142,7 +143,13 @@ impl super::CausalLm for GpuModel {
         &self.info
     }
 
-    fn new_arena(&self, block_size: usize, num_blocks: usize) -> Result<Box<dyn KvStore>> {
+    fn new_arena(
+        &self,
+        block_size: usize,
+        num_blocks: usize,
+        format: KvFormat,
+    ) -> Result<Box<dyn KvStore>> {
+        gpu_kv_format(format)?;
         Ok(Box::new(cuda::KvArena::new(
             Arc::clone(&self.gpu),
             self.shape.num_layers,
@@ -152,7 +159,7 @@ impl super::CausalLm for GpuModel {
         )?))
     }
 
-    fn kv_bytes_per_block(&self, block_size: usize) -> usize {
+    fn kv_bytes_per_block(&self, block_size: usize, _format: KvFormat) -> usize {
         cuda::KvArena::block_bytes(
             self.shape.num_layers,
             self.shape.kv_width(),
@@ -235,5 +242,34 @@ impl super::CausalLm for GpuModel {
             let chosen = gpu.read_u32(&s.chosen, rows.len())?;
             Ok(rows.iter().zip(chosen).map(|(row, id)| row.as_ref().map(|_| id)).collect())
         })
+    }
+}
+
+/// The KV formats the GPU kernels store: the model's dtype only, so far.
+fn gpu_kv_format(format: KvFormat) -> Result<()> {
+    match format {
+        KvFormat::Model => Ok(()),
+        quantised => Err(Error::Config(format!(
+            "quant_policy {} ({} KV cache) is served on the CPU path only so far; the GPU path \
+             stores K/V in the model's dtype (quant_policy 0)",
+            quantised.quant_policy(),
+            quantised.name()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quantised_kv_cache_is_refused_on_the_gpu_path_naming_the_policy() {
+        assert!(gpu_kv_format(KvFormat::Model).is_ok());
+        for (format, policy) in
+            [(KvFormat::Int8, "quant_policy 8"), (KvFormat::Int4, "quant_policy 4")]
+        {
+            let message = gpu_kv_format(format).unwrap_err().to_string();
+            assert!(message.contains(policy) && message.contains("CPU path only"), "{message}");
+        }
     }
 }
