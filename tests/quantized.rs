@@ -256,3 +256,31 @@ fn formats_that_do_not_fit_are_refused_by_name() {
         "{e}"
     );
 }
+
+/// Timing of one 4096 × 4096 product per format (run with `--ignored --nocapture`; a
+/// figure to read, not a check).
+#[test]
+#[ignore]
+fn timing_of_quantised_products() {
+    let (n, k) = (4096, 4096);
+    let mut rng = Lcg(5);
+    let weight = rng.vec(n * k);
+    let layers = [
+        ("f32", Linear::new(&weight, None, n, k)),
+        ("w8a16", Linear::from_w8(quant::quantize_w8(&weight, n, k), None, n, k)),
+        ("w4a16 g128", Linear::from_w4(quant::quantize_w4(&weight, n, k, 128, false), None, n, k)),
+    ];
+    for m in [1usize, 16, 128] {
+        let x = rng.vec(m * k);
+        for (name, layer) in &layers {
+            layer.forward(&x);
+            let start = std::time::Instant::now();
+            let runs = 5;
+            for _ in 0..runs {
+                std::hint::black_box(layer.forward(&x));
+            }
+            let ms = start.elapsed().as_secs_f64() * 1e3 / runs as f64;
+            eprintln!("{name:>10} m={m:>3}: {ms:.2} ms");
+        }
+    }
+}
