@@ -112,7 +112,7 @@ impl Linear {
         ks: (usize, usize),
         ns: (usize, usize),
         tile: &mut [f32],
-        scratch: &mut Vec<(f32, f32)>,
+        scratch: &mut Vec<f32>,
     ) {
         let n = self.out_features;
         match &self.weights {

@@ -67,7 +67,7 @@ impl W4 {
         (k0, k1): (usize, usize),
         (n0, n1): (usize, usize),
         tile: &mut [f32],
-        zs: &mut Vec<(f32, f32)>,
+        zs: &mut Vec<f32>,
     ) {
         let (words, width) = (n / 8, n1 - n0);
         let (c0, c1) = (n0 / 8, n1 / 8);
@@ -75,22 +75,33 @@ impl W4 {
         for k in k0..k1 {
             let g = k / self.group;
             if g != cached {
-                // (q − z) · s in f32 is exact up to one rounding, as the reference computes it.
+                // The group's zeros then scales, each in nibble order (entry 8c + i belongs
+                // to nibble i of word c), so the loop below reads them in step with the bits.
                 cached = g;
                 zs.clear();
-                let zeros = unpack_awq(&self.qzeros[g * words + c0..g * words + c1]);
-                let scales = &self.scales[g * n + n0..g * n + n1];
-                zs.extend(zeros.iter().zip(scales).map(|(&z, s)| (f32::from(z), s.to_f32())));
+                zs.resize(2 * width, 0.0);
+                let (zeros, scales) = zs.split_at_mut(width);
+                let qzeros = &self.qzeros[g * words + c0..g * words + c1];
+                let row_scales = &self.scales[g * n + n0..g * n + n1];
+                for (c, word) in qzeros.iter().enumerate() {
+                    for (i, &col) in AWQ_ORDER.iter().enumerate() {
+                        zeros[8 * c + i] = ((word >> (4 * i)) & 15) as f32;
+                        scales[8 * c + i] = row_scales[8 * c + col].to_f32();
+                    }
+                }
             }
+            let (zeros, scales) = zs.split_at(width);
             let row = &mut tile[(k - k0) * width..(k - k0 + 1) * width];
             let packed = &self.qweight[k * words + c0..k * words + c1];
-            for ((word, out), zs) in
-                packed.iter().zip(row.chunks_exact_mut(8)).zip(zs.chunks_exact(8))
-            {
+            for (c, (word, out)) in packed.iter().zip(row.chunks_exact_mut(8)).enumerate() {
+                let (z, s) = (&zeros[8 * c..8 * c + 8], &scales[8 * c..8 * c + 8]);
+                let mut values = [0f32; 8];
+                for i in 0..8 {
+                    // (q − z) · s in f32: exact up to one rounding, as the reference computes.
+                    values[i] = (((word >> (4 * i)) & 15) as f32 - z[i]) * s[i];
+                }
                 for (i, &col) in AWQ_ORDER.iter().enumerate() {
-                    let q = ((word >> (4 * i)) & 15) as f32;
-                    let (z, s) = zs[col];
-                    out[col] = (q - z) * s;
+                    out[col] = values[i];
                 }
             }
         }
