@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::chat::stream::AnswerStream;
 use crate::chat::{self, History};
 use crate::dtype::{DType, KvFormat};
-use crate::model::{self, CausalLm, Device, Family, LoadFormat};
+use crate::model::{self, CausalLm, Device, Family, LoadFormat, Quantization};
 use crate::sampling::SamplingParams;
 use crate::sequence::{FinishReason, GenerateRequest, Sequence};
 use crate::tokenizer::Tokenizer;
@@ -19,6 +19,8 @@ pub struct LoadOptions {
     pub device: Device,
     /// The GPU path's element type (the CPU path computes in f32).
     pub dtype: DType,
+    /// How the decoder-layer linears are held (`model::quant::resolve`).
+    pub quantization: Quantization,
     /// The longest sequence served (`session_len`); default: the model's context.
     pub session_len: Option<usize>,
     /// Choose next tokens on the GPU (`CausalLm::set_sample_on_device`).
@@ -100,7 +102,13 @@ pub fn load_tokenizer(dir: &Path) -> Result<(Family, Tokenizer)> {
 impl ChatModel {
     pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self> {
         let (family, tokenizer) = load_tokenizer(dir)?;
-        let model = model::load_on(dir, options.load_format, options.device, options.dtype)?;
+        let model = model::load_with(
+            dir,
+            options.load_format,
+            options.device,
+            options.dtype,
+            options.quantization,
+        )?;
         model.set_sample_on_device(options.sample_on_device);
         model.set_cuda_graphs(options.cuda_graphs);
         let info = model.info();

@@ -41,8 +41,17 @@ fn check_case(
 
 #[test]
 fn chatglm2_tiny_chat_matches_the_original() {
-    let chat = ChatModel::load(&fixture("chatglm2-tiny"), &LoadOptions::default()).unwrap();
-    let golden = golden("chatglm2-tiny", "chat_golden.json");
+    chatglm2_chat("chatglm2-tiny");
+}
+
+#[test]
+fn chatglm2_tiny_awq_chat_matches_the_original() {
+    chatglm2_chat("chatglm2-tiny-awq");
+}
+
+fn chatglm2_chat(folder: &str) {
+    let chat = ChatModel::load(&fixture(folder), &LoadOptions::default()).unwrap();
+    let golden = golden(folder, "chat_golden.json");
     for case in golden["cases"].as_array().unwrap() {
         let turn = ChatTurn {
             query: case["query"].as_str().unwrap().into(),
@@ -61,11 +70,20 @@ fn chatglm2_tiny_chat_matches_the_original() {
 
 #[test]
 fn internlm2_tiny_chat_matches_the_original() {
+    internlm2_chat("internlm2-tiny");
+}
+
+#[test]
+fn internlm2_tiny_awq_chat_matches_the_original() {
+    internlm2_chat("internlm2-tiny-awq");
+}
+
+fn internlm2_chat(folder: &str) {
     // The first case runs a 251-token prompt to 283 tokens, past the tiny model's
     // 128 × 2 served context (its NTK scaling extrapolates, as the original does).
     let options = LoadOptions { session_len: Some(512), ..Default::default() };
-    let chat = ChatModel::load(&fixture("internlm2-tiny"), &options).unwrap();
-    let golden = golden("internlm2-tiny", "chat_golden.json");
+    let chat = ChatModel::load(&fixture(folder), &options).unwrap();
+    let golden = golden(folder, "chat_golden.json");
     for case in golden["cases"].as_array().unwrap() {
         let meta = case["meta_instruction"].as_str().unwrap();
         let is_default = case["meta_instruction_is_default"].as_bool().unwrap();

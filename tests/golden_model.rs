@@ -63,6 +63,18 @@ fn internlm2_tiny_matches_original_logits_and_greedy_tokens() {
     check_family("internlm2-tiny");
 }
 
+// AWQ W4A16 checkpoints of the same models, computed with the 4-bit weights kept packed;
+// the goldens are the original code in f32 on the dequantised weights.
+#[test]
+fn chatglm2_tiny_awq_matches_original_logits_and_greedy_tokens() {
+    check_family("chatglm2-tiny-awq");
+}
+
+#[test]
+fn internlm2_tiny_awq_matches_original_logits_and_greedy_tokens() {
+    check_family("internlm2-tiny-awq");
+}
+
 /// Several sequences in one batched pass (prefills of different lengths, then decode steps
 /// of all of them together, then a prefill joining running decodes) give each sequence
 /// exactly the logits it gets alone.
@@ -202,4 +214,10 @@ fn chatglm2_tiny_logits_move_little_under_a_quantised_kv_cache() {
 #[test]
 fn internlm2_tiny_logits_move_little_under_a_quantised_kv_cache() {
     check_quantised_kv("internlm2-tiny");
+}
+
+#[test]
+fn awq_batched_forward_equals_one_at_a_time() {
+    check_batched("chatglm2-tiny-awq");
+    check_batched("internlm2-tiny-awq");
 }

@@ -10,6 +10,10 @@ pub mod kv_quant;
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
+pub mod quant;
+
+use quant::{W4, W8};
+
 pub use kv_arena::KvArena;
 
 /// A linear layer, `y = x · Wᵀ (+ b)` with PyTorch's `W: [out_features, in_features]`.
@@ -18,13 +22,27 @@ pub use kv_arena::KvArena;
 /// left operand of `yᵀ = W · xᵀ` faer then streams it without packing it first, for one row
 /// as for many: a decode step reads the weights once at full bandwidth, and each row's
 /// result is bit-identical whatever other rows share the product — so a sequence's answer
-/// never depends on its batch.
+/// never depends on its batch. Quantised weights keep the same orientation and are
+/// dequantised a tile at a time into the same layout (see [`Linear::forward`]).
 pub struct Linear {
-    weight_t: Vec<f32>,
+    weights: Weights,
     bias: Option<Vec<f32>>,
     pub out_features: usize,
     pub in_features: usize,
 }
+
+enum Weights {
+    F32(Vec<f32>),
+    W8(W8),
+    W4(W4),
+}
+
+/// Input rows dequantised per tile: with the column blocks below a tile stays within L2.
+const TILE_FLOATS: usize = 1 << 14;
+/// Output columns per parallel task of a large quantised product (a multiple of 8).
+const COLUMN_BLOCK: usize = 256;
+/// Weights of at least this many elements are multiplied on all cores.
+const PARALLEL_WEIGHTS: usize = 1 << 20;
 
 impl Linear {
     /// `weight` as PyTorch stores it, `[out_features, in_features]` row-major.
@@ -41,7 +59,79 @@ impl Linear {
                 weight_t[i * out_features + o] = w;
             }
         }
-        Linear { weight_t, bias, out_features, in_features }
+        Linear { weights: Weights::F32(weight_t), bias, out_features, in_features }
+    }
+
+    /// 8-bit weights of `[out_features, in_features]` (`q` stored `[in, out]`).
+    pub fn from_w8(
+        weights: W8,
+        bias: Option<Vec<f32>>,
+        out_features: usize,
+        in_features: usize,
+    ) -> Self {
+        assert_eq!(weights.q.len(), out_features * in_features, "w8 shape");
+        assert_eq!(weights.scales.len(), out_features, "w8 scales");
+        Linear { weights: Weights::W8(weights), bias, out_features, in_features }
+    }
+
+    /// 4-bit AWQ-layout weights; the caller has checked the shapes against the group.
+    pub fn from_w4(
+        weights: W4,
+        bias: Option<Vec<f32>>,
+        out_features: usize,
+        in_features: usize,
+    ) -> Self {
+        let (n, k, g) = (out_features, in_features, weights.group);
+        assert!(n.is_multiple_of(8) && g > 0 && k.is_multiple_of(g), "w4 shape");
+        assert_eq!(weights.qweight.len(), k * n / 8, "w4 qweight");
+        assert_eq!(weights.qzeros.len(), k / g * n / 8, "w4 qzeros");
+        assert_eq!(weights.scales.len(), k / g * n, "w4 scales");
+        Linear { weights: Weights::W4(weights), bias, out_features, in_features }
+    }
+
+    /// Bytes the weight (and bias) take in memory.
+    pub fn weight_bytes(&self) -> usize {
+        let bias = self.bias.as_ref().map_or(0, |b| 4 * b.len());
+        bias + match &self.weights {
+            Weights::F32(w) => 4 * w.len(),
+            Weights::W8(w) => w.bytes(),
+            Weights::W4(w) => w.bytes(),
+        }
+    }
+
+    /// The weight as f32, `[out_features, in_features]` (for checks against a reference).
+    pub fn dequantized(&self) -> Vec<f32> {
+        let (n, k) = (self.out_features, self.in_features);
+        let mut weight_t = vec![0f32; n * k];
+        self.dequantize_tile((0, k), (0, n), &mut weight_t, &mut Vec::new());
+        let mut weight = vec![0f32; n * k];
+        for (i, row) in weight_t.chunks_exact(n).enumerate() {
+            for (o, &w) in row.iter().enumerate() {
+                weight[o * k + i] = w;
+            }
+        }
+        weight
+    }
+
+    /// `W[n0..n1, k0..k1]` into `tile` as `[k1 − k0, n1 − n0]` row-major.
+    fn dequantize_tile(
+        &self,
+        ks: (usize, usize),
+        ns: (usize, usize),
+        tile: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        let n = self.out_features;
+        match &self.weights {
+            Weights::F32(w) => {
+                let width = ns.1 - ns.0;
+                for (k, row) in (ks.0..ks.1).zip(tile.chunks_exact_mut(width)) {
+                    row.copy_from_slice(&w[k * n + ns.0..k * n + ns.1]);
+                }
+            }
+            Weights::W8(w) => w.dequantize(n, ks, ns, tile),
+            Weights::W4(w) => w.dequantize(n, ks, ns, tile, scratch),
+        }
     }
 
     /// `y[m, out] = x[m, in] · Wᵀ (+ b)`.
@@ -49,17 +139,76 @@ impl Linear {
         let (n, k) = (self.out_features, self.in_features);
         let m = x.len() / k;
         debug_assert_eq!(x.len(), m * k);
-        let mut y = vec![0f32; m * n];
-        // yᵀ [n, m] = W [n, k] · xᵀ [k, m], all column-major views of row-major buffers.
-        let lhs = MatRef::from_column_major_slice(&self.weight_t, n, k);
-        let rhs = MatRef::from_column_major_slice(x, k, m);
-        let dst = MatMut::from_column_major_slice_mut(&mut y, n, m);
-        // Threads pay off only on large weights; decided per layer, never per batch.
-        let par = if n * k >= 1 << 20 { Par::rayon(0) } else { Par::Seq };
-        faer::linalg::matmul::matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, par);
+        let mut y = match &self.weights {
+            Weights::F32(weight_t) => {
+                let mut y = vec![0f32; m * n];
+                // yᵀ [n, m] = W [n, k] · xᵀ [k, m], all column-major views of row-major buffers.
+                let lhs = MatRef::from_column_major_slice(weight_t, n, k);
+                let rhs = MatRef::from_column_major_slice(x, k, m);
+                let dst = MatMut::from_column_major_slice_mut(&mut y, n, m);
+                // Threads pay off only on large weights; decided per layer, never per batch.
+                let par = if n * k >= PARALLEL_WEIGHTS { Par::rayon(0) } else { Par::Seq };
+                faer::linalg::matmul::matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, par);
+                y
+            }
+            _ => self.forward_quantized(x, m),
+        };
         if let Some(bias) = &self.bias {
             for row in y.chunks_exact_mut(n) {
                 row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+            }
+        }
+        y
+    }
+
+    /// The product with quantised weights, never materialising the f32 weight: per block
+    /// of output columns (one task each on a large weight), tiles of input rows are
+    /// dequantised into a small scratch and multiplied into the block's result. The
+    /// blocking depends on the layer only, so a row's result does not depend on its batch.
+    fn forward_quantized(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = (self.out_features, self.in_features);
+        if m == 0 {
+            return Vec::new();
+        }
+        let block = if n * k >= PARALLEL_WEIGHTS { COLUMN_BLOCK.min(n) } else { n };
+        let rows = (TILE_FLOATS / block).clamp(8, k.max(8));
+        let x_t = MatRef::from_column_major_slice(x, k, m);
+        let run = |n0: usize| {
+            let n1 = (n0 + block).min(n);
+            let width = n1 - n0;
+            // yᵀ[n0..n1, :] as a column-major [width, m] block.
+            let mut acc = vec![0f32; width * m];
+            let mut part = vec![0f32; width * m];
+            let mut tile = vec![0f32; rows.min(k) * width];
+            let mut scratch = Vec::new();
+            for k0 in (0..k).step_by(rows) {
+                let k1 = (k0 + rows).min(k);
+                let tile = &mut tile[..(k1 - k0) * width];
+                self.dequantize_tile((k0, k1), (n0, n1), tile, &mut scratch);
+                let lhs = MatRef::from_column_major_slice(tile, width, k1 - k0);
+                let rhs = x_t.submatrix(k0, 0, k1 - k0, m);
+                // Each tile's product is a fresh one, summed here: faer accumulating into
+                // `acc` would round differently for one row than for several.
+                let target = if k0 == 0 { &mut acc } else { &mut part };
+                let dst = MatMut::from_column_major_slice_mut(target, width, m);
+                faer::linalg::matmul::matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, Par::Seq);
+                if k0 > 0 {
+                    acc.iter_mut().zip(&part).for_each(|(a, p)| *a += p);
+                }
+            }
+            acc
+        };
+        if block == n {
+            return run(0);
+        }
+        let blocks: Vec<Vec<f32>> =
+            (0..n).step_by(block).collect::<Vec<_>>().into_par_iter().map(run).collect();
+        let mut y = vec![0f32; m * n];
+        for (b, acc) in blocks.iter().enumerate() {
+            let n0 = b * block;
+            let width = acc.len() / m;
+            for (r, part) in acc.chunks_exact(width).enumerate() {
+                y[r * n + n0..r * n + n0 + width].copy_from_slice(part);
             }
         }
         y

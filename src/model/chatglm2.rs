@@ -8,8 +8,8 @@
 use serde::Deserialize;
 
 use super::{
-    CausalLm, Checkpoint, Family, KvStore, ModelInfo, SeqStep, TokenIds, batch_offsets, cpu_arena,
-    embed_batch, last_token_logits, parse_config, rope,
+    CausalLm, Family, KvStore, ModelInfo, SeqStep, TokenIds, batch_offsets, cpu_arena, embed_batch,
+    last_token_logits, parse_config, quant, rope,
 };
 use std::sync::Arc;
 
@@ -92,6 +92,8 @@ impl Config {
             decode_parameters: num_parameters - vocab * h,
             kv_width: self.num_kv_heads() * d,
             kv_heads: self.num_kv_heads(),
+            weight_format: String::new(),
+            weight_bytes: 0,
             length_dependent_rope_after: None,
         }
     }
@@ -163,14 +165,9 @@ pub struct Model {
     inv_freq: Vec<f32>,
 }
 
-fn linear(ckpt: &Checkpoint, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-    let weight = ckpt.f32(&format!("{prefix}.weight"), &[out, inp])?;
-    let bias = if bias { Some(ckpt.f32(&format!("{prefix}.bias"), &[out])?) } else { None };
-    Ok(Linear::new(&weight, bias, out, inp))
-}
-
 impl Model {
-    pub fn load(value: serde_json::Value, ckpt: &Checkpoint) -> Result<Self> {
+    pub fn load(value: serde_json::Value, linears: &quant::Linears<'_>) -> Result<Self> {
+        let ckpt = linears.ckpt;
         let config: Config = parse_config(value)?;
         config.check_supported()?;
         let (h, d) = (config.hidden_size, config.kv_channels);
@@ -186,33 +183,46 @@ impl Model {
                 let p = format!("transformer.encoder.layers.{i}");
                 Ok(Block {
                     input_layernorm: ckpt.f32(&format!("{p}.input_layernorm.weight"), &[h])?,
-                    query_key_value: linear(
-                        ckpt,
+                    query_key_value: linears.layer(
                         &format!("{p}.self_attention.query_key_value"),
                         qkv_width,
                         h,
                         config.add_qkv_bias,
                     )?,
-                    dense: linear(ckpt, &format!("{p}.self_attention.dense"), h, q_width, false)?,
+                    dense: linears.layer(
+                        &format!("{p}.self_attention.dense"),
+                        h,
+                        q_width,
+                        false,
+                    )?,
                     post_attention_layernorm: ckpt
                         .f32(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                    dense_h_to_4h: linear(
-                        ckpt,
+                    dense_h_to_4h: linears.layer(
                         &format!("{p}.mlp.dense_h_to_4h"),
                         2 * ffn,
                         h,
                         false,
                     )?,
-                    dense_4h_to_h: linear(ckpt, &format!("{p}.mlp.dense_4h_to_h"), h, ffn, false)?,
+                    dense_4h_to_h: linears.layer(
+                        &format!("{p}.mlp.dense_4h_to_h"),
+                        h,
+                        ffn,
+                        false,
+                    )?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         let final_layernorm = ckpt.f32("transformer.encoder.final_layernorm.weight", &[h])?;
-        let output_layer = linear(ckpt, "transformer.output_layer", vocab, h, false)?;
+        let output_layer = linears.dense("transformer.output_layer", vocab, h, false)?;
         // A buffer the forward pass never reads (spec §2).
         ckpt.ignore("transformer.rotary_pos_emb.inv_freq");
 
-        let info = config.model_info();
+        let mut info = config.model_info();
+        let norms =
+            layers.iter().map(|l| l.input_layernorm.len() + l.post_attention_layernorm.len());
+        let floats = word_embeddings.len() + final_layernorm.len() + norms.sum::<usize>();
+        info.weight_format = linears.describe();
+        info.weight_bytes = linears.bytes() + 4 * floats;
         Ok(Model {
             inv_freq: rope::inv_freq(10000.0, d / 2),
             config,
@@ -295,11 +305,12 @@ pub fn load_gpu(value: serde_json::Value, loader: &gpu::WeightLoader<'_>) -> Res
     };
     loader.checkpoint.ignore("transformer.rotary_pos_emb.inv_freq");
     let inv_freq = rope::inv_freq(10000.0, d / 2);
+    let info = gpu::gpu_info(config.model_info(), loader.gpu, &shape);
     Ok(gpu::GpuModel::new(
         Arc::clone(loader.gpu),
         shape,
         weights,
-        config.model_info(),
+        info,
         Box::new(move |_| inv_freq.clone()),
     ))
 }

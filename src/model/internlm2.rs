@@ -8,8 +8,8 @@
 use serde::Deserialize;
 
 use super::{
-    CausalLm, Checkpoint, Family, KvStore, ModelInfo, SeqStep, TokenIds, batch_offsets, cpu_arena,
-    embed_batch, last_token_logits, parse_config, rope,
+    CausalLm, Family, KvStore, ModelInfo, SeqStep, TokenIds, batch_offsets, cpu_arena, embed_batch,
+    last_token_logits, parse_config, quant, rope,
 };
 use std::sync::Arc;
 
@@ -115,6 +115,8 @@ impl Config {
             decode_parameters: num_parameters - vocab * h,
             kv_width: self.num_key_value_heads * d,
             kv_heads: self.num_key_value_heads,
+            weight_format: String::new(),
+            weight_bytes: 0,
             length_dependent_rope_after: match scaling {
                 Scaling::Dynamic(_) => Some(self.max_position_embeddings),
                 _ => None,
@@ -188,14 +190,9 @@ pub struct Model {
     output: Linear,
 }
 
-fn linear(ckpt: &Checkpoint, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
-    let weight = ckpt.f32(&format!("{prefix}.weight"), &[out, inp])?;
-    let bias = if bias { Some(ckpt.f32(&format!("{prefix}.bias"), &[out])?) } else { None };
-    Ok(Linear::new(&weight, bias, out, inp))
-}
-
 impl Model {
-    pub fn load(value: serde_json::Value, ckpt: &Checkpoint) -> Result<Self> {
+    pub fn load(value: serde_json::Value, linears: &quant::Linears<'_>) -> Result<Self> {
+        let ckpt = linears.ckpt;
         let config: Config = parse_config(value)?;
         config.check_supported()?;
         let scaling = config.scaling()?;
@@ -210,19 +207,23 @@ impl Model {
                 let p = format!("model.layers.{i}");
                 Ok(Block {
                     attention_norm: ckpt.f32(&format!("{p}.attention_norm.weight"), &[h])?,
-                    wqkv: linear(ckpt, &format!("{p}.attention.wqkv"), qkv_width, h, bias)?,
-                    wo: linear(ckpt, &format!("{p}.attention.wo"), h, q_width, bias)?,
+                    wqkv: linears.layer(&format!("{p}.attention.wqkv"), qkv_width, h, bias)?,
+                    wo: linears.layer(&format!("{p}.attention.wo"), h, q_width, bias)?,
                     ffn_norm: ckpt.f32(&format!("{p}.ffn_norm.weight"), &[h])?,
-                    w1: linear(ckpt, &format!("{p}.feed_forward.w1"), ffn, h, false)?,
-                    w3: linear(ckpt, &format!("{p}.feed_forward.w3"), ffn, h, false)?,
-                    w2: linear(ckpt, &format!("{p}.feed_forward.w2"), h, ffn, false)?,
+                    w1: linears.layer(&format!("{p}.feed_forward.w1"), ffn, h, false)?,
+                    w3: linears.layer(&format!("{p}.feed_forward.w3"), ffn, h, false)?,
+                    w2: linears.layer(&format!("{p}.feed_forward.w2"), h, ffn, false)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         let norm = ckpt.f32("model.norm.weight", &[h])?;
-        let output = linear(ckpt, "output", vocab, h, false)?;
+        let output = linears.dense("output", vocab, h, false)?;
 
-        let info = config.model_info(scaling);
+        let mut info = config.model_info(scaling);
+        let norms = layers.iter().map(|l| l.attention_norm.len() + l.ffn_norm.len());
+        let floats = tok_embeddings.len() + norm.len() + norms.sum::<usize>();
+        info.weight_format = linears.describe();
+        info.weight_bytes = linears.bytes() + 4 * floats;
         Ok(Model { config, info, scaling, tok_embeddings, layers, norm, output })
     }
 
@@ -328,7 +329,7 @@ pub fn load_gpu(value: serde_json::Value, loader: &gpu::WeightLoader<'_>) -> Res
         final_norm: loader.tensor("model.norm.weight", &[h])?,
         output: loader.tensor("output.weight", &[vocab, h])?,
     };
-    let info = config.model_info(scaling);
+    let info = gpu::gpu_info(config.model_info(scaling), loader.gpu, &shape);
     let freq_config = config.clone();
     Ok(gpu::GpuModel::new(
         Arc::clone(loader.gpu),

@@ -5,6 +5,7 @@
 pub mod chatglm2;
 pub(crate) mod gpu;
 pub mod internlm2;
+pub mod quant;
 pub mod rope;
 pub mod weights;
 
@@ -16,6 +17,7 @@ use rayon::prelude::*;
 use crate::dtype::KvFormat;
 use crate::sampling::{self, SampleRow};
 use crate::{Error, Result, cpu, cuda};
+pub use quant::Quantization;
 pub use weights::Checkpoint;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +79,10 @@ pub struct ModelInfo {
     /// in such calls is only valid for that exact call: not reusable as a cached prefix,
     /// and a prompt that long must be prefilled in one call.
     pub length_dependent_rope_after: Option<usize>,
+    /// How the weights are held, e.g. "awq w4a16 g32, other tensors float16" (load log).
+    pub weight_format: String,
+    /// Bytes of weights on the model's device.
+    pub weight_bytes: usize,
 }
 
 /// Each row's choice from its logits, on all cores.
@@ -342,6 +348,15 @@ pub fn load(dir: &Path, format: LoadFormat) -> Result<Box<dyn CausalLm>> {
     load_on(dir, format, Device::Cpu, crate::dtype::DType::F32)
 }
 
+/// Loads the model of a folder onto the CPU path with its linears in `quantization`.
+pub fn load_quantized(
+    dir: &Path,
+    format: LoadFormat,
+    quantization: Quantization,
+) -> Result<Box<dyn CausalLm>> {
+    load_with(dir, format, Device::Cpu, crate::dtype::DType::F32, quantization)
+}
+
 /// Loads the model of a folder onto `device`; `dtype` is the GPU path's (the CPU path
 /// computes in f32).
 pub fn load_on(
@@ -350,12 +365,23 @@ pub fn load_on(
     device: Device,
     dtype: crate::dtype::DType,
 ) -> Result<Box<dyn CausalLm>> {
+    load_with(dir, format, device, dtype, Quantization::None)
+}
+
+/// [`load_on`] with the linears in `quantization` (see [`quant::resolve`]).
+pub fn load_with(
+    dir: &Path,
+    format: LoadFormat,
+    device: Device,
+    dtype: crate::dtype::DType,
+    quantization: Quantization,
+) -> Result<Box<dyn CausalLm>> {
     let (family, config) = read_config(dir)?;
     let checkpoint = match format {
         LoadFormat::Safetensors => Checkpoint::open(dir)?,
         LoadFormat::Dummy => Checkpoint::dummy(),
     };
-    load_config(family, config, &checkpoint, device, dtype)
+    load_config(family, config, &checkpoint, device, dtype, quantization)
 }
 
 /// Builds a model of `family` from its parsed `config.json` and a checkpoint (or
@@ -366,13 +392,30 @@ pub fn load_config(
     checkpoint: &Checkpoint,
     device: Device,
     dtype: crate::dtype::DType,
+    quantization: Quantization,
 ) -> Result<Box<dyn CausalLm>> {
     let dummy = checkpoint.is_dummy();
+    let format = quant::resolve(&config, quantization)?;
     let model: Box<dyn CausalLm> = match device {
-        Device::Cpu => match family {
-            Family::ChatGlm2 => Box::new(chatglm2::Model::load(config, checkpoint)?),
-            Family::InternLm2 => Box::new(internlm2::Model::load(config, checkpoint)?),
-        },
+        Device::Cpu => {
+            let linears = quant::Linears::new(checkpoint, format);
+            match family {
+                Family::ChatGlm2 => Box::new(chatglm2::Model::load(config, &linears)?),
+                Family::InternLm2 => Box::new(internlm2::Model::load(config, &linears)?),
+            }
+        }
+        Device::Cuda(_) if format.is_quantized() => {
+            return Err(Error::Config(format!(
+                "quantised weights are served on the CPU path only so far ({}; quantization \
+                 {}): serve this model on KIND_CPU, or a 16-bit checkpoint with quantization \
+                 none on the GPU",
+                match format {
+                    quant::WeightFormat::Awq { .. } => "an AWQ checkpoint",
+                    _ => "quantised at load",
+                },
+                quantization.name()
+            )));
+        }
         Device::Cuda(ordinal) => {
             let gpu = cuda::Gpu::open(ordinal, dtype)?;
             gpu.bind()?;
@@ -384,6 +427,13 @@ pub fn load_config(
         }
     };
     checkpoint.finish()?;
+    let info = model.info();
+    tracing::info!(
+        "{} on {device:?}: weights {}, {:.1} MiB",
+        family.name(),
+        info.weight_format,
+        info.weight_bytes as f64 / (1u64 << 20) as f64
+    );
     Ok(model)
 }
 

@@ -26,6 +26,8 @@ pub enum StoredDtype {
     F32,
     F16,
     BF16,
+    /// Packed quantised weights (AWQ `qweight` / `qzeros`), read raw, never as values.
+    I32,
 }
 
 impl StoredDtype {
@@ -34,13 +36,14 @@ impl StoredDtype {
             "F32" => Some(Self::F32),
             "F16" => Some(Self::F16),
             "BF16" => Some(Self::BF16),
+            "I32" => Some(Self::I32),
             _ => None,
         }
     }
 
     pub fn size(self) -> usize {
         match self {
-            Self::F32 => 4,
+            Self::F32 | Self::I32 => 4,
             Self::F16 | Self::BF16 => 2,
         }
     }
@@ -50,6 +53,7 @@ impl StoredDtype {
             Self::F32 => "float32",
             Self::F16 => "float16",
             Self::BF16 => "bfloat16",
+            Self::I32 => "int32",
         }
     }
 }
@@ -125,9 +129,9 @@ impl Checkpoint {
         self.tensors.contains_key(name)
     }
 
-    /// The stored dtype of the checkpoint (that of its first tensor).
+    /// The stored dtype of the checkpoint's floating-point tensors (that of the first one).
     pub fn dtype(&self) -> Option<StoredDtype> {
-        self.tensors.values().next().map(|t| t.dtype)
+        self.tensors.values().map(|t| t.dtype).find(|d| *d != StoredDtype::I32)
     }
 
     /// Reads tensor `name`, checks it has exactly `shape`, and converts it to f32.
@@ -135,6 +139,42 @@ impl Checkpoint {
         if self.dummy {
             return Ok(dummy_values(name, shape));
         }
+        let entry = self.entry(name, shape)?;
+        if entry.dtype == StoredDtype::I32 {
+            return Err(Error::Weights(format!(
+                "tensor {name} is stored as int32 where floating-point values are expected"
+            )));
+        }
+        let mut values = Vec::with_capacity(entry.len / entry.dtype.size());
+        self.read_chunks(name, entry, |bytes| convert_into(entry.dtype, bytes, &mut values))?;
+        Ok(values)
+    }
+
+    /// Reads tensor `name` of exactly `shape` and `dtype` as its raw little-endian elements
+    /// (int32 words of packed weights, float16 scales), without conversion.
+    pub fn raw<T: bytemuck::Pod>(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: StoredDtype,
+    ) -> Result<Vec<T>> {
+        debug_assert_eq!(std::mem::size_of::<T>(), dtype.size());
+        let entry = self.entry(name, shape)?;
+        if entry.dtype != dtype {
+            return Err(Error::Weights(format!(
+                "tensor {name} is stored as {}, expected {}",
+                entry.dtype.name(),
+                dtype.name()
+            )));
+        }
+        let mut values: Vec<T> = Vec::with_capacity(entry.len / dtype.size());
+        self.read_chunks(name, entry, |bytes| {
+            values.extend(bytes.chunks_exact(dtype.size()).map(bytemuck::pod_read_unaligned::<T>))
+        })?;
+        Ok(values)
+    }
+
+    fn entry(&self, name: &str, shape: &[usize]) -> Result<&TensorEntry> {
         let entry = self.tensors.get(name).ok_or_else(|| {
             Error::Weights(format!("missing tensor {name} (expected shape {shape:?})"))
         })?;
@@ -144,19 +184,28 @@ impl Checkpoint {
                 entry.shape
             )));
         }
+        Ok(entry)
+    }
+
+    /// Hands the tensor's bytes to `sink` in chunks (whole elements), then claims it.
+    fn read_chunks(
+        &self,
+        name: &str,
+        entry: &TensorEntry,
+        mut sink: impl FnMut(&[u8]),
+    ) -> Result<()> {
         let (path, file) = &self.shards[entry.shard];
-        let mut values = Vec::with_capacity(entry.len / entry.dtype.size());
         let mut chunk = vec![0u8; READ_CHUNK_BYTES.min(entry.len)];
         let mut done = 0usize;
         while done < entry.len {
             let n = chunk.len().min(entry.len - done);
             file.read_exact_at(&mut chunk[..n], entry.offset + done as u64)
                 .map_err(|e| Error::io(path, e))?;
-            convert_into(entry.dtype, &chunk[..n], &mut values);
+            sink(&chunk[..n]);
             done += n;
         }
         self.claimed.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string());
-        Ok(values)
+        Ok(())
     }
 
     /// Claims a tensor the forward pass does not read but real checkpoints carry.
@@ -204,6 +253,8 @@ fn convert_into(dtype: StoredDtype, bytes: &[u8], out: &mut Vec<f32>) {
         StoredDtype::BF16 => {
             out.extend(bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()))
         }
+        // Refused by `Checkpoint::f32` before any read.
+        StoredDtype::I32 => {}
     }
 }
 
@@ -257,7 +308,7 @@ pub fn parse_header(
             .map_err(|e| bad(format!("tensor {name}: malformed header entry ({e})")))?;
         let dtype = StoredDtype::parse(&info.dtype).ok_or_else(|| {
             bad(format!(
-                "tensor {name} is stored as {}; only BF16, F16 and F32 are supported",
+                "tensor {name} is stored as {}; only BF16, F16, F32 (and I32 for quantised weights) are supported",
                 info.dtype
             ))
         })?;

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::chat::DEFAULT_HISTORY_LEN;
 use crate::dtype::{DType, KvFormat};
-use crate::model::LoadFormat;
+use crate::model::{LoadFormat, Quantization};
 use crate::serving::SchedulerConfig;
 use crate::{Error, Result};
 
@@ -26,6 +26,8 @@ pub struct ModelParameters {
     pub load_format: LoadFormat,
     /// Element type of KIND_GPU instances' weights, activations and KV cache.
     pub dtype: DType,
+    /// `quantization`: none (default), w8a16, w4a16, or awq for an AWQ checkpoint.
+    pub quantization: Quantization,
     /// Longest sequence served; None = the model's context.
     pub session_len: Option<usize>,
     /// KIND_GPU instances choose next tokens with the batched sampling kernel and copy back
@@ -72,6 +74,7 @@ impl ModelConfig {
             max_token_default: None,
             load_format: LoadFormat::default(),
             dtype: DType::default(),
+            quantization: Quantization::default(),
             session_len: None,
             sample_on_device: true,
             cuda_graphs: true,
@@ -107,6 +110,10 @@ impl ModelConfig {
                 }
                 "dtype" => {
                     parameters.dtype =
+                        value.parse().map_err(|e: String| parameter_error(key, e))?;
+                }
+                "quantization" => {
+                    parameters.quantization =
                         value.parse().map_err(|e: String| parameter_error(key, e))?;
                 }
                 "session_len" => parameters.session_len = Some(parse_count(key, value, 1)?),
@@ -219,9 +226,10 @@ mod tests {
         let config = parse(
             r#""history_len_default":{"string_value":"3"},"max_token_default":{"string_value":"512"},
                "system_prompt":{"string_value":""},"load_format":{"string_value":"dummy"},
-               "colour":{"string_value":"blue"}"#,
+               "colour":{"string_value":"blue"},"quantization":{"string_value":"w8a16"}"#,
         )
         .unwrap();
+        assert_eq!(config.parameters.quantization, Quantization::W8A16);
         assert_eq!(config.parameters.history_len_default, 3);
         assert_eq!(config.parameters.max_token_default, Some(512));
         assert_eq!(config.parameters.system_prompt.as_deref(), Some(""));
@@ -250,6 +258,7 @@ mod tests {
             (r#""load_format":{"string_value":"pickle"}"#, "load_format"),
             (r#""session_len":{"string_value":"many"}"#, "session_len"),
             (r#""dtype":{"string_value":"int4"}"#, "dtype"),
+            (r#""quantization":{"string_value":"int4"}"#, "quantization"),
             (r#""model_dir":{"string_value":" "}"#, "model_dir"),
             (r#""max_num_seqs":{"string_value":"0"}"#, "max_num_seqs"),
             (r#""max_num_batched_tokens":{"string_value":"x"}"#, "max_num_batched_tokens"),

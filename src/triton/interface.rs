@@ -332,6 +332,7 @@ mod tests {
             max_token_default: None,
             load_format: Default::default(),
             dtype: Default::default(),
+            quantization: Default::default(),
             session_len: None,
             sample_on_device: false,
             cuda_graphs: false,

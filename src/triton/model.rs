@@ -133,6 +133,7 @@ impl ModelState {
             session_len: parameters.session_len,
             device,
             dtype: parameters.dtype,
+            quantization: parameters.quantization,
             sample_on_device: parameters.sample_on_device,
             cuda_graphs: parameters.cuda_graphs,
             max_input_bytes: parameters.max_input_bytes,
@@ -142,10 +143,13 @@ impl ModelState {
         let engine = ChatModel::load(&parameters.model_dir, &options)
             .map(Arc::new)
             .map_err(|e| TritonError::from(e).context(format!("model {}", self.name)))?;
+        let info = engine.model.info();
         tracing::info!(
-            "model {}: weights loaded for {device:?} in {:.2} s",
+            "model {}: weights loaded for {device:?} in {:.2} s: {}, {:.1} MiB",
             self.name,
-            started.elapsed().as_secs_f64()
+            started.elapsed().as_secs_f64(),
+            info.weight_format,
+            info.weight_bytes as f64 / (1u64 << 20) as f64
         );
         engines.insert(device, Arc::clone(&engine));
         Ok(engine)

@@ -63,7 +63,9 @@ def golden_cases(model):
         yield fields, case["response"], case["history_out"]
 
 
-@pytest.mark.parametrize("model", ["chatglm2-tiny", "internlm2-tiny"])
+# chatglm2-tiny-awq: the AWQ W4A16 checkpoint, computed with its packed 4-bit weights; its
+# goldens are the original code on the dequantised weights.
+@pytest.mark.parametrize("model", ["chatglm2-tiny", "internlm2-tiny", "chatglm2-tiny-awq"])
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_golden_chats(server, model, protocol):
     chat = http_chat if protocol == "http" else grpc_chat
@@ -96,6 +98,22 @@ def test_answers_equal_the_cli(server, model):
     fields = {"prompt": "hello world", "history": flatten(history), "temperature": "0", "max_new_tokens": "20"}
     for chat in (http_chat, grpc_chat):
         assert chat(server, model, fields) == (expected["response"], expected["history"])
+
+
+def test_w8a16_answers_equal_the_cli_and_the_load_names_the_formats(server):
+    # chatglm2-tiny quantised at load to int8 (model parameter quantization w8a16) answers as
+    # the CLI does with --quantization w8a16 (how close its logits stay to the f32 model's is
+    # tests/quantized.rs's to check).
+    history = [["你好", "你好！有什么可以帮你的吗？"]]
+    expected = cli_generate("chatglm2-tiny", "hello world", history, max_new_tokens=20,
+                            quantization="w8a16")
+    fields = {"prompt": "hello world", "history": flatten(history), "temperature": "0", "max_new_tokens": "20"}
+    for chat in (http_chat, grpc_chat):
+        assert chat(server, "chatglm2-tiny-w8a16", fields) == (expected["response"], expected["history"])
+    assert expected["response"]
+    log = server.log_text()
+    assert "model chatglm2-tiny-w8a16: weights loaded for Cpu" in log and "w8a16 (quantised at load from float32)" in log, log
+    assert "awq w4a16 g32, other tensors float16" in log, log
 
 
 def test_three_turn_conversation_round_trips_its_history(server):

@@ -39,7 +39,14 @@ pub fn run(
         }
         (None, None) => unreachable!("clap requires --model or --shape"),
     };
-    let lm = model::load_config(family, config, &checkpoint, device.device, device.dtype)?;
+    let lm = model::load_config(
+        family,
+        config,
+        &checkpoint,
+        device.device,
+        device.dtype,
+        device.quantization,
+    )?;
     checkpoint.finish()?;
     lm.set_sample_on_device(device.sample_on_device);
     lm.set_cuda_graphs(device.cuda_graphs);
@@ -177,8 +184,10 @@ fn bench(
     let decode_steps = new_tokens.saturating_sub(1).max(1) as f64;
     let step_s = decode / decode_steps;
     // Floor of one decode step: every weight read once (the embedding table only one row a
-    // token) plus the K/V of each sequence at its mean length.
-    let weight_bytes = info.decode_parameters as f64 * elem_bytes as f64;
+    // token) plus the K/V of each sequence at its mean length. The weights' bytes are as
+    // held (quantised linears included), less the embedding table's.
+    let embedding_bytes = (info.num_parameters - info.decode_parameters) * elem_bytes;
+    let weight_bytes = info.weight_bytes.saturating_sub(embedding_bytes) as f64;
     let mean_len = prompt_len as f64 + decode_steps / 2.0;
     let kv_token_bytes = info.num_layers
         * 2
@@ -195,6 +204,7 @@ fn bench(
     let mut report = json!({
         "device": device_name,
         "dtype": if device.device == Device::Cpu { "f32" } else { device.dtype.name() },
+        "weights": info.weight_format,
         "family": info.family.name(),
         "parameters": info.num_parameters,
         "batch": batch,

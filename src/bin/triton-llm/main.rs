@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use triton_llm::chat::{self, DEFAULT_HISTORY_LEN};
 use triton_llm::dtype::{DType, KvFormat};
-use triton_llm::model::{Device, LoadFormat};
+use triton_llm::model::{Device, LoadFormat, Quantization};
 use triton_llm::pipeline::{
     ChatModel, ChatTurn, GenerationOptions, LoadOptions, Prompt, load_tokenizer,
 };
@@ -126,6 +126,11 @@ struct DeviceArgs {
     /// The GPU path's element type: bf16, f16 or f32 (the CPU path computes in f32).
     #[arg(long, default_value = "bf16")]
     dtype: DType,
+    /// The decoder-layer linears: none (as stored), w8a16 or w4a16 (quantised at load,
+    /// CPU path), or awq (the folder must hold an AWQ checkpoint, which is used as such
+    /// whatever this says, unless it conflicts).
+    #[arg(long, default_value = "none")]
+    quantization: Quantization,
     /// With the GPU path: choose each next token with the batched sampling kernel
     /// (`false`: the logits come back and the host samples).
     #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
@@ -148,6 +153,7 @@ impl ModelArgs {
             session_len: self.session_len,
             device: self.device.device,
             dtype: self.device.dtype,
+            quantization: self.device.quantization,
             sample_on_device: self.device.sample_on_device,
             cuda_graphs: self.device.cuda_graphs,
             max_input_bytes: None,

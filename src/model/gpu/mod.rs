@@ -36,7 +36,7 @@ use scratch::Scratch;
 use tables::RopeCache;
 
 pub use tables::sampling_words;
-pub use weights::{LayerWeights, WeightLoader, Weights, check_fits};
+pub use weights::{LayerWeights, WeightLoader, Weights, check_fits, gpu_info};
 
 /// Sizes of the decoder.
 #[derive(Clone, Debug)]

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::Shape;
 use crate::cuda::{self, Buffer, Gpu};
-use crate::model::Checkpoint;
+use crate::model::{Checkpoint, ModelInfo};
 use crate::{Error, Result};
 
 /// One layer's weights on the device, PyTorch layout (`[out, in]`, row-major).
@@ -96,4 +96,11 @@ pub fn check_fits(gpu: &Gpu, shape: &Shape) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// `info` with the weight format and bytes of a model loaded onto `gpu`.
+pub fn gpu_info(mut info: ModelInfo, gpu: &Gpu, shape: &Shape) -> ModelInfo {
+    info.weight_format = gpu.dtype.name().to_string();
+    info.weight_bytes = shape.num_weights() * gpu.dtype.size();
+    info
 }
