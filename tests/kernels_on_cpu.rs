@@ -14,11 +14,12 @@ use triton_llm::cpu::{self, AttentionShape};
 use triton_llm::dtype::DType;
 
 /// The kernel files the harness includes, in the engine's order.
-const KERNEL_FILES: [&str; 7] = [
+const KERNEL_FILES: [&str; 8] = [
     "common.cuh",
     "embedding.cu",
     "rms_norm.cu",
     "gemv.cu",
+    "gemv_quant.cu",
     "rope_kv.cu",
     "attention.cu",
     "silu_mul.cu",
@@ -342,6 +343,176 @@ fn gemv_swiglu_is_silu_of_gate_times_up() {
             };
             let out = run(m);
             let what = format!("gemv_swiglu {} {m}x{width}x{k}", dtype.name());
+            assert_close(&elems(dtype, &out), &want, tolerance, &what);
+            assert_eq!(out[..width * dtype.size()], run(1)[..], "{what}: row 0");
+        }
+    }
+}
+
+/// A random weight in the GPU's W4 layout (kernels/gemv_quant.cu): 4-bit levels 8 to a
+/// word in k order, an (f16 scale, f16 zero) word per row and group; and its values
+/// `(q − zero) · scale` in f32. One group's scale is an f16 subnormal, one zero is not a
+/// whole number.
+struct QuantCase {
+    packed: Vec<u8>,
+    params: Vec<u8>,
+    dense: Vec<f32>,
+}
+
+fn w4_case(rng: &mut ChaCha8Rng, n: usize, k: usize, group: usize) -> QuantCase {
+    use half::f16;
+    let groups = k / group;
+    let levels: Vec<u32> = (0..n * k).map(|_| rng.random_range(0..16u32)).collect();
+    let mut scale_zero: Vec<(f16, f16)> = (0..n * groups)
+        .map(|_| {
+            let scale = f16::from_f32(rng.random_range(0.002f32..0.05));
+            (scale, f16::from_f32(rng.random_range(0..16u32) as f32))
+        })
+        .collect();
+    scale_zero[0].0 = f16::from_bits(0x0203);
+    scale_zero[n * groups - 1].1 = f16::from_f32(7.5);
+    let mut packed = Vec::new();
+    for row in levels.chunks_exact(k) {
+        for word in row.chunks_exact(8) {
+            let bits = word.iter().enumerate().fold(0u32, |acc, (i, &q)| acc | (q << (4 * i)));
+            packed.extend(bits.to_le_bytes());
+        }
+    }
+    let params = scale_zero
+        .iter()
+        .flat_map(|(s, z)| (u32::from(s.to_bits()) | (u32::from(z.to_bits()) << 16)).to_le_bytes())
+        .collect();
+    let dense = (0..n * k)
+        .map(|i| {
+            let (s, z) = scale_zero[(i / k) * groups + (i % k) / group];
+            (levels[i] as f32 - z.to_f32()) * s.to_f32()
+        })
+        .collect();
+    QuantCase { packed, params, dense }
+}
+
+/// A random weight in the GPU's W8 layout: int8 levels in k order and an f32 scale per row.
+fn w8_case(rng: &mut ChaCha8Rng, n: usize, k: usize) -> QuantCase {
+    let levels: Vec<i8> = (0..n * k).map(|_| rng.random_range(-127..=127i8)).collect();
+    let scales: Vec<f32> = (0..n).map(|_| rng.random_range(0.001f32..0.02)).collect();
+    QuantCase {
+        packed: levels.iter().map(|&q| q as u8).collect(),
+        params: f32_bytes(&scales),
+        dense: (0..n * k).map(|i| f32::from(levels[i]) * scales[i / k]).collect(),
+    }
+}
+
+/// The quantised decode products against plain sums over the dequantised weight, with and
+/// without bias, and a row alone equal to it in a batch; the dequantising kernels give
+/// exactly the weight the CPU path computes with, in the element type.
+#[test]
+fn quantised_products_match_plain_sums_over_the_dequantised_weight() {
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    for (dtype, tolerance) in [(DType::F32, 1e-4), (DType::BF16, 1e-2)] {
+        // k = 8192 takes the loads-in-flight loop more than once; group 32 and 128.
+        for (bits, m, n, k, group) in
+            [(4, 1, 5, 8192, 128), (4, 3, 7, 256, 32), (8, 8, 6, 4096, 0), (8, 2, 5, 272, 0)]
+        {
+            let case =
+                if bits == 4 { w4_case(&mut rng, n, k, group) } else { w8_case(&mut rng, n, k) };
+            let x = rounded(dtype, &random(&mut rng, m * k, 1.0));
+            let bias = rounded(dtype, &random(&mut rng, n, 1.0));
+            let want: Vec<f32> = (0..m * n)
+                .map(|i| {
+                    let (r, c) = (i / n, i % n);
+                    let dot: f64 = (0..k)
+                        .map(|j| f64::from(x[r * k + j]) * f64::from(case.dense[c * k + j]))
+                        .sum();
+                    (dot + f64::from(bias[c])) as f32
+                })
+                .collect();
+            let name = if bits == 4 { "gemv_w4" } else { "gemv_w8" };
+            let run = |rows: usize| {
+                let mut args = with_buffers(
+                    5,
+                    [Arg::I32(rows as i32), Arg::I32(n as i32), Arg::I32(k as i32)],
+                );
+                if bits == 4 {
+                    args.push(Arg::I32(group as i32));
+                }
+                let buffers = vec![
+                    case.packed.clone(),
+                    case.params.clone(),
+                    dtype.encode(&x[..rows * k]),
+                    dtype.encode(&bias),
+                    vec![0; rows * n * dtype.size()],
+                ];
+                launch(dtype, name, [n as u32, 1, 1], 128, buffers, &args)[4].clone()
+            };
+            let out = run(m);
+            let what = format!("{name} {} {m}x{n}x{k}", dtype.name());
+            assert_close(&elems(dtype, &out), &want, tolerance, &what);
+            assert_eq!(out[..n * dtype.size()], run(1)[..], "{what}: row 0");
+
+            let (kernel, args) = if bits == 4 {
+                ("dequant_w4", with_buffers(3, [Arg::I32(k as i32), Arg::I32(group as i32)]))
+            } else {
+                ("dequant_w8", with_buffers(3, [Arg::I32(k as i32)]))
+            };
+            let chunks = k / if bits == 4 { 32 } else { 16 };
+            let out = launch(
+                dtype,
+                kernel,
+                [chunks.div_ceil(128) as u32, n as u32, 1],
+                128,
+                vec![case.packed.clone(), case.params.clone(), vec![0; n * k * dtype.size()]],
+                &args,
+            );
+            assert_eq!(
+                elems(dtype, &out[2]),
+                rounded(dtype, &case.dense),
+                "{kernel} {}",
+                dtype.name()
+            );
+        }
+    }
+}
+
+#[test]
+fn quantised_swiglu_is_silu_of_gate_times_up() {
+    let mut rng = ChaCha8Rng::seed_from_u64(22);
+    for (dtype, tolerance) in [(DType::F32, 1e-4), (DType::BF16, 1.6e-2)] {
+        for (bits, m, width, k) in [(4, 1, 12, 512), (4, 5, 7, 256), (8, 3, 9, 512)] {
+            let case = if bits == 4 {
+                w4_case(&mut rng, 2 * width, k, 128)
+            } else {
+                w8_case(&mut rng, 2 * width, k)
+            };
+            let x = rounded(dtype, &random(&mut rng, m * k, 1.0));
+            let product = |r: usize, c: usize| -> f32 {
+                (0..k)
+                    .map(|j| f64::from(x[r * k + j]) * f64::from(case.dense[c * k + j]))
+                    .sum::<f64>() as f32
+            };
+            let gate_up: Vec<f32> = (0..m)
+                .flat_map(|r| (0..2 * width).map(move |c| (r, c)))
+                .map(|(r, c)| product(r, c))
+                .collect();
+            let want = cpu::silu_mul_packed(&rounded(dtype, &gate_up), width);
+            let name = if bits == 4 { "gemv_w4_swiglu" } else { "gemv_w8_swiglu" };
+            let run = |rows: usize| {
+                let mut args = with_buffers(
+                    4,
+                    [Arg::I32(rows as i32), Arg::I32(width as i32), Arg::I32(k as i32)],
+                );
+                if bits == 4 {
+                    args.push(Arg::I32(128));
+                }
+                let buffers = vec![
+                    case.packed.clone(),
+                    case.params.clone(),
+                    dtype.encode(&x[..rows * k]),
+                    vec![0; rows * width * dtype.size()],
+                ];
+                launch(dtype, name, [width as u32, 1, 1], 128, buffers, &args)[3].clone()
+            };
+            let out = run(m);
+            let what = format!("{name} {} {m}x{width}x{k}", dtype.name());
             assert_close(&elems(dtype, &out), &want, tolerance, &what);
             assert_eq!(out[..width * dtype.size()], run(1)[..], "{what}: row 0");
         }

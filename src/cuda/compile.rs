@@ -21,11 +21,12 @@ fn dtype_define(dtype: DType) -> &'static str {
 }
 
 /// The kernel sources, in the order they are concatenated into one module.
-const SOURCES: [(&str, &str); 10] = [
+const SOURCES: [(&str, &str); 11] = [
     ("common.cuh", include_str!("../../kernels/common.cuh")),
     ("embedding.cu", include_str!("../../kernels/embedding.cu")),
     ("rms_norm.cu", include_str!("../../kernels/rms_norm.cu")),
     ("gemv.cu", include_str!("../../kernels/gemv.cu")),
+    ("gemv_quant.cu", include_str!("../../kernels/gemv_quant.cu")),
     ("rope_kv.cu", include_str!("../../kernels/rope_kv.cu")),
     ("attention.cu", include_str!("../../kernels/attention.cu")),
     ("attention_mma.cu", include_str!("../../kernels/attention_mma.cu")),
@@ -73,6 +74,13 @@ pub(super) struct Kernels {
     pub(super) gemv_elem: CudaFunction,
     pub(super) gemv_f32: CudaFunction,
     pub(super) gemv_swiglu: CudaFunction,
+    /// Products with W4 and W8 weights (kernels/gemv_quant.cu), fused SwiGLU, dequantisation.
+    pub(super) gemv_w4: CudaFunction,
+    pub(super) gemv_w8: CudaFunction,
+    pub(super) gemv_w4_swiglu: CudaFunction,
+    pub(super) gemv_w8_swiglu: CudaFunction,
+    pub(super) dequant_w4: CudaFunction,
+    pub(super) dequant_w8: CudaFunction,
     pub(super) add_bias: CudaFunction,
     pub(super) rope_write_kv: CudaFunction,
     /// attention_decode_h1, _h2, _h4, _h8: query heads a block takes.
@@ -108,6 +116,12 @@ impl Kernels {
             gemv_elem: f("gemv_elem")?,
             gemv_f32: f("gemv_f32")?,
             gemv_swiglu: f("gemv_swiglu")?,
+            gemv_w4: f("gemv_w4")?,
+            gemv_w8: f("gemv_w8")?,
+            gemv_w4_swiglu: f("gemv_w4_swiglu")?,
+            gemv_w8_swiglu: f("gemv_w8_swiglu")?,
+            dequant_w4: f("dequant_w4")?,
+            dequant_w8: f("dequant_w8")?,
             add_bias: f("add_bias")?,
             rope_write_kv: f("rope_write_kv")?,
             attention_decode,

@@ -55,6 +55,35 @@ static const std::map<std::string, std::function<void(const Args&)>> KERNELS = {
          gemv_swiglu(a.ptr<const elem*>(0), a.ptr<const elem*>(1), a.ptr<elem*>(2), a.i32(3),
                      a.i32(4), a.i32(5));
      }},
+    {"gemv_w4",
+     [](const Args& a) {
+         gemv_w4(a.ptr<const int4*>(0), a.ptr<const unsigned int*>(1), a.ptr<const elem*>(2),
+                 a.ptr<const elem*>(3), a.ptr<elem*>(4), a.i32(5), a.i32(6), a.i32(7), a.i32(8));
+     }},
+    {"gemv_w8",
+     [](const Args& a) {
+         gemv_w8(a.ptr<const int4*>(0), a.ptr<const float*>(1), a.ptr<const elem*>(2),
+                 a.ptr<const elem*>(3), a.ptr<elem*>(4), a.i32(5), a.i32(6), a.i32(7));
+     }},
+    {"gemv_w4_swiglu",
+     [](const Args& a) {
+         gemv_w4_swiglu(a.ptr<const int4*>(0), a.ptr<const unsigned int*>(1), a.ptr<const elem*>(2),
+                        a.ptr<elem*>(3), a.i32(4), a.i32(5), a.i32(6), a.i32(7));
+     }},
+    {"gemv_w8_swiglu",
+     [](const Args& a) {
+         gemv_w8_swiglu(a.ptr<const int4*>(0), a.ptr<const float*>(1), a.ptr<const elem*>(2),
+                        a.ptr<elem*>(3), a.i32(4), a.i32(5), a.i32(6));
+     }},
+    {"dequant_w4",
+     [](const Args& a) {
+         dequant_w4(a.ptr<const int4*>(0), a.ptr<const unsigned int*>(1), a.ptr<elem*>(2), a.i32(3),
+                    a.i32(4));
+     }},
+    {"dequant_w8",
+     [](const Args& a) {
+         dequant_w8(a.ptr<const int4*>(0), a.ptr<const float*>(1), a.ptr<elem*>(2), a.i32(3));
+     }},
     {"rope_write_kv",
      [](const Args& a) {
          rope_write_kv(a.ptr<const elem*>(0), a.ptr<const elem*>(1), a.ptr<elem*>(2),

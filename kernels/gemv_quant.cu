@@ -1,0 +1,208 @@
+// Products with quantised weights, laid out at load (src/model/gpu/quant.rs):
+//   W4: each row of W [n, k] as 4-bit levels, 8 to a 32-bit word in k order (input 8j + i in
+//       bits 4i…4i+3 of word j), and per group of `group` inputs an f16 scale and an f16 zero,
+//       packed as one word (scale low, zero high), [n, k / group]: w = (q − zero) · scale.
+//       (AWQ's scales are f16 and its zeros small integers, so this is exact in f32.)
+//   W8: each row as int8 levels in k order and one f32 scale per row: w = q · scale.
+// Each weight is formed in f32 exactly as the CPU path dequantises it (cpu::QuantLinear),
+// then the decode product runs as gemv.cu's: one row of W a block, each loaded chunk applied
+// to all m ≤ GEMV_MAX_ROWS rows of x, the same summation order whatever m. Larger batches
+// dequantise a weight into elems (dequant_w4 / dequant_w8) for cuBLAS.
+// Needs k a multiple of 32 (W4; `group` too) or 16 (W8): checked at load.
+
+// An f16's bits as f32, by hand: exact, and the module needs no half headers or PTX.
+__device__ __forceinline__ float half_bits_to_f32(unsigned int h) {
+    const unsigned int sign = (h & 0x8000u) << 16, exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+    unsigned int bits;
+    if (exponent == 0x1fu) {
+        bits = sign | 0x7f800000u | (mantissa << 13);
+    } else if (exponent != 0) {
+        bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+    } else if (mantissa == 0) {
+        bits = sign;
+    } else {
+        // A subnormal: shift its leading one to the implicit bit.
+        unsigned int m = mantissa, shifts = 0;
+        while (!(m & 0x400u)) {
+            m <<= 1;
+            shifts++;
+        }
+        bits = sign | ((113u - shifts) << 23) | ((m & 0x3ffu) << 13);
+    }
+    return __uint_as_float(bits);
+}
+
+// 4-bit rows: 32 values (one 16-byte load) a chunk.
+struct W4Rows {
+    const int4* __restrict__ w;
+    const unsigned int* __restrict__ params;
+    int k, group;
+    static constexpr int VALUES = 32;
+
+    __device__ __forceinline__ int4 load(int row, int chunk) const {
+        return __ldg(w + (size_t)row * (k / VALUES) + chunk);
+    }
+    __device__ __forceinline__ void dequantize(int row, int chunk, int4 packed, float (&out)[VALUES]) const {
+        const unsigned int p = __ldg(params + (size_t)row * (k / group) + chunk * VALUES / group);
+        const float scale = half_bits_to_f32(p & 0xffffu), zero = half_bits_to_f32(p >> 16);
+        const unsigned int words[4] = {(unsigned int)packed.x, (unsigned int)packed.y,
+                                       (unsigned int)packed.z, (unsigned int)packed.w};
+#pragma unroll
+        for (int word = 0; word < 4; word++)
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                out[word * 8 + i] = ((float)((words[word] >> (4 * i)) & 0xfu) - zero) * scale;
+    }
+};
+
+// 8-bit rows: 16 values a chunk.
+struct W8Rows {
+    const int4* __restrict__ w;
+    const float* __restrict__ scales;
+    int k;
+    static constexpr int VALUES = 16;
+
+    __device__ __forceinline__ int4 load(int row, int chunk) const {
+        return __ldg(w + (size_t)row * (k / VALUES) + chunk);
+    }
+    __device__ __forceinline__ void dequantize(int row, int chunk, int4 packed, float (&out)[VALUES]) const {
+        const float scale = __ldg(scales + row);
+        const unsigned int words[4] = {(unsigned int)packed.x, (unsigned int)packed.y,
+                                       (unsigned int)packed.z, (unsigned int)packed.w};
+#pragma unroll
+        for (int word = 0; word < 4; word++)
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+                out[word * 4 + i] = (float)(signed char)((words[word] >> (8 * i)) & 0xffu) * scale;
+    }
+};
+
+// acc[q][r] += Σ_k x[r, k] · W[rows[q], k] over this thread's chunks, DEPTH loads in flight.
+template <typename Rows, int Q, int DEPTH>
+__device__ __forceinline__ void accumulate_quant(const Rows& w, const elem* __restrict__ x,
+                                                 const int (&rows)[Q], float (&acc)[Q][GEMV_MAX_ROWS],
+                                                 int m, int k) {
+    constexpr int N = Rows::VALUES, V = 16 / sizeof(elem);
+    const int chunks = k / N;
+    for (int first = threadIdx.x; first < chunks; first += DEPTH * GEMV_THREADS) {
+        int4 packed[Q][DEPTH];
+#pragma unroll
+        for (int u = 0; u < DEPTH; u++) {
+            const int c = first + u * GEMV_THREADS;
+#pragma unroll
+            for (int q = 0; q < Q; q++)
+                if (c < chunks) packed[q][u] = w.load(rows[q], c);
+        }
+#pragma unroll
+        for (int u = 0; u < DEPTH; u++) {
+            const int c = first + u * GEMV_THREADS;
+            if (c >= chunks) break;
+            float weights[Q][N];
+#pragma unroll
+            for (int q = 0; q < Q; q++) w.dequantize(rows[q], c, packed[q][u], weights[q]);
+#pragma unroll
+            for (int r = 0; r < GEMV_MAX_ROWS; r++) {
+                if (r < m) {
+                    const int4* x4 = reinterpret_cast<const int4*>(x + (size_t)r * k + (size_t)c * N);
+#pragma unroll
+                    for (int v = 0; v < N / V; v++) {
+                        Chunk xc;
+                        xc.raw = __ldg(x4 + v);
+#pragma unroll
+                        for (int j = 0; j < V; j++) {
+                            const float xv = to_f32(xc.e[j]);
+#pragma unroll
+                            for (int q = 0; q < Q; q++) acc[q][r] += weights[q][v * V + j] * xv;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+// y[r, n] = Σ_k x[r, k] · W[n, k] (+ bias[n]), row blockIdx.x of W.
+template <typename Rows>
+__device__ __forceinline__ void gemv_quant(const Rows& w, const elem* __restrict__ x,
+                                           const elem* __restrict__ bias, elem* __restrict__ y, int m,
+                                           int n, int k) {
+    const int rows[1] = {(int)blockIdx.x};
+    float acc[1][GEMV_MAX_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_MAX_ROWS; r++) acc[0][r] = 0.0f;
+    accumulate_quant<Rows, 1, 4>(w, x, rows, acc, m, k);
+    __shared__ float partial[GEMV_MAX_ROWS][GEMV_THREADS / 32];
+    const float sum = block_rows_sum<1>(acc, m, partial);
+    const int t = threadIdx.x, col = blockIdx.x;
+    if (t < m) y[(size_t)t * n + col] = from_f32<elem>(sum + (bias ? to_f32(bias[col]) : 0.0f));
+}
+
+// act[r, c] = silu(gate) · up for column c = blockIdx.x, gate and up the rows c and width + c
+// of a [gate | up] weight, each rounded to elem first (as the unfused path does).
+template <typename Rows>
+__device__ __forceinline__ void gemv_quant_swiglu(const Rows& w, const elem* __restrict__ x,
+                                                  elem* __restrict__ act, int m, int width, int k) {
+    const int col = blockIdx.x;
+    const int rows[2] = {col, width + col};
+    float acc[2][GEMV_MAX_ROWS];
+#pragma unroll
+    for (int q = 0; q < 2; q++)
+#pragma unroll
+        for (int r = 0; r < GEMV_MAX_ROWS; r++) acc[q][r] = 0.0f;
+    accumulate_quant<Rows, 2, 2>(w, x, rows, acc, m, k);
+    __shared__ float partial[2 * GEMV_MAX_ROWS][GEMV_THREADS / 32];
+    const float sum = block_rows_sum<2>(acc, m, partial);
+    __shared__ float rounded[2 * GEMV_MAX_ROWS];
+    const int t = threadIdx.x;
+    if (t < 2 * GEMV_MAX_ROWS) rounded[t] = to_f32(from_f32<elem>(sum));
+    __syncthreads();
+    if (t < m) {
+        const float g = rounded[t], u = rounded[GEMV_MAX_ROWS + t];
+        act[(size_t)t * width + col] = from_f32<elem>(g / (1.0f + expf(-g)) * u);
+    }
+}
+
+// grid: n; block: GEMV_THREADS.
+extern "C" __global__ void gemv_w4(const int4* w, const unsigned int* params, const elem* x,
+                                   const elem* bias, elem* y, int m, int n, int k, int group) {
+    gemv_quant(W4Rows{w, params, k, group}, x, bias, y, m, n, k);
+}
+
+extern "C" __global__ void gemv_w8(const int4* w, const float* scales, const elem* x,
+                                   const elem* bias, elem* y, int m, int n, int k) {
+    gemv_quant(W8Rows{w, scales, k}, x, bias, y, m, n, k);
+}
+
+// grid: width; block: GEMV_THREADS.
+extern "C" __global__ void gemv_w4_swiglu(const int4* w, const unsigned int* params, const elem* x,
+                                          elem* act, int m, int width, int k, int group) {
+    gemv_quant_swiglu(W4Rows{w, params, k, group}, x, act, m, width, k);
+}
+
+extern "C" __global__ void gemv_w8_swiglu(const int4* w, const float* scales, const elem* x,
+                                          elem* act, int m, int width, int k) {
+    gemv_quant_swiglu(W8Rows{w, scales, k}, x, act, m, width, k);
+}
+
+// W as elems [n, k] for cuBLAS, one chunk of a row per thread. grid: (ceil(k / VALUES / 128), n);
+// block: 128.
+template <typename Rows>
+__device__ __forceinline__ void dequantize_rows(const Rows& w, elem* __restrict__ out, int k) {
+    constexpr int N = Rows::VALUES;
+    const int row = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= k / N) return;
+    float values[N];
+    w.dequantize(row, c, w.load(row, c), values);
+    elem* dst = out + (size_t)row * k + (size_t)c * N;
+#pragma unroll
+    for (int i = 0; i < N; i++) dst[i] = from_f32<elem>(values[i]);
+}
+
+extern "C" __global__ void dequant_w4(const int4* w, const unsigned int* params, elem* out, int k,
+                                      int group) {
+    dequantize_rows(W4Rows{w, params, k, group}, out, k);
+}
+
+extern "C" __global__ void dequant_w8(const int4* w, const float* scales, elem* out, int k) {
+    dequantize_rows(W8Rows{w, scales, k}, out, k);
+}
