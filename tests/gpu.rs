@@ -13,7 +13,7 @@ mod common;
 use common::*;
 use serde_json::json;
 use triton_llm::dtype::{DType, KvFormat};
-use triton_llm::model::{self, CausalLm, Device, LoadFormat, SeqStep};
+use triton_llm::model::{self, CausalLm, Device, LoadFormat, Quantization, SeqStep};
 use triton_llm::probe;
 use triton_llm::sequence::kv_space::KvCache;
 
@@ -118,10 +118,17 @@ fn greedy(model: &dyn CausalLm, prompt: &[u32], steps: usize) -> (Vec<f32>, Vec<
 }
 
 fn check_against_cpu(folder: &str, dtype: DType, limit: f64) {
+    check_quantized_against_cpu(folder, dtype, limit, Quantization::None);
+}
+
+/// As `check_against_cpu`, both paths with the linears in `quantization` (an AWQ folder's
+/// own format with `None`): the GPU forms the same weights as the CPU (exact in f32).
+fn check_quantized_against_cpu(folder: &str, dtype: DType, limit: f64, quantization: Quantization) {
     require_gpu(folder);
     let dir = fixture(folder);
-    let cpu = model::load(&dir, LoadFormat::Safetensors).unwrap();
-    let gpu = model::load_on(&dir, LoadFormat::Safetensors, Device::Cuda(0), dtype).unwrap();
+    let cpu = model::load_quantized(&dir, LoadFormat::Safetensors, quantization).unwrap();
+    let gpu = model::load_with(&dir, LoadFormat::Safetensors, Device::Cuda(0), dtype, quantization)
+        .unwrap();
     let golden = golden(folder, "model_golden.json");
     let mut failures = Vec::new();
     for case in golden["cases"].as_array().unwrap() {
@@ -132,7 +139,8 @@ fn check_against_cpu(folder: &str, dtype: DType, limit: f64) {
         let rel = relative_l2(&gpu_logits, &cpu_logits);
         let logits_pass = rel < limit && gpu_logits.iter().all(|v| v.is_finite());
         let agree = cpu_tokens.iter().zip(&gpu_tokens).take_while(|(a, b)| a == b).count();
-        report(json!({"check": "logits", "model": folder, "case": name, "dtype": dtype.name(),
+        report(json!({"check": "logits", "model": folder, "quantization": quantization.name(),
+            "case": name, "dtype": dtype.name(),
             "prompt": input.len(), "rel_l2": rel, "limit": limit, "pass": logits_pass}));
         if !logits_pass {
             failures.push(format!("{name}: relative L2 {rel:e} over {limit:e}"));
@@ -183,7 +191,12 @@ fn check_against_cpu(folder: &str, dtype: DType, limit: f64) {
             failures.push(format!("{name}: bf16 picks another token at steps {wrong:?}"));
         }
     }
-    assert!(failures.is_empty(), "{folder} {}: {failures:#?}", dtype.name());
+    assert!(
+        failures.is_empty(),
+        "{folder} {} {}: {failures:#?}",
+        quantization.name(),
+        dtype.name()
+    );
 }
 
 #[test]
@@ -208,6 +221,28 @@ fn internlm2_tiny_bf16_matches_the_cpu_engine() {
 #[ignore = "needs an NVIDIA GPU (scripts/gpu/check.sh runs it)"]
 fn internlm2_tiny_f32_matches_the_cpu_engine() {
     check_against_cpu("internlm2-tiny", DType::F32, 1e-4);
+}
+
+/// AWQ checkpoints and weights quantised at load: the quantised GEMV (a single sequence)
+/// and the dequantise-then-cuBLAS products against the CPU path's quantised linears.
+#[test]
+#[ignore = "needs an NVIDIA GPU (scripts/gpu/check.sh runs it)"]
+fn quantized_weights_match_the_cpu_engine() {
+    for folder in ["chatglm2-tiny-awq", "internlm2-tiny-awq"] {
+        check_quantized_against_cpu(folder, DType::F32, 1e-4, Quantization::None);
+        check_quantized_against_cpu(folder, DType::BF16, 1e-2, Quantization::None);
+    }
+    for quantization in [Quantization::W8A16, Quantization::W4A16] {
+        check_quantized_against_cpu("chatglm2-tiny", DType::F32, 1e-4, quantization);
+        check_quantized_against_cpu("internlm2-tiny", DType::BF16, 1e-2, quantization);
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU (scripts/gpu/check.sh runs it)"]
+fn awq_batched_paged_pass_matches_single_sequences() {
+    check_batched("chatglm2-tiny-awq", 4, true);
+    check_batched("internlm2-tiny-awq", 4, false);
 }
 
 /// Prefills of different lengths in one pass over scattered blocks, then decode steps of

@@ -8,9 +8,8 @@ use common::*;
 use half::f16;
 use triton_llm::cpu::Linear;
 use triton_llm::cpu::quant;
-use triton_llm::dtype::DType;
 use triton_llm::model::weights::StoredDtype;
-use triton_llm::model::{self, Checkpoint, Device, LoadFormat, Quantization};
+use triton_llm::model::{self, Checkpoint, LoadFormat, Quantization};
 use triton_llm::sequence::kv_space::KvCache;
 
 struct Lcg(u64);
@@ -207,15 +206,6 @@ fn formats_that_do_not_fit_are_refused_by_name() {
     let awq = fixture("chatglm2-tiny-awq");
     assert!(error(&awq, Quantization::W8A16).contains("AWQ"));
     assert!(error(&fixture("internlm2-tiny"), Quantization::Awq).contains("not AWQ"));
-
-    // The GPU path refuses quantised weights before opening any device.
-    for (dir, q) in [(&awq, Quantization::None), (&fixture("chatglm2-tiny"), Quantization::W4A16)] {
-        let e = model::load_with(dir, LoadFormat::Safetensors, Device::Cuda(0), DType::BF16, q)
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("CPU path only"), "{e}");
-    }
 
     // Another quant_method, and scales stored as float32, in copies of the AWQ fixture.
     let copy = || {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use cudarc::cublas::{CudaBlas, result as blas_result, sys as blas_sys};
 use cudarc::driver::{CudaStream, DevicePtr};
 
-use super::launch::bytes;
+use super::launch::{Arg, bytes};
 use super::{Gpu, View, blas_error};
 use crate::dtype::DType;
 use crate::{Error, Result};
@@ -56,6 +56,53 @@ impl ProductKernel {
         match self {
             ProductKernel::Gemv => "gemv",
             ProductKernel::Cublas => "cublas",
+        }
+    }
+}
+
+/// A weight `[n, k]` as the products take it: elems, or quantised in one of
+/// kernels/gemv_quant.cu's layouts.
+#[derive(Clone, Copy, Debug)]
+pub enum WeightView<'a> {
+    Dense(View<'a>),
+    /// 4-bit levels 8 to a word in k order, an (f16 scale, f16 zero) word per row and group.
+    W4 {
+        packed: View<'a>,
+        params: View<'a>,
+        group: usize,
+    },
+    /// int8 levels in k order, an f32 scale per row.
+    W8 {
+        packed: View<'a>,
+        scales: View<'a>,
+    },
+}
+
+impl WeightView<'_> {
+    /// Checks the views hold an `[n, k]` weight of this kind (the kernels' layout limits
+    /// included).
+    fn check(&self, n: usize, k: usize, elem: usize) -> Result<()> {
+        match *self {
+            WeightView::Dense(w) => w.check("product weight", bytes(&[n, k, elem])),
+            WeightView::W4 { packed, params, group } => {
+                if group == 0 || !group.is_multiple_of(32) || !k.is_multiple_of(group) {
+                    return Err(Error::Config(format!(
+                        "4-bit weights on the GPU need groups of a multiple of 32 inputs that \
+                         divide the {k} inputs (group {group})"
+                    )));
+                }
+                packed.check("4-bit weight", bytes(&[n, k / 2]))?;
+                params.check("4-bit scales and zeros", bytes(&[n, k / group, 4]))
+            }
+            WeightView::W8 { packed, scales } => {
+                if !k.is_multiple_of(16) {
+                    return Err(Error::Config(format!(
+                        "8-bit weights on the GPU need a multiple of 16 inputs, not {k}"
+                    )));
+                }
+                packed.check("8-bit weight", bytes(&[n, k]))?;
+                scales.check("8-bit scales", bytes(&[n, 4]))
+            }
         }
     }
 }
@@ -220,5 +267,153 @@ impl Gpu {
         }
         self.matmul_on(ProductKernel::Cublas, x, w, None, gate_up, m, 2 * width, k, false)?;
         self.silu_mul(gate_up, act, m, width)
+    }
+
+    /// `y[m, n] = x[m, k] · W[n, k]ᵀ (+ bias)` (elems) for a dense or quantised `w`. Up
+    /// to GEMV_MAX_ROWS rows a quantised weight is read once by the quantised GEMV;
+    /// more dequantise it into `scratch` (`n · k` elems) for cuBLAS.
+    #[allow(clippy::too_many_arguments)]
+    pub fn product(
+        &self,
+        x: View<'_>,
+        w: WeightView<'_>,
+        bias: Option<View<'_>>,
+        y: View<'_>,
+        m: usize,
+        n: usize,
+        k: usize,
+        scratch: Option<View<'_>>,
+    ) -> Result<()> {
+        let dense = match w {
+            WeightView::Dense(w) => return self.matmul(x, w, bias, y, m, n, k, false),
+            _ if m <= GEMV_MAX_ROWS => return self.quant_gemv(x, w, bias, y, m, n, k),
+            _ => self.dequantize(w, n, k, scratch)?,
+        };
+        self.matmul_on(ProductKernel::Cublas, x, dense, bias, y, m, n, k, false)
+    }
+
+    /// [`Gpu::swiglu_product`] for a dense or quantised `[gate | up]` weight (`scratch` as
+    /// in [`Gpu::product`], `2·width · k` elems).
+    #[allow(clippy::too_many_arguments)]
+    pub fn swiglu_product_any(
+        &self,
+        x: View<'_>,
+        w: WeightView<'_>,
+        gate_up: View<'_>,
+        act: View<'_>,
+        m: usize,
+        width: usize,
+        k: usize,
+        scratch: Option<View<'_>>,
+    ) -> Result<()> {
+        let dense = match w {
+            WeightView::Dense(w) => return self.swiglu_product(x, w, gate_up, act, m, width, k),
+            _ if m <= GEMV_MAX_ROWS => return self.quant_gemv_swiglu(x, w, act, m, width, k),
+            _ => self.dequantize(w, 2 * width, k, scratch)?,
+        };
+        self.matmul_on(ProductKernel::Cublas, x, dense, None, gate_up, m, 2 * width, k, false)?;
+        self.silu_mul(gate_up, act, m, width)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn quant_gemv(
+        &self,
+        x: View<'_>,
+        w: WeightView<'_>,
+        bias: Option<View<'_>>,
+        y: View<'_>,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<()> {
+        let e = self.dtype.size();
+        w.check(n, k, e)?;
+        x.check("product input", bytes(&[m, k, e]))?;
+        y.check("product out", bytes(&[m, n, e]))?;
+        if let Some(bias) = bias {
+            bias.check("product bias", bytes(&[n, e]))?;
+        }
+        let m = gemv_rows(m)?;
+        let grid = (n as u32, 1);
+        let (n, k) = (n as i32, k as i32);
+        match w {
+            WeightView::W4 { packed, params, group } => {
+                let group = group as i32;
+                let args: [&dyn Arg; 9] = [&packed, &params, &x, &bias, &y, &m, &n, &k, &group];
+                self.launch(&self.kernels().gemv_w4, "gemv_w4", grid, GEMV_THREADS, &args)
+            }
+            WeightView::W8 { packed, scales } => {
+                let args: [&dyn Arg; 8] = [&packed, &scales, &x, &bias, &y, &m, &n, &k];
+                self.launch(&self.kernels().gemv_w8, "gemv_w8", grid, GEMV_THREADS, &args)
+            }
+            WeightView::Dense(_) => Err(Error::Internal("a dense weight in quant_gemv".into())),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn quant_gemv_swiglu(
+        &self,
+        x: View<'_>,
+        w: WeightView<'_>,
+        act: View<'_>,
+        m: usize,
+        width: usize,
+        k: usize,
+    ) -> Result<()> {
+        let e = self.dtype.size();
+        w.check(2 * width, k, e)?;
+        x.check("SwiGLU product input", bytes(&[m, k, e]))?;
+        act.check("SwiGLU product out", bytes(&[m, width, e]))?;
+        let m = gemv_rows(m)?;
+        let grid = (width as u32, 1);
+        let (width, k) = (width as i32, k as i32);
+        match w {
+            WeightView::W4 { packed, params, group } => {
+                let group = group as i32;
+                let args: [&dyn Arg; 8] = [&packed, &params, &x, &act, &m, &width, &k, &group];
+                let function = &self.kernels().gemv_w4_swiglu;
+                self.launch(function, "gemv_w4_swiglu", grid, GEMV_THREADS, &args)
+            }
+            WeightView::W8 { packed, scales } => {
+                let args: [&dyn Arg; 7] = [&packed, &scales, &x, &act, &m, &width, &k];
+                let function = &self.kernels().gemv_w8_swiglu;
+                self.launch(function, "gemv_w8_swiglu", grid, GEMV_THREADS, &args)
+            }
+            WeightView::Dense(_) => Err(Error::Internal("a dense weight in quant_gemv".into())),
+        }
+    }
+
+    /// A quantised `[n, k]` weight as elems in `scratch` (returned as the view to read).
+    fn dequantize<'s>(
+        &self,
+        w: WeightView<'_>,
+        n: usize,
+        k: usize,
+        scratch: Option<View<'s>>,
+    ) -> Result<View<'s>> {
+        let e = self.dtype.size();
+        w.check(n, k, e)?;
+        let out = scratch.ok_or_else(|| {
+            Error::Internal("a quantised product of many rows needs a dequantisation buffer".into())
+        })?;
+        out.check("dequantised weight", bytes(&[n, k, e]))?;
+        let k_i = k as i32;
+        match w {
+            WeightView::W4 { packed, params, group } => {
+                let grid = ((k / 32).div_ceil(128) as u32, n as u32);
+                let group = group as i32;
+                let args: [&dyn Arg; 5] = [&packed, &params, &out, &k_i, &group];
+                self.launch(&self.kernels().dequant_w4, "dequant_w4", grid, 128, &args)?;
+            }
+            WeightView::W8 { packed, scales } => {
+                let grid = ((k / 16).div_ceil(128) as u32, n as u32);
+                let args: [&dyn Arg; 4] = [&packed, &scales, &out, &k_i];
+                self.launch(&self.kernels().dequant_w8, "dequant_w8", grid, 128, &args)?;
+            }
+            WeightView::Dense(_) => {
+                return Err(Error::Internal("dequantising a dense weight".into()));
+            }
+        }
+        Ok(out)
     }
 }

@@ -31,7 +31,7 @@ use cudarc::cublas::sys as blas_sys;
 use cudarc::driver::{CudaContext, sys as driver_sys};
 
 pub use arena::KvArena;
-pub use blas::{GEMV_MAX_ROWS, ProductKernel};
+pub use blas::{GEMV_MAX_ROWS, ProductKernel, WeightView};
 pub use compile::compile;
 pub use device::{Buffer, Gpu, HostBuffer, View};
 pub use graph::Graph;

@@ -274,7 +274,7 @@ pub fn load_gpu(value: serde_json::Value, loader: &gpu::WeightLoader<'_>) -> Res
         qkv_bias: config.add_qkv_bias,
         o_bias: false,
     };
-    gpu::check_fits(loader.gpu, &shape)?;
+    gpu::check_fits(loader.gpu, &shape, loader.linears.format)?;
     let q_width = config.num_attention_heads * d;
     let qkv_width = q_width + 2 * config.num_kv_heads() * d;
     let (ffn, vocab) = (config.ffn_hidden_size, config.padded_vocab_size);
@@ -284,28 +284,30 @@ pub fn load_gpu(value: serde_json::Value, loader: &gpu::WeightLoader<'_>) -> Res
             let qkv = format!("{p}.self_attention.query_key_value");
             Ok(gpu::LayerWeights {
                 attention_norm: loader.tensor(&format!("{p}.input_layernorm.weight"), &[h])?,
-                qkv: loader.tensor(&format!("{qkv}.weight"), &[qkv_width, h])?,
+                qkv: loader.linear(&qkv, qkv_width, h)?,
                 qkv_bias: match config.add_qkv_bias {
                     true => Some(loader.tensor(&format!("{qkv}.bias"), &[qkv_width])?),
                     false => None,
                 },
-                o: loader.tensor(&format!("{p}.self_attention.dense.weight"), &[h, q_width])?,
+                o: loader.linear(&format!("{p}.self_attention.dense"), h, q_width)?,
                 o_bias: None,
                 ffn_norm: loader.tensor(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                gate_up: loader.tensor(&format!("{p}.mlp.dense_h_to_4h.weight"), &[2 * ffn, h])?,
-                down: loader.tensor(&format!("{p}.mlp.dense_4h_to_h.weight"), &[h, ffn])?,
+                gate_up: loader.linear(&format!("{p}.mlp.dense_h_to_4h"), 2 * ffn, h)?,
+                down: loader.linear(&format!("{p}.mlp.dense_4h_to_h"), h, ffn)?,
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let weights = gpu::Weights {
-        embedding: loader.tensor("transformer.embedding.word_embeddings.weight", &[vocab, h])?,
+    let weights = gpu::Weights::new(
+        loader.gpu,
+        &shape,
+        loader.tensor("transformer.embedding.word_embeddings.weight", &[vocab, h])?,
         layers,
-        final_norm: loader.tensor("transformer.encoder.final_layernorm.weight", &[h])?,
-        output: loader.tensor("transformer.output_layer.weight", &[vocab, h])?,
-    };
+        loader.tensor("transformer.encoder.final_layernorm.weight", &[h])?,
+        loader.tensor("transformer.output_layer.weight", &[vocab, h])?,
+    )?;
     loader.checkpoint.ignore("transformer.rotary_pos_emb.inv_freq");
     let inv_freq = rope::inv_freq(10000.0, d / 2);
-    let info = gpu::gpu_info(config.model_info(), loader.gpu, &shape);
+    let info = gpu::gpu_info(config.model_info(), loader, &weights);
     Ok(gpu::GpuModel::new(
         Arc::clone(loader.gpu),
         shape,

@@ -281,20 +281,20 @@ pub fn load_gpu(value: serde_json::Value, loader: &gpu::WeightLoader<'_>) -> Res
         qkv_bias: bias,
         o_bias: bias,
     };
-    gpu::check_fits(loader.gpu, &shape)?;
+    gpu::check_fits(loader.gpu, &shape, loader.linears.format)?;
     let ckpt = loader.checkpoint;
+    // The stored row of each row of [q | k | v] (the checkpoint packs them per K/V group).
+    let indices: Vec<f32> = (0..qkv_width).map(|i| i as f32).collect();
+    let qkv_order: Vec<usize> =
+        unpack_wqkv(&indices, kv_heads, group, d, 1).into_iter().map(|i| i as usize).collect();
     let layers = (0..config.num_hidden_layers)
         .map(|i| {
             let p = format!("model.layers.{i}");
             let wqkv = format!("{p}.attention.wqkv");
-            let (w1, w3) =
-                (format!("{p}.feed_forward.w1.weight"), format!("{p}.feed_forward.w3.weight"));
+            let (w1, w3) = (format!("{p}.feed_forward.w1"), format!("{p}.feed_forward.w3"));
             Ok(gpu::LayerWeights {
                 attention_norm: loader.tensor(&format!("{p}.attention_norm.weight"), &[h])?,
-                qkv: loader.tensor_from(&format!("{wqkv}.weight"), &[qkv_width, h], || {
-                    let packed = ckpt.f32(&format!("{wqkv}.weight"), &[qkv_width, h])?;
-                    Ok(unpack_wqkv(&packed, kv_heads, group, d, h))
-                })?,
+                qkv: loader.linear_rows(&wqkv, qkv_width, h, Some(&qkv_order))?,
                 qkv_bias: match bias {
                     true => {
                         Some(loader.tensor_from(&format!("{wqkv}.bias"), &[qkv_width], || {
@@ -304,32 +304,26 @@ pub fn load_gpu(value: serde_json::Value, loader: &gpu::WeightLoader<'_>) -> Res
                     }
                     false => None,
                 },
-                o: loader.tensor(&format!("{p}.attention.wo.weight"), &[h, q_width])?,
+                o: loader.linear(&format!("{p}.attention.wo"), h, q_width)?,
                 o_bias: match bias {
                     true => Some(loader.tensor(&format!("{p}.attention.wo.bias"), &[h])?),
                     false => None,
                 },
                 ffn_norm: loader.tensor(&format!("{p}.ffn_norm.weight"), &[h])?,
-                gate_up: loader.tensor_from(
-                    &format!("{p}.feed_forward.w1w3"),
-                    &[2 * ffn, h],
-                    || {
-                        let mut stacked = ckpt.f32(&w1, &[ffn, h])?;
-                        stacked.extend(ckpt.f32(&w3, &[ffn, h])?);
-                        Ok(stacked)
-                    },
-                )?,
-                down: loader.tensor(&format!("{p}.feed_forward.w2.weight"), &[h, ffn])?,
+                gate_up: loader.linear_stacked([&w1, &w3], ffn, h)?,
+                down: loader.linear(&format!("{p}.feed_forward.w2"), h, ffn)?,
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let weights = gpu::Weights {
-        embedding: loader.tensor("model.tok_embeddings.weight", &[vocab, h])?,
+    let weights = gpu::Weights::new(
+        loader.gpu,
+        &shape,
+        loader.tensor("model.tok_embeddings.weight", &[vocab, h])?,
         layers,
-        final_norm: loader.tensor("model.norm.weight", &[h])?,
-        output: loader.tensor("output.weight", &[vocab, h])?,
-    };
-    let info = gpu::gpu_info(config.model_info(scaling), loader.gpu, &shape);
+        loader.tensor("model.norm.weight", &[h])?,
+        loader.tensor("output.weight", &[vocab, h])?,
+    )?;
+    let info = gpu::gpu_info(config.model_info(scaling), loader, &weights);
     let freq_config = config.clone();
     Ok(gpu::GpuModel::new(
         Arc::clone(loader.gpu),

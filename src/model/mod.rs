@@ -404,22 +404,11 @@ pub fn load_config(
                 Family::InternLm2 => Box::new(internlm2::Model::load(config, &linears)?),
             }
         }
-        Device::Cuda(_) if format.is_quantized() => {
-            return Err(Error::Config(format!(
-                "quantised weights are served on the CPU path only so far ({}; quantization \
-                 {}): serve this model on KIND_CPU, or a 16-bit checkpoint with quantization \
-                 none on the GPU",
-                match format {
-                    quant::WeightFormat::Awq { .. } => "an AWQ checkpoint",
-                    _ => "quantised at load",
-                },
-                quantization.name()
-            )));
-        }
         Device::Cuda(ordinal) => {
             let gpu = cuda::Gpu::open(ordinal, dtype)?;
             gpu.bind()?;
-            let loader = gpu::WeightLoader { gpu: &gpu, checkpoint, dummy };
+            let linears = quant::Linears::new(checkpoint, format);
+            let loader = gpu::WeightLoader { gpu: &gpu, checkpoint, dummy, linears: &linears };
             match family {
                 Family::ChatGlm2 => Box::new(chatglm2::load_gpu(config, &loader)?),
                 Family::InternLm2 => Box::new(internlm2::load_gpu(config, &loader)?),

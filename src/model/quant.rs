@@ -143,6 +143,12 @@ pub fn w4_group(inp: usize) -> Option<usize> {
     [128, 64, 32].into_iter().find(|g| inp.is_multiple_of(*g))
 }
 
+/// A quantised linear as the CPU path stores it.
+pub enum Quantized {
+    W8(quant::W8),
+    W4(W4),
+}
+
 /// Reads the linears of a model in its weight format and keeps count of what it built.
 pub struct Linears<'a> {
     pub ckpt: &'a Checkpoint,
@@ -165,14 +171,22 @@ impl<'a> Linears<'a> {
 
     /// A decoder-layer linear `prefix` of PyTorch shape `[out, inp]`, in the model's format.
     pub fn layer(&self, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let linear = match self.quantized(prefix, out, inp)? {
+            None => return self.dense(prefix, out, inp, bias),
+            Some(Quantized::W8(w8)) => Linear::from_w8(w8, self.bias(prefix, out, bias)?, out, inp),
+            Some(Quantized::W4(w4)) => Linear::from_w4(w4, self.bias(prefix, out, bias)?, out, inp),
+        };
+        Ok(self.count(linear))
+    }
+
+    /// The quantised weight of decoder-layer linear `prefix` (`[out, inp]`), read or
+    /// quantised as the format says; None for a dense format (and nothing read).
+    pub fn quantized(&self, prefix: &str, out: usize, inp: usize) -> Result<Option<Quantized>> {
         let group = match self.format {
-            WeightFormat::Dense => return self.dense(prefix, out, inp, bias),
+            WeightFormat::Dense => return Ok(None),
             WeightFormat::W8 => {
                 let weight = self.ckpt.f32(&format!("{prefix}.weight"), &[out, inp])?;
-                let w8 = quant::quantize_w8(&weight, out, inp);
-                drop(weight);
-                let linear = Linear::from_w8(w8, self.bias(prefix, out, bias)?, out, inp);
-                return Ok(self.count(linear));
+                return Ok(Some(Quantized::W8(quant::quantize_w8(&weight, out, inp))));
             }
             WeightFormat::W4 => w4_group(inp).ok_or_else(|| {
                 Error::Config(format!(
@@ -198,8 +212,17 @@ impl<'a> Linears<'a> {
             }
         };
         self.groups.lock().unwrap_or_else(|p| p.into_inner()).insert(group);
-        let linear = Linear::from_w4(w4, self.bias(prefix, out, bias)?, out, inp);
-        Ok(self.count(linear))
+        Ok(Some(Quantized::W4(w4)))
+    }
+
+    /// Counts the bytes of a linear the caller holds in another form (the GPU path's).
+    pub fn add_bytes(&self, bytes: usize) {
+        *self.bytes.lock().unwrap_or_else(|p| p.into_inner()) += bytes;
+    }
+
+    /// Notes a 4-bit group size the caller used (for `describe`).
+    pub fn add_group(&self, group: usize) {
+        self.groups.lock().unwrap_or_else(|p| p.into_inner()).insert(group);
     }
 
     /// `qweight` / `qzeros` (int32) and `scales` (float16) of an AWQ GEMM linear.

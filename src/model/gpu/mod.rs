@@ -11,6 +11,8 @@
 mod graphs;
 /// The forward pass: the tables uploaded, the launches of every layer queued.
 mod pass;
+/// Quantised linears in the GPU's layouts.
+pub mod quant;
 /// Activation buffers of a call.
 mod scratch;
 /// Per-call tables (ids, positions, slots, block tables, rotary, attention work) and the
@@ -29,6 +31,7 @@ use crate::Error;
 use crate::Result;
 use crate::cuda::{self, AttentionShape, Gpu, Rope};
 use crate::dtype::{DType, KvFormat};
+use crate::model::quant::{WeightFormat, w4_group};
 use crate::sampling::SampleRow;
 
 use graphs::{GRAPH_MIN_BLOCKS, graph_batch};
@@ -73,16 +76,33 @@ impl Shape {
         self.q_width() + 2 * self.kv_width()
     }
 
-    /// Elements of every weight, in load order (for the memory check before loading).
-    fn num_weights(&self) -> usize {
+    /// The decoder-layer linears, `(out, in)`.
+    fn linears(&self) -> [(usize, usize); 4] {
         let h = self.hidden;
-        let per_layer = 2 * h
-            + self.qkv_width() * h
+        [(self.qkv_width(), h), (h, self.q_width()), (2 * self.ffn, h), (h, self.ffn)]
+    }
+
+    /// Elements of the largest decoder-layer linear.
+    fn largest_linear(&self) -> usize {
+        self.linears().iter().map(|(n, k)| n * k).max().unwrap_or(0)
+    }
+
+    /// Bytes of every weight with the linears in `format` and the rest `elem` bytes a value
+    /// (for the memory check before loading).
+    fn weight_bytes(&self, format: WeightFormat, elem: usize) -> usize {
+        let h = self.hidden;
+        let linear_bytes = |(n, k): (usize, usize)| match format {
+            WeightFormat::Dense => n * k * elem,
+            WeightFormat::W8 => n * k + 4 * n,
+            WeightFormat::Awq { group } => n * k / 2 + 4 * n * (k / group.max(1)),
+            WeightFormat::W4 => n * k / 2 + 4 * n * (k / w4_group(k).unwrap_or(32)),
+        };
+        let per_layer = (2 * h
             + if self.qkv_bias { self.qkv_width() } else { 0 }
-            + self.q_width() * h
-            + if self.o_bias { h } else { 0 }
-            + 3 * self.ffn * h;
-        2 * self.vocab * h + h + self.num_layers * per_layer
+            + if self.o_bias { h } else { 0 })
+            * elem
+            + self.linears().into_iter().map(linear_bytes).sum::<usize>();
+        (2 * self.vocab * h + h) * elem + self.num_layers * per_layer
     }
 }
 

@@ -93,6 +93,7 @@ impl GpuModel {
         fn view(b: &Option<Buffer>) -> Option<View<'_>> {
             b.as_ref().map(Buffer::view)
         }
+        let dequantized = w.dequantized.as_ref().map(Buffer::view);
         gpu.embedding(pass.ids, w.embedding.view(), s.x.view(), total, h)?;
         for (l, layer) in w.layers.iter().enumerate() {
             let delta = if l == 0 { None } else { Some(s.mlp_out.view()) };
@@ -107,7 +108,7 @@ impl GpuModel {
                 h,
                 shape.eps,
             )?;
-            gpu.matmul(
+            gpu.product(
                 normed,
                 layer.qkv.view(),
                 None,
@@ -115,7 +116,7 @@ impl GpuModel {
                 total,
                 shape.qkv_width(),
                 h,
-                false,
+                dequantized,
             )?;
             let (k_cache, v_cache) = arena.layer(l)?;
             gpu.rope_write_kv(
@@ -138,7 +139,7 @@ impl GpuModel {
                 step,
                 &shape.attention,
             )?;
-            gpu.matmul(
+            gpu.product(
                 s.context.view(),
                 layer.o.view(),
                 view(&layer.o_bias),
@@ -146,7 +147,7 @@ impl GpuModel {
                 total,
                 h,
                 shape.q_width(),
-                false,
+                dequantized,
             )?;
             gpu.add_rms_norm(
                 s.x.view(),
@@ -158,7 +159,7 @@ impl GpuModel {
                 h,
                 shape.eps,
             )?;
-            gpu.swiglu_product(
+            gpu.swiglu_product_any(
                 normed,
                 layer.gate_up.view(),
                 s.gate_up.view(),
@@ -166,8 +167,9 @@ impl GpuModel {
                 total,
                 ffn,
                 h,
+                dequantized,
             )?;
-            gpu.matmul(
+            gpu.product(
                 s.act.view(),
                 layer.down.view(),
                 None,
@@ -175,7 +177,7 @@ impl GpuModel {
                 total,
                 h,
                 ffn,
-                false,
+                dequantized,
             )?;
         }
         gpu.add_rms_norm(
