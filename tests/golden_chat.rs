@@ -41,8 +41,18 @@ fn check_case(
 
 #[test]
 fn chatglm2_tiny_chat_matches_the_original() {
-    let chat = ChatModel::load(&fixture("chatglm2-tiny"), &LoadOptions::default()).unwrap();
-    let golden = golden("chatglm2-tiny", "chat_golden.json");
+    check_chatglm2("chatglm2-tiny");
+}
+
+/// The same model as PyTorch `.bin` shards: the same goldens.
+#[test]
+fn chatglm2_tiny_bin_chat_matches_the_original() {
+    check_chatglm2("chatglm2-tiny-bin");
+}
+
+fn check_chatglm2(folder: &str) {
+    let chat = ChatModel::load(&fixture(folder), &LoadOptions::default()).unwrap();
+    let golden = golden(folder, "chat_golden.json");
     for case in golden["cases"].as_array().unwrap() {
         let turn = ChatTurn {
             query: case["query"].as_str().unwrap().into(),

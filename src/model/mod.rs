@@ -6,6 +6,7 @@ pub mod chatglm2;
 pub mod gpu;
 pub mod internlm2;
 pub mod rope;
+pub mod torch_bin;
 pub mod weights;
 
 use std::any::Any;
@@ -35,7 +36,7 @@ impl Family {
 /// Where the weights come from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum LoadFormat {
-    /// The folder's safetensors files.
+    /// The folder's checkpoint files (safetensors, else PyTorch `.bin`).
     #[default]
     Safetensors,
     /// Random values of the right shapes (benchmarking without a checkpoint).
