@@ -608,3 +608,42 @@ fn memo_gets_share_storages_like_torch_writes_them() {
     assert_eq!(ckpt.f32("x", &[2]).unwrap(), [1.0, 2.0]);
     assert_eq!(ckpt.f32("y", &[2]).unwrap(), [3.0, 4.0]);
 }
+
+/// The fuzz seeds were written by Python's own zipfile and pickle modules (torch's globals
+/// faked): a second writer besides this file's, the OrderedDict root with `_metadata`
+/// state, parameters, BFloat16 and Int storages and protocol 4's FRAME/MEMOIZE included.
+#[test]
+fn python_written_files_parse() {
+    let corpus = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/torch_bin");
+    let parse = |name: &str| {
+        let bytes = std::fs::read(corpus.join(name)).unwrap();
+        let mut tensors = torch_bin::parse_bytes(Path::new(name), &bytes[1..]).unwrap();
+        tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        tensors.into_iter().map(|t| (t.name, t.dtype.name(), t.shape, t.len)).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        parse("file_dict_shared_storage"),
+        [("a".into(), "float32", vec![2, 2], 16), ("b".into(), "float32", vec![4], 16)]
+    );
+    assert_eq!(
+        parse("file_ordered_dict_params"),
+        [
+            ("b".into(), "bfloat16", vec![], 2),
+            ("h".into(), "float16", vec![2, 1], 4),
+            ("i".into(), "int32", vec![3], 12)
+        ]
+    );
+    assert_eq!(parse("file_protocol4_frames"), [("a".into(), "float32", vec![3], 12)]);
+}
+
+#[test]
+fn half_and_int_storages_through_the_checkpoint() {
+    let corpus = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/torch_bin");
+    let bytes = std::fs::read(corpus.join("file_ordered_dict_params")).unwrap();
+    let dir = bin_folder(&bytes[1..]);
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    assert_eq!(ckpt.f32("h", &[2, 1]).unwrap(), [1.0, 1.0]);
+    assert_eq!(ckpt.f32("b", &[]).unwrap(), [1.0]);
+    // int32 tensors (AWQ's packed weights) are not floats to convert.
+    assert_weights_error(&ckpt.f32("i", &[3]).unwrap_err(), &["tensor i", "int32"]);
+}

@@ -1017,6 +1017,47 @@ mod tests {
     }
 
     #[test]
+    fn deep_nesting_is_refused_not_recursed() {
+        let mut p = vec![0x80, 2];
+        p.extend(std::iter::repeat_n(b']', 10_000));
+        p.extend(std::iter::repeat_n(b'a', 9_999));
+        p.push(b'.');
+        let err = unpickle(&p).unwrap_err();
+        assert!(err.contains("nested deeper than 64"), "{err}");
+    }
+
+    #[test]
+    fn copying_a_memoized_dict_at_every_step_is_bounded() {
+        // {k: None} grown one key at a time, memoized (shared) before each SETITEM.
+        let mut p = vec![0x80, 2, b'}'];
+        for k in 0..20_000u32 {
+            p.extend_from_slice(&[b'q', 0, b'J']);
+            p.extend_from_slice(&k.to_le_bytes());
+            p.extend_from_slice(b"Ns");
+        }
+        p.push(b'.');
+        let err = unpickle(&p).unwrap_err();
+        assert!(err.contains("copies shared containers"), "{err}");
+    }
+
+    #[test]
+    fn stack_underflow_and_marks_are_errors() {
+        for (pickle, expected) in [
+            (&b"\x80\x02R."[..], "empty stack"),
+            (b"\x80\x02N(R.", "past a MARK"),
+            (b"\x80\x02t.", "without a MARK"),
+            (b"\x80\x02NN.", "leftover"),
+            (b"\x80\x02N", "without STOP"),
+            (b"\x80\x02h\x05.", "unset memo 5"),
+            (b"\x80\x02X\xff\xff\xff\xff.", "ends inside an opcode"),
+            (b"\x80\x02N.", "root object is a None"),
+        ] {
+            let err = unpickle(pickle).unwrap_err();
+            assert!(err.contains(expected), "{pickle:?}: {err}");
+        }
+    }
+
+    #[test]
     fn long1_is_little_endian_twos_complement() {
         assert_eq!(long1(&[]), 0);
         assert_eq!(long1(&[0xff]), -1);
