@@ -740,7 +740,7 @@ fn unpickle(bytes: &[u8]) -> PResult<Vec<(String, TensorDesc)>> {
             return Err(format!("{op} on a {}", target.kind()));
         };
         charge_copy(Rc::strong_count(items), items.len(), budget)?;
-        if pairs.len() % 2 != 0 {
+        if !pairs.len().is_multiple_of(2) {
             return Err(format!("{op} with an odd number of items"));
         }
         let mut it = pairs.into_iter();
