@@ -406,6 +406,13 @@ fn truncated_zip_is_refused() {
 }
 
 #[test]
+fn legacy_torch_save_format_is_named() {
+    // torch < 1.6: pickled magic number 0x1950a86a20f9469cfc6c, then the pickles.
+    let file = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.\x80\x02M\xe9\x03.";
+    assert_weights_error(&open_error(bin_folder(file).path()), &["legacy", "torch before 1.6"]);
+}
+
+#[test]
 fn corrupt_storage_record_fails_its_crc_when_read() {
     let name = "transformer.encoder.layers.0.self_attention.query_key_value.weight";
     let dir = edited_fixture_shard(|b, tensors| {

@@ -294,7 +294,17 @@ fn read_directory<S: Source + ?Sized>(path: &Path, src: &S) -> Result<HashMap<St
         .find(|&i| {
             u32_at(&tail, i) == EOCD_SIG && i + 22 + u16_at(&tail, i + 20) as usize == tail.len()
         })
-        .ok_or_else(|| not_zip("no end-of-central-directory record"))?;
+        .ok_or_else(|| {
+            // torch.save before 1.6 wrote a bare pickle stream starting with this magic.
+            let mut head = [0u8; 3];
+            if src.read_exact_at(&mut head, 0).is_ok() && head == [0x80, 0x02, 0x8a] {
+                bad("the legacy torch.save format (torch before 1.6) is not supported; \
+                     re-save the checkpoint with a recent torch"
+                    .into())
+            } else {
+                not_zip("no end-of-central-directory record")
+            }
+        })?;
     let eocd_pos = file_len - tail_len + eocd as u64;
     let e = &tail[eocd..];
     if u16_at(e, 4) != 0 || u16_at(e, 6) != 0 || u16_at(e, 8) != u16_at(e, 10) {
