@@ -267,6 +267,7 @@ fn fixture_shards_parse_in_memory_with_every_crc_checked() {
         for t in &tensors {
             assert_eq!(index["weight_map"][&t.name], shard, "{} is routed to {shard}", t.name);
             assert!(t.record.name.starts_with("pytorch_model-0000"), "{}", t.record.name);
+            assert!(t.record.verified.load(std::sync::atomic::Ordering::SeqCst), "{}", t.name);
             total += t.len;
         }
     }
@@ -436,6 +437,8 @@ fn corrupt_byte_outside_a_tensor_but_inside_its_storage_is_caught() {
     file[at] ^= 0x40;
     let dir = bin_folder(&file);
     let ckpt = Checkpoint::open(dir.path()).unwrap();
+    assert_weights_error(&ckpt.f32("a", &[4]).unwrap_err(), &["archive/data/0", "CRC-32"]);
+    // A failed record stays unverified: the next read checks it again.
     assert_weights_error(&ckpt.f32("a", &[4]).unwrap_err(), &["archive/data/0", "CRC-32"]);
 }
 

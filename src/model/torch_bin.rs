@@ -14,6 +14,8 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::weights::StoredDtype;
 use crate::{Error, Result};
@@ -26,17 +28,20 @@ const MAX_DIRECTORY_BYTES: u64 = 64 << 20;
 const MAX_DEPTH: u32 = 64;
 
 /// One zip record's stored bytes: where they are in the file and their CRC-32.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Record {
     pub name: String,
     /// Absolute byte offset of the data in the file.
     pub offset: u64,
     pub len: u64,
     pub crc: u32,
+    /// Set once the whole record has passed its CRC (shared by the tensors of one
+    /// storage), after which a tensor covering part of it reads only its own bytes.
+    pub verified: Arc<AtomicBool>,
 }
 
 /// One tensor of a `.bin` file: a contiguous byte range of its storage record.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct BinTensor {
     pub name: String,
     pub dtype: StoredDtype,
@@ -192,8 +197,9 @@ fn locate(path: &Path, name: String, t: &TensorDesc, record: &Record) -> Result<
 }
 
 /// Reads the `len` bytes at absolute `offset` of `record` in chunks, passing them to
-/// `sink` in order. The whole record is read so that its CRC-32 is checked; a mismatch is
-/// an error after the last chunk (the caller drops what it built).
+/// `sink` in order. Until the record has passed its CRC-32, the whole record is read so
+/// that it is checked; a mismatch is an error after the last chunk (the caller drops what
+/// it built).
 pub fn read_range<S: Source + ?Sized>(
     path: &Path,
     src: &S,
@@ -203,23 +209,30 @@ pub fn read_range<S: Source + ?Sized>(
     mut sink: impl FnMut(&[u8]),
 ) -> Result<()> {
     const CHUNK: u64 = 4 << 20;
-    let mut buf = vec![0u8; CHUNK.min(record.len) as usize];
-    let mut crc = Crc32::new();
+    let verified = record.verified.load(Ordering::Acquire);
     let (begin, end) = (offset, offset + len);
-    let mut at = record.offset;
-    let record_end = record.offset + record.len;
-    while at < record_end {
-        let n = CHUNK.min(record_end - at) as usize;
+    let (mut at, stop) =
+        if verified { (begin, end) } else { (record.offset, record.offset + record.len) };
+    let mut buf = vec![0u8; CHUNK.min(stop - at) as usize];
+    let mut crc = Crc32::new();
+    while at < stop {
+        let n = CHUNK.min(stop - at) as usize;
         let chunk = &mut buf[..n];
         src.read_exact_at(chunk, at).map_err(|e| Error::io(path, e))?;
-        crc.update(chunk);
+        if !verified {
+            crc.update(chunk);
+        }
         let (lo, hi) = (begin.max(at), end.min(at + n as u64));
         if lo < hi {
             sink(&chunk[(lo - at) as usize..(hi - at) as usize]);
         }
         at += n as u64;
     }
-    check_crc(path, record, crc.finish())
+    if !verified {
+        check_crc(path, record, crc.finish())?;
+        record.verified.store(true, Ordering::Release);
+    }
+    Ok(())
 }
 
 fn check_crc(path: &Path, record: &Record, computed: u32) -> Result<()> {
@@ -429,7 +442,8 @@ fn read_directory<S: Source + ?Sized>(path: &Path, src: &S) -> Result<HashMap<St
         if local_name != name.as_bytes() {
             return Err(not_zip(&format!("record {name}'s local header names another record")));
         }
-        let record = Record { name: name.clone(), offset: data, len: size, crc };
+        let record =
+            Record { name: name.clone(), offset: data, len: size, crc, verified: Arc::default() };
         if records.insert(name.clone(), record).is_some() {
             return Err(bad(format!("record {name} appears twice")));
         }
