@@ -75,7 +75,7 @@ fn tokenize_reads_no_weights_and_applies_the_chat_template() {
 
 #[test]
 fn logits_match_the_golden() {
-    for folder in ["chatglm2-tiny", "internlm2-tiny"] {
+    for folder in ["chatglm2-tiny", "chatglm2-tiny-bin", "internlm2-tiny"] {
         let golden = golden(folder, "model_golden.json");
         let case = &golden["cases"][0];
         let out = json_of(&triton_llm(&[

@@ -49,6 +49,12 @@ fn chatglm2_tiny_awq_chat_matches_the_original() {
     chatglm2_chat("chatglm2-tiny-awq");
 }
 
+/// The same model as PyTorch `.bin` shards: the same goldens.
+#[test]
+fn chatglm2_tiny_bin_chat_matches_the_original() {
+    chatglm2_chat("chatglm2-tiny-bin");
+}
+
 fn chatglm2_chat(folder: &str) {
     let chat = ChatModel::load(&fixture(folder), &LoadOptions::default()).unwrap();
     let golden = golden(folder, "chat_golden.json");

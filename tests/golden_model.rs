@@ -58,6 +58,12 @@ fn chatglm2_tiny_matches_original_logits_and_greedy_tokens() {
     check_family("chatglm2-tiny");
 }
 
+/// The same model as PyTorch `.bin` shards (a layer split across them): the same goldens.
+#[test]
+fn chatglm2_tiny_bin_matches_original_logits_and_greedy_tokens() {
+    check_family("chatglm2-tiny-bin");
+}
+
 #[test]
 fn internlm2_tiny_matches_original_logits_and_greedy_tokens() {
     check_family("internlm2-tiny");

@@ -7,6 +7,7 @@ pub(crate) mod gpu;
 pub mod internlm2;
 pub mod quant;
 pub mod rope;
+pub mod torch_bin;
 pub mod weights;
 
 use std::any::Any;
@@ -38,7 +39,7 @@ impl Family {
 /// Where the weights come from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum LoadFormat {
-    /// The folder's safetensors files.
+    /// The folder's checkpoint files (safetensors, else PyTorch `.bin`).
     #[default]
     Safetensors,
     /// Random values of the right shapes (benchmarking without a checkpoint).

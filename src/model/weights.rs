@@ -1,5 +1,7 @@
-//! Safetensors checkpoints: `model.safetensors`, or the shards listed by
-//! `model.safetensors.index.json`. Only the headers are read at open; a tensor is read
+//! Checkpoints: `model.safetensors`, or the shards listed by
+//! `model.safetensors.index.json`; else PyTorch `pytorch_model.bin`, or the shards of
+//! `pytorch_model.bin.index.json` (read by [`super::torch_bin`]). Only the headers (a
+//! `.bin` file's zip directory and pickle) are read at open; a tensor is read
 //! with positional reads and converted in small chunks when a family file asks for it by
 //! name and shape, so nothing beyond what the engine keeps is ever held in memory
 //! (positional reads rather than a memory map keep `unsafe` out of this layer).
@@ -14,6 +16,7 @@ use std::sync::Mutex;
 
 use half::{bf16, f16};
 
+use super::torch_bin::{self, Record};
 use crate::{Error, Result};
 
 /// Safetensors headers above this size are refused (the format's own limit).
@@ -65,6 +68,8 @@ pub struct TensorEntry {
     /// Absolute byte offset of the data in the shard file.
     offset: u64,
     len: usize,
+    /// The zip record of a `.bin` tensor: read whole, so that its CRC-32 is checked.
+    record: Option<Record>,
 }
 
 pub struct Checkpoint {
@@ -81,14 +86,20 @@ impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Self> {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
-        let files: Vec<PathBuf> = if single.is_file() {
-            vec![single]
+        let bin_single = dir.join("pytorch_model.bin");
+        let bin_index = dir.join("pytorch_model.bin.index.json");
+        let (files, bin): (Vec<PathBuf>, bool) = if single.is_file() {
+            (vec![single], false)
         } else if index.is_file() {
-            shard_files(&index)?
+            (shard_files(&index)?, false)
+        } else if bin_single.is_file() {
+            (vec![bin_single], true)
+        } else if bin_index.is_file() {
+            (shard_files(&bin_index)?, true)
         } else {
             return Err(Error::Weights(format!(
-                "{} has neither model.safetensors nor model.safetensors.index.json \
-                 (a pytorch_model*.bin checkpoint must be converted to safetensors first)",
+                "{} has no checkpoint: none of model.safetensors, model.safetensors.index.json, \
+                 pytorch_model.bin or pytorch_model.bin.index.json",
                 dir.display()
             )));
         };
@@ -96,7 +107,12 @@ impl Checkpoint {
         let mut tensors = BTreeMap::new();
         for (shard, path) in files.into_iter().enumerate() {
             let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
-            for (name, entry) in read_header(&path, &file, shard)? {
+            let entries = if bin {
+                read_bin(&path, &file, shard)?
+            } else {
+                read_header(&path, &file, shard)?
+            };
+            for (name, entry) in entries {
                 if tensors.insert(name.clone(), entry).is_some() {
                     return Err(Error::Weights(format!(
                         "tensor {name} appears in more than one shard"
@@ -195,6 +211,11 @@ impl Checkpoint {
         mut sink: impl FnMut(&[u8]),
     ) -> Result<()> {
         let (path, file) = &self.shards[entry.shard];
+        if let Some(record) = &entry.record {
+            torch_bin::read_range(path, file, record, entry.offset, entry.len as u64, sink)?;
+            self.claimed.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string());
+            return Ok(());
+        }
         let mut chunk = vec![0u8; READ_CHUNK_BYTES.min(entry.len)];
         let mut done = 0usize;
         while done < entry.len {
@@ -280,6 +301,28 @@ fn read_header(path: &Path, file: &File, shard: usize) -> Result<Vec<(String, Te
     parse_header(path, &header, file_len, shard)
 }
 
+/// The tensors of a PyTorch `.bin` file (its zip directory and pickle).
+fn read_bin(path: &Path, file: &File, shard: usize) -> Result<Vec<(String, TensorEntry)>> {
+    let tensors = torch_bin::read_tensors(path, file)?;
+    tensors
+        .into_iter()
+        .map(|t| {
+            let len = usize::try_from(t.len).map_err(|_| {
+                Error::Weights(format!("{}: tensor {} is too large", path.display(), t.name))
+            })?;
+            let entry = TensorEntry {
+                shard,
+                dtype: t.dtype,
+                shape: t.shape,
+                offset: t.offset,
+                len,
+                record: Some(t.record),
+            };
+            Ok((t.name, entry))
+        })
+        .collect()
+}
+
 /// The checks of [`read_header`] on the JSON `header` of a file of `file_len` bytes (pure,
 /// so it can be fuzzed); `path` only names the file in errors.
 pub fn parse_header(
@@ -336,6 +379,7 @@ pub fn parse_header(
                 shape: info.shape,
                 offset: data_start + begin,
                 len: (end - begin) as usize,
+                record: None,
             },
         ));
     }

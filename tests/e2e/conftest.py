@@ -145,7 +145,8 @@ def server(tmp_path_factory):
     s = Server(TEST_REPOSITORY, tmp_path_factory.mktemp("server")).wait_live()
     for model in ("chatglm2-tiny", "internlm2-tiny", "chatglm2-tiny-batched", "chatglm2-tiny-stream",
                   "internlm2-tiny-stream", "chatglm2-tiny-nocache", "chatglm2-tiny-smallkv",
-                  "chatglm2-tiny-kvint8", "chatglm2-tiny-awq", "chatglm2-tiny-w8a16"):
+                  "chatglm2-tiny-kvint8", "chatglm2-tiny-awq", "chatglm2-tiny-w8a16",
+                  "chatglm2-tiny-bin"):
         s.wait_model_ready(model)
     yield s
     s.stop()

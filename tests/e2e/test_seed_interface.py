@@ -116,6 +116,17 @@ def test_w8a16_answers_equal_the_cli_and_the_load_names_the_formats(server):
     assert "awq w4a16 g32, other tensors float16" in log, log
 
 
+def test_bin_checkpoint_answers_like_safetensors(server):
+    """chatglm2-tiny-bin serves the same weights from PyTorch .bin shards: the same answers
+    as the safetensors model, greedy (its golden chats) and seeded sampling alike."""
+    for fields, response, history in golden_cases("chatglm2-tiny-bin"):
+        answer = http_chat(server, "chatglm2-tiny-bin", fields)
+        assert answer == http_chat(server, "chatglm2-tiny", fields) == (response, history), fields["prompt"]
+    sampled = {"prompt": "hello", "temperature": "0.9", "top_k": "0", "seed": "11", "max_new_tokens": "24"}
+    for chat in (http_chat, grpc_chat):
+        assert chat(server, "chatglm2-tiny-bin", sampled) == chat(server, "chatglm2-tiny", sampled)
+
+
 def test_three_turn_conversation_round_trips_its_history(server):
     history = []
     for query in ["你好", "What is RMSNorm?", "请用一句话介绍你自己。"]:

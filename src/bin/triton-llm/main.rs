@@ -105,7 +105,8 @@ enum Command {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// A Hugging Face model folder (config.json, safetensors, tokenizer.model).
+    /// A Hugging Face model folder (config.json, safetensors or pytorch_model*.bin,
+    /// tokenizer.model).
     #[arg(long)]
     model: PathBuf,
     /// `dummy` fills the weights with random values instead of reading files.
