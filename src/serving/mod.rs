@@ -182,6 +182,8 @@ pub trait EngineMetrics: Send {
     /// The engine has stopped for good (its thread panicked or the device was lost); it
     /// answers UNAVAILABLE until the model is reloaded.
     fn failed(&mut self) {}
+    /// Once, at the start: the model's weight bytes and a token's K/V bytes in the cache.
+    fn memory(&mut self, _weight_bytes: usize, _kv_bytes_per_token: usize) {}
 }
 
 /// Where one engine step's time goes, on the host's clock: what decides whether serving is
@@ -298,6 +300,7 @@ impl ServingEngine {
             block_bytes / config.block_size,
             activation_bytes >> 20
         );
+        metrics.memory(model.model.info().weight_bytes, block_bytes / config.block_size);
         let mut space = KvSpace::new(
             model.model.as_ref(),
             model.kv_format(),

@@ -74,6 +74,8 @@ pub struct MetricFamilies {
     step_sequences: Family,
     step_seconds: Family,
     healthy: Family,
+    weight_bytes: Family,
+    kv_bytes_per_token: Family,
 }
 
 static FAMILIES: Mutex<Weak<MetricFamilies>> = Mutex::new(Weak::new());
@@ -161,6 +163,18 @@ impl MetricFamilies {
                 "1 while the instance's engine serves; 0 once it has stopped for good (its \
                  thread panicked or the GPU was lost: requests get UNAVAILABLE until the model \
                  is reloaded)",
+            )?,
+            weight_bytes: Family::new(
+                GAUGE,
+                "llm_weight_bytes",
+                "Bytes of the model's weights on the instance's device, in their format (the \
+                 load log names it)",
+            )?,
+            kv_bytes_per_token: Family::new(
+                GAUGE,
+                "llm_kv_bytes_per_token",
+                "Bytes one token's K and V take in the instance's cache, all layers, in the \
+                 cache's format (quant_policy)",
             )?,
         }))
     }
@@ -303,6 +317,8 @@ pub struct InstanceMetrics {
     /// In the order of `StepTimes::PHASES`.
     step_seconds: Vec<Arc<Metric>>,
     healthy: Arc<Metric>,
+    weight_bytes: Arc<Metric>,
+    kv_bytes_per_token: Arc<Metric>,
 }
 
 impl InstanceMetrics {
@@ -314,6 +330,8 @@ impl InstanceMetrics {
         healthy.set(1.0);
         Ok(InstanceMetrics {
             healthy,
+            weight_bytes: m(|f| &f.weight_bytes, "weight_bytes", false)?,
+            kv_bytes_per_token: m(|f| &f.kv_bytes_per_token, "kv_bytes_per_token", false)?,
             prompt_tokens: m(|f| &f.prompt_tokens, "prompt_tokens", false)?,
             generated_tokens: m(|f| &f.generated_tokens, "generated_tokens", false)?,
             running: m(|f| &f.running, "running", false)?,
@@ -389,6 +407,11 @@ impl EngineMetrics for InstanceMetrics {
 
     fn failed(&mut self) {
         self.healthy.set(0.0);
+    }
+
+    fn memory(&mut self, weight_bytes: usize, kv_bytes_per_token: usize) {
+        self.weight_bytes.set(weight_bytes as f64);
+        self.kv_bytes_per_token.set(kv_bytes_per_token as f64);
     }
 
     fn step(&mut self, sequences: usize, times: &StepTimes) {

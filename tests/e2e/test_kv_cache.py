@@ -72,3 +72,15 @@ def test_an_int8_kv_cache_answers_the_same_through_reuse_and_preemption(server):
     assert results == expected
     assert server.metric("llm_requests_preempted_total", model) > preempted_before
     assert server.metric("llm_kv_blocks_used", model) == 0
+
+
+def test_the_metrics_give_each_instances_weight_and_kv_bytes(server):
+    # chatglm2-tiny has two instances, the others one: per instance, the int8 cache takes
+    # a token in 20 bytes a head (16 values + scale + zero) against 64 in f32, and the
+    # int8 linears shrink the weights.
+    full = server.metric("llm_kv_bytes_per_token", "chatglm2-tiny") / 2
+    int8 = server.metric("llm_kv_bytes_per_token", "chatglm2-tiny-kvint8")
+    assert full > 0 and int8 * 3 < full, (full, int8)
+    dense = server.metric("llm_weight_bytes", "chatglm2-tiny") / 2
+    w8 = server.metric("llm_weight_bytes", "chatglm2-tiny-w8a16")
+    assert 0 < w8 < dense, (dense, w8)
