@@ -66,6 +66,18 @@ impl DeviceProbe {
         self.gpu.measure_matmul_bandwidth(kernel, m, n, k)
     }
 
+    /// Weight bytes/s the quantised GEMV of `m` rows (≤ GEMV_MAX_ROWS) reads from an
+    /// `[n, k]` weight of `bits` (4, groups of 128; or 8), scales included.
+    pub fn quantized_product_bandwidth(
+        &self,
+        bits: u32,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> Result<f64> {
+        self.gpu.measure_quant_bandwidth(bits, m, n, k)
+    }
+
     /// The sampling kernel set up as the engine's step sets it up, over one row of f32
     /// `logits` (`stride` wide) for each of `rows`.
     pub fn sampling(

@@ -3,8 +3,8 @@
 
 use cudarc::driver::sys as driver_sys;
 
-use super::{Buffer, Gpu, ProductKernel, device_error};
-use crate::Result;
+use super::{Buffer, Gpu, ProductKernel, WeightView, device_error};
+use crate::{Error, Result};
 
 impl Gpu {
     /// Times `f` with CUDA events after one warm-up call; returns milliseconds per call.
@@ -57,6 +57,37 @@ impl Gpu {
         let ms = self.time_ms(repeats, || {
             next = (next + 1) % copies;
             self.matmul_on(kernel, x.view(), weights[next].view(), None, y.view(), m, n, k, false)
+        })?;
+        Ok(bytes as f64 / (ms * 1e-3))
+    }
+
+    /// Bytes per second the quantised GEMV of `m` rows (at most GEMV_MAX_ROWS) reads from
+    /// an `[n, k]` weight of `bits` (4: groups of 128 inputs; 8), levels and scales counted,
+    /// cycling through copies as `measure_matmul_bandwidth` does.
+    pub fn measure_quant_bandwidth(&self, bits: u32, m: usize, n: usize, k: usize) -> Result<f64> {
+        let group = 128;
+        let (levels, params) = match bits {
+            4 => (n * k / 2, n * (k / group) * 4),
+            8 => (n * k, n * 4),
+            other => return Err(Error::Config(format!("no {other}-bit weights"))),
+        };
+        let bytes = levels + params;
+        let copies = (256usize << 20).div_ceil(bytes).max(2);
+        let weights = (0..copies)
+            .map(|_| Ok((self.alloc(levels)?, self.alloc(params)?)))
+            .collect::<Result<Vec<(Buffer, Buffer)>>>()?;
+        let x = self.alloc(m * k * self.dtype.size())?;
+        self.fill_uniform(x.view(), m * k, 3, 1.0)?;
+        let y = self.alloc(m * n * self.dtype.size())?;
+        let mut next = 0;
+        let ms = self.time_ms(8 * copies, || {
+            next = (next + 1) % copies;
+            let (packed, params) = (weights[next].0.view(), weights[next].1.view());
+            let w = match bits {
+                4 => WeightView::W4 { packed, params, group },
+                _ => WeightView::W8 { packed, scales: params },
+            };
+            self.product(x.view(), w, None, y.view(), m, n, k, None)
         })?;
         Ok(bytes as f64 / (ms * 1e-3))
     }

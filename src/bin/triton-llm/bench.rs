@@ -39,6 +39,12 @@ pub fn run(
         }
         (None, None) => unreachable!("clap requires --model or --shape"),
     };
+    // Bits of the decoder-layer linears when quantised (their products are timed apart).
+    let quant_bits = match model::quant::resolve(&config, device.quantization)? {
+        model::quant::WeightFormat::Dense => None,
+        model::quant::WeightFormat::W8 => Some(8),
+        model::quant::WeightFormat::W4 | model::quant::WeightFormat::Awq { .. } => Some(4),
+    };
     let lm = model::load_config(
         family,
         config,
@@ -55,7 +61,7 @@ pub fn run(
         sample_on_device: device.sample_on_device && on_gpu,
         cuda_graphs: device.cuda_graphs && on_gpu,
     };
-    bench(lm.as_ref(), device, batch, prompt, new, options)
+    bench(lm.as_ref(), device, batch, prompt, new, options, quant_bits)
 }
 
 /// `config.json` of the real models whose shapes `bench --shape` takes.
@@ -140,6 +146,7 @@ fn bench(
     prompt_len: usize,
     new_tokens: usize,
     options: BenchOptions,
+    quant_bits: Option<u32>,
 ) -> Result<()> {
     let info = lm.info().clone();
     if batch == 0
@@ -253,6 +260,27 @@ fn bench(
             }
             Ok(serde_json::Value::Object(shares))
         };
+        if let Some(bits) = quant_bits.filter(|_| batch <= GEMV_MAX_ROWS) {
+            // The quantised GEMV on the decoder-layer shapes (the output layer stays dense),
+            // its packed bytes and scales against the copy bandwidth.
+            let mut shares = serde_json::Map::new();
+            for (n, k) in [
+                (4608, 4096),
+                (4096, 4096),
+                (27392, 4096),
+                (4096, 13696),
+                (6144, 4096),
+                (28672, 4096),
+                (4096, 14336),
+            ] {
+                let read = gpu.quantized_product_bandwidth(bits, batch, n, k)?;
+                shares.insert(
+                    format!("{n}x{k}"),
+                    json!((100.0 * read / bandwidth * 10.0).round() / 10.0),
+                );
+            }
+            report["quantized_products_percent_of_bandwidth"] = serde_json::Value::Object(shares);
+        }
         let chosen = ProductKernel::for_rows(batch);
         report["products_kernel"] = json!(chosen.name());
         report["products_percent_of_bandwidth"] = measure(chosen)?;
