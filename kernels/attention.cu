@@ -61,15 +61,31 @@ __device__ __forceinline__ void decode_quantised_key(
         const unsigned int* v_words = reinterpret_cast<const unsigned int*>(v_head);
         unsigned int* v_dst_words = reinterpret_cast<unsigned int*>(v_dst);
         constexpr int PER_WORD = 32 / KV_BITS;
+        // Words of K and V in flight per lane, as the elem path keeps its chunks.
+        constexpr int IN_FLIGHT = 8;
         const int words = head_dim / PER_WORD;
-        for (int w = 0; w < words; w++) {
-            const unsigned int k_word = __ldg(k_words + w);
-            v_dst_words[w] = __ldg(v_words + w);
+        for (int w0 = 0; w0 < words; w0 += IN_FLIGHT) {
+            unsigned int kw[IN_FLIGHT], vw[IN_FLIGHT];
 #pragma unroll
-            for (int j = 0; j < PER_WORD; j++) {
-                const float k = kv_value((k_word >> (KV_BITS * j)) & ((1u << KV_BITS) - 1u), s, z);
+            for (int c = 0; c < IN_FLIGHT; c++) {
+                if (w0 + c < words) {
+                    kw[c] = __ldg(k_words + w0 + c);
+                    vw[c] = __ldg(v_words + w0 + c);
+                }
+            }
 #pragma unroll
-                for (int h = 0; h < HEADS; h++) dot[h] += q_s[h][w * PER_WORD + j] * k;
+            for (int c = 0; c < IN_FLIGHT; c++) {
+                if (w0 + c < words) {
+                    v_dst_words[w0 + c] = vw[c];
+#pragma unroll
+                    for (int j = 0; j < PER_WORD; j++) {
+                        const unsigned int level = (kw[c] >> (KV_BITS * j)) & ((1u << KV_BITS) - 1u);
+                        const float k = kv_value(level, s, z);
+#pragma unroll
+                        for (int h = 0; h < HEADS; h++)
+                            dot[h] += q_s[h][(w0 + c) * PER_WORD + j] * k;
+                    }
+                }
             }
         }
         v_dst_words[words] = __ldg(v_words + words);  // scale and zero
