@@ -17,8 +17,10 @@
 //   of the tile uses them, so K/V is read once per tile rather than once per token.
 //
 // Lookup: key j of sequence s sits in cache row block_tables[s][j / block_size] ·
-// block_size + j % block_size; a row holds num_kv_heads · head_dim elements. Query head h
-// reads K/V head h / (num_heads / num_kv_heads).
+// block_size + j % block_size; a row holds num_kv_heads · head_dim elements, or in the
+// quantised caches (the _int8 / _int4 kernels) num_kv_heads heads of kv_head_bytes bytes
+// (common.cuh), dequantised exactly as the CPU path does. Query head h reads K/V head
+// h / (num_heads / num_kv_heads).
 #define ATTN_WARPS 4
 #define ATTN_THREADS (ATTN_WARPS * 32)
 #define MAX_DIMS_PER_LANE 4  // head_dim ≤ 128
@@ -36,19 +38,84 @@ __device__ __forceinline__ size_t cache_row(const int* table, int key, int block
     return (size_t)table[key / block_size] * block_size + key % block_size;
 }
 
+// One lane's key of a quantised cache: its K dotted with the block's queries (q_s), its V
+// head (levels, scale, zero: kv_head_bytes) copied as it is to the warp's staging, row
+// `lane` of [32][kv_head_bytes] at `shared` + warp · 32 · kv_head_bytes. Rows of whole
+// 4-byte words (kv_head_bytes a multiple of 4, so every head starts word-aligned) move a
+// word at a time, others a byte.
+template <int HEADS, int KV_BITS>
+__device__ __forceinline__ void decode_quantised_key(
+    const void* __restrict__ k_store, const void* __restrict__ v_store, const int* table, int key,
+    int block_size, int num_kv_heads, int kv_head, int head_dim,
+    const float (*q_s)[32 * MAX_DIMS_PER_LANE], float* dot, unsigned char* shared, int warp,
+    int lane) {
+    const int head_bytes = kv_head_bytes(head_dim, KV_BITS);
+    const size_t at = (cache_row(table, key, block_size) * num_kv_heads + kv_head) * head_bytes;
+    const unsigned char* k_head = static_cast<const unsigned char*>(k_store) + at;
+    const unsigned char* v_head = static_cast<const unsigned char*>(v_store) + at;
+    unsigned char* v_dst = shared + ((size_t)warp * 32 + lane) * head_bytes;
+    float s, z;
+    kv_read_scale_zero(k_head, head_dim, KV_BITS, &s, &z);
+    if (head_bytes % 4 == 0) {
+        const unsigned int* k_words = reinterpret_cast<const unsigned int*>(k_head);
+        const unsigned int* v_words = reinterpret_cast<const unsigned int*>(v_head);
+        unsigned int* v_dst_words = reinterpret_cast<unsigned int*>(v_dst);
+        constexpr int PER_WORD = 32 / KV_BITS;
+        // Words of K and V in flight per lane, as the elem path keeps its chunks.
+        constexpr int IN_FLIGHT = 8;
+        const int words = head_dim / PER_WORD;
+        for (int w0 = 0; w0 < words; w0 += IN_FLIGHT) {
+            unsigned int kw[IN_FLIGHT], vw[IN_FLIGHT];
+#pragma unroll
+            for (int c = 0; c < IN_FLIGHT; c++) {
+                if (w0 + c < words) {
+                    kw[c] = __ldg(k_words + w0 + c);
+                    vw[c] = __ldg(v_words + w0 + c);
+                }
+            }
+#pragma unroll
+            for (int c = 0; c < IN_FLIGHT; c++) {
+                if (w0 + c < words) {
+                    v_dst_words[w0 + c] = vw[c];
+#pragma unroll
+                    for (int j = 0; j < PER_WORD; j++) {
+                        const unsigned int level = (kw[c] >> (KV_BITS * j)) & ((1u << KV_BITS) - 1u);
+                        const float k = kv_value(level, s, z);
+#pragma unroll
+                        for (int h = 0; h < HEADS; h++)
+                            dot[h] += q_s[h][(w0 + c) * PER_WORD + j] * k;
+                    }
+                }
+            }
+        }
+        v_dst_words[words] = __ldg(v_words + words);  // scale and zero
+    } else {
+        for (int d = 0; d < head_dim; d++) {
+            const float k = kv_value(kv_level_at<KV_BITS>(k_head, d), s, z);
+#pragma unroll
+            for (int h = 0; h < HEADS; h++) dot[h] += q_s[h][d] * k;
+        }
+        for (int b = 0; b < head_bytes; b++) v_dst[b] = v_head[b];
+    }
+}
+
 // HEADS query heads a block (attention_decode_h1 … _h8 below; HEADS divides
-// num_heads / num_kv_heads). grid: (decode tokens, num_heads / HEADS, splits); block:
-// ATTN_THREADS; dynamic shared memory: ATTN_WARPS · 32 · head_dim elems.
-template <int HEADS>
+// num_heads / num_kv_heads); KV_BITS 0 for elem caches, 8 or 4 for quantised ones.
+// grid: (decode tokens, num_heads / HEADS, splits); block: ATTN_THREADS; dynamic shared
+// memory: ATTN_WARPS · 32 · head_dim elems (quantised, the V staging takes 32 heads of
+// kv_head_bytes a warp, within that from head_dim 4 up).
+template <int HEADS, int KV_BITS>
 __device__ __forceinline__ void decode_attention(
-    const elem* __restrict__ q, const elem* __restrict__ k_cache,
-    const elem* __restrict__ v_cache, elem* __restrict__ out, float* __restrict__ partial,
+    const elem* __restrict__ q, const void* __restrict__ k_store,
+    const void* __restrict__ v_store, elem* __restrict__ out, float* __restrict__ partial,
     int* __restrict__ split_counters, const int* __restrict__ decode_rows,
     const int* __restrict__ token_seq,
     const int* __restrict__ token_pos, const int* __restrict__ block_tables,
     int max_blocks_per_seq, int block_size, int num_heads, int num_kv_heads, int head_dim,
     float scale, int partition, int splits) {
     constexpr int heads = HEADS;
+    const elem* __restrict__ k_cache = static_cast<const elem*>(k_store);
+    const elem* __restrict__ v_cache = static_cast<const elem*>(v_store);
     const int t = decode_rows[blockIdx.x];
     const int first_head = blockIdx.y * heads, split = blockIdx.z;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -99,7 +166,11 @@ __device__ __forceinline__ void decode_attention(
         float dot[heads];
 #pragma unroll
         for (int h = 0; h < heads; h++) dot[h] = 0.0f;
-        if (valid) {
+        if constexpr (KV_BITS != 0) {
+            if (valid) decode_quantised_key<heads, KV_BITS>(k_store, v_store, table, key, block_size,
+                                                            num_kv_heads, kv_head, head_dim, q_s,
+                                                            dot, decode_shared, warp, lane);
+        } else if (valid) {
             const size_t row = cache_row(table, key, block_size);
             const size_t at = row * kv_width + (size_t)kv_head * head_dim;
             const elem* k_row = k_cache + at;
@@ -161,12 +232,26 @@ __device__ __forceinline__ void decode_attention(
         }
         const int count = min(32, end - base);
         for (int kk = 0; kk < count; kk++) {
-            const elem* v_key = v_warp + kk * head_dim;
             float v[MAX_DIMS_PER_LANE];
+            if constexpr (KV_BITS != 0) {
+                // The key's V levels as staged, its scale and zero beside them.
+                const int head_bytes = kv_head_bytes(head_dim, KV_BITS);
+                const unsigned char* v_key =
+                    decode_shared + ((size_t)warp * 32 + kk) * head_bytes;
+                float s, z;
+                kv_read_scale_zero(v_key, head_dim, KV_BITS, &s, &z);
 #pragma unroll
-            for (int j = 0; j < MAX_DIMS_PER_LANE; j++) {
-                const int d = lane + 32 * j;
-                v[j] = d < head_dim ? to_f32(v_key[d]) : 0.0f;
+                for (int j = 0; j < MAX_DIMS_PER_LANE; j++) {
+                    const int d = lane + 32 * j;
+                    v[j] = d < head_dim ? kv_value(kv_level_at<KV_BITS>(v_key, d), s, z) : 0.0f;
+                }
+            } else {
+                const elem* v_key = v_warp + kk * head_dim;
+#pragma unroll
+                for (int j = 0; j < MAX_DIMS_PER_LANE; j++) {
+                    const int d = lane + 32 * j;
+                    v[j] = d < head_dim ? to_f32(v_key[d]) : 0.0f;
+                }
             }
 #pragma unroll
             for (int h = 0; h < heads; h++) {
@@ -255,33 +340,45 @@ __device__ __forceinline__ void decode_attention(
     if (threadIdx.x == 0) *counter = 0;  // ready for the next call
 }
 
-#define ATTENTION_DECODE(H)                                                                      \
-    extern "C" __global__ void attention_decode_h##H(                                           \
-        const elem* __restrict__ q, const elem* __restrict__ k_cache,                           \
-        const elem* __restrict__ v_cache, elem* __restrict__ out, float* __restrict__ partial,  \
-        int* __restrict__ split_counters, const int* __restrict__ decode_rows,                  \
-        const int* __restrict__ token_seq, const int* __restrict__ token_pos,                   \
-        const int* __restrict__ block_tables, int max_blocks_per_seq, int block_size,           \
-        int num_heads, int num_kv_heads, int head_dim, float scale, int partition, int splits) { \
-        decode_attention<H>(q, k_cache, v_cache, out, partial, split_counters, decode_rows,     \
-                            token_seq, token_pos, block_tables, max_blocks_per_seq, block_size, \
-                            num_heads, num_kv_heads, head_dim, scale, partition, splits);       \
+#define ATTENTION_DECODE(NAME, H, BITS, CACHE)                                                   \
+    extern "C" __global__ void NAME(                                                             \
+        const elem* __restrict__ q, const CACHE* __restrict__ k_cache,                           \
+        const CACHE* __restrict__ v_cache, elem* __restrict__ out, float* __restrict__ partial,  \
+        int* __restrict__ split_counters, const int* __restrict__ decode_rows,                   \
+        const int* __restrict__ token_seq, const int* __restrict__ token_pos,                    \
+        const int* __restrict__ block_tables, int max_blocks_per_seq, int block_size,            \
+        int num_heads, int num_kv_heads, int head_dim, float scale, int partition, int splits) {  \
+        decode_attention<H, BITS>(q, k_cache, v_cache, out, partial, split_counters, decode_rows, \
+                                  token_seq, token_pos, block_tables, max_blocks_per_seq,        \
+                                  block_size, num_heads, num_kv_heads, head_dim, scale,          \
+                                  partition, splits);                                            \
     }
-ATTENTION_DECODE(1)
-ATTENTION_DECODE(2)
-ATTENTION_DECODE(4)
-ATTENTION_DECODE(8)
+ATTENTION_DECODE(attention_decode_h1, 1, 0, elem)
+ATTENTION_DECODE(attention_decode_h2, 2, 0, elem)
+ATTENTION_DECODE(attention_decode_h4, 4, 0, elem)
+ATTENTION_DECODE(attention_decode_h8, 8, 0, elem)
+ATTENTION_DECODE(attention_decode_int8_h1, 1, 8, unsigned char)
+ATTENTION_DECODE(attention_decode_int8_h2, 2, 8, unsigned char)
+ATTENTION_DECODE(attention_decode_int8_h4, 4, 8, unsigned char)
+ATTENTION_DECODE(attention_decode_int8_h8, 8, 8, unsigned char)
+ATTENTION_DECODE(attention_decode_int4_h1, 1, 4, unsigned char)
+ATTENTION_DECODE(attention_decode_int4_h2, 2, 4, unsigned char)
+ATTENTION_DECODE(attention_decode_int4_h4, 4, 4, unsigned char)
+ATTENTION_DECODE(attention_decode_int4_h8, 8, 4, unsigned char)
 
 // tiles[2i], tiles[2i+1]: first flat row and count (≤ PREFILL_TILE) of tile i; its tokens
 // are consecutive positions of one sequence. Dynamic shared memory:
 // (32·(head_dim+1) + 32·head_dim + PREFILL_TILE·head_dim) floats.
-// grid: (tiles, heads); block: ATTN_THREADS.
-extern "C" __global__ void attention_prefill(
-    const elem* __restrict__ q, const elem* __restrict__ k_cache,
-    const elem* __restrict__ v_cache, elem* __restrict__ out, const int* __restrict__ tiles,
+// grid: (tiles, heads); block: ATTN_THREADS. KV_BITS as decode_attention's.
+template <int KV_BITS>
+__device__ __forceinline__ void prefill_attention(
+    const elem* __restrict__ q, const void* __restrict__ k_store,
+    const void* __restrict__ v_store, elem* __restrict__ out, const int* __restrict__ tiles,
     const int* __restrict__ token_seq, const int* __restrict__ token_pos,
     const int* __restrict__ block_tables, int max_blocks_per_seq, int block_size, int num_heads,
     int num_kv_heads, int head_dim, float scale) {
+    const elem* __restrict__ k_cache = static_cast<const elem*>(k_store);
+    const elem* __restrict__ v_cache = static_cast<const elem*>(v_store);
     extern __shared__ float shared[];
     const int k_stride = head_dim + 1;  // padded: lanes reading one column of 32 rows
     float* k_s = shared;                // [32][head_dim + 1]
@@ -316,12 +413,38 @@ extern "C" __global__ void attention_prefill(
     for (int base = 0; base < visible; base += 32) {
         const int keys = min(32, visible - base);
         __syncthreads();  // the previous chunk is consumed (and q_s is written)
-        for (int i = threadIdx.x; i < keys * head_dim; i += blockDim.x) {
-            const int kk = i / head_dim, d = i % head_dim;
-            const size_t row = cache_row(table, base + kk, block_size);
-            const size_t at = row * kv_width + (size_t)kv_head * head_dim + d;
-            k_s[kk * k_stride + d] = to_f32(k_cache[at]);
-            v_s[kk * head_dim + d] = to_f32(v_cache[at]);
+        if constexpr (KV_BITS != 0) {
+            // Each key's head offset and (scale, zero) of K and V first, then its values.
+            __shared__ size_t head_at_s[32];
+            __shared__ float scale_zero_s[32][4];
+            const int head_bytes = kv_head_bytes(head_dim, KV_BITS);
+            const unsigned char* k_bytes = static_cast<const unsigned char*>(k_store);
+            const unsigned char* v_bytes = static_cast<const unsigned char*>(v_store);
+            if (threadIdx.x < keys) {
+                const int kk = threadIdx.x;
+                const size_t at =
+                    (cache_row(table, base + kk, block_size) * num_kv_heads + kv_head) * head_bytes;
+                head_at_s[kk] = at;
+                float* sz = scale_zero_s[kk];
+                kv_read_scale_zero(k_bytes + at, head_dim, KV_BITS, &sz[0], &sz[1]);
+                kv_read_scale_zero(v_bytes + at, head_dim, KV_BITS, &sz[2], &sz[3]);
+            }
+            __syncthreads();
+            for (int i = threadIdx.x; i < keys * head_dim; i += blockDim.x) {
+                const int kk = i / head_dim, d = i % head_dim;
+                const size_t at = head_at_s[kk];
+                const float* sz = scale_zero_s[kk];
+                k_s[kk * k_stride + d] = kv_value(kv_level_at<KV_BITS>(k_bytes + at, d), sz[0], sz[1]);
+                v_s[kk * head_dim + d] = kv_value(kv_level_at<KV_BITS>(v_bytes + at, d), sz[2], sz[3]);
+            }
+        } else {
+            for (int i = threadIdx.x; i < keys * head_dim; i += blockDim.x) {
+                const int kk = i / head_dim, d = i % head_dim;
+                const size_t row = cache_row(table, base + kk, block_size);
+                const size_t at = row * kv_width + (size_t)kv_head * head_dim + d;
+                k_s[kk * k_stride + d] = to_f32(k_cache[at]);
+                v_s[kk * head_dim + d] = to_f32(v_cache[at]);
+            }
         }
         __syncthreads();
 #pragma unroll
@@ -370,3 +493,18 @@ extern "C" __global__ void attention_prefill(
         }
     }
 }
+
+#define ATTENTION_PREFILL(NAME, BITS, CACHE)                                                      \
+    extern "C" __global__ void NAME(                                                             \
+        const elem* __restrict__ q, const CACHE* __restrict__ k_cache,                           \
+        const CACHE* __restrict__ v_cache, elem* __restrict__ out, const int* __restrict__ tiles, \
+        const int* __restrict__ token_seq, const int* __restrict__ token_pos,                    \
+        const int* __restrict__ block_tables, int max_blocks_per_seq, int block_size,            \
+        int num_heads, int num_kv_heads, int head_dim, float scale) {                            \
+        prefill_attention<BITS>(q, k_cache, v_cache, out, tiles, token_seq, token_pos,           \
+                                block_tables, max_blocks_per_seq, block_size, num_heads,         \
+                                num_kv_heads, head_dim, scale);                                  \
+    }
+ATTENTION_PREFILL(attention_prefill, 0, elem)
+ATTENTION_PREFILL(attention_prefill_int8, 8, unsigned char)
+ATTENTION_PREFILL(attention_prefill_int4, 4, unsigned char)

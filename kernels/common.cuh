@@ -79,3 +79,97 @@ __device__ __forceinline__ float block_sum(float v) {
     float total = lane < warps ? partial[lane] : 0.0f;
     return warp_sum(total);
 }
+
+// f32 → f16 bits, round to nearest even, as the `half` crate's from_f32 (its portable
+// path; overflow → ±inf, NaN stays NaN with the top mantissa bits). Integer operations only,
+// so the KV cache's scales come out the same on the device and on CPU threads.
+__device__ __forceinline__ unsigned short f32_to_half_bits(float value) {
+    const unsigned int x = __float_as_uint(value);
+    const unsigned int sign = x & 0x80000000u, exp = x & 0x7f800000u, man = x & 0x007fffffu;
+    if (exp == 0x7f800000u)
+        return (unsigned short)((sign >> 16) | 0x7c00u | (man ? 0x0200u : 0u) | (man >> 13));
+    const unsigned int half_sign = sign >> 16;
+    const int half_exp = (int)(exp >> 23) - 127 + 15;
+    if (half_exp >= 0x1f) return (unsigned short)(half_sign | 0x7c00u);
+    if (half_exp <= 0) {  // subnormal or zero
+        if (14 - half_exp > 24) return (unsigned short)half_sign;
+        const unsigned int m = man | 0x00800000u;
+        unsigned int half_man = m >> (14 - half_exp);
+        const unsigned int round_bit = 1u << (13 - half_exp);
+        if ((m & round_bit) && (m & (3u * round_bit - 1u))) half_man++;
+        return (unsigned short)(half_sign | half_man);
+    }
+    const unsigned int bits = half_sign | ((unsigned int)half_exp << 10) | (man >> 13);
+    const unsigned int round_bit = 0x1000u;
+    // A carry out of the mantissa moves into the exponent, as rounding up should.
+    return (unsigned short)((man & round_bit) && (man & (3u * round_bit - 1u)) ? bits + 1 : bits);
+}
+
+// f16 bits → f32 (exact), with integer operations only.
+__device__ __forceinline__ float half_bits_to_f32(unsigned short h) {
+    const unsigned int sign = ((unsigned int)h & 0x8000u) << 16;
+    const unsigned int exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    if (exp == 0) {  // zero or subnormal: man · 2^-24, exact in f32
+        const float magnitude = (float)man * 5.9604644775390625e-8f;
+        return __uint_as_float(__float_as_uint(magnitude) | sign);
+    }
+    if (exp == 0x1f) return __uint_as_float(sign | 0x7f800000u | (man << 13));
+    return __uint_as_float(sign | ((exp + 112u) << 23) | (man << 13));
+}
+
+// The KV cache's 8- and 4-bit formats (src/cpu/kv_quant.rs has the reference). A cache row
+// (one position of one layer's K or V) is num_kv_heads heads of kv_head_bytes(head_dim,
+// bits) bytes: the head_dim levels (int8: byte d is value d; int4: byte i holds value 2i in
+// its low nibble and 2i + 1 in its high one), then the head's scale and zero as
+// little-endian f16. Per head: scale = f16((max − min) / (2^bits − 1)), zero = f16(min),
+// both clamped to ±65504 first; level = clamp(rint((x − zero) / scale), 0, 2^bits − 1), 0
+// where the scale is 0; value = level · scale + zero. Every operation is rounded on its own
+// (no fused multiply-add), so both engines store and read the same numbers.
+#define KV_F16_MAX 65504.0f
+
+__device__ __forceinline__ int kv_head_bytes(int head_dim, int bits) {
+    return head_dim * bits / 8 + 4;
+}
+
+// The head's (scale, zero) as f16 bits from its min and max.
+__device__ __forceinline__ void kv_scale_zero(float lo, float hi, int bits, unsigned short* scale,
+                                              unsigned short* zero) {
+    // Not finite (an infinity, or no value but NaNs): scale and zero 0.
+    if (!(fabsf(lo) <= 3.402823466e38f && fabsf(hi) <= 3.402823466e38f)) {
+        *scale = 0;
+        *zero = 0;
+        return;
+    }
+    const float levels = (float)((1 << bits) - 1);
+    const float s = fminf(fmaxf(__fdiv_rn(__fsub_rn(hi, lo), levels), 0.0f), KV_F16_MAX);
+    *scale = f32_to_half_bits(s);
+    *zero = f32_to_half_bits(fminf(fmaxf(lo, -KV_F16_MAX), KV_F16_MAX));
+}
+
+// One value's level under s and z (the f32 values of the stored scale and zero).
+__device__ __forceinline__ unsigned int kv_level(float x, float s, float z, int bits) {
+    if (s == 0.0f) return 0;
+    const float top = (float)((1 << bits) - 1);
+    // fmaxf first: a NaN quotient becomes level 0, as Rust's saturating cast makes it.
+    return (unsigned int)fminf(fmaxf(rintf(__fdiv_rn(__fsub_rn(x, z), s)), 0.0f), top);
+}
+
+__device__ __forceinline__ float kv_value(unsigned int q, float s, float z) {
+    return __fadd_rn(__fmul_rn((float)q, s), z);
+}
+
+// The (scale, zero) of the head whose levels start at `head` (bytes, any alignment).
+__device__ __forceinline__ void kv_read_scale_zero(const unsigned char* head, int head_dim,
+                                                   int bits, float* s, float* z) {
+    const unsigned char* p = head + head_dim * bits / 8;
+    *s = half_bits_to_f32((unsigned short)(p[0] | (p[1] << 8)));
+    *z = half_bits_to_f32((unsigned short)(p[2] | (p[3] << 8)));
+}
+
+// Level d of a head's packed levels.
+template <int BITS>
+__device__ __forceinline__ unsigned int kv_level_at(const unsigned char* levels, int d) {
+    if (BITS == 8) return levels[d];
+    const unsigned int byte = levels[d >> 1];
+    return (d & 1) ? byte >> 4 : byte & 0xfu;
+}

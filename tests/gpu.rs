@@ -253,6 +253,12 @@ fn awq_batched_paged_pass_matches_single_sequences() {
 /// take turns, as two instances sharing the model's weights do (each has its graphs).
 #[allow(clippy::needless_range_loop)] // steps index each sequence's logits
 fn check_batched(folder: &str, copies: usize, cuda_graphs: bool) {
+    check_batched_kv(folder, copies, cuda_graphs, KvFormat::Model);
+}
+
+/// As `check_batched`, every arena (alone and batched) storing K/V as `format`.
+#[allow(clippy::needless_range_loop)] // steps index each sequence's logits
+fn check_batched_kv(folder: &str, copies: usize, cuda_graphs: bool, format: KvFormat) {
     require_gpu(folder);
     let dir = fixture(folder);
     let gpu = model::load_on(&dir, LoadFormat::Safetensors, Device::Cuda(0), DType::F32).unwrap();
@@ -265,7 +271,7 @@ fn check_batched(folder: &str, copies: usize, cuda_graphs: bool) {
         cases
             .iter()
             .map(|prompt| {
-                let mut cache = KvCache::new(gpu.as_ref()).unwrap();
+                let mut cache = KvCache::with_format(gpu.as_ref(), format).unwrap();
                 let mut logits = vec![cache.forward(gpu.as_ref(), prompt).unwrap()];
                 for _ in 1..steps {
                     let next = argmax(logits.last().unwrap());
@@ -290,7 +296,7 @@ fn check_batched(folder: &str, copies: usize, cuda_graphs: bool) {
     let block_size = 16;
     let per_sequence = 8;
     let mut arenas: Vec<_> = (0..2)
-        .map(|_| gpu.new_arena(block_size, per_sequence * prompts.len(), KvFormat::Model).unwrap())
+        .map(|_| gpu.new_arena(block_size, per_sequence * prompts.len(), format).unwrap())
         .collect();
     // Interleaved, descending block ids: no sequence owns a contiguous range.
     let tables: Vec<Vec<u32>> = (0..prompts.len())
@@ -329,14 +335,94 @@ fn check_batched(folder: &str, copies: usize, cuda_graphs: bool) {
     }
     let pass = worst < 1e-4;
     report(json!({"check": "batched_paged", "model": folder, "dtype": "f32",
-        "sequences": prompts.len(), "cuda_graphs": cuda_graphs,
+        "kv": format.name(), "sequences": prompts.len(), "cuda_graphs": cuda_graphs,
         "worst_rel_l2": worst, "limit": 1e-4, "pass": pass}));
     assert!(
         pass,
-        "{folder} ({} sequences, graphs {cuda_graphs}): batched logits differ from \
+        "{folder} ({} sequences, graphs {cuda_graphs}, KV {}): batched logits differ from \
          single-sequence ones by {worst:e}",
+        format.name(),
         prompts.len()
     );
+}
+
+/// Logits of `prompt` (in two calls from `split`, the second over the cached prefix) and
+/// then of each of `forced` after it, through a cache that stores K/V as `format`.
+fn logits_with_kv(
+    model: &dyn CausalLm,
+    format: KvFormat,
+    prompt: &[u32],
+    split: usize,
+    forced: &[u32],
+) -> Vec<Vec<f32>> {
+    let mut cache = KvCache::with_format(model, format).unwrap();
+    if split > 0 {
+        cache.forward(model, &prompt[..split]).unwrap();
+    }
+    let mut all = vec![cache.forward(model, &prompt[split..]).unwrap()];
+    for &token in forced {
+        all.push(cache.forward(model, &[token]).unwrap());
+    }
+    all
+}
+
+/// The GPU path with an int8 or int4 KV cache against the CPU path with the same format,
+/// teacher-forced along the goldens' greedy tokens (prefill, chunked prefill over a
+/// quantised prefix, decode steps): both store the same bytes for the same K/V, so the
+/// logits are as close as with the model's dtype. In f32 a K/V value within rounding of a
+/// level boundary could still land on the other level (the products differ in their last
+/// bits); the worst distance is reported.
+fn check_kv_format_against_cpu(folder: &str, dtype: DType, format: KvFormat, limit: f64) {
+    require_gpu(folder);
+    let dir = fixture(folder);
+    let cpu = model::load(&dir, LoadFormat::Safetensors).unwrap();
+    let gpu = model::load_on(&dir, LoadFormat::Safetensors, Device::Cuda(0), dtype).unwrap();
+    let golden = golden(folder, "model_golden.json");
+    let mut failures = Vec::new();
+    for case in golden["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let prompt = ids(&case["input_ids"]);
+        let forced = ids(&case["greedy_16"]);
+        let whole_only = gpu.info().length_dependent_rope_after.is_some_and(|l| prompt.len() > l);
+        let splits: &[usize] =
+            if prompt.len() >= 8 && !whole_only { &[0, prompt.len() * 2 / 3] } else { &[0] };
+        let want = logits_with_kv(cpu.as_ref(), format, &prompt, 0, &forced);
+        for &split in splits {
+            let got = logits_with_kv(gpu.as_ref(), format, &prompt, split, &forced);
+            let worst = got.iter().zip(&want).map(|(g, w)| relative_l2(g, w)).fold(0f64, f64::max);
+            let pass = worst < limit && got.iter().flatten().all(|v| v.is_finite());
+            report(json!({"check": "kv_format", "model": folder, "case": name,
+                "dtype": dtype.name(), "kv": format.name(), "split": split,
+                "steps": got.len(), "worst_rel_l2": worst, "limit": limit, "pass": pass}));
+            if !pass {
+                failures.push(format!("{name} (split {split}): relative L2 {worst:e}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{folder} {} KV {}: {failures:#?}", dtype.name(), format.name());
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU (scripts/gpu/check.sh runs it)"]
+fn quantised_kv_caches_match_the_cpu_engine() {
+    for folder in ["chatglm2-tiny", "internlm2-tiny"] {
+        for format in [KvFormat::Int8, KvFormat::Int4] {
+            check_kv_format_against_cpu(folder, DType::F32, format, 1e-4);
+            check_kv_format_against_cpu(folder, DType::BF16, format, 1e-2);
+        }
+    }
+}
+
+/// Batched paged passes over quantised caches, launched and replayed as CUDA graphs (the
+/// format is fixed per arena, so a captured graph stays valid), equal each sequence alone.
+#[test]
+#[ignore = "needs an NVIDIA GPU (scripts/gpu/check.sh runs it)"]
+fn quantised_kv_batched_and_graphed_passes_match_single_sequences() {
+    for format in [KvFormat::Int8, KvFormat::Int4] {
+        check_batched_kv("chatglm2-tiny", 4, false, format);
+        check_batched_kv("chatglm2-tiny", 4, true, format);
+        check_batched_kv("internlm2-tiny", SEQUENCES_FOR_HEAD_GROUPS, true, format);
+    }
 }
 
 // 129 sequences: enough that a decode attention block takes both query heads of a K/V

@@ -10,8 +10,8 @@ use std::sync::OnceLock;
 
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use triton_llm::cpu::{self, AttentionShape};
-use triton_llm::dtype::DType;
+use triton_llm::cpu::{self, AttentionShape, kv_quant};
+use triton_llm::dtype::{DType, KvFormat};
 
 /// The kernel files the harness includes, in the engine's order.
 const KERNEL_FILES: [&str; 8] = [
@@ -819,6 +819,7 @@ fn rope_write_kv_rotates_q_and_k_and_files_k_and_v_in_their_slots() {
                             Arg::I32(head_dim as i32),
                             Arg::I32(mode),
                             Arg::I32(rot_dim as i32),
+                            Arg::I32(0),
                         ],
                     ),
                 );
@@ -827,6 +828,422 @@ fn rope_write_kv_rotates_q_and_k_and_files_k_and_v_in_their_slots() {
                 assert_close(&elems(dtype, &out[2]), &rounded(dtype, &want_q), tolerance, &what);
                 assert_close(&elems(dtype, &out[3]), &rounded(dtype, &want_k), tolerance, &what);
                 assert_close(&elems(dtype, &out[4]), &rounded(dtype, &want_v), 0.0, &what);
+            }
+        }
+    }
+}
+
+/// `rows` rows of `kv_heads` heads of `head_dim` f32 values each, as a cache in `format`
+/// stores them: the model's type (`dtype`), or each head quantised by `kv_quant` (the CPU
+/// path's cache rows, byte for byte).
+fn cache_bytes(dtype: DType, format: KvFormat, values: &[f32], head_dim: usize) -> Vec<u8> {
+    match format.bits() {
+        None => dtype.encode(values),
+        Some(bits) => {
+            let head = kv_quant::head_bytes(head_dim, bits);
+            let mut out = vec![0u8; values.len() / head_dim * head];
+            for (o, x) in out.chunks_exact_mut(head).zip(values.chunks_exact(head_dim)) {
+                kv_quant::quantize_head(x, bits, o);
+            }
+            out
+        }
+    }
+}
+
+/// What a cache in `format` gives back for `values` (quantised: the dequantised heads).
+fn cache_values(format: KvFormat, values: &[f32], head_dim: usize) -> Vec<f32> {
+    let Some(bits) = format.bits() else { return values.to_vec() };
+    let bytes = cache_bytes(DType::F32, format, values, head_dim);
+    let mut out = Vec::with_capacity(values.len());
+    for head in bytes.chunks_exact(kv_quant::head_bytes(head_dim, bits)) {
+        kv_quant::dequantize_head(head, head_dim, bits, &mut out);
+    }
+    out
+}
+
+fn kernel_suffix(format: KvFormat) -> &'static str {
+    match format {
+        KvFormat::Model => "",
+        KvFormat::Int8 => "_int8",
+        KvFormat::Int4 => "_int4",
+    }
+}
+
+/// The scales and zeros of quantised heads round to f16 exactly as `half` does (the CPU
+/// path's): nearest even, subnormals, the largest finite value and overflow to infinity.
+#[test]
+fn f32_to_half_bits_rounds_as_the_half_crate() {
+    use half::f16;
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let mut values: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        65504.0,
+        -65504.0,
+        65519.996,
+        65520.0,
+        1e6,
+        -1e30,
+        6.1035156e-5,
+        6.097555e-5,
+        5.9604645e-8,
+        2.9802322e-8,
+        2.9802326e-8,
+        8.940697e-8,
+        1e-10,
+        -3.0e-6,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MIN_POSITIVE,
+        f32::MAX,
+    ];
+    // Halfway cases between neighbouring f16 values, normal and subnormal, both ways.
+    for bits in [0x0001u16, 0x0002, 0x03ff, 0x0400, 0x3c00, 0x3c01, 0x7bfe, 0x8001, 0xbc01] {
+        let a = f64::from(f16::from_bits(bits).to_f32());
+        let b = f64::from(f16::from_bits(bits + 1).to_f32());
+        values.push(((a + b) / 2.0) as f32);
+    }
+    // Any bit pattern (NaNs included), and values around f16's range.
+    values.extend((0..20_000).map(|_| f32::from_bits(rng.random::<u32>())));
+    values.extend((0..20_000).map(|_| {
+        let exponent = rng.random_range(-30..18);
+        (rng.random::<f32>() * 2.0 - 1.0) * 2f32.powi(exponent)
+    }));
+    let n = values.len();
+    let out = launch(
+        DType::F32,
+        "f32_to_half_bits",
+        [1, 1, 1],
+        32,
+        vec![f32_bytes(&values), vec![0; n * 2], vec![0; n * 4]],
+        &with_buffers(3, [Arg::I32(n as i32)]),
+    );
+    let back = f32s(&out[2]);
+    for (i, (&x, bits)) in values.iter().zip(out[1].chunks_exact(2)).enumerate() {
+        let got = u16::from_le_bytes([bits[0], bits[1]]);
+        let want = f16::from_f32(x);
+        if x.is_nan() {
+            assert!(f16::from_bits(got).is_nan() && back[i].is_nan(), "{x}: {got:#06x}");
+            continue;
+        }
+        assert_eq!(got, want.to_bits(), "{x:e} ({:#010x})", x.to_bits());
+        assert_eq!(back[i].to_bits(), want.to_f32().to_bits(), "{x:e} back");
+    }
+}
+
+/// A quantised cache gets, per token and K/V head, exactly the bytes the CPU path stores
+/// (`kv_quant::quantize_head` of the f32 values after bias and rotation, never rounded to
+/// the model's type first), whichever warps and blocks take the heads; q is as with an
+/// elem cache.
+#[test]
+fn rope_write_kv_quantises_each_k_and_v_head_as_the_cpu_path() {
+    use triton_llm::model::rope;
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    // The last token is padding (slot -1): its q is rotated, its K/V go nowhere.
+    let positions = [7usize, 0, 130, 3];
+    let slots = [5i32, 0, 9, -1];
+    let cache_rows = 12;
+    // Heads of 16 (a lane a pair, most lanes idle), 128 (two pairs a lane) and 36.
+    for (heads, kv_heads, head_dim) in [(2, 1, 16), (4, 2, 128), (4, 2, 36)] {
+        let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
+        let row_width = q_width + 2 * kv_width;
+        for (mode, rot_dim) in [(0, head_dim / 2), (1, head_dim)] {
+            for dtype in [DType::F32, DType::BF16] {
+                let mut qkv = random(&mut rng, positions.len() * row_width, 1.0);
+                let mut bias = random(&mut rng, row_width, 0.5);
+                // Token 0's last V head is all zeros (scale 0, levels 0); token 2's first
+                // V head reaches below f16's range (its zero is clamped to -65504).
+                let last_v = q_width + kv_width + (kv_heads - 1) * head_dim;
+                bias[last_v..last_v + head_dim].fill(0.0);
+                qkv[last_v..last_v + head_dim].fill(0.0);
+                qkv[2 * row_width + q_width + kv_width + 3] = -1e5;
+                let (qkv, bias) = (rounded(dtype, &qkv), rounded(dtype, &bias));
+                let inv_freq = rope::inv_freq(10000.0, rot_dim);
+                let freq_len = inv_freq.len();
+                let mut cos_sin = Vec::new();
+                let mut want_q = Vec::new();
+                let mut want_k = vec![0f32; cache_rows * kv_width];
+                let mut want_v = want_k.clone();
+                let mut written = vec![false; cache_rows];
+                for (t, &position) in positions.iter().enumerate() {
+                    let (cos, sin) = rope::cos_sin(&inv_freq, position);
+                    cos_sin.extend(&cos);
+                    cos_sin.extend(&sin);
+                    let mut row: Vec<f32> = qkv[t * row_width..][..row_width]
+                        .iter()
+                        .zip(&bias)
+                        .map(|(x, b)| x + b)
+                        .collect();
+                    for head in row[..q_width + kv_width].chunks_mut(head_dim) {
+                        match mode {
+                            0 => cpu::rope_interleaved(head, &cos, &sin),
+                            _ => cpu::rope_rotate_half(head, &cos, &sin),
+                        }
+                    }
+                    want_q.extend(&row[..q_width]);
+                    let Ok(slot) = usize::try_from(slots[t]) else { continue };
+                    written[slot] = true;
+                    want_k[slot * kv_width..][..kv_width]
+                        .copy_from_slice(&row[q_width..][..kv_width]);
+                    want_v[slot * kv_width..][..kv_width]
+                        .copy_from_slice(&row[q_width + kv_width..][..kv_width]);
+                }
+                let all_heads = heads + 2 * kv_heads;
+                for format in [KvFormat::Int8, KvFormat::Int4] {
+                    let row_bytes = format.bytes_per_token(kv_heads, head_dim, dtype.size());
+                    // Rows never written stay as they were (0xee).
+                    let cache_want = |values: &[f32]| {
+                        let mut bytes = cache_bytes(dtype, format, values, head_dim);
+                        for (row, &w) in bytes.chunks_exact_mut(row_bytes).zip(&written) {
+                            if !w {
+                                row.fill(0xee);
+                            }
+                        }
+                        bytes
+                    };
+                    let (k_bytes, v_bytes) = (cache_want(&want_k), cache_want(&want_v));
+                    // A block per head and token (decode), per token (prompts; 8 warps for
+                    // all heads), and heads in uneven groups of one warp.
+                    for (groups, threads) in [(all_heads, 64), (1, 256), (3, 32)] {
+                        let out = launch(
+                            dtype,
+                            "rope_write_kv",
+                            [positions.len() as u32, groups as u32, 1],
+                            threads,
+                            vec![
+                                dtype.encode(&qkv),
+                                dtype.encode(&bias),
+                                vec![0; positions.len() * q_width * dtype.size()],
+                                vec![0xee; cache_rows * row_bytes],
+                                vec![0xee; cache_rows * row_bytes],
+                                i32_bytes(&slots),
+                                f32_bytes(&cos_sin),
+                            ],
+                            &with_buffers(
+                                7,
+                                [
+                                    Arg::I32(freq_len as i32),
+                                    Arg::I32(heads as i32),
+                                    Arg::I32(kv_heads as i32),
+                                    Arg::I32(head_dim as i32),
+                                    Arg::I32(mode),
+                                    Arg::I32(rot_dim as i32),
+                                    Arg::I32(format.bits().unwrap() as i32),
+                                ],
+                            ),
+                        );
+                        let what = format!(
+                            "{format:?} heads of {head_dim}, mode {mode} {}, {groups} groups of \
+                             {threads}",
+                            dtype.name()
+                        );
+                        let tolerance = if dtype == DType::F32 { 1e-6 } else { 8e-3 };
+                        assert_close(
+                            &elems(dtype, &out[2]),
+                            &rounded(dtype, &want_q),
+                            tolerance,
+                            &what,
+                        );
+                        assert!(out[3] == k_bytes, "{what}: K rows differ from the CPU's");
+                        assert!(out[4] == v_bytes, "{what}: V rows differ from the CPU's");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// K/V of `len` positions per sequence in a paged cache of `format`, and per sequence the
+/// values it gives back (dequantised) for the reference.
+fn quantised_paged_cache(
+    rng: &mut ChaCha8Rng,
+    dtype: DType,
+    format: KvFormat,
+    lens: &[usize],
+    shape: AttentionShape,
+    block_size: usize,
+) -> (PagedCache, Vec<u8>, Vec<u8>) {
+    let kv_width = shape.num_kv_heads * shape.head_dim;
+    let mut cache = paged_cache(rng, dtype, lens, kv_width, block_size);
+    for (k, v) in &mut cache.contiguous {
+        *k = cache_values(format, k, shape.head_dim);
+        *v = cache_values(format, v, shape.head_dim);
+    }
+    let k = cache_bytes(dtype, format, &cache.k, shape.head_dim);
+    let v = cache_bytes(dtype, format, &cache.v, shape.head_dim);
+    (cache, k, v)
+}
+
+/// Decode attention over int8 and int4 caches: every head-group kernel, rows read a word
+/// at a time (heads of 64 and 128) and a byte at a time (36: int4 heads of 22 bytes), with
+/// and without key splits, against the reference over the dequantised K/V.
+#[test]
+fn decode_attention_over_quantised_caches() {
+    let mut rng = ChaCha8Rng::seed_from_u64(13);
+    let cases = [
+        (AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim: 64 }, 1),
+        (AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim: 64 }, 2),
+        (AttentionShape { num_heads: 16, num_kv_heads: 1, head_dim: 128 }, 8),
+        (AttentionShape { num_heads: 8, num_kv_heads: 2, head_dim: 36 }, 4),
+    ];
+    let (lens, block_size) = ([300usize, 45, 129], 16);
+    for format in [KvFormat::Int8, KvFormat::Int4] {
+        for (shape, heads_per_block) in cases {
+            for dtype in [DType::F32, DType::BF16] {
+                let (cache, k_bytes, v_bytes) =
+                    quantised_paged_cache(&mut rng, dtype, format, &lens, shape, block_size);
+                let q_width = shape.num_heads * shape.head_dim;
+                let q = rounded(dtype, &random(&mut rng, lens.len() * q_width, 1.0));
+                let mut want = Vec::new();
+                for (s, &len) in lens.iter().enumerate() {
+                    let (k, v) = &cache.contiguous[s];
+                    want.extend(attention_f64(&q[s * q_width..][..q_width], k, v, len - 1, shape));
+                }
+                for (splits, partition) in [(1, 320), (3, 128), (3, 0)] {
+                    let heads = shape.num_heads;
+                    let name =
+                        format!("attention_decode{}_h{heads_per_block}", kernel_suffix(format));
+                    let out = launch(
+                        dtype,
+                        &name,
+                        [lens.len() as u32, (heads / heads_per_block) as u32, splits as u32],
+                        128,
+                        vec![
+                            dtype.encode(&q),
+                            k_bytes.clone(),
+                            v_bytes.clone(),
+                            vec![0; q.len() * dtype.size()],
+                            vec![0; lens.len() * heads * splits * (shape.head_dim + 2) * 4],
+                            vec![0; lens.len() * heads * 4],
+                            i32_bytes(&[0, 1, 2]),
+                            i32_bytes(&[0, 1, 2]),
+                            i32_bytes(&lens.map(|l| l as i32 - 1)),
+                            i32_bytes(&cache.block_tables),
+                        ],
+                        &with_buffers(
+                            10,
+                            [
+                                Arg::I32(cache.max_blocks as i32),
+                                Arg::I32(block_size as i32),
+                                Arg::I32(heads as i32),
+                                Arg::I32(shape.num_kv_heads as i32),
+                                Arg::I32(shape.head_dim as i32),
+                                Arg::F32(1.0 / (shape.head_dim as f32).sqrt()),
+                                Arg::I32(partition),
+                                Arg::I32(splits as i32),
+                            ],
+                        ),
+                    );
+                    let tolerance = if dtype == DType::F32 { 1e-5 } else { 8e-3 };
+                    let what = format!(
+                        "{name} {heads} heads / {} K/V heads of {}, {} with {splits} splits of \
+                         {partition}",
+                        shape.num_kv_heads,
+                        shape.head_dim,
+                        dtype.name()
+                    );
+                    assert_close(&elems(dtype, &out[3]), &rounded(dtype, &want), tolerance, &what);
+                    assert!(out[5].iter().all(|&b| b == 0), "{what}: counters left set");
+                }
+            }
+        }
+    }
+}
+
+/// Causal attention in f64 of queries at positions `start..` over contiguous K/V
+/// (`[len, kv_heads · head_dim]`), as f32.
+fn attention_f64(q: &[f32], k: &[f32], v: &[f32], start: usize, shape: AttentionShape) -> Vec<f32> {
+    let AttentionShape { num_heads, num_kv_heads, head_dim } = shape;
+    let (q_width, kv_width) = (num_heads * head_dim, num_kv_heads * head_dim);
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let mut out = Vec::with_capacity(q.len());
+    for (t, q_row) in q.chunks_exact(q_width).enumerate() {
+        let visible = start + t + 1;
+        for h in 0..num_heads {
+            let kv_h = h / (num_heads / num_kv_heads);
+            let qh = &q_row[h * head_dim..][..head_dim];
+            let scores: Vec<f64> = (0..visible)
+                .map(|j| {
+                    let kj = &k[j * kv_width + kv_h * head_dim..][..head_dim];
+                    qh.iter().zip(kj).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum::<f64>()
+                        * scale
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let total: f64 = weights.iter().sum();
+            for d in 0..head_dim {
+                let sum: f64 = weights
+                    .iter()
+                    .enumerate()
+                    .map(|(j, w)| w * f64::from(v[j * kv_width + kv_h * head_dim + d]))
+                    .sum();
+                out.push((sum / total) as f32);
+            }
+        }
+    }
+    out
+}
+
+/// Prefill attention (the CUDA-core kernel, which quantised caches always take) over int8
+/// and int4 caches, a chunk after a cached prefix, against the reference over the
+/// dequantised K/V.
+#[test]
+fn prefill_attention_over_quantised_caches() {
+    let mut rng = ChaCha8Rng::seed_from_u64(14);
+    let block_size = 16;
+    let (len, start) = (70usize, 33usize);
+    // Heads of 32 and 18 (int4 heads of 13 bytes: every head at an odd offset).
+    for shape in [
+        AttentionShape { num_heads: 2, num_kv_heads: 1, head_dim: 32 },
+        AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim: 18 },
+    ] {
+        let q_width = shape.num_heads * shape.head_dim;
+        for format in [KvFormat::Int8, KvFormat::Int4] {
+            for dtype in [DType::F32, DType::BF16] {
+                let (cache, k_bytes, v_bytes) =
+                    quantised_paged_cache(&mut rng, dtype, format, &[len], shape, block_size);
+                let tokens = len - start;
+                let q = rounded(dtype, &random(&mut rng, tokens * q_width, 1.0));
+                let (k, v) = &cache.contiguous[0];
+                let want = attention_f64(&q, k, v, start, shape);
+                let mut tiles = Vec::new();
+                for first in (0..tokens).step_by(16) {
+                    tiles.extend([first as i32, (tokens - first).min(16) as i32]);
+                }
+                let name = format!("attention_prefill{}", kernel_suffix(format));
+                let out = launch(
+                    dtype,
+                    &name,
+                    [(tiles.len() / 2) as u32, shape.num_heads as u32, 1],
+                    128,
+                    vec![
+                        dtype.encode(&q),
+                        k_bytes,
+                        v_bytes,
+                        vec![0; q.len() * dtype.size()],
+                        i32_bytes(&tiles),
+                        i32_bytes(&vec![0; tokens]),
+                        i32_bytes(&(start as i32..len as i32).collect::<Vec<_>>()),
+                        i32_bytes(&cache.block_tables),
+                    ],
+                    &with_buffers(
+                        8,
+                        [
+                            Arg::I32(cache.max_blocks as i32),
+                            Arg::I32(block_size as i32),
+                            Arg::I32(shape.num_heads as i32),
+                            Arg::I32(shape.num_kv_heads as i32),
+                            Arg::I32(shape.head_dim as i32),
+                            Arg::F32(1.0 / (shape.head_dim as f32).sqrt()),
+                        ],
+                    ),
+                );
+                let tolerance = if dtype == DType::F32 { 1e-5 } else { 8e-3 };
+                let what = format!("{name} heads of {} {}", shape.head_dim, dtype.name());
+                assert_close(&elems(dtype, &out[3]), &rounded(dtype, &want), tolerance, &what);
             }
         }
     }

@@ -83,9 +83,11 @@ pub(super) struct Kernels {
     pub(super) dequant_w8: CudaFunction,
     pub(super) add_bias: CudaFunction,
     pub(super) rope_write_kv: CudaFunction,
-    /// attention_decode_h1, _h2, _h4, _h8: query heads a block takes.
-    pub(super) attention_decode: [CudaFunction; 4],
-    pub(super) attention_prefill: CudaFunction,
+    /// By KV format (`kv_format_index`: elems, int8, int4), attention_decode[_int8|_int4]
+    /// _h1, _h2, _h4, _h8: query heads a block takes.
+    pub(super) attention_decode: [[CudaFunction; 4]; 3],
+    /// By KV format: attention_prefill[_int8|_int4].
+    pub(super) attention_prefill: [CudaFunction; 3],
     /// The tensor-core prefill (bf16 and f16 modules only).
     pub(super) attention_prefill_mma: Option<CudaFunction>,
     pub(super) sample_rows: CudaFunction,
@@ -94,8 +96,8 @@ pub(super) struct Kernels {
 impl Kernels {
     fn load(module: &Arc<CudaModule>, dtype: DType) -> Result<Self> {
         let f = |name: &str| module.load_function(name).map_err(device_error(name));
-        let decode = |heads: usize| -> Result<CudaFunction> {
-            let name = format!("attention_decode_h{heads}");
+        let decode = |format: &str, heads: usize| -> Result<CudaFunction> {
+            let name = format!("attention_decode{format}_h{heads}");
             let function = f(&name)?;
             // Its V staging takes up to 4 warps · 32 keys · 128 dims · 4 bytes (f32): over
             // the 48 KiB a kernel gets without asking.
@@ -107,7 +109,10 @@ impl Kernels {
                 .map_err(device_error(&format!("{name} shared memory")))?;
             Ok(function)
         };
-        let attention_decode = [decode(1)?, decode(2)?, decode(4)?, decode(8)?];
+        let decode_all = |format: &str| -> Result<[CudaFunction; 4]> {
+            Ok([decode(format, 1)?, decode(format, 2)?, decode(format, 4)?, decode(format, 8)?])
+        };
+        let attention_decode = [decode_all("")?, decode_all("_int8")?, decode_all("_int4")?];
         Ok(Kernels {
             embedding: f("embedding")?,
             add_rms_norm: f("add_rms_norm")?,
@@ -125,7 +130,11 @@ impl Kernels {
             add_bias: f("add_bias")?,
             rope_write_kv: f("rope_write_kv")?,
             attention_decode,
-            attention_prefill: f("attention_prefill")?,
+            attention_prefill: [
+                f("attention_prefill")?,
+                f("attention_prefill_int8")?,
+                f("attention_prefill_int4")?,
+            ],
             attention_prefill_mma: match dtype {
                 DType::F32 => None,
                 DType::BF16 | DType::F16 => Some(f("attention_prefill_mma")?),

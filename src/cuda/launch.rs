@@ -3,6 +3,7 @@
 use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 
 use super::{Gpu, View, device_error};
+use crate::dtype::KvFormat;
 use crate::{Error, Result};
 
 /// Threads of a sampling block (SAMPLE_THREADS in kernels/sampling.cu).
@@ -183,17 +184,17 @@ impl Gpu {
         )
     }
 
-    /// Bias, rotary and the K/V cache write after the QKV product (kernels/rope_kv.cu).
-    /// The slots in `step` are checked against the caches on the host (`model::gpu`
-    /// tables take them from block tables the KV space hands out).
+    /// Bias, rotary and the K/V cache write after the QKV product (kernels/rope_kv.cu),
+    /// the caches' rows in `format`. The slots in `step` are checked against the caches on
+    /// the host (`model::gpu` tables take them from block tables the KV space hands out).
     #[allow(clippy::too_many_arguments)]
     pub fn rope_write_kv(
         &self,
         qkv: View<'_>,
         bias: Option<View<'_>>,
         q_out: View<'_>,
-        k_cache: View<'_>,
-        v_cache: View<'_>,
+        (k_cache, v_cache): (View<'_>, View<'_>),
+        format: KvFormat,
         step: &StepTables<'_>,
         shape: &AttentionShape,
         rope: Rope,
@@ -207,10 +208,18 @@ impl Gpu {
             bias.check("rope_write_kv bias", bytes(&[qkv_width, e]))?;
         }
         q_out.check("rope_write_kv queries", bytes(&[step.tokens, q_width, e]))?;
-        let kv_block = bytes(&[step.block_size, kv_width, e]);
+        let kv_block = bytes(&[step.block_size, kv_row_bytes(format, shape, e)]);
         k_cache.check("rope_write_kv K cache", kv_block)?;
         v_cache.check("rope_write_kv V cache", kv_block)?;
         step.check()?;
+        // The quantised write stages a head in shared memory, ROPE_MAX_HEAD_DIM values.
+        if format.bits().is_some() && shape.head_dim > MAX_HEAD_DIM {
+            return Err(Error::Config(format!(
+                "a quantised KV cache takes heads of up to {MAX_HEAD_DIM} values, not {}",
+                shape.head_dim
+            )));
+        }
+        let kv_bits = format.bits().unwrap_or(0) as i32;
         let (freq_len, heads, kv_heads, head_dim) = (
             step.freq_len as i32,
             shape.num_heads as i32,
@@ -223,6 +232,7 @@ impl Gpu {
         };
         // Decode steps: a block per head and token, for latency. Prompts: a block per token,
         // so that the chip is not left scheduling tens of thousands of 64-thread blocks.
+        // Whole warps (a quantised K/V head is a warp's), at most ROPE_MAX_WARPS.
         let all_heads = shape.num_heads + 2 * shape.num_kv_heads;
         let (groups, threads) =
             if step.tokens >= ROPE_BLOCK_PER_TOKEN_FROM { (1, 256) } else { (all_heads, 64) };
@@ -245,11 +255,12 @@ impl Gpu {
                 &head_dim,
                 &mode,
                 &rot_dim,
+                &kv_bits,
             ],
         )
     }
 
-    /// Causal attention of every new token over its sequence's cached K/V
+    /// Causal attention of every new token over its sequence's cached K/V in `format`
     /// (kernels/attention.cu): decode tokens by key splits, prefill tokens by tiles.
     /// `partial` holds the decode splits' results; `split_counters` one zeroed int per
     /// (decode token, head).
@@ -257,8 +268,8 @@ impl Gpu {
     pub fn attention(
         &self,
         q: View<'_>,
-        k_cache: View<'_>,
-        v_cache: View<'_>,
+        (k_cache, v_cache): (View<'_>, View<'_>),
+        format: KvFormat,
         out: View<'_>,
         partial: View<'_>,
         split_counters: View<'_>,
@@ -270,7 +281,7 @@ impl Gpu {
         q.check("attention queries", bytes(&[step.tokens, q_width, e]))?;
         out.check("attention out", bytes(&[step.tokens, q_width, e]))?;
         step.check()?;
-        let kv_block = bytes(&[step.block_size, shape.num_kv_heads, shape.head_dim, e]);
+        let kv_block = bytes(&[step.block_size, kv_row_bytes(format, shape, e)]);
         k_cache.check("attention K cache", kv_block)?;
         v_cache.check("attention V cache", kv_block)?;
         if step.num_decode > 0 && step.splits > 1 {
@@ -304,7 +315,7 @@ impl Gpu {
             let grid = (step.num_decode as u32, head_groups as u32, step.splits as u32);
             let shared = (4 * 32 * shape.head_dim * self.dtype.size()) as u32;
             self.launch_3d(
-                &self.kernels().attention_decode[kernel],
+                &self.kernels().attention_decode[kv_format_index(format)][kernel],
                 "attention_decode",
                 grid,
                 128,
@@ -349,14 +360,14 @@ impl Gpu {
                 &head_dim,
                 &scale,
             ];
-            match self.mma_prefill(shape.head_dim) {
+            match self.mma_prefill(shape.head_dim, format) {
                 Some(function) => {
                     self.launch_3d(function, "attention_prefill_mma", grid, 128, 0, &args)?;
                 }
                 None => {
                     let d = shape.head_dim;
                     let shared = ((32 * (d + 1) + 32 * d + PREFILL_TILE * d) * 4) as u32;
-                    let function = &self.kernels().attention_prefill;
+                    let function = &self.kernels().attention_prefill[kv_format_index(format)];
                     self.launch_3d(function, "attention_prefill", grid, 128, shared, &args)?;
                 }
             }
@@ -381,15 +392,33 @@ impl Gpu {
     }
 
     /// The tensor-core prefill kernel, where it applies (16-bit dtypes, heads a multiple
-    /// of 16 wide).
-    fn mma_prefill(&self, head_dim: usize) -> Option<&CudaFunction> {
-        self.kernels().attention_prefill_mma.as_ref().filter(|_| head_dim.is_multiple_of(16))
+    /// of 16 wide, K/V in the model's dtype: it reads no quantised cache).
+    fn mma_prefill(&self, head_dim: usize, format: KvFormat) -> Option<&CudaFunction> {
+        self.kernels()
+            .attention_prefill_mma
+            .as_ref()
+            .filter(|_| head_dim.is_multiple_of(16) && format == KvFormat::Model)
     }
 
-    /// Query tokens per prefill attention block for heads of `head_dim`
-    /// (MMA_TILE / PREFILL_TILE in kernels/attention*.cu).
-    pub fn prefill_tile(&self, head_dim: usize) -> usize {
-        if self.mma_prefill(head_dim).is_some() { MMA_TILE } else { PREFILL_TILE }
+    /// Query tokens per prefill attention block for heads of `head_dim` over a cache in
+    /// `format` (MMA_TILE / PREFILL_TILE in kernels/attention*.cu).
+    pub fn prefill_tile(&self, head_dim: usize, format: KvFormat) -> usize {
+        if self.mma_prefill(head_dim, format).is_some() { MMA_TILE } else { PREFILL_TILE }
+    }
+}
+
+/// Bytes of one position's K (or V) row of one layer in `format`, `elem` bytes a value in
+/// the model's dtype.
+fn kv_row_bytes(format: KvFormat, shape: &AttentionShape, elem: usize) -> usize {
+    format.bytes_per_token(shape.num_kv_heads, shape.head_dim, elem)
+}
+
+/// The kernels' index of a KV format (`Kernels::attention_decode`, `attention_prefill`).
+fn kv_format_index(format: KvFormat) -> usize {
+    match format {
+        KvFormat::Model => 0,
+        KvFormat::Int8 => 1,
+        KvFormat::Int4 => 2,
     }
 }
 

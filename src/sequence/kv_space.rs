@@ -110,7 +110,12 @@ impl KvCache {
     pub const BLOCK_SIZE: usize = 64;
 
     pub fn new(model: &dyn CausalLm) -> Result<Self> {
-        let arena = model.new_arena(Self::BLOCK_SIZE, 0, KvFormat::Model)?;
+        Self::with_format(model, KvFormat::Model)
+    }
+
+    /// A cache that stores K/V as `format`.
+    pub fn with_format(model: &dyn CausalLm, format: KvFormat) -> Result<Self> {
+        let arena = model.new_arena(Self::BLOCK_SIZE, 0, format)?;
         Ok(KvCache { arena, blocks: Vec::new(), len: 0 })
     }
 

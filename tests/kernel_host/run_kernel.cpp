@@ -87,28 +87,50 @@ static const std::map<std::string, std::function<void(const Args&)>> KERNELS = {
     {"rope_write_kv",
      [](const Args& a) {
          rope_write_kv(a.ptr<const elem*>(0), a.ptr<const elem*>(1), a.ptr<elem*>(2),
-                       a.ptr<elem*>(3), a.ptr<elem*>(4), a.ptr<const int*>(5),
+                       a.ptr<void*>(3), a.ptr<void*>(4), a.ptr<const int*>(5),
                        a.ptr<const float*>(6), a.i32(7), a.i32(8), a.i32(9), a.i32(10),
-                       a.i32(11), a.i32(12));
+                       a.i32(11), a.i32(12), a.i32(13));
      }},
-#define DECODE_ENTRY(H)                                                                          \
-    {"attention_decode_h" #H, [](const Args& a) {                                                  \
-         attention_decode_h##H(a.ptr<const elem*>(0), a.ptr<const elem*>(1),                       \
-                               a.ptr<const elem*>(2), a.ptr<elem*>(3), a.ptr<float*>(4),           \
-                               a.ptr<int*>(5), a.ptr<const int*>(6), a.ptr<const int*>(7),         \
-                               a.ptr<const int*>(8), a.ptr<const int*>(9), a.i32(10), a.i32(11),   \
-                               a.i32(12), a.i32(13), a.i32(14), a.f32(15), a.i32(16), a.i32(17)); \
+#define DECODE_ENTRY(NAME, CACHE)                                                                \
+    {#NAME, [](const Args& a) {                                                                    \
+         NAME(a.ptr<const elem*>(0), a.ptr<const CACHE*>(1), a.ptr<const CACHE*>(2),               \
+              a.ptr<elem*>(3), a.ptr<float*>(4), a.ptr<int*>(5), a.ptr<const int*>(6),             \
+              a.ptr<const int*>(7), a.ptr<const int*>(8), a.ptr<const int*>(9), a.i32(10),         \
+              a.i32(11), a.i32(12), a.i32(13), a.i32(14), a.f32(15), a.i32(16), a.i32(17));        \
      }}
-    DECODE_ENTRY(1),
-    DECODE_ENTRY(2),
-    DECODE_ENTRY(4),
-    DECODE_ENTRY(8),
-    {"attention_prefill",
+    DECODE_ENTRY(attention_decode_h1, elem),
+    DECODE_ENTRY(attention_decode_h2, elem),
+    DECODE_ENTRY(attention_decode_h4, elem),
+    DECODE_ENTRY(attention_decode_h8, elem),
+    DECODE_ENTRY(attention_decode_int8_h1, unsigned char),
+    DECODE_ENTRY(attention_decode_int8_h2, unsigned char),
+    DECODE_ENTRY(attention_decode_int8_h4, unsigned char),
+    DECODE_ENTRY(attention_decode_int8_h8, unsigned char),
+    DECODE_ENTRY(attention_decode_int4_h1, unsigned char),
+    DECODE_ENTRY(attention_decode_int4_h2, unsigned char),
+    DECODE_ENTRY(attention_decode_int4_h4, unsigned char),
+    DECODE_ENTRY(attention_decode_int4_h8, unsigned char),
+#define PREFILL_ENTRY(NAME, CACHE)                                                                 \
+    {#NAME, [](const Args& a) {                                                                    \
+         NAME(a.ptr<const elem*>(0), a.ptr<const CACHE*>(1), a.ptr<const CACHE*>(2),               \
+              a.ptr<elem*>(3), a.ptr<const int*>(4), a.ptr<const int*>(5), a.ptr<const int*>(6),   \
+              a.ptr<const int*>(7), a.i32(8), a.i32(9), a.i32(10), a.i32(11), a.i32(12),           \
+              a.f32(13));                                                                          \
+     }}
+    PREFILL_ENTRY(attention_prefill, elem),
+    PREFILL_ENTRY(attention_prefill_int8, unsigned char),
+    PREFILL_ENTRY(attention_prefill_int4, unsigned char),
+    // f32 → f16 bits as the KV cache's scales round (common.cuh): buffer 0 f32 values in,
+    // buffer 1 u16 bits out; buffer 2 the bits back as f32.
+    {"f32_to_half_bits",
      [](const Args& a) {
-         attention_prefill(a.ptr<const elem*>(0), a.ptr<const elem*>(1), a.ptr<const elem*>(2),
-                           a.ptr<elem*>(3), a.ptr<const int*>(4), a.ptr<const int*>(5),
-                           a.ptr<const int*>(6), a.ptr<const int*>(7), a.i32(8), a.i32(9),
-                           a.i32(10), a.i32(11), a.i32(12), a.f32(13));
+         const float* in = a.ptr<const float*>(0);
+         unsigned short* bits = a.ptr<unsigned short*>(1);
+         float* back = a.ptr<float*>(2);
+         for (int i = threadIdx.x; i < a.i32(3); i += blockDim.x) {
+             bits[i] = f32_to_half_bits(in[i]);
+             back[i] = half_bits_to_f32(bits[i]);
+         }
      }},
 };
 

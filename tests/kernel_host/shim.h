@@ -127,6 +127,14 @@ inline float __int_as_float(int i) {
     std::memcpy(&x, &i, 4);
     return x;
 }
+// IEEE round-to-nearest arithmetic, each operation rounded on its own: what these
+// intrinsics are on the device (never fused into a multiply-add). The harness is built
+// without FMA instructions, so plain operators are exactly that here.
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+
 template <typename T>
 inline T __ldg(const T* p) {
     return *p;

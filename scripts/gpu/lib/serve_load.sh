@@ -11,8 +11,9 @@
 # CUDA_GRAPHS (true: decode steps replayed as CUDA graphs), TEMPERATURE (0: greedy; above:
 # the model's default top-k 50 / top-p 0.8 sampling), MAX_BATCHED_TOKENS (8192: the tokens a
 # step may carry, max_num_batched_tokens), LOAD_PROCESSES (0: tools/load.py's own choice, one
-# client process per 32 sessions).
-# Prompts are 128 tokens (see WORDS below), answers 128 new tokens; latency percentiles
+# client process per 32 sessions), QUANT_POLICY (0: the KV cache in bf16; 8, 4: int8, int4),
+# NEW_TOKENS (128: new tokens an answer asks for).
+# Prompts are 128 tokens (see WORDS below), answers NEW_TOKENS new tokens; latency percentiles
 # leave out requests sent in the first 3 s (all sessions start at once; tools/load.py reports
 # them with those too). After each level it prints where the engine's steps spent their time
 # (llm_engine_step_seconds_total by phase, over the level's steps) and the prompt tokens the
@@ -29,6 +30,8 @@ CUDA_GRAPHS=${CUDA_GRAPHS:-true}
 TEMPERATURE=${TEMPERATURE:-0}
 MAX_BATCHED_TOKENS=${MAX_BATCHED_TOKENS:-8192}
 LOAD_PROCESSES=${LOAD_PROCESSES:-0}
+QUANT_POLICY=${QUANT_POLICY:-0}
+NEW_TOKENS=${NEW_TOKENS:-128}
 # For a dry run of this script without a GPU: KIND=KIND_CPU and SHAPE_CONFIG, a config.json
 # of the family at a small size (the tokenizer stays SHAPE's).
 KIND=${KIND:-KIND_GPU}
@@ -54,7 +57,7 @@ cp "$TOKENIZER" /tmp/load-model/
     echo "instance_group [ { kind: $KIND count: 1 } ]"
     for kv in model_dir=/tmp/load-model load_format=dummy dtype=bf16 max_num_seqs=256 \
         max_num_batched_tokens=$MAX_BATCHED_TOKENS sample_on_device=$SAMPLE_ON_DEVICE \
-        cuda_graphs=$CUDA_GRAPHS; do
+        cuda_graphs=$CUDA_GRAPHS quant_policy=$QUANT_POLICY; do
         echo "parameters { key: \"${kv%%=*}\" value { string_value: \"${kv#*=}\" } }"
     done
 } > "/tmp/load-repo/$MODEL/config.pbtxt"
@@ -96,7 +99,7 @@ for level in $LEVELS; do
     before=$(steps_now)
     timeout $((SECONDS_EACH + 120)) python3 tools/load.py --url 127.0.0.1:8101 \
         --model "$MODEL" --concurrency "$level" --duration "$SECONDS_EACH" \
-        --max-new-tokens 128 --random-words "$WORDS" --system-prompt "" \
+        --max-new-tokens "$NEW_TOKENS" --random-words "$WORDS" --system-prompt "" \
         --temperature "$TEMPERATURE" --warmup 3 --processes "$LOAD_PROCESSES" |
         tee -a "$OUT/serve_load.jsonl"
     after=$(steps_now)

@@ -142,7 +142,7 @@ struct DeviceArgs {
           action = clap::ArgAction::Set)]
     cuda_graphs: bool,
     /// The KV cache's format, as LMDeploy's quant_policy: 0 (the model's type), 8 (int8)
-    /// or 4 (int4; both per token and head, CPU path only so far).
+    /// or 4 (int4; both per token and head, with an f16 scale and zero).
     #[arg(long = "quant-policy", default_value = "0", value_parser = KvFormat::from_quant_policy)]
     kv_format: KvFormat,
 }

@@ -27,7 +27,6 @@ use std::sync::{Arc, Mutex};
 use rayon::prelude::*;
 
 use super::{KvStore, ModelInfo, SeqStep};
-use crate::Error;
 use crate::Result;
 use crate::cuda::{self, AttentionShape, Gpu, Rope};
 use crate::dtype::{DType, KvFormat};
@@ -156,6 +155,11 @@ impl GpuModel {
     pub fn dtype(&self) -> DType {
         self.gpu.dtype
     }
+
+    /// K/V heads and their width.
+    fn kv_heads_dim(&self) -> (usize, usize) {
+        (self.shape.attention.num_kv_heads, self.shape.attention.head_dim)
+    }
 }
 
 impl super::CausalLm for GpuModel {
@@ -169,20 +173,21 @@ impl super::CausalLm for GpuModel {
         num_blocks: usize,
         format: KvFormat,
     ) -> Result<Box<dyn KvStore>> {
-        gpu_kv_format(format)?;
         Ok(Box::new(cuda::KvArena::new(
             Arc::clone(&self.gpu),
             self.shape.num_layers,
-            self.shape.kv_width(),
+            self.kv_heads_dim(),
+            format,
             block_size,
             num_blocks,
         )?))
     }
 
-    fn kv_bytes_per_block(&self, block_size: usize, _format: KvFormat) -> usize {
+    fn kv_bytes_per_block(&self, block_size: usize, format: KvFormat) -> usize {
         cuda::KvArena::block_bytes(
             self.shape.num_layers,
-            self.shape.kv_width(),
+            self.kv_heads_dim(),
+            format,
             block_size,
             self.gpu.dtype.size(),
         )
@@ -262,34 +267,5 @@ impl super::CausalLm for GpuModel {
             let chosen = gpu.read_u32(&s.chosen, rows.len())?;
             Ok(rows.iter().zip(chosen).map(|(row, id)| row.as_ref().map(|_| id)).collect())
         })
-    }
-}
-
-/// The KV formats the GPU kernels store: the model's dtype only, so far.
-fn gpu_kv_format(format: KvFormat) -> Result<()> {
-    match format {
-        KvFormat::Model => Ok(()),
-        quantised => Err(Error::Config(format!(
-            "quant_policy {} ({} KV cache) is served on the CPU path only so far; the GPU path \
-             stores K/V in the model's dtype (quant_policy 0)",
-            quantised.quant_policy(),
-            quantised.name()
-        ))),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_quantised_kv_cache_is_refused_on_the_gpu_path_naming_the_policy() {
-        assert!(gpu_kv_format(KvFormat::Model).is_ok());
-        for (format, policy) in
-            [(KvFormat::Int8, "quant_policy 8"), (KvFormat::Int4, "quant_policy 4")]
-        {
-            let message = gpu_kv_format(format).unwrap_err().to_string();
-            assert!(message.contains(policy) && message.contains("CPU path only"), "{message}");
-        }
     }
 }

@@ -25,7 +25,7 @@ impl GpuModel {
         let block_size = arena.block_size();
         let graph = if arena.num_blocks() > 0 { self.graph_shape(steps, block_size) } else { None };
         let (total, seqs) = graph.map_or((real_tokens, steps.len()), |g| (g.batch, g.batch));
-        let tables = self.tables(steps, block_size, arena.num_blocks(), graph)?;
+        let tables = self.tables(steps, (block_size, arena.num_blocks()), arena.format(), graph)?;
         let gpu = &self.gpu;
         gpu.bind()?;
 
@@ -123,16 +123,16 @@ impl GpuModel {
                 s.qkv.view(),
                 view(&layer.qkv_bias),
                 s.q.view(),
-                k_cache,
-                v_cache,
+                (k_cache, v_cache),
+                arena.format(),
                 step,
                 &shape.attention,
                 shape.rope,
             )?;
             gpu.attention(
                 s.q.view(),
-                k_cache,
-                v_cache,
+                (k_cache, v_cache),
+                arena.format(),
                 s.context.view(),
                 s.attention_partial.view(),
                 s.split_counters.view(),

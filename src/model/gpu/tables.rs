@@ -5,6 +5,7 @@
 use super::graphs::GraphShape;
 use super::{GpuModel, InvFreq, Shape};
 use crate::cuda::{self, AttentionShape};
+use crate::dtype::KvFormat;
 use crate::model::{SeqStep, rope};
 use crate::sampling::SampleRow;
 use crate::{Error, Result};
@@ -62,17 +63,17 @@ impl RopeCache {
 }
 
 impl GpuModel {
-    /// Lays out one call's per-token tables as u32 words (one upload).
+    /// Lays out one call's per-token tables as u32 words (one upload) for an arena of
+    /// (block size, blocks) in `format`.
     pub(super) fn tables(
         &self,
         steps: &[SeqStep<'_>],
-        block_size: usize,
-        num_blocks: usize,
+        arena: (usize, usize),
+        format: KvFormat,
         graph: Option<GraphShape>,
     ) -> Result<TableWords> {
         let mut cache = self.rope_cache.lock().unwrap_or_else(|p| p.into_inner());
-        let tile = self.gpu.prefill_tile(self.shape.attention.head_dim);
-        let arena = (block_size, num_blocks);
+        let tile = self.gpu.prefill_tile(self.shape.attention.head_dim, format);
         lay_out_tables(&self.shape, &self.inv_freq, &mut cache, tile, steps, arena, graph)
     }
 }
