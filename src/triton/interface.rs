@@ -280,6 +280,7 @@ pub fn decode_request(
             max_token: inputs.count(MAX_TOKEN, 1)?.or(defaults.max_token_default),
             max_new_tokens: inputs.count(MAX_NEW_TOKENS, 1)?,
             ignore_eos: false,
+            min_tokens: 0,
             stop: stop.into_iter().map(str::to_string).collect(),
         },
     })
