@@ -220,6 +220,24 @@ impl ChatModel {
         Ok(Prompt { ids, chat: Some((turn.query.clone(), kept.to_vec())) })
     }
 
+    /// Tokenizes raw text as the family's tokenizer does by default (its prefix tokens
+    /// first: `[gMASK] sop` for ChatGLM2, `<s>` for InternLM2), no chat template.
+    pub fn prepare_raw(&self, text: &str) -> Result<Prompt> {
+        if text.is_empty() {
+            return Err(Error::InvalidRequest("text_input: must not be empty".into()));
+        }
+        if text.len() > self.max_input_bytes {
+            return Err(Error::InvalidRequest(format!(
+                "text_input: {} bytes, over the {} bytes this model takes (its context is {} \
+                 tokens; model parameter max_input_bytes)",
+                text.len(),
+                self.max_input_bytes,
+                self.max_context
+            )));
+        }
+        Ok(Prompt::raw(self.tokenizer.encode(text, true)?))
+    }
+
     /// Starts a prompt's generation: checked against the length limits, ready to step.
     pub fn start(&self, prompt: Prompt, options: &GenerationOptions) -> Result<Generating<'_>> {
         let pairs = prompt.chat.as_ref().map_or(0, |(_, kept)| kept.len());
