@@ -53,6 +53,9 @@ pub struct GenerationOptions {
     pub max_new_tokens: Option<usize>,
     /// Keep generating past the end tokens (benchmarks).
     pub ignore_eos: bool,
+    /// No end token or stop string ends the answer before this many tokens (vLLM's
+    /// `min_tokens`); 0 = none.
+    pub min_tokens: usize,
     /// Strings that end the answer; the answer stops before the first one found.
     pub stop: Vec<String>,
 }
@@ -178,6 +181,7 @@ impl ChatModel {
             sampling: options.sampling.clone(),
             max_total_tokens: options.max_token.or(default_total),
             max_new_tokens: options.max_new_tokens.or(default_new),
+            min_new_tokens: options.min_tokens,
             stop_token_ids: if options.ignore_eos { Vec::new() } else { self.stop_token_ids() },
             producible_ids: self.tokenizer.vocab_size(),
             guard_invalid_scores: self.family == Family::ChatGlm2,
@@ -216,6 +220,24 @@ impl ChatModel {
         Ok(Prompt { ids, chat: Some((turn.query.clone(), kept.to_vec())) })
     }
 
+    /// Tokenizes raw text as the family's tokenizer does by default (its prefix tokens
+    /// first: `[gMASK] sop` for ChatGLM2, `<s>` for InternLM2), no chat template.
+    pub fn prepare_raw(&self, text: &str) -> Result<Prompt> {
+        if text.is_empty() {
+            return Err(Error::InvalidRequest("text_input: must not be empty".into()));
+        }
+        if text.len() > self.max_input_bytes {
+            return Err(Error::InvalidRequest(format!(
+                "text_input: {} bytes, over the {} bytes this model takes (its context is {} \
+                 tokens; model parameter max_input_bytes)",
+                text.len(),
+                self.max_input_bytes,
+                self.max_context
+            )));
+        }
+        Ok(Prompt::raw(self.tokenizer.encode(text, true)?))
+    }
+
     /// Starts a prompt's generation: checked against the length limits, ready to step.
     pub fn start(&self, prompt: Prompt, options: &GenerationOptions) -> Result<Generating<'_>> {
         let pairs = prompt.chat.as_ref().map_or(0, |(_, kept)| kept.len());
@@ -248,7 +270,7 @@ impl Generating<'_> {
     /// text it adds (maybe empty).
     pub fn accept(&mut self, ran: usize, chosen: Option<u32>) -> String {
         let Some(id) = self.sequence.accept(ran, chosen) else { return String::new() };
-        let (text, stopped) = self.answer.push(id);
+        let (text, stopped) = self.answer.push_checked(id, self.sequence.may_stop());
         if stopped {
             self.sequence.stop_on_stop_string();
         }

@@ -97,6 +97,9 @@ pub struct SampleRow<'a> {
     pub uniform: f32,
     /// ChatGLM2's guard: a row with NaN/Inf becomes zeros with 5e4 at id 5 (spec §6).
     pub guard_invalid_scores: bool,
+    /// Ids that may not be chosen this step (the end tokens before `min_tokens`); the
+    /// device's kernel has no such list, so rows with any are chosen on the host.
+    pub banned: &'a [u32],
 }
 
 impl SampleRow<'_> {
@@ -143,7 +146,13 @@ impl Sampler {
     }
 
     /// The row for a choice with draw `uniform` among the first `width` ids.
-    pub fn row(&self, width: usize, uniform: f32, guard_invalid_scores: bool) -> SampleRow<'_> {
+    pub fn row<'a>(
+        &'a self,
+        width: usize,
+        uniform: f32,
+        guard_invalid_scores: bool,
+        banned: &'a [u32],
+    ) -> SampleRow<'a> {
         let p = &self.params;
         SampleRow {
             width,
@@ -154,6 +163,7 @@ impl Sampler {
             penalized: &self.penalized,
             uniform,
             guard_invalid_scores,
+            banned,
         }
     }
 }
@@ -182,6 +192,12 @@ pub fn choose(logits: &mut [f32], row: &SampleRow<'_>) -> u32 {
         logits.fill(0.0);
         if let Some(score) = logits.get_mut(5) {
             *score = 5e4;
+        }
+    }
+    // After the guard, which would otherwise take these for invalid scores.
+    for &id in row.banned {
+        if let Some(score) = logits.get_mut(id as usize) {
+            *score = f32::NEG_INFINITY;
         }
     }
     if row.repetition_penalty != 1.0 {
@@ -276,7 +292,7 @@ mod tests {
     /// One choice with the sampler's next draw, the way a sequence makes it.
     fn pick(sampler: &mut Sampler, logits: &[f32]) -> u32 {
         let uniform = sampler.draw();
-        choose(&mut logits.to_vec(), &sampler.row(logits.len(), uniform, false))
+        choose(&mut logits.to_vec(), &sampler.row(logits.len(), uniform, false, &[]))
     }
 
     #[test]
@@ -365,11 +381,25 @@ mod tests {
         logits[2] = f32::NAN;
         let mut s = Sampler::new(params(0.8, 50, 0.8, 1));
         let uniform = s.draw();
-        assert_eq!(choose(&mut logits.clone(), &s.row(12, uniform, true)), 5);
+        assert_eq!(choose(&mut logits.clone(), &s.row(12, uniform, true, &[])), 5);
         // Unguarded, an infinite best leaves no finite weight: the best is chosen.
         logits[2] = 1.0;
         logits[9] = f32::INFINITY;
-        assert_eq!(choose(&mut logits, &s.row(12, uniform, false)), 9);
+        assert_eq!(choose(&mut logits, &s.row(12, uniform, false, &[])), 9);
+    }
+
+    #[test]
+    fn banned_ids_are_never_chosen() {
+        let logits = [0.0f32, 1.0, 50.0, 49.0];
+        for (temperature, seed) in [(0.0, 0), (1.0, 1), (1.0, 2), (0.7, 3)] {
+            let mut s = Sampler::new(params(temperature, 0, 1.0, seed));
+            let uniform = s.draw();
+            let chosen = choose(&mut logits.to_vec(), &s.row(4, uniform, true, &[2]));
+            assert_ne!(chosen, 2);
+            assert!(chosen < 4);
+        }
+        let s = Sampler::new(params(0.0, 0, 1.0, 0));
+        assert_eq!(choose(&mut logits.to_vec(), &s.row(4, 0.0, true, &[2])), 3);
     }
 
     #[test]
@@ -378,7 +408,7 @@ mod tests {
         for seed in 0..10 {
             let mut s = Sampler::new(params(1.0, 0, 1.0, seed));
             let uniform = s.draw();
-            assert!(choose(&mut logits.to_vec(), &s.row(2, uniform, false)) < 2);
+            assert!(choose(&mut logits.to_vec(), &s.row(2, uniform, false, &[])) < 2);
         }
     }
 

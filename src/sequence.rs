@@ -18,6 +18,9 @@ pub struct GenerateRequest {
     pub max_total_tokens: Option<usize>,
     /// Limit on generated tokens alone (`max_new_tokens`).
     pub max_new_tokens: Option<usize>,
+    /// Until this many tokens are generated the stop tokens cannot be chosen (vLLM's
+    /// `min_tokens`); 0 = none.
+    pub min_new_tokens: usize,
     /// Tokens that end the answer (kept as the last output id, like transformers).
     pub stop_token_ids: Vec<u32>,
     /// Only ids below this may be produced (ChatGLM2's padded logits rows never are).
@@ -195,7 +198,17 @@ impl Sequence {
     pub fn sample_row(&self) -> Option<SampleRow<'_>> {
         let uniform = self.pending_draw?;
         let request = &self.request;
-        Some(self.sampler.row(request.producible_ids, uniform, request.guard_invalid_scores))
+        let banned: &[u32] = if self.output_ids().len() < request.min_new_tokens {
+            &request.stop_token_ids
+        } else {
+            &[]
+        };
+        Some(self.sampler.row(
+            request.producible_ids,
+            uniform,
+            request.guard_invalid_scores,
+            banned,
+        ))
     }
 
     /// Takes a step that ran `ran` tokens and the token chosen after it (None after a
@@ -206,7 +219,10 @@ impl Sequence {
         let next = chosen.filter(|_| self.computed >= self.tokens.len() && !self.is_finished())?;
         self.tokens.push(next);
         self.sampler.observe(&[next]);
-        if self.request.stop_token_ids.contains(&next) {
+        // A banned stop token is only chosen when every other id is banned too (no weight
+        // left); it still does not end the sequence before `min_new_tokens`.
+        let too_early = self.output_ids().len() < self.request.min_new_tokens;
+        if self.request.stop_token_ids.contains(&next) && !too_early {
             self.finish_reason = Some(FinishReason::Stop);
         } else if self.output_ids().len() >= self.budget {
             self.finish_reason = Some(FinishReason::Length);
@@ -217,6 +233,11 @@ impl Sequence {
     /// Ends the sequence early (a cancelled request, a stop string) unless it has ended.
     pub fn stop(&mut self, reason: FinishReason) {
         self.finish_reason.get_or_insert(reason);
+    }
+
+    /// Whether stop strings may end the answer yet (`min_new_tokens` generated).
+    pub fn may_stop(&self) -> bool {
+        self.output_ids().len() >= self.request.min_new_tokens
     }
 
     /// A stop string ended the answer: that is why it ended, even when the token that
@@ -232,5 +253,54 @@ impl Sequence {
             output_ids: self.output_ids().to_vec(),
             finish_reason: self.finish_reason.unwrap_or(FinishReason::Cancelled),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sequence(min_new_tokens: usize) -> Sequence {
+        Sequence::new(GenerateRequest {
+            prompt_ids: vec![1, 2],
+            sampling: SamplingParams::greedy(),
+            max_total_tokens: None,
+            max_new_tokens: Some(8),
+            min_new_tokens,
+            stop_token_ids: vec![7],
+            producible_ids: 16,
+            guard_invalid_scores: false,
+            max_context: 64,
+        })
+        .unwrap()
+    }
+
+    /// Runs the prompt's step, then one step per chosen id.
+    fn feed(sequence: &mut Sequence, ids: &[u32]) -> Vec<Vec<u32>> {
+        let mut banned = Vec::new();
+        for &id in ids {
+            let ran = sequence.pending_tokens();
+            sequence.prepare_step(ran);
+            banned.push(sequence.sample_row().unwrap().banned.to_vec());
+            sequence.accept(ran, Some(id));
+        }
+        banned
+    }
+
+    #[test]
+    fn min_tokens_bans_the_stop_tokens_until_reached() {
+        let mut s = sequence(3);
+        let banned = feed(&mut s, &[4, 7, 5, 6]);
+        // Banned for the first three choices; a stop token chosen anyway ends nothing.
+        assert_eq!(banned, vec![vec![7], vec![7], vec![7], vec![]]);
+        assert!(!s.is_finished());
+        assert!(s.may_stop());
+        feed(&mut s, &[7]);
+        assert_eq!(s.finish_reason, Some(FinishReason::Stop));
+        assert_eq!(s.output_ids(), &[4, 7, 5, 6, 7]);
+
+        let mut s = sequence(0);
+        assert_eq!(feed(&mut s, &[7]), vec![Vec::<u32>::new()]);
+        assert_eq!(s.finish_reason, Some(FinishReason::Stop));
     }
 }

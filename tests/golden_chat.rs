@@ -119,6 +119,7 @@ fn history_len_and_limits_follow_the_interface() {
         max_token,
         max_new_tokens,
         ignore_eos: true,
+        min_tokens: 0,
         stop: Vec::new(),
     };
     // history_len 1 keeps only the last round, in the prompt and in the returned history.

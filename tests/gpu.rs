@@ -567,6 +567,7 @@ fn the_sampling_kernel_chooses_as_the_host_sampler_on_the_device() {
                 penalized: &penalized,
                 uniform,
                 guard_invalid_scores: true,
+                banned: &[],
             })
         })
         .collect();

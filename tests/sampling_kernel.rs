@@ -38,6 +38,7 @@ impl Row {
             penalized: &self.penalized,
             uniform: self.uniform,
             guard_invalid_scores: self.guard,
+            banned: &[],
         }
     }
 }

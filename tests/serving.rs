@@ -29,6 +29,7 @@ fn greedy_sequence(prompt: Vec<u32>, max_new: usize) -> Sequence {
         sampling: SamplingParams::greedy(),
         max_total_tokens: None,
         max_new_tokens: Some(max_new),
+        min_new_tokens: 0,
         stop_token_ids: vec![],
         producible_ids: 1024,
         guard_invalid_scores: false,

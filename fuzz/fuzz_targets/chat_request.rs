@@ -15,7 +15,8 @@ use libfuzzer_sys::fuzz_target;
 use triton_llm::triton::config::ModelConfig;
 use triton_llm::model::Family;
 use triton_llm::triton::interface::{
-    self as seed, InputTensor, MAX_STOP_BYTES, MAX_STOP_STRINGS, decode_request, encode_bytes,
+    self as seed, ElementType, InputTensor, MAX_STOP_BYTES, MAX_STOP_STRINGS, decode_request,
+    encode_bytes,
 };
 
 const NAMES: [&str; 13] = [
@@ -83,7 +84,8 @@ fn tensors(r: &mut Reader, batched: bool) -> HashMap<String, InputTensor> {
         } else {
             payload.to_vec()
         };
-        tensors.insert(name.to_string(), InputTensor { is_bytes: kind & 1 != 0, shape, data });
+        let datatype = if kind & 1 != 0 { ElementType::Bytes } else { ElementType::Fp32 };
+        tensors.insert(name.to_string(), InputTensor { datatype, shape, data });
     }
     tensors
 }

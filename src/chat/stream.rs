@@ -33,8 +33,14 @@ impl<'t> AnswerStream<'t> {
     /// Feeds one generated id. Returns the new text that is final, and whether a stop
     /// string has ended the answer.
     pub fn push(&mut self, id: u32) -> (String, bool) {
+        self.push_checked(id, true)
+    }
+
+    /// `push`, looking for stop strings only when `check_stops` (vLLM's `min_tokens`: no
+    /// stop string ends an answer before it; text passed unchecked is never searched again).
+    pub fn push_checked(&mut self, id: u32, check_stops: bool) -> (String, bool) {
         let piece = self.decoder.push(id);
-        let stopped = self.stops.push(&piece);
+        let stopped = if check_stops { self.stops.push(&piece) } else { self.stops.pass(&piece) };
         self.raw.push_str(self.stops.take_ready());
         (self.take_stable(false), stopped)
     }
@@ -158,6 +164,16 @@ impl StopStrings {
         found.is_some()
     }
 
+    /// Adds a piece without searching it: it is final at once.
+    fn pass(&mut self, piece: &str) -> bool {
+        if self.is_stopped() {
+            return true;
+        }
+        self.text.push_str(piece);
+        self.ready = self.text.len();
+        false
+    }
+
     /// Generation has ended: everything before a stop string is final.
     fn finish(&mut self) {
         self.ready = self.stopped_at.unwrap_or(self.text.len()).max(self.ready);
@@ -194,6 +210,16 @@ mod tests {
         matcher.finish();
         out.push_str(matcher.take_ready());
         (out, matcher.stopped_at)
+    }
+
+    #[test]
+    fn unchecked_text_is_never_searched() {
+        let mut matcher = StopStrings::new(vec!["END".into()]);
+        assert!(!matcher.pass("x END y"));
+        assert!(!matcher.push(" E"));
+        assert!(matcher.push("ND"));
+        matcher.finish();
+        assert_eq!(matcher.take_ready(), "x END y ");
     }
 
     #[test]

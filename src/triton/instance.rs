@@ -9,11 +9,11 @@ use std::sync::Arc;
 
 use super::error::{TritonError, TritonResult, ffi, owned_string};
 use super::handle::InstanceHandle;
-use super::interface;
+use super::interface::{self, AnyRequest};
 use super::metrics::InstanceMetrics;
 use super::model::{ModelHandle, ModelState};
 use super::request::Request;
-use super::sink::{self, TritonSink, now_ns};
+use super::sink::{self, Contract, TritonSink, now_ns};
 use super::sys;
 use crate::faults::{self, Fault};
 use crate::model::Device;
@@ -165,23 +165,37 @@ impl InstanceState {
     fn decode(&self, request: &Request) -> TritonResult<Decoded> {
         let config = &self.model.config;
         let inputs = request.inputs()?;
-        let chat = interface::decode_request(
+        let decoded = interface::decode_any(
             &inputs,
             config.max_batch_size > 0,
+            config.decoupled,
             self.model.family,
             &config.parameters,
         )?;
-        let fault = faults::requested(&chat.turn.query);
+        let text = match &decoded {
+            AnyRequest::Chat(chat) => &chat.turn.query,
+            AnyRequest::Raw(raw) => &raw.text,
+        };
+        let fault = faults::requested(text);
         if fault == Some(Fault::ExecutePanic) {
             panic!("injected fault: execute panics");
         }
-        let prompt = self.chat.prepare_chat(&chat.turn)?;
-        Ok(Decoded {
-            prompt,
-            options: chat.options,
-            requested: request.requested_outputs()?,
-            fault,
-        })
+        let (prompt, options, contract) = match decoded {
+            AnyRequest::Chat(chat) => {
+                (self.chat.prepare_chat(&chat.turn)?, chat.options, Contract::Seed)
+            }
+            AnyRequest::Raw(raw) => {
+                let prompt = self.chat.prepare_raw(&raw.text)?;
+                let contract = Contract::Raw {
+                    stream: raw.stream,
+                    prompt_tokens: prompt.ids.len(),
+                    prefix: raw.prepend_input.then_some(raw.text),
+                    outputs: raw.outputs,
+                };
+                (prompt, raw.options, contract)
+            }
+        };
+        Ok(Decoded { prompt, options, requested: request.requested_outputs()?, fault, contract })
     }
 
     fn admit(
@@ -200,6 +214,7 @@ impl InstanceState {
             config.decoupled,
             received,
             decoded.fault,
+            decoded.contract,
         );
         match sink {
             Ok(sink) => self.engine.submit(ChatJob {
@@ -219,4 +234,5 @@ struct Decoded {
     options: crate::pipeline::GenerationOptions,
     requested: Vec<String>,
     fault: Option<Fault>,
+    contract: Contract,
 }

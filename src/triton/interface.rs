@@ -31,10 +31,36 @@ pub const SYSTEM_PROMPT: &str = "system_prompt";
 pub const STOP: &str = "stop";
 pub const RESPONSE: &str = "response";
 
+/// The element types the interfaces read or write (others are refused by name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ElementType {
+    Bytes,
+    Bool,
+    Int32,
+    Int64,
+    Uint32,
+    Uint64,
+    Fp32,
+    Fp64,
+    Other,
+}
+
+impl ElementType {
+    /// Bytes per element (BYTES and unknown types have none fixed).
+    fn size(self) -> Option<usize> {
+        match self {
+            ElementType::Bool => Some(1),
+            ElementType::Int32 | ElementType::Uint32 | ElementType::Fp32 => Some(4),
+            ElementType::Int64 | ElementType::Uint64 | ElementType::Fp64 => Some(8),
+            ElementType::Bytes | ElementType::Other => None,
+        }
+    }
+}
+
 /// One input as the request carries it (all buffers concatenated, CPU memory).
 #[derive(Clone, Debug)]
 pub struct InputTensor {
-    pub is_bytes: bool,
+    pub datatype: ElementType,
     pub shape: Vec<i64>,
     pub data: Vec<u8>,
 }
@@ -43,9 +69,22 @@ pub struct InputTensor {
 #[derive(Clone, Debug, PartialEq)]
 pub struct OutputTensor {
     pub name: &'static str,
+    pub datatype: ElementType,
     pub shape: Vec<i64>,
-    /// BYTES elements, length-prefixed.
+    /// BYTES elements length-prefixed, numbers little-endian.
     pub data: Vec<u8>,
+}
+
+impl OutputTensor {
+    /// One BYTES element.
+    pub fn text(name: &'static str, batched: bool, text: &str) -> Self {
+        OutputTensor {
+            name,
+            datatype: ElementType::Bytes,
+            shape: if batched { vec![1, 1] } else { vec![1] },
+            data: encode_bytes([text.as_bytes()]),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -97,23 +136,23 @@ pub fn encode_bytes<'a>(elements: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8>
     data
 }
 
-fn invalid(input: &str, problem: String) -> Error {
+pub(crate) fn invalid(input: &str, problem: String) -> Error {
     Error::InvalidRequest(format!("{input}: {problem}"))
 }
 
 /// The request's inputs with the rules of the interface applied.
-struct Inputs<'a> {
-    tensors: &'a HashMap<String, InputTensor>,
-    batched: bool,
+pub(crate) struct Inputs<'a> {
+    pub(crate) tensors: &'a HashMap<String, InputTensor>,
+    pub(crate) batched: bool,
 }
 
 impl<'a> Inputs<'a> {
-    /// The UTF-8 elements of an input, or None when it is absent.
-    fn strings(&self, name: &str) -> Result<Option<Vec<&'a str>>> {
-        let Some(tensor) = self.tensors.get(name) else { return Ok(None) };
-        if !tensor.is_bytes {
-            return Err(invalid(name, "must be TYPE_STRING (BYTES)".into()));
-        }
+    pub(crate) fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// The number of elements of an input's shape (past the batch dimension).
+    fn element_count(&self, name: &str, tensor: &InputTensor) -> Result<usize> {
         let mut dims = tensor.shape.as_slice();
         if self.batched {
             match dims.split_first() {
@@ -129,10 +168,18 @@ impl<'a> Inputs<'a> {
                 }
             }
         }
-        let count = dims
-            .iter()
+        dims.iter()
             .try_fold(1usize, |count, &d| count.checked_mul(usize::try_from(d).ok()?))
-            .ok_or_else(|| invalid(name, format!("invalid shape {:?}", tensor.shape)))?;
+            .ok_or_else(|| invalid(name, format!("invalid shape {:?}", tensor.shape)))
+    }
+
+    /// The UTF-8 elements of an input, or None when it is absent.
+    pub(crate) fn strings(&self, name: &str) -> Result<Option<Vec<&'a str>>> {
+        let Some(tensor) = self.tensors.get(name) else { return Ok(None) };
+        if tensor.datatype != ElementType::Bytes {
+            return Err(invalid(name, "must be TYPE_STRING (BYTES)".into()));
+        }
+        let count = self.element_count(name, tensor)?;
         let elements = decode_bytes(name, &tensor.data, count)?;
         elements
             .into_iter()
@@ -146,7 +193,7 @@ impl<'a> Inputs<'a> {
     }
 
     /// A one-element input's text.
-    fn scalar(&self, name: &str) -> Result<Option<&'a str>> {
+    pub(crate) fn scalar(&self, name: &str) -> Result<Option<&'a str>> {
         match self.strings(name)? {
             None => Ok(None),
             Some(values) if values.len() == 1 => Ok(Some(values[0])),
@@ -154,8 +201,57 @@ impl<'a> Inputs<'a> {
         }
     }
 
-    fn number<T: std::str::FromStr>(&self, name: &str, what: &str) -> Result<Option<T>> {
-        let Some(text) = self.scalar(name)? else { return Ok(None) };
+    /// A one-element input as text: a STRING's text, or a number (or bool) written out, so
+    /// that a model config may declare the same name as TYPE_STRING or as a numeric type.
+    fn scalar_text(&self, name: &str) -> Result<Option<std::borrow::Cow<'a, str>>> {
+        let Some(tensor) = self.tensors.get(name) else { return Ok(None) };
+        let Some(size) = tensor.datatype.size() else {
+            return match tensor.datatype {
+                ElementType::Bytes => Ok(self.scalar(name)?.map(std::borrow::Cow::Borrowed)),
+                _ => Err(invalid(name, "has an element type this backend does not read".into())),
+            };
+        };
+        let count = self.element_count(name, tensor)?;
+        if count != 1 {
+            return Err(invalid(name, format!("expected 1 element, got {count}")));
+        }
+        let Some(bytes) = tensor.data.get(..size).filter(|_| tensor.data.len() == size) else {
+            return Err(invalid(
+                name,
+                format!("holds {} bytes for one {size}-byte element", tensor.data.len()),
+            ));
+        };
+        let le4 = || <[u8; 4]>::try_from(bytes).unwrap_or_default();
+        let le8 = || <[u8; 8]>::try_from(bytes).unwrap_or_default();
+        let text = match tensor.datatype {
+            ElementType::Bool => (bytes[0] != 0).to_string(),
+            ElementType::Int32 => i32::from_le_bytes(le4()).to_string(),
+            ElementType::Uint32 => u32::from_le_bytes(le4()).to_string(),
+            ElementType::Fp32 => f32::from_le_bytes(le4()).to_string(),
+            ElementType::Int64 => i64::from_le_bytes(le8()).to_string(),
+            ElementType::Uint64 => u64::from_le_bytes(le8()).to_string(),
+            ElementType::Fp64 => f64::from_le_bytes(le8()).to_string(),
+            ElementType::Bytes | ElementType::Other => unreachable!("no fixed size"),
+        };
+        Ok(Some(std::borrow::Cow::Owned(text)))
+    }
+
+    /// A one-element TYPE_BOOL input (or the text "true"/"false").
+    pub(crate) fn flag(&self, name: &str) -> Result<Option<bool>> {
+        let Some(tensor) = self.tensors.get(name) else { return Ok(None) };
+        if !matches!(tensor.datatype, ElementType::Bool | ElementType::Bytes) {
+            return Err(invalid(name, "must be TYPE_BOOL".into()));
+        }
+        match self.scalar_text(name)?.as_deref().map(str::trim) {
+            None => Ok(None),
+            Some("true") => Ok(Some(true)),
+            Some("false") => Ok(Some(false)),
+            Some(other) => Err(invalid(name, format!("{other:?} is not true or false"))),
+        }
+    }
+
+    pub(crate) fn number<T: std::str::FromStr>(&self, name: &str, what: &str) -> Result<Option<T>> {
+        let Some(text) = self.scalar_text(name)? else { return Ok(None) };
         let digits = text.trim().trim_start_matches('+');
         text.trim().parse::<T>().map(Some).map_err(|_| {
             if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -166,14 +262,14 @@ impl<'a> Inputs<'a> {
         })
     }
 
-    fn finite(&self, name: &str) -> Result<Option<f32>> {
+    pub(crate) fn finite(&self, name: &str) -> Result<Option<f32>> {
         match self.number::<f32>(name, "a number")? {
             Some(v) if !v.is_finite() => Err(invalid(name, format!("must be finite, got {v}"))),
             v => Ok(v),
         }
     }
 
-    fn count(&self, name: &str, min: usize) -> Result<Option<usize>> {
+    pub(crate) fn count(&self, name: &str, min: usize) -> Result<Option<usize>> {
         let what = if min == 0 { "a non-negative integer" } else { "a positive integer" };
         match self.number::<usize>(name, what)? {
             Some(n) if n < min => Err(invalid(name, format!("must be at least {min}, got {n}"))),
@@ -185,6 +281,49 @@ impl<'a> Inputs<'a> {
 /// Limits on a request's stop strings (the cost of matching them each token).
 pub const MAX_STOP_STRINGS: usize = 256;
 pub const MAX_STOP_BYTES: usize = 16 << 10;
+
+/// A request of either contract.
+#[derive(Clone, Debug)]
+pub enum AnyRequest {
+    /// The seed interface: a chat turn in `prompt`.
+    Chat(ChatRequest),
+    /// The vLLM/TensorRT-LLM contract: raw text in `text_input`.
+    Raw(super::raw::RawRequest),
+}
+
+/// Decodes a request of either contract: `prompt` (the seed interface) or `text_input`.
+pub fn decode_any(
+    tensors: &HashMap<String, InputTensor>,
+    batched: bool,
+    decoupled: bool,
+    family: Family,
+    defaults: &ModelParameters,
+) -> Result<AnyRequest> {
+    use super::raw::{self, CHAT_ONLY, RAW_ONLY, TEXT_INPUT};
+    let has = |name: &str| tensors.contains_key(name);
+    match (has(PROMPT), has(TEXT_INPUT)) {
+        (true, true) => Err(Error::InvalidRequest(format!(
+            "{PROMPT}, {TEXT_INPUT}: a request carries one of them (a chat turn in {PROMPT}, raw              text in {TEXT_INPUT}), not both"
+        ))),
+        (false, true) => raw::decode_raw(tensors, batched, decoupled).map(AnyRequest::Raw),
+        (false, false) if RAW_ONLY.iter().any(|n| has(n)) => {
+            Err(invalid(TEXT_INPUT, format!("is required (or {PROMPT} for a chat turn)")))
+        }
+        // A seed request without its prompt keeps the seed interface's message.
+        (false, false) if !CHAT_ONLY.iter().any(|n| has(n)) => Err(Error::InvalidRequest(format!(
+            "{PROMPT}, {TEXT_INPUT}: a request carries one of them (a chat turn in {PROMPT},                  raw text in {TEXT_INPUT}), got neither"
+        ))),
+        _ => {
+            if let Some(name) = RAW_ONLY.iter().find(|n| has(n)) {
+                return Err(invalid(
+                    name,
+                    format!("belongs to the {TEXT_INPUT} contract, not to a {PROMPT} request"),
+                ));
+            }
+            decode_request(tensors, batched, family, defaults).map(AnyRequest::Chat)
+        }
+    }
+}
 
 /// Decodes one request's inputs into a chat turn with the model's defaults applied.
 pub fn decode_request(
@@ -226,6 +365,30 @@ pub fn decode_request(
     };
 
     let mut sampling = SamplingParams::default();
+    read_sampling(&inputs, &mut sampling)?;
+    let stop = read_stop(&inputs, &[STOP])?;
+
+    Ok(ChatRequest {
+        turn: ChatTurn {
+            query: query.to_string(),
+            history,
+            history_len: inputs.count(HISTORY_LEN, 0)?.unwrap_or(defaults.history_len_default),
+            system_prompt,
+        },
+        options: GenerationOptions {
+            sampling,
+            max_token: inputs.count(MAX_TOKEN, 1)?.or(defaults.max_token_default),
+            max_new_tokens: inputs.count(MAX_NEW_TOKENS, 1)?,
+            ignore_eos: false,
+            min_tokens: 0,
+            stop,
+        },
+    })
+}
+
+/// The sampling inputs both contracts share (`temperature`, `top_p`, `top_k`,
+/// `repetition_penalty`, `seed`): text or, where a model config declares them so, numbers.
+pub(crate) fn read_sampling(inputs: &Inputs<'_>, sampling: &mut SamplingParams) -> Result<()> {
     if let Some(t) = inputs.finite(TEMPERATURE)? {
         if t < 0.0 {
             return Err(invalid(TEMPERATURE, format!("must be >= 0, got {t}")));
@@ -247,42 +410,42 @@ pub fn decode_request(
         }
         sampling.repetition_penalty = r;
     }
-    sampling.seed = inputs.number::<u64>(SEED, "an unsigned 64-bit integer")?;
-
-    let stop = inputs.strings(STOP)?.unwrap_or_default();
-    if stop.iter().any(|s| s.is_empty()) {
-        return Err(invalid(STOP, "stop strings must not be empty".into()));
+    if let Some(seed) = inputs.number::<u64>(SEED, "an unsigned 64-bit integer")? {
+        sampling.seed = Some(seed);
     }
-    // Every generated token is searched for each of them in the engine's shared step.
+    Ok(())
+}
+
+/// The stop strings of the named inputs, together, within the limits.
+pub(crate) fn read_stop(inputs: &Inputs<'_>, names: &[&str]) -> Result<Vec<String>> {
+    let mut all = Vec::new();
+    for &name in names {
+        let stop = inputs.strings(name)?.unwrap_or_default();
+        if stop.iter().any(|s| s.is_empty()) {
+            return Err(invalid(name, "stop strings must not be empty".into()));
+        }
+        all.extend(stop.into_iter().map(str::to_string));
+        check_stop(name, &all)?;
+    }
+    Ok(all)
+}
+
+/// Every generated token is searched for each stop string in the engine's shared step.
+pub(crate) fn check_stop(name: &str, stop: &[String]) -> Result<()> {
     if stop.len() > MAX_STOP_STRINGS {
         return Err(invalid(
-            STOP,
+            name,
             format!("at most {MAX_STOP_STRINGS} stop strings, got {}", stop.len()),
         ));
     }
     let stop_bytes: usize = stop.iter().map(|s| s.len()).sum();
     if stop_bytes > MAX_STOP_BYTES {
         return Err(invalid(
-            STOP,
+            name,
             format!("stop strings of at most {MAX_STOP_BYTES} bytes in all, got {stop_bytes}"),
         ));
     }
-
-    Ok(ChatRequest {
-        turn: ChatTurn {
-            query: query.to_string(),
-            history,
-            history_len: inputs.count(HISTORY_LEN, 0)?.unwrap_or(defaults.history_len_default),
-            system_prompt,
-        },
-        options: GenerationOptions {
-            sampling,
-            max_token: inputs.count(MAX_TOKEN, 1)?.or(defaults.max_token_default),
-            max_new_tokens: inputs.count(MAX_NEW_TOKENS, 1)?,
-            ignore_eos: false,
-            stop: stop.into_iter().map(str::to_string).collect(),
-        },
-    })
+    Ok(())
 }
 
 /// The requested outputs of a finished turn: `response` [1] and `history` [n, 2].
@@ -300,13 +463,10 @@ pub fn encode_outputs(
     let mut outputs = Vec::new();
     for name in requested {
         match name.as_str() {
-            RESPONSE => outputs.push(OutputTensor {
-                name: RESPONSE,
-                shape: batch(vec![1]),
-                data: encode_bytes([completion.response.as_bytes()]),
-            }),
+            RESPONSE => outputs.push(OutputTensor::text(RESPONSE, batched, &completion.response)),
             HISTORY => outputs.push(OutputTensor {
                 name: HISTORY,
+                datatype: ElementType::Bytes,
                 shape: batch(vec![completion.history.len() as i64, 2]),
                 data: encode_bytes(
                     completion.history.iter().flat_map(|(q, r)| [q.as_bytes(), r.as_bytes()]),
@@ -344,7 +504,7 @@ mod tests {
 
     fn tensor(elements: &[&str]) -> InputTensor {
         InputTensor {
-            is_bytes: true,
+            datatype: ElementType::Bytes,
             shape: vec![elements.len() as i64],
             data: encode_bytes(elements.iter().map(|e| e.as_bytes())),
         }
@@ -490,13 +650,21 @@ mod tests {
         let mut tensors = HashMap::new();
         tensors.insert(
             PROMPT.to_string(),
-            InputTensor { is_bytes: true, shape: vec![1], data: encode_bytes([&b"\xff\xfe"[..]]) },
+            InputTensor {
+                datatype: ElementType::Bytes,
+                shape: vec![1],
+                data: encode_bytes([&b"\xff\xfe"[..]]),
+            },
         );
         let message = decode_request(&tensors, false, Family::ChatGlm2, &defaults()).unwrap_err();
         assert!(message.to_string().starts_with("prompt: element 0 is not valid UTF-8"));
         tensors.insert(
             PROMPT.to_string(),
-            InputTensor { is_bytes: true, shape: vec![1], data: vec![9, 0, 0, 0, b'h', b'i'] },
+            InputTensor {
+                datatype: ElementType::Bytes,
+                shape: vec![1],
+                data: vec![9, 0, 0, 0, b'h', b'i'],
+            },
         );
         let message = decode_request(&tensors, false, Family::ChatGlm2, &defaults()).unwrap_err();
         assert!(message.to_string().starts_with("prompt: element 0 declares 9 bytes"));
@@ -514,7 +682,11 @@ mod tests {
             vec![1 << 40],
             vec![4_000_000_000],
         ] {
-            let prompt = InputTensor { is_bytes: true, shape: shape.clone(), data: vec![0; 8] };
+            let prompt = InputTensor {
+                datatype: ElementType::Bytes,
+                shape: shape.clone(),
+                data: vec![0; 8],
+            };
             let tensors = HashMap::from([(PROMPT.to_string(), prompt)]);
             let message = decode_request(&tensors, false, Family::ChatGlm2, &defaults())
                 .unwrap_err()

@@ -18,6 +18,7 @@ pub mod interface;
 mod log;
 mod metrics;
 mod model;
+pub mod raw;
 mod request;
 mod response;
 mod sink;

@@ -6,7 +6,7 @@ use std::ffi::CString;
 use std::ptr;
 
 use super::error::{TritonError, TritonResult, ffi, owned_string};
-use super::interface::InputTensor;
+use super::interface::{ElementType, InputTensor};
 use super::sys;
 
 /// A request the backend owns: dropping it releases it back to the server.
@@ -108,7 +108,18 @@ impl Request {
                 });
             }
         }
-        Ok(InputTensor { is_bytes: datatype == sys::TRITONSERVER_TYPE_BYTES, shape, data })
+        let datatype = match datatype {
+            sys::TRITONSERVER_TYPE_BYTES => ElementType::Bytes,
+            sys::TRITONSERVER_TYPE_BOOL => ElementType::Bool,
+            sys::TRITONSERVER_TYPE_INT32 => ElementType::Int32,
+            sys::TRITONSERVER_TYPE_INT64 => ElementType::Int64,
+            sys::TRITONSERVER_TYPE_UINT32 => ElementType::Uint32,
+            sys::TRITONSERVER_TYPE_UINT64 => ElementType::Uint64,
+            sys::TRITONSERVER_TYPE_FP32 => ElementType::Fp32,
+            sys::TRITONSERVER_TYPE_FP64 => ElementType::Fp64,
+            _ => ElementType::Other,
+        };
+        Ok(InputTensor { datatype, shape, data })
     }
 
     /// Whether the client cancelled (gRPC cancel; HTTP disconnects are not reported).

@@ -5,7 +5,7 @@ use std::ffi::CString;
 use std::ptr;
 
 use super::error::{TritonError, TritonResult, ffi};
-use super::interface::OutputTensor;
+use super::interface::{ElementType, OutputTensor};
 use super::request::Request;
 use super::sys;
 
@@ -30,15 +30,25 @@ impl Response {
         Ok(Response { raw })
     }
 
-    /// Adds one BYTES output (one output at a time, as the server requires).
+    /// Adds one BYTES or UINT32 output (one output at a time, as the server requires).
     pub fn add_output(&mut self, tensor: &OutputTensor) -> TritonResult<()> {
         let name = c_string(tensor.name)?;
+        let datatype = match tensor.datatype {
+            ElementType::Bytes => sys::TRITONSERVER_TYPE_BYTES,
+            ElementType::Uint32 => sys::TRITONSERVER_TYPE_UINT32,
+            other => {
+                return Err(TritonError::internal(format!(
+                    "output {}: no outputs of type {other:?}",
+                    tensor.name
+                )));
+            }
+        };
         let mut output = ptr::null_mut();
         ffi!(sys::TRITONBACKEND_ResponseOutput(
             self.raw,
             &mut output,
             name.as_ptr(),
-            sys::TRITONSERVER_TYPE_BYTES,
+            datatype,
             tensor.shape.as_ptr(),
             tensor.shape.len() as u32
         ))?;

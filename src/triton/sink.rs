@@ -6,6 +6,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use super::error::{TritonError, TritonResult, ffi};
 use super::handle::InstanceHandle;
 use super::interface::{self, OutputTensor};
+use super::raw::{self, RawOutputs};
 use super::request::Request;
 use super::response::{Response, ResponseFactory};
 use super::sys;
@@ -22,6 +23,21 @@ pub(crate) fn now_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Which contract a request came in by, and what its responses carry.
+pub(crate) enum Contract {
+    /// The seed interface: `response` pieces when decoupled, then `response` and `history`.
+    Seed,
+    /// `text_input`: `text_output` and the outputs its `return_*` flags ask for.
+    Raw {
+        /// Pieces as they come (decoupled models only); else one response.
+        stream: bool,
+        /// The prompt text, when it leads the output (`exclude_input_in_output` false).
+        prefix: Option<String>,
+        outputs: RawOutputs,
+        prompt_tokens: usize,
+    },
+}
+
 pub(crate) struct TritonSink {
     instance: InstanceHandle,
     /// None once answered and released.
@@ -33,10 +49,13 @@ pub(crate) struct TritonSink {
     received_ns: u64,
     cancelled: bool,
     fault: Option<Fault>,
+    contract: Contract,
 }
 
 impl TritonSink {
     /// On failure the request comes back, still unanswered.
+    // Each is one fact of the request the sink answers; a struct for them would only rename them.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         instance: InstanceHandle,
         request: Request,
@@ -45,6 +64,7 @@ impl TritonSink {
         decoupled: bool,
         received_ns: u64,
         fault: Option<Fault>,
+        contract: Contract,
     ) -> Result<Self, (Request, TritonError)> {
         let factory = match decoupled.then(|| ResponseFactory::new(&request)).transpose() {
             Ok(factory) => factory,
@@ -59,24 +79,37 @@ impl TritonSink {
             received_ns,
             cancelled: false,
             fault,
+            contract,
         })
     }
 
     fn response_piece(&self, text: &str) -> OutputTensor {
-        OutputTensor {
-            name: interface::RESPONSE,
-            shape: if self.batched { vec![1, 1] } else { vec![1] },
-            data: interface::encode_bytes([text.as_bytes()]),
-        }
+        OutputTensor::text(interface::RESPONSE, self.batched, text)
     }
 
     fn stream(&self, text: &str) -> TritonResult<()> {
         let Some(factory) = &self.factory else { return Ok(()) };
-        if !self.requested.iter().any(|name| name == interface::RESPONSE) {
-            return Ok(());
-        }
+        let outputs = match &self.contract {
+            Contract::Seed => {
+                if !self.requested.iter().any(|name| name == interface::RESPONSE) {
+                    return Ok(());
+                }
+                vec![self.response_piece(text)]
+            }
+            Contract::Raw { stream: false, .. } => return Ok(()),
+            Contract::Raw { stream: true, outputs, prompt_tokens, .. } => raw::encode_raw_outputs(
+                text,
+                *prompt_tokens,
+                None,
+                *outputs,
+                self.batched,
+                &self.requested,
+            ),
+        };
         let mut response = Response::from_factory(factory)?;
-        response.add_output(&self.response_piece(text))?;
+        for output in &outputs {
+            response.add_output(output)?;
+        }
         response.send(0, None)
     }
 
@@ -98,13 +131,36 @@ impl TritonSink {
                 return response.send(sys::TRITONSERVER_RESPONSE_COMPLETE_FINAL, Some(error));
             }
         };
-        let mut outputs = interface::encode_outputs(&completion, self.batched, &self.requested);
-        if self.factory.is_some() {
-            // The text went out piece by piece; the last response closes it with the history.
-            for output in outputs.iter_mut().filter(|o| o.name == interface::RESPONSE) {
-                *output = self.response_piece("");
+        let outputs = match &self.contract {
+            Contract::Seed => {
+                let mut outputs =
+                    interface::encode_outputs(&completion, self.batched, &self.requested);
+                if self.factory.is_some() {
+                    // The text went out piece by piece; the last response closes it with the
+                    // history.
+                    for output in outputs.iter_mut().filter(|o| o.name == interface::RESPONSE) {
+                        *output = self.response_piece("");
+                    }
+                }
+                outputs
             }
-        }
+            Contract::Raw { stream, prefix, outputs, prompt_tokens } => {
+                // Streamed: the text went out piece by piece; the last response ends it.
+                let text = match (stream, prefix) {
+                    (true, _) => String::new(),
+                    (false, Some(prefix)) => format!("{prefix}{}", completion.response),
+                    (false, None) => completion.response.clone(),
+                };
+                raw::encode_raw_outputs(
+                    &text,
+                    *prompt_tokens,
+                    Some(&completion),
+                    *outputs,
+                    self.batched,
+                    &self.requested,
+                )
+            }
+        };
         let filled = (|| {
             for output in &outputs {
                 response.add_output(output)?;

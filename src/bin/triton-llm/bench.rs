@@ -111,6 +111,7 @@ fn bench_run(
         penalized: &[],
         uniform: 0.0,
         guard_invalid_scores: false,
+        banned: &[],
     };
     let rows = vec![Some(greedy); prompts.len()];
     let steps: Vec<SeqStep<'_>> =

@@ -206,6 +206,9 @@ struct GenerationArgs {
     /// Generate past the end tokens.
     #[arg(long)]
     ignore_eos: bool,
+    /// No end token or stop string ends the answer before this many tokens.
+    #[arg(long, default_value_t = 0)]
+    min_tokens: usize,
     /// A string that ends the answer (repeatable); the answer stops before it.
     #[arg(long)]
     stop: Vec<String>,
@@ -224,6 +227,7 @@ impl GenerationArgs {
             max_token: self.max_token,
             max_new_tokens: self.max_new_tokens,
             ignore_eos: self.ignore_eos,
+            min_tokens: self.min_tokens,
             stop: self.stop.clone(),
         }
     }

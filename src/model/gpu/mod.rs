@@ -249,7 +249,9 @@ impl super::CausalLm for GpuModel {
         steps: &[SeqStep<'_>],
         rows: &[Option<SampleRow<'_>>],
     ) -> Result<Vec<Option<u32>>> {
-        if !self.sample_on_device.load(Ordering::Relaxed) {
+        // The kernel knows no banned ids (a request's `min_tokens`): such steps choose on the host.
+        let banning = rows.iter().flatten().any(|row| !row.banned.is_empty());
+        if !self.sample_on_device.load(Ordering::Relaxed) || banning {
             return Ok(super::choose_on_host(self.forward_batch(arena, steps)?, rows));
         }
         let words = sampling_words(rows, self.shape.vocab);

@@ -592,6 +592,7 @@ mod tests {
             penalized,
             uniform: 0.25,
             guard_invalid_scores: true,
+            banned: &[],
         };
         let rows = [Some(row(FIRST, 1.2)), None, Some(row(SECOND, 1.0)), Some(row(SECOND, 2.0))];
         let words = sampling_words(&rows, 64);
