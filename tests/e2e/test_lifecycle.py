@@ -10,6 +10,7 @@ import numpy as np
 import tritonclient.http as httpclient
 
 from conftest import FIXTURES, TEST_REPOSITORY, Server
+from test_seed_interface import http_chat
 
 
 def ask(server, model):
@@ -98,5 +99,47 @@ def test_load_unload_20_times_keeps_memory_flat(tmp_path):
         print(f"tritonserver RSS after 5 warm-up cycles: {before} KiB; after 20 more: {after} KiB")
         # One leaked copy of the model (weights as f32, tokenizer, caches) is several MiB.
         assert after - before < 8 * 1024, f"RSS grew from {before} KiB to {after} KiB"
+    finally:
+        server.stop()
+
+
+SEED_ONLY_CONFIG = """name: "seed-only"
+backend: "llm"
+max_batch_size: 0
+input [
+  { name: "prompt" data_type: TYPE_STRING dims: [ 1 ] },
+  { name: "history" data_type: TYPE_STRING dims: [ -1 ] optional: true },
+  { name: "temperature" data_type: TYPE_STRING dims: [ 1 ] optional: true },
+  { name: "max_token" data_type: TYPE_STRING dims: [ 1 ] optional: true },
+  { name: "history_len" data_type: TYPE_STRING dims: [ 1 ] optional: true },
+  { name: "max_new_tokens" data_type: TYPE_STRING dims: [ 1 ] optional: true }
+]
+output [
+  { name: "response" data_type: TYPE_STRING dims: [ 1 ] },
+  { name: "history" data_type: TYPE_STRING dims: [ -1, 2 ] }
+]
+instance_group [ { kind: KIND_CPU count: 1 } ]
+parameters { key: "model_dir" value { string_value: "MODEL_DIR" } }
+"""
+
+
+def test_a_config_with_only_the_seed_interface_still_serves_it(tmp_path):
+    # The seed deployments' config.pbtxt (prompt required, no vLLM or TensorRT-LLM tensors
+    # declared) loads and answers as the full one does.
+    repository = tmp_path / "repository"
+    (repository / "seed-only" / "1").mkdir(parents=True)
+    (repository / "seed-only" / "config.pbtxt").write_text(
+        SEED_ONLY_CONFIG.replace("MODEL_DIR", str(FIXTURES / "chatglm2-tiny")))
+    shutil.copytree(TEST_REPOSITORY / "chatglm2-tiny", repository / "chatglm2-tiny")
+    (repository / "chatglm2-tiny" / "config.pbtxt").write_text(
+        (TEST_REPOSITORY / "chatglm2-tiny" / "config.pbtxt").read_text().replace(
+            "../../../fixtures/chatglm2-tiny", str(FIXTURES / "chatglm2-tiny")))
+    server = Server(repository, tmp_path / "server").wait_live()
+    try:
+        server.wait_model_ready("seed-only")
+        server.wait_model_ready("chatglm2-tiny")
+        greedy = {"prompt": "你好", "temperature": "0", "max_new_tokens": "8"}
+        answer = http_chat(server, "seed-only", greedy)
+        assert answer[0] and answer == http_chat(server, "chatglm2-tiny", greedy)
     finally:
         server.stop()
