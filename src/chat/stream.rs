@@ -37,7 +37,8 @@ impl<'t> AnswerStream<'t> {
     }
 
     /// `push`, looking for stop strings only when `check_stops` (vLLM's `min_tokens`: no
-    /// stop string ends an answer before it; text passed unchecked is never searched again).
+    /// stop string ends an answer before it). Of text passed unchecked only the tail a stop
+    /// string could still end in is searched later, as vLLM looks back from the new text.
     pub fn push_checked(&mut self, id: u32, check_stops: bool) -> (String, bool) {
         let piece = self.decoder.push(id);
         let stopped = if check_stops { self.stops.push(&piece) } else { self.stops.pass(&piece) };
@@ -164,13 +165,15 @@ impl StopStrings {
         found.is_some()
     }
 
-    /// Adds a piece without searching it: it is final at once.
+    /// Adds a piece without searching it: final at once, but for the tail a stop string
+    /// completed by later text could start in.
     fn pass(&mut self, piece: &str) -> bool {
         if self.is_stopped() {
             return true;
         }
         self.text.push_str(piece);
-        self.ready = self.text.len();
+        let tail = self.longest.saturating_sub(1).min(self.text.len());
+        self.ready = floor_char_boundary(&self.text, self.text.len() - tail).max(self.ready);
         false
     }
 
@@ -220,6 +223,18 @@ mod tests {
         assert!(matcher.push("ND"));
         matcher.finish();
         assert_eq!(matcher.take_ready(), "x END y ");
+    }
+
+    /// A stop string that starts in text passed unchecked and ends in checked text ends the
+    /// answer there, as vLLM's look-back finds it once min_tokens is reached.
+    #[test]
+    fn a_stop_string_straddling_the_checked_boundary_is_found() {
+        let mut matcher = StopStrings::new(vec!["END".into()]);
+        assert!(!matcher.pass("ab E"));
+        assert_eq!(matcher.take_ready(), "ab");
+        assert!(matcher.push("ND tail"));
+        matcher.finish();
+        assert_eq!(matcher.take_ready(), " ");
     }
 
     #[test]
