@@ -3,6 +3,7 @@
 
 pub mod chatglm2;
 pub mod internlm2;
+pub mod messages;
 pub mod stream;
 
 use crate::model::Family;
