@@ -303,7 +303,8 @@ pub fn decode_any(
     let has = |name: &str| tensors.contains_key(name);
     match (has(PROMPT), has(TEXT_INPUT)) {
         (true, true) => Err(Error::InvalidRequest(format!(
-            "{PROMPT}, {TEXT_INPUT}: a request carries one of them (a chat turn in {PROMPT}, raw              text in {TEXT_INPUT}), not both"
+            "{PROMPT}, {TEXT_INPUT}: a request carries one of them (a chat turn in {PROMPT}, raw \
+             text in {TEXT_INPUT}), not both"
         ))),
         (false, true) => raw::decode_raw(tensors, batched, decoupled).map(AnyRequest::Raw),
         (false, false) if RAW_ONLY.iter().any(|n| has(n)) => {
@@ -311,7 +312,8 @@ pub fn decode_any(
         }
         // A seed request without its prompt keeps the seed interface's message.
         (false, false) if !CHAT_ONLY.iter().any(|n| has(n)) => Err(Error::InvalidRequest(format!(
-            "{PROMPT}, {TEXT_INPUT}: a request carries one of them (a chat turn in {PROMPT},                  raw text in {TEXT_INPUT}), got neither"
+            "{PROMPT}, {TEXT_INPUT}: a request carries one of them (a chat turn in {PROMPT}, \
+             raw text in {TEXT_INPUT}), got neither"
         ))),
         _ => {
             if let Some(name) = RAW_ONLY.iter().find(|n| has(n)) {

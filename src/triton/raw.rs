@@ -483,6 +483,7 @@ mod tests {
         assert!(both.starts_with("prompt, text_input: ") && both.contains("not both"), "{both}");
         let neither = error(vec![(interface::TEMPERATURE, text(&["0"]))]);
         assert!(neither.starts_with("prompt, text_input: ") && neither.contains("neither"));
+        assert!(!both.contains("  ") && !neither.contains("  "), "{both} / {neither}");
         // A seed request keeps its own message; a raw one names text_input.
         assert_eq!(error(vec![(HISTORY, text(&["q", "a"]))]), "prompt: is required");
         let message = error(vec![(SAMPLING_PARAMETERS, text(&["{}"]))]);
