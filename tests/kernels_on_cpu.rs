@@ -567,6 +567,55 @@ fn silu_mul_in_chunks_and_element_by_element() {
     }
 }
 
+/// Runs decode attention kernel `name` for one query token of each of `lens` sequences
+/// (3) over `kv` (the cache's K and V bytes, in the kernel's format) with (splits,
+/// partition); returns the buffers as the kernel left them (the output is the fourth).
+#[allow(clippy::too_many_arguments)]
+fn launch_decode(
+    dtype: DType,
+    name: &str,
+    q: &[f32],
+    kv: (Vec<u8>, Vec<u8>),
+    lens: &[usize; 3],
+    shape: AttentionShape,
+    heads_per_block: usize,
+    (cache, block_size): (&PagedCache, usize),
+    (splits, partition): (usize, i32),
+) -> Vec<Vec<u8>> {
+    let heads = shape.num_heads;
+    launch(
+        dtype,
+        name,
+        [lens.len() as u32, (heads / heads_per_block) as u32, splits as u32],
+        128,
+        vec![
+            dtype.encode(q),
+            kv.0,
+            kv.1,
+            vec![0; q.len() * dtype.size()],
+            vec![0; lens.len() * heads * splits * (shape.head_dim + 2) * 4],
+            vec![0; lens.len() * heads * 4],
+            i32_bytes(&[0, 1, 2]),
+            i32_bytes(&[0, 1, 2]),
+            i32_bytes(&lens.map(|l| l as i32 - 1)),
+            i32_bytes(&cache.block_tables),
+        ],
+        &with_buffers(
+            10,
+            [
+                Arg::I32(cache.max_blocks as i32),
+                Arg::I32(block_size as i32),
+                Arg::I32(heads as i32),
+                Arg::I32(shape.num_kv_heads as i32),
+                Arg::I32(shape.head_dim as i32),
+                Arg::F32(1.0 / (shape.head_dim as f32).sqrt()),
+                Arg::I32(partition),
+                Arg::I32(splits as i32),
+            ],
+        ),
+    )
+}
+
 /// K/V of `len` positions per sequence scattered over the blocks of a paged cache.
 struct PagedCache {
     k: Vec<f32>,
@@ -650,36 +699,19 @@ fn decode_attention_over_paged_blocks_with_and_without_key_splits() {
             // one split and empty ones; with 4 splits, 300 keys still take 2).
             for (splits, partition) in [(1, 320), (3, 128), (3, 0), (4, 0), (1, 0)] {
                 let heads = shape.num_heads;
-                let out = launch(
+                let name = format!("attention_decode_h{heads_per_block}");
+                let kv = (dtype.encode(&cache.k), dtype.encode(&cache.v));
+                let (blocks, split) = ((&cache, block_size), (splits, partition));
+                let out = launch_decode(
                     dtype,
-                    &format!("attention_decode_h{heads_per_block}"),
-                    [lens.len() as u32, (heads / heads_per_block) as u32, splits as u32],
-                    128,
-                    vec![
-                        dtype.encode(&q),
-                        dtype.encode(&cache.k),
-                        dtype.encode(&cache.v),
-                        vec![0; q.len() * dtype.size()],
-                        vec![0; lens.len() * heads * splits * (shape.head_dim + 2) * 4],
-                        vec![0; lens.len() * heads * 4],
-                        i32_bytes(&[0, 1, 2]),
-                        i32_bytes(&[0, 1, 2]),
-                        i32_bytes(&lens.map(|l| l as i32 - 1)),
-                        i32_bytes(&cache.block_tables),
-                    ],
-                    &with_buffers(
-                        10,
-                        [
-                            Arg::I32(cache.max_blocks as i32),
-                            Arg::I32(block_size as i32),
-                            Arg::I32(heads as i32),
-                            Arg::I32(shape.num_kv_heads as i32),
-                            Arg::I32(shape.head_dim as i32),
-                            Arg::F32(1.0 / (shape.head_dim as f32).sqrt()),
-                            Arg::I32(partition),
-                            Arg::I32(splits as i32),
-                        ],
-                    ),
+                    &name,
+                    &q,
+                    kv,
+                    &lens,
+                    shape,
+                    heads_per_block,
+                    blocks,
+                    split,
                 );
                 let tolerance = if dtype == DType::F32 { 1e-5 } else { 8e-3 };
                 let what = format!(
@@ -1105,36 +1137,18 @@ fn decode_attention_over_quantised_caches() {
                     let heads = shape.num_heads;
                     let name =
                         format!("attention_decode{}_h{heads_per_block}", kernel_suffix(format));
-                    let out = launch(
+                    let kv = (k_bytes.clone(), v_bytes.clone());
+                    let (blocks, split) = ((&cache, block_size), (splits, partition));
+                    let out = launch_decode(
                         dtype,
                         &name,
-                        [lens.len() as u32, (heads / heads_per_block) as u32, splits as u32],
-                        128,
-                        vec![
-                            dtype.encode(&q),
-                            k_bytes.clone(),
-                            v_bytes.clone(),
-                            vec![0; q.len() * dtype.size()],
-                            vec![0; lens.len() * heads * splits * (shape.head_dim + 2) * 4],
-                            vec![0; lens.len() * heads * 4],
-                            i32_bytes(&[0, 1, 2]),
-                            i32_bytes(&[0, 1, 2]),
-                            i32_bytes(&lens.map(|l| l as i32 - 1)),
-                            i32_bytes(&cache.block_tables),
-                        ],
-                        &with_buffers(
-                            10,
-                            [
-                                Arg::I32(cache.max_blocks as i32),
-                                Arg::I32(block_size as i32),
-                                Arg::I32(heads as i32),
-                                Arg::I32(shape.num_kv_heads as i32),
-                                Arg::I32(shape.head_dim as i32),
-                                Arg::F32(1.0 / (shape.head_dim as f32).sqrt()),
-                                Arg::I32(partition),
-                                Arg::I32(splits as i32),
-                            ],
-                        ),
+                        &q,
+                        kv,
+                        &lens,
+                        shape,
+                        heads_per_block,
+                        blocks,
+                        split,
                     );
                     let tolerance = if dtype == DType::F32 { 1e-5 } else { 8e-3 };
                     let what = format!(

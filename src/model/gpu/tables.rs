@@ -466,34 +466,6 @@ mod tests {
         assert!(refused.is_err_and(|e| e.to_string().contains("block 9")));
     }
 
-    /// Each table's span runs to the next laid-out table (the never-used table 4 aside), so
-    /// the views the kernels get hold exactly what each table holds.
-    #[test]
-    fn table_spans_cover_each_table_and_nothing_before_it() {
-        let shape = test_shape();
-        let inv_freq: InvFreq = Box::new(|_| rope::inv_freq(10000.0, 16));
-        let mut cache = RopeCache::new(inv_freq(1));
-        let blocks: Vec<u32> = (0..8).collect();
-        let (prompt, next) = ([1u32, 2, 3], [4u32]);
-        let steps = [
-            SeqStep { ids: &prompt, start: 0, blocks: &blocks },
-            SeqStep { ids: &next, start: 20, blocks: &blocks },
-        ];
-        let words =
-            lay_out_tables(&shape, &inv_freq, &mut cache, 2, &steps, (16, 8), None).unwrap();
-        let tokens = 4 * 4;
-        assert_eq!(words.span(0), (0, tokens)); // ids
-        assert_eq!(words.span(1), (tokens, tokens)); // positions
-        assert_eq!(words.span(2).1, tokens); // slots
-        assert_eq!(words.span(3).1, tokens); // token → sequence
-        assert_eq!(words.span(5).1, 2 * 4); // last rows
-        assert_eq!(words.span(6).1, 2 * words.max_blocks * 4); // block tables
-        assert_eq!(words.span(7).1, 4 * 2 * words.freq_len * 4); // cos/sin
-        assert_eq!(words.span(8).1, words.num_decode * 4);
-        let (offset, bytes) = words.span(9);
-        assert_eq!((offset + bytes, bytes), (words.words.len() * 4, words.num_tiles * 2 * 4));
-    }
-
     /// What `reserve_activations` sets aside covers the tables and split results of every
     /// call within its limits: prompts in the smallest tiles, decodes with and without a
     /// graph, long and short sequences, mixed.
@@ -577,6 +549,19 @@ mod tests {
         assert_eq!((words.num_decode, words.num_tiles, words.max_blocks), (1, 2, 7));
         assert_eq!((words.splits, words.partition), decode_splits(4, 201));
         assert!(words.partition > 0);
+        // Each table's span runs to the next laid-out table (the never-used table 4 aside),
+        // so the views the kernels get hold exactly what each table holds.
+        let tokens = 4 * 4;
+        assert_eq!(words.span(0), (0, tokens)); // ids
+        assert_eq!(words.span(1), (tokens, tokens)); // positions
+        assert_eq!(words.span(2).1, tokens); // slots
+        assert_eq!(words.span(3).1, tokens); // token → sequence
+        assert_eq!(words.span(5).1, 2 * 4); // last rows
+        assert_eq!(words.span(6).1, 2 * words.max_blocks * 4); // block tables
+        assert_eq!(words.span(7).1, 4 * 2 * words.freq_len * 4); // cos/sin
+        assert_eq!(words.span(8).1, words.num_decode * 4);
+        let (offset, bytes) = words.span(9);
+        assert_eq!((offset + bytes, bytes), (words.words.len() * 4, words.num_tiles * 2 * 4));
     }
 
     #[test]
