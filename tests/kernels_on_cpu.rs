@@ -567,6 +567,53 @@ fn silu_mul_in_chunks_and_element_by_element() {
     }
 }
 
+/// Runs prefill attention kernel `name` for the tokens of one sequence from position
+/// `start` on (one query row each in `q`), in tiles of 16, over `kv` (the cache's K and V
+/// bytes in the kernel's format); returns the buffers (the output is the fourth).
+fn launch_prefill(
+    dtype: DType,
+    name: &str,
+    q: &[f32],
+    kv: (Vec<u8>, Vec<u8>),
+    shape: AttentionShape,
+    (cache, block_size): (&PagedCache, usize),
+    start: usize,
+) -> Vec<Vec<u8>> {
+    let tokens = q.len() / (shape.num_heads * shape.head_dim);
+    let len = start + tokens;
+    let mut tiles = Vec::new();
+    for first in (0..tokens).step_by(16) {
+        tiles.extend([first as i32, (tokens - first).min(16) as i32]);
+    }
+    launch(
+        dtype,
+        name,
+        [(tiles.len() / 2) as u32, shape.num_heads as u32, 1],
+        128,
+        vec![
+            dtype.encode(q),
+            kv.0,
+            kv.1,
+            vec![0; q.len() * dtype.size()],
+            i32_bytes(&tiles),
+            i32_bytes(&vec![0; tokens]),
+            i32_bytes(&(start as i32..len as i32).collect::<Vec<_>>()),
+            i32_bytes(&cache.block_tables),
+        ],
+        &with_buffers(
+            8,
+            [
+                Arg::I32(cache.max_blocks as i32),
+                Arg::I32(block_size as i32),
+                Arg::I32(shape.num_heads as i32),
+                Arg::I32(shape.num_kv_heads as i32),
+                Arg::I32(shape.head_dim as i32),
+                Arg::F32(1.0 / (shape.head_dim as f32).sqrt()),
+            ],
+        ),
+    )
+}
+
 /// Runs decode attention kernel `name` for one query token of each of `lens` sequences
 /// (3) over `kv` (the cache's K and V bytes, in the kernel's format) with (splits,
 /// partition); returns the buffers as the kernel left them (the output is the fourth).
@@ -746,37 +793,9 @@ fn prefill_attention_over_tiles_of_a_chunk() {
         let q = rounded(dtype, &random(&mut rng, tokens * q_width, 1.0));
         let (k, v) = &cache.contiguous[0];
         let want = cpu::causal_attention(&q, k, v, start, shape);
-        let mut tiles = Vec::new();
-        for first in (0..tokens).step_by(16) {
-            tiles.extend([first as i32, (tokens - first).min(16) as i32]);
-        }
-        let out = launch(
-            dtype,
-            "attention_prefill",
-            [(tiles.len() / 2) as u32, shape.num_heads as u32, 1],
-            128,
-            vec![
-                dtype.encode(&q),
-                dtype.encode(&cache.k),
-                dtype.encode(&cache.v),
-                vec![0; q.len() * dtype.size()],
-                i32_bytes(&tiles),
-                i32_bytes(&vec![0; tokens]),
-                i32_bytes(&(start as i32..len as i32).collect::<Vec<_>>()),
-                i32_bytes(&cache.block_tables),
-            ],
-            &with_buffers(
-                8,
-                [
-                    Arg::I32(cache.max_blocks as i32),
-                    Arg::I32(block_size as i32),
-                    Arg::I32(shape.num_heads as i32),
-                    Arg::I32(shape.num_kv_heads as i32),
-                    Arg::I32(shape.head_dim as i32),
-                    Arg::F32(1.0 / (shape.head_dim as f32).sqrt()),
-                ],
-            ),
-        );
+        let kv = (dtype.encode(&cache.k), dtype.encode(&cache.v));
+        let out =
+            launch_prefill(dtype, "attention_prefill", &q, kv, shape, (&cache, block_size), start);
         let tolerance = if dtype == DType::F32 { 1e-5 } else { 8e-3 };
         assert_close(&elems(dtype, &out[3]), &rounded(dtype, &want), tolerance, dtype.name());
     }
@@ -1223,38 +1242,9 @@ fn prefill_attention_over_quantised_caches() {
                 let q = rounded(dtype, &random(&mut rng, tokens * q_width, 1.0));
                 let (k, v) = &cache.contiguous[0];
                 let want = attention_f64(&q, k, v, start, shape);
-                let mut tiles = Vec::new();
-                for first in (0..tokens).step_by(16) {
-                    tiles.extend([first as i32, (tokens - first).min(16) as i32]);
-                }
                 let name = format!("attention_prefill{}", kernel_suffix(format));
-                let out = launch(
-                    dtype,
-                    &name,
-                    [(tiles.len() / 2) as u32, shape.num_heads as u32, 1],
-                    128,
-                    vec![
-                        dtype.encode(&q),
-                        k_bytes,
-                        v_bytes,
-                        vec![0; q.len() * dtype.size()],
-                        i32_bytes(&tiles),
-                        i32_bytes(&vec![0; tokens]),
-                        i32_bytes(&(start as i32..len as i32).collect::<Vec<_>>()),
-                        i32_bytes(&cache.block_tables),
-                    ],
-                    &with_buffers(
-                        8,
-                        [
-                            Arg::I32(cache.max_blocks as i32),
-                            Arg::I32(block_size as i32),
-                            Arg::I32(shape.num_heads as i32),
-                            Arg::I32(shape.num_kv_heads as i32),
-                            Arg::I32(shape.head_dim as i32),
-                            Arg::F32(1.0 / (shape.head_dim as f32).sqrt()),
-                        ],
-                    ),
-                );
+                let kv = (k_bytes, v_bytes);
+                let out = launch_prefill(dtype, &name, &q, kv, shape, (&cache, block_size), start);
                 let tolerance = if dtype == DType::F32 { 1e-5 } else { 8e-3 };
                 let what = format!("{name} heads of {} {}", shape.head_dim, dtype.name());
                 assert_close(&elems(dtype, &out[3]), &rounded(dtype, &want), tolerance, &what);

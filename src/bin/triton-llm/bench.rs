@@ -241,46 +241,38 @@ fn bench(
         // kernel's rows, both kernels, to check the engine's pick.
         use triton_llm::probe::{GEMV_MAX_ROWS, ProductKernel};
         let gpu = DeviceProbe::open(ordinal, device.dtype)?;
-        let measure = |kernel: ProductKernel| -> triton_llm::Result<serde_json::Value> {
+        // Each weight shape of the two 6B/7B families' decoder layers.
+        const LAYER_SHAPES: [(usize, usize); 7] = [
+            (4608, 4096),
+            (4096, 4096),
+            (27392, 4096),
+            (4096, 13696),
+            (6144, 4096),
+            (28672, 4096),
+            (4096, 14336),
+        ];
+        // Each shape's read rate as a share of the copy bandwidth, in percent.
+        let shares = |shapes: &[(usize, usize)],
+                      read: &dyn Fn(usize, usize) -> triton_llm::Result<f64>|
+         -> triton_llm::Result<serde_json::Value> {
             let mut shares = serde_json::Map::new();
-            for (n, k) in [
-                (4608, 4096),
-                (4096, 4096),
-                (27392, 4096),
-                (4096, 13696),
-                (65024, 4096),
-                (6144, 4096),
-                (28672, 4096),
-                (4096, 14336),
-            ] {
-                let read = gpu.product_bandwidth(kernel, batch, n, k)?;
-                shares.insert(
-                    format!("{n}x{k}"),
-                    json!((100.0 * read / bandwidth * 10.0).round() / 10.0),
-                );
+            for &(n, k) in shapes {
+                let share = (100.0 * read(n, k)? / bandwidth * 10.0).round() / 10.0;
+                shares.insert(format!("{n}x{k}"), json!(share));
             }
             Ok(serde_json::Value::Object(shares))
+        };
+        // The dense products also at ChatGLM2's output layer.
+        let mut dense_shapes = LAYER_SHAPES.to_vec();
+        dense_shapes.push((65024, 4096));
+        let measure = |kernel: ProductKernel| {
+            shares(&dense_shapes, &|n, k| gpu.product_bandwidth(kernel, batch, n, k))
         };
         if let Some(bits) = quant_bits.filter(|_| batch <= GEMV_MAX_ROWS) {
             // The quantised GEMV on the decoder-layer shapes (the output layer stays dense),
             // its packed bytes and scales against the copy bandwidth.
-            let mut shares = serde_json::Map::new();
-            for (n, k) in [
-                (4608, 4096),
-                (4096, 4096),
-                (27392, 4096),
-                (4096, 13696),
-                (6144, 4096),
-                (28672, 4096),
-                (4096, 14336),
-            ] {
-                let read = gpu.quantized_product_bandwidth(bits, batch, n, k)?;
-                shares.insert(
-                    format!("{n}x{k}"),
-                    json!((100.0 * read / bandwidth * 10.0).round() / 10.0),
-                );
-            }
-            report["quantized_products_percent_of_bandwidth"] = serde_json::Value::Object(shares);
+            report["quantized_products_percent_of_bandwidth"] =
+                shares(&LAYER_SHAPES, &|n, k| gpu.quantized_product_bandwidth(bits, batch, n, k))?;
         }
         let chosen = ProductKernel::for_rows(batch);
         report["products_kernel"] = json!(chosen.name());
