@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use crate::chat::messages::{ACTION_END, Conversation, ToolCall};
 use crate::chat::stream::AnswerStream;
 use crate::chat::{self, History};
 use crate::dtype::{DType, KvFormat};
@@ -69,20 +70,26 @@ pub struct ChatTurn {
     pub system_prompt: Option<String>,
 }
 
-/// A prompt's token ids, ready to start: a chat turn tokenized and checked against the
-/// input limits (where the request arrives, not on the engine's thread), or raw ids.
+/// A prompt's token ids, ready to start: a chat turn or a conversation tokenized and
+/// checked against the input limits (where the request arrives, not on the engine's
+/// thread), or raw ids.
 #[derive(Clone, Debug)]
 pub struct Prompt {
     pub ids: Vec<u32>,
-    /// The query and kept history of a chat turn; None for raw ids (no chat format, no
-    /// clean-up of the answer).
+    /// The query and kept history of a chat turn, returned with the answer.
     chat: Option<(String, History)>,
+    /// The answer is cleaned as the family's `model.chat` cleans it.
+    clean: bool,
+    /// Tools were offered: the answer may end in tool calls, and `<|action_end|>` ends it.
+    tools: bool,
+    /// The input the prompt came from, named in its errors.
+    input: &'static str,
 }
 
 impl Prompt {
     /// Raw token ids, continued without a chat format.
     pub fn raw(ids: Vec<u32>) -> Self {
-        Prompt { ids, chat: None }
+        Prompt { ids, chat: None, clean: false, tools: false, input: "prompt" }
     }
 }
 
@@ -94,6 +101,8 @@ pub struct Completion {
     pub output_ids: Vec<u32>,
     pub prompt_tokens: usize,
     pub finish_reason: FinishReason,
+    /// The tool calls the answer ends in (only when tools were offered).
+    pub tool_calls: Vec<ToolCall>,
 }
 
 /// A folder's family (from config.json) and tokenizer, without its weights.
@@ -217,7 +226,25 @@ impl ChatModel {
         let text =
             chat::build_prompt(self.family, &turn.query, kept, turn.system_prompt.as_deref());
         let ids = self.tokenizer.encode(&text, true)?;
-        Ok(Prompt { ids, chat: Some((turn.query.clone(), kept.to_vec())) })
+        let chat = Some((turn.query.clone(), kept.to_vec()));
+        Ok(Prompt { ids, chat, clean: true, tools: false, input: "prompt" })
+    }
+
+    /// Tokenizes a conversation in the family's chat format (`chat::messages`), refusing
+    /// first, by its length in bytes, one no context could hold.
+    pub fn prepare_messages(&self, conversation: &Conversation) -> Result<Prompt> {
+        let bytes = conversation.text_bytes();
+        if bytes > self.max_input_bytes {
+            return Err(Error::InvalidRequest(format!(
+                "messages: the conversation's text is {bytes} bytes, over the {} bytes this \
+                 model takes (its context is {} tokens; model parameter max_input_bytes)",
+                self.max_input_bytes, self.max_context
+            )));
+        }
+        let text = conversation.prompt(self.family)?;
+        let ids = self.tokenizer.encode(&text, true)?;
+        let tools = conversation.has_tools();
+        Ok(Prompt { ids, chat: None, clean: true, tools, input: "messages" })
     }
 
     /// Tokenizes raw text as the family's tokenizer does by default (its prefix tokens
@@ -235,22 +262,35 @@ impl ChatModel {
                 self.max_context
             )));
         }
-        Ok(Prompt::raw(self.tokenizer.encode(text, true)?))
+        Ok(Prompt { input: "text_input", ..Prompt::raw(self.tokenizer.encode(text, true)?) })
     }
 
     /// Starts a prompt's generation: checked against the length limits, ready to step.
     pub fn start(&self, prompt: Prompt, options: &GenerationOptions) -> Result<Generating<'_>> {
         let pairs = prompt.chat.as_ref().map_or(0, |(_, kept)| kept.len());
-        let sequence = Sequence::new(self.request(prompt.ids, options)).map_err(|e| match e {
+        let mut request = self.request(prompt.ids, options);
+        if prompt.tools && !options.ignore_eos {
+            request.stop_token_ids.extend(self.tokenizer.token_to_id(ACTION_END));
+        }
+        let input = prompt.input;
+        let sequence = Sequence::new(request).map_err(|e| match e {
             // Too long for the context: say the history counts too.
             Error::InvalidRequest(message) if pairs > 0 => Error::InvalidRequest(format!(
                 "{message} (the prompt includes the {pairs} kept history pairs; a smaller \
                  history_len keeps fewer)"
             )),
+            // Named by the input it came in.
+            Error::InvalidRequest(message) => match message.strip_prefix("prompt: ") {
+                Some(problem) => Error::InvalidRequest(format!("{input}: {problem}")),
+                None => Error::InvalidRequest(message),
+            },
             e => e,
         })?;
-        let clean = prompt.chat.is_some().then_some(self.family);
-        let answer = AnswerStream::new(&self.tokenizer, clean, options.stop.clone());
+        let clean = prompt.clean.then_some(self.family);
+        let mut answer = AnswerStream::new(&self.tokenizer, clean, options.stop.clone());
+        if prompt.tools {
+            answer = answer.with_tool_calls(&self.tokenizer);
+        }
         Ok(Generating { sequence, answer, chat: prompt.chat, error: None })
     }
 }
@@ -314,6 +354,7 @@ impl Generating<'_> {
             output_ids: generation.output_ids,
             prompt_tokens,
             finish_reason: generation.finish_reason,
+            tool_calls: self.answer.tool_calls(),
         };
         Ok((rest, completion))
     }

@@ -30,3 +30,13 @@ fn safetensors_offsets_past_any_file_are_refused() {
     let err = Checkpoint::open(dir.path()).err().expect("refused").to_string();
     assert!(err.contains("model.safetensors") && err.contains("past the end"), "{err}");
 }
+
+/// A long integer literal parsed one ulp off (serde_json's fast float path) and was written
+/// back into the prompt unlike Python's `json.dumps(json.loads(…))`.
+#[test]
+fn numbers_in_messages_read_back_as_python_reads_them() {
+    use triton_llm::chat::messages::Json;
+    let json = Json::parse("555555555555555555555555555555555555555555", "t").unwrap();
+    assert_eq!(json.python_dumps(), "5.555555555555556e+41");
+    assert_eq!(Json::parse(&json.python_dumps(), "t").unwrap(), json);
+}

@@ -11,6 +11,7 @@ use common::fixture;
 use proptest::prelude::*;
 use triton_llm::Result;
 use triton_llm::chat::clean_response;
+use triton_llm::chat::messages::ACTION_START;
 use triton_llm::chat::stream::AnswerStream;
 use triton_llm::pipeline::{ChatModel, ChatTurn, Completion, GenerationOptions, LoadOptions};
 use triton_llm::sampling::SamplingParams;
@@ -361,6 +362,31 @@ proptest! {
         let (pieces, clean_answer, _) = run_stream(&mut cleaned, &ids);
         prop_assert_eq!(pieces.concat(), clean_answer.clone());
         prop_assert_eq!(clean_answer, clean_response(chat.family, &answer));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// With tools offered, the streamed pieces add up to the answer, which is the text
+    /// before the first tool call; the action marks among the ids decode as their text.
+    #[test]
+    fn tool_call_answers_stream_the_text_before_the_call(ids in ids()) {
+        let chat = chat_model("internlm2-tiny");
+        let tok = &chat.tokenizer;
+        let ids: Vec<u32> = ids.into_iter().map(|id| pick_id(tok.vocab_size() as u32, id)).collect();
+        let mut stream = AnswerStream::new(tok, Some(chat.family), Vec::new()).with_tool_calls(tok);
+        let (pieces, answer, _) = run_stream(&mut stream, &ids);
+        prop_assert_eq!(pieces.concat(), answer.clone());
+        let marks = ["<|action_start|>", "<|plugin|>", "<|interpreter|>", "<|action_end|>"];
+        let mut decoder = tok.stream_decoder().show(tok.known_tokens(&marks));
+        let mut full: String = ids.iter().map(|&id| decoder.push(id)).collect();
+        full.push_str(&decoder.finish());
+        let before_call = full.split(ACTION_START).next().unwrap();
+        prop_assert_eq!(&answer, &clean_response(chat.family, before_call));
+        if !stream.tool_calls().is_empty() {
+            prop_assert!(full.contains(ACTION_START), "{:?}", full);
+        }
     }
 }
 

@@ -21,6 +21,11 @@ use crate::{Error, Result};
 /// The marks around an InternLM2 tool call in the reply (and in the prompt's history).
 pub const ACTION_START: &str = "<|action_start|><|plugin|>";
 pub const ACTION_END: &str = "<|action_end|>";
+/// The special tokens the marks are made of (`<|interpreter|>` in place of `<|plugin|>`
+/// starts code, which is not a tool call).
+pub const ACTION_START_TOKEN: &str = "<|action_start|>";
+pub const PLUGIN_TOKEN: &str = "<|plugin|>";
+pub const INTERPRETER_TOKEN: &str = "<|interpreter|>";
 
 /// JSON as parsed, object keys in their order (serde_json's map sorts them).
 #[derive(Clone, Debug, PartialEq)]
@@ -327,6 +332,11 @@ impl Conversation {
             ));
         }
         Ok(Conversation { messages: parsed, tools })
+    }
+
+    /// The last message's text (what the request asks now).
+    pub fn last_content(&self) -> &str {
+        self.messages.last().map_or("", |m| m.content.as_str())
     }
 
     pub fn has_tools(&self) -> bool {

@@ -5,6 +5,10 @@
 
 use super::chatglm2::is_python_whitespace;
 use super::clean_response;
+use super::messages::{
+    ACTION_END, ACTION_START, ACTION_START_TOKEN, INTERPRETER_TOKEN, PLUGIN_TOKEN, ToolCall,
+    parse_internlm2_reply,
+};
 use crate::model::Family;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -13,6 +17,9 @@ pub struct AnswerStream<'t> {
     stops: StopStrings,
     /// The family whose clean-up applies (None: raw continuation).
     clean: Option<Family>,
+    /// Tools were offered: the answer is the text before the first tool call
+    /// (`with_tool_calls`).
+    tools: bool,
     /// Raw text that passed the stop-string check.
     raw: String,
     /// Bytes of the cleaned answer already handed out.
@@ -25,9 +32,29 @@ impl<'t> AnswerStream<'t> {
             decoder: tokenizer.stream_decoder(),
             stops: StopStrings::new(stop),
             clean,
+            tools: false,
             raw: String::new(),
             emitted: 0,
         }
+    }
+
+    /// An answer that may end in InternLM2 tool calls: the action marks are decoded as
+    /// text, the answer handed out stops before the first call, and `tool_calls` parses
+    /// them.
+    pub fn with_tool_calls(mut self, tokenizer: &'t Tokenizer) -> Self {
+        let marks = [ACTION_START_TOKEN, PLUGIN_TOKEN, INTERPRETER_TOKEN, ACTION_END];
+        self.decoder = tokenizer.stream_decoder().show(tokenizer.known_tokens(&marks));
+        self.tools = true;
+        self
+    }
+
+    /// The tool calls the answer ends in (none unless `with_tool_calls`), as LMDeploy
+    /// parses them.
+    pub fn tool_calls(&self) -> Vec<ToolCall> {
+        if !self.tools {
+            return Vec::new();
+        }
+        parse_internlm2_reply(&self.raw).1.into_iter().collect()
     }
 
     /// Feeds one generated id. Returns the new text that is final, and whether a stop
@@ -67,9 +94,13 @@ impl<'t> AnswerStream<'t> {
     }
 
     fn cleaned(&self) -> String {
+        let raw = match self.tools {
+            true => self.raw.split(ACTION_START).next().unwrap_or_default(),
+            false => &self.raw,
+        };
         match self.clean {
-            Some(family) => clean_response(family, &self.raw),
-            None => self.raw.clone(),
+            Some(family) => clean_response(family, raw),
+            None => raw.to_string(),
         }
     }
 
@@ -88,6 +119,11 @@ impl<'t> AnswerStream<'t> {
 
     /// Bytes at the end of `cleaned` that later text may strip or replace.
     fn unstable_tail(&self, cleaned: &str) -> usize {
+        let call = if self.tools { partial_suffix(cleaned, ACTION_START) } else { 0 };
+        call.max(self.family_unstable_tail(cleaned))
+    }
+
+    fn family_unstable_tail(&self, cleaned: &str) -> usize {
         match self.clean {
             None => 0,
             Some(Family::ChatGlm2) => {

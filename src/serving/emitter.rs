@@ -223,6 +223,7 @@ mod tests {
             output_ids: Vec::new(),
             prompt_tokens: 1,
             finish_reason: FinishReason::Stop,
+            tool_calls: Vec::new(),
         }
     }
 

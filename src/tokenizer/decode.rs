@@ -144,6 +144,8 @@ fn decode_bytes_per_byte(bytes: &[u8], out: &mut String, closed: bool) -> usize 
 /// `push` and `finish` return equals `Tokenizer::decode` of all the ids.
 pub struct StreamDecoder<'a> {
     inner: Stream<'a>,
+    /// Special tokens written as their text instead of skipped (`show`).
+    shown: Vec<(u32, String)>,
 }
 
 enum Stream<'a> {
@@ -171,7 +173,15 @@ impl<'a> StreamDecoder<'a> {
                 Stream::Hf { tokenizer: &hf.inner, ids: Vec::new(), prefix: 0, read: 0 }
             }
         };
-        StreamDecoder { inner }
+        StreamDecoder { inner, shown: Vec::new() }
+    }
+
+    /// Writes these special tokens as their text (`decode(.., skip_special_tokens=False)`
+    /// for them alone): the text before one is closed as the full decode would close it
+    /// at that point, then the token's text follows.
+    pub fn show(mut self, specials: Vec<(u32, String)>) -> Self {
+        self.shown = specials;
+        self
     }
 }
 
@@ -179,6 +189,15 @@ impl StreamDecoder<'_> {
     /// Feeds one generated id; returns the text that became final (possibly empty). Never
     /// returns part of a character or of an unfinished byte-fallback run.
     pub fn push(&mut self, id: u32) -> String {
+        if let Some((_, text)) = self.shown.iter().find(|(shown, _)| *shown == id) {
+            let text = text.clone();
+            let mut out = self.finish();
+            out.push_str(&text);
+            if let Stream::Sp { state, .. } = &mut self.inner {
+                state.written = true;
+            }
+            return out;
+        }
         match &mut self.inner {
             Stream::Sp { decoder, state } => {
                 let mut out = String::new();

@@ -169,6 +169,11 @@ impl Tokenizer {
     pub fn stream_decoder(&self) -> StreamDecoder<'_> {
         StreamDecoder::new(self)
     }
+
+    /// The ids of those of `tokens` this tokenizer knows, each with its text.
+    pub fn known_tokens(&self, tokens: &[&str]) -> Vec<(u32, String)> {
+        tokens.iter().filter_map(|t| Some((self.token_to_id(t)?, t.to_string()))).collect()
+    }
 }
 
 impl SpTokenizer {

@@ -12,6 +12,7 @@ use super::handle::InstanceHandle;
 use super::interface::{self, AnyRequest};
 use super::metrics::InstanceMetrics;
 use super::model::{ModelHandle, ModelState};
+use super::raw::{RawPrompt, RawRequest};
 use super::request::Request;
 use super::sink::{self, Contract, TritonSink, now_ns};
 use super::sys;
@@ -174,7 +175,10 @@ impl InstanceState {
         )?;
         let text = match &decoded {
             AnyRequest::Chat(chat) => &chat.turn.query,
-            AnyRequest::Raw(raw) => &raw.text,
+            AnyRequest::Raw(RawRequest { prompt: RawPrompt::Text(text), .. }) => text,
+            AnyRequest::Raw(RawRequest { prompt: RawPrompt::Messages(conversation), .. }) => {
+                conversation.last_content()
+            }
         };
         let fault = faults::requested(text);
         if fault == Some(Fault::ExecutePanic) {
@@ -185,11 +189,16 @@ impl InstanceState {
                 (self.chat.prepare_chat(&chat.turn)?, chat.options, Contract::Seed)
             }
             AnyRequest::Raw(raw) => {
-                let prompt = self.chat.prepare_raw(&raw.text)?;
+                let (prompt, text) = match raw.prompt {
+                    RawPrompt::Text(text) => (self.chat.prepare_raw(&text)?, Some(text)),
+                    RawPrompt::Messages(conversation) => {
+                        (self.chat.prepare_messages(&conversation)?, None)
+                    }
+                };
                 let contract = Contract::Raw {
                     stream: raw.stream,
                     prompt_tokens: prompt.ids.len(),
-                    prefix: raw.prepend_input.then_some(raw.text),
+                    prefix: text.filter(|_| raw.prepend_input),
                     outputs: raw.outputs,
                 };
                 (prompt, raw.options, contract)

@@ -287,11 +287,13 @@ pub const MAX_STOP_BYTES: usize = 16 << 10;
 pub enum AnyRequest {
     /// The seed interface: a chat turn in `prompt`.
     Chat(ChatRequest),
-    /// The vLLM/TensorRT-LLM contract: raw text in `text_input`.
+    /// The vLLM/TensorRT-LLM contract: raw text in `text_input`, or a conversation in
+    /// `messages`.
     Raw(super::raw::RawRequest),
 }
 
-/// Decodes a request of either contract: `prompt` (the seed interface) or `text_input`.
+/// Decodes a request of either contract: `prompt` (the seed interface), or `text_input` or
+/// `messages` (the raw contract).
 pub fn decode_any(
     tensors: &HashMap<String, InputTensor>,
     batched: bool,
@@ -299,27 +301,36 @@ pub fn decode_any(
     family: Family,
     defaults: &ModelParameters,
 ) -> Result<AnyRequest> {
-    use super::raw::{self, CHAT_ONLY, RAW_ONLY, TEXT_INPUT};
+    use super::raw::{self, CHAT_ONLY, MESSAGES, RAW_ONLY, TEXT_INPUT};
     let has = |name: &str| tensors.contains_key(name);
-    match (has(PROMPT), has(TEXT_INPUT)) {
-        (true, true) => Err(Error::InvalidRequest(format!(
-            "{PROMPT}, {TEXT_INPUT}: a request carries one of them (a chat turn in {PROMPT}, raw \
-             text in {TEXT_INPUT}), not both"
+    let sources: Vec<&str> =
+        [PROMPT, TEXT_INPUT, MESSAGES].into_iter().filter(|n| has(n)).collect();
+    match sources[..] {
+        [_, _, ..] => Err(Error::InvalidRequest(format!(
+            "{}: a request carries one of {PROMPT} (a chat turn), {TEXT_INPUT} (raw text) or \
+             {MESSAGES} (a conversation), not several",
+            sources.join(", ")
         ))),
-        (false, true) => raw::decode_raw(tensors, batched, decoupled).map(AnyRequest::Raw),
-        (false, false) if RAW_ONLY.iter().any(|n| has(n)) => {
-            Err(invalid(TEXT_INPUT, format!("is required (or {PROMPT} for a chat turn)")))
+        [TEXT_INPUT] | [MESSAGES] => {
+            raw::decode_raw(tensors, batched, decoupled).map(AnyRequest::Raw)
         }
+        [] if RAW_ONLY.iter().any(|n| has(n)) => Err(invalid(
+            TEXT_INPUT,
+            format!("is required (or {MESSAGES} for a conversation, {PROMPT} for a chat turn)"),
+        )),
         // A seed request without its prompt keeps the seed interface's message.
-        (false, false) if !CHAT_ONLY.iter().any(|n| has(n)) => Err(Error::InvalidRequest(format!(
-            "{PROMPT}, {TEXT_INPUT}: a request carries one of them (a chat turn in {PROMPT}, \
-             raw text in {TEXT_INPUT}), got neither"
+        [] if !CHAT_ONLY.iter().any(|n| has(n)) => Err(Error::InvalidRequest(format!(
+            "{PROMPT}, {TEXT_INPUT}, {MESSAGES}: a request carries one of them (a chat turn in \
+             {PROMPT}, raw text in {TEXT_INPUT}, a conversation in {MESSAGES}), got none"
         ))),
         _ => {
             if let Some(name) = RAW_ONLY.iter().find(|n| has(n)) {
                 return Err(invalid(
                     name,
-                    format!("belongs to the {TEXT_INPUT} contract, not to a {PROMPT} request"),
+                    format!(
+                        "belongs to the {TEXT_INPUT} and {MESSAGES} contract, not to a {PROMPT} \
+                         request"
+                    ),
                 ));
             }
             decode_request(tensors, batched, family, defaults).map(AnyRequest::Chat)
@@ -719,6 +730,7 @@ mod tests {
             output_ids: vec![],
             prompt_tokens: 3,
             finish_reason: FinishReason::Stop,
+            tool_calls: vec![],
         };
         let all = [RESPONSE.to_string(), HISTORY.to_string()];
         let outputs = encode_outputs(&completion, false, &all);

@@ -10,6 +10,14 @@
 //! STRING [-1], `random_seed` UINT64. The sampling names both define (`temperature`,
 //! `top_p`, `top_k`, `repetition_penalty`, `seed`) are read as text or as numbers, whichever
 //! type the model config declares.
+//!
+//! In place of `text_input`, a request may carry a conversation: `messages` STRING (an
+//! OpenAI-style JSON list) and optionally `tools` STRING (a JSON list of functions),
+//! rendered in the family's chat format (`chat::messages`). Such a request answers as a
+//! chat completion does: the answer alone in `text_output`, `finish_reason` and the token
+//! counts unless their flags say false, the family's default length limit, and with tools
+//! a `tool_calls` STRING output (OpenAI's JSON list) and finish reason `tool_calls` when
+//! the answer calls one.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{LazyLock, Mutex};
@@ -20,6 +28,7 @@ use super::interface::{
     self, ElementType, HISTORY, HISTORY_LEN, InputTensor, Inputs, MAX_NEW_TOKENS, MAX_TOKEN,
     OutputTensor, PROMPT, STOP, SYSTEM_PROMPT, invalid,
 };
+use crate::chat::messages::{Conversation, openai_tool_calls};
 use crate::pipeline::{Completion, GenerationOptions};
 use crate::sampling::SamplingParams;
 use crate::sequence::FinishReason;
@@ -40,9 +49,13 @@ pub const TEXT_OUTPUT: &str = "text_output";
 pub const FINISH_REASON: &str = "finish_reason";
 pub const NUM_INPUT_TOKENS: &str = "num_input_tokens";
 pub const NUM_OUTPUT_TOKENS: &str = "num_output_tokens";
+pub const MESSAGES: &str = "messages";
+pub const TOOLS: &str = "tools";
+pub const TOOL_CALLS: &str = "tool_calls";
 
-/// Inputs only a `text_input` request takes.
-pub const RAW_ONLY: [&str; 10] = [
+/// Inputs only a `text_input` or `messages` request takes.
+pub const RAW_ONLY: [&str; 11] = [
+    TOOLS,
     STREAM,
     SAMPLING_PARAMETERS,
     EXCLUDE_INPUT_IN_OUTPUT,
@@ -67,11 +80,22 @@ pub struct RawOutputs {
     pub finish_reason: bool,
     pub num_input_tokens: bool,
     pub num_output_tokens: bool,
+    /// Tools were offered: the final response carries `tool_calls`.
+    pub tool_calls: bool,
+}
+
+/// What a raw-contract request is continued from.
+#[derive(Clone, Debug)]
+pub enum RawPrompt {
+    /// `text_input`: the text as it is.
+    Text(String),
+    /// `messages` (and `tools`): a conversation in the family's chat format.
+    Messages(Conversation),
 }
 
 #[derive(Clone, Debug)]
 pub struct RawRequest {
-    pub text: String,
+    pub prompt: RawPrompt,
     pub options: GenerationOptions,
     /// Each response carries the new text (a decoupled model only); else one response.
     pub stream: bool,
@@ -95,29 +119,56 @@ fn vllm_defaults() -> GenerationOptions {
     }
 }
 
-/// Decodes a `text_input` request (the caller checked that it has no `prompt`).
+/// Decodes a `text_input` or `messages` request (the caller checked that it has exactly
+/// one of them, and no `prompt`).
 pub fn decode_raw(
     tensors: &HashMap<String, InputTensor>,
     batched: bool,
     decoupled: bool,
 ) -> Result<RawRequest> {
     let inputs = Inputs { tensors, batched };
-    let text =
-        inputs.scalar(TEXT_INPUT)?.ok_or_else(|| invalid(TEXT_INPUT, "is required".into()))?;
-    if text.is_empty() {
-        return Err(invalid(TEXT_INPUT, "must not be empty".into()));
-    }
+    let prompt = match (inputs.scalar(TEXT_INPUT)?, inputs.scalar(MESSAGES)?) {
+        (Some(_), Some(_)) => {
+            return Err(Error::InvalidRequest(format!(
+                "{TEXT_INPUT}, {MESSAGES}: a request carries one of them, not both"
+            )));
+        }
+        (Some(text), None) => {
+            if text.is_empty() {
+                return Err(invalid(TEXT_INPUT, "must not be empty".into()));
+            }
+            if inputs.has(TOOLS) {
+                return Err(invalid(
+                    TOOLS,
+                    format!("go with {MESSAGES} (a conversation), not with {TEXT_INPUT}"),
+                ));
+            }
+            RawPrompt::Text(text.to_string())
+        }
+        (None, Some(messages)) => {
+            RawPrompt::Messages(Conversation::parse(messages, inputs.scalar(TOOLS)?)?)
+        }
+        (None, None) => return Err(invalid(TEXT_INPUT, "is required".into())),
+    };
+    let conversation = match &prompt {
+        RawPrompt::Messages(conversation) => Some(conversation),
+        RawPrompt::Text(_) => None,
+    };
     if let Some(name) = CHAT_ONLY.iter().find(|name| inputs.has(name)) {
         return Err(invalid(
             name,
             format!(
-                "belongs to the seed interface (a chat turn in {PROMPT}); a {TEXT_INPUT} request \
-                 takes {MAX_TOKENS} or {SAMPLING_PARAMETERS} instead"
+                "belongs to the seed interface (a chat turn in {PROMPT}); a {TEXT_INPUT} or \
+                 {MESSAGES} request takes {MAX_TOKENS} or {SAMPLING_PARAMETERS} instead"
             ),
         ));
     }
 
     let mut options = vllm_defaults();
+    if conversation.is_some() {
+        // A chat completion runs to the family's chat limit unless told otherwise.
+        options.max_new_tokens = None;
+    }
     if let Some(json) = inputs.scalar(SAMPLING_PARAMETERS)? {
         apply_sampling_parameters(json, &mut options)?;
     }
@@ -143,20 +194,31 @@ pub fn decode_raw(
             "true needs a decoupled model (model_transaction_policy { decoupled: true })".into(),
         ));
     }
-    // vLLM: the prompt leads the text unless excluded, and by default when streaming.
-    let prepend_input = match inputs.flag(EXCLUDE_INPUT_IN_OUTPUT)? {
+    // vLLM: the prompt leads the text unless excluded, and by default when streaming. A
+    // conversation's answer comes alone.
+    let exclude = inputs.flag(EXCLUDE_INPUT_IN_OUTPUT)?;
+    let prepend_input = match exclude {
         Some(exclude) => !exclude,
-        None => !stream,
+        None => !stream && conversation.is_none(),
     };
     if prepend_input && stream {
         return Err(invalid(EXCLUDE_INPUT_IN_OUTPUT, "false is not allowed when streaming".into()));
     }
+    if prepend_input && conversation.is_some() {
+        return Err(invalid(
+            EXCLUDE_INPUT_IN_OUTPUT,
+            format!("false is not allowed with {MESSAGES} (the answer comes alone)"),
+        ));
+    }
+    // A chat completion reports why it ended and its usage unless asked not to.
+    let chat_default = conversation.is_some();
     let outputs = RawOutputs {
-        finish_reason: inputs.flag(RETURN_FINISH_REASON)?.unwrap_or(false),
-        num_input_tokens: inputs.flag(RETURN_NUM_INPUT_TOKENS)?.unwrap_or(false),
-        num_output_tokens: inputs.flag(RETURN_NUM_OUTPUT_TOKENS)?.unwrap_or(false),
+        finish_reason: inputs.flag(RETURN_FINISH_REASON)?.unwrap_or(chat_default),
+        num_input_tokens: inputs.flag(RETURN_NUM_INPUT_TOKENS)?.unwrap_or(chat_default),
+        num_output_tokens: inputs.flag(RETURN_NUM_OUTPUT_TOKENS)?.unwrap_or(chat_default),
+        tool_calls: conversation.is_some_and(Conversation::has_tools),
     };
-    Ok(RawRequest { text: text.to_string(), options, stream, prepend_input, outputs })
+    Ok(RawRequest { prompt, options, stream, prepend_input, outputs })
 }
 
 /// Keys of sampling_parameters already logged as ignored (each once per process; bounded,
@@ -296,9 +358,12 @@ pub fn apply_sampling_parameters(json: &str, options: &mut GenerationOptions) ->
     interface::check_stop(SAMPLING_PARAMETERS, &options.stop)
 }
 
-/// vLLM's names for why an answer ended.
-pub fn finish_reason_name(reason: FinishReason) -> &'static str {
-    match reason {
+/// vLLM's names for why an answer ended (OpenAI's `tool_calls` when it calls a tool).
+pub fn finish_reason_name(completion: &Completion) -> &'static str {
+    if !completion.tool_calls.is_empty() {
+        return "tool_calls";
+    }
+    match completion.finish_reason {
         FinishReason::Stop => "stop",
         FinishReason::Length => "length",
         FinishReason::Cancelled => "abort",
@@ -334,7 +399,7 @@ pub fn encode_raw_outputs(
             }
             FINISH_REASON if asked.finish_reason => {
                 if let Some(completion) = completion {
-                    let reason = finish_reason_name(completion.finish_reason);
+                    let reason = finish_reason_name(completion);
                     outputs.push(OutputTensor::text(FINISH_REASON, batched, reason));
                 }
             }
@@ -342,6 +407,12 @@ pub fn encode_raw_outputs(
                 if let Some(completion) = completion {
                     let count = completion.output_ids.len();
                     outputs.push(uint32(NUM_OUTPUT_TOKENS, batched, count));
+                }
+            }
+            TOOL_CALLS if asked.tool_calls => {
+                if let Some(completion) = completion {
+                    let calls = openai_tool_calls(&completion.tool_calls);
+                    outputs.push(OutputTensor::text(TOOL_CALLS, batched, &calls));
                 }
             }
             _ => {} // the seed interface's outputs, or not asked for
@@ -398,7 +469,7 @@ mod tests {
     #[test]
     fn defaults_follow_vllm() {
         let r = raw(vec![(TEXT_INPUT, text(&["Hello"]))]);
-        assert_eq!(r.text, "Hello");
+        assert!(matches!(&r.prompt, RawPrompt::Text(text) if text == "Hello"));
         assert!(!r.stream && r.prepend_input);
         assert_eq!(r.outputs, RawOutputs::default());
         assert_eq!(r.options.max_new_tokens, Some(DEFAULT_MAX_TOKENS));
@@ -480,9 +551,9 @@ mod tests {
     #[test]
     fn prompt_and_text_input_go_alone() {
         let both = error(vec![(PROMPT, text(&["a"])), (TEXT_INPUT, text(&["b"]))]);
-        assert!(both.starts_with("prompt, text_input: ") && both.contains("not both"), "{both}");
+        assert!(both.starts_with("prompt, text_input: ") && both.contains("not several"), "{both}");
         let neither = error(vec![(interface::TEMPERATURE, text(&["0"]))]);
-        assert!(neither.starts_with("prompt, text_input: ") && neither.contains("neither"));
+        assert!(neither.starts_with("prompt, text_input, messages: ") && neither.contains("none"));
         assert!(!both.contains("  ") && !neither.contains("  "), "{both} / {neither}");
         // A seed request keeps its own message; a raw one names text_input.
         assert_eq!(error(vec![(HISTORY, text(&["q", "a"]))]), "prompt: is required");
@@ -543,16 +614,27 @@ mod tests {
             output_ids: vec![5, 6, 2],
             prompt_tokens: 4,
             finish_reason: FinishReason::Stop,
+            tool_calls: vec![],
         };
-        let all: Vec<String> =
-            [interface::RESPONSE, TEXT_OUTPUT, FINISH_REASON, NUM_INPUT_TOKENS, NUM_OUTPUT_TOKENS]
-                .map(String::from)
-                .to_vec();
+        let all: Vec<String> = [
+            interface::RESPONSE,
+            TEXT_OUTPUT,
+            FINISH_REASON,
+            NUM_INPUT_TOKENS,
+            NUM_OUTPUT_TOKENS,
+            TOOL_CALLS,
+        ]
+        .map(String::from)
+        .to_vec();
         let none =
             encode_raw_outputs("t", 4, Some(&completion), RawOutputs::default(), false, &all);
         assert_eq!(none, vec![OutputTensor::text(TEXT_OUTPUT, false, "t")]);
-        let asked =
-            RawOutputs { finish_reason: true, num_input_tokens: true, num_output_tokens: true };
+        let asked = RawOutputs {
+            finish_reason: true,
+            num_input_tokens: true,
+            num_output_tokens: true,
+            tool_calls: false,
+        };
         let every = encode_raw_outputs("t", 4, Some(&completion), asked, false, &all);
         let names: Vec<&str> = every.iter().map(|o| o.name).collect();
         assert_eq!(names, [TEXT_OUTPUT, FINISH_REASON, NUM_INPUT_TOKENS, NUM_OUTPUT_TOKENS]);
@@ -567,5 +649,98 @@ mod tests {
         let names: Vec<&str> = piece.iter().map(|o| o.name).collect();
         assert_eq!(names, [TEXT_OUTPUT, NUM_INPUT_TOKENS]);
         assert_eq!(piece[0].shape, vec![1, 1]);
+    }
+
+    const WEATHER: &str = r#"[{"name": "get_weather", "parameters": {"type": "object"}}]"#;
+
+    #[test]
+    fn a_tool_call_ends_with_its_own_finish_reason_and_output() {
+        let call = crate::chat::messages::ToolCall {
+            name: "get_weather".into(),
+            arguments: r#"{"city": "Boston"}"#.into(),
+        };
+        let mut completion = Completion {
+            response: "Checking.".into(),
+            history: vec![],
+            output_ids: vec![5, 6],
+            prompt_tokens: 4,
+            finish_reason: FinishReason::Stop,
+            tool_calls: vec![call],
+        };
+        let asked = RawOutputs {
+            finish_reason: true,
+            num_input_tokens: false,
+            num_output_tokens: false,
+            tool_calls: true,
+        };
+        let requested = [TEXT_OUTPUT, FINISH_REASON, TOOL_CALLS].map(String::from);
+        let outputs =
+            encode_raw_outputs("Checking.", 4, Some(&completion), asked, false, &requested);
+        assert_eq!(outputs[1].data, encode_bytes([&b"tool_calls"[..]]));
+        let calls = r#"[{"id": "0", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Boston\"}"}}]"#;
+        assert_eq!(outputs[2], OutputTensor::text(TOOL_CALLS, false, calls));
+        // No call: the finish reason is the sequence's, and tool_calls an empty list.
+        completion.tool_calls.clear();
+        let outputs = encode_raw_outputs("x", 4, Some(&completion), asked, false, &requested);
+        assert_eq!(outputs[1].data, encode_bytes([&b"stop"[..]]));
+        assert_eq!(outputs[2], OutputTensor::text(TOOL_CALLS, false, "[]"));
+        // A streamed piece carries neither.
+        assert_eq!(encode_raw_outputs("p", 4, None, asked, false, &requested).len(), 1);
+    }
+
+    #[test]
+    fn a_messages_request_answers_as_a_chat_completion() {
+        let messages = r#"[{"role": "user", "content": "hi"}]"#;
+        let r = raw(vec![(MESSAGES, text(&[messages]))]);
+        let RawPrompt::Messages(conversation) = &r.prompt else { panic!("not messages") };
+        assert!(!conversation.has_tools());
+        // The answer alone, the family's length limit, and the end and usage reported.
+        assert!(!r.prepend_input && !r.stream);
+        assert_eq!(r.options.max_new_tokens, None);
+        let every = RawOutputs {
+            finish_reason: true,
+            num_input_tokens: true,
+            num_output_tokens: true,
+            tool_calls: false,
+        };
+        assert_eq!(r.outputs, every);
+        let r = raw(vec![
+            (MESSAGES, text(&[messages])),
+            (TOOLS, text(&[WEATHER])),
+            (STREAM, flag(true)),
+            (RETURN_NUM_INPUT_TOKENS, flag(false)),
+            (SAMPLING_PARAMETERS, text(&[r#"{"max_tokens": 8, "temperature": 0}"#])),
+        ]);
+        assert!(r.stream && r.outputs.tool_calls && !r.outputs.num_input_tokens);
+        assert_eq!(r.options.max_new_tokens, Some(8));
+        assert!(r.options.sampling.is_greedy());
+    }
+
+    #[test]
+    fn messages_go_alone_and_tools_go_with_them() {
+        let messages = r#"[{"role": "user", "content": "hi"}]"#;
+        let message = error(vec![(PROMPT, text(&["a"])), (MESSAGES, text(&[messages]))]);
+        assert!(message.starts_with("prompt, messages: ") && message.contains("not several"));
+        let message = error(vec![(TEXT_INPUT, text(&["a"])), (MESSAGES, text(&[messages]))]);
+        assert!(message.starts_with("text_input, messages: "), "{message}");
+        let message = error(vec![(TEXT_INPUT, text(&["a"])), (TOOLS, text(&[WEATHER]))]);
+        assert!(message.starts_with("tools: go with messages"), "{message}");
+        let message = error(vec![(PROMPT, text(&["a"])), (TOOLS, text(&[WEATHER]))]);
+        assert!(message.starts_with("tools: belongs to"), "{message}");
+        let message = error(vec![(TOOLS, text(&[WEATHER]))]);
+        assert!(message.starts_with("text_input: is required (or messages"), "{message}");
+        let message = error(vec![(MESSAGES, text(&[messages])), (HISTORY, text(&["q", "a"]))]);
+        assert!(message.starts_with("history: belongs to the seed interface"), "{message}");
+        let message =
+            error(vec![(MESSAGES, text(&[messages])), (EXCLUDE_INPUT_IN_OUTPUT, flag(false))]);
+        assert!(message.starts_with("exclude_input_in_output: false is not allowed with messages"));
+        let message = error(vec![(MESSAGES, text(&["[{\"role\": \"robot\"}]"]))]);
+        assert!(message.starts_with("messages: message 0"), "{message}");
+        let message = error(vec![(MESSAGES, text(&[messages])), (TOOLS, text(&["{}"]))]);
+        assert!(message.starts_with("tools: "), "{message}");
+        let neither = error(vec![(interface::TEMPERATURE, text(&["0"]))]);
+        assert!(
+            neither.starts_with("prompt, text_input, messages: ") && neither.contains("got none")
+        );
     }
 }

@@ -144,7 +144,7 @@ def test_decoupled_model_streams_only_when_asked(server, stream):
 @pytest.mark.parametrize("fields,message", [
     ({"sampling_parameters": "{not json"}, "sampling_parameters: is not valid JSON"),
     ({"sampling_parameters": json.dumps({"temperature": "hot"})}, "sampling_parameters: temperature: "),
-    ({"prompt": "hi"}, "prompt, text_input: a request carries one of them"),
+    ({"prompt": "hi"}, "prompt, text_input: a request carries one of prompt"),
     ({"stream": True}, "stream: true needs a decoupled model"),
     ({"history": ["q", "a"]}, "history: belongs to the seed interface"),
 ])
