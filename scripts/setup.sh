@@ -2,7 +2,8 @@
 # Installs what building, serving and testing need on a fresh Debian machine that has the
 # Rust toolchain: a C toolchain, libclang (bindgen reads triton_headers/), python3-venv, and
 # a virtualenv .venv-triton with the real tritonserver 2.51 (PyPI wheel nvidia-pytriton)
-# and the pinned tritonclient; cargo-fuzz for the fuzz targets. Safe to run again: it only
+# and the pinned tritonclient (its perf_analyzer too), genai-perf in .venv-genai-perf;
+# cargo-fuzz for the fuzz targets. Safe to run again: it only
 # installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +20,8 @@ command -v c++ >/dev/null || packages+=(g++)
 dpkg -s libclang-dev >/dev/null 2>&1 || packages+=(libclang-dev)
 python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv)
 command -v curl >/dev/null || packages+=(curl)
+# perf_analyzer (the tritonclient wheel's, which genai-perf drives) links libb64.
+dpkg -s libb64-0d >/dev/null 2>&1 || packages+=(libb64-0d)
 if [ ${#packages[@]} -gt 0 ]; then
     echo "setup: installing ${packages[*]}" >&2
     apt-get update -qq
@@ -39,6 +42,15 @@ fi
 # assemble them for sm_80 and sm_90, so a kernel that does not build fails here, not on a GPU.
 if [ ! -x "$TRITON_LLM_PTXAS" ] || [ ! -d "$TRITON_LLM_NVRTC_LIB" ]; then
     .venv-triton/bin/pip install -q --no-deps nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-nvcc==13.0.88
+fi
+# perf_analyzer links CUDA 12's runtime library (loaded, not used: no GPU needed).
+if [ ! -e "$PERF_ANALYZER_LIB/libcudart.so.12" ]; then
+    .venv-triton/bin/pip install -q --no-deps nvidia-cuda-runtime-cu12==12.6.77
+fi
+# genai-perf in a virtualenv of its own (its pins clash with the test client's).
+if [ ! -x "$GENAI_PERF_BIN" ]; then
+    python3 -m venv .venv-genai-perf
+    .venv-genai-perf/bin/pip install -q -r scripts/requirements-genai-perf.txt
 fi
 # cargo-fuzz runs the fuzz targets (scripts/fuzz.sh).
 command -v cargo-fuzz >/dev/null || cargo install -q cargo-fuzz --locked

@@ -43,6 +43,28 @@ fn tokenize_with_and_without_specials() {
     assert_eq!(out["ids"], case["ids_no_special"]);
 }
 
+/// `-` reads the text from stdin, where a text may hold what an argument cannot (NUL).
+#[test]
+fn tokenize_reads_stdin() {
+    use std::io::Write;
+    let model = dir("internlm2-tiny");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_triton-llm"))
+        .args(["tokenize", "--model", &model, "--no-special", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all("a\0b 你好".as_bytes()).unwrap();
+    let out = json_of(&child.wait_with_output().unwrap());
+    let tokenizer = triton_llm::tokenizer::Tokenizer::from_folder(
+        &fixture("internlm2-tiny"),
+        triton_llm::model::Family::InternLm2,
+    )
+    .unwrap();
+    assert_eq!(out["ids"], serde_json::json!(tokenizer.encode("a\0b 你好", false).unwrap()));
+    assert!(out["ids"].as_array().unwrap().len() > 3);
+}
+
 #[test]
 fn tokenize_reads_no_weights_and_applies_the_chat_template() {
     for folder in ["chatglm2-tiny", "internlm2-tiny"] {

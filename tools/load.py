@@ -11,7 +11,8 @@ to half the cores), so that at hundreds of streams the client's Python is not wh
 the figures. With --warmup S, the latency percentiles leave out the requests sent in the
 first S seconds (every session starts at once, so the first answers wait for one prefill
 of all their prompts); those including them are reported too (`*_with_warmup`).
-Throughput is always over the whole run.
+Throughput is over the whole run (`window_requests_per_s`: from the first request sent to the
+last answer, as genai-perf measures it).
 
 Works with decoupled models (one response per piece) and with plain ones (one response:
 then TTFT is the whole answer's latency). Output tokens are the `generated_tokens`
@@ -19,6 +20,11 @@ response parameter of each final response, prompt tokens (reported as a mean) it
 `prompt_tokens`. With --random-words every request has a prompt of its own, as in
 throughput benchmarks; the default prompts repeat, so the server's prefix cache serves most
 of each prompt after its first time.
+
+With --input-data FILE the requests are Perf Analyzer's input-data entries instead (the
+inputs.json genai-perf writes: `{"data": [{"text_input": ["…"], "max_tokens": [16], …}]}`),
+each request the next entry in turn, typed as the model config declares them; the answer
+text is `text_output` (or `response`), the counts still the server's response parameters.
 """
 
 import argparse
@@ -64,6 +70,37 @@ def inputs(fields):
     return tensors
 
 
+NUMPY_TYPES = {"TYPE_BOOL": bool, "TYPE_INT32": np.int32, "TYPE_INT64": np.int64,
+               "TYPE_UINT32": np.uint32, "TYPE_UINT64": np.uint64, "TYPE_FP32": np.float32,
+               "TYPE_FP64": np.float64}
+
+
+def typed_inputs(entry, types):
+    """One Perf Analyzer input-data entry as tensors of the model config's types ("model",
+    which genai-perf adds, names no input)."""
+    tensors = []
+    for name, value in entry.items():
+        if name == "model":
+            continue
+        if name not in types:
+            raise SystemExit(f"--input-data: {name!r} is not an input of the model")
+        shape = None
+        if isinstance(value, dict):
+            value, shape = value["content"], value.get("shape")
+        values = value if isinstance(value, list) else [value]
+        kind = types[name]
+        if kind == "TYPE_STRING":
+            array = np.array([v.encode() if isinstance(v, str) else v for v in values], dtype=object)
+        else:
+            array = np.array(values, dtype=NUMPY_TYPES[kind])
+        array = array.reshape(shape or [len(values)])
+        datatype = "BYTES" if kind == "TYPE_STRING" else kind.removeprefix("TYPE_")
+        tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
+    return tensors
+
+
 def percentile(values, q):
     return float(np.percentile(values, q)) * 1e3 if values else None
 
@@ -75,6 +112,8 @@ class Session(threading.Thread):
         # Latencies as (time the request was sent, seconds).
         self.ttft, self.itl, self.tokens, self.requests, self.errors = [], [], 0, 0, []
         self.prompt_tokens = 0
+        # When this session sent its first request and received its last final response.
+        self.first_sent, self.last_done = None, None
         # Random-word prompts: reproducible per session, different across sessions.
         self.words = random.Random(index)
 
@@ -90,17 +129,24 @@ class Session(threading.Thread):
         client.start_stream(callback=lambda result, error: results.put((result, error, time.monotonic())))
         history = []
         n = 0
+        data = self.args.data
         try:
-            while time.monotonic() < self.deadline and self.budget.take():
+            while time.monotonic() < self.deadline and (taken := self.budget.take()) is not None:
                 prompt = self.prompt(n)
-                fields = {"prompt": prompt, "max_new_tokens": str(self.args.max_new_tokens),
-                          "temperature": str(self.args.temperature)}
-                if self.args.system_prompt is not None:
-                    fields["system_prompt"] = self.args.system_prompt
-                if self.args.turns > 1 and history:
-                    fields["history"] = [text for pair in history for text in pair]
+                if data is not None:
+                    tensors = typed_inputs(data["entries"][taken % len(data["entries"])], data["types"])
+                else:
+                    fields = {"prompt": prompt, "max_new_tokens": str(self.args.max_new_tokens),
+                              "temperature": str(self.args.temperature)}
+                    if self.args.system_prompt is not None:
+                        fields["system_prompt"] = self.args.system_prompt
+                    if self.args.turns > 1 and history:
+                        fields["history"] = [text for pair in history for text in pair]
+                    tensors = inputs(fields)
                 sent = time.monotonic()
-                client.async_stream_infer(self.args.model, inputs(fields), request_id=f"{self.index}-{n}",
+                if self.first_sent is None:
+                    self.first_sent = sent
+                client.async_stream_infer(self.args.model, tensors, request_id=f"{self.index}-{n}",
                                           enable_empty_final_response=True)
                 last = None
                 answer = []
@@ -110,6 +156,8 @@ class Session(threading.Thread):
                         self.errors.append(str(error))
                         break
                     text = result.as_numpy("response")
+                    if text is None:
+                        text = result.as_numpy("text_output")
                     if text is not None and text.reshape(-1)[0]:
                         answer.append(text.reshape(-1)[0].decode())
                         if last is None:
@@ -125,6 +173,7 @@ class Session(threading.Thread):
                         prompt_tokens = parameters.get("prompt_tokens")
                         self.prompt_tokens += prompt_tokens.int64_param if prompt_tokens is not None else 0
                         self.requests += 1
+                        self.last_done = at
                         history = (history + [[prompt, "".join(answer)]])[-(self.args.turns - 1):] \
                             if self.args.turns > 1 else []
                         break
@@ -135,20 +184,19 @@ class Session(threading.Thread):
 
 
 class Budget:
-    """Requests left to send, shared by every session of every worker process."""
+    """Requests left to send, shared by every session of every worker process; each request
+    taken gets the next number (which input-data entry it sends)."""
 
     def __init__(self, total):
-        self.unlimited = total is None
-        self.left = multiprocessing.get_context("spawn").Value("q", total or 0)
+        self.total = total
+        self.taken = multiprocessing.get_context("spawn").Value("q", 0)
 
     def take(self):
-        if self.unlimited:
-            return True
-        with self.left.get_lock():
-            if self.left.value <= 0:
-                return False
-            self.left.value -= 1
-            return True
+        with self.taken.get_lock():
+            if self.total is not None and self.taken.value >= self.total:
+                return None
+            self.taken.value += 1
+            return self.taken.value - 1
 
 
 def run_sessions(args, indices, deadline, budget, results=None, start=None):
@@ -172,6 +220,8 @@ def run_sessions(args, indices, deadline, budget, results=None, start=None):
         "requests": sum(s.requests for s in sessions),
         "tokens": sum(s.tokens for s in sessions),
         "prompt_tokens": sum(s.prompt_tokens for s in sessions),
+        "first_sent": min((s.first_sent for s in sessions if s.first_sent is not None), default=None),
+        "last_done": max((s.last_done for s in sessions if s.last_done is not None), default=None),
     }
     if results is not None:
         results.put(merged)
@@ -202,7 +252,17 @@ def main():
     parser.add_argument("--processes", type=int, default=0,
                         help="worker processes the sessions are spread over (0: one per 32 sessions, "
                              "at most half the cores)")
+    parser.add_argument("--input-data", metavar="FILE",
+                        help="send Perf Analyzer input-data entries (genai-perf's inputs.json) in turn "
+                             "instead of chat prompts")
     args = parser.parse_args()
+    args.data = None
+    if args.input_data:
+        with open(args.input_data) as f:
+            entries = json.load(f)["data"]
+        config = grpcclient.InferenceServerClient(args.url).get_model_config(args.model, as_json=True)
+        args.data = {"entries": entries,
+                     "types": {i["name"]: i["data_type"] for i in config["config"]["input"]}}
     duration = args.duration if args.duration is not None else (1e9 if args.requests else 30.0)
     processes = args.processes or min(max(1, (os.cpu_count() or 2) // 2), -(-args.concurrency // 32))
     processes = max(1, min(processes, args.concurrency))
@@ -238,10 +298,15 @@ def main():
     requests = sum(p["requests"] for p in parts)
     tokens = sum(p["tokens"] for p in parts)
     pieces = sum(len(p["ttft"]) + len(p["itl"]) for p in parts)
+    # genai-perf's measure: from the first request sent to the last answer's end.
+    firsts = [p["first_sent"] for p in parts if p["first_sent"] is not None]
+    lasts = [p["last_done"] for p in parts if p["last_done"] is not None]
+    window = max(lasts) - min(firsts) if firsts and lasts else None
     print(json.dumps({
         "model": args.model, "concurrency": args.concurrency, "processes": processes,
         "seconds": round(elapsed, 3),
         "requests": requests, "requests_per_s": requests / elapsed,
+        "window_requests_per_s": requests / window if window else None,
         "output_tokens": tokens, "output_tokens_per_s": tokens / elapsed,
         # Tokens per text response: above 1 where the server joined pieces (a send backlog)
         # or held back a token with no whole character yet.

@@ -47,6 +47,7 @@ enum Command {
         /// With --chat: InternLM2's system prompt ("" for none; default: the model's own).
         #[arg(long, requires = "chat")]
         system: Option<String>,
+        /// The text, or `-` to read it from standard input (any bytes a string may hold).
         text: String,
     },
     /// Last-position logits of a token sequence: {"logits": [...]} (full padded width).
@@ -264,6 +265,11 @@ fn run(command: Command) -> Result<()> {
     match command {
         Command::Tokenize { model, no_special, chat, system, text } => {
             let (family, tokenizer) = load_tokenizer(&model)?;
+            let text = match text.as_str() {
+                "-" => std::io::read_to_string(std::io::stdin())
+                    .map_err(|e| Error::Config(format!("reading the text from stdin: {e}")))?,
+                _ => text,
+            };
             let text = match chat {
                 true => chat::build_prompt(family, &text, &[], system.as_deref()),
                 false => text,
