@@ -248,7 +248,8 @@ impl ChatModel {
     }
 
     /// Tokenizes raw text as the family's tokenizer does by default (its prefix tokens
-    /// first: `[gMASK] sop` for ChatGLM2, `<s>` for InternLM2), no chat template.
+    /// first, unless the text starts with them: `[gMASK] sop` for ChatGLM2, `<s>` for
+    /// InternLM2), no chat template.
     pub fn prepare_raw(&self, text: &str) -> Result<Prompt> {
         if text.is_empty() {
             return Err(Error::InvalidRequest("text_input: must not be empty".into()));
@@ -262,7 +263,14 @@ impl ChatModel {
                 self.max_context
             )));
         }
-        Ok(Prompt { input: "text_input", ..Prompt::raw(self.tokenizer.encode(text, true)?) })
+        // A text that already starts with the prefix (a chat template's `{{ bos_token }}`, as
+        // Triton's OpenAI frontend renders it) does not get it twice.
+        let mut ids = self.tokenizer.encode(text, true)?;
+        let prefix = self.tokenizer.encode("", true)?;
+        if !prefix.is_empty() && ids[prefix.len()..].starts_with(&prefix) {
+            ids.drain(..prefix.len());
+        }
+        Ok(Prompt { input: "text_input", ..Prompt::raw(ids) })
     }
 
     /// Starts a prompt's generation: checked against the length limits, ready to step.

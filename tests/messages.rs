@@ -173,3 +173,16 @@ fn conversations_are_tokenized_and_limited() {
         chat.prepare_messages(&Conversation::parse(&long, None).unwrap()).unwrap_err().to_string();
     assert!(message.contains("messages: the conversation's text is 65 bytes"), "{message}");
 }
+
+/// Triton's OpenAI frontend sends the folder's chat template rendered, `{{ bos_token }}`
+/// first: the prefix is not added a second time.
+#[test]
+fn raw_text_that_starts_with_the_prefix_gets_it_once() {
+    let chat = ChatModel::load(&fixture("internlm2-tiny"), &LoadOptions::default()).unwrap();
+    let plain = chat.prepare_raw("<|im_start|>user\nhi<|im_end|>\n").unwrap();
+    let with_bos = chat.prepare_raw("<s><|im_start|>user\nhi<|im_end|>\n").unwrap();
+    assert_eq!(plain.ids[0], chat.tokenizer.eos_id() - 1);
+    assert_eq!(plain.ids, with_bos.ids);
+    let twice = chat.prepare_raw("<s><s>x").unwrap();
+    assert_eq!(&twice.ids[..2], &[1, 1]);
+}

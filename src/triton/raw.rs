@@ -41,6 +41,7 @@ pub const EXCLUDE_INPUT_IN_OUTPUT: &str = "exclude_input_in_output";
 pub const RETURN_FINISH_REASON: &str = "return_finish_reason";
 pub const RETURN_NUM_INPUT_TOKENS: &str = "return_num_input_tokens";
 pub const RETURN_NUM_OUTPUT_TOKENS: &str = "return_num_output_tokens";
+pub const RETURN_LOGPROBS: &str = "return_logprobs";
 pub const MAX_TOKENS: &str = "max_tokens";
 pub const MIN_LENGTH: &str = "min_length";
 pub const STOP_WORDS: &str = "stop_words";
@@ -54,8 +55,9 @@ pub const TOOLS: &str = "tools";
 pub const TOOL_CALLS: &str = "tool_calls";
 
 /// Inputs only a `text_input` or `messages` request takes.
-pub const RAW_ONLY: [&str; 11] = [
+pub const RAW_ONLY: [&str; 12] = [
     TOOLS,
+    RETURN_LOGPROBS,
     STREAM,
     SAMPLING_PARAMETERS,
     EXCLUDE_INPUT_IN_OUTPUT,
@@ -212,6 +214,12 @@ pub fn decode_raw(
     }
     // A chat completion reports why it ended and its usage unless asked not to.
     let chat_default = conversation.is_some();
+    if inputs.flag(RETURN_LOGPROBS)? == Some(true) {
+        return Err(invalid(
+            RETURN_LOGPROBS,
+            "true: this backend does not return log probabilities".into(),
+        ));
+    }
     let outputs = RawOutputs {
         finish_reason: inputs.flag(RETURN_FINISH_REASON)?.unwrap_or(chat_default),
         num_input_tokens: inputs.flag(RETURN_NUM_INPUT_TOKENS)?.unwrap_or(chat_default),
@@ -273,6 +281,20 @@ fn count_value(key: &str, value: &Value, min: i128) -> Result<usize> {
     }
     // -1 (top_k's "none") counts as 0.
     usize::try_from(n.max(0)).map_err(|_| bad_key(key, format!("{n} is too large")))
+}
+
+/// A setting this engine has no use for, accepted only at the value that changes nothing
+/// (numbers compared by value: `0` and `0.0` alike).
+fn neutral(key: &str, value: &Value, accepted: &[Value]) -> Result<()> {
+    let same = |a: &Value| match (a.as_f64(), value.as_f64()) {
+        (Some(a), Some(b)) => a == b,
+        _ => a == value,
+    };
+    if accepted.iter().any(|a| same(a)) {
+        return Ok(());
+    }
+    let values: Vec<String> = accepted.iter().map(|v| v.to_string()).collect();
+    Err(bad_key(key, format!("{value} is not supported here (only {})", values.join(" or "))))
 }
 
 fn bool_value(key: &str, value: &Value) -> Result<bool> {
@@ -344,6 +366,14 @@ pub fn apply_sampling_parameters(json: &str, options: &mut GenerationOptions) ->
                 }
                 options.stop = stop;
             }
+            // vLLM's settings this engine does not have: their neutral value is taken (Triton's
+            // OpenAI frontend always sends some), any other refused rather than ignored.
+            "n" | "best_of" => neutral(key, value, &[Value::from(1)])?,
+            "presence_penalty" | "frequency_penalty" => neutral(key, value, &[Value::from(0)])?,
+            "logprobs" | "prompt_logprobs" => {
+                neutral(key, value, &[Value::from(0), Value::Bool(false)])?
+            }
+            "logit_bias" => neutral(key, value, &[Value::Object(Default::default())])?,
             _ => log_ignored(key),
         }
     }
@@ -515,8 +545,36 @@ mod tests {
         assert_eq!(o.sampling.top_k, 5);
         assert_eq!(o.max_new_tokens, Some(DEFAULT_MAX_TOKENS));
         // Keys this engine does not have are ignored (and logged once).
-        let o = options(r#"{"n": 1, "presence_penalty": 0.5, "temperature": "0.25"}"#).unwrap();
+        let o = options(r#"{"n": 1, "use_beam_search": false, "temperature": "0.25"}"#).unwrap();
         assert_eq!(o.sampling.temperature, 0.25);
+    }
+
+    /// What Triton's OpenAI frontend always sends (the neutral values of settings this
+    /// engine does not have) is taken; another value of them is refused, never ignored.
+    #[test]
+    fn settings_without_an_engine_take_only_their_neutral_value() {
+        let o = options(
+            r#"{"frequency_penalty": 0, "ignore_eos": false, "n": 1, "presence_penalty": 0.0,
+                "temperature": 0.7, "top_p": 1, "logprobs": false, "logit_bias": {}, "max_tokens": 16}"#,
+        )
+        .unwrap();
+        assert_eq!((o.sampling.temperature, o.max_new_tokens), (0.7, Some(16)));
+        for (json, key) in [
+            (r#"{"n": 2}"#, "n"),
+            (r#"{"presence_penalty": 0.5}"#, "presence_penalty"),
+            (r#"{"frequency_penalty": -1}"#, "frequency_penalty"),
+            (r#"{"logprobs": 3}"#, "logprobs"),
+            (r#"{"logit_bias": {"5": 100}}"#, "logit_bias"),
+        ] {
+            let message = options(json).unwrap_err().to_string();
+            assert!(message.starts_with(&format!("sampling_parameters: {key}: ")), "{message}");
+            assert!(message.contains("not supported here"), "{message}");
+        }
+        assert!(
+            raw(vec![(TEXT_INPUT, text(&["a"])), (RETURN_LOGPROBS, flag(false))]).stream.eq(&false)
+        );
+        let message = error(vec![(TEXT_INPUT, text(&["a"])), (RETURN_LOGPROBS, flag(true))]);
+        assert!(message.starts_with("return_logprobs: true: "), "{message}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -150,6 +151,16 @@ def server(tmp_path_factory):
         s.wait_model_ready(model)
     yield s
     s.stop()
+
+
+def write_hf_tokenizer(folder, model="internlm2-tiny"):
+    """A fixture's tokenizer as transformers loads it without remote code (genai-perf and
+    Triton's OpenAI frontend load tokenizers so), written by deploy/openai-frontend/
+    make_tokenizer.py: Llama's SentencePiece tokenizer (InternLM2's on text without special
+    tokens) and the family's chat template."""
+    subprocess.run([sys.executable, str(REPO / "deploy" / "openai-frontend" / "make_tokenizer.py"),
+                    str(FIXTURES / model), str(folder)], check=True)
+    return folder
 
 
 def cli_generate(model, prompt, history=(), session_len=None, **flags):

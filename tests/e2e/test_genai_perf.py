@@ -22,7 +22,7 @@ import sys
 
 import pytest
 
-from conftest import FIXTURES, REPO, TEST_REPOSITORY, Server, required_env
+from conftest import FIXTURES, REPO, TEST_REPOSITORY, Server, required_env, write_hf_tokenizer
 
 MODEL = "internlm2-tiny-genai"
 REQUESTS = 48
@@ -56,15 +56,8 @@ def genai_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(tmp_path_factory):
-    """The fixture's SentencePiece model as a Hugging Face tokenizer genai-perf can load without
-    remote code: Llama's, without the dummy prefix, which is InternLM2's on text without
-    special tokens (checked below against ours on every text genai-perf counted)."""
-    folder = tmp_path_factory.mktemp("genai-tokenizer")
-    (folder / "tokenizer.model").write_bytes((FIXTURES / "internlm2-tiny" / "tokenizer.model").read_bytes())
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "add_prefix_space": False, "legacy": True,
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
-    return folder
+    """Checked below against ours on every text genai-perf counted."""
+    return write_hf_tokenizer(tmp_path_factory.mktemp("genai-tokenizer"))
 
 
 def genai_perf(server, tokenizer, backend, artifacts, seed):
