@@ -2,9 +2,9 @@
 # Installs what building, serving and testing need on a fresh Debian machine that has the
 # Rust toolchain: a C toolchain, libclang (bindgen reads triton_headers/), python3-venv, and
 # a virtualenv .venv-triton with the real tritonserver 2.51 (PyPI wheel nvidia-pytriton)
-# and the pinned tritonclient (its perf_analyzer too), genai-perf in .venv-genai-perf;
-# cargo-fuzz for the fuzz targets. Safe to run again: it only
-# installs what is missing.
+# and the pinned tritonclient (its perf_analyzer too), langchain-core and the LangChain chat
+# model of clients/python, genai-perf in .venv-genai-perf; cargo-fuzz for the fuzz targets.
+# Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +33,15 @@ if [ ! -x .venv-triton/bin/python ]; then
 fi
 if ! .venv-triton/bin/python -c 'import tritonclient.grpc, tritonclient.http, pytest' 2>/dev/null; then
     .venv-triton/bin/pip install -q -r scripts/requirements-triton.txt
+fi
+# The LangChain chat model (tests/e2e/test_langchain.py): its pinned dependencies, then the
+# package itself, editable from this checkout (reinstalled if the venv has another's).
+if ! .venv-triton/bin/python -c 'import langchain_core' 2>/dev/null; then
+    .venv-triton/bin/pip install -q -r scripts/requirements-langchain.txt -c scripts/requirements-triton.txt
+fi
+if ! .venv-triton/bin/python -c 'import sys, triton_llm_langchain as m; sys.exit(not m.__file__.startswith(sys.argv[1]))' \
+        "$PWD/clients/python/" 2>/dev/null; then
+    .venv-triton/bin/pip install -q --no-deps -e clients/python
 fi
 source scripts/env.sh
 if [ ! -x "$TRITONSERVER_BIN" ]; then
