@@ -728,7 +728,7 @@ fn sticky_cuda_error_in_this_process() {
     );
     struct Reply(mpsc::Sender<triton_llm::Result<Completion>>);
     impl AnswerSink for Reply {
-        fn on_text(&mut self, _: &str) -> bool {
+        fn on_text(&mut self, _: &str, _: usize) -> bool {
             true
         }
         fn is_cancelled(&mut self) -> bool {

@@ -438,7 +438,7 @@ struct Collect {
 }
 
 impl AnswerSink for Collect {
-    fn on_text(&mut self, text: &str) -> bool {
+    fn on_text(&mut self, text: &str, _: usize) -> bool {
         self.pieces.push_str(text);
         true
     }

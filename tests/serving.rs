@@ -147,7 +147,7 @@ impl EngineMetrics for Recorder {
 struct Collect(mpsc::Sender<Result<Completion>>);
 
 impl AnswerSink for Collect {
-    fn on_text(&mut self, _: &str) -> bool {
+    fn on_text(&mut self, _: &str, _: usize) -> bool {
         true
     }
     fn is_cancelled(&mut self) -> bool {
@@ -273,7 +273,7 @@ struct Probe {
 }
 
 impl AnswerSink for Probe {
-    fn on_text(&mut self, _: &str) -> bool {
+    fn on_text(&mut self, _: &str, _: usize) -> bool {
         self.seen_text = true;
         let _ = self.events.send(Event::Text);
         true

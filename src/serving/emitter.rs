@@ -68,7 +68,8 @@ impl SharedSink {
 }
 
 pub(super) enum Emission {
-    Text(Arc<SharedSink>, String),
+    /// Answer text and the number of tokens generated when it was made.
+    Text(Arc<SharedSink>, String, usize),
     Finish(Arc<SharedSink>, Result<Completion>),
 }
 
@@ -137,18 +138,19 @@ fn coalesce(emissions: Vec<Emission>) -> Vec<Emission> {
     let mut open_text: HashMap<*const SharedSink, (usize, usize)> = HashMap::new();
     for emission in emissions {
         match emission {
-            Emission::Text(shared, text) => {
+            Emission::Text(shared, text, generated) => {
                 let key = Arc::as_ptr(&shared);
                 if let Some((at, pieces)) = open_text.get_mut(&key)
                     && *pieces < MAX_JOINED
-                    && let Emission::Text(_, so_far) = &mut joined[*at]
+                    && let Emission::Text(_, so_far, count) = &mut joined[*at]
                 {
                     so_far.push_str(&text);
+                    *count = generated;
                     *pieces += 1;
                     continue;
                 }
                 open_text.insert(key, (joined.len(), 1));
-                joined.push(Emission::Text(shared, text));
+                joined.push(Emission::Text(shared, text, generated));
             }
             Emission::Finish(shared, result) => {
                 open_text.remove(&Arc::as_ptr(&shared));
@@ -164,9 +166,9 @@ fn coalesce(emissions: Vec<Emission>) -> Vec<Emission> {
 fn deliver(batch: Vec<Emission>) {
     for emission in batch {
         match emission {
-            Emission::Text(shared, text) => {
+            Emission::Text(shared, text, generated) => {
                 let sent = catch_unwind(AssertUnwindSafe(|| {
-                    shared.lock().as_mut().is_none_or(|sink| sink.on_text(&text))
+                    shared.lock().as_mut().is_none_or(|sink| sink.on_text(&text, generated))
                 }));
                 if !matches!(sent, Ok(true)) {
                     shared.refused.store(true, Ordering::Relaxed);
@@ -199,7 +201,7 @@ mod tests {
     }
 
     impl AnswerSink for Recorder {
-        fn on_text(&mut self, text: &str) -> bool {
+        fn on_text(&mut self, text: &str, _generated: usize) -> bool {
             let mut log = self.log.lock().unwrap();
             log.push(text.to_string());
             log.len() <= self.accept
@@ -237,11 +239,11 @@ mod tests {
         let (sink, log) = recorder(usize::MAX);
         let emitter = Emitter::start("test").unwrap();
         for step in 0..50 {
-            emitter.send(vec![Emission::Text(Arc::clone(&sink), format!("{step} "))]);
+            emitter.send(vec![Emission::Text(Arc::clone(&sink), format!("{step} "), step)]);
         }
         emitter.send(vec![Emission::Finish(Arc::clone(&sink), Ok(completion("done")))]);
         // Sent after the end: the sink is finished and takes nothing more.
-        emitter.send(vec![Emission::Text(Arc::clone(&sink), "late".into())]);
+        emitter.send(vec![Emission::Text(Arc::clone(&sink), "late".into(), 0)]);
         drop(emitter); // delivers everything queued
         // However the pieces were joined (steps queued faster than sent go out together).
         let mut log = log.lock().unwrap().clone();
@@ -258,7 +260,7 @@ mod tests {
     }
 
     impl AnswerSink for Gated {
-        fn on_text(&mut self, text: &str) -> bool {
+        fn on_text(&mut self, text: &str, _generated: usize) -> bool {
             if let Some(gate) = self.gate.take() {
                 gate.recv().unwrap();
             }
@@ -282,12 +284,12 @@ mod tests {
         let (other, other_log) = recorder(usize::MAX);
         let emitter = Emitter::start("test").unwrap();
         // The first step's send blocks; three more steps queue behind it.
-        emitter.send(vec![Emission::Text(Arc::clone(&slow), "a".into())]);
+        emitter.send(vec![Emission::Text(Arc::clone(&slow), "a".into(), 1)]);
         std::thread::sleep(std::time::Duration::from_millis(50));
         for (step, piece) in ["b", "c", "d"].into_iter().enumerate() {
             let mut batch = vec![
-                Emission::Text(Arc::clone(&slow), piece.into()),
-                Emission::Text(Arc::clone(&other), format!("{step}")),
+                Emission::Text(Arc::clone(&slow), piece.into(), step),
+                Emission::Text(Arc::clone(&other), format!("{step}"), step),
             ];
             if step == 1 {
                 batch.push(Emission::Finish(Arc::clone(&other), Ok(completion("x"))));
@@ -306,7 +308,8 @@ mod tests {
     fn coalescing_keeps_each_requests_order() {
         let (first, _) = recorder(usize::MAX);
         let (second, _) = recorder(usize::MAX);
-        let text = |sink: &Arc<SharedSink>, t: &str| Emission::Text(Arc::clone(sink), t.into());
+        let text =
+            |sink: &Arc<SharedSink>, t: &str| Emission::Text(Arc::clone(sink), t.into(), t.len());
         let joined = coalesce(vec![
             text(&first, "a"),
             text(&second, "x"),
@@ -318,7 +321,7 @@ mod tests {
         let shape: Vec<String> = joined
             .iter()
             .map(|e| match e {
-                Emission::Text(sink, t) => format!("{}:{t}", Arc::ptr_eq(sink, &first) as u8),
+                Emission::Text(sink, t, _) => format!("{}:{t}", Arc::ptr_eq(sink, &first) as u8),
                 Emission::Finish(sink, _) => format!("{}:end", Arc::ptr_eq(sink, &first) as u8),
             })
             .collect();
@@ -328,15 +331,17 @@ mod tests {
     #[test]
     fn a_backlog_joins_a_requests_pieces_a_few_at_a_time() {
         let (sink, _) = recorder(usize::MAX);
-        let pieces = (0..10).map(|i| Emission::Text(Arc::clone(&sink), i.to_string())).collect();
-        let texts: Vec<String> = coalesce(pieces)
+        let pieces = (0..10).map(|i| Emission::Text(Arc::clone(&sink), i.to_string(), i)).collect();
+        let texts: Vec<(String, usize)> = coalesce(pieces)
             .into_iter()
             .map(|e| match e {
-                Emission::Text(_, text) => text,
+                Emission::Text(_, text, generated) => (text, generated),
                 Emission::Finish(..) => unreachable!(),
             })
             .collect();
-        assert_eq!(texts, ["0123", "4567", "89"]);
+        // A joined piece counts the tokens generated by its last part.
+        let expected = [("0123", 3), ("4567", 7), ("89", 9)].map(|(t, n)| (t.to_string(), n));
+        assert_eq!(texts, expected);
     }
 
     #[test]
@@ -344,8 +349,8 @@ mod tests {
         let (sink, log) = recorder(1);
         let emitter = Emitter::start("test").unwrap();
         emitter.send(vec![
-            Emission::Text(Arc::clone(&sink), "a".into()),
-            Emission::Text(Arc::clone(&sink), "b".into()),
+            Emission::Text(Arc::clone(&sink), "a".into(), 1),
+            Emission::Text(Arc::clone(&sink), "b".into(), 2),
         ]);
         drop(emitter);
         assert_eq!(*log.lock().unwrap(), ["a", "b"]);

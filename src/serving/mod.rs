@@ -129,8 +129,9 @@ fn available_host_memory() -> Result<usize> {
 /// Where one request's answer goes. Called from the engine's threads: the engine thread
 /// polls `is_cancelled`, the response thread sends text and the end, one call at a time.
 pub trait AnswerSink: Send {
-    /// New answer text (never a broken character). Returns false to stop the sequence.
-    fn on_text(&mut self, text: &str) -> bool;
+    /// New answer text (never a broken character), with the number of tokens generated so
+    /// far. Returns false to stop the sequence.
+    fn on_text(&mut self, text: &str, generated: usize) -> bool;
     /// Polled once per step: true stops the sequence (the client cancelled).
     fn is_cancelled(&mut self) -> bool;
     /// The end: the completed turn, or why it failed.
@@ -472,7 +473,7 @@ struct Relay {
 }
 
 impl AnswerSink for Relay {
-    fn on_text(&mut self, text: &str) -> bool {
+    fn on_text(&mut self, text: &str, _generated: usize) -> bool {
         self.events.send(Relayed::Text(text.to_string())).is_ok()
     }
 
@@ -759,7 +760,8 @@ fn serve<'m>(
                         active.last_token = Some(now);
                     }
                     if !text.is_empty() {
-                        pieces.push(Emission::Text(Arc::clone(&active.sink), text));
+                        let count = active.generating.sequence.output_ids().len();
+                        pieces.push(Emission::Text(Arc::clone(&active.sink), text, count));
                     }
                 }
                 emitter.send(pieces);
@@ -820,7 +822,8 @@ where
             Ok((rest, completion)) => {
                 // A cancelled request's client is gone: only its end is sent.
                 if !rest.is_empty() && completion.finish_reason != FinishReason::Cancelled {
-                    ends.push(Emission::Text(Arc::clone(&sink), rest));
+                    let count = completion.output_ids.len();
+                    ends.push(Emission::Text(Arc::clone(&sink), rest, count));
                 }
                 ends.push(Emission::Finish(sink, Ok(completion)));
             }

@@ -290,7 +290,7 @@ fn neutral(key: &str, value: &Value, accepted: &[Value]) -> Result<()> {
         (Some(a), Some(b)) => a == b,
         _ => a == value,
     };
-    if accepted.iter().any(|a| same(a)) {
+    if accepted.iter().any(same) {
         return Ok(());
     }
     let values: Vec<String> = accepted.iter().map(|v| v.to_string()).collect();
@@ -409,12 +409,22 @@ fn uint32(name: &'static str, batched: bool, value: usize) -> OutputTensor {
     }
 }
 
+/// The token counts one response reports.
+#[derive(Clone, Copy, Debug)]
+pub struct TokenCounts {
+    /// The prompt's tokens (`num_input_tokens`).
+    pub prompt: usize,
+    /// Tokens generated since the previous response (`num_output_tokens`: when streaming,
+    /// each response counts its own, as vLLM's do; they add up to the answer's).
+    pub new: usize,
+}
+
 /// One response's outputs, among those requested: `text` (a streamed piece, or the whole
-/// text), the input token count when asked, and at the end (`completion`) the finish
-/// reason and generated token count when asked.
+/// text) and the counts when asked, and at the end (`completion`) the finish reason and
+/// the tool calls.
 pub fn encode_raw_outputs(
     text: &str,
-    prompt_tokens: usize,
+    counts: TokenCounts,
     completion: Option<&Completion>,
     asked: RawOutputs,
     batched: bool,
@@ -425,7 +435,7 @@ pub fn encode_raw_outputs(
         match name.as_str() {
             TEXT_OUTPUT => outputs.push(OutputTensor::text(TEXT_OUTPUT, batched, text)),
             NUM_INPUT_TOKENS if asked.num_input_tokens => {
-                outputs.push(uint32(NUM_INPUT_TOKENS, batched, prompt_tokens));
+                outputs.push(uint32(NUM_INPUT_TOKENS, batched, counts.prompt));
             }
             FINISH_REASON if asked.finish_reason => {
                 if let Some(completion) = completion {
@@ -434,10 +444,7 @@ pub fn encode_raw_outputs(
                 }
             }
             NUM_OUTPUT_TOKENS if asked.num_output_tokens => {
-                if let Some(completion) = completion {
-                    let count = completion.output_ids.len();
-                    outputs.push(uint32(NUM_OUTPUT_TOKENS, batched, count));
-                }
+                outputs.push(uint32(NUM_OUTPUT_TOKENS, batched, counts.new));
             }
             TOOL_CALLS if asked.tool_calls => {
                 if let Some(completion) = completion {
@@ -684,8 +691,9 @@ mod tests {
         ]
         .map(String::from)
         .to_vec();
+        let whole = TokenCounts { prompt: 4, new: 3 };
         let none =
-            encode_raw_outputs("t", 4, Some(&completion), RawOutputs::default(), false, &all);
+            encode_raw_outputs("t", whole, Some(&completion), RawOutputs::default(), false, &all);
         assert_eq!(none, vec![OutputTensor::text(TEXT_OUTPUT, false, "t")]);
         let asked = RawOutputs {
             finish_reason: true,
@@ -693,7 +701,7 @@ mod tests {
             num_output_tokens: true,
             tool_calls: false,
         };
-        let every = encode_raw_outputs("t", 4, Some(&completion), asked, false, &all);
+        let every = encode_raw_outputs("t", whole, Some(&completion), asked, false, &all);
         let names: Vec<&str> = every.iter().map(|o| o.name).collect();
         assert_eq!(names, [TEXT_OUTPUT, FINISH_REASON, NUM_INPUT_TOKENS, NUM_OUTPUT_TOKENS]);
         assert_eq!(every[1].data, encode_bytes([&b"stop"[..]]));
@@ -702,11 +710,13 @@ mod tests {
             (ElementType::Uint32, &[4, 0, 0, 0][..])
         );
         assert_eq!(every[3].data, 3u32.to_le_bytes());
-        // A streamed piece carries no end yet.
-        let piece = encode_raw_outputs("p", 4, None, asked, true, &all);
+        // A streamed piece carries no end yet, and counts its own tokens.
+        let counts = TokenCounts { prompt: 4, new: 2 };
+        let piece = encode_raw_outputs("p", counts, None, asked, true, &all);
         let names: Vec<&str> = piece.iter().map(|o| o.name).collect();
-        assert_eq!(names, [TEXT_OUTPUT, NUM_INPUT_TOKENS]);
+        assert_eq!(names, [TEXT_OUTPUT, NUM_INPUT_TOKENS, NUM_OUTPUT_TOKENS]);
         assert_eq!(piece[0].shape, vec![1, 1]);
+        assert_eq!(piece[2].data, 2u32.to_le_bytes());
     }
 
     const WEATHER: &str = r#"[{"name": "get_weather", "parameters": {"type": "object"}}]"#;
@@ -732,18 +742,19 @@ mod tests {
             tool_calls: true,
         };
         let requested = [TEXT_OUTPUT, FINISH_REASON, TOOL_CALLS].map(String::from);
+        let counts = TokenCounts { prompt: 4, new: 2 };
         let outputs =
-            encode_raw_outputs("Checking.", 4, Some(&completion), asked, false, &requested);
+            encode_raw_outputs("Checking.", counts, Some(&completion), asked, false, &requested);
         assert_eq!(outputs[1].data, encode_bytes([&b"tool_calls"[..]]));
         let calls = r#"[{"id": "0", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Boston\"}"}}]"#;
         assert_eq!(outputs[2], OutputTensor::text(TOOL_CALLS, false, calls));
         // No call: the finish reason is the sequence's, and tool_calls an empty list.
         completion.tool_calls.clear();
-        let outputs = encode_raw_outputs("x", 4, Some(&completion), asked, false, &requested);
+        let outputs = encode_raw_outputs("x", counts, Some(&completion), asked, false, &requested);
         assert_eq!(outputs[1].data, encode_bytes([&b"stop"[..]]));
         assert_eq!(outputs[2], OutputTensor::text(TOOL_CALLS, false, "[]"));
         // A streamed piece carries neither.
-        assert_eq!(encode_raw_outputs("p", 4, None, asked, false, &requested).len(), 1);
+        assert_eq!(encode_raw_outputs("p", counts, None, asked, false, &requested).len(), 1);
     }
 
     #[test]

@@ -50,6 +50,8 @@ pub(crate) struct TritonSink {
     cancelled: bool,
     fault: Option<Fault>,
     contract: Contract,
+    /// Generated tokens already counted in a streamed response's `num_output_tokens`.
+    counted: usize,
 }
 
 impl TritonSink {
@@ -80,6 +82,7 @@ impl TritonSink {
             cancelled: false,
             fault,
             contract,
+            counted: 0,
         })
     }
 
@@ -87,7 +90,7 @@ impl TritonSink {
         OutputTensor::text(interface::RESPONSE, self.batched, text)
     }
 
-    fn stream(&self, text: &str) -> TritonResult<()> {
+    fn stream(&mut self, text: &str, generated: usize) -> TritonResult<()> {
         let Some(factory) = &self.factory else { return Ok(()) };
         let outputs = match &self.contract {
             Contract::Seed => {
@@ -97,14 +100,13 @@ impl TritonSink {
                 vec![self.response_piece(text)]
             }
             Contract::Raw { stream: false, .. } => return Ok(()),
-            Contract::Raw { stream: true, outputs, prompt_tokens, .. } => raw::encode_raw_outputs(
-                text,
-                *prompt_tokens,
-                None,
-                *outputs,
-                self.batched,
-                &self.requested,
-            ),
+            Contract::Raw { stream: true, outputs, prompt_tokens, .. } => {
+                // vLLM's count: the tokens since the previous response.
+                let new_tokens = generated.saturating_sub(self.counted);
+                self.counted = generated.max(self.counted);
+                let counts = raw::TokenCounts { prompt: *prompt_tokens, new: new_tokens };
+                raw::encode_raw_outputs(text, counts, None, *outputs, self.batched, &self.requested)
+            }
         };
         let mut response = Response::from_factory(factory)?;
         for output in &outputs {
@@ -151,9 +153,11 @@ impl TritonSink {
                     (false, Some(prefix)) => format!("{prefix}{}", completion.response),
                     (false, None) => completion.response.clone(),
                 };
+                let new = completion.output_ids.len().saturating_sub(self.counted);
+                let counts = raw::TokenCounts { prompt: *prompt_tokens, new };
                 raw::encode_raw_outputs(
                     &text,
-                    *prompt_tokens,
+                    counts,
                     Some(&completion),
                     *outputs,
                     self.batched,
@@ -212,8 +216,8 @@ impl TritonSink {
 }
 
 impl AnswerSink for TritonSink {
-    fn on_text(&mut self, text: &str) -> bool {
-        match self.stream(text) {
+    fn on_text(&mut self, text: &str, generated: usize) -> bool {
+        match self.stream(text, generated) {
             Ok(()) => true,
             Err(error) => {
                 tracing::warn!("streaming a response failed, stopping the request: {error}");

@@ -5,7 +5,7 @@ as Triton's vLLM backend (`--backend vllm`) and as its TensorRT-LLM backend
 (its older `--service-kind triton`).
 
 Checked from genai-perf's exports: the request count; every request's generated tokens as the
-server reported them in its final response (`num_output_tokens`, recorded by perf_analyzer)
+server reported them (`num_output_tokens` of each response, recorded by perf_analyzer)
 equal to the length genai-perf asked for; genai-perf's output lengths equal to our tokenizer's
 count of the text it received (genai-perf counts output tokens by re-tokenizing the text; for
 the random-weight tiny model that is more than were generated, so the two are checked
@@ -123,8 +123,8 @@ def test_genai_perf_measures_what_the_server_did(genai_server, hf_tokenizer, tmp
         texts = []
         for request in requests:
             outputs = request["response_outputs"]
-            # The server's own count, in the last response of each streamed answer.
-            assert outputs[-1]["num_output_tokens"] == OUTPUT_TOKENS, outputs[-1]
+            # The server's own count: each streamed response counts its new tokens.
+            assert sum(o["num_output_tokens"] for o in outputs) == OUTPUT_TOKENS, outputs
             assert len(outputs) == len(request["response_timestamps"]) > 1
             texts.append("".join(o["text_output"] for o in outputs))
         counted = [our_token_count(text) for text in texts]

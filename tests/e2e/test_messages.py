@@ -150,7 +150,7 @@ def test_streamed_conversation_adds_up_to_the_whole_answer(server, with_tools):
     assert "".join(r.get("text_output", "") for r in responses) == whole["text_output"]
     last = responses[-1]
     assert last["finish_reason"] == whole["finish_reason"]
-    assert last["num_output_tokens"] == whole["num_output_tokens"] == 12
+    assert sum(r["num_output_tokens"] for r in responses) == whole["num_output_tokens"] == 12
     assert last.get("tool_calls") == whole.get("tool_calls")
     assert all("tool_calls" not in r for r in responses[:-1])
 
