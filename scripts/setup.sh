@@ -22,6 +22,8 @@ python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv)
 command -v curl >/dev/null || packages+=(curl)
 # perf_analyzer (the tritonclient wheel's, which genai-perf drives) links libb64.
 dpkg -s libb64-0d >/dev/null 2>&1 || packages+=(libb64-0d)
+# docker-compose validates docker/compose.yaml (tests/e2e/test_deploy.py; no engine needed).
+command -v docker-compose >/dev/null || packages+=(docker-compose)
 if [ ${#packages[@]} -gt 0 ]; then
     echo "setup: installing ${packages[*]}" >&2
     apt-get update -qq

@@ -15,8 +15,9 @@ cp "$(dirname "$TRITON_LLM_LIB")/libtriton_llm.so" "$TRITON_LLM_FAULT_LIB"
 # libnvrtc for the kernel compile tests; the GPU tests are ignored without a device.
 LD_LIBRARY_PATH="$TRITON_LLM_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
     cargo test --release --locked --features fault-injection
-# The library and CLI as released (no fault injection), which the other e2e tests serve.
-cargo build --release --locked
+# The library and CLI as released (no fault injection), which the other e2e tests serve;
+# the same script builds them in docker/Dockerfile.
+bash scripts/build.sh
 # The soak (tests/e2e/test_soak.py) runs 5 minutes here; SOAK_SECONDS shortens it (SOAK_KIND
 # and SOAK_STREAMS are for the GPU run, scripts/gpu/check.sh step s).
 SOAK_SECONDS="${SOAK_SECONDS:-300}" "$TRITON_PYTHON" -m pytest -q tests/e2e "$@"
