@@ -18,21 +18,21 @@ fn golden() -> Json {
     Json::parse(&std::fs::read_to_string(path).unwrap(), "golden").unwrap()
 }
 
-fn case_messages(golden: &Json, case: usize) -> String {
-    let cases = golden.get("lmdeploy_internlm2_template").unwrap().get("cases").unwrap();
-    items(cases)[case].get("messages").unwrap().python_dumps()
-}
-
-fn golden_tools(golden: &Json) -> String {
-    let cases = golden.get("lmdeploy_internlm2_template").unwrap().get("cases").unwrap();
-    items(cases)[1].get("tools").unwrap().python_dumps()
-}
-
 fn items(json: &Json) -> &[Json] {
     match json {
         Json::Array(items) => items,
         other => panic!("not a list: {other:?}"),
     }
+}
+
+fn ids(json: &Json) -> Vec<u32> {
+    items(json)
+        .iter()
+        .map(|id| match id {
+            Json::Number(n) => n.as_u64().unwrap() as u32,
+            other => panic!("{other:?}"),
+        })
+        .collect()
 }
 
 #[test]
@@ -51,13 +51,7 @@ fn internlm2_prompts_equal_lmdeploys_token_for_token() {
         let conversation = Conversation::parse(&messages, tools.as_deref()).unwrap();
         let prompt = conversation.prompt(Family::InternLm2).unwrap();
         assert_eq!(prompt, case.get("prompt").unwrap().as_str().unwrap(), "{name}");
-        let ids: Vec<u32> = items(case.get("input_ids_with_bos").unwrap())
-            .iter()
-            .map(|id| match id {
-                Json::Number(n) => n.as_u64().unwrap() as u32,
-                other => panic!("{other:?}"),
-            })
-            .collect();
+        let ids = ids(case.get("input_ids_with_bos").unwrap());
         assert_eq!(tokenizer.encode(&prompt, true).unwrap(), ids, "{name}");
     }
 }
@@ -85,30 +79,15 @@ fn a_reply_with_a_tool_call_ends_at_action_end_and_carries_the_call() {
     // The prompt with tools is 470 tokens, past the tiny model's 256.
     let options = LoadOptions { session_len: Some(1024), ..Default::default() };
     let chat = ChatModel::load(&fixture("internlm2-tiny"), &options).unwrap();
-    let short = ChatModel::load(&fixture("internlm2-tiny"), &LoadOptions::default()).unwrap();
-    let tools_prompt =
-        Conversation::parse(&case_messages(&golden, 1), Some(&golden_tools(&golden)));
-    let message = short
-        .start(
-            short.prepare_messages(&tools_prompt.unwrap()).unwrap(),
-            &GenerationOptions::default(),
-        )
-        .err()
-        .unwrap()
-        .to_string();
-    assert_eq!(message, "messages: 470 tokens do not fit the model's context of 256 tokens");
     let case = &items(golden.get("lmdeploy_internlm2_template").unwrap().get("cases").unwrap())[1];
     let messages = case.get("messages").unwrap().python_dumps();
     let tools = case.get("tools").unwrap().python_dumps();
     let conversation = Conversation::parse(&messages, Some(&tools)).unwrap();
-    let reply = golden.get("tool_call_reply_example").unwrap();
-    let ids: Vec<u32> = items(reply.get("ids").unwrap())
-        .iter()
-        .map(|id| match id {
-            Json::Number(n) => n.as_u64().unwrap() as u32,
-            other => panic!("{other:?}"),
-        })
-        .collect();
+    let short = ChatModel::load(&fixture("internlm2-tiny"), &LoadOptions::default()).unwrap();
+    let prompt = short.prepare_messages(&conversation).unwrap();
+    let message = short.start(prompt, &GenerationOptions::default()).err().unwrap().to_string();
+    assert_eq!(message, "messages: 470 tokens do not fit the model's context of 256 tokens");
+    let ids = ids(golden.get("tool_call_reply_example").unwrap().get("ids").unwrap());
     let action_end = chat.tokenizer.token_to_id("<|action_end|>").unwrap();
     assert_eq!(ids.last(), Some(&action_end));
 

@@ -153,6 +153,19 @@ def server(tmp_path_factory):
     s.stop()
 
 
+def raw_outputs(result):
+    """The text_input/messages contract's outputs a response carries: texts as str, counts as
+    int."""
+    out = {}
+    for name in ("text_output", "finish_reason", "tool_calls"):
+        if result.as_numpy(name) is not None:
+            out[name] = result.as_numpy(name).reshape(-1)[0].decode()
+    for name in ("num_input_tokens", "num_output_tokens"):
+        if result.as_numpy(name) is not None:
+            out[name] = int(result.as_numpy(name).reshape(-1)[0])
+    return out
+
+
 def write_hf_tokenizer(folder, model="internlm2-tiny"):
     """A fixture's tokenizer as transformers loads it without remote code (genai-perf and
     Triton's OpenAI frontend load tokenizers so), written by deploy/openai-frontend/

@@ -16,7 +16,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import FIXTURES
+from conftest import FIXTURES, raw_outputs as read
 
 GOLDEN = json.loads((FIXTURES / "internlm2-tiny" / "tokenizer_golden.json").read_text())
 CASES = {case["name"]: case for case in GOLDEN["lmdeploy_internlm2_template"]["cases"]}
@@ -41,17 +41,6 @@ def tensors(module, **values):
             t = module.InferInput(name, [1], "BYTES")
             t.set_data_from_numpy(np.array([value.encode()], dtype=object))
         out.append(t)
-    return out
-
-
-def read(result):
-    out = {}
-    for name in ("text_output", "finish_reason", "tool_calls"):
-        if result.as_numpy(name) is not None:
-            out[name] = result.as_numpy(name).reshape(-1)[0].decode()
-    for name in ("num_input_tokens", "num_output_tokens"):
-        if result.as_numpy(name) is not None:
-            out[name] = int(result.as_numpy(name).reshape(-1)[0])
     return out
 
 

@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import FIXTURES, required_env
+from conftest import FIXTURES, raw_outputs, required_env
 
 TEXT = "The quick brown fox"
 
@@ -60,13 +60,8 @@ ALL_FLAGS = dict(return_finish_reason=True, return_num_input_tokens=True, return
 
 
 def read(result):
-    out = {"text": result.as_numpy("text_output").reshape(-1)[0].decode()}
-    for name in ("finish_reason",):
-        if result.as_numpy(name) is not None:
-            out[name] = result.as_numpy(name).reshape(-1)[0].decode()
-    for name in ("num_input_tokens", "num_output_tokens"):
-        if result.as_numpy(name) is not None:
-            out[name] = int(result.as_numpy(name).reshape(-1)[0])
+    out = raw_outputs(result)
+    out["text"] = out.pop("text_output")
     return out
 
 
