@@ -12,6 +12,9 @@ export TRITON_LLM_FAULT_LIB="$_target/fault-injection/libtriton_llm.so"
 # CUDA 13's NVRTC and ptxas from PyPI wheels, for compiling the kernels without a GPU.
 export TRITON_LLM_NVRTC_LIB="$_site/nvidia/cu13/lib"
 export TRITON_LLM_PTXAS="$_site/nvidia/cu13/bin/ptxas"
+# CUDA 12's (the `cuda-12` build, for Triton 24.10 to 25.07).
+export TRITON_LLM_NVRTC12_LIB="$_site/nvidia/cuda_nvrtc/lib"
+export TRITON_LLM_PTXAS12="$_site/nvidia/cuda_nvcc/bin/ptxas"
 # NVIDIA's load generators: perf_analyzer of the tritonclient 2.51.0 wheel (with CUDA 12's
 # runtime library from PyPI) and genai-perf, which drives it.
 export PERF_ANALYZER_BIN="$_repo/.venv-triton/bin/perf_analyzer"

@@ -54,6 +54,10 @@ fi
 if [ ! -x "$TRITON_LLM_PTXAS" ] || [ ! -d "$TRITON_LLM_NVRTC_LIB" ]; then
     .venv-triton/bin/pip install -q --no-deps nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-nvcc==13.0.88
 fi
+# The same of CUDA 12.6 (Triton 24.10's) for the `cuda-12` build.
+if [ ! -x "$TRITON_LLM_PTXAS12" ] || [ ! -d "$TRITON_LLM_NVRTC12_LIB" ]; then
+    .venv-triton/bin/pip install -q --no-deps nvidia-cuda-nvrtc-cu12==12.6.77 nvidia-cuda-nvcc-cu12==12.6.77
+fi
 # perf_analyzer links CUDA 12's runtime library (loaded, not used: no GPU needed).
 if [ ! -e "$PERF_ANALYZER_LIB/libcudart.so.12" ]; then
     .venv-triton/bin/pip install -q --no-deps nvidia-cuda-runtime-cu12==12.6.77

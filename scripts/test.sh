@@ -14,7 +14,15 @@ mkdir -p "$(dirname "$TRITON_LLM_FAULT_LIB")"
 cp "$(dirname "$TRITON_LLM_LIB")/libtriton_llm.so" "$TRITON_LLM_FAULT_LIB"
 # libnvrtc for the kernel compile tests; the GPU tests are ignored without a device.
 LD_LIBRARY_PATH="$TRITON_LLM_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+    TRITON_LLM_NVRTC_OTHER_LIB="$TRITON_LLM_NVRTC12_LIB" \
     cargo test --release --locked --features fault-injection
+# The CUDA 12 build: it builds, its kernels compile with NVRTC 12.6 and assemble with its
+# ptxas, and CUDA 13's NVRTC is refused (before the release build below, which leaves the
+# default CUDA 13 library in target/release).
+LD_LIBRARY_PATH="$TRITON_LLM_NVRTC12_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+    TRITON_LLM_PTXAS="$TRITON_LLM_PTXAS12" TRITON_LLM_NVRTC_OTHER_LIB="$TRITON_LLM_NVRTC_LIB" \
+    cargo test --release --locked --no-default-features --features cuda-12 --test gpu --test cuda_versions
+bash scripts/build.sh --no-default-features --features cuda-12
 # The library and CLI as released (no fault injection), which the other e2e tests serve;
 # the same script builds them in docker/Dockerfile.
 bash scripts/build.sh

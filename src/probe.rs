@@ -10,7 +10,7 @@ use crate::cuda::{self, Buffer, Gpu};
 use crate::dtype::DType;
 use crate::sampling::SampleRow;
 
-pub use crate::cuda::{GEMV_MAX_ROWS, ProductKernel, SAMPLE_WORDS};
+pub use crate::cuda::{CUDA_MAJOR, GEMV_MAX_ROWS, ProductKernel, SAMPLE_WORDS};
 
 /// Whether the CUDA driver, NVRTC and cuBLAS load and a device is present.
 pub fn cuda_available() -> bool {

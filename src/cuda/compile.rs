@@ -7,6 +7,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, sys as driver_sys};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use super::launch::DECODE_MAX_SHARED;
+use super::libs::{self, CudaLibrary};
 use super::{device_count, device_error};
 use crate::dtype::DType;
 use crate::{Error, Result};
@@ -52,6 +53,7 @@ pub fn compile(dtype: DType, arch: &'static str) -> Result<Ptx> {
         use_fast_math: Some(false),
         ..Default::default()
     };
+    libs::check(CudaLibrary::Nvrtc)?;
     std::panic::catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(module_source(), options))
         .map_err(|_| Error::Device("NVRTC (libnvrtc) could not be loaded".into()))?
         .map_err(|e| Error::Device(format!("compiling kernels/*.cu for {arch}: {e}")))
@@ -154,6 +156,9 @@ pub(super) struct Compiled {
 
 impl Compiled {
     pub(super) fn create(ordinal: usize, dtype: DType) -> Result<Compiled> {
+        // Before anything calls them through bindings of one CUDA major version.
+        libs::check(CudaLibrary::Nvrtc)?;
+        libs::check(CudaLibrary::Cublas)?;
         let count = device_count();
         if ordinal >= count {
             return Err(Error::Device(if count == 0 {
@@ -164,6 +169,12 @@ impl Compiled {
             }));
         }
         let ctx = CudaContext::new(ordinal).map_err(device_error("creating the CUDA context"))?;
+        let mut driver_version = 0;
+        // SAFETY: writes one int; the driver is loaded (a context was just created).
+        unsafe { driver_sys::cuDriverGetVersion(&mut driver_version) }
+            .result()
+            .map_err(device_error("reading the driver version"))?;
+        libs::check_driver(driver_version)?;
         // Each buffer is used on the stream of the Gpu that made it only: cudarc's
         // per-buffer event tracking (for buffers shared across streams) would only add two
         // event calls per kernel argument.

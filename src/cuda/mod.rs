@@ -22,6 +22,8 @@ mod device;
 mod graph;
 /// The kernel launch wrappers.
 mod launch;
+/// The CUDA major version of the libraries found, checked against the build's.
+mod libs;
 /// Bandwidth and throughput probes (`triton-llm bench`).
 mod probe;
 
@@ -36,6 +38,7 @@ pub use compile::compile;
 pub use device::{Buffer, Gpu, HostBuffer, View};
 pub use graph::Graph;
 pub use launch::{AttentionShape, MAX_HEAD_DIM, Rope, SAMPLE_WORDS, StepTables};
+pub use libs::CUDA_MAJOR;
 
 use crate::Error;
 
