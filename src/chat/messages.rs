@@ -121,38 +121,95 @@ impl Json {
 
     /// As Python's `json.dumps(value, ensure_ascii=False)` writes it.
     pub fn python_dumps(&self) -> String {
+        self.python_dumps_indented(None)
+    }
+
+    /// As `json.dumps(value, ensure_ascii=False, indent=indent)`: with an indent, each item
+    /// on its own line and `,` between them (Python's separators then).
+    pub fn python_dumps_indented(&self, indent: Option<usize>) -> String {
         let mut out = String::new();
-        self.write_python(&mut out);
+        self.write_python(&mut out, indent, 0);
         out
     }
 
-    fn write_python(&self, out: &mut String) {
+    fn write_python(&self, out: &mut String, indent: Option<usize>, level: usize) {
+        let open = |out: &mut String, bracket: char, empty: bool| {
+            out.push(bracket);
+            if let (Some(width), false) = (indent, empty) {
+                out.push('\n');
+                out.push_str(&" ".repeat(width * (level + 1)));
+            }
+        };
+        let between = |out: &mut String| match indent {
+            Some(width) => {
+                out.push_str(",\n");
+                out.push_str(&" ".repeat(width * (level + 1)));
+            }
+            None => out.push_str(", "),
+        };
+        let close = |out: &mut String, bracket: char, empty: bool| {
+            if let (Some(width), false) = (indent, empty) {
+                out.push('\n');
+                out.push_str(&" ".repeat(width * level));
+            }
+            out.push(bracket);
+        };
         match self {
             Json::Null => out.push_str("null"),
             Json::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
             Json::Number(n) => out.push_str(&python_number(n)),
             Json::String(s) => python_string(s, out),
             Json::Array(items) => {
-                out.push('[');
+                open(out, '[', items.is_empty());
                 for (i, item) in items.iter().enumerate() {
                     if i > 0 {
-                        out.push_str(", ");
+                        between(out);
                     }
-                    item.write_python(out);
+                    item.write_python(out, indent, level + 1);
                 }
-                out.push(']');
+                close(out, ']', items.is_empty());
             }
             Json::Object(entries) => {
-                out.push('{');
+                open(out, '{', entries.is_empty());
                 for (i, (key, value)) in entries.iter().enumerate() {
                     if i > 0 {
-                        out.push_str(", ");
+                        between(out);
                     }
                     python_string(key, out);
                     out.push_str(": ");
-                    value.write_python(out);
+                    value.write_python(out, indent, level + 1);
                 }
-                out.push('}');
+                close(out, '}', entries.is_empty());
+            }
+        }
+    }
+}
+
+impl serde::Serialize for Json {
+    /// Object keys in their order (a chat template iterates and dumps them so).
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        match self {
+            Json::Null => serializer.serialize_unit(),
+            Json::Bool(b) => serializer.serialize_bool(*b),
+            Json::Number(n) => n.serialize(serializer),
+            Json::String(s) => serializer.serialize_str(s),
+            Json::Array(items) => {
+                let mut seq = serializer.serialize_seq(Some(items.len()))?;
+                for item in items {
+                    seq.serialize_element(item)?;
+                }
+                seq.end()
+            }
+            Json::Object(entries) => {
+                let mut map = serializer.serialize_map(Some(entries.len()))?;
+                for (key, value) in entries {
+                    map.serialize_entry(key, value)?;
+                }
+                map.end()
             }
         }
     }

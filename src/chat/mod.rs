@@ -2,9 +2,11 @@
 //! them: the family's prompt format, the history window, and the answer clean-up.
 
 pub mod chatglm2;
+pub mod fastchat;
 pub mod internlm2;
 pub mod messages;
 pub mod stream;
+pub mod template;
 
 use crate::model::Family;
 
