@@ -9,6 +9,7 @@ libtriton_llm.so, for the end-to-end tests. scripts/test.sh sets the environment
 
 import json
 import os
+import queue
 import shutil
 import socket
 import subprocess
@@ -151,6 +152,29 @@ def server(tmp_path_factory):
         s.wait_model_ready(model)
     yield s
     s.stop()
+
+
+def stream_responses(server, model, inputs, timeout=120):
+    """Every response of one request over gRPC streaming, the (maybe empty) final one
+    included, in order; an error response raises."""
+    import tritonclient.grpc as grpcclient
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    results = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    client.async_stream_infer(model, inputs, enable_empty_final_response=True)
+    responses = []
+    try:
+        while True:
+            result, error = results.get(timeout=timeout)
+            if error is not None:
+                raise error
+            responses.append(result)
+            final = result.get_response().parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                return responses
+    finally:
+        client.stop_stream()
+        client.close()
 
 
 def raw_outputs(result):

@@ -6,7 +6,6 @@ The tiny models never call a tool; the parsing of a call is tested on the golden
 in tests/messages.rs."""
 
 import json
-import queue
 import urllib.error
 import urllib.request
 
@@ -16,7 +15,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import FIXTURES, raw_outputs as read
+from conftest import FIXTURES, raw_outputs as read, stream_responses
 
 GOLDEN = json.loads((FIXTURES / "internlm2-tiny" / "tokenizer_golden.json").read_text())
 CASES = {case["name"]: case for case in GOLDEN["lmdeploy_internlm2_template"]["cases"]}
@@ -118,23 +117,8 @@ def test_streamed_conversation_adds_up_to_the_whole_answer(server, with_tools):
         inputs["tools"] = case["tools"]
     whole = read(grpcclient.InferenceServerClient(server.grpc_url).infer(
         "internlm2-tiny", tensors(grpcclient, **inputs)))
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    results = queue.Queue()
-    client.start_stream(callback=lambda result, error: results.put((result, error)))
-    client.async_stream_infer("internlm2-tiny-stream", tensors(grpcclient, stream=True, **inputs),
-                              enable_empty_final_response=True)
-    responses = []
-    try:
-        while True:
-            result, error = results.get(timeout=120)
-            assert error is None, error
-            responses.append(read(result))
-            final = result.get_response().parameters.get("triton_final_response")
-            if final is not None and final.bool_param:
-                break
-    finally:
-        client.stop_stream()
-        client.close()
+    streamed = stream_responses(server, "internlm2-tiny-stream", tensors(grpcclient, stream=True, **inputs))
+    responses = [read(result) for result in streamed]
     assert len(responses) > 2
     assert "".join(r.get("text_output", "") for r in responses) == whole["text_output"]
     last = responses[-1]

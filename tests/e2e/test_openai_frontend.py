@@ -17,7 +17,6 @@ bindings), so it is not run here; what it does with a request is:
 """
 
 import json
-import queue
 import subprocess
 
 import numpy as np
@@ -25,7 +24,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import required_env, write_hf_tokenizer
+from conftest import required_env, stream_responses, write_hf_tokenizer
 
 CONVERSATION = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"},
                 {"role": "user", "content": "What is RMSNorm?"}]
@@ -80,30 +79,12 @@ def frontend_inputs(prompt, stream, **fields):
 def frontend_call(server, model, prompt, stream, **fields):
     """Sends the request over gRPC streaming (the frontend's async_infer gets every response)
     and reads the answer and usage as the frontend does."""
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    results = queue.Queue()
-    client.start_stream(callback=lambda result, error: results.put((result, error)))
-    client.async_stream_infer(model, frontend_inputs(prompt, stream, **fields), enable_empty_final_response=True)
-    responses = []
-    try:
-        while True:
-            result, error = results.get(timeout=120)
-            if error is not None:
-                raise error
-            final = result.get_response().parameters["triton_final_response"].bool_param
-            if result.as_numpy("text_output") is not None or not final:
-                responses.append(result)
-            elif responses:
-                responses.append(None)  # an empty final response
-            if final:
-                break
-    finally:
-        client.stop_stream()
-        client.close()
-    texts = [r.as_numpy("text_output").reshape(-1)[0].decode() for r in responses if r is not None]
+    responses = stream_responses(server, model, frontend_inputs(prompt, stream, **fields))
+    texts = [r.as_numpy("text_output").reshape(-1)[0].decode() for r in responses
+             if r.as_numpy("text_output") is not None]
     usage = {"prompt_tokens": None, "completion_tokens": 0}
     for r in responses:
-        if r is None or r.as_numpy("num_input_tokens") is None or r.as_numpy("num_output_tokens") is None:
+        if r.as_numpy("num_input_tokens") is None or r.as_numpy("num_output_tokens") is None:
             continue
         if usage["prompt_tokens"] is None:
             usage["prompt_tokens"] = int(r.as_numpy("num_input_tokens").reshape(-1)[0])

@@ -4,7 +4,6 @@ continuation of the same text, exclude_input_in_output, the additional outputs, 
 decoupled models, and bad requests naming the input."""
 
 import json
-import queue
 import subprocess
 import urllib.error
 import urllib.request
@@ -15,7 +14,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from conftest import FIXTURES, raw_outputs, required_env
+from conftest import FIXTURES, raw_outputs, required_env, stream_responses
 
 TEXT = "The quick brown fox"
 
@@ -106,25 +105,9 @@ def test_the_generate_endpoint_takes_the_vllm_request(server):
 def test_decoupled_model_streams_only_when_asked(server, stream):
     model = "chatglm2-tiny-stream"
     expected = cli_raw("chatglm2-tiny", TEXT, 16, ignore_eos=True)
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    results = queue.Queue()
-    client.start_stream(callback=lambda result, error: results.put((result, error)))
     sampling = {"temperature": 0, "max_tokens": 16, "ignore_eos": True}
-    client.async_stream_infer(model, inputs(grpcclient, TEXT, sampling, stream=stream, **ALL_FLAGS),
-                              enable_empty_final_response=True)
-    responses = []
-    try:
-        while True:
-            result, error = results.get(timeout=120)
-            assert error is None, error
-            final = result.get_response().parameters.get("triton_final_response")
-            if result.as_numpy("text_output") is not None:
-                responses.append(read(result))
-            if final is not None and final.bool_param:
-                break
-    finally:
-        client.stop_stream()
-        client.close()
+    streamed = stream_responses(server, model, inputs(grpcclient, TEXT, sampling, stream=stream, **ALL_FLAGS))
+    responses = [read(result) for result in streamed if result.as_numpy("text_output") is not None]
     if stream:
         assert len(responses) > 2
         assert "".join(r["text"] for r in responses) == expected["response"]
