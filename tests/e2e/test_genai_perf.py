@@ -29,7 +29,7 @@ REQUESTS = 48
 CONCURRENCY = 4
 INPUT_TOKENS = 1024
 OUTPUT_TOKENS = 16
-RUNS = 3
+RUNS = 5
 
 
 @pytest.fixture(scope="module")
