@@ -69,6 +69,17 @@ fn internlm2_tiny_matches_original_logits_and_greedy_tokens() {
     check_family("internlm2-tiny");
 }
 
+#[test]
+fn vicuna_tiny_matches_original_logits_and_greedy_tokens() {
+    check_family("vicuna-tiny");
+}
+
+/// GQA and Llama-3.1's `llama3` rope scaling.
+#[test]
+fn llama3_tiny_matches_original_logits_and_greedy_tokens() {
+    check_family("llama3-tiny");
+}
+
 // AWQ W4A16 checkpoints of the same models, computed with the 4-bit weights kept packed;
 // the goldens are the original code in f32 on the dequantised weights.
 #[test]
@@ -161,6 +172,11 @@ fn internlm2_tiny_batched_forward_equals_one_at_a_time() {
     check_batched("internlm2-tiny");
 }
 
+#[test]
+fn llama3_tiny_batched_forward_equals_one_at_a_time() {
+    check_batched("llama3-tiny");
+}
+
 /// Logits of the prompt and then of each `forced` token after it, through an arena that
 /// stores K/V as `format`.
 fn logits_through(
@@ -226,4 +242,23 @@ fn internlm2_tiny_logits_move_little_under_a_quantised_kv_cache() {
 fn awq_batched_forward_equals_one_at_a_time() {
     check_batched("chatglm2-tiny-awq");
     check_batched("internlm2-tiny-awq");
+}
+
+/// Llama-3.1's `llama3` rope scaling gives transformers' inverse frequencies, bit for bit.
+#[test]
+fn llama3_rope_scaling_matches_the_original_tables() {
+    use triton_llm::model::rope::{RopeScalingConfig, Scaling};
+    let golden = golden("llama3-tiny", "model_golden.json");
+    let config: RopeScalingConfig = serde_json::from_value(golden["rope_scaling"].clone()).unwrap();
+    let scaling = Scaling::parse(Some(&config), "Llama", &["llama3"]).unwrap();
+    let theta = golden["rope_theta"].as_f64().unwrap() as f32;
+    let head_dim = golden["head_dim"].as_u64().unwrap() as usize;
+    let unscaled = Scaling::None.inv_freq(theta, head_dim, 512, 1);
+    assert_eq!(unscaled, floats(&golden["rope_inv_freq_unscaled"]));
+    for total_len in [1, 512, 4096] {
+        assert_eq!(
+            scaling.inv_freq(theta, head_dim, 512, total_len),
+            floats(&golden["rope_inv_freq"])
+        );
+    }
 }

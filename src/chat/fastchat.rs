@@ -3,6 +3,17 @@
 //! (Llama-2-chat, style `LLAMA2`), rendered as `Conversation.get_prompt()` renders them after
 //! `append_message` of each past (query, answer) pair, the query, and an open answer.
 
+/// `fastchat.serve.cli`'s `--max-new-tokens` default.
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 512;
+
+/// The answer as FastChat's CLI keeps it: `generate_stream` decodes with
+/// `clean_up_tokenization_spaces=True`, the CLI stores `outputs.strip()`.
+pub fn clean_response(decoded: &str) -> String {
+    super::clean_up_tokenization_spaces(decoded)
+        .trim_matches(super::chatglm2::is_python_whitespace)
+        .to_string()
+}
+
 /// A FastChat conversation template, by its FastChat name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConvTemplate {

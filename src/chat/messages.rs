@@ -410,6 +410,9 @@ impl Conversation {
     pub fn prompt(&self, family: Family) -> Result<String> {
         match family {
             Family::InternLm2 => Ok(self.internlm2_prompt()),
+            Family::Llama => Err(Error::InvalidRequest(
+                "messages: Llama models take messages once their chat format is wired".into(),
+            )),
             Family::ChatGlm2 => {
                 let (query, history) = self.chatglm2_turns()?;
                 Ok(super::chatglm2::build_prompt(&query, &history))

@@ -36,6 +36,10 @@ pub fn build_prompt(
             history,
             system_prompt.unwrap_or(internlm2::DEFAULT_META_INSTRUCTION),
         ),
+        Family::Llama => {
+            let template = fastchat::ConvTemplate::VicunaV11;
+            template.prompt(system_prompt.unwrap_or(template.default_system()), history, query)
+        }
     }
 }
 
@@ -44,6 +48,7 @@ pub fn clean_response(family: Family, decoded: &str) -> String {
     match family {
         Family::ChatGlm2 => chatglm2::clean_response(decoded),
         Family::InternLm2 => internlm2::clean_response(decoded),
+        Family::Llama => fastchat::clean_response(decoded),
     }
 }
 
@@ -52,12 +57,41 @@ pub fn default_limits(family: Family) -> (Option<usize>, Option<usize>) {
     match family {
         Family::ChatGlm2 => (Some(chatglm2::DEFAULT_MAX_LENGTH), None),
         Family::InternLm2 => (None, Some(internlm2::DEFAULT_MAX_NEW_TOKENS)),
+        Family::Llama => (None, Some(fastchat::DEFAULT_MAX_NEW_TOKENS)),
     }
 }
+
+/// transformers' `clean_up_tokenization`: the spaces English tokenizers put before
+/// punctuation and contractions, removed, one pattern after the other.
+pub fn clean_up_tokenization_spaces(text: &str) -> String {
+    CLEAN_UP_TOKENIZATION.iter().fold(text.to_string(), |text, (from, to)| text.replace(from, to))
+}
+
+/// The replacements of `clean_up_tokenization`, in its order.
+pub(crate) const CLEAN_UP_TOKENIZATION: [(&str, &str); 10] = [
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+];
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clean_up_removes_spaces_as_transformers_does() {
+        assert_eq!(
+            clean_up_tokenization_spaces("I do n't know . It 's ok , you ' re"),
+            "I don't know. It's ok, you're"
+        );
+    }
 
     #[test]
     fn history_len_keeps_the_most_recent_rounds() {

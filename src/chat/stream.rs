@@ -133,6 +133,18 @@ impl<'t> AnswerStream<'t> {
                 whitespace.max(partial_suffix(cleaned, super::chatglm2::TRAINING_TIME_MARK))
             }
             Some(Family::InternLm2) => partial_suffix(cleaned, super::internlm2::END_MARK),
+            Some(Family::Llama) => {
+                // str.strip() may drop trailing whitespace, which also holds back the start
+                // of every clean-up pattern.
+                let trimmed = cleaned.trim_end_matches(is_python_whitespace);
+                let whitespace = cleaned.len() - trimmed.len();
+                let pattern = super::CLEAN_UP_TOKENIZATION
+                    .iter()
+                    .map(|(from, _)| partial_suffix(cleaned, from))
+                    .max()
+                    .unwrap_or(0);
+                whitespace.max(pattern)
+            }
         }
     }
 }

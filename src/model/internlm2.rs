@@ -11,19 +11,13 @@ use super::{
     CausalLm, Family, KvStore, ModelInfo, SeqStep, TokenIds, batch_offsets, cpu_arena, embed_batch,
     last_token_logits, parse_config, quant, rope,
 };
+use rope::Scaling;
 use std::sync::Arc;
 
 use super::gpu;
 use crate::cpu::{self, AttentionShape, Linear};
 use crate::cuda;
 use crate::{Error, Result};
-
-#[derive(Clone, Debug, Deserialize)]
-pub struct RopeScaling {
-    #[serde(rename = "type", alias = "rope_type")]
-    pub kind: String,
-    pub factor: f32,
-}
 
 /// `config.json` of an InternLM2 checkpoint; field names as in the file.
 #[derive(Clone, Debug, Deserialize)]
@@ -38,7 +32,7 @@ pub struct Config {
     #[serde(default = "default_rope_theta")]
     pub rope_theta: f32,
     #[serde(default)]
-    pub rope_scaling: Option<RopeScaling>,
+    pub rope_scaling: Option<rope::RopeScalingConfig>,
     pub rms_norm_eps: f32,
     #[serde(default)]
     pub bias: bool,
@@ -56,33 +50,13 @@ fn default_act() -> String {
     "silu".into()
 }
 
-/// The rotary variant a config asks for.
-#[derive(Clone, Copy, Debug)]
-enum Scaling {
-    None,
-    Linear(f32),
-    Dynamic(f32),
-}
-
 impl Config {
     fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads
     }
 
     fn scaling(&self) -> Result<Scaling> {
-        match &self.rope_scaling {
-            None => Ok(Scaling::None),
-            Some(s) if s.factor < 1.0 => Err(Error::Config(format!(
-                "InternLM2 config: rope_scaling.factor {} must be at least 1",
-                s.factor
-            ))),
-            Some(s) if s.kind == "dynamic" => Ok(Scaling::Dynamic(s.factor)),
-            Some(s) if s.kind == "linear" => Ok(Scaling::Linear(s.factor)),
-            Some(s) => Err(Error::Config(format!(
-                "InternLM2 config: rope_scaling type {:?} is not supported (linear, dynamic)",
-                s.kind
-            ))),
-        }
+        Scaling::parse(self.rope_scaling.as_ref(), "InternLM2", &["linear", "dynamic"])
     }
 
     fn model_info(&self, scaling: Scaling) -> ModelInfo {
@@ -98,13 +72,7 @@ impl Config {
                     + q_width * h
                     + 3 * ffn * h
                     + if bias { qkv_width + h } else { 0 });
-        // vLLM's rule for dynamic NTK: the served context is max_position_embeddings × factor.
-        let max_context = match scaling {
-            Scaling::Dynamic(f) | Scaling::Linear(f) => {
-                (self.max_position_embeddings as f32 * f) as usize
-            }
-            Scaling::None => self.max_position_embeddings,
-        };
+        let max_context = scaling.max_context(self.max_position_embeddings);
         ModelInfo {
             family: Family::InternLm2,
             logits_width: vocab,
@@ -117,30 +85,14 @@ impl Config {
             kv_heads: self.num_key_value_heads,
             weight_format: String::new(),
             weight_bytes: 0,
-            length_dependent_rope_after: match scaling {
-                Scaling::Dynamic(_) => Some(self.max_position_embeddings),
-                _ => None,
-            },
+            length_dependent_rope_after: scaling
+                .length_dependent_after(self.max_position_embeddings),
         }
     }
 
     /// Inverse frequencies for a call whose sequence reaches `total_len` positions.
     fn inv_freq_for(&self, scaling: Scaling, total_len: usize) -> Vec<f32> {
-        let base = match scaling {
-            Scaling::Dynamic(factor) => rope::dynamic_ntk_base(
-                self.rope_theta,
-                factor,
-                total_len,
-                self.max_position_embeddings,
-                self.head_dim(),
-            ),
-            Scaling::None | Scaling::Linear(_) => self.rope_theta,
-        };
-        let inv_freq = rope::inv_freq(base, self.head_dim());
-        match scaling {
-            Scaling::Linear(factor) => inv_freq.into_iter().map(|f| f / factor).collect(),
-            _ => inv_freq,
-        }
+        scaling.inv_freq(self.rope_theta, self.head_dim(), self.max_position_embeddings, total_len)
     }
 
     fn check_supported(&self) -> Result<()> {

@@ -5,6 +5,7 @@
 pub mod chatglm2;
 pub(crate) mod gpu;
 pub mod internlm2;
+pub mod llama;
 pub mod quant;
 pub mod rope;
 pub mod torch_bin;
@@ -25,6 +26,8 @@ pub use weights::Checkpoint;
 pub enum Family {
     ChatGlm2,
     InternLm2,
+    /// `LlamaForCausalLM`: Llama-2/3.x, Vicuna.
+    Llama,
 }
 
 impl Family {
@@ -32,6 +35,7 @@ impl Family {
         match self {
             Family::ChatGlm2 => "chatglm2",
             Family::InternLm2 => "internlm2",
+            Family::Llama => "llama",
         }
     }
 }
@@ -307,10 +311,12 @@ fn family_of(config: serde_json::Value, origin: &str) -> Result<(Family, serde_j
     let family = match config.get("model_type").and_then(|v| v.as_str()) {
         Some("chatglm") => Family::ChatGlm2,
         Some("internlm2") => Family::InternLm2,
+        Some("llama") => Family::Llama,
         Some(other) => {
             return Err(Error::Config(format!(
                 "{}: model_type {other:?} is not supported (supported: \"chatglm\" for \
-                 ChatGLM2, \"internlm2\" for InternLM2/2.5)",
+                 ChatGLM2, \"internlm2\" for InternLM2/2.5, \"llama\" for Llama-2/3.x and \
+                 Vicuna)",
                 path
             )));
         }
@@ -403,6 +409,7 @@ pub fn load_config(
             match family {
                 Family::ChatGlm2 => Box::new(chatglm2::Model::load(config, &linears)?),
                 Family::InternLm2 => Box::new(internlm2::Model::load(config, &linears)?),
+                Family::Llama => Box::new(llama::Model::load(config, &linears)?),
             }
         }
         Device::Cuda(ordinal) => {
@@ -413,6 +420,7 @@ pub fn load_config(
             match family {
                 Family::ChatGlm2 => Box::new(chatglm2::load_gpu(config, &loader)?),
                 Family::InternLm2 => Box::new(internlm2::load_gpu(config, &loader)?),
+                Family::Llama => Box::new(llama::load_gpu(config, &loader)?),
             }
         }
     };

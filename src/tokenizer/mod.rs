@@ -94,6 +94,7 @@ impl Tokenizer {
             let sp = match family {
                 Family::ChatGlm2 => SpTokenizer::chatglm2(model),
                 Family::InternLm2 => SpTokenizer::internlm2(model, read_added_tokens(dir)?),
+                Family::Llama => Err("the Llama SentencePiece tokenizer is not built yet".into()),
             }
             .map_err(named)?;
             tracing::debug!(path = %path.display(), pieces = sp.model.pieces.len(), "loaded tokenizer.model");

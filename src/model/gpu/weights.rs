@@ -127,16 +127,33 @@ impl WeightLoader<'_> {
         inp: usize,
     ) -> Result<DeviceWeight> {
         let [top, bottom] = prefixes;
+        self.linear_concat(&[(top, out), (bottom, out)], inp)
+    }
+
+    /// The rows of linears `parts` (each `(prefix, out)`, `[out, inp]`) one after another,
+    /// as one product: Llama's `[q | k | v]`.
+    pub fn linear_concat(&self, parts: &[(&str, usize)], inp: usize) -> Result<DeviceWeight> {
         if self.linears.format == WeightFormat::Dense {
-            let names = [format!("{top}.weight"), format!("{bottom}.weight")];
-            let joined = format!("{top}+{bottom}");
-            return Ok(DeviceWeight::Dense(self.tensor_from(&joined, &[2 * out, inp], || {
-                let mut stacked = self.checkpoint.f32(&names[0], &[out, inp])?;
-                stacked.extend(self.checkpoint.f32(&names[1], &[out, inp])?);
+            let names: Vec<String> = parts.iter().map(|(p, _)| format!("{p}.weight")).collect();
+            let joined = parts.iter().map(|(p, _)| *p).collect::<Vec<_>>().join("+");
+            let rows: usize = parts.iter().map(|(_, out)| out).sum();
+            return Ok(DeviceWeight::Dense(self.tensor_from(&joined, &[rows, inp], || {
+                let mut stacked = Vec::with_capacity(rows * inp);
+                for (name, (_, out)) in names.iter().zip(parts) {
+                    stacked.extend(self.checkpoint.f32(name, &[*out, inp])?);
+                }
                 Ok(stacked)
             })?));
         }
-        let rows = self.quant_rows(top, out, inp)?.stack(self.quant_rows(bottom, out, inp)?)?;
+        let mut rows: Option<QuantRows> = None;
+        for (prefix, out) in parts {
+            let part = self.quant_rows(prefix, *out, inp)?;
+            rows = Some(match rows {
+                Some(above) => above.stack(part)?,
+                None => part,
+            });
+        }
+        let rows = rows.ok_or_else(|| Error::Internal("an empty linear concatenation".into()))?;
         self.upload(&rows)
     }
 
