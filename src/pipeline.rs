@@ -6,7 +6,7 @@ use std::path::Path;
 
 use crate::chat::messages::{ACTION_END, Conversation, ToolCall};
 use crate::chat::stream::AnswerStream;
-use crate::chat::{self, History};
+use crate::chat::{self, ChatFormat, Cleanup, History};
 use crate::dtype::{DType, KvFormat};
 use crate::model::{self, CausalLm, Device, Family, LoadFormat, Quantization};
 use crate::sampling::SamplingParams;
@@ -33,12 +33,21 @@ pub struct LoadOptions {
     pub max_input_bytes: Option<usize>,
     /// How the KV cache stores K/V (`quant_policy`).
     pub kv_format: KvFormat,
+    /// The chat format by name (`chat::FORMAT_NAMES`); None: the folder's
+    /// (`ChatFormat::choose`).
+    pub chat_format: Option<String>,
 }
 
 pub struct ChatModel {
     pub family: Family,
     pub model: Box<dyn CausalLm>,
     pub tokenizer: Tokenizer,
+    /// How chat turns and conversations become prompts.
+    pub format: ChatFormat,
+    /// How answers are cleaned (the format's rule, with the tokenizer's setting).
+    cleanup: Cleanup,
+    /// Ids that end an answer.
+    stop_token_ids: Vec<u32>,
     max_context: usize,
     max_input_bytes: usize,
     kv_format: KvFormat,
@@ -66,7 +75,8 @@ pub struct ChatTurn {
     pub query: String,
     pub history: History,
     pub history_len: usize,
-    /// InternLM2's meta instruction: None = the model's default, "" = none.
+    /// The system message (InternLM2's meta instruction, FastChat's system message, a
+    /// template's system turn): None = the format's default, "" = none.
     pub system_prompt: Option<String>,
 }
 
@@ -103,6 +113,39 @@ pub struct Completion {
     pub finish_reason: FinishReason,
     /// The tool calls the answer ends in (only when tools were offered).
     pub tool_calls: Vec<ToolCall>,
+}
+
+/// The ids that end an answer: `config.json`'s and `generation_config.json`'s
+/// `eos_token_id`s, the tokenizer's end token, and InternLM2's `<|im_end|>`.
+fn stop_token_ids(
+    dir: &Path,
+    family: Family,
+    tokenizer: &Tokenizer,
+    config_eos: &[u32],
+) -> Result<Vec<u32>> {
+    let mut ids = config_eos.to_vec();
+    let path = dir.join("generation_config.json");
+    if path.is_file() {
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let config: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Config(format!("{}: not valid JSON ({e})", path.display())))?;
+        if let Some(eos) = config.get("eos_token_id").filter(|v| !v.is_null()) {
+            let eos: model::TokenIds = serde_json::from_value(eos.clone())
+                .map_err(|e| Error::Config(format!("{}: eos_token_id: {e}", path.display())))?;
+            ids.extend(eos.to_vec());
+        }
+    }
+    match family {
+        Family::InternLm2 => {
+            ids.push(tokenizer.eos_id());
+            ids.extend(tokenizer.token_to_id("<|im_end|>"));
+        }
+        Family::Llama => ids.push(tokenizer.eos_id()),
+        Family::ChatGlm2 => {}
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
 }
 
 /// A folder's family (from config.json) and tokenizer, without its weights.
@@ -154,7 +197,21 @@ impl ChatModel {
             None => max_context.saturating_mul(tokenizer.max_piece_bytes().max(1)),
         };
         let kv_format = options.kv_format;
-        Ok(ChatModel { family, model, tokenizer, max_context, max_input_bytes, kv_format })
+        let (format, why) = ChatFormat::choose(family, dir, options.chat_format.as_deref())?;
+        tracing::info!("chat format {} ({why})", format.name());
+        let cleanup = format.cleanup(cleans_up_spaces(dir));
+        let stop_token_ids = stop_token_ids(dir, family, &tokenizer, &model.info().eos_token_ids)?;
+        Ok(ChatModel {
+            family,
+            model,
+            tokenizer,
+            format,
+            cleanup,
+            stop_token_ids,
+            max_context,
+            max_input_bytes,
+            kv_format,
+        })
     }
 
     pub fn max_context(&self) -> usize {
@@ -171,16 +228,14 @@ impl ChatModel {
         self.max_input_bytes
     }
 
-    /// The ids that end an answer: config eos, and for InternLM2 also `</s>` and `<|im_end|>`.
+    /// The ids that end an answer (`stop_token_ids`).
     pub fn stop_token_ids(&self) -> Vec<u32> {
-        let mut ids = self.model.info().eos_token_ids.clone();
-        if self.family == Family::InternLm2 {
-            ids.push(self.tokenizer.eos_id());
-            ids.extend(self.tokenizer.token_to_id("<|im_end|>"));
-        }
-        ids.sort_unstable();
-        ids.dedup();
-        ids
+        self.stop_token_ids.clone()
+    }
+
+    /// How chat answers are cleaned.
+    pub fn cleanup(&self) -> Cleanup {
+        self.cleanup
     }
 
     fn request(&self, prompt_ids: Vec<u32>, options: &GenerationOptions) -> GenerateRequest {
@@ -223,9 +278,8 @@ impl ChatModel {
                 self.max_context
             )));
         }
-        let text =
-            chat::build_prompt(self.family, &turn.query, kept, turn.system_prompt.as_deref());
-        let ids = self.tokenizer.encode(&text, true)?;
+        let text = self.format.prompt(&turn.query, kept, turn.system_prompt.as_deref())?;
+        let ids = self.tokenizer.encode(&text, !self.format.writes_prefix())?;
         let chat = Some((turn.query.clone(), kept.to_vec()));
         Ok(Prompt { ids, chat, clean: true, tools: false, input: "prompt" })
     }
@@ -241,8 +295,8 @@ impl ChatModel {
                 self.max_input_bytes, self.max_context
             )));
         }
-        let text = conversation.prompt(self.family)?;
-        let ids = self.tokenizer.encode(&text, true)?;
+        let text = conversation.prompt(&self.format)?;
+        let ids = self.tokenizer.encode(&text, !self.format.writes_prefix())?;
         let tools = conversation.has_tools();
         Ok(Prompt { ids, chat: None, clean: true, tools, input: "messages" })
     }
@@ -294,7 +348,7 @@ impl ChatModel {
             },
             e => e,
         })?;
-        let clean = prompt.clean.then_some(self.family);
+        let clean = prompt.clean.then_some(self.cleanup);
         let mut answer = AnswerStream::new(&self.tokenizer, clean, options.stop.clone());
         if prompt.tools {
             answer = answer.with_tool_calls(&self.tokenizer);
@@ -366,4 +420,14 @@ impl Generating<'_> {
         };
         Ok((rest, completion))
     }
+}
+
+/// TEMPORARY until the tokenizer reads it: `clean_up_tokenization_spaces` of the folder's
+/// tokenizer_config.json (transformers' default true).
+fn cleans_up_spaces(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|c| c.get("clean_up_tokenization_spaces").and_then(|v| v.as_bool()))
+        .unwrap_or(true)
 }

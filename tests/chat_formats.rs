@@ -11,8 +11,7 @@ use common::{fixture, golden};
 use triton_llm::chat::fastchat::ConvTemplate;
 use triton_llm::chat::messages::Json;
 use triton_llm::chat::template::ChatTemplate;
-use triton_llm::chat::{self, internlm2};
-use triton_llm::model::Family;
+use triton_llm::chat::{ChatFormat, internlm2};
 
 fn history(value: &serde_json::Value) -> Vec<(String, String)> {
     value
@@ -76,7 +75,7 @@ fn internlm2s_own_template_equals_the_built_in_prompt() {
     let rendered = template.render(&messages, None, true).unwrap();
     // The template writes BOS as text; the built-in prompt leaves it to the tokenizer.
     let built_in =
-        chat::build_prompt(Family::InternLm2, "What is RMSNorm?", &history, Some("Be brief."));
+        ChatFormat::InternLm2.prompt("What is RMSNorm?", &history, Some("Be brief.")).unwrap();
     assert_eq!(rendered, format!("<s>{built_in}"));
     assert!(internlm2::DEFAULT_META_INSTRUCTION.starts_with("You are an AI assistant"));
 }

@@ -109,6 +109,115 @@ fn internlm2_chat(folder: &str) {
     }
 }
 
+/// Vicuna through FastChat's conversation templates and generation loop: the folder's
+/// default (`vicuna_v1.1`, its path names Vicuna) and `llama-2` by the `chat_format` option.
+#[test]
+fn vicuna_tiny_chat_matches_fastchat() {
+    let golden = golden("vicuna-tiny", "chat_golden.json");
+    let load = |format: Option<&str>| {
+        let options = LoadOptions { chat_format: format.map(String::from), ..Default::default() };
+        ChatModel::load(&fixture("vicuna-tiny"), &options).unwrap()
+    };
+    let (vicuna, llama2) = (load(None), load(Some("llama-2")));
+    assert_eq!((vicuna.format.name(), llama2.format.name()), ("vicuna_v1.1", "llama-2"));
+    for case in golden["cases"].as_array().unwrap() {
+        let chat = match case["template"].as_str().unwrap() {
+            "vicuna_v1.1" => &vicuna,
+            _ => &llama2,
+        };
+        let is_default = case["system_message_is_default"].as_bool().unwrap();
+        let history = pairs(&case["history"]);
+        let turn = ChatTurn {
+            query: case["query"].as_str().unwrap().into(),
+            history: history.clone(),
+            history_len: DEFAULT_HISTORY_LEN,
+            system_prompt: match is_default {
+                true => None,
+                false => Some(case["system_message"].as_str().unwrap_or_default().into()),
+            },
+        };
+        let query = &turn.query;
+        let options = GenerationOptions {
+            sampling: SamplingParams::greedy(),
+            max_new_tokens: Some(case["gen_params"]["max_new_tokens"].as_u64().unwrap() as usize),
+            ..Default::default()
+        };
+        assert_eq!(chat.chat_prompt_ids(&turn).unwrap(), ids(&case["prompt_ids"]), "{query:?}");
+        let mut streamed = String::new();
+        let completion = common::chat(chat, &turn, &options, |piece| {
+            streamed.push_str(piece);
+            true
+        })
+        .unwrap();
+        assert_eq!(completion.output_ids, ids(&case["output_ids"]), "{query:?}: generated ids");
+        assert_eq!(
+            completion.finish_reason.as_str(),
+            case["finish_reason"].as_str().unwrap(),
+            "{query:?}"
+        );
+        // FastChat's CLI keeps the stripped text of generate_stream's answer.
+        let response = case["response_stripped"].as_str().unwrap();
+        assert_eq!(case["response"].as_str().unwrap().trim(), response);
+        assert_eq!(completion.response, response, "{query:?}: response");
+        assert_eq!(streamed, response, "{query:?}: streamed text");
+        let mut history_out = history;
+        history_out.push((query.clone(), response.to_string()));
+        assert_eq!(completion.history, history_out, "{query:?}: history");
+    }
+}
+
+/// Llama-3-Instruct's own chat template (`apply_chat_template`) and `generate`, stopping at
+/// `generation_config.json`'s end tokens (`<|eot_id|>` among them).
+#[test]
+fn llama3_tiny_chat_matches_transformers() {
+    let chat = ChatModel::load(&fixture("llama3-tiny"), &LoadOptions::default()).unwrap();
+    assert_eq!(chat.format.name(), "hf");
+    let golden = golden("llama3-tiny", "chat_golden.json");
+    for case in golden["cases"].as_array().unwrap() {
+        let messages = case["messages"].as_array().unwrap();
+        let text = |m: &serde_json::Value| m["content"].as_str().unwrap().to_string();
+        let (system, rest) = match messages[0]["role"].as_str() {
+            Some("system") => (Some(text(&messages[0])), &messages[1..]),
+            _ => (None, &messages[..]),
+        };
+        let (query, past) = rest.split_last().unwrap();
+        let history: Vec<(String, String)> =
+            past.chunks_exact(2).map(|pair| (text(&pair[0]), text(&pair[1]))).collect();
+        let turn = ChatTurn {
+            query: text(query),
+            history: history.clone(),
+            history_len: DEFAULT_HISTORY_LEN,
+            system_prompt: system,
+        };
+        let query = &turn.query;
+        assert_eq!(chat.chat_prompt_ids(&turn).unwrap(), ids(&case["prompt_ids"]), "{query:?}");
+        // The same conversation as the `messages` input.
+        let conversation =
+            triton_llm::chat::messages::Conversation::parse(&case["messages"].to_string(), None)
+                .unwrap();
+        assert_eq!(chat.prepare_messages(&conversation).unwrap().ids, ids(&case["prompt_ids"]));
+
+        let options = GenerationOptions {
+            sampling: SamplingParams::greedy(),
+            max_new_tokens: Some(case["max_new_tokens"].as_u64().unwrap() as usize),
+            ..Default::default()
+        };
+        let mut streamed = String::new();
+        let completion = common::chat(&chat, &turn, &options, |piece| {
+            streamed.push_str(piece);
+            true
+        })
+        .unwrap();
+        assert_eq!(completion.output_ids, ids(&case["generated_ids"]), "{query:?}: generated ids");
+        let response = case["response"].as_str().unwrap();
+        assert_eq!(completion.response, response, "{query:?}: response");
+        assert_eq!(streamed, response, "{query:?}: streamed text");
+        let mut history_out = history;
+        history_out.push((query.clone(), response.to_string()));
+        assert_eq!(completion.history, history_out, "{query:?}: history");
+    }
+}
+
 #[test]
 fn history_len_and_limits_follow_the_interface() {
     let chat = ChatModel::load(&fixture("chatglm2-tiny"), &LoadOptions::default()).unwrap();

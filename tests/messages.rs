@@ -5,6 +5,7 @@
 mod common;
 
 use common::fixture;
+use triton_llm::chat::ChatFormat;
 use triton_llm::chat::messages::{
     Conversation, Json, ToolCall, openai_tool_calls, parse_internlm2_reply,
 };
@@ -49,7 +50,7 @@ fn internlm2_prompts_equal_lmdeploys_token_for_token() {
             tools => Some(tools.python_dumps()),
         };
         let conversation = Conversation::parse(&messages, tools.as_deref()).unwrap();
-        let prompt = conversation.prompt(Family::InternLm2).unwrap();
+        let prompt = conversation.prompt(&ChatFormat::InternLm2).unwrap();
         assert_eq!(prompt, case.get("prompt").unwrap().as_str().unwrap(), "{name}");
         let ids = ids(case.get("input_ids_with_bos").unwrap());
         assert_eq!(tokenizer.encode(&prompt, true).unwrap(), ids, "{name}");

@@ -358,10 +358,10 @@ proptest! {
             prop_assert_eq!(&answer, &full);
         }
         // With the family's clean-up: the cleaned text of the same answer.
-        let mut cleaned = AnswerStream::new(tok, Some(chat.family), stop);
+        let mut cleaned = AnswerStream::new(tok, Some(chat.cleanup()), stop);
         let (pieces, clean_answer, _) = run_stream(&mut cleaned, &ids);
         prop_assert_eq!(pieces.concat(), clean_answer.clone());
-        prop_assert_eq!(clean_answer, clean_response(chat.family, &answer));
+        prop_assert_eq!(clean_answer, clean_response(chat.cleanup(), &answer));
     }
 }
 
@@ -375,7 +375,7 @@ proptest! {
         let chat = chat_model("internlm2-tiny");
         let tok = &chat.tokenizer;
         let ids: Vec<u32> = ids.into_iter().map(|id| pick_id(tok.vocab_size() as u32, id)).collect();
-        let mut stream = AnswerStream::new(tok, Some(chat.family), Vec::new()).with_tool_calls(tok);
+        let mut stream = AnswerStream::new(tok, Some(chat.cleanup()), Vec::new()).with_tool_calls(tok);
         let (pieces, answer, _) = run_stream(&mut stream, &ids);
         prop_assert_eq!(pieces.concat(), answer.clone());
         let marks = ["<|action_start|>", "<|plugin|>", "<|interpreter|>", "<|action_end|>"];
@@ -383,7 +383,7 @@ proptest! {
         let mut full: String = ids.iter().map(|&id| decoder.push(id)).collect();
         full.push_str(&decoder.finish());
         let before_call = full.split(ACTION_START).next().unwrap();
-        prop_assert_eq!(&answer, &clean_response(chat.family, before_call));
+        prop_assert_eq!(&answer, &clean_response(chat.cleanup(), before_call));
         if !stream.tool_calls().is_empty() {
             prop_assert!(full.contains(ACTION_START), "{:?}", full);
         }

@@ -6,14 +6,6 @@
 /// `fastchat.serve.cli`'s `--max-new-tokens` default.
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 512;
 
-/// The answer as FastChat's CLI keeps it: `generate_stream` decodes with
-/// `clean_up_tokenization_spaces=True`, the CLI stores `outputs.strip()`.
-pub fn clean_response(decoded: &str) -> String {
-    super::clean_up_tokenization_spaces(decoded)
-        .trim_matches(super::chatglm2::is_python_whitespace)
-        .to_string()
-}
-
 /// A FastChat conversation template, by its FastChat name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConvTemplate {

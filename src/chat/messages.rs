@@ -14,8 +14,8 @@ use std::fmt::Write as _;
 
 use serde::de::{Deserializer, MapAccess, SeqAccess, Visitor};
 
+use super::format::ChatFormat;
 use super::internlm2;
-use crate::model::Family;
 use crate::{Error, Result};
 
 /// The marks around an InternLM2 tool call in the reply (and in the prompt's history).
@@ -289,6 +289,17 @@ enum Role {
     Tool,
 }
 
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+        }
+    }
+}
+
 impl Conversation {
     /// Parses the `messages` input (a JSON list of `{role, content, tool_calls?}`) and the
     /// optional `tools` input (a JSON list of functions, bare or as OpenAI's
@@ -406,16 +417,45 @@ impl Conversation {
             + self.tools.as_ref().map_or(0, |t| t.iter().map(|f| f.python_dumps().len()).sum())
     }
 
-    /// The prompt text of `family` for this conversation (the tokenizer adds BOS).
-    pub fn prompt(&self, family: Family) -> Result<String> {
-        match family {
-            Family::InternLm2 => Ok(self.internlm2_prompt()),
-            Family::Llama => Err(Error::InvalidRequest(
-                "messages: Llama models take messages once their chat format is wired".into(),
-            )),
-            Family::ChatGlm2 => {
-                let (query, history) = self.chatglm2_turns()?;
+    /// The prompt text of this conversation in `format` (the tokenizer adds BOS, unless the
+    /// format writes it).
+    pub fn prompt(&self, format: &ChatFormat) -> Result<String> {
+        if self.tools.is_some() && !matches!(format, ChatFormat::InternLm2) {
+            return Err(Error::InvalidRequest(format!(
+                "tools: the {} chat format has no tool calls here (only InternLM2's); send \
+                 messages without tools",
+                format.name()
+            )));
+        }
+        match format {
+            ChatFormat::InternLm2 => Ok(self.internlm2_prompt()),
+            ChatFormat::ChatGlm2 => {
+                let (system, query, history) = self.turns("ChatGLM2")?;
+                if system.is_some() {
+                    return Err(Error::InvalidRequest(
+                        "messages: ChatGLM2 has no system prompt; send user and assistant turns"
+                            .into(),
+                    ));
+                }
                 Ok(super::chatglm2::build_prompt(&query, &history))
+            }
+            ChatFormat::FastChat(template) => {
+                let (system, query, history) = self.turns(template.name())?;
+                let system = system.as_deref().unwrap_or(template.default_system());
+                Ok(template.prompt(system, &history, &query))
+            }
+            ChatFormat::Hf(template) => {
+                let messages = self
+                    .messages
+                    .iter()
+                    .map(|m| {
+                        Json::Object(vec![
+                            ("role".into(), Json::String(m.role.name().into())),
+                            ("content".into(), Json::String(m.content.clone())),
+                        ])
+                    })
+                    .collect();
+                template.render(&Json::Array(messages), None, true)
             }
         }
     }
@@ -464,40 +504,43 @@ impl Conversation {
         prompt
     }
 
-    /// ChatGLM2's query and history: user and assistant turns in pairs, then a user turn.
-    pub fn chatglm2_turns(&self) -> Result<(String, Vec<(String, String)>)> {
-        let bad = |what: &str| Error::InvalidRequest(format!("messages: {what}"));
-        if self.tools.is_some() {
-            return Err(Error::InvalidRequest(
-                "tools: ChatGLM2 has no tool format; send messages without tools".into(),
-            ));
-        }
+    /// An optional system message, then user and assistant turns in pairs, then a user
+    /// turn: (system, query, history), for formats built from those (`format` names it).
+    pub fn turns(&self, format: &str) -> Result<(Option<String>, String, super::History)> {
+        let alternating = || {
+            Error::InvalidRequest(format!(
+                "messages: {format} takes an optional system message, then user and assistant \
+                 turns alternating from a user turn"
+            ))
+        };
+        let mut turns = self.messages.iter().peekable();
+        let system = match turns.peek() {
+            Some(Message { role: Role::System, content, .. }) => {
+                let system = content.clone();
+                turns.next();
+                Some(system)
+            }
+            _ => None,
+        };
         let mut history = Vec::new();
-        let mut turns = self.messages.iter();
         loop {
             let query = match turns.next() {
                 Some(Message { role: Role::User, content, .. }) => content.clone(),
-                Some(_) => {
-                    return Err(bad(
-                        "ChatGLM2 takes user and assistant turns only, alternating from a user \
-                         turn",
+                Some(_) => return Err(alternating()),
+                None => {
+                    return Err(Error::InvalidRequest(
+                        "messages: the last message must be the user's".into(),
                     ));
                 }
-                None => return Err(bad("the last message must be the user's")),
             };
             match turns.next() {
-                None => return Ok((query, history)),
+                None => return Ok((system, query, history)),
                 Some(Message { role: Role::Assistant, content, tool_calls, .. })
                     if tool_calls.is_empty() =>
                 {
                     history.push((query, content.clone()));
                 }
-                Some(_) => {
-                    return Err(bad(
-                        "ChatGLM2 takes user and assistant turns only, alternating from a user \
-                         turn",
-                    ));
-                }
+                Some(_) => return Err(alternating()),
             }
         }
     }
@@ -586,20 +629,24 @@ mod tests {
             None,
         )
         .unwrap();
-        let (query, history) = conversation.chatglm2_turns().unwrap();
+        let (system, query, history) = conversation.turns("ChatGLM2").unwrap();
+        assert_eq!(system, None);
         assert_eq!((query.as_str(), history), ("hello", vec![("你好".into(), "嗨".into())]));
         let with_tools = Conversation::parse(
             r#"[{"role": "user", "content": "x"}]"#,
             Some(r#"[{"name": "f"}]"#),
         )
         .unwrap();
-        assert!(with_tools.prompt(Family::ChatGlm2).unwrap_err().to_string().contains("tools"));
+        let error = with_tools.prompt(&ChatFormat::ChatGlm2).unwrap_err().to_string();
+        assert!(error.contains("tools"), "{error}");
         let system = Conversation::parse(
             r#"[{"role": "system", "content": "s"}, {"role": "user", "content": "x"}]"#,
             None,
         )
         .unwrap();
-        assert!(system.chatglm2_turns().is_err());
+        assert!(system.prompt(&ChatFormat::ChatGlm2).unwrap_err().to_string().contains("system"));
+        let (system, query, _) = system.turns("vicuna_v1.1").unwrap();
+        assert_eq!((system.as_deref(), query.as_str()), (Some("s"), "x"));
     }
 
     #[test]

@@ -1,14 +1,17 @@
-//! Chat conversations as the originals' `model.chat(tokenizer, query, history)` builds
-//! them: the family's prompt format, the history window, and the answer clean-up.
+//! Chat conversations as the originals build them (`model.chat(tokenizer, query, history)`,
+//! FastChat's conversations, Hugging Face chat templates): the chat format, the history
+//! window, and the answer clean-up.
 
 pub mod chatglm2;
 pub mod fastchat;
+pub mod format;
 pub mod internlm2;
 pub mod messages;
 pub mod stream;
 pub mod template;
 
 use crate::model::Family;
+pub use format::{ChatFormat, Cleanup, clean_response};
 
 /// Past rounds, oldest first: (query, response).
 pub type History = Vec<(String, String)>;
@@ -19,37 +22,6 @@ pub const DEFAULT_HISTORY_LEN: usize = 10;
 /// The last `history_len` rounds (0 keeps none).
 pub fn kept_history(history: &[(String, String)], history_len: usize) -> &[(String, String)] {
     &history[history.len().saturating_sub(history_len)..]
-}
-
-/// The prompt text for `query` after `history`. `system_prompt` is InternLM2's
-/// meta instruction (None = the model's default, "" = none); ChatGLM2 has no system prompt.
-pub fn build_prompt(
-    family: Family,
-    query: &str,
-    history: &[(String, String)],
-    system_prompt: Option<&str>,
-) -> String {
-    match family {
-        Family::ChatGlm2 => chatglm2::build_prompt(query, history),
-        Family::InternLm2 => internlm2::build_prompt(
-            query,
-            history,
-            system_prompt.unwrap_or(internlm2::DEFAULT_META_INSTRUCTION),
-        ),
-        Family::Llama => {
-            let template = fastchat::ConvTemplate::VicunaV11;
-            template.prompt(system_prompt.unwrap_or(template.default_system()), history, query)
-        }
-    }
-}
-
-/// The answer text as the original `chat` returns it.
-pub fn clean_response(family: Family, decoded: &str) -> String {
-    match family {
-        Family::ChatGlm2 => chatglm2::clean_response(decoded),
-        Family::InternLm2 => internlm2::clean_response(decoded),
-        Family::Llama => fastchat::clean_response(decoded),
-    }
 }
 
 /// (max_token, max_new_tokens) defaults of the family's `model.chat`.

@@ -4,19 +4,18 @@
 //! final answer.
 
 use super::chatglm2::is_python_whitespace;
-use super::clean_response;
+use super::format::{Cleanup, clean_response};
 use super::messages::{
     ACTION_END, ACTION_START, ACTION_START_TOKEN, INTERPRETER_TOKEN, PLUGIN_TOKEN, ToolCall,
     parse_internlm2_reply,
 };
-use crate::model::Family;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 pub struct AnswerStream<'t> {
     decoder: StreamDecoder<'t>,
     stops: StopStrings,
-    /// The family whose clean-up applies (None: raw continuation).
-    clean: Option<Family>,
+    /// The chat format's clean-up (None: raw continuation).
+    clean: Option<Cleanup>,
     /// Tools were offered: the answer is the text before the first tool call
     /// (`with_tool_calls`).
     tools: bool,
@@ -27,7 +26,7 @@ pub struct AnswerStream<'t> {
 }
 
 impl<'t> AnswerStream<'t> {
-    pub fn new(tokenizer: &'t Tokenizer, clean: Option<Family>, stop: Vec<String>) -> Self {
+    pub fn new(tokenizer: &'t Tokenizer, clean: Option<Cleanup>, stop: Vec<String>) -> Self {
         AnswerStream {
             decoder: tokenizer.stream_decoder(),
             stops: StopStrings::new(stop),
@@ -99,7 +98,7 @@ impl<'t> AnswerStream<'t> {
             false => &self.raw,
         };
         match self.clean {
-            Some(family) => clean_response(family, raw),
+            Some(cleanup) => clean_response(cleanup, raw),
             None => raw.to_string(),
         }
     }
@@ -126,23 +125,27 @@ impl<'t> AnswerStream<'t> {
     fn family_unstable_tail(&self, cleaned: &str) -> usize {
         match self.clean {
             None => 0,
-            Some(Family::ChatGlm2) => {
+            Some(Cleanup::ChatGlm2) => {
                 // str.strip() may drop trailing whitespace; "[[训练时间]]" may still complete.
                 let trimmed = cleaned.trim_end_matches(is_python_whitespace);
                 let whitespace = cleaned.len() - trimmed.len();
                 whitespace.max(partial_suffix(cleaned, super::chatglm2::TRAINING_TIME_MARK))
             }
-            Some(Family::InternLm2) => partial_suffix(cleaned, super::internlm2::END_MARK),
-            Some(Family::Llama) => {
-                // str.strip() may drop trailing whitespace, which also holds back the start
-                // of every clean-up pattern.
-                let trimmed = cleaned.trim_end_matches(is_python_whitespace);
-                let whitespace = cleaned.len() - trimmed.len();
-                let pattern = super::CLEAN_UP_TOKENIZATION
-                    .iter()
-                    .map(|(from, _)| partial_suffix(cleaned, from))
-                    .max()
-                    .unwrap_or(0);
+            Some(Cleanup::InternLm2) => partial_suffix(cleaned, super::internlm2::END_MARK),
+            Some(Cleanup::Decode { spaces, strip }) => {
+                // str.strip() may drop trailing whitespace; a clean-up pattern may complete.
+                let whitespace = match strip {
+                    true => cleaned.len() - cleaned.trim_end_matches(is_python_whitespace).len(),
+                    false => 0,
+                };
+                let pattern = match spaces {
+                    true => super::CLEAN_UP_TOKENIZATION
+                        .iter()
+                        .map(|(from, _)| partial_suffix(cleaned, from))
+                        .max()
+                        .unwrap_or(0),
+                    false => 0,
+                };
                 whitespace.max(pattern)
             }
         }

@@ -420,4 +420,21 @@ mod tests {
         assert_eq!(b.num_parameters - a.num_parameters, 100 * 64);
         assert_eq!(a.decode_parameters, a.num_parameters);
     }
+
+    #[test]
+    fn the_bench_shapes_count_the_published_parameters() {
+        let shape = |text: &str| -> Config { serde_json::from_str(text).unwrap() };
+        let llama3 = shape(include_str!("../../bench/shapes/llama-3.1-8b/config.json"));
+        let info = llama3.model_info(llama3.scaling().unwrap());
+        assert_eq!(
+            (info.num_parameters, info.max_context, info.kv_heads),
+            (8_030_261_248, 131072, 8)
+        );
+        let vicuna = shape(include_str!("../../bench/shapes/vicuna-7b/config.json"));
+        let info = vicuna.model_info(vicuna.scaling().unwrap());
+        assert_eq!(
+            (info.num_parameters, info.max_context, info.kv_heads),
+            (6_738_415_616, 4096, 32)
+        );
+    }
 }

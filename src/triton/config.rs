@@ -16,9 +16,12 @@ use crate::{Error, Result};
 pub struct ModelParameters {
     /// The Hugging Face model folder (default: the model's version directory).
     pub model_dir: PathBuf,
-    /// InternLM2's meta instruction for requests that do not bring one; None = the
-    /// model's default, "" = none.
+    /// The system message for requests that do not bring one (InternLM2's meta
+    /// instruction, FastChat's system message, a template's system turn); None = the
+    /// format's default, "" = none.
     pub system_prompt: Option<String>,
+    /// `chat_format`: the chat format by name; None = the folder's.
+    pub chat_format: Option<String>,
     /// Rounds of history kept when a request has no `history_len`.
     pub history_len_default: usize,
     /// `max_token` when a request has none; None = the family's `model.chat` default.
@@ -70,6 +73,7 @@ impl ModelConfig {
         let mut parameters = ModelParameters {
             model_dir: version_dir.to_path_buf(),
             system_prompt: None,
+            chat_format: None,
             history_len_default: DEFAULT_HISTORY_LEN,
             max_token_default: None,
             load_format: LoadFormat::default(),
@@ -98,6 +102,7 @@ impl ModelConfig {
                     parameters.model_dir = version_dir.join(value);
                 }
                 "system_prompt" => parameters.system_prompt = Some(value.to_string()),
+                "chat_format" => parameters.chat_format = Some(value.trim().to_string()),
                 "history_len_default" => {
                     parameters.history_len_default = parse_count(key, value, 0)?;
                 }

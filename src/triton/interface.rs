@@ -501,6 +501,7 @@ mod tests {
         ModelParameters {
             model_dir: PathBuf::from("/m"),
             system_prompt: None,
+            chat_format: None,
             history_len_default: 10,
             max_token_default: None,
             load_format: Default::default(),

@@ -138,6 +138,7 @@ impl ModelState {
             cuda_graphs: parameters.cuda_graphs,
             max_input_bytes: parameters.max_input_bytes,
             kv_format: parameters.kv_format,
+            chat_format: parameters.chat_format.clone(),
         };
         let started = std::time::Instant::now();
         let engine = ChatModel::load(&parameters.model_dir, &options)

@@ -71,8 +71,15 @@ fn shape_config(name: &str) -> Result<&'static str> {
         "internlm2_5-7b" | "internlm2_5-7b-chat" => {
             Ok(include_str!("../../../bench/shapes/internlm2_5-7b/config.json"))
         }
+        "llama-3.1-8b" | "llama-3.1-8b-instruct" => {
+            Ok(include_str!("../../../bench/shapes/llama-3.1-8b/config.json"))
+        }
+        "vicuna-7b" | "vicuna-7b-v1.5" => {
+            Ok(include_str!("../../../bench/shapes/vicuna-7b/config.json"))
+        }
         other => Err(Error::InvalidRequest(format!(
-            "--shape {other:?} is not known (chatglm2-6b, internlm2_5-7b)"
+            "--shape {other:?} is not known (chatglm2-6b, internlm2_5-7b, llama-3.1-8b, \
+             vicuna-7b)"
         ))),
     }
 }
@@ -241,8 +248,9 @@ fn bench(
         // kernel's rows, both kernels, to check the engine's pick.
         use triton_llm::probe::{GEMV_MAX_ROWS, ProductKernel};
         let gpu = DeviceProbe::open(ordinal, device.dtype)?;
-        // Each weight shape of the two 6B/7B families' decoder layers.
-        const LAYER_SHAPES: [(usize, usize); 7] = [
+        // Each weight shape of the 6B–8B models' decoder layers: ChatGLM2-6B, then
+        // InternLM2.5-7B and Llama-3.1-8B (the same), then Vicuna-7B.
+        const LAYER_SHAPES: [(usize, usize); 10] = [
             (4608, 4096),
             (4096, 4096),
             (27392, 4096),
@@ -250,6 +258,9 @@ fn bench(
             (6144, 4096),
             (28672, 4096),
             (4096, 14336),
+            (12288, 4096),
+            (22016, 4096),
+            (4096, 11008),
         ];
         // Each shape's read rate as a share of the copy bandwidth, in percent.
         let shares = |shapes: &[(usize, usize)],
@@ -262,9 +273,9 @@ fn bench(
             }
             Ok(serde_json::Value::Object(shares))
         };
-        // The dense products also at ChatGLM2's output layer.
+        // The dense products also at the output layers (ChatGLM2's, Llama-3's).
         let mut dense_shapes = LAYER_SHAPES.to_vec();
-        dense_shapes.push((65024, 4096));
+        dense_shapes.extend([(65024, 4096), (128256, 4096)]);
         let measure = |kernel: ProductKernel| {
             shares(&dense_shapes, &|n, k| gpu.product_bandwidth(kernel, batch, n, k))
         };

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
-use triton_llm::chat::{self, DEFAULT_HISTORY_LEN};
+use triton_llm::chat::{ChatFormat, DEFAULT_HISTORY_LEN};
 use triton_llm::dtype::{DType, KvFormat};
 use triton_llm::model::{Device, LoadFormat, Quantization};
 use triton_llm::pipeline::{
@@ -24,7 +24,7 @@ use triton_llm::{Error, Result};
 #[command(
     name = "triton-llm",
     version,
-    about = "Run ChatGLM2 / InternLM2 model folders with the triton_llm engine"
+    about = "Run ChatGLM2 / InternLM2 / Llama model folders with the triton_llm engine"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -44,9 +44,13 @@ enum Command {
         /// The ids a chat's first round sends for TEXT: the family's chat template applied.
         #[arg(long)]
         chat: bool,
-        /// With --chat: InternLM2's system prompt ("" for none; default: the model's own).
+        /// With --chat: the system message ("" for none; default: the format's own).
         #[arg(long, requires = "chat")]
         system: Option<String>,
+        /// With --chat: the chat format (chatglm2, internlm2, vicuna_v1.1, llama-2, hf;
+        /// default: the folder's).
+        #[arg(long, requires = "chat")]
+        chat_format: Option<String>,
         /// The text, or `-` to read it from standard input (any bytes a string may hold).
         text: String,
     },
@@ -71,7 +75,7 @@ enum Command {
     Chat {
         #[command(flatten)]
         model: ModelArgs,
-        /// InternLM2's system prompt ("" for none).
+        /// The system message ("" for none; default: the chat format's own).
         #[arg(long)]
         system: Option<String>,
         #[arg(long, default_value_t = DEFAULT_HISTORY_LEN)]
@@ -85,7 +89,8 @@ enum Command {
         /// A model folder (config.json and weights).
         #[arg(long, required_unless_present = "shape", conflicts_with = "shape")]
         model: Option<PathBuf>,
-        /// A real model's shape with random weights: chatglm2-6b or internlm2_5-7b.
+        /// A real model's shape with random weights: chatglm2-6b, internlm2_5-7b,
+        /// llama-3.1-8b or vicuna-7b.
         #[arg(long)]
         shape: Option<String>,
         #[arg(long, default_value = "safetensors")]
@@ -116,6 +121,14 @@ struct ModelArgs {
     /// Longest prompt + answer served (default: the model's context).
     #[arg(long)]
     session_len: Option<usize>,
+    /// The chat format: chatglm2, internlm2, vicuna_v1.1, llama-2 (FastChat's templates)
+    /// or hf (the folder's chat_template); default: the folder's.
+    #[arg(long)]
+    chat_format: Option<String>,
+    /// FastChat's `--load-8bit`: the decoder-layer linears in 8 bits (`--quantization
+    /// w8a16`).
+    #[arg(long, conflicts_with = "quantization")]
+    load_8bit: bool,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -155,11 +168,15 @@ impl ModelArgs {
             session_len: self.session_len,
             device: self.device.device,
             dtype: self.device.dtype,
-            quantization: self.device.quantization,
+            quantization: match self.load_8bit {
+                true => Quantization::W8A16,
+                false => self.device.quantization,
+            },
             sample_on_device: self.device.sample_on_device,
             cuda_graphs: self.device.cuda_graphs,
             max_input_bytes: None,
             kv_format: self.device.kv_format,
+            chat_format: self.chat_format.clone(),
         };
         ChatModel::load(&self.model, &options)
     }
@@ -179,7 +196,7 @@ struct GenerateInput {
     history: Option<String>,
     #[arg(long, default_value_t = DEFAULT_HISTORY_LEN, requires = "prompt")]
     history_len: usize,
-    /// InternLM2's system prompt ("" for none; default: the model's own).
+    /// The system message ("" for none; default: the chat format's own).
     #[arg(long, requires = "prompt")]
     system: Option<String>,
 }
@@ -263,18 +280,22 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Tokenize { model, no_special, chat, system, text } => {
+        Command::Tokenize { model, no_special, chat, system, chat_format, text } => {
             let (family, tokenizer) = load_tokenizer(&model)?;
             let text = match text.as_str() {
                 "-" => std::io::read_to_string(std::io::stdin())
                     .map_err(|e| Error::Config(format!("reading the text from stdin: {e}")))?,
                 _ => text,
             };
-            let text = match chat {
-                true => chat::build_prompt(family, &text, &[], system.as_deref()),
-                false => text,
+            let ids = match chat {
+                true => {
+                    let (format, _) = ChatFormat::choose(family, &model, chat_format.as_deref())?;
+                    let text = format.prompt(&text, &[], system.as_deref())?;
+                    tokenizer.encode(&text, !format.writes_prefix())?
+                }
+                false => tokenizer.encode(&text, !no_special)?,
             };
-            print_json(&json!({ "ids": tokenizer.encode(&text, !no_special)? }));
+            print_json(&json!({ "ids": ids }));
         }
         Command::Logits { model, ids } => {
             let chat = model.load()?;
@@ -348,8 +369,10 @@ fn interactive_chat(
     let mut history = Vec::new();
     let io = |e| Error::io("<terminal>", e);
     println!(
-        "triton-llm chat ({}): type a message; `clear` resets the history, `exit` quits.",
-        chat.family.name()
+        "triton-llm chat ({}, chat format {}): type a message; `clear` resets the history, \
+         `exit` quits.",
+        chat.family.name(),
+        chat.format.name()
     );
     loop {
         print!("\nUser: ");
