@@ -266,7 +266,7 @@ fn interactive_chat_streams_keeps_history_and_clears() {
 
 #[test]
 fn bench_runs_on_each_tiny_model() {
-    for model in ["chatglm2-tiny", "internlm2-tiny"] {
+    for model in ["chatglm2-tiny", "internlm2-tiny", "vicuna-tiny", "llama3-tiny"] {
         let args =
             ["bench", "--model", &dir(model), "--batch", "3", "--prompt", "12", "--new", "5"];
         let out = json_of(&triton_llm(&args));
@@ -275,4 +275,152 @@ fn bench_runs_on_each_tiny_model() {
         assert!(out["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{model}: {out}");
         assert!(out["decode_percent_of_limit"].as_f64().unwrap() > 0.0, "{model}: {out}");
     }
+}
+
+/// `triton-llm chat` on a Vicuna folder chats as `fastchat.serve.cli`: FastChat's template
+/// and clean-up, the answer streamed; `clear` starts over.
+#[test]
+fn vicuna_chat_streams_fastchats_answers() {
+    use std::io::Write;
+    let golden = golden("vicuna-tiny", "chat_golden.json");
+    let cases = golden["cases"].as_array().unwrap();
+    let (first, fresh) = (&cases[0], &cases[2]);
+    assert!(first["history"].as_array().unwrap().is_empty());
+    assert!(fresh["history"].as_array().unwrap().is_empty());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_triton-llm"))
+        .args([
+            "chat",
+            "--model",
+            &dir("vicuna-tiny"),
+            "--device",
+            "cpu",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "24",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = format!(
+        "{}\nclear\n{}\nexit\n",
+        first["query"].as_str().unwrap(),
+        fresh["query"].as_str().unwrap()
+    );
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("chat format vicuna_v1.1"), "{text}");
+    let answers: Vec<&str> = text
+        .split("Assistant: ")
+        .skip(1)
+        .map(|a| a.split("\n\nUser: ").next().unwrap().split("\n(history").next().unwrap())
+        .map(|a| a.trim_end_matches('\n'))
+        .collect();
+    assert_eq!(
+        answers,
+        [
+            first["response_stripped"].as_str().unwrap(),
+            fresh["response_stripped"].as_str().unwrap()
+        ],
+        "{text}"
+    );
+}
+
+#[test]
+fn generate_llama_turns_match_the_goldens() {
+    let pairs = |v: &serde_json::Value| v.to_string();
+    // Vicuna with history (vicuna_v1.1), and llama-2 with a system message by --chat-format.
+    let vicuna = golden("vicuna-tiny", "chat_golden.json");
+    for case in vicuna["cases"].as_array().unwrap() {
+        let mut args = vec![
+            "generate".to_string(),
+            "--model".into(),
+            dir("vicuna-tiny"),
+            "--prompt".into(),
+            case["query"].as_str().unwrap().into(),
+            "--history".into(),
+            pairs(&case["history"]),
+            "--temperature".into(),
+            "0".into(),
+            "--max-new-tokens".into(),
+            "24".into(),
+            "--chat-format".into(),
+            case["template"].as_str().unwrap().into(),
+        ];
+        if !case["system_message_is_default"].as_bool().unwrap() {
+            args.extend(["--system".into(), case["system_message"].as_str().unwrap_or("").into()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = json_of(&triton_llm(&args));
+        assert_eq!(out["output_ids"], case["output_ids"], "{}", case["query"]);
+        assert_eq!(out["response"], case["response_stripped"], "{}", case["query"]);
+        assert_eq!(out["prompt_tokens"], case["prompt_len"], "{}", case["query"]);
+    }
+    // Llama-3 with a system message and history, through its own template.
+    let llama3 = golden("llama3-tiny", "chat_golden.json");
+    let case = &llama3["cases"][2];
+    let messages = case["messages"].as_array().unwrap();
+    let text = |i: usize| messages[i]["content"].as_str().unwrap().to_string();
+    let history = serde_json::json!([[text(1), text(2)], [text(3), text(4)]]).to_string();
+    let model = dir("llama3-tiny");
+    let (system, query) = (text(0), text(5));
+    let out = json_of(&triton_llm(&[
+        "generate",
+        "--model",
+        &model,
+        "--prompt",
+        &query,
+        "--history",
+        &history,
+        "--system",
+        &system,
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "24",
+    ]));
+    assert_eq!(out["output_ids"], case["generated_ids"]);
+    assert_eq!(out["response"], case["response"]);
+    assert_eq!(out["finish_reason"], "stop");
+    // The same prompt's ids from `tokenize --chat`, without loading weights.
+    let golden_first = &llama3["cases"][1];
+    let messages = golden_first["messages"].as_array().unwrap();
+    let out = json_of(&triton_llm(&[
+        "tokenize",
+        "--model",
+        &model,
+        "--chat",
+        "--system",
+        messages[0]["content"].as_str().unwrap(),
+        messages[1]["content"].as_str().unwrap(),
+    ]));
+    assert_eq!(out["ids"], golden_first["prompt_ids"]);
+}
+
+/// FastChat's `--load-8bit` is `--quantization w8a16`.
+#[test]
+fn load_8bit_is_w8a16() {
+    let model = dir("vicuna-tiny");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", &model, "--prompt", "Hello!", "--temperature"];
+        args.extend(["0", "--max-new-tokens", "12"]);
+        args.extend(extra);
+        json_of(&triton_llm(&args))
+    };
+    assert_eq!(run(&["--load-8bit"]), run(&["--quantization", "w8a16"]));
+    let both = triton_llm(&[
+        "generate",
+        "--model",
+        &model,
+        "--prompt",
+        "x",
+        "--load-8bit",
+        "--quantization",
+        "w4a16",
+    ]);
+    assert!(!both.status.success());
+    assert!(String::from_utf8_lossy(&both.stderr).contains("--quantization"));
 }

@@ -223,6 +223,16 @@ fn internlm2_tiny_f32_matches_the_cpu_engine() {
     check_against_cpu("internlm2-tiny", DType::F32, 1e-4);
 }
 
+/// Llama: q/k/v and gate/up stacked at load; MHA (Vicuna) and GQA with llama3 rope scaling.
+#[test]
+#[ignore = "needs an NVIDIA GPU (scripts/gpu/check.sh runs it)"]
+fn llama_tiny_models_match_the_cpu_engine() {
+    for folder in ["vicuna-tiny", "llama3-tiny"] {
+        check_against_cpu(folder, DType::F32, 1e-4);
+        check_against_cpu(folder, DType::BF16, 1e-2);
+    }
+}
+
 /// AWQ checkpoints and weights quantised at load: the quantised GEMV (a single sequence)
 /// and the dequantise-then-cuBLAS products against the CPU path's quantised linears.
 #[test]
@@ -235,6 +245,7 @@ fn quantized_weights_match_the_cpu_engine() {
     for quantization in [Quantization::W8A16, Quantization::W4A16] {
         check_quantized_against_cpu("chatglm2-tiny", DType::F32, 1e-4, quantization);
         check_quantized_against_cpu("internlm2-tiny", DType::BF16, 1e-2, quantization);
+        check_quantized_against_cpu("llama3-tiny", DType::F32, 1e-4, quantization);
     }
 }
 
@@ -442,12 +453,14 @@ fn chatglm2_tiny_batched_paged_pass_matches_single_sequences() {
 fn internlm2_tiny_batched_paged_pass_matches_single_sequences() {
     check_batched("internlm2-tiny", 1, false);
     check_batched("internlm2-tiny", SEQUENCES_FOR_HEAD_GROUPS, false);
+    check_batched("llama3-tiny", 1, false);
+    check_batched("llama3-tiny", SEQUENCES_FOR_HEAD_GROUPS, false);
 }
 
 #[test]
 #[ignore = "needs an NVIDIA GPU (scripts/gpu/check.sh runs it)"]
 fn decode_steps_replayed_as_cuda_graphs_match_launched_ones() {
-    for folder in ["chatglm2-tiny", "internlm2-tiny"] {
+    for folder in ["chatglm2-tiny", "internlm2-tiny", "llama3-tiny"] {
         check_batched(folder, 1, true); // 3 sequences as a graph of 4 (GEMV products)
         check_batched(folder, 4, true); // 12 as a graph of 16 (cuBLAS products)
         check_batched(folder, SEQUENCES_FOR_HEAD_GROUPS, true); // two heads a block

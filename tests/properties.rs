@@ -271,7 +271,9 @@ fn chat_model(folder: &str) -> &'static ChatModel {
     })
 }
 
-const FOLDERS: [&str; 2] = ["chatglm2-tiny", "internlm2-tiny"];
+// vicuna-tiny: FastChat's clean-up (spaces before punctuation, strip); llama3-tiny: a
+// tokenizer.json and transformers' clean-up of spaces.
+const FOLDERS: [&str; 4] = ["chatglm2-tiny", "internlm2-tiny", "vicuna-tiny", "llama3-tiny"];
 
 /// Text from pieces that exercise the decoders and the clean-ups: spaces, newlines,
 /// several scripts, and ChatGLM2's "[[训练时间]]" mark.
@@ -293,6 +295,12 @@ fn text() -> impl Strategy<Value = String> {
         "the",
         "。",
         "1",
+        " .",
+        " n't",
+        " '",
+        " 's",
+        "?",
+        ",",
     ]);
     prop::collection::vec(piece, 1..8).prop_map(|p| p.concat())
 }
@@ -387,6 +395,27 @@ proptest! {
         if !stream.tool_calls().is_empty() {
             prop_assert!(full.contains(ACTION_START), "{:?}", full);
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Answers whose text has the patterns the clean-ups change (spaces before punctuation
+    /// and contractions, whitespace at the ends): the cleaned pieces still add up to the
+    /// cleaned answer, token by token.
+    #[test]
+    fn cleaned_pieces_of_real_text_add_up(
+        folder in prop::sample::select(FOLDERS.to_vec()),
+        parts in prop::collection::vec(text(), 1..4),
+    ) {
+        let chat = chat_model(folder);
+        let tok = &chat.tokenizer;
+        let ids = tok.encode(&parts.join(" "), false).unwrap();
+        let mut stream = AnswerStream::new(tok, Some(chat.cleanup()), Vec::new());
+        let (pieces, answer, _) = run_stream(&mut stream, &ids);
+        prop_assert_eq!(pieces.concat(), answer.clone());
+        prop_assert_eq!(answer, clean_response(chat.cleanup(), &tok.decode(&ids)));
     }
 }
 

@@ -38,6 +38,14 @@ pub enum Cleanup {
 /// The names `chat_format` takes.
 pub const FORMAT_NAMES: &str = "chatglm2, internlm2, vicuna_v1.1, llama-2, hf";
 
+/// Refuses a `chat_format` that names no format (before any folder is read).
+pub fn check_name(name: &str) -> Result<()> {
+    match FORMAT_NAMES.split(", ").any(|known| known == name) {
+        true => Ok(()),
+        false => Err(Error::Config(format!("chat_format {name:?} is not one of {FORMAT_NAMES}"))),
+    }
+}
+
 impl ChatFormat {
     /// The format `requested` names, or the folder's: ChatGLM2 and InternLM2 their built-in
     /// prompt; a Llama folder its own chat template when it ships one, else FastChat's
@@ -66,9 +74,9 @@ impl ChatFormat {
                 other => match ConvTemplate::from_name(other) {
                     Some(template) => ChatFormat::FastChat(template),
                     None => {
-                        return Err(Error::Config(format!(
-                            "chat_format {other:?} is not one of {FORMAT_NAMES}"
-                        )));
+                        return Err(check_name(other).err().unwrap_or_else(|| {
+                            Error::Internal(format!("chat_format {other:?} has no format"))
+                        }));
                     }
                 },
             };

@@ -102,7 +102,11 @@ impl ModelConfig {
                     parameters.model_dir = version_dir.join(value);
                 }
                 "system_prompt" => parameters.system_prompt = Some(value.to_string()),
-                "chat_format" => parameters.chat_format = Some(value.trim().to_string()),
+                "chat_format" => {
+                    crate::chat::format::check_name(value.trim())
+                        .map_err(|e| parameter_error(key, e.to_string()))?;
+                    parameters.chat_format = Some(value.trim().to_string());
+                }
                 "history_len_default" => {
                     parameters.history_len_default = parse_count(key, value, 0)?;
                 }
@@ -277,6 +281,7 @@ mod tests {
             (r#""max_queued_requests":{"string_value":"-4"}"#, "max_queued_requests"),
             (r#""quant_policy":{"string_value":"16"}"#, "quant_policy"),
             (r#""max_num_seqs":{"string_value":"4096"}"#, "max_num_batched_tokens"),
+            (r#""chat_format":{"string_value":"alpaca"}"#, "chat_format"),
         ] {
             let message = parse(params).unwrap_err().to_string();
             assert!(message.contains(&format!("parameter {key}")), "{message}");

@@ -6,7 +6,8 @@
 #
 #   bash scripts/gpu/lib/serve_load.sh [SECONDS] [CONCURRENCY ...]     (default: 20 64 256)
 #
-# Environment: SHAPE (chatglm2-6b or internlm2_5-7b, a folder of bench/shapes),
+# Environment: SHAPE (chatglm2-6b, internlm2_5-7b, llama-3.1-8b or vicuna-7b, a folder of
+# bench/shapes),
 # SAMPLE_ON_DEVICE (true: the batched sampling kernel; false: the host samples the logits),
 # CUDA_GRAPHS (true: decode steps replayed as CUDA graphs), TEMPERATURE (0: greedy; above:
 # the model's default top-k 50 / top-p 0.8 sampling), MAX_BATCHED_TOKENS (8192: the tokens a
@@ -40,9 +41,14 @@ MODEL=$(echo "$SHAPE" | tr '.-' '__')_stream
 # Prompts of 128 tokens with the chat template (ChatGLM2's takes 16, InternLM2's 10 without
 # its system prompt), random words of their own for each request, as in the 128-in/128-out
 # benchmarks the targets come from: no request reuses another's KV blocks.
+# The Llama shapes take Llama-2's real tokenizer (Vicuna's; for Llama-3.1-8B a stand-in with
+# the same words a token) and FastChat's vicuna_v1.1 prompt without a system message.
 case $SHAPE in
-    chatglm2*) TOKENIZER=tests/fixtures/chatglm2/tokenizer.model WORDS=112 ;;
-    internlm2*) TOKENIZER=tests/fixtures/internlm2/tokenizer.model WORDS=118 ;;
+    chatglm2*) TOKENIZER="tests/fixtures/chatglm2/tokenizer.model" WORDS=112 ;;
+    internlm2*) TOKENIZER="tests/fixtures/internlm2/tokenizer.model" WORDS=118 ;;
+    llama*|vicuna*)
+        TOKENIZER="tests/fixtures/llama2-tokenizer/tokenizer.model tests/fixtures/llama2-tokenizer/tokenizer_config.json"
+        WORDS=LLAMA_WORDS ;;
     *) echo "unknown SHAPE $SHAPE" >&2; exit 2 ;;
 esac
 carry_server
@@ -50,7 +56,8 @@ rm -rf /tmp/load-repo /tmp/load-backends /tmp/load-model
 mkdir -p "/tmp/load-repo/$MODEL/1" /tmp/load-backends/llm /tmp/load-model
 xz -dc .carry/libtriton_llm.so.xz > /tmp/load-backends/llm/libtriton_llm.so
 cp "$SHAPE_CONFIG" /tmp/load-model/config.json
-cp "$TOKENIZER" /tmp/load-model/
+# shellcheck disable=SC2086 # a list of files
+cp $TOKENIZER /tmp/load-model/
 {
     sed -e "s/^name: .*/name: \"$MODEL\"/" -e '/^instance_group/d' -e '/^parameters/d' \
         tests/model_repository/chatglm2-tiny-stream/config.pbtxt
