@@ -1,19 +1,37 @@
 //! Ids → text, whole (`Tokenizer::decode`) or one id at a time (`StreamDecoder`), with one
 //! state machine for both so that the streamed pieces always add up to the full decode.
 
+use std::collections::HashMap;
+
 use super::{Backend, Tokenizer};
 
 /// What one id contributes to the text.
 #[derive(Clone, Debug)]
 pub(crate) enum Surface {
-    /// Vanishes before byte runs are joined (InternLM2's skipped special tokens).
+    /// Vanishes before byte runs are joined (skipped special tokens).
     Skip,
     /// Text ('▁' already turned into ' '); ends a byte run even when empty.
-    /// `leading_space`: the piece starts with '▁', which sentencepiece drops while nothing
-    /// has been written yet (the dummy prefix).
+    /// `leading_space`: the piece starts with '▁', which the decode may drop at the start
+    /// (`LeadingSpace`, `strip_first_token`).
     Text { text: String, leading_space: bool },
     /// A byte-fallback piece.
     Byte(u8),
+    /// A non-special added token of transformers' slow tokenizers: written as is, and the
+    /// pieces after it are decoded as a new text (the pieces on each side of one are
+    /// decoded by separate sentencepiece calls).
+    Added(String),
+}
+
+/// Which '▁' of the first pieces the sentencepiece decode drops (its `is_bos_ws`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum LeadingSpace {
+    /// None: the model adds no dummy prefix.
+    Keep,
+    /// That of every piece decoded while nothing has been written (ChatGLM2).
+    WhileEmpty,
+    /// sentencepiece 0.2's `Decode` on a dummy-prefix model: that of the first piece that
+    /// starts with one while nothing has been written, and no later one.
+    Once,
 }
 
 /// How a run of consecutive byte pieces becomes text.
@@ -34,9 +52,13 @@ pub(crate) struct SpDecoder {
     /// For ids past the table (e.g. ids of padded logits rows).
     pub out_of_range: Surface,
     pub byte_runs: ByteRuns,
-    /// Drop the '▁' of pieces decoded while the text is still empty (sentencepiece does
-    /// this when the model adds a dummy prefix).
-    pub strip_leading_space: bool,
+    pub leading_space: LeadingSpace,
+    /// transformers' Llama `convert_tokens_to_string` (`add_prefix_space`): the first
+    /// token's '▁' goes before sentencepiece decodes, as the one the encoder put in front.
+    pub strip_first_token: bool,
+    /// What sentencepiece makes of a first token once that '▁' is gone, where it is not
+    /// simply the rest of the piece (the rest is no piece, or a control or unknown one).
+    pub first_token_overrides: HashMap<u32, String>,
 }
 
 impl SpDecoder {
@@ -55,12 +77,29 @@ impl SpDecoder {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct SpState {
     /// Bytes of the open byte run not yet written.
     bytes: Vec<u8>,
-    /// Whether any text has been written (ends the leading-space strip).
+    /// Whether the current text (since the start or the last `Added`) has any characters.
     written: bool,
+    /// Whether the current text has had a token (ends `strip_first_token`).
+    started: bool,
+    /// sentencepiece's `is_bos_ws` and `bos_ws_seen` (`LeadingSpace::Once`).
+    is_bos_ws: bool,
+    bos_ws_seen: bool,
+}
+
+impl Default for SpState {
+    fn default() -> Self {
+        SpState {
+            bytes: Vec::new(),
+            written: false,
+            started: false,
+            is_bos_ws: true,
+            bos_ws_seen: false,
+        }
+    }
 }
 
 impl SpState {
@@ -71,20 +110,44 @@ impl SpState {
         match dec.surface(id) {
             Surface::Skip => {}
             Surface::Byte(b) => {
+                self.started = true;
                 self.bytes.push(*b);
                 if streaming && dec.byte_runs == ByteRuns::PerByte {
                     let used = decode_bytes_per_byte(&self.bytes, out, false);
                     self.bytes.drain(..used);
                 }
             }
+            Surface::Added(text) => {
+                self.flush(dec, out);
+                out.push_str(text);
+                *self = SpState::default();
+                return;
+            }
             Surface::Text { text, leading_space } => {
                 self.flush(dec, out);
                 self.written |= out.len() > start;
-                if dec.strip_leading_space && *leading_space && !self.written {
-                    out.push_str(&text[1..]);
-                } else {
-                    out.push_str(text);
+                let (mut text, mut leading) = (text.as_str(), *leading_space);
+                if dec.strip_first_token && !self.started && leading {
+                    if let Some(t) = dec.first_token_overrides.get(&id) {
+                        (text, leading) = (t, false);
+                    } else {
+                        text = &text[1..];
+                        leading = text.starts_with(' ');
+                    }
                 }
+                self.started = true;
+                let strip = match dec.leading_space {
+                    LeadingSpace::Keep => false,
+                    LeadingSpace::WhileEmpty => leading && !self.written,
+                    LeadingSpace::Once => {
+                        if self.bos_ws_seen || self.written {
+                            self.is_bos_ws = false;
+                        }
+                        self.bos_ws_seen = self.is_bos_ws && leading;
+                        self.bos_ws_seen
+                    }
+                };
+                out.push_str(if strip { &text[1..] } else { text });
             }
         }
         self.written |= out.len() > start;
