@@ -199,7 +199,7 @@ impl ChatModel {
         let kv_format = options.kv_format;
         let (format, why) = ChatFormat::choose(family, dir, options.chat_format.as_deref())?;
         tracing::info!("chat format {} ({why})", format.name());
-        let cleanup = format.cleanup(cleans_up_spaces(dir));
+        let cleanup = format.cleanup(tokenizer.clean_up_tokenization_spaces());
         let stop_token_ids = stop_token_ids(dir, family, &tokenizer, &model.info().eos_token_ids)?;
         Ok(ChatModel {
             family,
@@ -420,14 +420,4 @@ impl Generating<'_> {
         };
         Ok((rest, completion))
     }
-}
-
-/// TEMPORARY until the tokenizer reads it: `clean_up_tokenization_spaces` of the folder's
-/// tokenizer_config.json (transformers' default true).
-fn cleans_up_spaces(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join("tokenizer_config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|c| c.get("clean_up_tokenization_spaces").and_then(|v| v.as_bool()))
-        .unwrap_or(true)
 }

@@ -334,7 +334,9 @@ fn generate_llama_turns_match_the_goldens() {
     let pairs = |v: &serde_json::Value| v.to_string();
     // Vicuna with history (vicuna_v1.1), and llama-2 with a system message by --chat-format.
     let vicuna = golden("vicuna-tiny", "chat_golden.json");
-    for case in vicuna["cases"].as_array().unwrap() {
+    // FastChat's CLI never sends an empty query (tests/golden_chat.rs checks its prompt).
+    let sent = vicuna["cases"].as_array().unwrap().iter().filter(|c| c["query"] != "");
+    for case in sent {
         let mut args = vec![
             "generate".to_string(),
             "--model".into(),

@@ -168,7 +168,7 @@ fn quantised_distance(folder: &str, quantization: Quantization) -> (f32, f64, us
 
 #[test]
 fn quantise_at_load_stays_close_to_the_f32_model() {
-    for folder in ["chatglm2-tiny", "internlm2-tiny"] {
+    for folder in ["chatglm2-tiny", "internlm2-tiny", "vicuna-tiny", "llama3-tiny"] {
         let (max, rel, same, cases) = quantised_distance(folder, Quantization::W8A16);
         assert!(max < 0.15 && rel < 0.02 && same == cases, "{folder} w8a16");
         // 4 bits at groups 64/128 on these random 64-wide models: the AWQ fixtures (lmdeploy's

@@ -93,9 +93,15 @@ impl<'t> AnswerStream<'t> {
     }
 
     fn cleaned(&self) -> String {
+        self.cleaned_up_to(self.raw.len())
+    }
+
+    /// The clean-up of the raw text's first `end` bytes.
+    fn cleaned_up_to(&self, end: usize) -> String {
+        let raw = &self.raw[..end];
         let raw = match self.tools {
-            true => self.raw.split(ACTION_START).next().unwrap_or_default(),
-            false => &self.raw,
+            true => raw.split(ACTION_START).next().unwrap_or_default(),
+            false => raw,
         };
         match self.clean {
             Some(cleanup) => clean_response(cleanup, raw),
@@ -105,7 +111,12 @@ impl<'t> AnswerStream<'t> {
 
     /// The cleaned text past what was emitted, minus a tail that more text could still change.
     fn take_stable(&mut self, is_final: bool) -> String {
-        let cleaned = self.cleaned();
+        let cleaned = match (is_final, self.clean) {
+            (false, Some(Cleanup::Decode { spaces: true, .. })) => {
+                self.cleaned_up_to(clean_up_stable_end(&self.raw))
+            }
+            _ => self.cleaned(),
+        };
         let end =
             if is_final { cleaned.len() } else { cleaned.len() - self.unstable_tail(&cleaned) };
         if end <= self.emitted || !cleaned.is_char_boundary(self.emitted) {
@@ -132,22 +143,36 @@ impl<'t> AnswerStream<'t> {
                 whitespace.max(partial_suffix(cleaned, super::chatglm2::TRAINING_TIME_MARK))
             }
             Some(Cleanup::InternLm2) => partial_suffix(cleaned, super::internlm2::END_MARK),
-            Some(Cleanup::Decode { spaces, strip }) => {
-                // str.strip() may drop trailing whitespace; a clean-up pattern may complete.
-                let whitespace = match strip {
-                    true => cleaned.len() - cleaned.trim_end_matches(is_python_whitespace).len(),
-                    false => 0,
-                };
-                let pattern = match spaces {
-                    true => super::CLEAN_UP_TOKENIZATION
-                        .iter()
-                        .map(|(from, _)| partial_suffix(cleaned, from))
-                        .max()
-                        .unwrap_or(0),
-                    false => 0,
-                };
-                whitespace.max(pattern)
+            // str.strip() may drop trailing whitespace (a clean-up pattern that may still
+            // complete was left out of `cleaned`).
+            Some(Cleanup::Decode { strip: true, .. }) => {
+                cleaned.len() - cleaned.trim_end_matches(is_python_whitespace).len()
             }
+            Some(Cleanup::Decode { strip: false, .. }) => 0,
+        }
+    }
+}
+
+/// Where to cut raw text so that transformers' clean-up of the part before is a prefix of
+/// the clean-up of any continuation: before a tail that may start a pattern, and before
+/// every match that reaches over the cut (the clean-up replaces one pattern after the other
+/// over the whole text, so a later pattern may take a space an earlier one matched).
+fn clean_up_stable_end(raw: &str) -> usize {
+    let patterns = super::CLEAN_UP_TOKENIZATION.map(|(from, _)| from);
+    let partial = patterns.iter().map(|from| partial_suffix(raw, from)).max().unwrap_or(0);
+    let mut cut = raw.len() - partial;
+    loop {
+        let over = patterns
+            .iter()
+            .flat_map(|from| {
+                (1..from.len())
+                    .filter_map(move |back| cut.checked_sub(back))
+                    .filter(move |&start| raw.get(start..).is_some_and(|t| t.starts_with(from)))
+            })
+            .min();
+        match over {
+            Some(start) => cut = start,
+            None => return cut,
         }
     }
 }
