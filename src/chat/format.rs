@@ -39,10 +39,10 @@ pub enum Cleanup {
 pub const FORMAT_NAMES: &str = "chatglm2, internlm2, vicuna_v1.1, llama-2, hf";
 
 /// Refuses a `chat_format` that names no format (before any folder is read).
-pub fn check_name(name: &str) -> Result<()> {
+pub fn check_name(name: &str) -> std::result::Result<(), String> {
     match FORMAT_NAMES.split(", ").any(|known| known == name) {
         true => Ok(()),
-        false => Err(Error::Config(format!("chat_format {name:?} is not one of {FORMAT_NAMES}"))),
+        false => Err(format!("{name:?} is not one of {FORMAT_NAMES}")),
     }
 }
 
@@ -74,9 +74,8 @@ impl ChatFormat {
                 other => match ConvTemplate::from_name(other) {
                     Some(template) => ChatFormat::FastChat(template),
                     None => {
-                        return Err(check_name(other).err().unwrap_or_else(|| {
-                            Error::Internal(format!("chat_format {other:?} has no format"))
-                        }));
+                        let why = check_name(other).err().unwrap_or_else(|| "unknown".into());
+                        return Err(Error::Config(format!("chat_format {why}")));
                     }
                 },
             };

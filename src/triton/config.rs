@@ -104,7 +104,7 @@ impl ModelConfig {
                 "system_prompt" => parameters.system_prompt = Some(value.to_string()),
                 "chat_format" => {
                     crate::chat::format::check_name(value.trim())
-                        .map_err(|e| parameter_error(key, e.to_string()))?;
+                        .map_err(|e| parameter_error(key, e))?;
                     parameters.chat_format = Some(value.trim().to_string());
                 }
                 "history_len_default" => {

@@ -133,7 +133,7 @@ def test_an_unknown_or_impossible_chat_format_fails_the_load(tmp_path):
             assert time.time() < deadline, server.log_text()
             time.sleep(0.3)
         log = server.log_text()
-        assert "parameter chat_format: chat_format \\\"alpaca\\\" is not one of" in log, log
+        assert "parameter chat_format: \\\"alpaca\\\" is not one of" in log, log
         assert "chat_format hf:" in log and "has no chat_template" in log, log
         assert "chat_format internlm2: that prompt is internlm2's own; this model is llama" in log, log
         assert server.process.poll() is None
