@@ -41,9 +41,9 @@ import tritonclient.grpc as grpcclient
 
 PROMPTS = ["你好", "hello world", "What is RMSNorm?", "请用一句话介绍你自己。"]
 
-# English words that ChatGLM2's and InternLM2's tokenizers each encode as one token (checked
-# with `triton-llm tokenize`): a prompt of N of them is N tokens plus the chat template
-# (16 tokens for ChatGLM2, 10 for InternLM2 without its system prompt).
+# English words that ChatGLM2's, InternLM2's and Llama-2's tokenizers each encode as one token
+# (checked with `triton-llm tokenize`): a prompt of N of them is N tokens plus the chat
+# template (16 tokens for ChatGLM2, 10 for InternLM2 and Vicuna without a system prompt).
 WORDS = """able action activity age air area arm art attention back bad black blue body book boy building
 business car care case center change child city class community company computer control cost
 country data day development difference doctor door early education effect end event experience

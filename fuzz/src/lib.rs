@@ -61,7 +61,7 @@ fn check_encode(tok: &Tokenizer, text: &str) {
     // The special tokens go in front and change nothing else.
     let prefix = match tok.family() {
         Family::ChatGlm2 => 2,
-        Family::InternLm2 => 1,
+        Family::InternLm2 | Family::Llama => 1,
     };
     assert_eq!(special.len(), plain.len() + prefix, "{text:?}");
     assert_eq!(special[prefix..], plain[..], "{text:?}");
@@ -72,15 +72,19 @@ fn check_encode(tok: &Tokenizer, text: &str) {
     }
 }
 
-/// Whether the original tokenizer gives `text` back from its ids (tests/tokenizer.rs
-/// checks the cases against it): not where '▁' stands for a space, nor ChatGLM2's leading
-/// spaces (its decode drops them with the dummy prefix), nor InternLM2's special-token
-/// text (decoded with the specials skipped).
+/// Whether the original tokenizer gives `text` back from its ids (tests/tokenizer.rs and
+/// tests/tokenizer_llama.rs check the cases against it): not where '▁' stands for a space,
+/// nor ChatGLM2's and Llama's leading spaces (their decode drops one with the dummy
+/// prefix), nor special-token text (decoded with the specials skipped).
 fn round_trips(family: Family, text: &str) -> bool {
     const INTERNLM2_SPECIAL: [&str; 5] = ["<s>", "</s>", "<unk>", "<|", "[UNUSED_TOKEN_"];
+    const LLAMA_SPECIAL: [&str; 3] = ["<s>", "</s>", "<unk>"];
     !text.contains('▁')
         && match family {
             Family::ChatGlm2 => !text.starts_with(' '),
             Family::InternLm2 => !INTERNLM2_SPECIAL.iter().any(|s| text.contains(s)),
+            Family::Llama => {
+                !text.starts_with(' ') && !LLAMA_SPECIAL.iter().any(|s| text.contains(s))
+            }
         }
 }

@@ -88,9 +88,9 @@ def history_tensor(module, flat):
 
 @pytest.mark.parametrize("model, inputs, expected", [
     ("chatglm2-tiny", {"messages": [{"role": "user", "content": "x"}], "tools": CASES["tools_default_system"]["tools"]},
-     "tools: ChatGLM2 has no tool format"),
+     "tools: the chatglm2 chat format has no tool calls"),
     ("chatglm2-tiny", {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "x"}]},
-     "messages: ChatGLM2 takes user and assistant turns only"),
+     "messages: ChatGLM2 has no system prompt"),
     ("internlm2-tiny", {"messages": "[{\"role\": \"user\"", "sampling_parameters": GREEDY}, "messages: not valid JSON"),
     ("internlm2-tiny", {"messages": [{"role": "robot", "content": "x"}]}, "messages: message 0 has role \"robot\""),
     ("internlm2-tiny", {"messages": [{"role": "user", "content": "x"}], "tools": {"name": "f"}}, "tools: must be a JSON list"),

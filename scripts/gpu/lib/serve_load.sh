@@ -38,8 +38,8 @@ NEW_TOKENS=${NEW_TOKENS:-128}
 KIND=${KIND:-KIND_GPU}
 SHAPE_CONFIG=${SHAPE_CONFIG:-bench/shapes/$SHAPE/config.json}
 MODEL=$(echo "$SHAPE" | tr '.-' '__')_stream
-# Prompts of 128 tokens with the chat template (ChatGLM2's takes 16, InternLM2's 10 without
-# its system prompt), random words of their own for each request, as in the 128-in/128-out
+# Prompts of 128 tokens with the chat template (ChatGLM2's takes 16, InternLM2's and
+# Vicuna's 10 without a system prompt), random words of their own for each request, as in the 128-in/128-out
 # benchmarks the targets come from: no request reuses another's KV blocks.
 # The Llama shapes take Llama-2's real tokenizer (Vicuna's; for Llama-3.1-8B a stand-in with
 # the same words a token) and FastChat's vicuna_v1.1 prompt without a system message.
@@ -48,7 +48,7 @@ case $SHAPE in
     internlm2*) TOKENIZER="tests/fixtures/internlm2/tokenizer.model" WORDS=118 ;;
     llama*|vicuna*)
         TOKENIZER="tests/fixtures/llama2-tokenizer/tokenizer.model tests/fixtures/llama2-tokenizer/tokenizer_config.json"
-        WORDS=LLAMA_WORDS ;;
+        WORDS=118 ;;
     *) echo "unknown SHAPE $SHAPE" >&2; exit 2 ;;
 esac
 carry_server
