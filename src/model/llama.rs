@@ -58,6 +58,14 @@ fn default_act() -> String {
 }
 
 impl Config {
+    /// The config of `config.json`'s value, checked, and its rotary scaling.
+    fn parse(value: serde_json::Value) -> Result<(Config, Scaling)> {
+        let config: Config = parse_config(value)?;
+        config.check_supported()?;
+        let scaling = config.scaling()?;
+        Ok((config, scaling))
+    }
+
     fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
@@ -183,9 +191,7 @@ pub struct Model {
 impl Model {
     pub fn load(value: serde_json::Value, linears: &quant::Linears<'_>) -> Result<Self> {
         let ckpt = linears.ckpt;
-        let config: Config = parse_config(value)?;
-        config.check_supported()?;
-        let scaling = config.scaling()?;
+        let (config, scaling) = Config::parse(value)?;
         let h = config.hidden_size;
         let (q, kv, ffn, vocab) =
             (config.q_width(), config.kv_width(), config.intermediate_size, config.vocab_size);
@@ -227,9 +233,7 @@ impl Model {
 /// Loads a Llama checkpoint onto the GPU (the shared decoder of `gpu/`), with q/k/v stacked
 /// into one `[q | k | v]` product and gate/up into one `[gate | up]` product.
 pub fn load_gpu(value: serde_json::Value, loader: &gpu::WeightLoader<'_>) -> Result<gpu::GpuModel> {
-    let config: Config = parse_config(value)?;
-    config.check_supported()?;
-    let scaling = config.scaling()?;
+    let (config, scaling) = Config::parse(value)?;
     let h = config.hidden_size;
     let (q, kv, ffn, vocab) =
         (config.q_width(), config.kv_width(), config.intermediate_size, config.vocab_size);
