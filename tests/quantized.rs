@@ -92,6 +92,55 @@ fn w8_products_equal_dequantise_then_f32() {
     }
 }
 
+/// FP8: every weight is its row's scale times an E4M3 value within half a step of the
+/// weight over the scale, and the product is the f32 sum over the E4M3 values of the
+/// activations (quantised per row) and the weights, times both scales: exactly, in the same
+/// order as a reference built here from the bits.
+#[test]
+fn fp8_products_are_the_sum_over_e4m3_values_times_both_scales() {
+    use triton_llm::cpu::fp8;
+    let table = fp8::e4m3_table();
+    let mut rng = Lcg(13);
+    for (n, k) in [(5, 3), (33, 70), (1030, 1024)] {
+        let weight: Vec<f32> = rng.vec(n * k).iter().map(|v| v * 3.0).collect();
+        let w = fp8::quantize_fp8(&weight, n, k);
+        for (o, row) in weight.chunks_exact(k).enumerate() {
+            let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert_eq!(w.scales[o], max / 448.0);
+            for (i, v) in row.iter().enumerate() {
+                let q = table[usize::from(w.q[i * n + o])];
+                // E4M3 has 3 mantissa bits: within 1/16 of the value (or a subnormal step).
+                let x = v * 448.0 / max;
+                assert!((q - x).abs() <= x.abs() / 16.0 + 1.0 / 1024.0, "({o}, {i}): {q} vs {x}");
+            }
+        }
+        let layer = Linear::from_fp8(w.clone(), None, n, k);
+        for m in [1usize, 4] {
+            let x = rng.vec(m * k);
+            let got = layer.forward(&x);
+            let (values, row_scales) = fp8::quantize_rows(&x, k, &table);
+            for r in 0..m {
+                for o in [0, n / 2, n - 1] {
+                    let sum: f64 = (0..k)
+                        .map(|i| {
+                            f64::from(values[r * k + i])
+                                * f64::from(table[usize::from(w.q[i * n + o])])
+                        })
+                        .sum();
+                    let want = sum * f64::from(row_scales[r] * w.scales[o]);
+                    let tolerance = 1e-5 * (want.abs() + 1.0);
+                    assert!(
+                        (f64::from(got[r * n + o]) - want).abs() <= tolerance,
+                        "{n}x{k} ({r}, {o})"
+                    );
+                }
+            }
+            // A row's result does not depend on its batch.
+            assert_eq!(layer.forward(&x[(m - 1) * k..]), got[(m - 1) * n..]);
+        }
+    }
+}
+
 #[test]
 fn quantised_weights_take_about_4_5_and_8_bits() {
     let (n, k) = (256, 1024);
@@ -171,6 +220,9 @@ fn quantise_at_load_stays_close_to_the_f32_model() {
     for folder in ["chatglm2-tiny", "internlm2-tiny", "vicuna-tiny", "llama3-tiny"] {
         let (max, rel, same, cases) = quantised_distance(folder, Quantization::W8A16);
         assert!(max < 0.15 && rel < 0.02 && same == cases, "{folder} w8a16");
+        // FP8 weights and activations: 3 mantissa bits each, so between int8 and 4 bits.
+        let (max, rel, _, _) = quantised_distance(folder, Quantization::Fp8);
+        assert!(max < 1.0 && rel < 0.15, "{folder} fp8");
         // 4 bits at groups 64/128 on these random 64-wide models: the AWQ fixtures (lmdeploy's
         // quantiser at group 32) sit 0.70–1.12 (relative L2 0.08–0.17) from the same goldens.
         let (max, rel, same, _) = quantised_distance(folder, Quantization::W4A16);
@@ -192,6 +244,9 @@ fn the_load_reports_the_weight_format_and_bytes() {
     assert!(w8.starts_with("w8a16"), "{w8}");
     // Group 128 where it divides the inputs (dense_4h_to_h), else 64.
     assert!(w4.starts_with("w4a16 g128/g64 "), "{w4}");
+    let (fp8, fp8_bytes) = load("chatglm2-tiny", Quantization::Fp8);
+    assert!(fp8.starts_with("fp8 e4m3, activations per token"), "{fp8}");
+    assert_eq!(fp8_bytes, w8_bytes);
     assert!(awq.starts_with("awq w4a16 g32"), "{awq}");
     // Layer linears: 2 × (128·64 + 64·64 + 256·64 + 64·128) = 73728 weights of 4 bytes.
     assert_eq!(dense_bytes - w8_bytes, 73728 * 3 - 2 * (128 + 64 + 256 + 64) * 4);
@@ -206,6 +261,17 @@ fn formats_that_do_not_fit_are_refused_by_name() {
     let awq = fixture("chatglm2-tiny-awq");
     assert!(error(&awq, Quantization::W8A16).contains("AWQ"));
     assert!(error(&fixture("internlm2-tiny"), Quantization::Awq).contains("not AWQ"));
+    assert!(error(&awq, Quantization::Fp8).contains("AWQ"));
+    // FP8 runs on the CPU path only so far: the GPU path refuses it before opening a device.
+    let gpu = model::load_with(
+        &fixture("internlm2-tiny"),
+        LoadFormat::Safetensors,
+        model::Device::Cuda(0),
+        triton_llm::dtype::DType::BF16,
+        Quantization::Fp8,
+    );
+    let message = gpu.err().unwrap().to_string();
+    assert!(message.contains("fp8") && message.contains("GPU path"), "{message}");
 
     // Another quant_method, and scales stored as float32, in copies of the AWQ fixture.
     let copy = || {
@@ -258,6 +324,7 @@ fn timing_of_quantised_products() {
     let layers = [
         ("f32", Linear::new(&weight, None, n, k)),
         ("w8a16", Linear::from_w8(quant::quantize_w8(&weight, n, k), None, n, k)),
+        ("fp8", Linear::from_fp8(triton_llm::cpu::fp8::quantize_fp8(&weight, n, k), None, n, k)),
         ("w4a16 g128", Linear::from_w4(quant::quantize_w4(&weight, n, k, 128, false), None, n, k)),
     ];
     for m in [1usize, 16, 128] {

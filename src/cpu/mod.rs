@@ -10,8 +10,11 @@ pub mod kv_quant;
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
+/// FP8 E4M3: the conversions the GPU's kernels make, and the `fp8` weight format.
+pub mod fp8;
 pub mod quant;
 
+use fp8::Fp8;
 use quant::{W4, W8};
 
 pub use kv_arena::KvArena;
@@ -35,6 +38,8 @@ enum Weights {
     F32(Vec<f32>),
     W8(W8),
     W4(W4),
+    /// With every E4M3 value by its bits (the products read values, not bits).
+    Fp8(Fp8, Box<[f32; 256]>),
 }
 
 /// Input rows dequantised per tile: with the column blocks below a tile stays within L2.
@@ -74,6 +79,20 @@ impl Linear {
         Linear { weights: Weights::W8(weights), bias, out_features, in_features }
     }
 
+    /// FP8 weights of `[out_features, in_features]` (`q` stored `[in, out]`); activations
+    /// are quantised per token in `forward`.
+    pub fn from_fp8(
+        weights: Fp8,
+        bias: Option<Vec<f32>>,
+        out_features: usize,
+        in_features: usize,
+    ) -> Self {
+        assert_eq!(weights.q.len(), out_features * in_features, "fp8 shape");
+        assert_eq!(weights.scales.len(), out_features, "fp8 scales");
+        let table = Box::new(fp8::e4m3_table());
+        Linear { weights: Weights::Fp8(weights, table), bias, out_features, in_features }
+    }
+
     /// 4-bit AWQ-layout weights; the caller has checked the shapes against the group.
     pub fn from_w4(
         weights: W4,
@@ -96,6 +115,7 @@ impl Linear {
             Weights::F32(w) => 4 * w.len(),
             Weights::W8(w) => w.bytes(),
             Weights::W4(w) => w.bytes(),
+            Weights::Fp8(w, _) => w.bytes(),
         }
     }
 
@@ -104,6 +124,11 @@ impl Linear {
         let (n, k) = (self.out_features, self.in_features);
         let mut weight_t = vec![0f32; n * k];
         self.dequantize_tile((0, k), (0, n), &mut weight_t, &mut Vec::new());
+        if let Weights::Fp8(w, _) = &self.weights {
+            for row in weight_t.chunks_exact_mut(n) {
+                row.iter_mut().zip(&w.scales).for_each(|(v, s)| *v *= s);
+            }
+        }
         let mut weight = vec![0f32; n * k];
         for (i, row) in weight_t.chunks_exact(n).enumerate() {
             for (o, &w) in row.iter().enumerate() {
@@ -131,6 +156,8 @@ impl Linear {
             }
             Weights::W8(w) => w.dequantize(n, ks, ns, tile),
             Weights::W4(w) => w.dequantize(n, ks, ns, tile, scratch),
+            // The E4M3 values alone: their scales apply to the product.
+            Weights::Fp8(w, table) => w.values(n, ks, ns, tile, table),
         }
     }
 
@@ -149,6 +176,16 @@ impl Linear {
                 // Threads pay off only on large weights; decided per layer, never per batch.
                 let par = if n * k >= PARALLEL_WEIGHTS { Par::rayon(0) } else { Par::Seq };
                 faer::linalg::matmul::matmul(dst, Accum::Replace, lhs, rhs, 1.0f32, par);
+                y
+            }
+            // Activations per token to E4M3 too; the sum over E4M3 values in f32 (their
+            // products are exact), then both scales, as the FP8 products on the GPU.
+            Weights::Fp8(w, table) => {
+                let (values, row_scales) = fp8::quantize_rows(x, k, table);
+                let mut y = self.forward_quantized(&values, m);
+                for (row, row_scale) in y.chunks_exact_mut(n).zip(&row_scales) {
+                    row.iter_mut().zip(&w.scales).for_each(|(v, s)| *v *= row_scale * s);
+                }
                 y
             }
             _ => self.forward_quantized(x, m),

@@ -1,6 +1,6 @@
 //! Weight formats of the decoder-layer linears: as stored (16/32-bit), an AWQ W4A16
 //! checkpoint (`quantization_config` in `config.json`), or quantised while loading
-//! (`quantization` w8a16 / w4a16). Embeddings, norms and the output layer always stay as
+//! (`quantization` w8a16 / w4a16 / fp8). Embeddings, norms and the output layer always stay as
 //! stored, as in AWQ checkpoints. Each linear is quantised right after it is read, so the
 //! host never holds more than the quantised weights plus one tensor in f32.
 
@@ -12,6 +12,7 @@ use serde_json::Value;
 use super::Checkpoint;
 use super::weights::StoredDtype;
 use crate::cpu::Linear;
+use crate::cpu::fp8::{self, Fp8};
 use crate::cpu::quant::{self, W4};
 use crate::{Error, Result};
 
@@ -28,6 +29,9 @@ pub enum Quantization {
     W4A16,
     /// The checkpoint must be AWQ (a name for its own format).
     Awq,
+    /// FP8 E4M3 weights per output channel, quantised at load, and activations per token
+    /// (`cpu::fp8`); the CPU path so far.
+    Fp8,
 }
 
 impl std::str::FromStr for Quantization {
@@ -38,9 +42,10 @@ impl std::str::FromStr for Quantization {
             "w8a16" => Ok(Quantization::W8A16),
             "w4a16" => Ok(Quantization::W4A16),
             "awq" => Ok(Quantization::Awq),
-            other => {
-                Err(format!("unknown quantization {other:?} (expected none, w8a16, w4a16 or awq)"))
-            }
+            "fp8" => Ok(Quantization::Fp8),
+            other => Err(format!(
+                "unknown quantization {other:?} (expected none, w8a16, w4a16, awq or fp8)"
+            )),
         }
     }
 }
@@ -52,6 +57,7 @@ impl Quantization {
             Quantization::W8A16 => "w8a16",
             Quantization::W4A16 => "w4a16",
             Quantization::Awq => "awq",
+            Quantization::Fp8 => "fp8",
         }
     }
 }
@@ -67,6 +73,8 @@ pub enum WeightFormat {
     W8,
     /// Quantised at load to 4 bits (group 128, or the largest of 64/32 dividing `in`).
     W4,
+    /// Quantised at load to FP8 E4M3 per output channel, activations per token.
+    Fp8,
 }
 
 impl WeightFormat {
@@ -125,7 +133,7 @@ pub fn resolve(config: &Value, requested: Quantization) -> Result<WeightFormat> 
         (Some(group), Quantization::None | Quantization::Awq | Quantization::W4A16) => {
             Ok(WeightFormat::Awq { group })
         }
-        (Some(_), Quantization::W8A16) => conflict(
+        (Some(_), Quantization::W8A16 | Quantization::Fp8) => conflict(
             "the checkpoint is AWQ W4A16 (config.json quantization_config); its weights \
              cannot be requantised (use none or awq)",
         ),
@@ -135,6 +143,7 @@ pub fn resolve(config: &Value, requested: Quantization) -> Result<WeightFormat> 
         (None, Quantization::None) => Ok(WeightFormat::Dense),
         (None, Quantization::W8A16) => Ok(WeightFormat::W8),
         (None, Quantization::W4A16) => Ok(WeightFormat::W4),
+        (None, Quantization::Fp8) => Ok(WeightFormat::Fp8),
     }
 }
 
@@ -147,6 +156,7 @@ pub fn w4_group(inp: usize) -> Option<usize> {
 pub enum Quantized {
     W8(quant::W8),
     W4(W4),
+    Fp8(Fp8),
 }
 
 /// Reads the linears of a model in its weight format and keeps count of what it built.
@@ -175,6 +185,7 @@ impl<'a> Linears<'a> {
             None => return self.dense(prefix, out, inp, bias),
             Some(Quantized::W8(w8)) => Linear::from_w8(w8, self.bias(prefix, out, bias)?, out, inp),
             Some(Quantized::W4(w4)) => Linear::from_w4(w4, self.bias(prefix, out, bias)?, out, inp),
+            Some(Quantized::Fp8(w)) => Linear::from_fp8(w, self.bias(prefix, out, bias)?, out, inp),
         };
         Ok(self.count(linear))
     }
@@ -187,6 +198,10 @@ impl<'a> Linears<'a> {
             WeightFormat::W8 => {
                 let weight = self.ckpt.f32(&format!("{prefix}.weight"), &[out, inp])?;
                 return Ok(Some(Quantized::W8(quant::quantize_w8(&weight, out, inp))));
+            }
+            WeightFormat::Fp8 => {
+                let weight = self.ckpt.f32(&format!("{prefix}.weight"), &[out, inp])?;
+                return Ok(Some(Quantized::Fp8(fp8::quantize_fp8(&weight, out, inp))));
             }
             WeightFormat::W4 => w4_group(inp).ok_or_else(|| {
                 Error::Config(format!(
@@ -269,6 +284,9 @@ impl<'a> Linears<'a> {
             WeightFormat::Dense => format!("{stored} (computed in f32)"),
             WeightFormat::Awq { group } => format!("awq w4a16 g{group}, other tensors {stored}"),
             WeightFormat::W8 => format!("w8a16 (quantised at load from {stored})"),
+            WeightFormat::Fp8 => {
+                format!("fp8 e4m3, activations per token (quantised at load from {stored})")
+            }
             WeightFormat::W4 => {
                 format!("w4a16 {} (quantised at load from {stored})", groups.join("/"))
             }

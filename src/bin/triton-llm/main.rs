@@ -141,9 +141,10 @@ struct DeviceArgs {
     /// The GPU path's element type: bf16, f16 or f32 (the CPU path computes in f32).
     #[arg(long, default_value = "bf16")]
     dtype: DType,
-    /// The decoder-layer linears: none (as stored), w8a16 or w4a16 (quantised at load,
-    /// CPU path), or awq (the folder must hold an AWQ checkpoint, which is used as such
-    /// whatever this says, unless it conflicts).
+    /// The decoder-layer linears: none (as stored), w8a16 or w4a16 (quantised at load),
+    /// fp8 (E4M3 weights and activations, quantised at load; CPU path only so far), or awq
+    /// (the folder must hold an AWQ checkpoint, which is used as such whatever this says,
+    /// unless it conflicts).
     #[arg(long, default_value = "none")]
     quantization: Quantization,
     /// With the GPU path: choose each next token with the batched sampling kernel

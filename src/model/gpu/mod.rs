@@ -92,7 +92,7 @@ impl Shape {
         let h = self.hidden;
         let linear_bytes = |(n, k): (usize, usize)| match format {
             WeightFormat::Dense => n * k * elem,
-            WeightFormat::W8 => n * k + 4 * n,
+            WeightFormat::W8 | WeightFormat::Fp8 => n * k + 4 * n,
             WeightFormat::Awq { group } => n * k / 2 + 4 * n * (k / group.max(1)),
             WeightFormat::W4 => n * k / 2 + 4 * n * (k / w4_group(k).unwrap_or(32)),
         };

@@ -27,6 +27,10 @@ impl QuantRows {
         match quantized {
             Quantized::W4(w4) => Self::from_w4(w4, n, k),
             Quantized::W8(w8) => Ok(Self::from_w8(w8, n, k)),
+            // `model::load_config` refuses fp8 on the GPU before any weight is read.
+            Quantized::Fp8(_) => {
+                Err(Error::Internal("fp8 weights have no layout on the GPU path yet".into()))
+            }
         }
     }
 
