@@ -19,7 +19,11 @@ then TTFT is the whole answer's latency). Output tokens are the `generated_token
 response parameter of each final response, prompt tokens (reported as a mean) its
 `prompt_tokens`. With --random-words every request has a prompt of its own, as in
 throughput benchmarks; the default prompts repeat, so the server's prefix cache serves most
-of each prompt after its first time.
+of each prompt after its first time. The words come from each session's own random
+sequence, seeded by its number and --prompt-seed: runs against one server (load levels one
+after the other) must each take a seed of their own, or a later run resends an earlier one's
+prompts and the prefix cache serves them. The seconds run (`seconds`) include the warm-up;
+`seconds_after_warmup` is what the percentiles without it cover.
 
 With --input-data FILE the requests are Perf Analyzer's input-data entries instead (the
 inputs.json genai-perf writes: `{"data": [{"text_input": ["…"], "max_tokens": [16], …}]}`),
@@ -114,8 +118,8 @@ class Session(threading.Thread):
         self.prompt_tokens = 0
         # When this session sent its first request and received its last final response.
         self.first_sent, self.last_done = None, None
-        # Random-word prompts: reproducible per session, different across sessions.
-        self.words = random.Random(index)
+        # Random-word prompts: reproducible per session and seed, different across both.
+        self.words = random.Random(f"{args.prompt_seed}/{index}" if args.prompt_seed else index)
 
     def prompt(self, n):
         if self.args.random_words:
@@ -242,6 +246,9 @@ def main():
                         help="each request a fresh prompt of N random words (N tokens plus the chat "
                              "template), so that no two requests share prefix-cache blocks; default: "
                              "a few fixed prompts, repeated --prompt-repeat times")
+    parser.add_argument("--prompt-seed", default="",
+                        help="with --random-words: seeds the sessions' words, so that runs with "
+                             "different seeds send prompts never sent before")
     parser.add_argument("--system-prompt", help="InternLM2's system prompt (\"\" for none; default: "
                                                 "the model's own)")
     parser.add_argument("--temperature", type=float, default=0.0)
@@ -313,10 +320,14 @@ def main():
         "tokens_per_response": tokens / pieces if pieces else None,
         "prompt_tokens_mean": sum(p["prompt_tokens"] for p in parts) / requests if requests else None,
         "warmup_s": args.warmup,
+        "seconds_after_warmup": round(max(0.0, elapsed - args.warmup), 3),
+        "prompt_seed": args.prompt_seed,
+        "requests_in_warmup": sum(1 for p in parts for sent, _ in p["ttft"] if sent < steady),
         "ttft_ms_p50": percentile(latencies("ttft", steady), 50),
         "ttft_ms_p99": percentile(latencies("ttft", steady), 99),
         "itl_ms_p50": percentile(latencies("itl", steady), 50),
         "itl_ms_p99": percentile(latencies("itl", steady), 99),
+        "ttft_ms_p50_with_warmup": percentile(latencies("ttft"), 50),
         "ttft_ms_p99_with_warmup": percentile(latencies("ttft"), 99),
         "itl_ms_p99_with_warmup": percentile(latencies("itl"), 99),
         "errors": len(errors), "error_examples": errors[:3],

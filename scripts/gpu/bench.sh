@@ -6,8 +6,9 @@
 #   bash scripts/gpu/bench.sh figures       the current figures: the GPU tests; `triton-llm
 #        bench`, ChatGLM2-6B shape, batches 1, 2, 3, 4 and 8 (the decode step, and each
 #        product on the GEMV kernel and on cuBLAS at the batch's rows); served, greedy:
-#        ChatGLM2-6B at 64 and 256 streams, InternLM2.5-7B at 256; ChatGLM2-6B sampled
-#        (temperature 0.8, top-k 50, top-p 0.8) at 64
+#        ChatGLM2-6B at 64 and 256 streams (3 runs each: the median and the spread),
+#        InternLM2.5-7B at 256; ChatGLM2-6B sampled (temperature 0.8, top-k 50, top-p 0.8)
+#        at 64
 #   bash scripts/gpu/bench.sh ttft          what decides TTFT p99 at 64 streams: the GPU
 #        tests; bench at batch 64, prompt 128 (the 8,192-token burst of 64 prompts arriving
 #        together) with and without CUDA graphs, and at batch 8; served at 64 streams for
@@ -35,12 +36,16 @@
 #   bash scripts/gpu/bench.sh torch         PyTorch's bf16 linear on the decode products'
 #        shapes at decode and prefill rows, the reference for our cuBLAS path
 #
-# Files under $OUT (default /tmp/gpucheck-out): bench.jsonl (one bench JSON a line),
-# serve_load.jsonl (tools/load.py's report per level), serve_phases.jsonl (per level: where
+# Every part's log starts with the date, the commit pack.sh built and the device; a step's
+# exit status is its command's (pipes included); the GPU tests run first and a failing run
+# stops the part. Files under $OUT (default /tmp/gpucheck-out): bench.jsonl (one bench JSON
+# a line), serve_load.jsonl (tools/load.py's report per run of a level), serve_summary.jsonl
+# (per level: its runs' median output tokens/s, the spread, the server's version),
+# serve_phases.jsonl (per run of a level: where
 # the engine's steps spent their time, prefix-cache hits, the server's TTFT shares),
 # torch_linear.jsonl, gpu_tests.log, profile.txt (and ncu-*.csv from `profile`), PART.txt
 # (the part's step log) and the servers' logs (servers.tar.xz). figures, ttft, serving and
-# decode run their steps under a time budget, BENCH_BUDGET_S (figures 300, ttft 300, serving
+# decode run their steps under a time budget, BENCH_BUDGET_S (figures 420, ttft 300, serving
 # 480, decode 300): a step that would not fit is skipped and one that overruns is stopped, so
 # a run always ends with the figures of the steps that fit. SERVING_SECONDS (15): seconds
 # per served level in figures and serving.
@@ -57,18 +62,20 @@ SECONDS_EACH=${SERVING_SECONDS:-15}
 bench_step() {
     local name=$1 needed=$2
     shift 2
-    step "bench chatglm2-6b $name" "$needed" bash -c "$CARRY/triton-llm bench --shape chatglm2-6b \
+    step "bench chatglm2-6b $name" "$needed" bash -c "set -o pipefail; $CARRY/triton-llm bench --shape chatglm2-6b \
         --load-format dummy --device cuda --prompt 128 --new 64 $* | tee -a '$OUT/bench.jsonl'"
 }
 
 figures() {
-    budget "${BENCH_BUDGET_S:-300}" figures.txt
+    budget "${BENCH_BUDGET_S:-420}" figures.txt
     gpu_tests 60
     for batch in 1 2 3 4 8; do
         bench_step "batch $batch" 30 --batch "$batch"
     done
+    # The headline: each level HEADLINE_REPEATS (3) times, the median and the spread in
+    # serve_summary.jsonl.
     LEVELS=(64 256)
-    serve "chatglm2-6b greedy" server-glm.log 50 SHAPE=chatglm2-6b
+    serve "chatglm2-6b greedy" server-glm.log 130 SHAPE=chatglm2-6b REPEATS="${HEADLINE_REPEATS:-3}"
     LEVELS=(256)
     serve "internlm2.5-7b greedy" server-internlm.log 50 SHAPE=internlm2_5-7b
     LEVELS=(64)
@@ -95,7 +102,7 @@ ttft() {
     step "torch linear probe" 30 bash -c "python3 scripts/gpu/lib/torch_linear_probe.py > '$OUT/torch_linear.jsonl'"
     # The burst is the prefill of 64 prompts of 128 tokens (NEW=1).
     step "profile of the burst" 60 bash -c "LAUNCHES=2200 bash scripts/gpu/lib/profile.sh chatglm2-6b 64 128 1 \
-        > '$OUT/profile.txt' 2>&1; head -40 '$OUT/profile.txt'"
+        > '$OUT/profile.txt' 2>&1; rc=\$?; head -40 '$OUT/profile.txt'; exit \$rc"
     # The table is in profile.txt; the raw CSV would only add files to bring back.
     rm -f "$OUT"/ncu-*.csv
     echo "== done in $(($(date +%s) - START)) s"
@@ -129,7 +136,7 @@ serving() {
     bench_step "batch 64, host chooses, no graphs" 40 --batch 64 --sample-on-device false --cuda-graphs false
     bench_step "batch 64, $flags" 40 --batch 64 $flags
     bench_step "batch 256, $flags" 40 --batch 256 $flags
-    step "torch linear probe" 30 bash -c "python3 scripts/gpu/lib/torch_linear_probe.py | tee '$OUT/torch_linear.jsonl'"
+    step "torch linear probe" 30 bash -c "set -o pipefail; python3 scripts/gpu/lib/torch_linear_probe.py | tee '$OUT/torch_linear.jsonl'"
     bench_step "batch 1, no graphs" 40 --batch 1 --sample-on-device false --cuda-graphs false
     [ $graphs = true ] && bench_step "batch 1, graphs" 40 --batch 1 --sample-on-device false --cuda-graphs true
     LEVELS=(64 256)
@@ -163,7 +170,7 @@ decode() {
     budget "${BENCH_BUDGET_S:-300}" decode.txt
     for batch in "${batches[@]}"; do
         step "bench $shape batch $batch prompt $prompt new $new${flags[*]:+ ${flags[*]}}" 30 bash -c \
-            "$CARRY/triton-llm bench --shape $shape --load-format dummy --device cuda \
+            "set -o pipefail; $CARRY/triton-llm bench --shape $shape --load-format dummy --device cuda \
             --prompt $prompt --new $new --batch $batch ${flags[*]} | tee -a '$OUT/bench.jsonl'"
     done
 }

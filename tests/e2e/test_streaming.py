@@ -164,6 +164,30 @@ def test_the_load_tool_can_give_every_request_a_prompt_of_its_own(server):
     assert server.metric("llm_prefix_cache_hit_tokens_total", model) - hits_before <= 16 * 12
 
 
+def test_runs_with_another_prompt_seed_send_prompts_never_sent_before(server):
+    """--prompt-seed: a run with the seed of an earlier run resends its prompts (the prefix
+    cache serves them), a run with a seed of its own sends new ones (as each load level of
+    scripts/gpu/lib/serve_load.sh does)."""
+    model = "chatglm2-tiny-stream"
+
+    def run(seed):
+        hits_before = server.metric("llm_prefix_cache_hit_tokens_total", model)
+        command = [sys.executable, str(REPO / "tools" / "load.py"), "--url", server.grpc_url,
+                   "--model", model, "--concurrency", "4", "--requests", "8", "--processes", "1",
+                   "--max-new-tokens", "2", "--random-words", "40", "--prompt-seed", seed]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        assert report["requests"] == 8 and report["errors"] == 0 and report["prompt_seed"] == seed
+        return server.metric("llm_prefix_cache_hit_tokens_total", model) - hits_before
+
+    run("level-a")
+    # The same seed: each session's first prompts again, their full blocks cached.
+    assert run("level-a") >= 4 * 32
+    # A seed of its own: at most the block holding the chat template is shared.
+    assert run("level-b") <= 16 * 8
+
+
 def test_a_bad_request_on_a_stream_gets_its_error(server):
     pieces, history, error = grpc_stream(server, "chatglm2-tiny-stream", {"prompt": "hi", "top_p": "7"})
     assert error is not None and "top_p" in str(error)

@@ -41,27 +41,43 @@ carry_server() {
 # it, not the whole run's results.
 budget() {
     START=$(date +%s) BUDGET=$1 LOG=$2
+    record_run
+}
+# record_run: what a part's figures came from, at the top of its log: the date, the commit
+# and build pack.sh recorded, and the device.
+record_run() {
+    {
+        echo "== run $(date -u +%FT%TZ), part ${PART:-?}"
+        grep -iE "commit|dirty" .carry/MANIFEST.txt 2>/dev/null | head -3 | sed 's/^/== /'
+        nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/== device: /'
+    } | tee -a "$OUT/$LOG"
 }
 left() { echo $((START + BUDGET - $(date +%s))); }
-step() { # step NAME NEEDED_SECONDS COMMAND...
-    local name=$1 needed=$2
+step() { # step NAME NEEDED_SECONDS COMMAND... (returns the command's exit status)
+    local name=$1 needed=$2 rc
     shift 2
     if [ "$(left)" -lt "$needed" ]; then
         echo "== $name: skipped, $(left) s left of the budget" | tee -a "$OUT/$LOG"
-        return
+        return 125
     fi
     echo "== $name" | tee -a "$OUT/$LOG"
     timeout "$(left)" "$@"
-    echo "== $name: exit $?" | tee -a "$OUT/$LOG"
+    rc=$?
+    echo "== $name: exit $rc" | tee -a "$OUT/$LOG"
+    return $rc
 }
 # gpu_tests NEEDED_SECONDS [GREP_PATTERN]: the GPU tests first, so that a part's figures
-# come from a build that passed them; the whole log is $OUT/gpu_tests.log, the console gets
-# the lines GREP_PATTERN picks (default: the failed checks and the summary).
+# come from a build that passed them: a failing (or skipped) run stops the part, with no
+# figures. The whole log is $OUT/gpu_tests.log, the console gets the lines GREP_PATTERN
+# picks (default: the failed checks and the summary); the step's exit is the tests'.
 gpu_tests() {
     local pattern=${2:-'^GPUCHECK.*"pass":false|^    [a-z_]+$|test result'}
     carry_binary gpu_tests
-    step "gpu tests" "$1" bash -c "$CARRY/gpu_tests --include-ignored --skip sticky_cuda_error_in_this_process --test-threads 1 --nocapture > '$OUT/gpu_tests.log' 2>&1; \
-        grep -E '$pattern' '$OUT/gpu_tests.log'"
+    if ! step "gpu tests" "$1" bash -c "$CARRY/gpu_tests --include-ignored --skip sticky_cuda_error_in_this_process --test-threads 1 --nocapture > '$OUT/gpu_tests.log' 2>&1; \
+        rc=\$?; grep -E '$pattern' '$OUT/gpu_tests.log'; exit \$rc"; then
+        echo "== the GPU tests did not pass: this part stops here (gpu_tests.log)" | tee -a "$OUT/$LOG"
+        exit 1
+    fi
 }
 # serve NAME LOG NEEDED_SECONDS [VAR=VALUE ...]: lib/serve_load.sh at the levels in the
 # array LEVELS for SECONDS_EACH seconds each, the environment as given; the server's log

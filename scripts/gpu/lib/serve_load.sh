@@ -13,7 +13,11 @@
 # the model's default top-k 50 / top-p 0.8 sampling), MAX_BATCHED_TOKENS (8192: the tokens a
 # step may carry, max_num_batched_tokens), LOAD_PROCESSES (0: tools/load.py's own choice, one
 # client process per 32 sessions), QUANT_POLICY (0: the KV cache in bf16; 8, 4: int8, int4),
-# NEW_TOKENS (128: new tokens an answer asks for).
+# NEW_TOKENS (128: new tokens an answer asks for), REPEATS (1: runs of each level; with more,
+# a summary line per level gives the median output tokens/s and the spread).
+# Every run of every level sends prompts never sent before: tools/load.py's --prompt-seed is
+# this script's start time, the level and the run, so no level reuses another's prefix-cache
+# blocks (the prompt tokens the cache served are in serve_phases.jsonl to show it).
 # Prompts are 128 tokens (see WORDS below), answers NEW_TOKENS new tokens; latency percentiles
 # leave out requests sent in the first 3 s (all sessions start at once; tools/load.py reports
 # them with those too). After each level it prints where the engine's steps spent their time
@@ -33,6 +37,8 @@ MAX_BATCHED_TOKENS=${MAX_BATCHED_TOKENS:-8192}
 LOAD_PROCESSES=${LOAD_PROCESSES:-0}
 QUANT_POLICY=${QUANT_POLICY:-0}
 NEW_TOKENS=${NEW_TOKENS:-128}
+REPEATS=${REPEATS:-1}
+RUN_ID=$(date +%s%N)
 # For a dry run of this script without a GPU: KIND=KIND_CPU and SHAPE_CONFIG, a config.json
 # of the family at a small size (the tokenizer stays SHAPE's).
 KIND=${KIND:-KIND_GPU}
@@ -100,24 +106,29 @@ for line in text.splitlines():
 print(json.dumps(totals))
 PY
 }
+# The server's own version line, recorded with every level's summary.
+SERVER_VERSION=$(sed -n 's/^| server_version *| \([0-9.]*\).*/\1/p' /tmp/load-server.log | head -1)
 echo "== $SHAPE, sample_on_device=$SAMPLE_ON_DEVICE, cuda_graphs=$CUDA_GRAPHS, temperature $TEMPERATURE, max_num_batched_tokens $MAX_BATCHED_TOKENS"
 for level in $LEVELS; do
-    echo "== concurrency $level, ${SECONDS_EACH} s"
+for run in $(seq "$REPEATS"); do
+    echo "== concurrency $level, ${SECONDS_EACH} s, run $run of $REPEATS"
     before=$(steps_now)
     timeout $((SECONDS_EACH + 120)) python3 tools/load.py --url 127.0.0.1:8101 \
         --model "$MODEL" --concurrency "$level" --duration "$SECONDS_EACH" \
         --max-new-tokens "$NEW_TOKENS" --random-words "$WORDS" --system-prompt "" \
+        --prompt-seed "$RUN_ID/$level/$run" \
         --temperature "$TEMPERATURE" --warmup 3 --processes "$LOAD_PROCESSES" |
         tee -a "$OUT/serve_load.jsonl"
     after=$(steps_now)
     python3 - "$before" "$after" "$level" "$SHAPE" "$SAMPLE_ON_DEVICE" "$TEMPERATURE" "$CUDA_GRAPHS" \
-        "$MAX_BATCHED_TOKENS" <<'PY' |
+        "$MAX_BATCHED_TOKENS" "$run" <<'PY' |
 import json, sys
 before, after = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
 steps = d.get("llm_engine_steps_total", 0.0) or 1.0
 phases = {k.split("/")[1]: round(v / steps * 1e3, 3) for k, v in d.items() if "/" in k}
-print(json.dumps({"level": int(sys.argv[3]), "shape": sys.argv[4], "sample_on_device": sys.argv[5],
+print(json.dumps({"level": int(sys.argv[3]), "run": int(sys.argv[9]), "shape": sys.argv[4],
+                  "sample_on_device": sys.argv[5],
                   "temperature": float(sys.argv[6]), "cuda_graphs": sys.argv[7],
                   "max_num_batched_tokens": int(sys.argv[8]), "steps": int(steps),
                   "mean_sequences": round(d.get("llm_engine_step_sequences_total", 0.0) / steps, 1),
@@ -133,6 +144,28 @@ print(json.dumps({"level": int(sys.argv[3]), "shape": sys.argv[4], "sample_on_de
                   "ms_per_step": phases}))
 PY
         tee -a "$OUT/serve_phases.jsonl"
+done
+# The level's runs: the median output tokens/s and the spread (the headline figure).
+python3 - "$OUT/serve_load.jsonl" "$level" "$RUN_ID" "$REPEATS" "$SHAPE" "$SERVER_VERSION" <<'PY' |
+import json, statistics, sys
+path, level, run_id, repeats, shape, version = sys.argv[1:]
+runs = []
+for line in open(path, encoding="utf-8", errors="replace"):
+    try:
+        row = json.loads(line)
+    except ValueError:
+        continue
+    if row.get("concurrency") == int(level) and str(row.get("prompt_seed", "")).startswith(run_id + "/"):
+        runs.append(row)
+rates = sorted(r["output_tokens_per_s"] for r in runs)
+print(json.dumps({"summary": True, "shape": shape, "level": int(level), "server_version": version,
+                  "runs": len(runs), "of": int(repeats),
+                  "output_tokens_per_s_median": statistics.median(rates) if rates else None,
+                  "output_tokens_per_s_min": rates[0] if rates else None,
+                  "output_tokens_per_s_max": rates[-1] if rates else None,
+                  "errors": sum(r.get("errors", 0) for r in runs)}))
+PY
+    tee -a "$OUT/serve_summary.jsonl"
 done
 curl -s localhost:8102/metrics 2>/dev/null | grep -E "^llm_(kv_blocks|requests)" | head -8
 kill $SERVER 2>/dev/null
