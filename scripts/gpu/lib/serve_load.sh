@@ -13,7 +13,8 @@
 # the model's default top-k 50 / top-p 0.8 sampling), MAX_BATCHED_TOKENS (8192: the tokens a
 # step may carry, max_num_batched_tokens), LOAD_PROCESSES (0: tools/load.py's own choice, one
 # client process per 32 sessions), QUANT_POLICY (0: the KV cache in bf16; 8, 4: int8, int4),
-# NEW_TOKENS (128: new tokens an answer asks for), REPEATS (1: runs of each level; with more,
+# NEW_TOKENS (128: new tokens an answer asks for), MAX_NUM_SEQS (the largest level, at least
+# 256: the engine's seats), REPEATS (1: runs of each level; with more,
 # a summary line per level gives the median output tokens/s and the spread).
 # Every run of every level sends prompts never sent before: tools/load.py's --prompt-seed is
 # this script's start time, the level and the run, so no level reuses another's prefix-cache
@@ -38,6 +39,8 @@ LOAD_PROCESSES=${LOAD_PROCESSES:-0}
 QUANT_POLICY=${QUANT_POLICY:-0}
 NEW_TOKENS=${NEW_TOKENS:-128}
 REPEATS=${REPEATS:-1}
+# Seats of the engine: the largest level by default (at least 256), up to 1,024.
+MAX_NUM_SEQS=${MAX_NUM_SEQS:-$(printf '%s\n' 256 $LEVELS | sort -n | tail -1)}
 RUN_ID=$(date +%s%N)
 # For a dry run of this script without a GPU: KIND=KIND_CPU and SHAPE_CONFIG, a config.json
 # of the family at a small size (the tokenizer stays SHAPE's).
@@ -68,7 +71,7 @@ cp $TOKENIZER /tmp/load-model/
     sed -e "s/^name: .*/name: \"$MODEL\"/" -e '/^instance_group/d' -e '/^parameters/d' \
         tests/model_repository/chatglm2-tiny-stream/config.pbtxt
     echo "instance_group [ { kind: $KIND count: 1 } ]"
-    for kv in model_dir=/tmp/load-model load_format=dummy dtype=bf16 max_num_seqs=256 \
+    for kv in model_dir=/tmp/load-model load_format=dummy dtype=bf16 max_num_seqs=$MAX_NUM_SEQS \
         max_num_batched_tokens=$MAX_BATCHED_TOKENS sample_on_device=$SAMPLE_ON_DEVICE \
         cuda_graphs=$CUDA_GRAPHS quant_policy=$QUANT_POLICY; do
         echo "parameters { key: \"${kv%%=*}\" value { string_value: \"${kv#*=}\" } }"

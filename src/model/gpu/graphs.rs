@@ -87,9 +87,13 @@ pub(super) struct GraphShape {
 }
 
 /// Batch sizes decode steps are captured at (a batch runs as the next size up, as vLLM's
-/// capture sizes): up to the GEMV kernel's 8 rows in powers of two, then steps of 16 and 32.
-const GRAPH_BATCHES: [usize; 17] =
-    [1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256];
+/// capture sizes): up to the GEMV kernel's 8 rows in powers of two, then steps of 16, 32,
+/// 64 and 128 up to 1,024 sequences (`max_num_seqs`), padding a batch by about a quarter
+/// at most. Graphs are captured when a size first runs twice, so unused sizes cost nothing.
+const GRAPH_BATCHES: [usize; 25] = [
+    1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640,
+    768, 896, 1024,
+];
 /// Narrowest block table of a graph; wider ones double (one graph per doubling).
 pub(super) const GRAPH_MIN_BLOCKS: usize = 8;
 /// Graphs kept per model before they are all dropped and captured again as needed: every
@@ -114,7 +118,13 @@ mod tests {
         assert_eq!(graph_batch(64), Some(64));
         assert_eq!(graph_batch(65), Some(80));
         assert_eq!(graph_batch(256), Some(256));
-        assert_eq!(graph_batch(257), None);
+        assert_eq!(graph_batch(257), Some(320));
+        assert_eq!(graph_batch(1000), Some(1024));
+        assert_eq!(graph_batch(1025), None);
+        // Past 128 sequences a batch is padded by at most 1/4 of its size.
+        for n in 129..=1024 {
+            assert!(graph_batch(n).unwrap() * 4 <= n * 5 + 128, "{n}");
+        }
         assert!(GRAPH_BATCHES.windows(2).all(|w| w[0] < w[1]));
     }
 }
