@@ -206,3 +206,101 @@ extern "C" __global__ void dequant_w4(const int4* w, const unsigned int* params,
 extern "C" __global__ void dequant_w8(const int4* w, const float* scales, elem* out, int k) {
     dequantize_rows(W8Rows{w, scales, k}, out, k);
 }
+
+// ---- FP8 E4M3 (src/cpu/fp8.rs): weights per output row with an f32 scale, activations per
+// token with theirs, the product summed over the E4M3 values in f32 and scaled after, as the
+// CPU path computes it. Conversions by hand as CUDA's __NV_SATFINITE ones (round to nearest
+// even, saturating to ±448, NaN kept), so the module needs no fp8 headers and forms the same
+// values as the CPU path.
+
+__device__ __forceinline__ float e4m3_to_f32(unsigned int bits) {
+    const unsigned int sign = (bits & 0x80u) << 24, field = (bits >> 3) & 15u, mantissa = bits & 7u;
+    if (field == 15u && mantissa == 7u) return __uint_as_float(0x7fc00000u);
+    if (field == 0u) return __uint_as_float(sign | __float_as_uint((float)mantissa * (1.0f / 512.0f)));
+    return __uint_as_float(sign | ((field + 120u) << 23) | (mantissa << 20));
+}
+
+__device__ __forceinline__ unsigned int e4m3_from_f32(float x) {
+    const unsigned int u = __float_as_uint(x), sign = (u >> 24) & 0x80u, a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return 0x7fu;          // NaN
+    if (a >= 0x43e00000u) return sign | 0x7eu;  // 448 and past it (infinity too): ±448
+    if (a < 0x3c800000u)                        // below 2^-6: steps of 2^-9, ties to even
+        return sign | (unsigned int)rintf(__uint_as_float(a) * 512.0f);
+    unsigned int field = (a >> 23) - 120u, keep = (a >> 20) & 7u;
+    const unsigned int rest = a & 0xfffffu;
+    if (rest > 0x80000u || (rest == 0x80000u && (keep & 1u))) keep++;
+    if (keep == 8u) {
+        keep = 0u;
+        field++;
+    }
+    if (field > 15u || (field == 15u && keep == 7u)) return sign | 0x7eu;
+    return sign | (field << 3) | keep;
+}
+
+// Activations per token: a row's largest magnitude gives its scale (amax / 448, read back)
+// and inverse (448 / amax, applied); an all-zero row takes 1. `xq` gets the E4M3 values as
+// elems (exact in f32, bf16 and f16), `scales` each row's scale. grid: m; block: 256.
+extern "C" __global__ void quantize_rows_e4m3(const elem* x, elem* xq, float* scales, int k) {
+    const size_t row = blockIdx.x;
+    const elem* xr = x + row * k;
+    float amax = 0.0f;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) amax = fmaxf(amax, fabsf(to_f32(xr[i])));
+    __shared__ float largest[256];
+    largest[threadIdx.x] = amax;
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+        if ((int)threadIdx.x < stride)
+            largest[threadIdx.x] = fmaxf(largest[threadIdx.x], largest[threadIdx.x + stride]);
+        __syncthreads();
+    }
+    amax = largest[0];
+    const bool usable = amax > 0.0f && amax <= 3.402823466e38f;
+    const float scale = usable ? amax / 448.0f : 1.0f, inverse = usable ? 448.0f / amax : 1.0f;
+    for (int i = threadIdx.x; i < k; i += blockDim.x)
+        xq[row * k + i] = from_f32<elem>(e4m3_to_f32(e4m3_from_f32(to_f32(xr[i]) * inverse)));
+    if (threadIdx.x == 0) scales[row] = scale;
+}
+
+// 8-bit E4M3 rows: 16 values a chunk, read as E4M3 values (their scale applies after the sum).
+struct Fp8Rows {
+    const int4* __restrict__ w;
+    int k;
+    static constexpr int VALUES = 16;
+
+    __device__ __forceinline__ int4 load(int row, int chunk) const {
+        return __ldg(w + (size_t)row * (k / VALUES) + chunk);
+    }
+    __device__ __forceinline__ void dequantize(int, int, int4 packed, float (&out)[VALUES]) const {
+        const unsigned int words[4] = {(unsigned int)packed.x, (unsigned int)packed.y,
+                                       (unsigned int)packed.z, (unsigned int)packed.w};
+#pragma unroll
+        for (int word = 0; word < 4; word++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) out[word * 4 + i] = e4m3_to_f32((words[word] >> (8 * i)) & 0xffu);
+    }
+};
+
+// y[r, n] = (Σ_k xq[r, k] · q[n, k]) · (xscale[r] · wscale[n]) (+ bias[n]), row blockIdx.x of
+// W, with xq and xscale from quantize_rows_e4m3. grid: n; block: GEMV_THREADS.
+extern "C" __global__ void gemv_fp8(const int4* w, const float* wscales, const elem* xq,
+                                    const float* xscales, const elem* bias, elem* y, int m, int n,
+                                    int k) {
+    const int rows[1] = {(int)blockIdx.x};
+    float acc[1][GEMV_MAX_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_MAX_ROWS; r++) acc[0][r] = 0.0f;
+    accumulate_quant<Fp8Rows, 1, 4>(Fp8Rows{w, k}, xq, rows, acc, m, k);
+    __shared__ float partial[GEMV_MAX_ROWS][GEMV_THREADS / 32];
+    const float sum = block_rows_sum<1>(acc, m, partial);
+    const int t = threadIdx.x, col = blockIdx.x;
+    if (t < m) {
+        const float scaled = sum * (xscales[t] * wscales[col]);
+        y[(size_t)t * n + col] = from_f32<elem>(scaled + (bias ? to_f32(bias[col]) : 0.0f));
+    }
+}
+
+// W as its E4M3 values in elems [n, k] (exact), for cuBLAS over quantize_rows_e4m3's rows;
+// the scales apply to the product after. grid: (ceil(k / 16 / 128), n); block: 128.
+extern "C" __global__ void dequant_fp8(const int4* w, elem* out, int k) {
+    dequantize_rows(Fp8Rows{w, k}, out, k);
+}

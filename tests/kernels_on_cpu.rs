@@ -1252,3 +1252,93 @@ fn prefill_attention_over_quantised_caches() {
         }
     }
 }
+
+/// FP8: the activation-quantising kernel forms exactly the CPU path's E4M3 values and row
+/// scales (`cpu::fp8`, CUDA's conversion: ties, subnormals, saturation), the E4M3 GEMV equals
+/// the CPU path's `fp8` product (the same values summed in another order), and dequant_fp8
+/// gives the weight's E4M3 values exactly.
+#[test]
+fn fp8_kernels_form_the_cpu_paths_values() {
+    use triton_llm::cpu::{Linear, fp8};
+    let table = fp8::e4m3_table();
+    let mut rng = ChaCha8Rng::seed_from_u64(31);
+    let quantize = |dtype: DType, x: &[f32], k: usize| {
+        let m = x.len() / k;
+        let out = launch(
+            dtype,
+            "quantize_rows_e4m3",
+            [m as u32, 1, 1],
+            256,
+            vec![dtype.encode(x), vec![0; m * k * dtype.size()], vec![0; 4 * m]],
+            &with_buffers(3, [Arg::I32(k as i32)]),
+        );
+        (elems(dtype, &out[1]), f32s(&out[2]))
+    };
+    // The conversion itself: a row whose largest magnitude is 448 is converted as it is.
+    let step = 2f32.powi(-9);
+    let mut specials = vec![448.0, -0.0, 1.0625, 1.0626, 1.1875, -1.1875, 430.0, 440.0, 447.9];
+    specials.extend([1.5 * step, 2.5 * step, 0.25 * step, 7.6 * step, 2f32.powi(-6) * 0.999]);
+    specials.extend((0..240).map(|i| (i as f32 - 120.0) * 3.7 + 0.01 * i as f32));
+    let k = specials.len();
+    let (values, scales) = quantize(DType::F32, &specials, k);
+    assert_eq!(scales, [1.0]);
+    let want: Vec<f32> =
+        specials.iter().map(|&v| table[usize::from(fp8::e4m3_from_f32(v))]).collect();
+    for (i, (g, w)) in values.iter().zip(&want).enumerate() {
+        assert_eq!(g.to_bits(), w.to_bits(), "{}: kernel {g}, CPU path {w}", specials[i]);
+    }
+    for dtype in [DType::F32, DType::BF16] {
+        // Rows of random values, an all-zero row, and one spanning many magnitudes.
+        let k = 300;
+        let mut x = random(&mut rng, 3 * k, 5.0);
+        x[k..2 * k].fill(0.0);
+        for (i, v) in x[2 * k..].iter_mut().enumerate() {
+            *v = (i as f32 - 150.0) * 1e-3 * (i % 7) as f32;
+        }
+        let x = rounded(dtype, &x);
+        let (values, scales) = quantize(dtype, &x, k);
+        assert_eq!((values, scales), fp8::quantize_rows(&x, k, &table), "{}", dtype.name());
+    }
+    for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
+        for (m, n, k) in [(1, 5, 4096), (3, 7, 272), (8, 4, 1024)] {
+            let weight = random(&mut rng, n * k, 0.3);
+            let w = fp8::quantize_fp8(&weight, n, k);
+            // The GPU's layout: each output row's bytes in k order.
+            let packed: Vec<u8> = (0..n * k).map(|i| w.q[(i % k) * n + i / k]).collect();
+            let bias = rounded(dtype, &random(&mut rng, n, 1.0));
+            let x = rounded(dtype, &random(&mut rng, m * k, 2.0));
+            let want = Linear::from_fp8(w.clone(), Some(bias.clone()), n, k).forward(&x);
+            let (xq, xscales) = quantize(dtype, &x, k);
+            let run = |rows: usize| {
+                let buffers = vec![
+                    packed.clone(),
+                    f32_bytes(&w.scales),
+                    dtype.encode(&xq[..rows * k]),
+                    f32_bytes(&xscales[..rows]),
+                    dtype.encode(&bias),
+                    vec![0; rows * n * dtype.size()],
+                ];
+                let args = with_buffers(
+                    6,
+                    [Arg::I32(rows as i32), Arg::I32(n as i32), Arg::I32(k as i32)],
+                );
+                launch(dtype, "gemv_fp8", [n as u32, 1, 1], 128, buffers, &args)[5].clone()
+            };
+            let out = run(m);
+            let what = format!("gemv_fp8 {} {m}x{n}x{k}", dtype.name());
+            assert_close(&elems(dtype, &out), &want, tolerance, &what);
+            assert_eq!(out[..n * dtype.size()], run(1)[..], "{what}: row 0");
+
+            let out = launch(
+                dtype,
+                "dequant_fp8",
+                [(k / 16).div_ceil(128) as u32, n as u32, 1],
+                128,
+                vec![packed.clone(), vec![0; n * k * dtype.size()]],
+                &with_buffers(2, [Arg::I32(k as i32)]),
+            );
+            let values: Vec<f32> = packed.iter().map(|&q| table[usize::from(q)]).collect();
+            assert_eq!(elems(dtype, &out[1]), values, "dequant_fp8 {}", dtype.name());
+        }
+    }
+}

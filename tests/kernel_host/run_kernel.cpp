@@ -84,6 +84,18 @@ static const std::map<std::string, std::function<void(const Args&)>> KERNELS = {
      [](const Args& a) {
          dequant_w8(a.ptr<const int4*>(0), a.ptr<const float*>(1), a.ptr<elem*>(2), a.i32(3));
      }},
+    {"quantize_rows_e4m3",
+     [](const Args& a) {
+         quantize_rows_e4m3(a.ptr<const elem*>(0), a.ptr<elem*>(1), a.ptr<float*>(2), a.i32(3));
+     }},
+    {"gemv_fp8",
+     [](const Args& a) {
+         gemv_fp8(a.ptr<const int4*>(0), a.ptr<const float*>(1), a.ptr<const elem*>(2),
+                  a.ptr<const float*>(3), a.ptr<const elem*>(4), a.ptr<elem*>(5), a.i32(6), a.i32(7),
+                  a.i32(8));
+     }},
+    {"dequant_fp8",
+     [](const Args& a) { dequant_fp8(a.ptr<const int4*>(0), a.ptr<elem*>(1), a.i32(2)); }},
     {"rope_write_kv",
      [](const Args& a) {
          rope_write_kv(a.ptr<const elem*>(0), a.ptr<const elem*>(1), a.ptr<elem*>(2),
