@@ -35,6 +35,10 @@
 #        chatglm2-6b 1 128 2: a decode step; NEW=1: the prefill; LAUNCHES: ncu's launch count)
 #   bash scripts/gpu/bench.sh torch         PyTorch's bf16 linear on the decode products'
 #        shapes at decode and prefill rows, the reference for our cuBLAS path
+#   bash scripts/gpu/bench.sh peer [SHAPE]  a peer in the same run: at batch 1, 16 and 64,
+#        `triton-llm bench` of the shape (default llama-3.1-8b), then transformers' generate
+#        on the same shape (static cache, compiled; and dynamic, eager: lib/torch_peer.py),
+#        prompt 128, 64 new tokens; bench.jsonl and peer.jsonl
 #
 # Every part's log starts with the date, the commit pack.sh built and the device; a step's
 # exit status is its command's (pipes included); the GPU tests run first and a failing run
@@ -175,8 +179,20 @@ decode() {
     done
 }
 
+peer() {
+    local shape=${1:-llama-3.1-8b} batch
+    budget "${BENCH_BUDGET_S:-540}" peer.txt
+    for batch in 1 16 64; do
+        step "bench $shape batch $batch" 40 bash -c "set -o pipefail; $CARRY/triton-llm bench \
+            --shape $shape --load-format dummy --device cuda --prompt 128 --new 64 --batch $batch \
+            | tee -a '$OUT/bench.jsonl'"
+    done
+    step "transformers $shape" 300 bash -c "set -o pipefail; python3 scripts/gpu/lib/torch_peer.py \
+        --shape $shape --prompt 128 --new 64 | tee -a '$OUT/peer.jsonl'"
+}
+
 case "$PART" in
-    figures | ttft | serving | decode)
+    figures | ttft | serving | decode | peer)
         carry_binary triton-llm
         "$PART" "$@"
         ;;
