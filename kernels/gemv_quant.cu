@@ -304,3 +304,14 @@ extern "C" __global__ void gemv_fp8(const int4* w, const float* wscales, const e
 extern "C" __global__ void dequant_fp8(const int4* w, elem* out, int k) {
     dequantize_rows(Fp8Rows{w, k}, out, k);
 }
+
+// After cuBLAS over quantize_rows_e4m3's rows and dequant_fp8's values: y[r, c] = y[r, c] ·
+// (xscale[r] · wscale[c]) (+ bias[c]), in place. grid: (ceil(n / 256), m); block: 256.
+extern "C" __global__ void fp8_scale(elem* y, const float* xscales, const float* wscales,
+                                     const elem* bias, int n) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= n) return;
+    const size_t r = blockIdx.y;
+    const float scaled = to_f32(y[r * n + c]) * (xscales[r] * wscales[c]);
+    y[r * n + c] = from_f32<elem>(scaled + (bias ? to_f32(bias[c]) : 0.0f));
+}

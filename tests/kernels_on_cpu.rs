@@ -1339,6 +1339,37 @@ fn fp8_kernels_form_the_cpu_paths_values() {
             );
             let values: Vec<f32> = packed.iter().map(|&q| table[usize::from(q)]).collect();
             assert_eq!(elems(dtype, &out[1]), values, "dequant_fp8 {}", dtype.name());
+
+            // The many-row path: the plain sums over the E4M3 values (as cuBLAS leaves them,
+            // in elems), then both scales and the bias.
+            let sums: Vec<f32> = (0..m * n)
+                .map(|i| {
+                    let (r, c) = (i / n, i % n);
+                    (0..k)
+                        .map(|j| f64::from(xq[r * k + j]) * f64::from(values[c * k + j]))
+                        .sum::<f64>() as f32
+                })
+                .collect();
+            let sums = rounded(dtype, &sums);
+            let out = launch(
+                dtype,
+                "fp8_scale",
+                [n.div_ceil(256) as u32, m as u32, 1],
+                256,
+                vec![
+                    dtype.encode(&sums),
+                    f32_bytes(&xscales),
+                    f32_bytes(&w.scales),
+                    dtype.encode(&bias),
+                ],
+                &with_buffers(4, [Arg::I32(n as i32)]),
+            );
+            let want: Vec<f32> = (0..m * n)
+                .map(|i| sums[i] * (xscales[i / n] * w.scales[i % n]) + bias[i % n])
+                .collect();
+            assert_eq!(elems(dtype, &out[0]), rounded(dtype, &want), "fp8_scale {}", dtype.name());
+            let cpu = Linear::from_fp8(w.clone(), Some(bias.clone()), n, k).forward(&x);
+            assert_close(&elems(dtype, &out[0]), &cpu, tolerance, "fp8_scale against the CPU path");
         }
     }
 }

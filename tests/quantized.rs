@@ -262,16 +262,6 @@ fn formats_that_do_not_fit_are_refused_by_name() {
     assert!(error(&awq, Quantization::W8A16).contains("AWQ"));
     assert!(error(&fixture("internlm2-tiny"), Quantization::Awq).contains("not AWQ"));
     assert!(error(&awq, Quantization::Fp8).contains("AWQ"));
-    // FP8 runs on the CPU path only so far: the GPU path refuses it before opening a device.
-    let gpu = model::load_with(
-        &fixture("internlm2-tiny"),
-        LoadFormat::Safetensors,
-        model::Device::Cuda(0),
-        triton_llm::dtype::DType::BF16,
-        Quantization::Fp8,
-    );
-    let message = gpu.err().unwrap().to_string();
-    assert!(message.contains("fp8") && message.contains("GPU path"), "{message}");
 
     // Another quant_method, and scales stored as float32, in copies of the AWQ fixture.
     let copy = || {

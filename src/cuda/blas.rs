@@ -76,6 +76,14 @@ pub enum WeightView<'a> {
         packed: View<'a>,
         scales: View<'a>,
     },
+    /// E4M3 bytes in k order and an f32 scale per row, with where the product puts the
+    /// activations quantised per token (elems, and an f32 scale each), from the call's
+    /// scratch.
+    Fp8 {
+        packed: View<'a>,
+        scales: View<'a>,
+        activations: Option<(View<'a>, View<'a>)>,
+    },
 }
 
 impl WeightView<'_> {
@@ -94,7 +102,7 @@ impl WeightView<'_> {
                 packed.check("4-bit weight", bytes(&[n, k / 2]))?;
                 params.check("4-bit scales and zeros", bytes(&[n, k / group, 4]))
             }
-            WeightView::W8 { packed, scales } => {
+            WeightView::W8 { packed, scales } | WeightView::Fp8 { packed, scales, .. } => {
                 if !k.is_multiple_of(16) {
                     return Err(Error::Config(format!(
                         "8-bit weights on the GPU need a multiple of 16 inputs, not {k}"
@@ -286,10 +294,81 @@ impl Gpu {
     ) -> Result<()> {
         let dense = match w {
             WeightView::Dense(w) => return self.matmul(x, w, bias, y, m, n, k, false),
+            WeightView::Fp8 { .. } => return self.fp8_product(x, w, bias, y, m, n, k, scratch),
             _ if m <= GEMV_MAX_ROWS => return self.quant_gemv(x, w, bias, y, m, n, k),
             _ => self.dequantize(w, n, k, scratch)?,
         };
         self.matmul_on(ProductKernel::Cublas, x, dense, bias, y, m, n, k, false)
+    }
+
+    /// The FP8 product (`cpu::fp8`): the rows of `x` quantised per token, then the E4M3 GEMV
+    /// up to GEMV_MAX_ROWS rows, or cuBLAS over the weight's E4M3 values (dequantised into
+    /// `scratch`) and the scales after.
+    #[allow(clippy::too_many_arguments)]
+    fn fp8_product(
+        &self,
+        x: View<'_>,
+        w: WeightView<'_>,
+        bias: Option<View<'_>>,
+        y: View<'_>,
+        m: usize,
+        n: usize,
+        k: usize,
+        scratch: Option<View<'_>>,
+    ) -> Result<()> {
+        let WeightView::Fp8 { packed, scales, activations } = w else {
+            return Err(Error::Internal("fp8_product of another weight".into()));
+        };
+        let (rows, row_scales) = activations.ok_or_else(|| {
+            Error::Internal("an FP8 product needs scratch for its quantised activations".into())
+        })?;
+        let e = self.dtype.size();
+        w.check(n, k, e)?;
+        y.check("product out", bytes(&[m, n, e]))?;
+        if let Some(bias) = bias {
+            bias.check("product bias", bytes(&[n, e]))?;
+        }
+        self.quantize_rows_e4m3(x, rows, row_scales, m, k)?;
+        let (n_i, k_i) = (n as i32, k as i32);
+        if m <= GEMV_MAX_ROWS {
+            let m_i = gemv_rows(m)?;
+            let args: [&dyn Arg; 9] =
+                [&packed, &scales, &rows, &row_scales, &bias, &y, &m_i, &n_i, &k_i];
+            return self.launch(
+                &self.kernels().gemv_fp8,
+                "gemv_fp8",
+                (n as u32, 1),
+                GEMV_THREADS,
+                &args,
+            );
+        }
+        let values = self.dequantize(w, n, k, scratch)?;
+        self.matmul_on(ProductKernel::Cublas, rows, values, None, y, m, n, k, false)?;
+        let grid = (n.div_ceil(256) as u32, m as u32);
+        let args: [&dyn Arg; 5] = [&y, &row_scales, &scales, &bias, &n_i];
+        self.launch(&self.kernels().fp8_scale, "fp8_scale", grid, 256, &args)
+    }
+
+    /// Activations per token to E4M3 values (as elems, in `rows`) and each row's scale.
+    fn quantize_rows_e4m3(
+        &self,
+        x: View<'_>,
+        rows: View<'_>,
+        row_scales: View<'_>,
+        m: usize,
+        k: usize,
+    ) -> Result<()> {
+        let e = self.dtype.size();
+        x.check("fp8 product input", bytes(&[m, k, e]))?;
+        rows.check("fp8 activations", bytes(&[m, k, e]))?;
+        row_scales.check("fp8 activation scales", bytes(&[m, 4]))?;
+        if m > 65_535 {
+            return Err(Error::Internal(format!("{m} rows exceed one launch's grid")));
+        }
+        let k_i = k as i32;
+        let args: [&dyn Arg; 4] = [&x, &rows, &row_scales, &k_i];
+        let function = &self.kernels().quantize_rows_e4m3;
+        self.launch(function, "quantize_rows_e4m3", (m as u32, 1), 256, &args)
     }
 
     /// [`Gpu::swiglu_product`] for a dense or quantised `[gate | up]` weight (`scratch` as
@@ -308,6 +387,12 @@ impl Gpu {
     ) -> Result<()> {
         let dense = match w {
             WeightView::Dense(w) => return self.swiglu_product(x, w, gate_up, act, m, width, k),
+            WeightView::Fp8 { .. } => {
+                // `[gate | up]` as one FP8 product (each rounded to elem), then SwiGLU, as the
+                // unfused path does.
+                self.fp8_product(x, w, None, gate_up, m, 2 * width, k, scratch)?;
+                return self.silu_mul(gate_up, act, m, width);
+            }
             _ if m <= GEMV_MAX_ROWS => return self.quant_gemv_swiglu(x, w, act, m, width, k),
             _ => self.dequantize(w, 2 * width, k, scratch)?,
         };
@@ -346,7 +431,9 @@ impl Gpu {
                 let args: [&dyn Arg; 8] = [&packed, &scales, &x, &bias, &y, &m, &n, &k];
                 self.launch(&self.kernels().gemv_w8, "gemv_w8", grid, GEMV_THREADS, &args)
             }
-            WeightView::Dense(_) => Err(Error::Internal("a dense weight in quant_gemv".into())),
+            WeightView::Dense(_) | WeightView::Fp8 { .. } => {
+                Err(Error::Internal("a dense or FP8 weight in quant_gemv".into()))
+            }
         }
     }
 
@@ -379,7 +466,9 @@ impl Gpu {
                 let function = &self.kernels().gemv_w8_swiglu;
                 self.launch(function, "gemv_w8_swiglu", grid, GEMV_THREADS, &args)
             }
-            WeightView::Dense(_) => Err(Error::Internal("a dense weight in quant_gemv".into())),
+            WeightView::Dense(_) | WeightView::Fp8 { .. } => {
+                Err(Error::Internal("a dense or FP8 weight in quant_gemv_swiglu".into()))
+            }
         }
     }
 
@@ -409,6 +498,11 @@ impl Gpu {
                 let grid = ((k / 16).div_ceil(128) as u32, n as u32);
                 let args: [&dyn Arg; 4] = [&packed, &scales, &out, &k_i];
                 self.launch(&self.kernels().dequant_w8, "dequant_w8", grid, 128, &args)?;
+            }
+            WeightView::Fp8 { packed, .. } => {
+                let grid = ((k / 16).div_ceil(128) as u32, n as u32);
+                let args: [&dyn Arg; 3] = [&packed, &out, &k_i];
+                self.launch(&self.kernels().dequant_fp8, "dequant_fp8", grid, 128, &args)?;
             }
             WeightView::Dense(_) => {
                 return Err(Error::Internal("dequantising a dense weight".into()));

@@ -83,6 +83,12 @@ pub(super) struct Kernels {
     pub(super) gemv_w8_swiglu: CudaFunction,
     pub(super) dequant_w4: CudaFunction,
     pub(super) dequant_w8: CudaFunction,
+    /// FP8: activations per token to E4M3, the E4M3 GEMV, the weight's E4M3 values for
+    /// cuBLAS, and the scales after it.
+    pub(super) quantize_rows_e4m3: CudaFunction,
+    pub(super) gemv_fp8: CudaFunction,
+    pub(super) dequant_fp8: CudaFunction,
+    pub(super) fp8_scale: CudaFunction,
     pub(super) add_bias: CudaFunction,
     pub(super) rope_write_kv: CudaFunction,
     /// By KV format (`kv_format_index`: elems, int8, int4), attention_decode[_int8|_int4]
@@ -129,6 +135,10 @@ impl Kernels {
             gemv_w8_swiglu: f("gemv_w8_swiglu")?,
             dequant_w4: f("dequant_w4")?,
             dequant_w8: f("dequant_w8")?,
+            quantize_rows_e4m3: f("quantize_rows_e4m3")?,
+            gemv_fp8: f("gemv_fp8")?,
+            dequant_fp8: f("dequant_fp8")?,
+            fp8_scale: f("fp8_scale")?,
             add_bias: f("add_bias")?,
             rope_write_kv: f("rope_write_kv")?,
             attention_decode,

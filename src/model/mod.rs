@@ -412,13 +412,6 @@ pub fn load_config(
                 Family::Llama => Box::new(llama::Model::load(config, &linears)?),
             }
         }
-        Device::Cuda(_) if format == quant::WeightFormat::Fp8 => {
-            return Err(Error::Config(
-                "quantization fp8: the GPU path has no FP8 products yet (KIND_CPU instances and \
-                 --device cpu run it)"
-                    .into(),
-            ));
-        }
         Device::Cuda(ordinal) => {
             let gpu = cuda::Gpu::open(ordinal, dtype)?;
             gpu.bind()?;

@@ -30,7 +30,7 @@ pub enum Quantization {
     /// The checkpoint must be AWQ (a name for its own format).
     Awq,
     /// FP8 E4M3 weights per output channel, quantised at load, and activations per token
-    /// (`cpu::fp8`); the CPU path so far.
+    /// (`cpu::fp8`).
     Fp8,
 }
 

@@ -29,8 +29,7 @@ pub struct ModelParameters {
     pub load_format: LoadFormat,
     /// Element type of KIND_GPU instances' weights, activations and KV cache.
     pub dtype: DType,
-    /// `quantization`: none (default), w8a16, w4a16, fp8 (KIND_CPU so far), or awq for an
-    /// AWQ checkpoint.
+    /// `quantization`: none (default), w8a16, w4a16, fp8, or awq for an AWQ checkpoint.
     pub quantization: Quantization,
     /// Longest sequence served; None = the model's context.
     pub session_len: Option<usize>,

@@ -96,6 +96,11 @@ static const std::map<std::string, std::function<void(const Args&)>> KERNELS = {
      }},
     {"dequant_fp8",
      [](const Args& a) { dequant_fp8(a.ptr<const int4*>(0), a.ptr<elem*>(1), a.i32(2)); }},
+    {"fp8_scale",
+     [](const Args& a) {
+         fp8_scale(a.ptr<elem*>(0), a.ptr<const float*>(1), a.ptr<const float*>(2),
+                   a.ptr<const elem*>(3), a.i32(4));
+     }},
     {"rope_write_kv",
      [](const Args& a) {
          rope_write_kv(a.ptr<const elem*>(0), a.ptr<const elem*>(1), a.ptr<elem*>(2),

@@ -43,7 +43,7 @@ pub fn run(
     let quant_bits = match model::quant::resolve(&config, device.quantization)? {
         model::quant::WeightFormat::Dense => None,
         model::quant::WeightFormat::W8 => Some(8),
-        // Refused on the GPU path (no FP8 products there yet); the CPU bench runs it.
+        // The probes time int8 and 4-bit products only.
         model::quant::WeightFormat::Fp8 => None,
         model::quant::WeightFormat::W4 | model::quant::WeightFormat::Awq { .. } => Some(4),
     };

@@ -142,7 +142,7 @@ struct DeviceArgs {
     #[arg(long, default_value = "bf16")]
     dtype: DType,
     /// The decoder-layer linears: none (as stored), w8a16 or w4a16 (quantised at load),
-    /// fp8 (E4M3 weights and activations, quantised at load; CPU path only so far), or awq
+    /// fp8 (E4M3 weights and activations, quantised at load), or awq
     /// (the folder must hold an AWQ checkpoint, which is used as such whatever this says,
     /// unless it conflicts).
     #[arg(long, default_value = "none")]

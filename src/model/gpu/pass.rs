@@ -94,6 +94,7 @@ impl GpuModel {
             b.as_ref().map(Buffer::view)
         }
         let dequantized = w.dequantized.as_ref().map(Buffer::view);
+        let fp8 = s.fp8.as_ref().map(|(rows, scales)| (rows.view(), scales.view()));
         gpu.embedding(pass.ids, w.embedding.view(), s.x.view(), total, h)?;
         for (l, layer) in w.layers.iter().enumerate() {
             let delta = if l == 0 { None } else { Some(s.mlp_out.view()) };
@@ -110,7 +111,7 @@ impl GpuModel {
             )?;
             gpu.product(
                 normed,
-                layer.qkv.view(),
+                layer.qkv.view_with(fp8),
                 None,
                 s.qkv.view(),
                 total,
@@ -141,7 +142,7 @@ impl GpuModel {
             )?;
             gpu.product(
                 s.context.view(),
-                layer.o.view(),
+                layer.o.view_with(fp8),
                 view(&layer.o_bias),
                 s.attn_out.view(),
                 total,
@@ -161,7 +162,7 @@ impl GpuModel {
             )?;
             gpu.swiglu_product_any(
                 normed,
-                layer.gate_up.view(),
+                layer.gate_up.view_with(fp8),
                 s.gate_up.view(),
                 s.act.view(),
                 total,
@@ -171,7 +172,7 @@ impl GpuModel {
             )?;
             gpu.product(
                 s.act.view(),
-                layer.down.view(),
+                layer.down.view_with(fp8),
                 None,
                 s.mlp_out.view(),
                 total,

@@ -7,7 +7,7 @@
 use half::f16;
 
 use crate::cpu::quant::{W4, W8, unpack_awq};
-use crate::cuda::{Buffer, Gpu, WeightView};
+use crate::cuda::{Buffer, Gpu, View, WeightView};
 use crate::model::quant::Quantized;
 use crate::{Error, Result};
 
@@ -19,6 +19,8 @@ pub enum QuantRows {
     W4 { n: usize, k: usize, group: usize, packed: Vec<u32>, params: Vec<u32> },
     /// Per row: `k` int8 levels, and one f32 scale.
     W8 { n: usize, k: usize, levels: Vec<i8>, scales: Vec<f32> },
+    /// Per row: `k` E4M3 bytes, and one f32 scale (`cpu::fp8`).
+    Fp8 { n: usize, k: usize, values: Vec<u8>, scales: Vec<f32> },
 }
 
 impl QuantRows {
@@ -27,9 +29,10 @@ impl QuantRows {
         match quantized {
             Quantized::W4(w4) => Self::from_w4(w4, n, k),
             Quantized::W8(w8) => Ok(Self::from_w8(w8, n, k)),
-            // `model::load_config` refuses fp8 on the GPU before any weight is read.
-            Quantized::Fp8(_) => {
-                Err(Error::Internal("fp8 weights have no layout on the GPU path yet".into()))
+            Quantized::Fp8(w) => {
+                // The CPU path's `[in, out]` bytes as rows in k order.
+                let values = (0..n * k).map(|i| w.q[(i % k) * n + i / k]).collect();
+                Ok(QuantRows::Fp8 { n, k, values, scales: w.scales.clone() })
             }
         }
     }
@@ -73,7 +76,7 @@ impl QuantRows {
     #[cfg(test)]
     pub fn rows(&self) -> usize {
         match self {
-            QuantRows::W4 { n, .. } | QuantRows::W8 { n, .. } => *n,
+            QuantRows::W4 { n, .. } | QuantRows::W8 { n, .. } | QuantRows::Fp8 { n, .. } => *n,
         }
     }
 
@@ -104,6 +107,12 @@ impl QuantRows {
                 levels: order.iter().flat_map(|&r| &levels[r * k..][..*k]).copied().collect(),
                 scales: order.iter().map(|&r| scales[r]).collect(),
             },
+            QuantRows::Fp8 { k, values, scales, .. } => QuantRows::Fp8 {
+                n: order.len(),
+                k: *k,
+                values: order.iter().flat_map(|&r| &values[r * k..][..*k]).copied().collect(),
+                scales: order.iter().map(|&r| scales[r]).collect(),
+            },
         }
     }
 
@@ -125,6 +134,14 @@ impl QuantRows {
                 levels.extend(l2);
                 scales.extend(s2);
                 Ok(QuantRows::W8 { n: n + n2, k, levels, scales })
+            }
+            (
+                QuantRows::Fp8 { n, k, mut values, mut scales },
+                QuantRows::Fp8 { n: n2, k: k2, values: v2, scales: s2 },
+            ) if k == k2 => {
+                values.extend(v2);
+                scales.extend(s2);
+                Ok(QuantRows::Fp8 { n: n + n2, k, values, scales })
             }
             _ => Err(Error::Internal("stacking weights of different layouts".into())),
         }
@@ -150,6 +167,11 @@ impl QuantRows {
             QuantRows::W8 { k, levels, scales, .. } => {
                 levels.iter().enumerate().map(|(i, &q)| f32::from(q) * scales[i / k]).collect()
             }
+            QuantRows::Fp8 { k, values, scales, .. } => values
+                .iter()
+                .enumerate()
+                .map(|(i, &q)| crate::cpu::fp8::e4m3_to_f32(q) * scales[i / k])
+                .collect(),
         }
     }
 
@@ -165,6 +187,10 @@ impl QuantRows {
                 packed: gpu.upload_bytes(bytemuck::cast_slice(levels))?,
                 scales: gpu.upload_bytes(bytemuck::cast_slice(scales))?,
             },
+            QuantRows::Fp8 { values, scales, .. } => DeviceWeight::Fp8 {
+                packed: gpu.upload_bytes(values)?,
+                scales: gpu.upload_bytes(bytemuck::cast_slice(scales))?,
+            },
         })
     }
 }
@@ -174,11 +200,23 @@ pub enum DeviceWeight {
     Dense(Buffer),
     W4 { packed: Buffer, params: Buffer, group: usize },
     W8 { packed: Buffer, scales: Buffer },
+    Fp8 { packed: Buffer, scales: Buffer },
 }
 
 impl DeviceWeight {
+    /// The weight as the products take it (an FP8 weight without scratch for its
+    /// activations: see [`DeviceWeight::view_with`]).
     pub fn view(&self) -> WeightView<'_> {
+        self.view_with(None)
+    }
+
+    /// [`DeviceWeight::view`], an FP8 weight's products quantising their activations into
+    /// `fp8` (elems `[rows, k]` and an f32 scale a row).
+    pub fn view_with<'a>(&'a self, fp8: Option<(View<'a>, View<'a>)>) -> WeightView<'a> {
         match self {
+            DeviceWeight::Fp8 { packed, scales } => {
+                WeightView::Fp8 { packed: packed.view(), scales: scales.view(), activations: fp8 }
+            }
             DeviceWeight::Dense(w) => WeightView::Dense(w.view()),
             DeviceWeight::W4 { packed, params, group } => {
                 WeightView::W4 { packed: packed.view(), params: params.view(), group: *group }
@@ -198,7 +236,9 @@ impl DeviceWeight {
         match self {
             DeviceWeight::Dense(w) => w.bytes(),
             DeviceWeight::W4 { packed, params, .. } => packed.bytes() + params.bytes(),
-            DeviceWeight::W8 { packed, scales } => packed.bytes() + scales.bytes(),
+            DeviceWeight::W8 { packed, scales } | DeviceWeight::Fp8 { packed, scales } => {
+                packed.bytes() + scales.bytes()
+            }
         }
     }
 }
@@ -227,15 +267,21 @@ mod tests {
         let cpu = crate::cpu::Linear::from_w8(w8.clone(), None, n, k).dequantized();
         let rows = QuantRows::from_cpu(&Quantized::W8(w8), n, k).unwrap();
         assert_eq!(rows.dequantized(), cpu);
+        let fp8 = crate::cpu::fp8::quantize_fp8(&w, n, k);
+        let cpu = crate::cpu::Linear::from_fp8(fp8.clone(), None, n, k).dequantized();
+        let rows = QuantRows::from_cpu(&Quantized::Fp8(fp8), n, k).unwrap();
+        assert_eq!(rows.dequantized(), cpu);
     }
 
     #[test]
     fn rows_reorder_and_stack_as_whole_rows() {
         let (n, k) = (16, 64);
         let w = weight(n, k);
-        for quantized in
-            [Quantized::W4(quantize_w4(&w, n, k, 32, false)), Quantized::W8(quantize_w8(&w, n, k))]
-        {
+        for quantized in [
+            Quantized::W4(quantize_w4(&w, n, k, 32, false)),
+            Quantized::W8(quantize_w8(&w, n, k)),
+            Quantized::Fp8(crate::cpu::fp8::quantize_fp8(&w, n, k)),
+        ] {
             let rows = QuantRows::from_cpu(&quantized, n, k).unwrap();
             let dense = rows.dequantized();
             let order: Vec<usize> = (0..n).rev().collect();

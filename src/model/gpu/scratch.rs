@@ -34,6 +34,9 @@ pub(super) struct Scratch {
     pub(super) host_logits: cuda::HostBuffer,
     /// One chosen id per sequence (sampling on the device).
     pub(super) chosen: Buffer,
+    /// With FP8 weights: a product's activations quantised per token (elems, `[tokens,
+    /// widest input]`) and their scales (an f32 a token).
+    pub(super) fp8: Option<(Buffer, Buffer)>,
     /// Decode steps captured over these buffers; dropped with them.
     pub(super) graphs: Graphs,
 }
@@ -60,9 +63,15 @@ impl Scratch {
         seqs: usize,
         table_bytes: usize,
         partial_bytes: usize,
+        fp8: bool,
     ) -> Result<Self> {
         let e = gpu.dtype.size();
         let h = shape.hidden;
+        let widest_input = h.max(shape.q_width()).max(shape.ffn);
+        let fp8 = match fp8 {
+            true => Some((gpu.alloc(tokens * widest_input * e)?, gpu.alloc(tokens * 4)?)),
+            false => None,
+        };
         Ok(Scratch {
             tokens,
             seqs,
@@ -83,6 +92,7 @@ impl Scratch {
             split_counters: gpu.alloc(seqs * shape.attention.num_heads * 4)?,
             host_logits: gpu.alloc_host(seqs * shape.vocab * 4)?,
             chosen: gpu.alloc(seqs * 4)?,
+            fp8,
             graphs: Graphs::default(),
         })
     }
@@ -110,7 +120,8 @@ impl Scratch {
         ]
         .iter()
         .map(|b| b.bytes())
-        .sum()
+        .sum::<usize>()
+            + self.fp8.as_ref().map_or(0, |(rows, scales)| rows.bytes() + scales.bytes())
     }
 }
 
@@ -154,6 +165,7 @@ impl GpuModel {
             seqs,
             2 * table_capacity,
             2 * partial_capacity,
+            self.weights.is_fp8(),
         )?);
         Ok(())
     }

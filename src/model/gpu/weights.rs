@@ -54,6 +54,11 @@ impl Weights {
         Ok(Weights { embedding, layers, final_norm, output, dequantized })
     }
 
+    /// Whether the decoder-layer linears are FP8 (their products need activation scratch).
+    pub fn is_fp8(&self) -> bool {
+        self.layers.first().is_some_and(|l| matches!(l.qkv, DeviceWeight::Fp8 { .. }))
+    }
+
     /// Device bytes of every weight.
     pub fn bytes(&self) -> usize {
         let layers: usize = self
@@ -188,6 +193,16 @@ impl WeightLoader<'_> {
                 k: inp,
                 levels: (0..out * inp).map(|_| rng.random_range(-127..=127i8)).collect(),
                 scales: vec![bound / 127.0; out],
+            },
+            // Any E4M3 byte but NaN's (`S.1111.111`), read as up to ±448 times the scale.
+            WeightFormat::Fp8 => QuantRows::Fp8 {
+                n: out,
+                k: inp,
+                values: (0..out * inp)
+                    .map(|_| rng.random::<u8>())
+                    .map(|b| if b & 0x7f == 0x7f { b ^ 1 } else { b })
+                    .collect(),
+                scales: vec![bound / 448.0; out],
             },
             format => {
                 let group = match format {
