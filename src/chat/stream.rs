@@ -23,6 +23,11 @@ pub struct AnswerStream<'t> {
     raw: String,
     /// Bytes of the cleaned answer already handed out.
     emitted: usize,
+    /// transformers' clean-up of `raw[..spaces_done]`, a cut no pattern reaches over, kept
+    /// so that each step cleans only the text since (the whole answer's clean-up at every
+    /// token would cost its length each time).
+    spaces_clean: String,
+    spaces_done: usize,
 }
 
 impl<'t> AnswerStream<'t> {
@@ -34,6 +39,8 @@ impl<'t> AnswerStream<'t> {
             tools: false,
             raw: String::new(),
             emitted: 0,
+            spaces_clean: String::new(),
+            spaces_done: 0,
         }
     }
 
@@ -109,16 +116,40 @@ impl<'t> AnswerStream<'t> {
         }
     }
 
+    /// The clean-up of the raw text up to where no pattern can still change it, cleaning
+    /// only what came since the last cut (the clean-up of text cut there is the clean-up of
+    /// its parts, joined).
+    fn advance_spaces_clean(&mut self) {
+        let cut = clean_up_stable_end(&self.raw);
+        if cut < self.spaces_done {
+            // Never expected (the cut only moves forward); the whole text then.
+            self.spaces_clean = super::clean_up_tokenization_spaces(&self.raw[..cut]);
+        } else {
+            let since = super::clean_up_tokenization_spaces(&self.raw[self.spaces_done..cut]);
+            self.spaces_clean.push_str(&since);
+        }
+        self.spaces_done = cut;
+    }
+
     /// The cleaned text past what was emitted, minus a tail that more text could still change.
     fn take_stable(&mut self, is_final: bool) -> String {
-        let cleaned = match (is_final, self.clean) {
-            (false, Some(Cleanup::Decode { spaces: true, .. })) => {
-                self.cleaned_up_to(clean_up_stable_end(&self.raw))
+        let whole;
+        let cleaned: &str = match (is_final, self.clean) {
+            (false, Some(Cleanup::Decode { spaces: true, strip })) if !self.tools => {
+                self.advance_spaces_clean();
+                match strip {
+                    // The trailing whitespace str.strip() drops is held back by `unstable_tail`.
+                    true => self.spaces_clean.trim_start_matches(is_python_whitespace),
+                    false => &self.spaces_clean,
+                }
             }
-            _ => self.cleaned(),
+            _ => {
+                whole = self.cleaned();
+                &whole
+            }
         };
         let end =
-            if is_final { cleaned.len() } else { cleaned.len() - self.unstable_tail(&cleaned) };
+            if is_final { cleaned.len() } else { cleaned.len() - self.unstable_tail(cleaned) };
         if end <= self.emitted || !cleaned.is_char_boundary(self.emitted) {
             return String::new();
         }
