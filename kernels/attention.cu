@@ -99,6 +99,96 @@ __device__ __forceinline__ void decode_quantised_key(
     }
 }
 
+// Keys [begin, end) of decode split `split` and the splits the sequence uses (`used`);
+// false when this split has none. partition 0: each sequence divides its own keys over the
+// splits (a CUDA graph replays one launch for any lengths) as decode_splits divides a
+// launched step's: into at most one split per DECODE_MIN_PARTITION keys, of whole warps (129
+// keys stay one split rather than 128 and a one-key split with its merge). With one split
+// used, its block writes the output itself (no partial, no merge).
+__device__ __forceinline__ bool decode_split_keys(int visible, int split, int splits, int partition,
+                                                  int* begin, int* end, int* used) {
+    if (partition <= 0) {
+        const int wanted = max(1, min(splits, visible / DECODE_MIN_PARTITION));
+        partition = ((visible + wanted - 1) / wanted + 31) / 32 * 32;
+    }
+    *used = min(splits, (visible + partition - 1) / partition);
+    if (split >= *used) return false;
+    *begin = split * partition;
+    *end = min(visible, *begin + partition);
+    return true;
+}
+
+// A decode block's result from its warps' (max, sum, unnormalised output) for each of its
+// `heads` heads — shared arrays [ATTN_WARPS][heads] and [ATTN_WARPS][heads][head_dim] — as
+// the output (one split) or as this split's partial result, (max, sum, output) per head
+// and split; the last split of (token, heads) to finish merges them all. Every thread of
+// the block calls it.
+__device__ __forceinline__ void decode_finish(const float* warp_max_s, const float* warp_sum_s,
+                                              const float* warp_acc, int heads,
+                                              elem* __restrict__ out, float* __restrict__ partial,
+                                              int* __restrict__ split_counters, int t,
+                                              int first_head, int num_heads, int head_dim,
+                                              int used_splits, int splits) {
+    const int split = blockIdx.z;
+    for (int h = 0; h < heads; h++) {
+        const int head = first_head + h;
+        float block_max = NEG_INFINITY;
+        for (int w = 0; w < ATTN_WARPS; w++) block_max = fmaxf(block_max, warp_max_s[w * heads + h]);
+        float total = 0.0f;
+        for (int w = 0; w < ATTN_WARPS; w++)
+            if (warp_sum_s[w * heads + h] > 0.0f)
+                total += warp_sum_s[w * heads + h] * expf(warp_max_s[w * heads + h] - block_max);
+        float* part = partial + (((size_t)blockIdx.x * num_heads + head) * splits + split) * (head_dim + 2);
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+            float value = 0.0f;
+            for (int w = 0; w < ATTN_WARPS; w++)
+                if (warp_sum_s[w * heads + h] > 0.0f)
+                    value += warp_acc[((size_t)w * heads + h) * head_dim + d] *
+                             expf(warp_max_s[w * heads + h] - block_max);
+            if (used_splits == 1)
+                out[((size_t)t * num_heads + head) * head_dim + d] = from_f32<elem>(value / total);
+            else
+                part[2 + d] = value;
+        }
+        if (used_splits > 1 && threadIdx.x == 0) {
+            part[0] = block_max;
+            part[1] = total;
+        }
+    }
+    if (used_splits == 1) return;
+    // The last split of this (token, head group) to finish merges all of them (the fence
+    // makes this block's partials visible before it is counted).
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    int* counter = split_counters + (size_t)blockIdx.x * num_heads + first_head;
+    if (threadIdx.x == 0) last = atomicAdd(counter, 1) == used_splits - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int h = 0; h < heads; h++) {
+        const int head = first_head + h;
+        const float* parts = partial + ((size_t)blockIdx.x * num_heads + head) * splits * (head_dim + 2);
+        float global_max = NEG_INFINITY;
+        for (int s = 0; s < used_splits; s++) global_max = fmaxf(global_max, __ldcg(parts + s * (head_dim + 2)));
+        float merged_total = 0.0f;
+        for (int s = 0; s < used_splits; s++) {
+            const float m_s = __ldcg(parts + s * (head_dim + 2)), l_s = __ldcg(parts + s * (head_dim + 2) + 1);
+            if (l_s > 0.0f) merged_total += l_s * expf(m_s - global_max);
+        }
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+            float value = 0.0f;
+            for (int s = 0; s < used_splits; s++) {
+                const float* p = parts + s * (head_dim + 2);
+                const float l_s = __ldcg(p + 1);
+                if (l_s > 0.0f) value += __ldcg(p + 2 + d) * expf(__ldcg(p) - global_max);
+            }
+            out[((size_t)t * num_heads + head) * head_dim + d] = from_f32<elem>(value / merged_total);
+        }
+    }
+    if (threadIdx.x == 0) *counter = 0;  // ready for the next call
+}
+
 // HEADS query heads a block (attention_decode_h1 … _h8 below; HEADS divides
 // num_heads / num_kv_heads); KV_BITS 0 for elem caches, 8 or 4 for quantised ones.
 // grid: (decode tokens, num_heads / HEADS, splits); block: ATTN_THREADS; dynamic shared
@@ -117,26 +207,14 @@ __device__ __forceinline__ void decode_attention(
     const elem* __restrict__ k_cache = static_cast<const elem*>(k_store);
     const elem* __restrict__ v_cache = static_cast<const elem*>(v_store);
     const int t = decode_rows[blockIdx.x];
-    const int first_head = blockIdx.y * heads, split = blockIdx.z;
+    const int first_head = blockIdx.y * heads;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int kv_head = first_head / (num_heads / num_kv_heads);
     const int kv_width = num_kv_heads * head_dim;
     const int* table = block_tables + (size_t)token_seq[t] * max_blocks_per_seq;
     const int visible = token_pos[t] + 1;
-    // partition 0: each sequence divides its own keys over the splits (a CUDA graph replays
-    // one launch for any lengths) as decode_splits divides a launched step's: into at most
-    // one split per DECODE_MIN_PARTITION keys, of whole warps (129 keys stay one split
-    // rather than 128 and a one-key split with its merge).
-    if (partition <= 0) {
-        const int used = max(1, min(splits, visible / DECODE_MIN_PARTITION));
-        partition = ((visible + used - 1) / used + 31) / 32 * 32;
-    }
-    // Splits past this sequence's keys have nothing to do; with one split left, it writes
-    // the output itself (no partial, no merge).
-    const int used_splits = min(splits, (visible + partition - 1) / partition);
-    if (split >= used_splits) return;
-    const int begin = split * partition;
-    const int end = min(visible, begin + partition);
+    int begin, end, used_splits;
+    if (!decode_split_keys(visible, blockIdx.z, splits, partition, &begin, &end, &used_splits)) return;
 
     __shared__ float q_s[heads][32 * MAX_DIMS_PER_LANE];
     const elem* q_first = q + ((size_t)t * num_heads + first_head) * head_dim;
@@ -283,61 +361,8 @@ __device__ __forceinline__ void decode_attention(
         }
     }
     __syncthreads();
-    for (int h = 0; h < heads; h++) {
-        const int head = first_head + h;
-        float block_max = NEG_INFINITY;
-        for (int w = 0; w < ATTN_WARPS; w++) block_max = fmaxf(block_max, warp_max_s[w][h]);
-        float total = 0.0f;
-        for (int w = 0; w < ATTN_WARPS; w++)
-            if (warp_sum_s[w][h] > 0.0f) total += warp_sum_s[w][h] * expf(warp_max_s[w][h] - block_max);
-        float* part = partial + (((size_t)blockIdx.x * num_heads + head) * splits + split) * (head_dim + 2);
-        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-            float value = 0.0f;
-            for (int w = 0; w < ATTN_WARPS; w++)
-                if (warp_sum_s[w][h] > 0.0f)
-                    value += warp_acc[((size_t)w * heads + h) * head_dim + d] * expf(warp_max_s[w][h] - block_max);
-            if (used_splits == 1)
-                out[((size_t)t * num_heads + head) * head_dim + d] = from_f32<elem>(value / total);
-            else
-                part[2 + d] = value;
-        }
-        if (used_splits > 1 && threadIdx.x == 0) {
-            part[0] = block_max;
-            part[1] = total;
-        }
-    }
-    if (used_splits == 1) return;
-    // The last split of this (token, head group) to finish merges all of them (the fence
-    // makes this block's partials visible before it is counted).
-    __shared__ bool last;
-    __threadfence();
-    __syncthreads();
-    int* counter = split_counters + (size_t)blockIdx.x * num_heads + first_head;
-    if (threadIdx.x == 0) last = atomicAdd(counter, 1) == used_splits - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    for (int h = 0; h < heads; h++) {
-        const int head = first_head + h;
-        const float* parts = partial + ((size_t)blockIdx.x * num_heads + head) * splits * (head_dim + 2);
-        float global_max = NEG_INFINITY;
-        for (int s = 0; s < used_splits; s++) global_max = fmaxf(global_max, __ldcg(parts + s * (head_dim + 2)));
-        float merged_total = 0.0f;
-        for (int s = 0; s < used_splits; s++) {
-            const float m_s = __ldcg(parts + s * (head_dim + 2)), l_s = __ldcg(parts + s * (head_dim + 2) + 1);
-            if (l_s > 0.0f) merged_total += l_s * expf(m_s - global_max);
-        }
-        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-            float value = 0.0f;
-            for (int s = 0; s < used_splits; s++) {
-                const float* p = parts + s * (head_dim + 2);
-                const float l_s = __ldcg(p + 1);
-                if (l_s > 0.0f) value += __ldcg(p + 2 + d) * expf(__ldcg(p) - global_max);
-            }
-            out[((size_t)t * num_heads + head) * head_dim + d] = from_f32<elem>(value / merged_total);
-        }
-    }
-    if (threadIdx.x == 0) *counter = 0;  // ready for the next call
+    decode_finish(&warp_max_s[0][0], &warp_sum_s[0][0], warp_acc, heads, out, partial,
+                  split_counters, t, first_head, num_heads, head_dim, used_splits, splits);
 }
 
 #define ATTENTION_DECODE(NAME, H, BITS, CACHE)                                                   \

@@ -6,6 +6,15 @@
 // sum, and adds P·V into its 16 × head_dim output, where the S accumulators are reused
 // as P's operand registers without a trip through memory. The score matrix never exists.
 //
+//
+// attention_decode_mma — decode tokens of grouped heads on the tensor cores: a block takes
+// one (token, up to 16 query heads of one K/V head, split of the keys), its heads the rows
+// of the MMA's A operand (rows past them zero). The block stages MMA_DECODE_KEYS keys of K
+// (rows) and V (transposed) in shared memory with 16-byte loads, each warp 16 of them:
+// S = Q·Kᵀ (16 heads × 16 keys), an online softmax per head, O += P·V. K/V is read once
+// for all the heads, and the heads' dot products run on the tensor cores instead of the
+// CUDA cores. Warps, then splits, merge as attention_decode's (attention.cu).
+//
 // Fragment layouts (PTX ISA, mma.m16n8k16, g = lane / 4, c = lane % 4):
 //   A (16×16, row): a0 = (g, 2c..2c+1), a1 = (g+8, 2c..), a2 = (g, 2c+8..), a3 = (g+8, 2c+8..)
 //   B (16×8, col):  b0 = (k 2c..2c+1, n g), b1 = (k 2c+8..2c+9, n g)
@@ -19,7 +28,10 @@
 
 __device__ __forceinline__ void mma_16816(float c[4], const unsigned a[4], unsigned b0,
                                           unsigned b1) {
-#if defined(ELEM_BF16)
+#if defined(EMU_HOST)
+    // On CPU threads (tests/kernel_host/shim.h, bf16 only).
+    emu_mma_m16n8k16_bf16(c, a, b0, b1);
+#elif defined(ELEM_BF16)
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};"
@@ -198,5 +210,206 @@ extern "C" __global__ void __launch_bounds__(128) attention_prefill_mma(
             }
         }
     }
+}
+
+#define MMA_DECODE_KEYS 64
+#define VTD_STRIDE (MMA_DECODE_KEYS + 8)
+// 16-byte pieces of K and V a thread keeps in flight while staging a chunk.
+#define MMA_DECODE_IN_FLIGHT 4
+
+// Arguments and grid as attention_decode_h* (grid: decode tokens, num_heads / heads,
+// splits), heads = num_heads / gridDim.y ≤ 16 dividing the group; block: 128 threads.
+extern "C" __global__ void __launch_bounds__(128) attention_decode_mma(
+    const elem* __restrict__ q, const elem* __restrict__ k_cache,
+    const elem* __restrict__ v_cache, elem* __restrict__ out, float* __restrict__ partial,
+    int* __restrict__ split_counters, const int* __restrict__ decode_rows,
+    const int* __restrict__ token_seq, const int* __restrict__ token_pos,
+    const int* __restrict__ block_tables, int max_blocks_per_seq, int block_size, int num_heads,
+    int num_kv_heads, int head_dim, float scale, int partition, int splits) {
+    // K rows then V transposed; after the keys, the warps' sums (ATTN_WARPS · heads ·
+    // head_dim floats ≤ 32 KiB) in the same bytes.
+    constexpr int K_BYTES = MMA_DECODE_KEYS * K_STRIDE * 2;
+    constexpr int VT_BYTES = MMA_MAX_DIM * VTD_STRIDE * 2;
+    __shared__ __align__(16) unsigned char staging[K_BYTES + VT_BYTES];
+    unsigned short* k_s = reinterpret_cast<unsigned short*>(staging);
+    unsigned short* vt_s = reinterpret_cast<unsigned short*>(staging + K_BYTES);
+
+    const int heads = num_heads / gridDim.y;
+    const int t = decode_rows[blockIdx.x];
+    const int first_head = blockIdx.y * heads;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int g = lane / 4, c = lane % 4;
+    const int kv_head = first_head / (num_heads / num_kv_heads);
+    const int kv_width = num_kv_heads * head_dim;
+    const int* table = block_tables + (size_t)token_seq[t] * max_blocks_per_seq;
+    int begin, end, used_splits;
+    if (!decode_split_keys(token_pos[t] + 1, blockIdx.z, splits, partition, &begin, &end, &used_splits))
+        return;
+    const int k_steps = head_dim / 16, d_tiles = head_dim / 8;
+
+    // A fragments of the heads as rows g and g + 8.
+    const int row0 = g, row1 = g + 8;
+    unsigned qa[MMA_MAX_DIM / 16][4];
+    const unsigned* q32 = reinterpret_cast<const unsigned*>(q);
+#pragma unroll
+    for (int kk = 0; kk < MMA_MAX_DIM / 16; kk++) {
+        if (kk < k_steps) {
+            const size_t base0 = ((size_t)t * num_heads + first_head + row0) * head_dim + 16 * kk + 2 * c;
+            const size_t base1 = ((size_t)t * num_heads + first_head + row1) * head_dim + 16 * kk + 2 * c;
+            qa[kk][0] = row0 < heads ? q32[base0 / 2] : 0u;
+            qa[kk][1] = row1 < heads ? q32[base1 / 2] : 0u;
+            qa[kk][2] = row0 < heads ? q32[(base0 + 8) / 2] : 0u;
+            qa[kk][3] = row1 < heads ? q32[(base1 + 8) / 2] : 0u;
+        }
+    }
+    float o[MMA_MAX_DIM / 8][4];
+#pragma unroll
+    for (int n = 0; n < MMA_MAX_DIM / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+    float max0 = NEG_INFINITY, max1 = NEG_INFINITY, sum0 = 0.0f, sum1 = 0.0f;
+
+    const int vecs = head_dim / 8;  // 16-byte pieces of a row
+    for (int base = begin; base < end; base += MMA_DECODE_KEYS) {
+        const int keys = min(MMA_DECODE_KEYS, end - base);
+        __syncthreads();  // the previous chunk is consumed
+        // Stage K rows and V transposed, keys past `keys` zero. Consecutive threads take
+        // consecutive keys of one piece, so the transposed stores fall in distinct banks.
+        for (int i0 = threadIdx.x; i0 < MMA_DECODE_KEYS * vecs; i0 += 128 * MMA_DECODE_IN_FLIGHT) {
+            int4 kv[MMA_DECODE_IN_FLIGHT], vv[MMA_DECODE_IN_FLIGHT];
+#pragma unroll
+            for (int j = 0; j < MMA_DECODE_IN_FLIGHT; j++) {
+                const int i = i0 + 128 * j;
+                const int kk = i % MMA_DECODE_KEYS, piece = i / MMA_DECODE_KEYS;
+                kv[j] = vv[j] = make_int4(0, 0, 0, 0);
+                if (i < MMA_DECODE_KEYS * vecs && kk < keys) {
+                    const size_t at = cache_row(table, base + kk, block_size) * kv_width +
+                                      (size_t)kv_head * head_dim + piece * 8;
+                    kv[j] = __ldg(reinterpret_cast<const int4*>(k_cache + at));
+                    vv[j] = __ldg(reinterpret_cast<const int4*>(v_cache + at));
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < MMA_DECODE_IN_FLIGHT; j++) {
+                const int i = i0 + 128 * j;
+                if (i < MMA_DECODE_KEYS * vecs) {
+                    const int kk = i % MMA_DECODE_KEYS, piece = i / MMA_DECODE_KEYS;
+                    *reinterpret_cast<int4*>(&k_s[kk * K_STRIDE + piece * 8]) = kv[j];
+                    const unsigned short* v8 = reinterpret_cast<const unsigned short*>(&vv[j]);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) vt_s[(piece * 8 + e) * VTD_STRIDE + kk] = v8[e];
+                }
+            }
+        }
+        __syncthreads();
+        const int first_key = warp * 16;  // this warp's keys within the chunk
+        if (first_key >= keys) continue;
+
+        // S = Q·Kᵀ: 16 heads × 16 keys as 2 tiles of 8 keys.
+        float s[2][4];
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+            const unsigned short* k_row = &k_s[(first_key + nt * 8 + g) * K_STRIDE];
+#pragma unroll
+            for (int kk = 0; kk < MMA_MAX_DIM / 16; kk++) {
+                if (kk < k_steps) {
+                    const unsigned b0 = *reinterpret_cast<const unsigned*>(k_row + 16 * kk + 2 * c);
+                    const unsigned b1 = *reinterpret_cast<const unsigned*>(k_row + 16 * kk + 8 + 2 * c);
+                    mma_16816(s[nt], qa[kk], b0, b1);
+                }
+            }
+        }
+        // Scale, mask keys past the chunk, online softmax per head (a quad holds a row).
+        float chunk_max0 = NEG_INFINITY, chunk_max1 = NEG_INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const bool valid = first_key + nt * 8 + 2 * c + e < keys;
+                s[nt][e] = valid ? s[nt][e] * scale : NEG_INFINITY;
+                s[nt][2 + e] = valid ? s[nt][2 + e] * scale : NEG_INFINITY;
+                chunk_max0 = fmaxf(chunk_max0, s[nt][e]);
+                chunk_max1 = fmaxf(chunk_max1, s[nt][2 + e]);
+            }
+        }
+#pragma unroll
+        for (int offset = 1; offset < 4; offset <<= 1) {
+            chunk_max0 = fmaxf(chunk_max0, __shfl_xor_sync(0xffffffffu, chunk_max0, offset));
+            chunk_max1 = fmaxf(chunk_max1, __shfl_xor_sync(0xffffffffu, chunk_max1, offset));
+        }
+        // The warp's first key is valid, so the new maxima are finite.
+        const float new0 = fmaxf(max0, chunk_max0), new1 = fmaxf(max1, chunk_max1);
+        const float corr0 = expf(max0 - new0), corr1 = expf(max1 - new1);
+        max0 = new0;
+        max1 = new1;
+        sum0 *= corr0;
+        sum1 *= corr1;
+#pragma unroll
+        for (int n = 0; n < MMA_MAX_DIM / 8; n++) {
+            o[n][0] *= corr0;
+            o[n][1] *= corr0;
+            o[n][2] *= corr1;
+            o[n][3] *= corr1;
+        }
+        unsigned pa[4];  // P as the A operand of one 16-key step
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++) {
+            const float p00 = expf(s[nt][0] - new0), p01 = expf(s[nt][1] - new0);
+            const float p10 = expf(s[nt][2] - new1), p11 = expf(s[nt][3] - new1);
+            sum0 += p00 + p01;
+            sum1 += p10 + p11;
+            pa[nt * 2 + 0] = pack2(p00, p01);
+            pa[nt * 2 + 1] = pack2(p10, p11);
+        }
+        // O += P·V: B fragments from Vᵀ (dims as n, the warp's keys as k).
+#pragma unroll
+        for (int n = 0; n < MMA_MAX_DIM / 8; n++) {
+            if (n < d_tiles) {
+                const unsigned short* vt_row = &vt_s[(n * 8 + g) * VTD_STRIDE + first_key];
+                const unsigned b0 = *reinterpret_cast<const unsigned*>(vt_row + 2 * c);
+                const unsigned b1 = *reinterpret_cast<const unsigned*>(vt_row + 8 + 2 * c);
+                mma_16816(o[n], pa, b0, b1);
+            }
+        }
+    }
+#pragma unroll
+    for (int offset = 1; offset < 4; offset <<= 1) {
+        sum0 += __shfl_xor_sync(0xffffffffu, sum0, offset);
+        sum1 += __shfl_xor_sync(0xffffffffu, sum1, offset);
+    }
+
+    // The warps' (max, sum, output) per head into shared memory for decode_finish; a warp
+    // that had no keys leaves a zero sum, which it skips.
+    __shared__ float warp_max_s[ATTN_WARPS * 16], warp_sum_s[ATTN_WARPS * 16];
+    float* warp_acc = reinterpret_cast<float*>(staging);
+    __syncthreads();  // the staging is no longer read
+    if (c == 0) {
+        if (row0 < heads) {
+            warp_max_s[warp * heads + row0] = max0;
+            warp_sum_s[warp * heads + row0] = sum0;
+        }
+        if (row1 < heads) {
+            warp_max_s[warp * heads + row1] = max1;
+            warp_sum_s[warp * heads + row1] = sum1;
+        }
+    }
+#pragma unroll
+    for (int n = 0; n < MMA_MAX_DIM / 8; n++) {
+        if (n < d_tiles) {
+            const int d = n * 8 + 2 * c;
+            if (row0 < heads) {
+                float* at = warp_acc + ((size_t)warp * heads + row0) * head_dim + d;
+                at[0] = o[n][0];
+                at[1] = o[n][1];
+            }
+            if (row1 < heads) {
+                float* at = warp_acc + ((size_t)warp * heads + row1) * head_dim + d;
+                at[0] = o[n][2];
+                at[1] = o[n][3];
+            }
+        }
+    }
+    __syncthreads();
+    decode_finish(warp_max_s, warp_sum_s, warp_acc, heads, out, partial, split_counters, t,
+                  first_head, num_heads, head_dim, used_splits, splits);
 }
 #endif

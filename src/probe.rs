@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use crate::Result;
 use crate::cuda::{self, Buffer, Gpu};
-use crate::dtype::DType;
+use crate::dtype::{DType, KvFormat};
+use crate::model::gpu::{decode_layout, decode_layout_with};
 use crate::sampling::SampleRow;
 
-pub use crate::cuda::{CUDA_MAJOR, GEMV_MAX_ROWS, ProductKernel, SAMPLE_WORDS};
+pub use crate::cuda::{AttentionShape, CUDA_MAJOR, GEMV_MAX_ROWS, ProductKernel, SAMPLE_WORDS};
 
 /// Whether the CUDA driver, NVRTC and cuBLAS load and a device is present.
 pub fn cuda_available() -> bool {
@@ -26,6 +27,15 @@ pub fn nvrtc_available() -> bool {
 /// (e.g. `compute_90`).
 pub fn compile_kernels(dtype: DType, arch: &'static str) -> Result<String> {
     Ok(cuda::compile(dtype, arch)?.to_src())
+}
+
+/// Decode attention's K/V read rates in bytes/s (`DeviceProbe::decode_attention_bandwidth`).
+#[derive(Clone, Debug)]
+pub struct DecodeAttentionRates {
+    pub tensor_cores: Option<f64>,
+    pub cuda_cores: f64,
+    pub engine_kernel: &'static str,
+    pub engine_heads_per_block: usize,
 }
 
 /// A device with the kernels of one dtype.
@@ -64,6 +74,33 @@ impl DeviceProbe {
         k: usize,
     ) -> Result<f64> {
         self.gpu.measure_matmul_bandwidth(kernel, m, n, k)
+    }
+
+    /// K/V bytes/s the decode attention reads for one token of each of `seqs` sequences of
+    /// `context` keys of a model with attention `shape` (K/V in the model's dtype): on the
+    /// tensor cores (None where that kernel does not apply), on the CUDA cores (the heads a
+    /// block the engine gives them), and on the kernel the engine picks, named.
+    pub fn decode_attention_bandwidth(
+        &self,
+        shape: &AttentionShape,
+        seqs: usize,
+        context: usize,
+    ) -> Result<DecodeAttentionRates> {
+        let mma_heads = self.gpu.mma_decode_heads(shape, KvFormat::Model);
+        let longest = Some(context);
+        let measure = |layout| self.gpu.measure_decode_attention(shape, seqs, context, layout);
+        let tensor_cores = match mma_heads {
+            Some(heads) => Some(measure(decode_layout_with(seqs, shape, (heads, true), longest))?),
+            None => None,
+        };
+        let cuda_cores = measure(decode_layout(seqs, shape, None, longest))?;
+        let engine = decode_layout(seqs, shape, mma_heads, longest);
+        Ok(DecodeAttentionRates {
+            tensor_cores,
+            cuda_cores,
+            engine_kernel: if engine.tensor_cores { "tensor_cores" } else { "cuda_cores" },
+            engine_heads_per_block: engine.heads_per_block,
+        })
     }
 
     /// Weight bytes/s the quantised GEMV of `m` rows (≤ GEMV_MAX_ROWS) reads from an

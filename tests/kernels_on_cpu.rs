@@ -2,7 +2,7 @@
 //! (tests/kernel_host/shim.h), against the CPU path's ops (src/cpu) or plain sums: their
 //! logic — indexing, reductions, the split-key merge of decode attention, paged lookups — is
 //! checked in CI, where there is no GPU. tests/gpu.rs checks them on a device through the
-//! whole model. The tensor-core prefill (inline PTX) is not emulated.
+//! whole model. The tensor cores' mma.m16n8k16 runs as the shim's emulation (bf16).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,7 +14,7 @@ use triton_llm::cpu::{self, AttentionShape, kv_quant};
 use triton_llm::dtype::{DType, KvFormat};
 
 /// The kernel files the harness includes, in the engine's order.
-const KERNEL_FILES: [&str; 8] = [
+const KERNEL_FILES: [&str; 9] = [
     "common.cuh",
     "embedding.cu",
     "rms_norm.cu",
@@ -22,6 +22,7 @@ const KERNEL_FILES: [&str; 8] = [
     "gemv_quant.cu",
     "rope_kv.cu",
     "attention.cu",
+    "attention_mma.cu",
     "silu_mul.cu",
 ];
 
@@ -55,7 +56,11 @@ fn compile(dtype: DType) -> PathBuf {
     std::fs::write(&file, source).unwrap();
     let binary = dir.join(format!("run_kernel-{}", dtype.name()));
     let mut command = Command::new("c++");
-    command.args(["-std=c++20", "-O2", "-pthread", "-w", "-o"]).arg(&binary).arg(&file);
+    // CUDA code reads vectors through pointers of other types (an int4 as 16-bit values).
+    command
+        .args(["-std=c++20", "-O2", "-fno-strict-aliasing", "-pthread", "-w", "-o"])
+        .arg(&binary)
+        .arg(&file);
     if dtype == DType::BF16 {
         command.arg("-DELEM_BF16");
     }
@@ -568,11 +573,12 @@ fn silu_mul_in_chunks_and_element_by_element() {
 }
 
 /// Runs prefill attention kernel `name` for the tokens of one sequence from position
-/// `start` on (one query row each in `q`), in tiles of 16, over `kv` (the cache's K and V
-/// bytes in the kernel's format); returns the buffers (the output is the fourth).
+/// `start` on (one query row each in `q`), in tiles of `tile`, over `kv` (the cache's K and
+/// V bytes in the kernel's format); returns the buffers (the output is the fourth).
+#[allow(clippy::too_many_arguments)]
 fn launch_prefill(
     dtype: DType,
-    name: &str,
+    (name, tile): (&str, usize),
     q: &[f32],
     kv: (Vec<u8>, Vec<u8>),
     shape: AttentionShape,
@@ -582,8 +588,8 @@ fn launch_prefill(
     let tokens = q.len() / (shape.num_heads * shape.head_dim);
     let len = start + tokens;
     let mut tiles = Vec::new();
-    for first in (0..tokens).step_by(16) {
-        tiles.extend([first as i32, (tokens - first).min(16) as i32]);
+    for first in (0..tokens).step_by(tile) {
+        tiles.extend([first as i32, (tokens - first).min(tile) as i32]);
     }
     launch(
         dtype,
@@ -794,10 +800,104 @@ fn prefill_attention_over_tiles_of_a_chunk() {
         let (k, v) = &cache.contiguous[0];
         let want = cpu::causal_attention(&q, k, v, start, shape);
         let kv = (dtype.encode(&cache.k), dtype.encode(&cache.v));
-        let out =
-            launch_prefill(dtype, "attention_prefill", &q, kv, shape, (&cache, block_size), start);
+        let out = launch_prefill(
+            dtype,
+            ("attention_prefill", 16),
+            &q,
+            kv,
+            shape,
+            (&cache, block_size),
+            start,
+        );
         let tolerance = if dtype == DType::F32 { 1e-5 } else { 8e-3 };
         assert_close(&elems(dtype, &out[3]), &rounded(dtype, &want), tolerance, dtype.name());
+    }
+}
+
+/// The tensor-core prefill (bf16, the MMA emulated): tiles of up to 64 tokens, four warps of
+/// 16 queries each, over a cached prefix and a chunk, heads of 64 and 128 dims, with the
+/// heads of a group sharing their K/V head.
+#[test]
+fn prefill_attention_on_tensor_cores() {
+    let mut rng = ChaCha8Rng::seed_from_u64(61);
+    let dtype = DType::BF16;
+    let block_size = 16;
+    // 150 positions, the last 117 this call's (tiles of 64 and 53); then a chunk of 9.
+    for (shape, len, start) in [
+        (AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim: 64 }, 150usize, 33usize),
+        (AttentionShape { num_heads: 2, num_kv_heads: 1, head_dim: 128 }, 75, 66),
+    ] {
+        let kv_width = shape.num_kv_heads * shape.head_dim;
+        let q_width = shape.num_heads * shape.head_dim;
+        let cache = paged_cache(&mut rng, dtype, &[len], kv_width, block_size);
+        let q = rounded(dtype, &random(&mut rng, (len - start) * q_width, 1.0));
+        let (k, v) = &cache.contiguous[0];
+        let want = attention_f64(&q, k, v, start, shape);
+        let kv = (dtype.encode(&cache.k), dtype.encode(&cache.v));
+        let blocks = (&cache, block_size);
+        let out =
+            launch_prefill(dtype, ("attention_prefill_mma", 64), &q, kv, shape, blocks, start);
+        let what = format!("attention_prefill_mma, heads of {}", shape.head_dim);
+        assert_close(&elems(dtype, &out[3]), &rounded(dtype, &want), 8e-3, &what);
+    }
+}
+
+/// The tensor-core decode (bf16, the MMA emulated): a block per K/V head with all the
+/// heads of its group as the MMA's rows (16 of ChatGLM2's layout, 4 of InternLM2.5's, 6 of
+/// a group that fills no power of two, 8 of a group of 16), over paged blocks, with one
+/// split, splits of 128 keys and each sequence's own splits (partition 0, as graphs launch).
+/// Queries near zero over V far from zero give near-uniform weights and outputs far from
+/// zero, where one key counted wrongly shows.
+#[test]
+fn decode_attention_on_tensor_cores() {
+    let mut rng = ChaCha8Rng::seed_from_u64(62);
+    let dtype = DType::BF16;
+    let cases = [
+        (AttentionShape { num_heads: 32, num_kv_heads: 2, head_dim: 128 }, 16),
+        (AttentionShape { num_heads: 8, num_kv_heads: 2, head_dim: 128 }, 4),
+        (AttentionShape { num_heads: 12, num_kv_heads: 2, head_dim: 64 }, 6),
+        (AttentionShape { num_heads: 16, num_kv_heads: 1, head_dim: 64 }, 8),
+    ];
+    let (lens, block_size) = ([300usize, 45, 129], 16);
+    for ((shape, heads_per_block), q_scale) in cases.into_iter().zip([1.0, 0.05, 1.0, 0.05]) {
+        let kv_width = shape.num_kv_heads * shape.head_dim;
+        let mut cache = paged_cache(&mut rng, dtype, &lens, kv_width, block_size);
+        if q_scale < 1.0 {
+            let shift = |v: &[f32]| rounded(dtype, &v.iter().map(|x| x + 2.0).collect::<Vec<_>>());
+            cache.v = shift(&cache.v);
+            for (_, v) in &mut cache.contiguous {
+                *v = shift(v);
+            }
+        }
+        let q_width = shape.num_heads * shape.head_dim;
+        let q = rounded(dtype, &random(&mut rng, lens.len() * q_width, q_scale));
+        let mut want = Vec::new();
+        for (s, &len) in lens.iter().enumerate() {
+            let (k, v) = &cache.contiguous[s];
+            want.extend(attention_f64(&q[s * q_width..][..q_width], k, v, len - 1, shape));
+        }
+        for (splits, partition) in [(1, 320), (3, 128), (3, 0)] {
+            let kv = (dtype.encode(&cache.k), dtype.encode(&cache.v));
+            let (blocks, split) = ((&cache, block_size), (splits, partition));
+            let out = launch_decode(
+                dtype,
+                "attention_decode_mma",
+                &q,
+                kv,
+                &lens,
+                shape,
+                heads_per_block,
+                blocks,
+                split,
+            );
+            let what = format!(
+                "{} heads / {} K/V heads of {}, {heads_per_block} a block, {splits} splits of \
+                 {partition}",
+                shape.num_heads, shape.num_kv_heads, shape.head_dim
+            );
+            assert_close(&elems(dtype, &out[3]), &rounded(dtype, &want), 8e-3, &what);
+            assert!(out[5].iter().all(|&b| b == 0), "{what}: counters left set");
+        }
     }
 }
 
@@ -1244,7 +1344,8 @@ fn prefill_attention_over_quantised_caches() {
                 let want = attention_f64(&q, k, v, start, shape);
                 let name = format!("attention_prefill{}", kernel_suffix(format));
                 let kv = (k_bytes, v_bytes);
-                let out = launch_prefill(dtype, &name, &q, kv, shape, (&cache, block_size), start);
+                let out =
+                    launch_prefill(dtype, (&name, 16), &q, kv, shape, (&cache, block_size), start);
                 let tolerance = if dtype == DType::F32 { 1e-5 } else { 8e-3 };
                 let what = format!("{name} heads of {} {}", shape.head_dim, dtype.name());
                 assert_close(&elems(dtype, &out[3]), &rounded(dtype, &want), tolerance, &what);

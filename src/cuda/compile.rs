@@ -96,8 +96,9 @@ pub(super) struct Kernels {
     pub(super) attention_decode: [[CudaFunction; 4]; 3],
     /// By KV format: attention_prefill[_int8|_int4].
     pub(super) attention_prefill: [CudaFunction; 3],
-    /// The tensor-core prefill (bf16 and f16 modules only).
+    /// The tensor-core prefill and decode (bf16 and f16 modules only).
     pub(super) attention_prefill_mma: Option<CudaFunction>,
+    pub(super) attention_decode_mma: Option<CudaFunction>,
     pub(super) sample_rows: CudaFunction,
 }
 
@@ -150,6 +151,10 @@ impl Kernels {
             attention_prefill_mma: match dtype {
                 DType::F32 => None,
                 DType::BF16 | DType::F16 => Some(f("attention_prefill_mma")?),
+            },
+            attention_decode_mma: match dtype {
+                DType::F32 => None,
+                DType::BF16 | DType::F16 => Some(f("attention_decode_mma")?),
             },
             sample_rows: f("sample_rows")?,
         })

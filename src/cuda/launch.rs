@@ -302,21 +302,35 @@ impl Gpu {
         );
         if step.num_decode > 0 {
             let (partition, splits) = (step.partition as i32, step.splits as i32);
-            let kernel = match step.heads_per_block {
-                1 => 0,
-                2 => 1,
-                4 => 2,
-                8 => 3,
-                other => {
-                    return Err(Error::Internal(format!("no decode attention for {other} heads")));
-                }
+            let (function, shared) = if step.decode_mma {
+                let function =
+                    self.mma_decode(shape, step.heads_per_block, format).ok_or_else(|| {
+                        Error::Internal(format!(
+                            "no tensor-core decode attention for {} heads of {} a block",
+                            step.heads_per_block, shape.head_dim
+                        ))
+                    })?;
+                (function, 0)
+            } else {
+                let kernel = match step.heads_per_block {
+                    1 => 0,
+                    2 => 1,
+                    4 => 2,
+                    8 => 3,
+                    other => {
+                        return Err(Error::Internal(format!(
+                            "no decode attention for {other} heads"
+                        )));
+                    }
+                };
+                let shared = (4 * 32 * shape.head_dim * self.dtype.size()) as u32;
+                (&self.kernels().attention_decode[kv_format_index(format)][kernel], shared)
             };
             let head_groups = shape.num_heads / step.heads_per_block;
             let grid = (step.num_decode as u32, head_groups as u32, step.splits as u32);
-            let shared = (4 * 32 * shape.head_dim * self.dtype.size()) as u32;
             self.launch_3d(
-                &self.kernels().attention_decode[kv_format_index(format)][kernel],
-                "attention_decode",
+                function,
+                if step.decode_mma { "attention_decode_mma" } else { "attention_decode" },
                 grid,
                 128,
                 shared,
@@ -398,6 +412,34 @@ impl Gpu {
             .attention_prefill_mma
             .as_ref()
             .filter(|_| head_dim.is_multiple_of(16) && format == KvFormat::Model)
+    }
+
+    /// The tensor-core decode kernel for blocks of `heads` query heads, where it applies
+    /// (16-bit dtypes, heads a multiple of 16 wide and at most MAX_HEAD_DIM, K/V in the
+    /// model's dtype, 4 to 16 heads dividing the group).
+    fn mma_decode(
+        &self,
+        shape: &AttentionShape,
+        heads: usize,
+        format: KvFormat,
+    ) -> Option<&CudaFunction> {
+        let group = shape.num_heads / shape.num_kv_heads;
+        self.kernels().attention_decode_mma.as_ref().filter(|_| {
+            shape.head_dim.is_multiple_of(16)
+                && shape.head_dim <= MAX_HEAD_DIM
+                && format == KvFormat::Model
+                && (MMA_DECODE_MIN_HEADS..=MMA_DECODE_MAX_HEADS).contains(&heads)
+                && group.is_multiple_of(heads)
+        })
+    }
+
+    /// Query heads a block of the tensor-core decode takes for `shape` over a cache in
+    /// `format`, where that kernel applies: the most, up to 16, that divide the group.
+    pub fn mma_decode_heads(&self, shape: &AttentionShape, format: KvFormat) -> Option<usize> {
+        let group = shape.num_heads / shape.num_kv_heads;
+        (MMA_DECODE_MIN_HEADS..=MMA_DECODE_MAX_HEADS.min(group))
+            .rev()
+            .find(|&heads| self.mma_decode(shape, heads, format).is_some())
     }
 
     /// Query tokens per prefill attention block for heads of `head_dim` over a cache in
@@ -487,8 +529,23 @@ pub(super) const DECODE_MAX_SHARED: usize = 4 * 32 * MAX_HEAD_DIM * 4;
 const PREFILL_TILE: usize = 16;
 /// Query tokens per block of the tensor-core prefill attention kernel (MMA_TILE).
 const MMA_TILE: usize = 64;
+/// Query heads a tensor-core decode block takes: the rows of mma.m16n8k16, of which fewer
+/// than 4 would leave the tensor cores mostly idle for what the CUDA-core kernels do.
+const MMA_DECODE_MIN_HEADS: usize = 4;
+const MMA_DECODE_MAX_HEADS: usize = 16;
 /// The widest head the attention kernels take (decode: 256; prefill: 128).
 pub const MAX_HEAD_DIM: usize = 128;
+
+/// How a decode attention launch lays out its blocks (src/model/gpu/tables.rs chooses).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeLayout {
+    /// Query heads (of one K/V head) a block takes, and whether on the tensor cores.
+    pub heads_per_block: usize,
+    pub tensor_cores: bool,
+    /// Key splits and the keys each covers (0: each sequence divides its own).
+    pub splits: usize,
+    pub partition: usize,
+}
 
 /// Views of one forward call's per-token tables (all within one upload).
 pub struct StepTables<'a> {
@@ -511,8 +568,10 @@ pub struct StepTables<'a> {
     /// Key splits of the decode attention and the keys each covers.
     pub splits: usize,
     pub partition: usize,
-    /// Query heads (of one K/V head) a decode attention block takes.
+    /// Query heads (of one K/V head) a decode attention block takes, and whether on the
+    /// tensor cores (attention_decode_mma) or the CUDA cores (attention_decode_h*).
     pub heads_per_block: usize,
+    pub decode_mma: bool,
     /// (first row, count) pairs of the prefill tiles.
     pub tiles: View<'a>,
     pub num_tiles: usize,

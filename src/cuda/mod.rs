@@ -37,7 +37,7 @@ pub use blas::{GEMV_MAX_ROWS, ProductKernel, WeightView};
 pub use compile::compile;
 pub use device::{Buffer, Gpu, HostBuffer, View};
 pub use graph::Graph;
-pub use launch::{AttentionShape, MAX_HEAD_DIM, Rope, SAMPLE_WORDS, StepTables};
+pub use launch::{AttentionShape, DecodeLayout, MAX_HEAD_DIM, Rope, SAMPLE_WORDS, StepTables};
 pub use libs::CUDA_MAJOR;
 
 use crate::Error;

@@ -3,7 +3,10 @@
 
 use cudarc::driver::sys as driver_sys;
 
-use super::{Buffer, Gpu, ProductKernel, WeightView, device_error};
+use super::{
+    AttentionShape, Buffer, DecodeLayout, Gpu, ProductKernel, StepTables, WeightView, device_error,
+};
+use crate::dtype::KvFormat;
 use crate::{Error, Result};
 
 impl Gpu {
@@ -105,5 +108,86 @@ impl Gpu {
             self.matmul(a.view(), b.view(), None, c.view(), size, size, size, false)
         })?;
         Ok(2.0 * (size as f64).powi(3) / (ms * 1e-3))
+    }
+
+    /// K/V bytes per second the decode attention reads for one query token of each of
+    /// `seqs` sequences of `context` keys (paged in blocks of 16, K/V in the model's dtype),
+    /// laid out as `layout`, cycling through copies of the cache as
+    /// `measure_matmul_bandwidth` does through weights.
+    pub fn measure_decode_attention(
+        &self,
+        shape: &AttentionShape,
+        seqs: usize,
+        context: usize,
+        layout: DecodeLayout,
+    ) -> Result<f64> {
+        let e = self.dtype.size();
+        let block_size = 16;
+        let blocks_per_seq = context.div_ceil(block_size);
+        let kv_width = shape.num_kv_heads * shape.head_dim;
+        let cache_elems = seqs * blocks_per_seq * block_size * kv_width;
+        let read_bytes = 2 * seqs * context * kv_width * e;
+        let copies = (256usize << 20).div_ceil(read_bytes).max(2);
+        let caches = (0..copies)
+            .map(|i| {
+                let (k, v) = (self.alloc(cache_elems * e)?, self.alloc(cache_elems * e)?);
+                self.fill_uniform(k.view(), cache_elems, 20 + 2 * i as u64, 1.0)?;
+                self.fill_uniform(v.view(), cache_elems, 21 + 2 * i as u64, 1.0)?;
+                Ok((k, v))
+            })
+            .collect::<Result<Vec<(Buffer, Buffer)>>>()?;
+        let q_elems = seqs * shape.num_heads * shape.head_dim;
+        let q = self.alloc(q_elems * e)?;
+        self.fill_uniform(q.view(), q_elems, 5, 1.0)?;
+        let out = self.alloc(q_elems * e)?;
+        let partial =
+            self.alloc(seqs * shape.num_heads * layout.splits * (shape.head_dim + 2) * 4)?;
+        let counters = self.alloc(seqs * shape.num_heads * 4)?;
+        // Tables: positions, K/V slots (unused), token sequences, block tables, decode rows.
+        let seq_ids: Vec<u32> = (0..seqs as u32).collect();
+        let mut words: Vec<u32> = vec![context as u32 - 1; seqs];
+        words.extend(vec![0; seqs]);
+        words.extend(&seq_ids);
+        words.extend(0..(seqs * blocks_per_seq) as u32);
+        words.extend(&seq_ids);
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let tables = self.upload_bytes(&bytes)?;
+        let table = |first: usize, len: usize| tables.range(4 * first, 4 * len);
+        let step = StepTables {
+            tokens: seqs,
+            seqs,
+            positions: table(0, seqs)?,
+            slots: table(seqs, seqs)?,
+            token_seq: table(2 * seqs, seqs)?,
+            cos_sin: table(0, 0)?,
+            freq_len: 0,
+            block_tables: table(3 * seqs, seqs * blocks_per_seq)?,
+            max_blocks_per_seq: blocks_per_seq,
+            block_size,
+            decode_rows: table(3 * seqs + seqs * blocks_per_seq, seqs)?,
+            num_decode: seqs,
+            splits: layout.splits,
+            partition: layout.partition,
+            heads_per_block: layout.heads_per_block,
+            decode_mma: layout.tensor_cores,
+            tiles: table(0, 0)?,
+            num_tiles: 0,
+        };
+        let mut next = 0;
+        let ms = self.time_ms(8 * copies, || {
+            next = (next + 1) % copies;
+            let (k, v) = &caches[next];
+            self.attention(
+                q.view(),
+                (k.view(), v.view()),
+                KvFormat::Model,
+                out.view(),
+                partial.view(),
+                counters.view(),
+                &step,
+                shape,
+            )
+        })?;
+        Ok(read_bytes as f64 / (ms * 1e-3))
     }
 }

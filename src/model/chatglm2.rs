@@ -92,6 +92,7 @@ impl Config {
             decode_parameters: num_parameters - vocab * h,
             kv_width: self.num_kv_heads() * d,
             kv_heads: self.num_kv_heads(),
+            num_heads: self.num_attention_heads,
             weight_format: String::new(),
             weight_bytes: 0,
             length_dependent_rope_after: None,

@@ -106,6 +106,7 @@ impl Config {
                 - if self.tie_word_embeddings { 0 } else { vocab * h },
             kv_width: kv,
             kv_heads: self.kv_heads(),
+            num_heads: self.num_attention_heads,
             weight_format: String::new(),
             weight_bytes: 0,
             length_dependent_rope_after: scaling

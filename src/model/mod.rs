@@ -79,6 +79,8 @@ pub struct ModelInfo {
     /// Values of K (and of V) one token stores per layer: `kv_heads` heads.
     pub kv_width: usize,
     pub kv_heads: usize,
+    /// Query heads (a multiple of `kv_heads`).
+    pub num_heads: usize,
     /// Dynamic NTK: once a forward call reaches past this many positions, the rotary base
     /// (so every K it writes) depends on the call's length, as in the original. K computed
     /// in such calls is only valid for that exact call: not reusable as a cached prefix,

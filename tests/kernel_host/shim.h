@@ -4,8 +4,11 @@
 // through memory between two barriers of the warp. Blocks run one after another, so what
 // one block writes is visible to the next (the order a GPU may also choose). Dynamic shared
 // memory (`extern __shared__`) is `emu_dynamic_shared`: the tests rewrite the declaration.
-// Not emulated: tensor-core `asm` (attention_mma.cu), texture and warp-vote intrinsics.
+// The tensor cores' mma.m16n8k16 (bf16 in, f32 accumulated) is `emu_mma_m16n8k16_bf16`: the
+// warp's fragments exchanged through memory, each lane's four sums formed in k order.
+// Not emulated: other inline PTX, texture and warp-vote intrinsics.
 #pragma once
+#define EMU_HOST 1  // kernels/*.cu take their CPU-thread variants
 #include <atomic>
 #include <barrier>
 #include <cmath>
@@ -19,6 +22,7 @@ struct dim3 {
 struct alignas(16) int4 {
     int x, y, z, w;
 };
+inline int4 make_int4(int x, int y, int z, int w) { return int4{x, y, z, w}; }
 struct alignas(8) int2 {
     int x, y;
 };
@@ -82,7 +86,7 @@ inline unsigned long long emu_warp_slots[32][32];
 #define __shared__ static
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))
 
 inline void __syncthreads() { emu_block_barrier.arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu_warp_barriers[threadIdx.x / 32].arrive_and_wait(); }
@@ -107,6 +111,44 @@ inline T __shfl_xor_sync(unsigned, T value, int lane_mask, int = 32) {
 template <typename T>
 inline T __shfl_sync(unsigned, T value, int source_lane, int = 32) {
     return emu_exchange(value, (unsigned)source_lane);
+}
+
+// Per warp and lane: the A fragment's four registers, then B's two.
+inline unsigned emu_mma_slots[32][32][6];
+
+// c += A·B of one warp (PTX ISA, mma.m16n8k16.row.col.f32.bf16.bf16.f32), every lane calling
+// with its fragments; g = lane / 4, t = lane % 4. A (16×16): a0 = (g, 2t..2t+1),
+// a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..); B (16×8): b0 = (k 2t..2t+1, n g),
+// b1 = (k 2t+8.., n g); C: c0, c1 = (g, 2t..2t+1), c2, c3 = (g+8, 2t..). The lower k of a
+// register's pair is its low half.
+inline void emu_mma_m16n8k16_bf16(float c[4], const unsigned a[4], unsigned b0, unsigned b1) {
+    const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    unsigned* mine = emu_mma_slots[warp][lane];
+    for (int i = 0; i < 4; i++) mine[i] = a[i];
+    mine[4] = b0;
+    mine[5] = b1;
+    emu_warp_barriers[warp].arrive_and_wait();
+    const auto half = [&](unsigned from_lane, int reg, unsigned k) {
+        const unsigned bits = (emu_mma_slots[warp][from_lane][reg] >> (16 * (k % 2))) & 0xffffu;
+        const unsigned widened = bits << 16;
+        float x;
+        std::memcpy(&x, &widened, 4);
+        return x;
+    };
+    const auto a_at = [&](unsigned row, unsigned k) {
+        return half(row % 8 * 4 + k % 8 / 2, (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0), k);
+    };
+    const auto b_at = [&](unsigned k, unsigned n) { return half(n * 4 + k % 8 / 2, k >= 8 ? 5 : 4, k); };
+    const unsigned g = lane / 4, t = lane % 4;
+    float sums[4];
+    for (int i = 0; i < 4; i++) {
+        const unsigned row = g + (i >= 2 ? 8 : 0), col = 2 * t + i % 2;
+        float sum = c[i];
+        for (unsigned k = 0; k < 16; k++) sum += a_at(row, k) * b_at(k, col);
+        sums[i] = sum;
+    }
+    emu_warp_barriers[warp].arrive_and_wait();
+    for (int i = 0; i < 4; i++) c[i] = sums[i];
 }
 
 inline int min(int a, int b) { return a < b ? a : b; }

@@ -118,6 +118,12 @@ def cmd_bench(rows, args):
         passed = "FAIL"
     else:
         parts = [f"{label} {fmt(data[key])}" for key, label in BENCH_KEYS if key in data]
+        # Decode attention alone: K/V read rate as % of the copy rate, tensor / CUDA cores.
+        attention = data.get("decode_attention_percent_of_bandwidth") or {}
+        if attention:
+            parts.append("attn %bw tc/cc " + ", ".join(
+                f"{ctx}: {fmt(v.get('tensor_cores'))}/{fmt(v.get('cuda_cores'))}"
+                for ctx, v in attention.items()))
         figure = ", ".join(parts) or "JSON without the expected keys"
         passed = "PASS" if rc == "0" else "FAIL"
         if rc != "0":

@@ -5,8 +5,11 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use serde_json::json;
-use triton_llm::model::{self, CausalLm, Checkpoint, Device, KvStore, LoadFormat, SeqStep};
-use triton_llm::probe::DeviceProbe;
+use triton_llm::dtype::KvFormat;
+use triton_llm::model::{
+    self, CausalLm, Checkpoint, Device, KvStore, LoadFormat, ModelInfo, SeqStep,
+};
+use triton_llm::probe::{AttentionShape, DeviceProbe};
 use triton_llm::sampling::SampleRow;
 use triton_llm::{Error, Result};
 
@@ -287,6 +290,10 @@ fn bench(
             report["quantized_products_percent_of_bandwidth"] =
                 shares(&LAYER_SHAPES, &|n, k| gpu.quantized_product_bandwidth(bits, batch, n, k))?;
         }
+        if device.kv_format == KvFormat::Model {
+            report["decode_attention_percent_of_bandwidth"] =
+                decode_attention_shares(&gpu, &info, batch, elem_bytes, bandwidth)?;
+        }
         let chosen = ProductKernel::for_rows(batch);
         report["products_kernel"] = json!(chosen.name());
         report["products_percent_of_bandwidth"] = measure(chosen)?;
@@ -308,4 +315,40 @@ fn bench(
     }
     print_json(&report);
     Ok(())
+}
+
+/// The decode attention alone at this batch and contexts of 256 to 8,192 keys, on each
+/// kernel: its K/V read rate as a share of the copy bandwidth, in percent, and the kernel
+/// the engine picks. Contexts past the model's, or whose K/V at this batch passes 8 GiB
+/// (the measurement cycles through copies of it), are left out.
+fn decode_attention_shares(
+    gpu: &DeviceProbe,
+    info: &ModelInfo,
+    batch: usize,
+    elem_bytes: usize,
+    bandwidth: f64,
+) -> Result<serde_json::Value> {
+    let shape = AttentionShape {
+        num_heads: info.num_heads,
+        num_kv_heads: info.kv_heads,
+        head_dim: info.kv_width / info.kv_heads,
+    };
+    let share = |rate: f64| (1000.0 * rate / bandwidth).round() / 10.0;
+    let mut shares = serde_json::Map::new();
+    for context in [256usize, 1024, 4096, 8192] {
+        let kv_bytes = 2 * batch * context * info.kv_width * elem_bytes;
+        if context > info.max_context || kv_bytes > 8 << 30 {
+            continue;
+        }
+        let rates = gpu.decode_attention_bandwidth(&shape, batch, context)?;
+        shares.insert(
+            context.to_string(),
+            json!({
+                "tensor_cores": rates.tensor_cores.map(share),
+                "cuda_cores": share(rates.cuda_cores),
+                "engine": format!("{} ({} heads a block)", rates.engine_kernel, rates.engine_heads_per_block),
+            }),
+        );
+    }
+    Ok(serde_json::Value::Object(shares))
 }

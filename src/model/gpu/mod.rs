@@ -38,6 +38,7 @@ use scratch::Scratch;
 use tables::RopeCache;
 
 pub use tables::sampling_words;
+pub(crate) use tables::{decode_layout, decode_layout_with};
 pub use weights::{LayerWeights, WeightLoader, Weights, check_fits, gpu_info};
 
 /// Sizes of the decoder.

@@ -62,6 +62,7 @@ impl GpuModel {
                 splits: tables.splits,
                 partition: tables.partition,
                 heads_per_block: tables.heads_per_block,
+                decode_mma: tables.decode_mma,
                 tiles: word(9)?,
                 num_tiles: tables.num_tiles,
             };

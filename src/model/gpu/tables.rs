@@ -4,7 +4,7 @@
 
 use super::graphs::GraphShape;
 use super::{GpuModel, InvFreq, Shape};
-use crate::cuda::{self, AttentionShape};
+use crate::cuda::{self, AttentionShape, DecodeLayout};
 use crate::dtype::KvFormat;
 use crate::model::{SeqStep, rope};
 use crate::sampling::SampleRow;
@@ -21,10 +21,10 @@ impl Shape {
 
     /// The most floats the decode attention's split results take for `seqs` sequences:
     /// blocks × splits stays within DECODE_ATTENTION_BLOCKS plus one split per block
-    /// (`decode_splits`, `graph_splits`), and a block takes at most MAX_BLOCK_HEADS heads.
+    /// (`decode_splits`, `graph_splits`), and a block takes at most MAX_DECODE_BLOCK_HEADS heads.
     pub(super) fn max_partial_floats(&self, seqs: usize) -> usize {
         let a = &self.attention;
-        (DECODE_ATTENTION_BLOCKS * MAX_BLOCK_HEADS + seqs * a.num_heads) * (a.head_dim + 2)
+        (DECODE_ATTENTION_BLOCKS * MAX_DECODE_BLOCK_HEADS + seqs * a.num_heads) * (a.head_dim + 2)
     }
 }
 
@@ -73,8 +73,28 @@ impl GpuModel {
         graph: Option<GraphShape>,
     ) -> Result<TableWords> {
         let mut cache = self.rope_cache.lock().unwrap_or_else(|p| p.into_inner());
-        let tile = self.gpu.prefill_tile(self.shape.attention.head_dim, format);
-        lay_out_tables(&self.shape, &self.inv_freq, &mut cache, tile, steps, arena, graph)
+        let kernels = AttentionKernels {
+            prefill_tile: self.gpu.prefill_tile(self.shape.attention.head_dim, format),
+            mma_decode_heads: self.gpu.mma_decode_heads(&self.shape.attention, format),
+        };
+        lay_out_tables(&self.shape, &self.inv_freq, &mut cache, kernels, steps, arena, graph)
+    }
+}
+
+/// What the attention kernels of a model's device, dtype and KV format take.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct AttentionKernels {
+    /// Query tokens a prefill block takes.
+    pub(super) prefill_tile: usize,
+    /// Query heads a tensor-core decode block takes, where that kernel applies.
+    pub(super) mma_decode_heads: Option<usize>,
+}
+
+impl AttentionKernels {
+    /// The CUDA-core kernels alone (the tests' layouts).
+    #[cfg(test)]
+    fn cuda_cores(prefill_tile: usize) -> Self {
+        AttentionKernels { prefill_tile, mma_decode_heads: None }
     }
 }
 
@@ -89,7 +109,7 @@ fn lay_out_tables(
     shape: &Shape,
     inv_freq: &InvFreq,
     cache: &mut RopeCache,
-    tile: usize,
+    kernels: AttentionKernels,
     steps: &[SeqStep<'_>],
     arena: (usize, usize),
     graph: Option<GraphShape>,
@@ -114,6 +134,7 @@ fn lay_out_tables(
         splits: 1,
         partition: 0,
         heads_per_block: 1,
+        decode_mma: false,
     };
     let vocab = shape.vocab;
     for step in steps {
@@ -200,8 +221,8 @@ fn lay_out_tables(
     let mut row = 0usize;
     for step in steps {
         if step.ids.len() > 1 {
-            for first in (0..step.ids.len()).step_by(tile) {
-                let count = tile.min(step.ids.len() - first);
+            for first in (0..step.ids.len()).step_by(kernels.prefill_tile) {
+                let count = kernels.prefill_tile.min(step.ids.len() - first);
                 words.words.extend([(row + first) as u32, count as u32]);
                 words.num_tiles += 1;
             }
@@ -209,12 +230,12 @@ fn lay_out_tables(
         row += step.ids.len();
     }
     if words.num_decode > 0 {
-        words.heads_per_block = decode_heads_per_block(words.num_decode, &shape.attention);
-        let blocks = words.num_decode * shape.attention.num_heads / words.heads_per_block;
-        (words.splits, words.partition) = match graph {
-            Some(_) => (graph_splits(blocks), 0),
-            None => decode_splits(blocks, longest_decode),
-        };
+        let longest = graph.is_none().then_some(longest_decode);
+        let layout =
+            decode_layout(words.num_decode, &shape.attention, kernels.mma_decode_heads, longest);
+        words.heads_per_block = layout.heads_per_block;
+        words.decode_mma = layout.tensor_cores;
+        (words.splits, words.partition) = (layout.splits, layout.partition);
     }
     Ok(words)
 }
@@ -225,24 +246,65 @@ const NO_SLOT: u32 = u32::MAX;
 /// Blocks the decode attention aims for (a few per SM).
 const DECODE_ATTENTION_BLOCKS: usize = 512;
 
-/// Query heads sharing a K/V head that one decode attention block takes (kernels/attention.cu
-/// has kernels for 1, 2, 4 and 8): the most, dividing the group, that still leaves
-/// DECODE_ATTENTION_BLOCKS / 2 blocks for the decode tokens. Many sequences then read each
-/// K/V head once per block of heads instead of once per query head; few keep a block per
-/// head, and as many blocks as before.
-fn decode_heads_per_block(num_decode: usize, attention: &AttentionShape) -> usize {
+/// The decode attention's layout for `num_decode` tokens whose longest sequence has
+/// `longest` keys, or for a graph (None), which divides each sequence's own keys over splits
+/// fixed by the batch; `mma_heads` as `AttentionKernels`.
+pub(crate) fn decode_layout(
+    num_decode: usize,
+    attention: &AttentionShape,
+    mma_heads: Option<usize>,
+    longest: Option<usize>,
+) -> DecodeLayout {
+    let heads = decode_heads_per_block(num_decode, attention, mma_heads);
+    decode_layout_with(num_decode, attention, heads, longest)
+}
+
+/// As `decode_layout`, with (heads a block, on the tensor cores) given.
+pub(crate) fn decode_layout_with(
+    num_decode: usize,
+    attention: &AttentionShape,
+    (heads_per_block, tensor_cores): (usize, bool),
+    longest: Option<usize>,
+) -> DecodeLayout {
+    let blocks = num_decode * attention.num_heads / heads_per_block;
+    let (splits, partition) = match longest {
+        None => (graph_splits(blocks), 0),
+        Some(longest) => decode_splits(blocks, longest),
+    };
+    DecodeLayout { heads_per_block, tensor_cores, splits, partition }
+}
+
+/// Query heads sharing a K/V head that one decode attention block takes, and whether on the
+/// tensor cores. The CUDA-core kernels (kernels/attention.cu, for 1, 2, 4 and 8 heads) take
+/// the most, dividing the group, that still leaves DECODE_ATTENTION_BLOCKS / 2 blocks for
+/// the decode tokens: many sequences then read each K/V head once per block of heads
+/// instead of once per query head; few keep a block per head, and as many blocks as before.
+/// Where that is 4 heads or more and the tensor-core kernel applies (`mma_heads`, up to 16
+/// of the group), it takes those instead: K/V read once for up to 16 heads, their dot
+/// products on the tensor cores, the splits filling the chip.
+fn decode_heads_per_block(
+    num_decode: usize,
+    attention: &AttentionShape,
+    mma_heads: Option<usize>,
+) -> (usize, bool) {
     let group = attention.num_heads / attention.num_kv_heads;
-    [MAX_BLOCK_HEADS, 4, 2]
+    let cuda_cores = [MAX_BLOCK_HEADS, 4, 2]
         .into_iter()
         .find(|&h| {
             group.is_multiple_of(h)
                 && num_decode * attention.num_heads / h >= DECODE_ATTENTION_BLOCKS / 2
         })
-        .unwrap_or(1)
+        .unwrap_or(1);
+    match mma_heads {
+        Some(heads) if cuda_cores >= 4 => (heads, true),
+        _ => (cuda_cores, false),
+    }
 }
 
-/// The most query heads a decode attention block takes (attention_decode_h8).
+/// The most query heads a CUDA-core decode attention block takes (attention_decode_h8).
 const MAX_BLOCK_HEADS: usize = 8;
+/// The most any decode attention block takes (attention_decode_mma: the MMA's 16 rows).
+const MAX_DECODE_BLOCK_HEADS: usize = 16;
 
 /// Fewest keys a decode split covers: four warps of 32 (DECODE_MIN_PARTITION in
 /// kernels/attention.cu).
@@ -281,6 +343,7 @@ pub(super) struct TableWords {
     pub(super) splits: usize,
     pub(super) partition: usize,
     pub(super) heads_per_block: usize,
+    pub(super) decode_mma: bool,
 }
 
 impl TableWords {
@@ -376,7 +439,7 @@ mod tests {
         let chatglm2 = AttentionShape { num_heads: 32, num_kv_heads: 2, head_dim: 128 };
         let internlm2 = AttentionShape { num_heads: 32, num_kv_heads: 8, head_dim: 128 };
         let llama = AttentionShape { num_heads: 32, num_kv_heads: 32, head_dim: 128 };
-        let per_block = |n, shape: &AttentionShape| decode_heads_per_block(n, shape);
+        let per_block = |n, shape: &AttentionShape| decode_heads_per_block(n, shape, None).0;
         assert_eq!([1, 8, 16, 64, 256].map(|n| per_block(n, &chatglm2)), [1, 1, 2, 8, 8]);
         assert_eq!([1, 8, 16, 64, 256].map(|n| per_block(n, &internlm2)), [1, 1, 2, 4, 4]);
         assert_eq!([1, 256].map(|n| per_block(n, &llama)), [1, 1]);
@@ -385,6 +448,14 @@ mod tests {
         assert_eq!(per_block(256, &six), 2);
         let twelve = AttentionShape { num_heads: 24, num_kv_heads: 2, head_dim: 64 };
         assert_eq!(per_block(256, &twelve), 4);
+        // The tensor cores take over where the CUDA cores would take 4 heads or more.
+        let on_mma =
+            |n, shape: &AttentionShape, heads| decode_heads_per_block(n, shape, Some(heads));
+        assert_eq!(
+            [1, 16, 64, 256].map(|n| on_mma(n, &chatglm2, 16)),
+            [(1, false), (2, false), (16, true), (16, true)]
+        );
+        assert_eq!([16, 64].map(|n| on_mma(n, &internlm2, 4)), [(2, false), (4, true)]);
     }
 
     fn test_shape() -> Shape {
@@ -418,7 +489,16 @@ mod tests {
                 .enumerate()
                 .map(|(s, &start)| SeqStep { ids: &ids[s], start, blocks: &blocks[s] })
                 .collect();
-            lay_out_tables(&shape, &inv_freq, cache, 64, &steps, (block_size, 64), graph).unwrap()
+            lay_out_tables(
+                &shape,
+                &inv_freq,
+                cache,
+                AttentionKernels::cuda_cores(64),
+                &steps,
+                (block_size, 64),
+                graph,
+            )
+            .unwrap()
         };
         let three = lay_out(&mut cache, &[3, 40, 100]);
         let four = lay_out(&mut cache, &[120, 1, 17, 64]);
@@ -453,25 +533,71 @@ mod tests {
         // refused, not overrun.
         let five: Vec<SeqStep<'_>> =
             (0..5).map(|s| SeqStep { ids: &ids[0], start: s, blocks: &blocks[0] }).collect();
-        assert!(lay_out_tables(&shape, &inv_freq, &mut cache, 64, &five, (16, 64), graph).is_err());
+        assert!(
+            lay_out_tables(
+                &shape,
+                &inv_freq,
+                &mut cache,
+                AttentionKernels::cuda_cores(64),
+                &five,
+                (16, 64),
+                graph
+            )
+            .is_err()
+        );
         let steps = [SeqStep { ids: &ids[0], start: 8 * 16, blocks: &blocks[0] }];
         assert!(
-            lay_out_tables(&shape, &inv_freq, &mut cache, 64, &steps, (16, 64), graph).is_err()
+            lay_out_tables(
+                &shape,
+                &inv_freq,
+                &mut cache,
+                AttentionKernels::cuda_cores(64),
+                &steps,
+                (16, 64),
+                graph
+            )
+            .is_err()
         );
         // A block past the arena's end is refused: the kernels would write outside it.
         let steps = [SeqStep { ids: &ids[0], start: 40, blocks: &blocks[1] }];
         let (fits, short) = ((16, 10), (16, 9)); // the step reaches block 4·2 + 1 = 9
-        assert!(lay_out_tables(&shape, &inv_freq, &mut cache, 64, &steps, fits, None).is_ok());
-        let refused = lay_out_tables(&shape, &inv_freq, &mut cache, 64, &steps, short, None);
+        assert!(
+            lay_out_tables(
+                &shape,
+                &inv_freq,
+                &mut cache,
+                AttentionKernels::cuda_cores(64),
+                &steps,
+                fits,
+                None
+            )
+            .is_ok()
+        );
+        let refused = lay_out_tables(
+            &shape,
+            &inv_freq,
+            &mut cache,
+            AttentionKernels::cuda_cores(64),
+            &steps,
+            short,
+            None,
+        );
         assert!(refused.is_err_and(|e| e.to_string().contains("block 9")));
     }
 
     /// What `reserve_activations` sets aside covers the tables and split results of every
     /// call within its limits: prompts in the smallest tiles, decodes with and without a
-    /// graph, long and short sequences, mixed.
+    /// graph, long and short sequences, mixed; for the CUDA-core kernels and for a group of
+    /// 16 heads on the tensor cores (16 heads a decode block).
     #[test]
     fn reserved_tables_and_split_results_cover_every_call_within_the_limits() {
-        let shape = test_shape();
+        check_reservations(test_shape(), None);
+        let mut grouped = test_shape();
+        grouped.attention = AttentionShape { num_heads: 32, num_kv_heads: 2, head_dim: 16 };
+        check_reservations(grouped, Some(16));
+    }
+
+    fn check_reservations(shape: Shape, mma_decode_heads: Option<usize>) {
         let inv_freq: InvFreq = Box::new(|_| rope::inv_freq(10000.0, 16));
         let mut cache = RopeCache::new(inv_freq(1));
         let (block_size, max_tokens, max_seqs, max_blocks_per_seq) = (16, 256, 60, 20usize);
@@ -514,12 +640,13 @@ mod tests {
                 GraphShape { batch: graph_batch(call.len()).unwrap(), max_blocks }
             });
             for graph in [None, graph] {
-                for tile in [1, 64] {
+                for prefill_tile in [1, 64] {
+                    let kernels = AttentionKernels { prefill_tile, mma_decode_heads };
                     let words = lay_out_tables(
                         &shape,
                         &inv_freq,
                         &mut cache,
-                        tile,
+                        kernels,
                         &steps,
                         (16, 1 << 20),
                         graph,
@@ -544,8 +671,16 @@ mod tests {
             SeqStep { ids: &prompt, start: 0, blocks: &blocks },
             SeqStep { ids: &next, start: 200, blocks: &blocks },
         ];
-        let words =
-            lay_out_tables(&shape, &inv_freq, &mut cache, 2, &steps, (32, 1 << 20), None).unwrap();
+        let words = lay_out_tables(
+            &shape,
+            &inv_freq,
+            &mut cache,
+            AttentionKernels::cuda_cores(2),
+            &steps,
+            (32, 1 << 20),
+            None,
+        )
+        .unwrap();
         assert_eq!((words.num_decode, words.num_tiles, words.max_blocks), (1, 2, 7));
         assert_eq!((words.splits, words.partition), decode_splits(4, 201));
         assert!(words.partition > 0);
