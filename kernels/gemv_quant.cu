@@ -238,11 +238,9 @@ __device__ __forceinline__ unsigned int e4m3_from_f32(float x) {
 }
 
 // Activations per token: a row's largest magnitude gives its scale (amax / 448, read back)
-// and inverse (448 / amax, applied); an all-zero row takes 1. `xq` gets the E4M3 values as
-// elems (exact in f32, bf16 and f16), `scales` each row's scale. grid: m; block: 256.
-extern "C" __global__ void quantize_rows_e4m3(const elem* x, elem* xq, float* scales, int k) {
-    const size_t row = blockIdx.x;
-    const elem* xr = x + row * k;
+// and inverse (448 / amax, applied); an all-zero row takes 1. Returns (scale, inverse) of
+// row `row` of x to every thread of the block (256 threads).
+__device__ __forceinline__ float2 e4m3_row_scale(const elem* xr, int k) {
     float amax = 0.0f;
     for (int i = threadIdx.x; i < k; i += blockDim.x) amax = fmaxf(amax, fabsf(to_f32(xr[i])));
     __shared__ float largest[256];
@@ -255,10 +253,33 @@ extern "C" __global__ void quantize_rows_e4m3(const elem* x, elem* xq, float* sc
     }
     amax = largest[0];
     const bool usable = amax > 0.0f && amax <= 3.402823466e38f;
-    const float scale = usable ? amax / 448.0f : 1.0f, inverse = usable ? 448.0f / amax : 1.0f;
+    float2 out;
+    out.x = usable ? amax / 448.0f : 1.0f;
+    out.y = usable ? 448.0f / amax : 1.0f;
+    return out;
+}
+
+// `xq` gets the E4M3 values as elems (exact in f32, bf16 and f16), for the E4M3 GEMV and
+// cuBLAS over dequant_fp8's values; `scales` each row's scale. grid: m; block: 256.
+extern "C" __global__ void quantize_rows_e4m3(const elem* x, elem* xq, float* scales, int k) {
+    const size_t row = blockIdx.x;
+    const elem* xr = x + row * k;
+    const float2 scale = e4m3_row_scale(xr, k);
     for (int i = threadIdx.x; i < k; i += blockDim.x)
-        xq[row * k + i] = from_f32<elem>(e4m3_to_f32(e4m3_from_f32(to_f32(xr[i]) * inverse)));
-    if (threadIdx.x == 0) scales[row] = scale;
+        xq[row * k + i] = from_f32<elem>(e4m3_to_f32(e4m3_from_f32(to_f32(xr[i]) * scale.y)));
+    if (threadIdx.x == 0) scales[row] = scale.x;
+}
+
+// As quantize_rows_e4m3, `xq` the E4M3 bytes themselves ([m, k]), for cuBLASLt's FP8
+// product. grid: m; block: 256.
+extern "C" __global__ void quantize_rows_e4m3_bytes(const elem* x, unsigned char* xq,
+                                                    float* scales, int k) {
+    const size_t row = blockIdx.x;
+    const elem* xr = x + row * k;
+    const float2 scale = e4m3_row_scale(xr, k);
+    for (int i = threadIdx.x; i < k; i += blockDim.x)
+        xq[row * k + i] = (unsigned char)e4m3_from_f32(to_f32(xr[i]) * scale.y);
+    if (threadIdx.x == 0) scales[row] = scale.x;
 }
 
 // 8-bit E4M3 rows: 16 values a chunk, read as E4M3 values (their scale applies after the sum).

@@ -247,10 +247,13 @@ fn quantized_weights_match_the_cpu_engine() {
         check_quantized_against_cpu("internlm2-tiny", DType::BF16, 1e-2, quantization);
         check_quantized_against_cpu("llama3-tiny", DType::F32, 1e-4, quantization);
     }
-    // FP8 (E4M3 weights and activations): the GEMV for a few rows, cuBLAS over the E4M3
-    // values and the scales after for more (the chunked prefill's second call included).
+    // FP8 (E4M3 weights and activations): the GEMV for a few rows; for more, cuBLASLt's FP8
+    // product in bf16 and cuBLAS over the E4M3 values in f32, the scales after (the chunked
+    // prefill's second call included).
     check_quantized_against_cpu("llama3-tiny", DType::F32, 1e-4, Quantization::Fp8);
-    check_quantized_against_cpu("internlm2-tiny", DType::BF16, 1e-2, Quantization::Fp8);
+    for folder in ["internlm2-tiny", "chatglm2-tiny", "llama3-tiny"] {
+        check_quantized_against_cpu(folder, DType::BF16, 1e-2, Quantization::Fp8);
+    }
 }
 
 #[test]

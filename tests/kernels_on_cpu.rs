@@ -1356,8 +1356,8 @@ fn prefill_attention_over_quantised_caches() {
 
 /// FP8: the activation-quantising kernel forms exactly the CPU path's E4M3 values and row
 /// scales (`cpu::fp8`, CUDA's conversion: ties, subnormals, saturation), the E4M3 GEMV equals
-/// the CPU path's `fp8` product (the same values summed in another order), and dequant_fp8
-/// gives the weight's E4M3 values exactly.
+/// the CPU path's `fp8` product (the same values summed in another order), dequant_fp8
+/// gives the weight's E4M3 values exactly, and the E4M3 bytes for cuBLASLt are those values.
 #[test]
 fn fp8_kernels_form_the_cpu_paths_values() {
     use triton_llm::cpu::{Linear, fp8};
@@ -1398,7 +1398,20 @@ fn fp8_kernels_form_the_cpu_paths_values() {
         }
         let x = rounded(dtype, &x);
         let (values, scales) = quantize(dtype, &x, k);
-        assert_eq!((values, scales), fp8::quantize_rows(&x, k, &table), "{}", dtype.name());
+        let want = fp8::quantize_rows(&x, k, &table);
+        assert_eq!((&values, &scales), (&want.0, &want.1), "{}", dtype.name());
+        // The bytes cuBLASLt takes: those very values, with the same scales.
+        let out = launch(
+            dtype,
+            "quantize_rows_e4m3_bytes",
+            [3, 1, 1],
+            256,
+            vec![dtype.encode(&x), vec![0; 3 * k], vec![0; 4 * 3]],
+            &with_buffers(3, [Arg::I32(k as i32)]),
+        );
+        let decoded: Vec<f32> = out[1].iter().map(|&b| table[usize::from(b)]).collect();
+        assert_eq!(decoded, values, "{} bytes", dtype.name());
+        assert_eq!(f32s(&out[2]), scales, "{} byte scales", dtype.name());
     }
     for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
         for (m, n, k) in [(1, 5, 4096), (3, 7, 272), (8, 4, 1024)] {

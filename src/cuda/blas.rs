@@ -302,8 +302,9 @@ impl Gpu {
     }
 
     /// The FP8 product (`cpu::fp8`): the rows of `x` quantised per token, then the E4M3 GEMV
-    /// up to GEMV_MAX_ROWS rows, or cuBLAS over the weight's E4M3 values (dequantised into
-    /// `scratch`) and the scales after.
+    /// up to GEMV_MAX_ROWS rows; for more, cuBLASLt's FP8 product over the E4M3 bytes (16-bit
+    /// dtypes, where it loads and has an algorithm), else cuBLAS over the weight's E4M3
+    /// values (dequantised into `scratch`); then the scales.
     #[allow(clippy::too_many_arguments)]
     fn fp8_product(
         &self,
@@ -328,8 +329,23 @@ impl Gpu {
         if let Some(bias) = bias {
             bias.check("product bias", bytes(&[n, e]))?;
         }
-        self.quantize_rows_e4m3(x, rows, row_scales, m, k)?;
         let (n_i, k_i) = (n as i32, k as i32);
+        let scale_args: [&dyn Arg; 5] = [&y, &row_scales, &scales, &bias, &n_i];
+        let scale_grid = (n.div_ceil(256) as u32, m as u32);
+        if m > GEMV_MAX_ROWS
+            && let Some(blaslt) = self.blaslt()
+        {
+            // The rows as E4M3 bytes (in the first m·k bytes of their scratch) for cuBLASLt.
+            self.quantize_rows(x, rows, row_scales, m, k, true)?;
+            let stream = self.launch_stream().cu_stream();
+            let workspace = self.workspace_view();
+            let mut blaslt = blaslt.lock().unwrap_or_else(|p| p.into_inner());
+            if blaslt.fp8_matmul(packed, rows, y, (m, n, k), workspace, stream)? {
+                let function = &self.kernels().fp8_scale;
+                return self.launch(function, "fp8_scale", scale_grid, 256, &scale_args);
+            }
+        }
+        self.quantize_rows(x, rows, row_scales, m, k, false)?;
         if m <= GEMV_MAX_ROWS {
             let m_i = gemv_rows(m)?;
             let args: [&dyn Arg; 9] =
@@ -344,19 +360,19 @@ impl Gpu {
         }
         let values = self.dequantize(w, n, k, scratch)?;
         self.matmul_on(ProductKernel::Cublas, rows, values, None, y, m, n, k, false)?;
-        let grid = (n.div_ceil(256) as u32, m as u32);
-        let args: [&dyn Arg; 5] = [&y, &row_scales, &scales, &bias, &n_i];
-        self.launch(&self.kernels().fp8_scale, "fp8_scale", grid, 256, &args)
+        self.launch(&self.kernels().fp8_scale, "fp8_scale", scale_grid, 256, &scale_args)
     }
 
-    /// Activations per token to E4M3 values (as elems, in `rows`) and each row's scale.
-    fn quantize_rows_e4m3(
+    /// Activations per token to E4M3 values in `rows` (as elems, or as the E4M3 bytes
+    /// themselves when `as_bytes`) and each row's scale.
+    fn quantize_rows(
         &self,
         x: View<'_>,
         rows: View<'_>,
         row_scales: View<'_>,
         m: usize,
         k: usize,
+        as_bytes: bool,
     ) -> Result<()> {
         let e = self.dtype.size();
         x.check("fp8 product input", bytes(&[m, k, e]))?;
@@ -367,8 +383,12 @@ impl Gpu {
         }
         let k_i = k as i32;
         let args: [&dyn Arg; 4] = [&x, &rows, &row_scales, &k_i];
-        let function = &self.kernels().quantize_rows_e4m3;
-        self.launch(function, "quantize_rows_e4m3", (m as u32, 1), 256, &args)
+        let (function, name) = if as_bytes {
+            (&self.kernels().quantize_rows_e4m3_bytes, "quantize_rows_e4m3_bytes")
+        } else {
+            (&self.kernels().quantize_rows_e4m3, "quantize_rows_e4m3")
+        };
+        self.launch(function, name, (m as u32, 1), 256, &args)
     }
 
     /// [`Gpu::swiglu_product`] for a dense or quantised `[gate | up]` weight (`scratch` as

@@ -86,6 +86,7 @@ pub(super) struct Kernels {
     /// FP8: activations per token to E4M3, the E4M3 GEMV, the weight's E4M3 values for
     /// cuBLAS, and the scales after it.
     pub(super) quantize_rows_e4m3: CudaFunction,
+    pub(super) quantize_rows_e4m3_bytes: CudaFunction,
     pub(super) gemv_fp8: CudaFunction,
     pub(super) dequant_fp8: CudaFunction,
     pub(super) fp8_scale: CudaFunction,
@@ -137,6 +138,7 @@ impl Kernels {
             dequant_w4: f("dequant_w4")?,
             dequant_w8: f("dequant_w8")?,
             quantize_rows_e4m3: f("quantize_rows_e4m3")?,
+            quantize_rows_e4m3_bytes: f("quantize_rows_e4m3_bytes")?,
             gemv_fp8: f("gemv_fp8")?,
             dequant_fp8: f("dequant_fp8")?,
             fp8_scale: f("fp8_scale")?,

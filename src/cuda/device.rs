@@ -8,6 +8,7 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 
 use super::blas::BLAS_WORKSPACE;
+use super::blaslt::BlasLt;
 use super::compile::{Compiled, Kernels};
 use super::{blas_error, device_error};
 use crate::dtype::DType;
@@ -106,6 +107,8 @@ pub struct Gpu {
     pub(super) blas: Mutex<CudaBlas>,
     /// cuBLAS's workspace, set explicitly so that graph captures do not allocate their own.
     pub(super) blas_workspace: CudaSlice<u8>,
+    /// cuBLASLt for FP8 products, made at the first (None where it cannot be).
+    blaslt: OnceLock<Option<Mutex<BlasLt>>>,
     pub dtype: DType,
     pub ordinal: usize,
     pub name: String,
@@ -145,6 +148,7 @@ impl Gpu {
             capture_stream,
             blas: Mutex::new(blas),
             blas_workspace,
+            blaslt: OnceLock::new(),
             dtype,
             ordinal,
         };
@@ -155,6 +159,29 @@ impl Gpu {
             tracing::warn!("cuBLAS kept its default workspace: {e}");
         }
         Ok(Arc::new(gpu))
+    }
+
+    /// cuBLASLt's handle for FP8 products, made at the first call; None (said once in the
+    /// log) where this dtype or the libraries have none, and FP8 products take cuBLAS over
+    /// the weight's E4M3 values instead.
+    pub(super) fn blaslt(&self) -> Option<&Mutex<BlasLt>> {
+        self.blaslt
+            .get_or_init(|| match BlasLt::new(self.dtype) {
+                Ok(blaslt) => Some(Mutex::new(blaslt)),
+                Err(e) => {
+                    tracing::warn!(
+                        "FP8 products of many rows take cuBLAS over E4M3 values, not cuBLASLt: {e}"
+                    );
+                    None
+                }
+            })
+            .as_ref()
+    }
+
+    /// cuBLAS's workspace as a view (cuBLASLt shares it: both queue in stream order).
+    pub(super) fn workspace_view(&self) -> View<'_> {
+        let ptr = self.blas_workspace.device_ptr(&self.stream).0;
+        View { ptr, bytes: BLAS_WORKSPACE, _buffer: PhantomData }
     }
 
     pub(super) fn kernels(&self) -> &Kernels {

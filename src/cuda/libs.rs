@@ -26,6 +26,7 @@ compile_error!("a CUDA major version is needed: feature `cuda-13` (default) or `
 pub enum CudaLibrary {
     Nvrtc,
     Cublas,
+    CublasLt,
 }
 
 impl CudaLibrary {
@@ -33,6 +34,7 @@ impl CudaLibrary {
         match self {
             CudaLibrary::Nvrtc => "nvrtc",
             CudaLibrary::Cublas => "cublas",
+            CudaLibrary::CublasLt => "cublasLt",
         }
     }
 }
@@ -59,15 +61,19 @@ fn probe(library: CudaLibrary) -> std::result::Result<(String, i32, i32), String
                     version(&mut major, &mut minor)
                 }
             }
-            CudaLibrary::Cublas => {
-                // SAFETY: `cublasGetProperty(libraryPropertyType, int *value)` writes one int
-                // (MAJOR_VERSION = 0, MINOR_VERSION = 1), in every cuBLAS since CUDA 8.
+            CudaLibrary::Cublas | CudaLibrary::CublasLt => {
+                let symbol: &[u8] = if library == CudaLibrary::Cublas {
+                    b"cublasGetProperty\0"
+                } else {
+                    b"cublasLtGetProperty\0"
+                };
+                // SAFETY: `cublasGetProperty` and `cublasLtGetProperty(libraryPropertyType,
+                // int *value)` write one int (MAJOR_VERSION = 0, MINOR_VERSION = 1), in every
+                // cuBLAS(Lt) since CUDA 10.
                 unsafe {
                     let property = lib
-                        .get::<unsafe extern "C" fn(c_int, *mut c_int) -> c_int>(
-                            b"cublasGetProperty\0",
-                        )
-                        .map_err(|e| format!("{name}: no cublasGetProperty ({e})"))?;
+                        .get::<unsafe extern "C" fn(c_int, *mut c_int) -> c_int>(symbol)
+                        .map_err(|e| format!("{name}: no version query ({e})"))?;
                     let status = property(0, &mut major);
                     if status == 0 { property(1, &mut minor) } else { status }
                 }

@@ -14,6 +14,7 @@
 mod arena;
 /// cuBLAS and GEMV matrix products, and the cuBLAS handle's stream and workspace.
 mod blas;
+mod blaslt;
 /// Kernel sources, NVRTC compilation and the per-device, per-dtype module.
 mod compile;
 /// The `Gpu` (context, streams, memory), device buffers and copies.

@@ -84,6 +84,11 @@ static const std::map<std::string, std::function<void(const Args&)>> KERNELS = {
      [](const Args& a) {
          dequant_w8(a.ptr<const int4*>(0), a.ptr<const float*>(1), a.ptr<elem*>(2), a.i32(3));
      }},
+    {"quantize_rows_e4m3_bytes",
+     [](const Args& a) {
+         quantize_rows_e4m3_bytes(a.ptr<const elem*>(0), a.ptr<unsigned char*>(1), a.ptr<float*>(2),
+                                  a.i32(3));
+     }},
     {"quantize_rows_e4m3",
      [](const Args& a) {
          quantize_rows_e4m3(a.ptr<const elem*>(0), a.ptr<elem*>(1), a.ptr<float*>(2), a.i32(3));
