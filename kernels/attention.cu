@@ -203,6 +203,7 @@ __device__ __forceinline__ void decode_attention(
     const int* __restrict__ token_pos, const int* __restrict__ block_tables,
     int max_blocks_per_seq, int block_size, int num_heads, int num_kv_heads, int head_dim,
     float scale, int partition, int splits) {
+    kernel_entry();
     constexpr int heads = HEADS;
     const elem* __restrict__ k_cache = static_cast<const elem*>(k_store);
     const elem* __restrict__ v_cache = static_cast<const elem*>(v_store);
@@ -402,6 +403,7 @@ __device__ __forceinline__ void prefill_attention(
     const int* __restrict__ token_seq, const int* __restrict__ token_pos,
     const int* __restrict__ block_tables, int max_blocks_per_seq, int block_size, int num_heads,
     int num_kv_heads, int head_dim, float scale) {
+    kernel_entry();
     const elem* __restrict__ k_cache = static_cast<const elem*>(k_store);
     const elem* __restrict__ v_cache = static_cast<const elem*>(v_store);
     extern __shared__ float shared[];

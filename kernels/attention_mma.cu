@@ -59,6 +59,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_prefill_mma(
     const int* __restrict__ token_seq, const int* __restrict__ token_pos,
     const int* __restrict__ block_tables, int max_blocks_per_seq, int block_size, int num_heads,
     int num_kv_heads, int head_dim, float scale) {
+    kernel_entry();
     __shared__ __align__(16) unsigned short k_s[MMA_KEYS * K_STRIDE];
     __shared__ __align__(16) unsigned short vt_s[MMA_MAX_DIM * VT_STRIDE];
 
@@ -226,6 +227,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_decode_mma(
     const int* __restrict__ token_seq, const int* __restrict__ token_pos,
     const int* __restrict__ block_tables, int max_blocks_per_seq, int block_size, int num_heads,
     int num_kv_heads, int head_dim, float scale, int partition, int splits) {
+    kernel_entry();
     // K rows then V transposed; after the keys, the warps' sums (ATTN_WARPS · heads ·
     // head_dim floats ≤ 32 KiB) in the same bytes.
     constexpr int K_BYTES = MMA_DECODE_KEYS * K_STRIDE * 2;

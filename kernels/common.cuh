@@ -54,6 +54,29 @@ template <> __device__ __forceinline__ f16 from_f32<f16>(float x) {
     return out;
 }
 
+// Programmatic dependent launch (sm_90 on; src/cuda/launch.rs launches every kernel with
+// it there): a kernel's blocks may be scheduled while the previous kernel drains. Every
+// kernel calls kernel_entry before it reads or writes memory another kernel uses: it waits
+// until the previous kernel has finished and its writes are visible, then lets the next
+// kernel be scheduled. What depends on no earlier kernel (a product's weights) may be
+// fetched before it. Launched without the attribute, or before sm_90, both are no-ops.
+__device__ __forceinline__ void kernel_entry() {
+#if !defined(EMU_HOST) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+// Starts bringing `bytes` bytes from `p` into L2, a 128-byte line a thread at a time
+// (weights a block is about to stream, fetched while the previous kernel drains).
+__device__ __forceinline__ void prefetch_l2(const void* p, size_t bytes) {
+#if !defined(EMU_HOST)
+    const char* base = static_cast<const char*>(p);
+    for (size_t at = (size_t)threadIdx.x * 128; at < bytes; at += (size_t)blockDim.x * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(base + at));
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);

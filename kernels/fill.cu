@@ -11,6 +11,7 @@ __device__ __forceinline__ unsigned int mix(unsigned long long x) {
 
 extern "C" __global__ void fill_uniform(elem* __restrict__ out, unsigned long long n,
                                         unsigned long long seed, float bound) {
+    kernel_entry();
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)gridDim.x * blockDim.x) {
         const float unit = (mix(seed * 0x9e3779b97f4a7c15ULL + i) >> 8) * (1.0f / 16777216.0f);

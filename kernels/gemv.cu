@@ -122,9 +122,11 @@ __device__ __forceinline__ void gemv(const elem* __restrict__ x, const elem* __r
 #pragma unroll
     for (int q = 0; q < COLS; q++) {
         w_rows[q] = w + (size_t)min(first + q, n - 1) * k;
+        prefetch_l2(w_rows[q], (size_t)k * sizeof(elem));
 #pragma unroll
         for (int r = 0; r < GEMV_MAX_ROWS; r++) acc[q][r] = 0.0f;
     }
+    kernel_entry();  // x comes from the previous kernel; the rows of W do not
     accumulate_rows<COLS, DEPTH>(x, w_rows, acc, m, k);
     __shared__ float partial[COLS * GEMV_MAX_ROWS][GEMV_THREADS / 32];
     const float sum = block_rows_sum<COLS>(acc, m, partial);
@@ -151,7 +153,10 @@ __device__ __forceinline__ void gemv_swiglu_cols(const elem* __restrict__ x,
         const int col = min(first + q, width - 1);
         w_rows[q] = w + (size_t)col * k;                    // gate
         w_rows[COLS + q] = w + (size_t)(width + col) * k;   // up
+        prefetch_l2(w_rows[q], (size_t)k * sizeof(elem));
+        prefetch_l2(w_rows[COLS + q], (size_t)k * sizeof(elem));
     }
+    kernel_entry();
 #pragma unroll
     for (int q = 0; q < 2 * COLS; q++)
 #pragma unroll
@@ -193,6 +198,7 @@ extern "C" __global__ void gemv_swiglu(const elem* __restrict__ x, const elem* _
 // Bias for the cuBLAS path (prefill): y[r, c] += bias[c].
 extern "C" __global__ void add_bias(elem* __restrict__ y, const elem* __restrict__ bias, int n,
                                     int total) {
+    kernel_entry();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < total) y[i] = from_f32<elem>(to_f32(y[i]) + to_f32(bias[i % n]));
 }

@@ -165,22 +165,26 @@ __device__ __forceinline__ void gemv_quant_swiglu(const Rows& w, const elem* __r
 // grid: n; block: GEMV_THREADS.
 extern "C" __global__ void gemv_w4(const int4* w, const unsigned int* params, const elem* x,
                                    const elem* bias, elem* y, int m, int n, int k, int group) {
+    kernel_entry();
     gemv_quant(W4Rows{w, params, k, group}, x, bias, y, m, n, k);
 }
 
 extern "C" __global__ void gemv_w8(const int4* w, const float* scales, const elem* x,
                                    const elem* bias, elem* y, int m, int n, int k) {
+    kernel_entry();
     gemv_quant(W8Rows{w, scales, k}, x, bias, y, m, n, k);
 }
 
 // grid: width; block: GEMV_THREADS.
 extern "C" __global__ void gemv_w4_swiglu(const int4* w, const unsigned int* params, const elem* x,
                                           elem* act, int m, int width, int k, int group) {
+    kernel_entry();
     gemv_quant_swiglu(W4Rows{w, params, k, group}, x, act, m, width, k);
 }
 
 extern "C" __global__ void gemv_w8_swiglu(const int4* w, const float* scales, const elem* x,
                                           elem* act, int m, int width, int k) {
+    kernel_entry();
     gemv_quant_swiglu(W8Rows{w, scales, k}, x, act, m, width, k);
 }
 
@@ -200,10 +204,12 @@ __device__ __forceinline__ void dequantize_rows(const Rows& w, elem* __restrict_
 
 extern "C" __global__ void dequant_w4(const int4* w, const unsigned int* params, elem* out, int k,
                                       int group) {
+    kernel_entry();
     dequantize_rows(W4Rows{w, params, k, group}, out, k);
 }
 
 extern "C" __global__ void dequant_w8(const int4* w, const float* scales, elem* out, int k) {
+    kernel_entry();
     dequantize_rows(W8Rows{w, scales, k}, out, k);
 }
 
@@ -262,6 +268,7 @@ __device__ __forceinline__ float2 e4m3_row_scale(const elem* xr, int k) {
 // `xq` gets the E4M3 values as elems (exact in f32, bf16 and f16), for the E4M3 GEMV and
 // cuBLAS over dequant_fp8's values; `scales` each row's scale. grid: m; block: 256.
 extern "C" __global__ void quantize_rows_e4m3(const elem* x, elem* xq, float* scales, int k) {
+    kernel_entry();
     const size_t row = blockIdx.x;
     const elem* xr = x + row * k;
     const float2 scale = e4m3_row_scale(xr, k);
@@ -274,6 +281,7 @@ extern "C" __global__ void quantize_rows_e4m3(const elem* x, elem* xq, float* sc
 // product. grid: m; block: 256.
 extern "C" __global__ void quantize_rows_e4m3_bytes(const elem* x, unsigned char* xq,
                                                     float* scales, int k) {
+    kernel_entry();
     const size_t row = blockIdx.x;
     const elem* xr = x + row * k;
     const float2 scale = e4m3_row_scale(xr, k);
@@ -306,6 +314,7 @@ struct Fp8Rows {
 extern "C" __global__ void gemv_fp8(const int4* w, const float* wscales, const elem* xq,
                                     const float* xscales, const elem* bias, elem* y, int m, int n,
                                     int k) {
+    kernel_entry();
     const int rows[1] = {(int)blockIdx.x};
     float acc[1][GEMV_MAX_ROWS];
 #pragma unroll
@@ -323,6 +332,7 @@ extern "C" __global__ void gemv_fp8(const int4* w, const float* wscales, const e
 // W as its E4M3 values in elems [n, k] (exact), for cuBLAS over quantize_rows_e4m3's rows;
 // the scales apply to the product after. grid: (ceil(k / 16 / 128), n); block: 128.
 extern "C" __global__ void dequant_fp8(const int4* w, elem* out, int k) {
+    kernel_entry();
     dequantize_rows(Fp8Rows{w, k}, out, k);
 }
 
@@ -330,6 +340,7 @@ extern "C" __global__ void dequant_fp8(const int4* w, elem* out, int k) {
 // (xscale[r] · wscale[c]) (+ bias[c]), in place. grid: (ceil(n / 256), m); block: 256.
 extern "C" __global__ void fp8_scale(elem* y, const float* xscales, const float* wscales,
                                      const elem* bias, int n) {
+    kernel_entry();
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= n) return;
     const size_t r = blockIdx.y;

@@ -72,6 +72,7 @@ extern "C" __global__ void __launch_bounds__(512) add_rms_norm(float* __restrict
                                         const int* __restrict__ rows,
                                         const elem* __restrict__ weight, elem* __restrict__ out,
                                         int width, float eps) {
+    kernel_entry();
     const size_t r = rows ? rows[blockIdx.x] : blockIdx.x;
     float* x = residual + r * width;
     elem* y = out + (size_t)blockIdx.x * width;

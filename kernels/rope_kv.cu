@@ -61,6 +61,7 @@ extern "C" __global__ void rope_write_kv(const elem* __restrict__ qkv,
                                          const float* __restrict__ cos_sin, int freq_len,
                                          int num_heads, int num_kv_heads, int head_dim,
                                          int rope_mode, int rot_dim, int kv_bits) {
+    kernel_entry();
     const size_t t = blockIdx.x;
     const int q_width = num_heads * head_dim, kv_width = num_kv_heads * head_dim;
     const size_t row_width = q_width + 2 * kv_width;

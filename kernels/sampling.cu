@@ -117,6 +117,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     sample_rows(float* __restrict__ logits, unsigned long long stride,
                 const unsigned int* __restrict__ params, const unsigned int* __restrict__ penalized,
                 unsigned int* __restrict__ chosen) {
+    kernel_entry();
     __shared__ unsigned long long scratch[SAMPLE_THREADS];
     __shared__ unsigned int best_key[SAMPLE_THREADS];
     __shared__ unsigned int best_id[SAMPLE_THREADS];

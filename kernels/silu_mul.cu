@@ -11,6 +11,7 @@ __device__ __forceinline__ elem silu_times(elem gate, elem up) {
 
 extern "C" __global__ void silu_mul(const elem* __restrict__ gate_up, elem* __restrict__ out,
                                     int width, int rows) {
+    kernel_entry();
     constexpr int V = 16 / sizeof(elem);
     const int chunk = blockIdx.x * blockDim.x + threadIdx.x;
     const int first = chunk * V;

@@ -28,6 +28,9 @@ pub struct LoadOptions {
     pub sample_on_device: bool,
     /// Capture decode steps as CUDA graphs (`CausalLm::set_cuda_graphs`).
     pub cuda_graphs: bool,
+    /// Launch kernels with programmatic dependent launch
+    /// (`CausalLm::set_programmatic_launch`).
+    pub programmatic_launch: bool,
     /// Longest chat input (prompt, kept history and system prompt) in bytes; default: what
     /// the context could hold at the tokenizer's longest piece.
     pub max_input_bytes: Option<usize>,
@@ -166,6 +169,7 @@ impl ChatModel {
         )?;
         model.set_sample_on_device(options.sample_on_device);
         model.set_cuda_graphs(options.cuda_graphs);
+        model.set_programmatic_launch(options.programmatic_launch);
         let info = model.info();
         if tokenizer.vocab_size() > info.logits_width {
             return Err(Error::Config(format!(

@@ -276,7 +276,14 @@ fn check_batched(folder: &str, copies: usize, cuda_graphs: bool) {
 
 /// As `check_batched`, every arena (alone and batched) storing K/V as `format`.
 fn check_batched_kv(folder: &str, copies: usize, cuda_graphs: bool, format: KvFormat) {
-    let batched = Batched { dtype: DType::F32, copies, cuda_graphs, format, limit: 1e-4 };
+    let batched = Batched {
+        dtype: DType::F32,
+        copies,
+        cuda_graphs,
+        format,
+        limit: 1e-4,
+        programmatic_launch: false,
+    };
     check_batched_on(&fixture(folder), folder, batched);
 }
 
@@ -289,13 +296,16 @@ struct Batched {
     format: KvFormat,
     /// Largest relative L2 distance of a batched step's logits from the same sequence's alone.
     limit: f64,
+    /// The batched (and graphed) passes with programmatic dependent launch, each sequence
+    /// alone without it.
+    programmatic_launch: bool,
 }
 
 /// The model in `dir` (named `folder` in the report, its prompts those of fixture `prompts`'s
 /// golden cases) decoded in batches and alone.
 #[allow(clippy::needless_range_loop)] // steps index each sequence's logits
 fn check_batched_on(dir: &std::path::Path, prompts_of: &str, batched: Batched) {
-    let Batched { dtype, copies, cuda_graphs, format, limit } = batched;
+    let Batched { dtype, copies, cuda_graphs, format, limit, programmatic_launch } = batched;
     let folder = dir.file_name().unwrap().to_string_lossy().into_owned();
     let folder = if dir == fixture(prompts_of) { prompts_of.to_string() } else { folder };
     require_gpu(&folder);
@@ -319,7 +329,11 @@ fn check_batched_on(dir: &std::path::Path, prompts_of: &str, batched: Batched) {
             })
             .collect()
     };
+    gpu.set_programmatic_launch(false);
     let alone = decode_alone(false);
+    if programmatic_launch {
+        assert!(gpu.set_programmatic_launch(true), "{folder}: no programmatic launch here");
+    }
     let mut worst = 0f64;
     if cuda_graphs {
         for (graphed, launched) in decode_alone(true).iter().zip(&alone) {
@@ -374,6 +388,7 @@ fn check_batched_on(dir: &std::path::Path, prompts_of: &str, batched: Batched) {
     let pass = worst < limit;
     report(json!({"check": "batched_paged", "model": folder, "dtype": dtype.name(),
         "kv": format.name(), "sequences": prompts.len(), "cuda_graphs": cuda_graphs,
+        "programmatic_launch": programmatic_launch,
         "worst_rel_l2": worst, "limit": limit, "pass": pass}));
     assert!(
         pass,
@@ -562,7 +577,68 @@ fn decode_attention_on_tensor_cores_matches_the_cuda_core_kernel() {
         (DType::BF16, false, KvFormat::Int8),
     ] {
         // 64 copies of the 3 prompts: 192 sequences, 16 heads a decode block.
-        let batched = Batched { dtype, copies: 64, cuda_graphs, format, limit: 2e-2 };
+        let batched = Batched {
+            dtype,
+            copies: 64,
+            cuda_graphs,
+            format,
+            limit: 2e-2,
+            programmatic_launch: false,
+        };
+        check_batched_on(dir.path(), "chatglm2-tiny", batched);
+    }
+}
+
+/// Kernels launched with programmatic dependent launch (each may be scheduled while the
+/// previous drains, and waits for it in kernel_entry) give what kernels launched in order
+/// give: batched passes, launched and replayed as graphs, against each sequence alone
+/// without it, for each family, a quantised cache, and the tensor-core decode. Where the
+/// device has none (before sm_90), it reports so and checks nothing.
+#[test]
+#[ignore = "needs an NVIDIA GPU (scripts/gpu/check.sh runs it)"]
+fn programmatic_dependent_launch_changes_no_result() {
+    require_gpu("programmatic dependent launch");
+    let probe = model::load_on(
+        &fixture("chatglm2-tiny"),
+        LoadFormat::Safetensors,
+        Device::Cuda(0),
+        DType::F32,
+    )
+    .unwrap();
+    if !probe.set_programmatic_launch(true) {
+        report(
+            json!({"check": "programmatic_launch", "pass": true, "skipped": "not on this device"}),
+        );
+        return;
+    }
+    for folder in ["chatglm2-tiny", "internlm2-tiny", "llama3-tiny"] {
+        for (copies, cuda_graphs, format) in [
+            (1, false, KvFormat::Model),
+            (4, true, KvFormat::Model),
+            (SEQUENCES_FOR_HEAD_GROUPS, true, KvFormat::Model),
+            (4, true, KvFormat::Int8),
+        ] {
+            let batched = Batched {
+                dtype: DType::F32,
+                copies,
+                cuda_graphs,
+                format,
+                limit: 1e-4,
+                programmatic_launch: true,
+            };
+            check_batched_on(&fixture(folder), folder, batched);
+        }
+    }
+    let dir = grouped_chatglm2();
+    for cuda_graphs in [false, true] {
+        let batched = Batched {
+            dtype: DType::BF16,
+            copies: 64,
+            cuda_graphs,
+            format: KvFormat::Model,
+            limit: 2e-2,
+            programmatic_launch: true,
+        };
         check_batched_on(dir.path(), "chatglm2-tiny", batched);
     }
 }

@@ -169,6 +169,9 @@ pub(super) struct Compiled {
     pub(super) ctx: Arc<CudaContext>,
     pub(super) kernels: Kernels,
     pub(super) name: String,
+    /// Programmatic dependent launch: sm_90 on (kernel_entry in kernels/common.cuh) and a
+    /// driver that keeps it in graphs (CUDA 12.3 on).
+    pub(super) programmatic_launch: bool,
 }
 
 impl Compiled {
@@ -209,6 +212,7 @@ impl Compiled {
             dtype.name(),
             started.elapsed().as_secs_f64()
         );
-        Ok(Compiled { ctx, kernels, name })
+        let programmatic_launch = major >= 9 && driver_version >= 12030;
+        Ok(Compiled { ctx, kernels, name, programmatic_launch })
     }
 }

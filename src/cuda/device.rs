@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::CudaBlas;
@@ -107,6 +108,8 @@ pub struct Gpu {
     pub(super) blas: Mutex<CudaBlas>,
     /// cuBLAS's workspace, set explicitly so that graph captures do not allocate their own.
     pub(super) blas_workspace: CudaSlice<u8>,
+    /// Whether kernels launch with programmatic dependent launch (where the device has it).
+    programmatic: AtomicBool,
     /// cuBLASLt for FP8 products, made at the first (None where it cannot be).
     blaslt: OnceLock<Option<Mutex<BlasLt>>>,
     pub dtype: DType,
@@ -143,6 +146,7 @@ impl Gpu {
         let gpu = Gpu {
             ctx,
             name: compiled.name.clone(),
+            programmatic: AtomicBool::new(compiled.programmatic_launch),
             compiled,
             stream,
             capture_stream,
@@ -159,6 +163,20 @@ impl Gpu {
             tracing::warn!("cuBLAS kept its default workspace: {e}");
         }
         Ok(Arc::new(gpu))
+    }
+
+    /// Whether kernels launch with programmatic dependent launch (kernels/common.cuh).
+    pub(super) fn programmatic_launch(&self) -> bool {
+        self.programmatic.load(Ordering::Relaxed)
+    }
+
+    /// Turns programmatic dependent launch on (where the device and driver have it: sm_90
+    /// and CUDA 12.3 on) or off, for launches and graph captures from now on; returns
+    /// whether it is on.
+    pub fn set_programmatic_launch(&self, on: bool) -> bool {
+        let on = on && self.compiled.programmatic_launch;
+        self.programmatic.store(on, Ordering::Relaxed);
+        on
     }
 
     /// cuBLASLt's handle for FP8 products, made at the first call; None (said once in the

@@ -1,6 +1,8 @@
 //! The kernel launch wrappers, one method of `Gpu` each (the products' are in blas.rs).
 
-use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+use std::ffi::c_void;
+
+use cudarc::driver::{CudaFunction, sys as driver_sys};
 
 use super::{Gpu, View, device_error};
 use crate::dtype::KvFormat;
@@ -35,20 +37,45 @@ impl Gpu {
         shared_mem_bytes: u32,
         args: &[&dyn Arg],
     ) -> Result<()> {
-        let mut builder = self.launch_stream().launch_builder(function);
-        for arg in args {
-            arg.push(&mut builder);
-        }
-        let config = LaunchConfig {
-            grid_dim: (grid.0.max(1), grid.1.max(1), grid.2.max(1)),
-            block_dim: (block, 1, 1),
-            shared_mem_bytes,
+        let mut params: Vec<*mut c_void> = args.iter().map(|arg| arg.param()).collect();
+        // Programmatic dependent launch (kernels/common.cuh, kernel_entry): the kernel may be
+        // scheduled while the previous one drains; it waits for it before touching memory.
+        // SAFETY: a plain-data union, zeroed, then the one field the id names is set.
+        let mut attribute: driver_sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attribute.id =
+            driver_sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attribute.value.programmaticStreamSerializationAllowed = 1;
+        let programmatic = self.programmatic_launch();
+        let config = driver_sys::CUlaunchConfig {
+            gridDimX: grid.0.max(1),
+            gridDimY: grid.1.max(1),
+            gridDimZ: grid.2.max(1),
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: shared_mem_bytes,
+            hStream: self.launch_stream().cu_stream(),
+            attrs: if programmatic { &mut attribute } else { std::ptr::null_mut() },
+            numAttrs: u32::from(programmatic),
         };
+        self.bind()?;
         // SAFETY: each wrapper (here and in blas.rs) passes arguments matching its kernel's
-        // signature; every address is a `View` of a live buffer, checked to hold what the
+        // signature, each `params` entry pointing at one argument's bytes in `args`, alive
+        // for the call; every address is a `View` of a live buffer, checked to hold what the
         // launch's shape reaches, and indices the kernels follow (ids, slots, block tables,
-        // rows) are checked against their buffers where the host lays them out.
-        unsafe { builder.launch(config) }.map(|_| ()).map_err(device_error(name))
+        // rows) are checked against their buffers where the host lays them out. The stream
+        // and function belong to this Gpu's context, bound above; `attribute` outlives the
+        // call.
+        unsafe {
+            driver_sys::cuLaunchKernelEx(
+                &config,
+                function.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .map_err(device_error(name))
     }
 
     /// Chooses the next token of `rows` rows of f32 logits (`stride` apart) on the device,
@@ -464,14 +491,15 @@ fn kv_format_index(format: KvFormat) -> usize {
     }
 }
 
-/// Anything passed to a kernel by value.
+/// Anything passed to a kernel by value: where the driver reads its bytes from (a device
+/// address for a view, the value itself for a scalar), valid while `self` lives.
 pub(super) trait Arg {
-    fn push<'a>(&'a self, builder: &mut cudarc::driver::LaunchArgs<'a>);
+    fn param(&self) -> *mut c_void;
 }
 
 impl Arg for View<'_> {
-    fn push<'a>(&'a self, builder: &mut cudarc::driver::LaunchArgs<'a>) {
-        builder.arg(self.ptr_ref());
+    fn param(&self) -> *mut c_void {
+        (self.ptr_ref() as *const u64).cast_mut().cast()
     }
 }
 
@@ -479,12 +507,10 @@ impl Arg for View<'_> {
 static NULL: u64 = 0;
 
 impl Arg for Option<View<'_>> {
-    fn push<'a>(&'a self, builder: &mut cudarc::driver::LaunchArgs<'a>) {
+    fn param(&self) -> *mut c_void {
         match self {
-            Some(view) => view.push(builder),
-            None => {
-                builder.arg(&NULL);
-            }
+            Some(view) => view.param(),
+            None => (&NULL as *const u64).cast_mut().cast(),
         }
     }
 }
@@ -498,8 +524,8 @@ pub(super) fn bytes(factors: &[usize]) -> usize {
 macro_rules! kernel_arg {
     ($($t:ty),*) => {$(
         impl Arg for $t {
-            fn push<'a>(&'a self, builder: &mut cudarc::driver::LaunchArgs<'a>) {
-                builder.arg(self);
+            fn param(&self) -> *mut c_void {
+                (self as *const $t).cast_mut().cast()
             }
         }
     )*};

@@ -179,6 +179,13 @@ pub trait CausalLm: Send + Sync {
     /// Whether decode steps are captured as CUDA graphs and replayed (the GPU path).
     fn set_cuda_graphs(&self, _on: bool) {}
 
+    /// Whether the GPU path launches kernels with programmatic dependent launch, each
+    /// kernel's blocks scheduled while the previous kernel drains (sm_90 on, CUDA 12.3 on);
+    /// returns whether it is on.
+    fn set_programmatic_launch(&self, _on: bool) -> bool {
+        false
+    }
+
     /// `forward_batch`, then the next token of each row that asks for one, chosen as
     /// `sampling::choose` defines. Engines that can choose on their device override
     /// this so that only the chosen ids come back.

@@ -38,6 +38,8 @@ pub struct ModelParameters {
     pub sample_on_device: bool,
     /// KIND_GPU instances capture decode steps as CUDA graphs and replay them.
     pub cuda_graphs: bool,
+    /// KIND_GPU instances launch kernels with programmatic dependent launch.
+    pub programmatic_launch: bool,
     /// Longest chat input in bytes; None = what the context can hold.
     pub max_input_bytes: Option<usize>,
     /// `quant_policy`: how the KV cache stores K/V.
@@ -82,6 +84,7 @@ impl ModelConfig {
             session_len: None,
             sample_on_device: true,
             cuda_graphs: true,
+            programmatic_launch: false,
             max_input_bytes: None,
             kv_format: KvFormat::Model,
             scheduler: SchedulerConfig::default(),
@@ -150,6 +153,9 @@ impl ModelConfig {
                 }
                 "sample_on_device" => parameters.sample_on_device = parse_bool(key, value)?,
                 "cuda_graphs" => parameters.cuda_graphs = parse_bool(key, value)?,
+                "programmatic_launch" => {
+                    parameters.programmatic_launch = parse_bool(key, value)?;
+                }
                 "max_input_bytes" => parameters.max_input_bytes = Some(parse_count(key, value, 1)?),
                 "quant_policy" => {
                     parameters.kv_format =
@@ -215,11 +221,15 @@ mod tests {
         assert!(!config.decoupled);
         // Both checked on a device (BENCHMARKS.md), so on unless a model turns them off.
         assert!(config.parameters.sample_on_device && config.parameters.cuda_graphs);
+        // Not yet checked on a device: off unless a model turns it on.
+        assert!(!config.parameters.programmatic_launch);
         let config = parse(
-            r#""sample_on_device":{"string_value":"false"},"cuda_graphs":{"string_value":"false"}"#,
+            r#""sample_on_device":{"string_value":"false"},"cuda_graphs":{"string_value":"false"},
+               "programmatic_launch":{"string_value":"true"}"#,
         )
         .unwrap();
         assert!(!config.parameters.sample_on_device && !config.parameters.cuda_graphs);
+        assert!(config.parameters.programmatic_launch);
     }
 
     #[test]
@@ -276,6 +286,7 @@ mod tests {
             (r#""enable_prefix_caching":{"string_value":"maybe"}"#, "enable_prefix_caching"),
             (r#""sample_on_device":{"string_value":"yes"}"#, "sample_on_device"),
             (r#""cuda_graphs":{"string_value":"on"}"#, "cuda_graphs"),
+            (r#""programmatic_launch":{"string_value":"y"}"#, "programmatic_launch"),
             (r#""block_size":{"string_value":"0"}"#, "block_size"),
             (r#""max_input_bytes":{"string_value":"0"}"#, "max_input_bytes"),
             (r#""max_queued_requests":{"string_value":"-4"}"#, "max_queued_requests"),

@@ -510,6 +510,7 @@ mod tests {
             session_len: None,
             sample_on_device: false,
             cuda_graphs: false,
+            programmatic_launch: false,
             max_input_bytes: None,
             kv_format: Default::default(),
             scheduler: Default::default(),

@@ -136,6 +136,7 @@ impl ModelState {
             quantization: parameters.quantization,
             sample_on_device: parameters.sample_on_device,
             cuda_graphs: parameters.cuda_graphs,
+            programmatic_launch: parameters.programmatic_launch,
             max_input_bytes: parameters.max_input_bytes,
             kv_format: parameters.kv_format,
             chat_format: parameters.chat_format.clone(),

@@ -61,10 +61,12 @@ pub fn run(
     checkpoint.finish()?;
     lm.set_sample_on_device(device.sample_on_device);
     lm.set_cuda_graphs(device.cuda_graphs);
+    let programmatic_launch = lm.set_programmatic_launch(device.programmatic_launch);
     let on_gpu = device.device != Device::Cpu;
     let options = BenchOptions {
         sample_on_device: device.sample_on_device && on_gpu,
         cuda_graphs: device.cuda_graphs && on_gpu,
+        programmatic_launch,
     };
     bench(lm.as_ref(), device, batch, prompt, new, options, quant_bits)
 }
@@ -150,6 +152,7 @@ fn bench_run(
 struct BenchOptions {
     sample_on_device: bool,
     cuda_graphs: bool,
+    programmatic_launch: bool,
 }
 
 fn bench(
@@ -234,6 +237,7 @@ fn bench(
         "kv_bytes_per_token": kv_token_bytes,
         "sample_on_device": options.sample_on_device,
         "cuda_graphs": options.cuda_graphs,
+        "programmatic_launch": options.programmatic_launch,
         "ttft_ms": ttft * 1e3,
         "prefill_tokens_per_s": (batch * prompt_len) as f64 / ttft,
         "decode_step_ms": step_s * 1e3,

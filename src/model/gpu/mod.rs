@@ -231,6 +231,10 @@ impl super::CausalLm for GpuModel {
         self.cuda_graphs.store(on, Ordering::Relaxed);
     }
 
+    fn set_programmatic_launch(&self, on: bool) -> bool {
+        self.gpu.set_programmatic_launch(on)
+    }
+
     fn forward_batch(
         &self,
         arena: &mut dyn KvStore,
