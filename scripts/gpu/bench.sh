@@ -21,6 +21,12 @@
 #        256), then ChatGLM2-6B at 64 without graphs, with host sampling, and sampled. The
 #        sampling kernel and graphs are used only where they passed their GPU tests, so one
 #        broken part does not cost the run its other figures (the log says what was left off)
+#   bash scripts/gpu/bench.sh limits        issue 21's levers, each beside what it replaces in
+#        the same run: the GPU tests; `triton-llm bench` (prompt 128, 64 new) of ChatGLM2-6B
+#        and InternLM2.5-7B at batch 1 with and without programmatic dependent launch, at
+#        batch 64 (the decode step, and the decode attention alone on the tensor cores and
+#        the CUDA cores at contexts 256 to 8,192), and FP8 weights at batch 1 and 64; served
+#        ChatGLM2-6B FP8 and bf16 at 256 streams
 #   bash scripts/gpu/bench.sh decode [BATCH ...] [-- BENCH_FLAGS]
 #        `triton-llm bench --shape $SHAPE --load-format dummy --device cuda --prompt $PROMPT
 #        --new $NEW --batch B` for each B (default 1); SHAPE chatglm2-6b, PROMPT 128, NEW 64;
@@ -161,6 +167,25 @@ serving() {
     cat "$OUT/serve_phases.jsonl" 2>/dev/null
 }
 
+limits() {
+    budget "${BENCH_BUDGET_S:-540}" limits.txt
+    gpu_tests 60
+    local shape
+    for shape in chatglm2-6b internlm2_5-7b; do
+        for flags in "--batch 1" "--batch 1 --programmatic-launch true" "--batch 64" \
+            "--batch 1 --quantization fp8" "--batch 64 --quantization fp8"; do
+            step "bench $shape $flags" 30 bash -c "set -o pipefail; $CARRY/triton-llm bench \
+                --shape $shape --load-format dummy --device cuda --prompt 128 --new 64 $flags \
+                | tee -a '$OUT/bench.jsonl'"
+        done
+    done
+    LEVELS=(256)
+    serve "chatglm2-6b fp8" server-fp8.log 50 SHAPE=chatglm2-6b QUANTIZATION=fp8
+    serve "chatglm2-6b bf16" server-bf16.log 50 SHAPE=chatglm2-6b
+    echo "== done in $(($(date +%s) - START)) s"
+    pack_server_logs
+}
+
 decode() {
     local batches=() flags=()
     while [ $# -gt 0 ] && [ "$1" != -- ]; do
@@ -192,7 +217,7 @@ peer() {
 }
 
 case "$PART" in
-    figures | ttft | serving | decode | peer)
+    figures | ttft | serving | limits | decode | peer)
         carry_binary triton-llm
         "$PART" "$@"
         ;;

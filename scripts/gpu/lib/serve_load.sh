@@ -13,7 +13,9 @@
 # the model's default top-k 50 / top-p 0.8 sampling), MAX_BATCHED_TOKENS (8192: the tokens a
 # step may carry, max_num_batched_tokens), LOAD_PROCESSES (0: tools/load.py's own choice, one
 # client process per 32 sessions), QUANT_POLICY (0: the KV cache in bf16; 8, 4: int8, int4),
-# NEW_TOKENS (128: new tokens an answer asks for), MAX_NUM_SEQS (the largest level, at least
+# QUANTIZATION (none: bf16 weights; w8a16, w4a16, fp8), PROGRAMMATIC_LAUNCH (false; true:
+# programmatic dependent launch), NEW_TOKENS (128: new tokens an answer asks for),
+# MAX_NUM_SEQS (the largest level, at least
 # 256: the engine's seats), REPEATS (1: runs of each level; with more,
 # a summary line per level gives the median output tokens/s and the spread).
 # Every run of every level sends prompts never sent before: tools/load.py's --prompt-seed is
@@ -37,6 +39,8 @@ TEMPERATURE=${TEMPERATURE:-0}
 MAX_BATCHED_TOKENS=${MAX_BATCHED_TOKENS:-8192}
 LOAD_PROCESSES=${LOAD_PROCESSES:-0}
 QUANT_POLICY=${QUANT_POLICY:-0}
+QUANTIZATION=${QUANTIZATION:-none}
+PROGRAMMATIC_LAUNCH=${PROGRAMMATIC_LAUNCH:-false}
 NEW_TOKENS=${NEW_TOKENS:-128}
 REPEATS=${REPEATS:-1}
 # Seats of the engine: the largest level by default (at least 256), up to 1,024.
@@ -73,7 +77,8 @@ cp $TOKENIZER /tmp/load-model/
     echo "instance_group [ { kind: $KIND count: 1 } ]"
     for kv in model_dir=/tmp/load-model load_format=dummy dtype=bf16 max_num_seqs=$MAX_NUM_SEQS \
         max_num_batched_tokens=$MAX_BATCHED_TOKENS sample_on_device=$SAMPLE_ON_DEVICE \
-        cuda_graphs=$CUDA_GRAPHS quant_policy=$QUANT_POLICY; do
+        cuda_graphs=$CUDA_GRAPHS quant_policy=$QUANT_POLICY quantization=$QUANTIZATION \
+        programmatic_launch=$PROGRAMMATIC_LAUNCH; do
         echo "parameters { key: \"${kv%%=*}\" value { string_value: \"${kv#*=}\" } }"
     done
 } > "/tmp/load-repo/$MODEL/config.pbtxt"
