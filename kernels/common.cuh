@@ -54,16 +54,20 @@ template <> __device__ __forceinline__ f16 from_f32<f16>(float x) {
     return out;
 }
 
-// Programmatic dependent launch (sm_90 on; src/cuda/launch.rs launches every kernel with
-// it there): a kernel's blocks may be scheduled while the previous kernel drains. Every
-// kernel calls kernel_entry before it reads or writes memory another kernel uses: it waits
-// until the previous kernel has finished and its writes are visible, then lets the next
-// kernel be scheduled. What depends on no earlier kernel (a product's weights) may be
-// fetched before it. Launched without the attribute, or before sm_90, both are no-ops.
+// Programmatic dependent launch (sm_90 on, where src/cuda/launch.rs launches with it): a
+// kernel's blocks may be scheduled while earlier kernels still run. Every kernel calls
+// kernel_entry before it reads or writes memory another kernel uses. It first lets the next
+// kernel be scheduled once all of this one's blocks have started (so the next product's
+// blocks take the SMs this one's last blocks free, fetching their weights, even across a
+// small kernel between them), then waits until the previous kernel has finished and its
+// writes are visible. Each kernel waits for its predecessor, so a kernel that has waited
+// comes after all earlier ones. What depends on no earlier kernel (a product's weights)
+// may be fetched before it. Launched without the attribute, or before sm_90, both are
+// no-ops.
 __device__ __forceinline__ void kernel_entry() {
 #if !defined(EMU_HOST) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;" :::);
+    asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
 
