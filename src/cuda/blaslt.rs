@@ -23,7 +23,16 @@ const MAX_PLANS: usize = 1024;
 pub(super) struct BlasLt {
     handle: lt::cublasLtHandle_t,
     out_type: lt::cudaDataType,
-    plans: HashMap<(usize, usize, usize), Plan>,
+    plans: HashMap<PlanKey, Plan>,
+}
+
+/// A product's (m, n, k) and the alignments of W, X and Y's addresses.
+type PlanKey = ((usize, usize, usize), [u32; 3]);
+
+/// The largest power of two up to 256 that divides `address`: the alignment cuBLASLt's
+/// heuristic may count on (it assumes 256 bytes unless told).
+fn alignment(address: u64) -> u32 {
+    1 << address.trailing_zeros().min(8)
 }
 
 // SAFETY: a cuBLASLt handle and its descriptors are host objects any thread may use, one
@@ -95,14 +104,15 @@ impl BlasLt {
     /// The plan of an `m × n × k` product with a workspace of `workspace_bytes`; its `algo`
     /// is None where cuBLASLt has none for the shape on this device, or refused to plan it
     /// (said in the log; the product then takes another path).
-    fn plan(&mut self, m: usize, n: usize, k: usize, workspace_bytes: usize) -> &Plan {
+    fn plan(&mut self, key: PlanKey, workspace_bytes: usize) -> &mut Plan {
         // Prefill steps come in many row counts: the plans are bounded, not one per count
         // ever seen.
-        if self.plans.len() >= MAX_PLANS && !self.plans.contains_key(&(m, n, k)) {
+        if self.plans.len() >= MAX_PLANS && !self.plans.contains_key(&key) {
             self.plans.clear();
         }
-        self.plans.entry((m, n, k)).or_insert_with(|| {
-            match make_plan(self.handle, self.out_type, (m, n, k), workspace_bytes) {
+        let ((m, n, k), _) = key;
+        self.plans.entry(key).or_insert_with(|| {
+            match make_plan(self.handle, self.out_type, key, workspace_bytes) {
                 Ok(plan) => {
                     if plan.algo.is_none() {
                         tracing::debug!("cuBLASLt has no FP8 algorithm for {m}×{n}×{k}");
@@ -119,7 +129,8 @@ impl BlasLt {
 
     /// Queues `y = xq · qᵀ` on `stream` for E4M3 bytes `q` (`[n, k]`) and `xq` (`[m, k]`),
     /// `y` `[m, n]` elems, with cuBLAS's `workspace`. Ok(false), queuing nothing, where
-    /// cuBLASLt has no FP8 algorithm for the shape here.
+    /// cuBLASLt has no FP8 algorithm for the shape and alignments here, or refused the call
+    /// (said in the log once; that plan is not tried again).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn fp8_matmul(
         &mut self,
@@ -139,7 +150,8 @@ impl BlasLt {
             )));
         }
         let (handle, workspace_bytes) = (self.handle, workspace.bytes());
-        let plan = self.plan(m, n, k, workspace_bytes);
+        let aligned = [q.ptr(), xq.ptr(), y.ptr()].map(alignment);
+        let plan = self.plan(((m, n, k), aligned), workspace_bytes);
         let Some(algo) = plan.algo else { return Ok(false) };
         let (alpha, beta) = (1.0f32, 0.0f32);
         // SAFETY: the views were checked above to hold W's n·k and X's m·k bytes and Y's
@@ -166,7 +178,11 @@ impl BlasLt {
                 stream as lt::cudaStream_t,
             )
         };
-        lt_result(status, "cublasLtMatmul (FP8)")?;
+        if let Err(e) = lt_result(status, "cublasLtMatmul (FP8)") {
+            tracing::warn!("FP8 product {m}×{n}×{k} on cuBLAS instead: {e}");
+            plan.algo = None;
+            return Ok(false);
+        }
         Ok(true)
     }
 }
@@ -176,7 +192,7 @@ impl BlasLt {
 fn make_plan(
     handle: lt::cublasLtHandle_t,
     out_type: lt::cudaDataType,
-    (m, n, k): (usize, usize, usize),
+    ((m, n, k), [align_w, align_x, align_y]): PlanKey,
     workspace_bytes: usize,
 ) -> Result<Plan> {
     let mut plan = Plan { desc: null_mut(), layouts: [null_mut(); 3], algo: None };
@@ -227,12 +243,29 @@ fn make_plan(
             lt::cublasLtMatmulPreferenceCreate(&mut preference),
             "creating a cuBLASLt preference",
         )?;
-        let set = lt::cublasLtMatmulPreferenceSetAttribute(
+        use lt::cublasLtMatmulPreferenceAttributes_t as Pref;
+        let mut set = lt::cublasLtMatmulPreferenceSetAttribute(
             preference,
-            lt::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            Pref::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
             (&workspace_bytes as *const usize).cast(),
             std::mem::size_of::<usize>(),
         );
+        let alignments = [
+            (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align_w),
+            (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align_x),
+            (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_y),
+            (Pref::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_y),
+        ];
+        for (attribute, bytes) in alignments {
+            if set == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                set = lt::cublasLtMatmulPreferenceSetAttribute(
+                    preference,
+                    attribute,
+                    (&bytes as *const u32).cast(),
+                    std::mem::size_of::<u32>(),
+                );
+            }
+        }
         let mut result: lt::cublasLtMatmulHeuristicResult_t = std::mem::zeroed();
         let mut found = 0;
         let heuristic = if set == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
@@ -261,4 +294,15 @@ fn make_plan(
         }
     }
     Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::alignment;
+
+    #[test]
+    fn alignment_is_the_largest_power_of_two_dividing_the_address_up_to_256() {
+        assert_eq!([0x10000, 0x1100, 0x1010, 0x1002, 0x1001].map(alignment), [256, 256, 16, 2, 1]);
+        assert_eq!(alignment(0), 256);
+    }
 }
