@@ -102,13 +102,15 @@ __device__ __forceinline__ void decode_quantised_key(
 // Keys [begin, end) of decode split `split` and the splits the sequence uses (`used`);
 // false when this split has none. partition 0: each sequence divides its own keys over the
 // splits (a CUDA graph replays one launch for any lengths) as decode_splits divides a
-// launched step's: into at most one split per DECODE_MIN_PARTITION keys, of whole warps (129
-// keys stay one split rather than 128 and a one-key split with its merge). With one split
-// used, its block writes the output itself (no partial, no merge).
+// launched step's: into at most one split per `min_partition` keys (DECODE_MIN_PARTITION for
+// the CUDA-core kernels, MMA_DECODE_KEYS for the tensor-core one), of whole warps of 32 (129
+// keys stay one split of the CUDA-core kernels rather than 128 and a one-key split with its
+// merge). With one split used, its block writes the output itself (no partial, no merge).
 __device__ __forceinline__ bool decode_split_keys(int visible, int split, int splits, int partition,
-                                                  int* begin, int* end, int* used) {
+                                                  int min_partition, int* begin, int* end,
+                                                  int* used) {
     if (partition <= 0) {
-        const int wanted = max(1, min(splits, visible / DECODE_MIN_PARTITION));
+        const int wanted = max(1, min(splits, visible / min_partition));
         partition = ((visible + wanted - 1) / wanted + 31) / 32 * 32;
     }
     *used = min(splits, (visible + partition - 1) / partition);
@@ -215,7 +217,9 @@ __device__ __forceinline__ void decode_attention(
     const int* table = block_tables + (size_t)token_seq[t] * max_blocks_per_seq;
     const int visible = token_pos[t] + 1;
     int begin, end, used_splits;
-    if (!decode_split_keys(visible, blockIdx.z, splits, partition, &begin, &end, &used_splits)) return;
+    if (!decode_split_keys(visible, blockIdx.z, splits, partition, DECODE_MIN_PARTITION, &begin,
+                           &end, &used_splits))
+        return;
 
     __shared__ float q_s[heads][32 * MAX_DIMS_PER_LANE];
     const elem* q_first = q + ((size_t)t * num_heads + first_head) * head_dim;

@@ -245,7 +245,10 @@ extern "C" __global__ void __launch_bounds__(128) attention_decode_mma(
     const int kv_width = num_kv_heads * head_dim;
     const int* table = block_tables + (size_t)token_seq[t] * max_blocks_per_seq;
     int begin, end, used_splits;
-    if (!decode_split_keys(token_pos[t] + 1, blockIdx.z, splits, partition, &begin, &end, &used_splits))
+    // Splits of as few as one chunk: a block's four warps take 16 keys each, so a short
+    // context still spreads over enough blocks.
+    if (!decode_split_keys(token_pos[t] + 1, blockIdx.z, splits, partition, MMA_DECODE_KEYS, &begin,
+                           &end, &used_splits))
         return;
     const int k_steps = head_dim / 16, d_tiles = head_dim / 8;
 

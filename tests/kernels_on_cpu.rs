@@ -845,8 +845,8 @@ fn prefill_attention_on_tensor_cores() {
 /// The tensor-core decode (bf16, the MMA emulated): a block per K/V head with all the
 /// heads of its group as the MMA's rows (16 of ChatGLM2's layout, 4 of InternLM2.5's, 6 of
 /// a group that fills no power of two, 8 of a group of 16), over paged blocks, with one
-/// split, splits of 128 keys and each sequence's own splits (partition 0, as graphs launch).
-/// Queries near zero over V far from zero give near-uniform weights and outputs far from
+/// split, splits of 128 and of 64 keys and each sequence's own splits (partition 0, as graphs
+/// launch, here as fine as one chunk of 64 keys). Queries near zero over V far from zero give near-uniform weights and outputs far from
 /// zero, where one key counted wrongly shows.
 #[test]
 fn decode_attention_on_tensor_cores() {
@@ -876,7 +876,8 @@ fn decode_attention_on_tensor_cores() {
             let (k, v) = &cache.contiguous[s];
             want.extend(attention_f64(&q[s * q_width..][..q_width], k, v, len - 1, shape));
         }
-        for (splits, partition) in [(1, 320), (3, 128), (3, 0)] {
+        // Also splits of one chunk (64 keys) and each sequence's own down to one chunk.
+        for (splits, partition) in [(1, 320), (3, 128), (3, 0), (5, 64), (8, 0)] {
             let kv = (dtype.encode(&cache.k), dtype.encode(&cache.v));
             let (blocks, split) = ((&cache, block_size), (splits, partition));
             let out = launch_decode(

@@ -267,9 +267,10 @@ pub(crate) fn decode_layout_with(
     longest: Option<usize>,
 ) -> DecodeLayout {
     let blocks = num_decode * attention.num_heads / heads_per_block;
+    let min_partition = if tensor_cores { MMA_DECODE_MIN_PARTITION } else { DECODE_MIN_PARTITION };
     let (splits, partition) = match longest {
         None => (graph_splits(blocks), 0),
-        Some(longest) => decode_splits(blocks, longest),
+        Some(longest) => decode_splits(blocks, longest, min_partition),
     };
     DecodeLayout { heads_per_block, tensor_cores, splits, partition }
 }
@@ -306,16 +307,20 @@ const MAX_BLOCK_HEADS: usize = 8;
 /// The most any decode attention block takes (attention_decode_mma: the MMA's 16 rows).
 const MAX_DECODE_BLOCK_HEADS: usize = 16;
 
+/// Fewest keys a split of the tensor-core decode covers: one chunk, a warp's 16 keys four
+/// times (MMA_DECODE_KEYS in kernels/attention_mma.cu).
+const MMA_DECODE_MIN_PARTITION: usize = 64;
+
 /// Fewest keys a decode split covers: four warps of 32 (DECODE_MIN_PARTITION in
 /// kernels/attention.cu).
 const DECODE_MIN_PARTITION: usize = 128;
 
 /// How the decode attention splits the keys of its longest sequence: (splits, keys per
 /// split). Enough splits that `blocks` (decode tokens × heads) times them fill the chip when
-/// few sequences decode (flash-decoding), but at least DECODE_MIN_PARTITION keys each and a
+/// few sequences decode (flash-decoding), but at least `min_partition` keys each and a
 /// multiple of 32.
-fn decode_splits(blocks: usize, longest: usize) -> (usize, usize) {
-    let most = (longest / DECODE_MIN_PARTITION).max(1);
+fn decode_splits(blocks: usize, longest: usize, min_partition: usize) -> (usize, usize) {
+    let most = (longest / min_partition).max(1);
     let splits = DECODE_ATTENTION_BLOCKS.div_ceil(blocks).clamp(1, most);
     let partition = longest.div_ceil(splits).div_ceil(32) * 32;
     (longest.div_ceil(partition), partition)
@@ -419,19 +424,27 @@ mod tests {
 
     #[test]
     fn decode_splits_cover_every_key_in_whole_warps() {
-        for blocks in [1, 32, 64, 512, 2048] {
-            for longest in [1, 31, 32, 129, 1000, 4096, 32768] {
-                let (splits, partition) = decode_splits(blocks, longest);
-                assert!(splits >= 1 && partition % 32 == 0, "{blocks} {longest}");
-                assert!(splits * partition >= longest, "{blocks} {longest}: keys left over");
-                assert!((splits - 1) * partition < longest, "{blocks} {longest}: an empty split");
-                if splits > 1 {
-                    assert!(partition >= 128, "{blocks} {longest}: {partition} keys a split");
+        for min_partition in [DECODE_MIN_PARTITION, MMA_DECODE_MIN_PARTITION] {
+            for blocks in [1, 32, 64, 512, 2048] {
+                for longest in [1, 31, 32, 129, 1000, 4096, 32768] {
+                    let (splits, partition) = decode_splits(blocks, longest, min_partition);
+                    let what = format!("{blocks} {longest} {min_partition}");
+                    assert!(splits >= 1 && partition % 32 == 0, "{what}");
+                    assert!(splits * partition >= longest, "{what}: keys left over");
+                    assert!((splits - 1) * partition < longest, "{what}: an empty split");
+                    if splits > 1 {
+                        assert!(partition >= min_partition, "{what}: {partition} keys a split");
+                    }
                 }
             }
         }
-        assert_eq!(decode_splits(32, 1024), (8, 128)); // one sequence of ChatGLM2-6B
-        assert_eq!(decode_splits(2048, 1024).0, 1); // 64 sequences fill the chip alone
+        let cuda_cores = |blocks, longest| decode_splits(blocks, longest, DECODE_MIN_PARTITION);
+        assert_eq!(cuda_cores(32, 1024), (8, 128)); // one sequence of ChatGLM2-6B
+        assert_eq!(cuda_cores(2048, 1024).0, 1); // 64 sequences fill the chip alone
+        // 64 ChatGLM2-6B sequences on the tensor cores (128 blocks of 16 heads) at 192 keys:
+        // three splits of 64 where the CUDA-core rule would allow one.
+        assert_eq!(decode_splits(128, 192, MMA_DECODE_MIN_PARTITION), (3, 64));
+        assert_eq!(cuda_cores(128, 192).0, 1);
     }
 
     #[test]
@@ -682,7 +695,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!((words.num_decode, words.num_tiles, words.max_blocks), (1, 2, 7));
-        assert_eq!((words.splits, words.partition), decode_splits(4, 201));
+        assert_eq!((words.splits, words.partition), decode_splits(4, 201, DECODE_MIN_PARTITION));
         assert!(words.partition > 0);
         // Each table's span runs to the next laid-out table (the never-used table 4 aside),
         // so the views the kernels get hold exactly what each table holds.
