@@ -26,7 +26,8 @@
 #        and InternLM2.5-7B at batch 1 with and without programmatic dependent launch, at
 #        batch 64 (the decode step, and the decode attention alone on the tensor cores and
 #        the CUDA cores at contexts 256 to 8,192), and FP8 weights at batch 1 and 64; served
-#        ChatGLM2-6B FP8 and bf16 at 256 streams
+#        ChatGLM2-6B FP8 and bf16 at 256 streams; Nsight Compute over a 64-stream decode step
+#        if the budget (BENCH_BUDGET_S, 540) has time left
 #   bash scripts/gpu/bench.sh decode [BATCH ...] [-- BENCH_FLAGS]
 #        `triton-llm bench --shape $SHAPE --load-format dummy --device cuda --prompt $PROMPT
 #        --new $NEW --batch B` for each B (default 1); SHAPE chatglm2-6b, PROMPT 128, NEW 64;
@@ -182,6 +183,10 @@ limits() {
     LEVELS=(256)
     serve "chatglm2-6b fp8" server-fp8.log 50 SHAPE=chatglm2-6b QUANTIZATION=fp8
     serve "chatglm2-6b bf16" server-bf16.log 50 SHAPE=chatglm2-6b
+    # Where the 64-stream step's time goes now (the tensor-core decode's share), if time is left.
+    step "profile of a 64-stream decode step" 120 bash -c "LAUNCHES=2600 bash scripts/gpu/lib/profile.sh \
+        chatglm2-6b 64 128 2 > '$OUT/profile.txt' 2>&1; rc=\$?; head -40 '$OUT/profile.txt'; exit \$rc"
+    rm -f "$OUT"/ncu-*.csv
     echo "== done in $(($(date +%s) - START)) s"
     pack_server_logs
 }
