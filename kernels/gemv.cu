@@ -13,17 +13,20 @@
 #define GEMV_MAX_ROWS 8
 #define GEMV_THREADS 128
 
-// acc[q][r] += Σ_k x[r, k] · w_rows[q][k] for r < m and q < Q, over this block's share of k,
-// with DEPTH chunks of each row in flight.
+// acc[q][r] += Σ_k x[r, k] · w_rows[q][k] for r < m and q < Q, k < `k`, with DEPTH chunks of
+// each row in flight; x's rows are `ldx` elems apart (a split of k passes its first element
+// and the whole row's width).
 template <int Q, int DEPTH>
 __device__ __forceinline__ void accumulate_rows(const elem* __restrict__ x,
                                                 const elem* const (&w_rows)[Q],
-                                                float (&acc)[Q][GEMV_MAX_ROWS], int m, int k) {
+                                                float (&acc)[Q][GEMV_MAX_ROWS], int m, int k,
+                                                int ldx) {
     constexpr int V = 16 / sizeof(elem);
     const int tid = threadIdx.x;
     if (k % V == 0) {
         // Rows of W and x start on 16-byte boundaries: k·sizeof(elem) is a multiple of 16
-        // and every buffer comes from cudaMalloc.
+        // (and so are a split's first element and ldx) and every buffer comes from
+        // cudaMalloc.
         const int chunks = k / V;
         int c = tid;
         for (; c + (DEPTH - 1) * GEMV_THREADS < chunks; c += DEPTH * GEMV_THREADS) {
@@ -36,7 +39,7 @@ __device__ __forceinline__ void accumulate_rows(const elem* __restrict__ x,
 #pragma unroll
             for (int r = 0; r < GEMV_MAX_ROWS; r++) {
                 if (r < m) {
-                    const int4* x4 = reinterpret_cast<const int4*>(x + (size_t)r * k);
+                    const int4* x4 = reinterpret_cast<const int4*>(x + (size_t)r * ldx);
 #pragma unroll
                     for (int u = 0; u < DEPTH; u++) {
                         Chunk xc;
@@ -60,7 +63,7 @@ __device__ __forceinline__ void accumulate_rows(const elem* __restrict__ x,
             for (int r = 0; r < GEMV_MAX_ROWS; r++) {
                 if (r < m) {
                     Chunk xc;
-                    xc.raw = __ldg(reinterpret_cast<const int4*>(x + (size_t)r * k) + c);
+                    xc.raw = __ldg(reinterpret_cast<const int4*>(x + (size_t)r * ldx) + c);
                     float xv[V];
 #pragma unroll
                     for (int j = 0; j < V; j++) xv[j] = to_f32(xc.e[j]);
@@ -76,7 +79,7 @@ __device__ __forceinline__ void accumulate_rows(const elem* __restrict__ x,
 #pragma unroll
             for (int r = 0; r < GEMV_MAX_ROWS; r++) {
                 if (r < m) {
-                    const float xv = to_f32(x[(size_t)r * k + i]);
+                    const float xv = to_f32(x[(size_t)r * ldx + i]);
 #pragma unroll
                     for (int q = 0; q < Q; q++) acc[q][r] += to_f32(w_rows[q][i]) * xv;
                 }
@@ -127,7 +130,7 @@ __device__ __forceinline__ void gemv(const elem* __restrict__ x, const elem* __r
         for (int r = 0; r < GEMV_MAX_ROWS; r++) acc[q][r] = 0.0f;
     }
     kernel_entry();  // x comes from the previous kernel; the rows of W do not
-    accumulate_rows<COLS, DEPTH>(x, w_rows, acc, m, k);
+    accumulate_rows<COLS, DEPTH>(x, w_rows, acc, m, k, k);
     __shared__ float partial[COLS * GEMV_MAX_ROWS][GEMV_THREADS / 32];
     const float sum = block_rows_sum<COLS>(acc, m, partial);
     const int t = threadIdx.x, col = first + t / GEMV_MAX_ROWS, r = t % GEMV_MAX_ROWS;
@@ -161,7 +164,7 @@ __device__ __forceinline__ void gemv_swiglu_cols(const elem* __restrict__ x,
     for (int q = 0; q < 2 * COLS; q++)
 #pragma unroll
         for (int r = 0; r < GEMV_MAX_ROWS; r++) acc[q][r] = 0.0f;
-    accumulate_rows<2 * COLS, DEPTH>(x, w_rows, acc, m, k);
+    accumulate_rows<2 * COLS, DEPTH>(x, w_rows, acc, m, k, k);
     __shared__ float partial[2 * COLS * GEMV_MAX_ROWS][GEMV_THREADS / 32];
     const float sum = block_rows_sum<2 * COLS>(acc, m, partial);
     // Thread q·GEMV_MAX_ROWS + r holds gate (q < COLS) or up (q ≥ COLS) of column q mod
@@ -193,6 +196,46 @@ extern "C" __global__ void gemv_f32(const elem* x, const elem* w, const elem* bi
 extern "C" __global__ void gemv_swiglu(const elem* __restrict__ x, const elem* __restrict__ w,
                                        elem* __restrict__ act, int m, int width, int k) {
     gemv_swiglu_cols<1, 2>(x, w, act, m, width, k);
+}
+
+// Split-K for rows much longer than the output is wide (the down product at one sequence):
+// block (col, s) sums split s of the row's 16-byte chunks and leaves it in
+// partials[(s·m + r)·n + col]; the block that finishes last for the column adds the splits
+// in split order (the same sum whichever finished first), with the bias, writes y and resets
+// the column's counter for the next call. Shorter blocks than a whole row each: the chip's
+// last wave drains sooner. k a multiple of 16 bytes of elems. grid: (n, splits); block:
+// GEMV_THREADS; partials: splits·m·n floats; counters: n ints, zero between calls.
+extern "C" __global__ void gemv_split_k(const elem* x, const elem* w, const elem* bias, elem* y,
+                                        float* partials, int* counters, int m, int n, int k) {
+    constexpr int V = 16 / sizeof(elem);
+    const int col = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+    const int chunks = k / V, per = (chunks + splits - 1) / splits;
+    const int begin = min(chunks, split * per) * V, end = min(chunks, (split + 1) * per) * V;
+    const elem* w_rows[1] = {w + (size_t)col * k + begin};
+    prefetch_l2(w_rows[0], (size_t)(end - begin) * sizeof(elem));
+    float acc[1][GEMV_MAX_ROWS];
+#pragma unroll
+    for (int r = 0; r < GEMV_MAX_ROWS; r++) acc[0][r] = 0.0f;
+    kernel_entry();  // x comes from the previous kernel; the row of W does not
+    accumulate_rows<1, 4>(x + begin, w_rows, acc, m, end - begin, k);
+    __shared__ float partial[GEMV_MAX_ROWS][GEMV_THREADS / 32];
+    const float sum = block_rows_sum<1>(acc, m, partial);
+    const int t = threadIdx.x;
+    if (t < m) partials[((size_t)split * m + t) * n + col] = sum;
+    // The fence makes this block's share visible before it is counted.
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (t == 0) last = atomicAdd(counters + col, 1) == splits - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    if (t < m) {
+        float total = 0.0f;
+        for (int s = 0; s < splits; s++) total += __ldcg(partials + ((size_t)s * m + t) * n + col);
+        y[(size_t)t * n + col] = from_f32<elem>(total + (bias ? to_f32(bias[col]) : 0.0f));
+    }
+    if (t == 0) counters[col] = 0;
 }
 
 // Bias for the cuBLAS path (prefill): y[r, c] += bias[c].

@@ -306,6 +306,29 @@ fn gemv_products_match_plain_sums() {
                 // bit for bit.
                 assert_eq!(out[..n * out_bytes], run(name, 1, out_bytes), "{what}: row 0");
             }
+            // Split-K (rows whose 16-byte chunks divide among the splits, some unevenly):
+            // the same sums, the counters zero again after.
+            if (k * e) % 16 == 0 {
+                for splits in [2, 3, 4] {
+                    let buffers = vec![
+                        dtype.encode(&x),
+                        dtype.encode(&w),
+                        dtype.encode(&bias),
+                        vec![0; m * n * e],
+                        vec![0; splits * m * n * 4],
+                        vec![0; n * 4],
+                    ];
+                    let args = with_buffers(
+                        6,
+                        [Arg::I32(m as i32), Arg::I32(n as i32), Arg::I32(k as i32)],
+                    );
+                    let grid = [n as u32, splits as u32, 1];
+                    let out = launch(dtype, "gemv_split_k", grid, 128, buffers, &args);
+                    let what = format!("gemv_split_k {} {m}x{n}x{k} in {splits}", dtype.name());
+                    assert_close(&elems(dtype, &out[3]), &want, tolerance, &what);
+                    assert!(out[5].iter().all(|&b| b == 0), "{what}: counters left set");
+                }
+            }
         }
     }
 }

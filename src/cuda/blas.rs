@@ -41,9 +41,34 @@ fn gemv_rows(m: usize) -> Result<i32> {
 /// The kernel that runs a product `x[m, k] · W[n, k]ᵀ`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProductKernel {
-    /// Ours, a block per row of W (up to GEMV_MAX_ROWS rows of x).
+    /// Ours, a block per row of W (up to GEMV_MAX_ROWS rows of x), rows much longer than
+    /// GEMV_SPLIT_LENGTH split over several blocks (`gemv_splits`).
     Gemv,
+    /// The GEMV with every row in one block (for `triton-llm bench` to hold the split
+    /// against; the engine never picks it).
+    GemvWhole,
     Cublas,
+}
+
+/// Elems of a row a GEMV block takes at most before the row is split over blocks: the
+/// length of most decode products' rows (hidden sizes of 4,096), whose blocks drain in step.
+const GEMV_SPLIT_LENGTH: usize = 4096;
+/// Most splits of a row.
+const GEMV_MAX_SPLITS: usize = 4;
+/// Widest product the split-K GEMV takes (its counters).
+const SPLIT_K_COLUMNS: usize = 16384;
+/// Partial sums the split-K scratch holds: every split of GEMV_MAX_ROWS rows at the widest.
+const SPLIT_K_FLOATS: usize = GEMV_MAX_SPLITS * GEMV_MAX_ROWS * SPLIT_K_COLUMNS;
+/// Bytes of the split-K scratch: the partial sums, then the counters.
+pub(super) const SPLIT_K_BYTES: usize = (SPLIT_K_FLOATS + SPLIT_K_COLUMNS) * 4;
+
+/// Splits of each row for the GEMV of `m` rows into `n` elem columns over `k` inputs of
+/// `elem` bytes: rows past GEMV_SPLIT_LENGTH go in that many splits of whole 16-byte chunks,
+/// where the scratch holds them; others in one.
+fn gemv_splits(m: usize, n: usize, k: usize, elem: usize) -> usize {
+    let splits = k.div_ceil(GEMV_SPLIT_LENGTH).min(GEMV_MAX_SPLITS);
+    let fits = n <= SPLIT_K_COLUMNS && splits * m * n <= SPLIT_K_FLOATS;
+    if splits > 1 && fits && (k * elem).is_multiple_of(16) { splits } else { 1 }
 }
 
 impl ProductKernel {
@@ -55,6 +80,7 @@ impl ProductKernel {
     pub fn name(self) -> &'static str {
         match self {
             ProductKernel::Gemv => "gemv",
+            ProductKernel::GemvWhole => "gemv_whole_rows",
             ProductKernel::Cublas => "cublas",
         }
     }
@@ -182,7 +208,26 @@ impl Gpu {
         if let Some(bias) = bias {
             bias.check("product bias", bytes(&[n, e]))?;
         }
-        if kernel == ProductKernel::Gemv {
+        let splits = match kernel {
+            ProductKernel::Gemv if !f32_out => gemv_splits(m, n, k, e),
+            _ => 1,
+        };
+        if splits > 1 {
+            let m_i = gemv_rows(m)?;
+            let partials = self.split_k.range(0, SPLIT_K_FLOATS * 4)?;
+            let counters = self.split_k.range(SPLIT_K_FLOATS * 4, SPLIT_K_COLUMNS * 4)?;
+            let grid = (n as u32, splits as u32);
+            let (n, k) = (n as i32, k as i32);
+            let args: [&dyn Arg; 9] = [&x, &w, &bias, &y, &partials, &counters, &m_i, &n, &k];
+            return self.launch(
+                &self.kernels().gemv_split_k,
+                "gemv_split_k",
+                grid,
+                GEMV_THREADS,
+                &args,
+            );
+        }
+        if matches!(kernel, ProductKernel::Gemv | ProductKernel::GemvWhole) {
             let m = gemv_rows(m)?;
             let (function, name) = if f32_out {
                 (&self.kernels().gemv_f32, "gemv_f32")

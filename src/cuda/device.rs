@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 
-use super::blas::BLAS_WORKSPACE;
+use super::blas::{BLAS_WORKSPACE, SPLIT_K_BYTES};
 use super::blaslt::BlasLt;
 use super::compile::{Compiled, Kernels};
 use super::{blas_error, device_error};
@@ -108,6 +108,9 @@ pub struct Gpu {
     pub(super) blas: Mutex<CudaBlas>,
     /// cuBLAS's workspace, set explicitly so that graph captures do not allocate their own.
     pub(super) blas_workspace: CudaSlice<u8>,
+    /// The split-K GEMV's partial sums and per-column counters (blas.rs), used by one
+    /// product at a time in stream order; the counters are zero between products.
+    pub(super) split_k: Buffer,
     /// Whether kernels launch with programmatic dependent launch (where the device has it).
     programmatic: AtomicBool,
     /// cuBLASLt for FP8 products, made at the first (None where it cannot be).
@@ -143,7 +146,15 @@ impl Gpu {
         let blas_workspace = stream
             .alloc_zeros::<u8>(BLAS_WORKSPACE)
             .map_err(device_error("allocating the cuBLAS workspace"))?;
+        let split_k = {
+            let slice = stream
+                .alloc_zeros::<u8>(SPLIT_K_BYTES)
+                .map_err(device_error("allocating the split-K scratch"))?;
+            let ptr = slice.device_ptr(&stream).0;
+            Buffer { slice, ptr }
+        };
         let gpu = Gpu {
+            split_k,
             ctx,
             name: compiled.name.clone(),
             programmatic: AtomicBool::new(compiled.programmatic_launch),

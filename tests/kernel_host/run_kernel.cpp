@@ -50,6 +50,12 @@ static const std::map<std::string, std::function<void(const Args&)>> KERNELS = {
          gemv_f32(a.ptr<const elem*>(0), a.ptr<const elem*>(1), a.ptr<const elem*>(2),
                   a.ptr<float*>(3), a.i32(4), a.i32(5), a.i32(6));
      }},
+    {"gemv_split_k",
+     [](const Args& a) {
+         gemv_split_k(a.ptr<const elem*>(0), a.ptr<const elem*>(1), a.ptr<const elem*>(2),
+                      a.ptr<elem*>(3), a.ptr<float*>(4), a.ptr<int*>(5), a.i32(6), a.i32(7),
+                      a.i32(8));
+     }},
     {"gemv_swiglu",
      [](const Args& a) {
          gemv_swiglu(a.ptr<const elem*>(0), a.ptr<const elem*>(1), a.ptr<elem*>(2), a.i32(3),

@@ -6,7 +6,8 @@
 #include <vector>
 
 #include "shim.h"
-// The kernel's source as the engine compiles it.
+// The kernel's source as the engine compiles it (after common.cuh, as every module has it).
+#include "../../kernels/common.cuh"
 #include "../../kernels/sampling.cu"
 
 int main(int argc, char** argv) {

@@ -303,7 +303,7 @@ fn bench(
         report["products_percent_of_bandwidth"] = measure(chosen)?;
         if batch <= GEMV_MAX_ROWS {
             let mut kernels = serde_json::Map::new();
-            for kernel in [ProductKernel::Gemv, ProductKernel::Cublas] {
+            for kernel in [ProductKernel::Gemv, ProductKernel::GemvWhole, ProductKernel::Cublas] {
                 kernels.insert(kernel.name().into(), measure(kernel)?);
             }
             report["product_kernels_percent_of_bandwidth"] = serde_json::Value::Object(kernels);
