@@ -329,6 +329,91 @@ extern "C" __global__ void gemv_fp8(const int4* w, const float* wscales, const e
     }
 }
 
+// The E4M3 GEMV on the tensor cores (sm_89 on): mma.m16n8k32 takes 16 rows of W as A and
+// the (up to 8) activation rows as B's 8 columns, converting and multiplying the E4M3 values
+// in hardware with f32 sums, where the CUDA-core kernel above spends about ten integer
+// operations converting each weight. A block takes 16 rows of W, its FP8_MMA_WARPS warps
+// each every FP8_MMA_WARPS-th chunk of 64 inputs; a lane loads 16 bytes of W rows g and g + 8
+// and of activation row g at byte 16·(lane % 4) of the chunk, used as k slots 4t..4t+3 and
+// 16+4t..16+4t+3 of two k-steps (A and B take the same k order, so the sums are the
+// product's). The warps' sums are added in warp order, then both scales and the bias. Its
+// f32 sums run in another order than the CUDA-core kernel's: `quantization fp8` on 16-bit
+// dtypes only. k a multiple of 64; xq the E4M3 bytes of quantize_rows_e4m3_bytes.
+// grid: ceil(n / 16); block: 32 · FP8_MMA_WARPS.
+#define FP8_MMA_WARPS 8
+#if defined(EMU_HOST) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890)
+__device__ __forceinline__ void mma_e4m3_16832(float c[4], const unsigned a[4], unsigned b0,
+                                               unsigned b1) {
+#if defined(EMU_HOST)
+    emu_mma_m16n8k32_e4m3(c, a, b0, b1, e4m3_to_f32);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(32 * FP8_MMA_WARPS) gemv_fp8_mma(
+    const unsigned char* __restrict__ w, const float* __restrict__ wscales,
+    const unsigned char* __restrict__ xq, const float* __restrict__ xscales,
+    const elem* __restrict__ bias, elem* __restrict__ y, int m, int n, int k) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, c = lane % 4;
+    const int first = blockIdx.x * 16;
+    // Rows past n repeat the last one (their sums are not written).
+    const unsigned char* w0 = w + (size_t)min(first + g, n - 1) * k + 16 * c;
+    const unsigned char* w1 = w + (size_t)min(first + g + 8, n - 1) * k + 16 * c;
+    prefetch_l2(w + (size_t)first * k, (size_t)min(16, n - first) * k);
+    kernel_entry();  // the activations come from earlier kernels; W does not
+    const bool has_x = g < m;
+    const unsigned char* x0 = xq + (size_t)(has_x ? g : 0) * k + 16 * c;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const int chunks = k / 64;
+    constexpr int DEPTH = 2;
+    for (int ch0 = warp; ch0 < chunks; ch0 += FP8_MMA_WARPS * DEPTH) {
+        int4 wa[DEPTH], wb[DEPTH], xv[DEPTH];
+#pragma unroll
+        for (int u = 0; u < DEPTH; u++) {
+            const int ch = ch0 + u * FP8_MMA_WARPS;
+            wa[u] = wb[u] = xv[u] = make_int4(0, 0, 0, 0);
+            if (ch < chunks) {
+                wa[u] = __ldg(reinterpret_cast<const int4*>(w0 + (size_t)ch * 64));
+                wb[u] = __ldg(reinterpret_cast<const int4*>(w1 + (size_t)ch * 64));
+                if (has_x) xv[u] = __ldg(reinterpret_cast<const int4*>(x0 + (size_t)ch * 64));
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < DEPTH; u++) {
+            const unsigned first_half[4] = {(unsigned)wa[u].x, (unsigned)wb[u].x, (unsigned)wa[u].y,
+                                            (unsigned)wb[u].y};
+            mma_e4m3_16832(acc, first_half, (unsigned)xv[u].x, (unsigned)xv[u].y);
+            const unsigned second_half[4] = {(unsigned)wa[u].z, (unsigned)wb[u].z, (unsigned)wa[u].w,
+                                             (unsigned)wb[u].w};
+            mma_e4m3_16832(acc, second_half, (unsigned)xv[u].z, (unsigned)xv[u].w);
+        }
+    }
+    // Lane (g, c): acc[0], acc[1] = W row g against activation rows 2c, 2c + 1; acc[2],
+    // acc[3] the same for W row g + 8.
+    __shared__ float sums[FP8_MMA_WARPS][32][4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) sums[warp][lane][i] = acc[i];
+    __syncthreads();
+    if (warp == 0) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            float total = 0.0f;
+            for (int v = 0; v < FP8_MMA_WARPS; v++) total += sums[v][lane][i];
+            const int row = first + g + (i >= 2 ? 8 : 0), r = 2 * c + i % 2;
+            if (row < n && r < m) {
+                const float scaled = total * (xscales[r] * wscales[row]);
+                y[(size_t)r * n + row] = from_f32<elem>(scaled + (bias ? to_f32(bias[row]) : 0.0f));
+            }
+        }
+    }
+}
+#endif
+
 // W as its E4M3 values in elems [n, k] (exact), for cuBLAS over quantize_rows_e4m3's rows;
 // the scales apply to the product after. grid: (ceil(k / 16 / 128), n); block: 128.
 extern "C" __global__ void dequant_fp8(const int4* w, elem* out, int k) {

@@ -1438,7 +1438,7 @@ fn fp8_kernels_form_the_cpu_paths_values() {
         assert_eq!(f32s(&out[2]), scales, "{} byte scales", dtype.name());
     }
     for (dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
-        for (m, n, k) in [(1, 5, 4096), (3, 7, 272), (8, 4, 1024)] {
+        for (m, n, k) in [(1, 5, 4096), (3, 7, 272), (8, 4, 1024), (3, 37, 320), (8, 20, 1024)] {
             let weight = random(&mut rng, n * k, 0.3);
             let w = fp8::quantize_fp8(&weight, n, k);
             // The GPU's layout: each output row's bytes in k order.
@@ -1466,6 +1466,33 @@ fn fp8_kernels_form_the_cpu_paths_values() {
             let what = format!("gemv_fp8 {} {m}x{n}x{k}", dtype.name());
             assert_close(&elems(dtype, &out), &want, tolerance, &what);
             assert_eq!(out[..n * dtype.size()], run(1)[..], "{what}: row 0");
+
+            // On the tensor cores (mma.m16n8k32 over E4M3, emulated): blocks of 16 rows of W,
+            // the last one partial where n is not a multiple of 16; k a multiple of 64.
+            if k % 64 == 0 {
+                let bytes = launch(
+                    dtype,
+                    "quantize_rows_e4m3_bytes",
+                    [m as u32, 1, 1],
+                    256,
+                    vec![dtype.encode(&x), vec![0; m * k], vec![0; 4 * m]],
+                    &with_buffers(3, [Arg::I32(k as i32)]),
+                );
+                let buffers = vec![
+                    packed.clone(),
+                    f32_bytes(&w.scales),
+                    bytes[1].clone(),
+                    bytes[2].clone(),
+                    dtype.encode(&bias),
+                    vec![0; m * n * dtype.size()],
+                ];
+                let args =
+                    with_buffers(6, [Arg::I32(m as i32), Arg::I32(n as i32), Arg::I32(k as i32)]);
+                let grid = [n.div_ceil(16) as u32, 1, 1];
+                let out = launch(dtype, "gemv_fp8_mma", grid, 256, buffers, &args);
+                let what = format!("gemv_fp8_mma {} {m}x{n}x{k}", dtype.name());
+                assert_close(&elems(dtype, &out[5]), &want, tolerance, &what);
+            }
 
             let out = launch(
                 dtype,

@@ -27,6 +27,8 @@ pub const GEMV_MAX_ROWS: usize = 8;
 pub const GEMV_UP_TO_ROWS: usize = 1;
 /// Threads of a GEMV block (GEMV_THREADS in kernels/gemv.cu).
 const GEMV_THREADS: u32 = 128;
+/// Warps of a tensor-core E4M3 GEMV block (FP8_MMA_WARPS in kernels/gemv_quant.cu).
+const FP8_MMA_WARPS: u32 = 8;
 
 /// `m` as the GEMV kernel's row count, which is at most GEMV_MAX_ROWS.
 fn gemv_rows(m: usize) -> Result<i32> {
@@ -347,7 +349,8 @@ impl Gpu {
     }
 
     /// The FP8 product (`cpu::fp8`): the rows of `x` quantised per token, then the E4M3 GEMV
-    /// up to GEMV_MAX_ROWS rows; for more, cuBLASLt's FP8 product over the E4M3 bytes (16-bit
+    /// up to GEMV_MAX_ROWS rows (on the tensor cores from sm_89, in 16-bit dtypes, k a
+    /// multiple of 64); for more, cuBLASLt's FP8 product over the E4M3 bytes (16-bit
     /// dtypes, where it loads and has an algorithm), else cuBLAS over the weight's E4M3
     /// values (dequantised into `scratch`); then the scales.
     #[allow(clippy::too_many_arguments)]
@@ -389,6 +392,19 @@ impl Gpu {
                 let function = &self.kernels().fp8_scale;
                 return self.launch(function, "fp8_scale", scale_grid, 256, &scale_args);
             }
+        }
+        if m <= GEMV_MAX_ROWS
+            && self.dtype != DType::F32
+            && k.is_multiple_of(64)
+            && let Some(function) = &self.kernels().gemv_fp8_mma
+        {
+            // The E4M3 GEMV on the tensor cores, over the activations' E4M3 bytes.
+            self.quantize_rows(x, rows, row_scales, m, k, true)?;
+            let m_i = gemv_rows(m)?;
+            let args: [&dyn Arg; 9] =
+                [&packed, &scales, &rows, &row_scales, &bias, &y, &m_i, &n_i, &k_i];
+            let grid = (n.div_ceil(16) as u32, 1);
+            return self.launch(function, "gemv_fp8_mma", grid, 32 * FP8_MMA_WARPS, &args);
         }
         self.quantize_rows(x, rows, row_scales, m, k, false)?;
         if m <= GEMV_MAX_ROWS {

@@ -89,6 +89,8 @@ pub(super) struct Kernels {
     pub(super) quantize_rows_e4m3: CudaFunction,
     pub(super) quantize_rows_e4m3_bytes: CudaFunction,
     pub(super) gemv_fp8: CudaFunction,
+    /// The E4M3 GEMV on the tensor cores (modules for sm_89 and later only).
+    pub(super) gemv_fp8_mma: Option<CudaFunction>,
     pub(super) dequant_fp8: CudaFunction,
     pub(super) fp8_scale: CudaFunction,
     pub(super) add_bias: CudaFunction,
@@ -105,7 +107,7 @@ pub(super) struct Kernels {
 }
 
 impl Kernels {
-    fn load(module: &Arc<CudaModule>, dtype: DType) -> Result<Self> {
+    fn load(module: &Arc<CudaModule>, dtype: DType, (major, minor): (i32, i32)) -> Result<Self> {
         let f = |name: &str| module.load_function(name).map_err(device_error(name));
         let decode = |format: &str, heads: usize| -> Result<CudaFunction> {
             let name = format!("attention_decode{format}_h{heads}");
@@ -142,6 +144,7 @@ impl Kernels {
             quantize_rows_e4m3: f("quantize_rows_e4m3")?,
             quantize_rows_e4m3_bytes: f("quantize_rows_e4m3_bytes")?,
             gemv_fp8: f("gemv_fp8")?,
+            gemv_fp8_mma: if (major, minor) >= (8, 9) { Some(f("gemv_fp8_mma")?) } else { None },
             dequant_fp8: f("dequant_fp8")?,
             fp8_scale: f("fp8_scale")?,
             add_bias: f("add_bias")?,
@@ -208,7 +211,7 @@ impl Compiled {
         let started = std::time::Instant::now();
         let ptx = compile(dtype, virtual_arch(major, minor))?;
         let module = ctx.load_module(ptx).map_err(device_error("loading the kernel module"))?;
-        let kernels = Kernels::load(&module, dtype)?;
+        let kernels = Kernels::load(&module, dtype, (major, minor))?;
         tracing::info!(
             "GPU {ordinal} ({name}, sm_{major}{minor}): kernels compiled for {} in {:.2} s",
             dtype.name(),

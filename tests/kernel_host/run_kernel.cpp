@@ -90,6 +90,12 @@ static const std::map<std::string, std::function<void(const Args&)>> KERNELS = {
      [](const Args& a) {
          dequant_w8(a.ptr<const int4*>(0), a.ptr<const float*>(1), a.ptr<elem*>(2), a.i32(3));
      }},
+    {"gemv_fp8_mma",
+     [](const Args& a) {
+         gemv_fp8_mma(a.ptr<const unsigned char*>(0), a.ptr<const float*>(1),
+                      a.ptr<const unsigned char*>(2), a.ptr<const float*>(3), a.ptr<const elem*>(4),
+                      a.ptr<elem*>(5), a.i32(6), a.i32(7), a.i32(8));
+     }},
     {"quantize_rows_e4m3_bytes",
      [](const Args& a) {
          quantize_rows_e4m3_bytes(a.ptr<const elem*>(0), a.ptr<unsigned char*>(1), a.ptr<float*>(2),

@@ -4,8 +4,9 @@
 // through memory between two barriers of the warp. Blocks run one after another, so what
 // one block writes is visible to the next (the order a GPU may also choose). Dynamic shared
 // memory (`extern __shared__`) is `emu_dynamic_shared`: the tests rewrite the declaration.
-// The tensor cores' mma.m16n8k16 (bf16 in, f32 accumulated) is `emu_mma_m16n8k16_bf16`: the
-// warp's fragments exchanged through memory, each lane's four sums formed in k order.
+// The tensor cores' mma.m16n8k16 (bf16 in, f32 accumulated) is `emu_mma_m16n8k16_bf16`, and
+// mma.m16n8k32 over E4M3 `emu_mma_m16n8k32_e4m3`: the warp's fragments exchanged through
+// memory, each lane's four sums formed in k order.
 // Not emulated: other inline PTX, texture and warp-vote intrinsics.
 #pragma once
 #define EMU_HOST 1  // kernels/*.cu take their CPU-thread variants
@@ -145,6 +146,38 @@ inline void emu_mma_m16n8k16_bf16(float c[4], const unsigned a[4], unsigned b0, 
         const unsigned row = g + (i >= 2 ? 8 : 0), col = 2 * t + i % 2;
         float sum = c[i];
         for (unsigned k = 0; k < 16; k++) sum += a_at(row, k) * b_at(k, col);
+        sums[i] = sum;
+    }
+    emu_warp_barriers[warp].arrive_and_wait();
+    for (int i = 0; i < 4; i++) c[i] = sums[i];
+}
+
+// c += A·B of one warp for mma.m16n8k32.row.col.f32.e4m3.e4m3.f32: four E4M3 values a
+// register, the lower k in the lower byte; A (16×32): a0 = (g, 4t..4t+3), a1 = (g+8, 4t..),
+// a2 = (g, 16+4t..), a3 = (g+8, 16+4t..); B (32×8): b0 = (k 4t..4t+3, n g), b1 = (k 16+4t..,
+// n g); C as m16n8k16's. `decode` gives an E4M3 byte's value (the kernels' own conversion).
+template <typename Decode>
+inline void emu_mma_m16n8k32_e4m3(float c[4], const unsigned a[4], unsigned b0, unsigned b1,
+                                  Decode decode) {
+    const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    unsigned* mine = emu_mma_slots[warp][lane];
+    for (int i = 0; i < 4; i++) mine[i] = a[i];
+    mine[4] = b0;
+    mine[5] = b1;
+    emu_warp_barriers[warp].arrive_and_wait();
+    const auto byte = [&](unsigned from_lane, int reg, unsigned k) {
+        return decode((emu_mma_slots[warp][from_lane][reg] >> (8 * (k % 4))) & 0xffu);
+    };
+    const auto a_at = [&](unsigned row, unsigned k) {
+        return byte(row % 8 * 4 + k % 16 / 4, (row >= 8 ? 1 : 0) + (k >= 16 ? 2 : 0), k);
+    };
+    const auto b_at = [&](unsigned k, unsigned n) { return byte(n * 4 + k % 16 / 4, k >= 16 ? 5 : 4, k); };
+    const unsigned g = lane / 4, t = lane % 4;
+    float sums[4];
+    for (int i = 0; i < 4; i++) {
+        const unsigned row = g + (i >= 2 ? 8 : 0), col = 2 * t + i % 2;
+        float sum = c[i];
+        for (unsigned k = 0; k < 32; k++) sum += a_at(row, k) * b_at(k, col);
         sums[i] = sum;
     }
     emu_warp_barriers[warp].arrive_and_wait();
