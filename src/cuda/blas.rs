@@ -592,3 +592,25 @@ impl Gpu {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_rows_much_longer_than_4096_are_split_where_the_scratch_holds_them() {
+        let bf16 = 2;
+        // ChatGLM2-6B's down product in 4, Vicuna-7B's in 3; its QKV and gate/up whole.
+        assert_eq!(gemv_splits(1, 4096, 13696, bf16), 4);
+        assert_eq!(gemv_splits(1, 4096, 11008, bf16), 3);
+        assert_eq!(gemv_splits(1, 4608, 4096, bf16), 1);
+        assert_eq!(gemv_splits(1, 27392, 4096, bf16), 1);
+        // At most 4 splits; the widest product the scratch holds at 8 rows, none wider.
+        assert_eq!(gemv_splits(1, 4096, 65536, bf16), GEMV_MAX_SPLITS);
+        assert_eq!(gemv_splits(GEMV_MAX_ROWS, SPLIT_K_COLUMNS, 16384, bf16), 4);
+        assert_eq!(gemv_splits(1, SPLIT_K_COLUMNS + 1, 16384, bf16), 1);
+        // Rows that are not whole 16-byte chunks stay in one block.
+        assert_eq!(gemv_splits(1, 4096, 13697, bf16), 1);
+        assert_eq!(gemv_splits(1, 4096, 13698, 4), 1);
+    }
+}
