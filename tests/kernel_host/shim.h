@@ -117,71 +117,55 @@ inline T __shfl_sync(unsigned, T value, int source_lane, int = 32) {
 // Per warp and lane: the A fragment's four registers, then B's two.
 inline unsigned emu_mma_slots[32][32][6];
 
-// c += A·B of one warp (PTX ISA, mma.m16n8k16.row.col.f32.bf16.bf16.f32), every lane calling
-// with its fragments; g = lane / 4, t = lane % 4. A (16×16): a0 = (g, 2t..2t+1),
-// a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..); B (16×8): b0 = (k 2t..2t+1, n g),
-// b1 = (k 2t+8.., n g); C: c0, c1 = (g, 2t..2t+1), c2, c3 = (g+8, 2t..). The lower k of a
-// register's pair is its low half.
-inline void emu_mma_m16n8k16_bf16(float c[4], const unsigned a[4], unsigned b0, unsigned b1) {
+// c += A·B of one warp for mma.m16n8kK.row.col.f32 over BITS-bit elements (32 / BITS to a
+// register, the lower k in the lower bits; K = 8 · 32 / BITS), every lane calling with its
+// fragments (PTX ISA); g = lane / 4, t = lane % 4, E = 32 / BITS, H = K / 2.
+// A (16×K): a0 = (g, E·t..), a1 = (g+8, E·t..), a2 = (g, H+E·t..), a3 = (g+8, H+E·t..);
+// B (K×8): b0 = (k E·t.., n g), b1 = (k H+E·t.., n g); C: c0, c1 = (g, 2t..2t+1),
+// c2, c3 = (g+8, 2t..). `decode` gives an element's value from its bits.
+template <int BITS, typename Decode>
+inline void emu_mma_m16n8(float c[4], const unsigned a[4], unsigned b0, unsigned b1, Decode decode) {
+    constexpr unsigned E = 32 / BITS, K = 8 * E, H = K / 2;
     const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     unsigned* mine = emu_mma_slots[warp][lane];
     for (int i = 0; i < 4; i++) mine[i] = a[i];
     mine[4] = b0;
     mine[5] = b1;
     emu_warp_barriers[warp].arrive_and_wait();
-    const auto half = [&](unsigned from_lane, int reg, unsigned k) {
-        const unsigned bits = (emu_mma_slots[warp][from_lane][reg] >> (16 * (k % 2))) & 0xffffu;
-        const unsigned widened = bits << 16;
-        float x;
-        std::memcpy(&x, &widened, 4);
-        return x;
+    const auto element = [&](unsigned from_lane, int reg, unsigned k) {
+        return decode((emu_mma_slots[warp][from_lane][reg] >> (BITS * (k % E))) & ((1u << BITS) - 1u));
     };
     const auto a_at = [&](unsigned row, unsigned k) {
-        return half(row % 8 * 4 + k % 8 / 2, (row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0), k);
+        return element(row % 8 * 4 + k % H / E, (row >= 8 ? 1 : 0) + (k >= H ? 2 : 0), k);
     };
-    const auto b_at = [&](unsigned k, unsigned n) { return half(n * 4 + k % 8 / 2, k >= 8 ? 5 : 4, k); };
+    const auto b_at = [&](unsigned k, unsigned n) { return element(n * 4 + k % H / E, k >= H ? 5 : 4, k); };
     const unsigned g = lane / 4, t = lane % 4;
     float sums[4];
     for (int i = 0; i < 4; i++) {
         const unsigned row = g + (i >= 2 ? 8 : 0), col = 2 * t + i % 2;
         float sum = c[i];
-        for (unsigned k = 0; k < 16; k++) sum += a_at(row, k) * b_at(k, col);
+        for (unsigned k = 0; k < K; k++) sum += a_at(row, k) * b_at(k, col);
         sums[i] = sum;
     }
     emu_warp_barriers[warp].arrive_and_wait();
     for (int i = 0; i < 4; i++) c[i] = sums[i];
 }
 
-// c += A·B of one warp for mma.m16n8k32.row.col.f32.e4m3.e4m3.f32: four E4M3 values a
-// register, the lower k in the lower byte; A (16×32): a0 = (g, 4t..4t+3), a1 = (g+8, 4t..),
-// a2 = (g, 16+4t..), a3 = (g+8, 16+4t..); B (32×8): b0 = (k 4t..4t+3, n g), b1 = (k 16+4t..,
-// n g); C as m16n8k16's. `decode` gives an E4M3 byte's value (the kernels' own conversion).
+// mma.m16n8k16.row.col.f32.bf16.bf16.f32.
+inline void emu_mma_m16n8k16_bf16(float c[4], const unsigned a[4], unsigned b0, unsigned b1) {
+    emu_mma_m16n8<16>(c, a, b0, b1, [](unsigned bits) {
+        const unsigned widened = bits << 16;
+        float x;
+        std::memcpy(&x, &widened, 4);
+        return x;
+    });
+}
+
+// mma.m16n8k32.row.col.f32.e4m3.e4m3.f32, `decode` the kernels' own E4M3 conversion.
 template <typename Decode>
 inline void emu_mma_m16n8k32_e4m3(float c[4], const unsigned a[4], unsigned b0, unsigned b1,
                                   Decode decode) {
-    const unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    unsigned* mine = emu_mma_slots[warp][lane];
-    for (int i = 0; i < 4; i++) mine[i] = a[i];
-    mine[4] = b0;
-    mine[5] = b1;
-    emu_warp_barriers[warp].arrive_and_wait();
-    const auto byte = [&](unsigned from_lane, int reg, unsigned k) {
-        return decode((emu_mma_slots[warp][from_lane][reg] >> (8 * (k % 4))) & 0xffu);
-    };
-    const auto a_at = [&](unsigned row, unsigned k) {
-        return byte(row % 8 * 4 + k % 16 / 4, (row >= 8 ? 1 : 0) + (k >= 16 ? 2 : 0), k);
-    };
-    const auto b_at = [&](unsigned k, unsigned n) { return byte(n * 4 + k % 16 / 4, k >= 16 ? 5 : 4, k); };
-    const unsigned g = lane / 4, t = lane % 4;
-    float sums[4];
-    for (int i = 0; i < 4; i++) {
-        const unsigned row = g + (i >= 2 ? 8 : 0), col = 2 * t + i % 2;
-        float sum = c[i];
-        for (unsigned k = 0; k < 32; k++) sum += a_at(row, k) * b_at(k, col);
-        sums[i] = sum;
-    }
-    emu_warp_barriers[warp].arrive_and_wait();
-    for (int i = 0; i < 4; i++) c[i] = sums[i];
+    emu_mma_m16n8<8>(c, a, b0, b1, decode);
 }
 
 inline int min(int a, int b) { return a < b ? a : b; }
