@@ -18,7 +18,7 @@
 //
 // Lookup: key j of sequence s sits in cache row block_tables[s][j / block_size] ·
 // block_size + j % block_size; a row holds num_kv_heads · head_dim elements, or in the
-// quantised caches (the _int8 / _int4 kernels) num_kv_heads heads of kv_head_bytes bytes
+// quantised caches (the _int8 / _int4 / _fp8 kernels) num_kv_heads heads of kv_head_bytes bytes
 // (common.cuh), dequantised exactly as the CPU path does. Query head h reads K/V head
 // h / (num_heads / num_kv_heads).
 #define ATTN_WARPS 4
@@ -43,24 +43,25 @@ __device__ __forceinline__ size_t cache_row(const int* table, int key, int block
 // `lane` of [32][kv_head_bytes] at `shared` + warp · 32 · kv_head_bytes. Rows of whole
 // 4-byte words (kv_head_bytes a multiple of 4, so every head starts word-aligned) move a
 // word at a time, others a byte.
-template <int HEADS, int KV_BITS>
+template <int HEADS, int KV>
 __device__ __forceinline__ void decode_quantised_key(
     const void* __restrict__ k_store, const void* __restrict__ v_store, const int* table, int key,
     int block_size, int num_kv_heads, int kv_head, int head_dim,
     const float (*q_s)[32 * MAX_DIMS_PER_LANE], float* dot, unsigned char* shared, int warp,
     int lane) {
-    const int head_bytes = kv_head_bytes(head_dim, KV_BITS);
+    constexpr int BITS = KV_BITS(KV);
+    const int head_bytes = kv_head_bytes(head_dim, BITS);
     const size_t at = (cache_row(table, key, block_size) * num_kv_heads + kv_head) * head_bytes;
     const unsigned char* k_head = static_cast<const unsigned char*>(k_store) + at;
     const unsigned char* v_head = static_cast<const unsigned char*>(v_store) + at;
     unsigned char* v_dst = shared + ((size_t)warp * 32 + lane) * head_bytes;
     float s, z;
-    kv_read_scale_zero(k_head, head_dim, KV_BITS, &s, &z);
+    kv_read_scale_zero(k_head, head_dim, BITS, &s, &z);
     if (head_bytes % 4 == 0) {
         const unsigned int* k_words = reinterpret_cast<const unsigned int*>(k_head);
         const unsigned int* v_words = reinterpret_cast<const unsigned int*>(v_head);
         unsigned int* v_dst_words = reinterpret_cast<unsigned int*>(v_dst);
-        constexpr int PER_WORD = 32 / KV_BITS;
+        constexpr int PER_WORD = 32 / BITS;
         // Words of K and V in flight per lane, as the elem path keeps its chunks.
         constexpr int IN_FLIGHT = 8;
         const int words = head_dim / PER_WORD;
@@ -79,8 +80,8 @@ __device__ __forceinline__ void decode_quantised_key(
                     v_dst_words[w0 + c] = vw[c];
 #pragma unroll
                     for (int j = 0; j < PER_WORD; j++) {
-                        const unsigned int level = (kw[c] >> (KV_BITS * j)) & ((1u << KV_BITS) - 1u);
-                        const float k = kv_value(level, s, z);
+                        const unsigned int level = (kw[c] >> (BITS * j)) & ((1u << BITS) - 1u);
+                        const float k = kv_value<KV>(level, s, z);
 #pragma unroll
                         for (int h = 0; h < HEADS; h++)
                             dot[h] += q_s[h][(w0 + c) * PER_WORD + j] * k;
@@ -91,7 +92,7 @@ __device__ __forceinline__ void decode_quantised_key(
         v_dst_words[words] = __ldg(v_words + words);  // scale and zero
     } else {
         for (int d = 0; d < head_dim; d++) {
-            const float k = kv_value(kv_level_at<KV_BITS>(k_head, d), s, z);
+            const float k = kv_value<KV>(kv_level_at<BITS>(k_head, d), s, z);
 #pragma unroll
             for (int h = 0; h < HEADS; h++) dot[h] += q_s[h][d] * k;
         }
@@ -192,11 +193,11 @@ __device__ __forceinline__ void decode_finish(const float* warp_max_s, const flo
 }
 
 // HEADS query heads a block (attention_decode_h1 … _h8 below; HEADS divides
-// num_heads / num_kv_heads); KV_BITS 0 for elem caches, 8 or 4 for quantised ones.
+// num_heads / num_kv_heads); KV the cache's format (KV_ELEM, KV_INT8, KV_INT4, KV_FP8).
 // grid: (decode tokens, num_heads / HEADS, splits); block: ATTN_THREADS; dynamic shared
 // memory: ATTN_WARPS · 32 · head_dim elems (quantised, the V staging takes 32 heads of
 // kv_head_bytes a warp, within that from head_dim 4 up).
-template <int HEADS, int KV_BITS>
+template <int HEADS, int KV>
 __device__ __forceinline__ void decode_attention(
     const elem* __restrict__ q, const void* __restrict__ k_store,
     const void* __restrict__ v_store, elem* __restrict__ out, float* __restrict__ partial,
@@ -249,10 +250,10 @@ __device__ __forceinline__ void decode_attention(
         float dot[heads];
 #pragma unroll
         for (int h = 0; h < heads; h++) dot[h] = 0.0f;
-        if constexpr (KV_BITS != 0) {
-            if (valid) decode_quantised_key<heads, KV_BITS>(k_store, v_store, table, key, block_size,
-                                                            num_kv_heads, kv_head, head_dim, q_s,
-                                                            dot, decode_shared, warp, lane);
+        if constexpr (KV != KV_ELEM) {
+            if (valid) decode_quantised_key<heads, KV>(k_store, v_store, table, key, block_size,
+                                                       num_kv_heads, kv_head, head_dim, q_s, dot,
+                                                       decode_shared, warp, lane);
         } else if (valid) {
             const size_t row = cache_row(table, key, block_size);
             const size_t at = row * kv_width + (size_t)kv_head * head_dim;
@@ -316,17 +317,18 @@ __device__ __forceinline__ void decode_attention(
         const int count = min(32, end - base);
         for (int kk = 0; kk < count; kk++) {
             float v[MAX_DIMS_PER_LANE];
-            if constexpr (KV_BITS != 0) {
+            if constexpr (KV != KV_ELEM) {
                 // The key's V levels as staged, its scale and zero beside them.
-                const int head_bytes = kv_head_bytes(head_dim, KV_BITS);
+                constexpr int BITS = KV_BITS(KV);
+                const int head_bytes = kv_head_bytes(head_dim, BITS);
                 const unsigned char* v_key =
                     decode_shared + ((size_t)warp * 32 + kk) * head_bytes;
                 float s, z;
-                kv_read_scale_zero(v_key, head_dim, KV_BITS, &s, &z);
+                kv_read_scale_zero(v_key, head_dim, BITS, &s, &z);
 #pragma unroll
                 for (int j = 0; j < MAX_DIMS_PER_LANE; j++) {
                     const int d = lane + 32 * j;
-                    v[j] = d < head_dim ? kv_value(kv_level_at<KV_BITS>(v_key, d), s, z) : 0.0f;
+                    v[j] = d < head_dim ? kv_value<KV>(kv_level_at<BITS>(v_key, d), s, z) : 0.0f;
                 }
             } else {
                 const elem* v_key = v_warp + kk * head_dim;
@@ -370,7 +372,7 @@ __device__ __forceinline__ void decode_attention(
                   split_counters, t, first_head, num_heads, head_dim, used_splits, splits);
 }
 
-#define ATTENTION_DECODE(NAME, H, BITS, CACHE)                                                   \
+#define ATTENTION_DECODE(NAME, H, FORMAT, CACHE)                                                 \
     extern "C" __global__ void NAME(                                                             \
         const elem* __restrict__ q, const CACHE* __restrict__ k_cache,                           \
         const CACHE* __restrict__ v_cache, elem* __restrict__ out, float* __restrict__ partial,  \
@@ -378,29 +380,33 @@ __device__ __forceinline__ void decode_attention(
         const int* __restrict__ token_seq, const int* __restrict__ token_pos,                    \
         const int* __restrict__ block_tables, int max_blocks_per_seq, int block_size,            \
         int num_heads, int num_kv_heads, int head_dim, float scale, int partition, int splits) {  \
-        decode_attention<H, BITS>(q, k_cache, v_cache, out, partial, split_counters, decode_rows, \
+        decode_attention<H, FORMAT>(q, k_cache, v_cache, out, partial, split_counters, decode_rows, \
                                   token_seq, token_pos, block_tables, max_blocks_per_seq,        \
                                   block_size, num_heads, num_kv_heads, head_dim, scale,          \
                                   partition, splits);                                            \
     }
-ATTENTION_DECODE(attention_decode_h1, 1, 0, elem)
-ATTENTION_DECODE(attention_decode_h2, 2, 0, elem)
-ATTENTION_DECODE(attention_decode_h4, 4, 0, elem)
-ATTENTION_DECODE(attention_decode_h8, 8, 0, elem)
-ATTENTION_DECODE(attention_decode_int8_h1, 1, 8, unsigned char)
-ATTENTION_DECODE(attention_decode_int8_h2, 2, 8, unsigned char)
-ATTENTION_DECODE(attention_decode_int8_h4, 4, 8, unsigned char)
-ATTENTION_DECODE(attention_decode_int8_h8, 8, 8, unsigned char)
-ATTENTION_DECODE(attention_decode_int4_h1, 1, 4, unsigned char)
-ATTENTION_DECODE(attention_decode_int4_h2, 2, 4, unsigned char)
-ATTENTION_DECODE(attention_decode_int4_h4, 4, 4, unsigned char)
-ATTENTION_DECODE(attention_decode_int4_h8, 8, 4, unsigned char)
+ATTENTION_DECODE(attention_decode_h1, 1, KV_ELEM, elem)
+ATTENTION_DECODE(attention_decode_h2, 2, KV_ELEM, elem)
+ATTENTION_DECODE(attention_decode_h4, 4, KV_ELEM, elem)
+ATTENTION_DECODE(attention_decode_h8, 8, KV_ELEM, elem)
+ATTENTION_DECODE(attention_decode_int8_h1, 1, KV_INT8, unsigned char)
+ATTENTION_DECODE(attention_decode_int8_h2, 2, KV_INT8, unsigned char)
+ATTENTION_DECODE(attention_decode_int8_h4, 4, KV_INT8, unsigned char)
+ATTENTION_DECODE(attention_decode_int8_h8, 8, KV_INT8, unsigned char)
+ATTENTION_DECODE(attention_decode_int4_h1, 1, KV_INT4, unsigned char)
+ATTENTION_DECODE(attention_decode_int4_h2, 2, KV_INT4, unsigned char)
+ATTENTION_DECODE(attention_decode_int4_h4, 4, KV_INT4, unsigned char)
+ATTENTION_DECODE(attention_decode_int4_h8, 8, KV_INT4, unsigned char)
+ATTENTION_DECODE(attention_decode_fp8_h1, 1, KV_FP8, unsigned char)
+ATTENTION_DECODE(attention_decode_fp8_h2, 2, KV_FP8, unsigned char)
+ATTENTION_DECODE(attention_decode_fp8_h4, 4, KV_FP8, unsigned char)
+ATTENTION_DECODE(attention_decode_fp8_h8, 8, KV_FP8, unsigned char)
 
 // tiles[2i], tiles[2i+1]: first flat row and count (≤ PREFILL_TILE) of tile i; its tokens
 // are consecutive positions of one sequence. Dynamic shared memory:
 // (32·(head_dim+1) + 32·head_dim + PREFILL_TILE·head_dim) floats.
-// grid: (tiles, heads); block: ATTN_THREADS. KV_BITS as decode_attention's.
-template <int KV_BITS>
+// grid: (tiles, heads); block: ATTN_THREADS. KV as decode_attention's.
+template <int KV>
 __device__ __forceinline__ void prefill_attention(
     const elem* __restrict__ q, const void* __restrict__ k_store,
     const void* __restrict__ v_store, elem* __restrict__ out, const int* __restrict__ tiles,
@@ -444,11 +450,12 @@ __device__ __forceinline__ void prefill_attention(
     for (int base = 0; base < visible; base += 32) {
         const int keys = min(32, visible - base);
         __syncthreads();  // the previous chunk is consumed (and q_s is written)
-        if constexpr (KV_BITS != 0) {
+        if constexpr (KV != KV_ELEM) {
+            constexpr int BITS = KV_BITS(KV);
             // Each key's head offset and (scale, zero) of K and V first, then its values.
             __shared__ size_t head_at_s[32];
             __shared__ float scale_zero_s[32][4];
-            const int head_bytes = kv_head_bytes(head_dim, KV_BITS);
+            const int head_bytes = kv_head_bytes(head_dim, BITS);
             const unsigned char* k_bytes = static_cast<const unsigned char*>(k_store);
             const unsigned char* v_bytes = static_cast<const unsigned char*>(v_store);
             if (threadIdx.x < keys) {
@@ -457,16 +464,16 @@ __device__ __forceinline__ void prefill_attention(
                     (cache_row(table, base + kk, block_size) * num_kv_heads + kv_head) * head_bytes;
                 head_at_s[kk] = at;
                 float* sz = scale_zero_s[kk];
-                kv_read_scale_zero(k_bytes + at, head_dim, KV_BITS, &sz[0], &sz[1]);
-                kv_read_scale_zero(v_bytes + at, head_dim, KV_BITS, &sz[2], &sz[3]);
+                kv_read_scale_zero(k_bytes + at, head_dim, BITS, &sz[0], &sz[1]);
+                kv_read_scale_zero(v_bytes + at, head_dim, BITS, &sz[2], &sz[3]);
             }
             __syncthreads();
             for (int i = threadIdx.x; i < keys * head_dim; i += blockDim.x) {
                 const int kk = i / head_dim, d = i % head_dim;
                 const size_t at = head_at_s[kk];
                 const float* sz = scale_zero_s[kk];
-                k_s[kk * k_stride + d] = kv_value(kv_level_at<KV_BITS>(k_bytes + at, d), sz[0], sz[1]);
-                v_s[kk * head_dim + d] = kv_value(kv_level_at<KV_BITS>(v_bytes + at, d), sz[2], sz[3]);
+                k_s[kk * k_stride + d] = kv_value<KV>(kv_level_at<BITS>(k_bytes + at, d), sz[0], sz[1]);
+                v_s[kk * head_dim + d] = kv_value<KV>(kv_level_at<BITS>(v_bytes + at, d), sz[2], sz[3]);
             }
         } else {
             for (int i = threadIdx.x; i < keys * head_dim; i += blockDim.x) {
@@ -525,17 +532,18 @@ __device__ __forceinline__ void prefill_attention(
     }
 }
 
-#define ATTENTION_PREFILL(NAME, BITS, CACHE)                                                      \
+#define ATTENTION_PREFILL(NAME, FORMAT, CACHE)                                                   \
     extern "C" __global__ void NAME(                                                             \
         const elem* __restrict__ q, const CACHE* __restrict__ k_cache,                           \
         const CACHE* __restrict__ v_cache, elem* __restrict__ out, const int* __restrict__ tiles, \
         const int* __restrict__ token_seq, const int* __restrict__ token_pos,                    \
         const int* __restrict__ block_tables, int max_blocks_per_seq, int block_size,            \
         int num_heads, int num_kv_heads, int head_dim, float scale) {                            \
-        prefill_attention<BITS>(q, k_cache, v_cache, out, tiles, token_seq, token_pos,           \
+        prefill_attention<FORMAT>(q, k_cache, v_cache, out, tiles, token_seq, token_pos,           \
                                 block_tables, max_blocks_per_seq, block_size, num_heads,         \
                                 num_kv_heads, head_dim, scale);                                  \
     }
-ATTENTION_PREFILL(attention_prefill, 0, elem)
-ATTENTION_PREFILL(attention_prefill_int8, 8, unsigned char)
-ATTENTION_PREFILL(attention_prefill_int4, 4, unsigned char)
+ATTENTION_PREFILL(attention_prefill, KV_ELEM, elem)
+ATTENTION_PREFILL(attention_prefill_int8, KV_INT8, unsigned char)
+ATTENTION_PREFILL(attention_prefill_int4, KV_INT4, unsigned char)
+ATTENTION_PREFILL(attention_prefill_fp8, KV_FP8, unsigned char)

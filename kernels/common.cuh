@@ -144,14 +144,50 @@ __device__ __forceinline__ float half_bits_to_f32(unsigned short h) {
     return __uint_as_float(sign | ((exp + 112u) << 23) | (man << 13));
 }
 
-// The KV cache's 8- and 4-bit formats (src/cpu/kv_quant.rs has the reference). A cache row
+// FP8 E4M3 (src/cpu/fp8.rs) by hand, as CUDA's __NV_SATFINITE conversions (round to nearest
+// even, saturating to ±448, NaN kept), so the module needs no fp8 headers and forms the same
+// values as the CPU path.
+__device__ __forceinline__ float e4m3_to_f32(unsigned int bits) {
+    const unsigned int sign = (bits & 0x80u) << 24, field = (bits >> 3) & 15u, mantissa = bits & 7u;
+    if (field == 15u && mantissa == 7u) return __uint_as_float(0x7fc00000u);
+    if (field == 0u) return __uint_as_float(sign | __float_as_uint((float)mantissa * (1.0f / 512.0f)));
+    return __uint_as_float(sign | ((field + 120u) << 23) | (mantissa << 20));
+}
+
+__device__ __forceinline__ unsigned int e4m3_from_f32(float x) {
+    const unsigned int u = __float_as_uint(x), sign = (u >> 24) & 0x80u, a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return 0x7fu;          // NaN
+    if (a >= 0x43e00000u) return sign | 0x7eu;  // 448 and past it (infinity too): ±448
+    if (a < 0x3c800000u)                        // below 2^-6: steps of 2^-9, ties to even
+        return sign | (unsigned int)rintf(__uint_as_float(a) * 512.0f);
+    unsigned int field = (a >> 23) - 120u, keep = (a >> 20) & 7u;
+    const unsigned int rest = a & 0xfffffu;
+    if (rest > 0x80000u || (rest == 0x80000u && (keep & 1u))) keep++;
+    if (keep == 8u) {
+        keep = 0u;
+        field++;
+    }
+    if (field > 15u || (field == 15u && keep == 7u)) return sign | 0x7eu;
+    return sign | (field << 3) | keep;
+}
+
+// The KV cache's quantised formats (src/cpu/kv_quant.rs has the reference). A cache row
 // (one position of one layer's K or V) is num_kv_heads heads of kv_head_bytes(head_dim,
-// bits) bytes: the head_dim levels (int8: byte d is value d; int4: byte i holds value 2i in
-// its low nibble and 2i + 1 in its high one), then the head's scale and zero as
-// little-endian f16. Per head: scale = f16((max − min) / (2^bits − 1)), zero = f16(min),
-// both clamped to ±65504 first; level = clamp(rint((x − zero) / scale), 0, 2^bits − 1), 0
-// where the scale is 0; value = level · scale + zero. Every operation is rounded on its own
-// (no fused multiply-add), so both engines store and read the same numbers.
+// bits) bytes: the head_dim levels (int8 and fp8: byte d is value d; int4: byte i holds
+// value 2i in its low nibble and 2i + 1 in its high one), then the head's scale and zero as
+// little-endian f16. int8 and int4 per head: scale = f16((max − min) / (2^bits − 1)),
+// zero = f16(min), both clamped to ±65504 first; level = clamp(rint((x − zero) / scale), 0,
+// 2^bits − 1), 0 where the scale is 0. fp8: scale = f16(max|x| / 448) (clamped likewise, 0
+// where max|x| is not finite), zero 0, level = e4m3(x / scale), 0 where the scale is 0.
+// value = level · scale + zero (fp8: the level's E4M3 value). Every operation is rounded on
+// its own (no fused multiply-add), so both engines store and read the same numbers.
+// The formats as kernels take them (KvFormat::kernel_code in src/dtype.rs):
+#define KV_ELEM 0
+#define KV_FP8 1
+#define KV_INT4 4
+#define KV_INT8 8
+// Bits a quantised format's level takes.
+#define KV_BITS(format) ((format) == KV_INT4 ? 4 : 8)
 #define KV_F16_MAX 65504.0f
 
 __device__ __forceinline__ int kv_head_bytes(int head_dim, int bits) {
@@ -181,8 +217,23 @@ __device__ __forceinline__ unsigned int kv_level(float x, float s, float z, int 
     return (unsigned int)fminf(fmaxf(rintf(__fdiv_rn(__fsub_rn(x, z), s)), 0.0f), top);
 }
 
+// The f16 scale of an fp8 head from its min and max.
+__device__ __forceinline__ unsigned short kv_fp8_scale(float lo, float hi) {
+    const float amax = fmaxf(fabsf(lo), fabsf(hi));
+    if (!(amax <= 3.402823466e38f)) return 0;  // an infinity, or no value but NaNs
+    return f32_to_half_bits(fminf(__fdiv_rn(amax, 448.0f), KV_F16_MAX));
+}
+
+// One value's E4M3 bits under the fp8 scale s.
+__device__ __forceinline__ unsigned int kv_fp8_level(float x, float s) {
+    return s == 0.0f ? 0u : e4m3_from_f32(__fdiv_rn(x, s));
+}
+
+// A level of a head in FORMAT back to its value.
+template <int FORMAT>
 __device__ __forceinline__ float kv_value(unsigned int q, float s, float z) {
-    return __fadd_rn(__fmul_rn((float)q, s), z);
+    const float level = FORMAT == KV_FP8 ? e4m3_to_f32(q) : (float)q;
+    return __fadd_rn(__fmul_rn(level, s), z);
 }
 
 // The (scale, zero) of the head whose levels start at `head` (bytes, any alignment).

@@ -215,33 +215,7 @@ extern "C" __global__ void dequant_w8(const int4* w, const float* scales, elem* 
 
 // ---- FP8 E4M3 (src/cpu/fp8.rs): weights per output row with an f32 scale, activations per
 // token with theirs, the product summed over the E4M3 values in f32 and scaled after, as the
-// CPU path computes it. Conversions by hand as CUDA's __NV_SATFINITE ones (round to nearest
-// even, saturating to ±448, NaN kept), so the module needs no fp8 headers and forms the same
-// values as the CPU path.
-
-__device__ __forceinline__ float e4m3_to_f32(unsigned int bits) {
-    const unsigned int sign = (bits & 0x80u) << 24, field = (bits >> 3) & 15u, mantissa = bits & 7u;
-    if (field == 15u && mantissa == 7u) return __uint_as_float(0x7fc00000u);
-    if (field == 0u) return __uint_as_float(sign | __float_as_uint((float)mantissa * (1.0f / 512.0f)));
-    return __uint_as_float(sign | ((field + 120u) << 23) | (mantissa << 20));
-}
-
-__device__ __forceinline__ unsigned int e4m3_from_f32(float x) {
-    const unsigned int u = __float_as_uint(x), sign = (u >> 24) & 0x80u, a = u & 0x7fffffffu;
-    if (a > 0x7f800000u) return 0x7fu;          // NaN
-    if (a >= 0x43e00000u) return sign | 0x7eu;  // 448 and past it (infinity too): ±448
-    if (a < 0x3c800000u)                        // below 2^-6: steps of 2^-9, ties to even
-        return sign | (unsigned int)rintf(__uint_as_float(a) * 512.0f);
-    unsigned int field = (a >> 23) - 120u, keep = (a >> 20) & 7u;
-    const unsigned int rest = a & 0xfffffu;
-    if (rest > 0x80000u || (rest == 0x80000u && (keep & 1u))) keep++;
-    if (keep == 8u) {
-        keep = 0u;
-        field++;
-    }
-    if (field > 15u || (field == 15u && keep == 7u)) return sign | 0x7eu;
-    return sign | (field << 3) | keep;
-}
+// CPU path computes it. The conversions are common.cuh's.
 
 // Activations per token: a row's largest magnitude gives its scale (amax / 448, read back)
 // and inverse (448 / amax, applied); an all-zero row takes 1. Returns (scale, inverse) of

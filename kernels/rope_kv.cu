@@ -9,9 +9,9 @@
 // both engines rotate alike and no thread spends time on trigonometry. The rotation's
 // products and sums are rounded one by one (no fused multiply-add), as the CPU's are.
 // `slots[t]` = block · block_size + offset, where token t's K/V go; -1: nowhere.
-// kv_bits 0: cache rows of num_kv_heads · head_dim elems. kv_bits 8 or 4: rows of
-// num_kv_heads quantised heads (common.cuh), each quantised from its f32 values after bias
-// and rotation (never rounded to elem first), as the CPU path quantises its f32 values.
+// kv_format KV_ELEM: cache rows of num_kv_heads · head_dim elems. KV_INT8, KV_INT4, KV_FP8:
+// rows of num_kv_heads quantised heads (common.cuh), each quantised from its f32 values after
+// bias and rotation (never rounded to elem first), as the CPU path quantises its f32 values.
 // grid: (tokens, head groups); a block takes its token's heads of group blockIdx.y (all
 // heads split evenly over gridDim.y groups). Elem caches: a thread a pair of values at a
 // time. Decode steps launch a group per head (64 threads: one pair each); prompts one group
@@ -60,7 +60,7 @@ extern "C" __global__ void rope_write_kv(const elem* __restrict__ qkv,
                                          const int* __restrict__ slots,
                                          const float* __restrict__ cos_sin, int freq_len,
                                          int num_heads, int num_kv_heads, int head_dim,
-                                         int rope_mode, int rot_dim, int kv_bits) {
+                                         int rope_mode, int rot_dim, int kv_format) {
     kernel_entry();
     const size_t t = blockIdx.x;
     const int q_width = num_heads * head_dim, kv_width = num_kv_heads * head_dim;
@@ -77,7 +77,8 @@ extern "C" __global__ void rope_write_kv(const elem* __restrict__ qkv,
     const float* sin_t = cos_t + freq_len;
     const int half = head_dim / 2;
     // Elem caches: every head a pair a thread. Quantised: the q heads only.
-    const int pair_heads = kv_bits == 0 ? heads_here : max(0, min(heads_here, num_heads - first));
+    const int pair_heads =
+        kv_format == KV_ELEM ? heads_here : max(0, min(heads_here, num_heads - first));
     for (int work = threadIdx.x; work < pair_heads * half; work += blockDim.x) {
         const int head = first + work / half, i = work % half;
         if (head >= num_heads && !keep_kv) continue;
@@ -101,10 +102,11 @@ extern "C" __global__ void rope_write_kv(const elem* __restrict__ qkv,
         dst[a_dim] = from_f32<elem>(a);
         dst[b_dim] = from_f32<elem>(b);
     }
-    if (kv_bits == 0 || !keep_kv) return;
+    if (kv_format == KV_ELEM || !keep_kv) return;
 
     // Quantised K/V heads, a warp each: its f32 values staged in shared memory, then its
     // scale and zero from the warp's min and max, then its levels.
+    const int kv_bits = KV_BITS(kv_format);
     __shared__ float head_s[ROPE_MAX_WARPS][ROPE_MAX_HEAD_DIM];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
     const int head_bytes = kv_head_bytes(head_dim, kv_bits);
@@ -142,16 +144,23 @@ extern "C" __global__ void rope_write_kv(const elem* __restrict__ qkv,
             hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, offset));
         }
         __syncwarp();  // every lane's values are staged
-        unsigned short scale_bits, zero_bits;
-        kv_scale_zero(lo, hi, kv_bits, &scale_bits, &zero_bits);
+        unsigned short scale_bits, zero_bits = 0;
+        if (kv_format == KV_FP8)
+            scale_bits = kv_fp8_scale(lo, hi);
+        else
+            kv_scale_zero(lo, hi, kv_bits, &scale_bits, &zero_bits);
         const float s = half_bits_to_f32(scale_bits), z = half_bits_to_f32(zero_bits);
         unsigned char* dst = static_cast<unsigned char*>(is_v ? v_cache : k_cache) +
                              slot * num_kv_heads * head_bytes + (size_t)kv_head * head_bytes;
         const int packed = head_dim * kv_bits / 8;
         for (int j = lane; j < packed; j += 32) {
-            dst[j] = kv_bits == 8 ? (unsigned char)kv_level(values[j], s, z, 8)
-                                  : (unsigned char)(kv_level(values[2 * j], s, z, 4) |
-                                                    (kv_level(values[2 * j + 1], s, z, 4) << 4));
+            if (kv_format == KV_FP8)
+                dst[j] = (unsigned char)kv_fp8_level(values[j], s);
+            else if (kv_format == KV_INT8)
+                dst[j] = (unsigned char)kv_level(values[j], s, z, 8);
+            else
+                dst[j] = (unsigned char)(kv_level(values[2 * j], s, z, 4) |
+                                         (kv_level(values[2 * j + 1], s, z, 4) << 4));
         }
         if (lane == 0) {
             dst[packed] = (unsigned char)scale_bits;

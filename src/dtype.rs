@@ -53,8 +53,9 @@ impl std::str::FromStr for DType {
 }
 
 /// How the KV cache stores K and V: in the model's own element type, or quantised per token
-/// and K/V head to 8 or 4 bits with an f16 scale and zero beside each head's values
-/// (LMDeploy's `quant_policy` 8 and 4; `cpu::kv_quant` has the exact arithmetic).
+/// and K/V head with an f16 scale and zero beside each head's values — to 8 or 4 bits
+/// (LMDeploy's `quant_policy` 8 and 4) or to FP8 E4M3 (vLLM's `kv_cache_dtype` fp8);
+/// `cpu::kv_quant` has the exact arithmetic.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum KvFormat {
     /// The model's element type (f32 on the CPU path; the GPU path's dtype).
@@ -62,6 +63,7 @@ pub enum KvFormat {
     Model,
     Int8,
     Int4,
+    Fp8,
 }
 
 impl KvFormat {
@@ -78,11 +80,18 @@ impl KvFormat {
         }
     }
 
-    pub fn quant_policy(self) -> u32 {
-        match self {
-            KvFormat::Model => 0,
-            KvFormat::Int8 => 8,
-            KvFormat::Int4 => 4,
+    /// vLLM's `kv_cache_dtype`: auto (the model's type), fp8 or fp8_e4m3; int8 and int4
+    /// name `quant_policy`'s formats.
+    pub fn from_kv_cache_dtype(name: &str) -> Result<Self, String> {
+        match name.trim() {
+            "auto" => Ok(KvFormat::Model),
+            "fp8" | "fp8_e4m3" => Ok(KvFormat::Fp8),
+            "int8" => Ok(KvFormat::Int8),
+            "int4" => Ok(KvFormat::Int4),
+            other => Err(format!(
+                "kv_cache_dtype {other:?} is not one of auto (the model's type), fp8 (E4M3), \
+                 fp8_e4m3, int8 or int4"
+            )),
         }
     }
 
@@ -90,8 +99,19 @@ impl KvFormat {
     pub fn bits(self) -> Option<u32> {
         match self {
             KvFormat::Model => None,
-            KvFormat::Int8 => Some(8),
+            KvFormat::Int8 | KvFormat::Fp8 => Some(8),
             KvFormat::Int4 => Some(4),
+        }
+    }
+
+    /// The kernels' name for the format (`KV_ELEM`, `KV_INT8`, `KV_INT4`, `KV_FP8` in
+    /// kernels/common.cuh).
+    pub fn kernel_code(self) -> i32 {
+        match self {
+            KvFormat::Model => 0,
+            KvFormat::Int8 => 8,
+            KvFormat::Int4 => 4,
+            KvFormat::Fp8 => 1,
         }
     }
 
@@ -110,6 +130,7 @@ impl KvFormat {
             KvFormat::Model => "model dtype",
             KvFormat::Int8 => "int8",
             KvFormat::Int4 => "int4",
+            KvFormat::Fp8 => "fp8",
         }
     }
 }

@@ -237,6 +237,17 @@ fn errors_go_to_stderr_with_a_failing_exit() {
         "2",
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("top_p"));
+
+    // The KV cache's format is given once: LMDeploy's spelling or vLLM's.
+    let model = dir("chatglm2-tiny");
+    let both = ["generate", "--model", &model, "--prompt", "hi", "--quant-policy", "8"];
+    let out = triton_llm(&[&both[..], &["--kv-cache-dtype", "fp8"]].concat());
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--kv-cache-dtype") && stderr.contains("--quant-policy"), "{stderr}");
+    let out =
+        triton_llm(&["generate", "--model", &model, "--prompt", "hi", "--kv-cache-dtype", "e5m2"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("kv_cache_dtype \"e5m2\""));
 }
 
 #[test]

@@ -199,13 +199,13 @@ fn logits_through(
     all
 }
 
-/// An int8 or int4 KV cache (`quant_policy` 8, 4) moves the logits of the tiny fixtures by
+/// An int8, int4 or fp8 KV cache (`quant_policy` 8, 4, `kv_cache_dtype` fp8) moves the logits of the tiny fixtures by
 /// little against the f32 cache, teacher-forced along the goldens' greedy tokens; the
 /// distances are printed (BENCHMARKS.md, "KV cache formats") and bounded here.
 fn check_quantised_kv(folder: &str) {
     let model = model::load(&fixture(folder), LoadFormat::Safetensors).unwrap();
     let golden = golden(folder, "model_golden.json");
-    for (format, bound) in [(KvFormat::Int8, 0.01), (KvFormat::Int4, 0.15)] {
+    for (format, bound) in [(KvFormat::Int8, 0.01), (KvFormat::Int4, 0.15), (KvFormat::Fp8, 0.05)] {
         let (mut worst_rel, mut worst_abs, mut same_argmax, mut steps) = (0f64, 0f32, 0, 0);
         for case in golden["cases"].as_array().unwrap() {
             let prompt = ids(&case["input_ids"]);

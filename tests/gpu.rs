@@ -459,7 +459,7 @@ fn check_kv_format_against_cpu(folder: &str, dtype: DType, format: KvFormat, lim
 #[ignore = "needs an NVIDIA GPU (scripts/gpu/check.sh runs it)"]
 fn quantised_kv_caches_match_the_cpu_engine() {
     for folder in ["chatglm2-tiny", "internlm2-tiny"] {
-        for format in [KvFormat::Int8, KvFormat::Int4] {
+        for format in [KvFormat::Int8, KvFormat::Int4, KvFormat::Fp8] {
             check_kv_format_against_cpu(folder, DType::F32, format, 1e-4);
             check_kv_format_against_cpu(folder, DType::BF16, format, 1e-2);
         }
@@ -471,7 +471,7 @@ fn quantised_kv_caches_match_the_cpu_engine() {
 #[test]
 #[ignore = "needs an NVIDIA GPU (scripts/gpu/check.sh runs it)"]
 fn quantised_kv_batched_and_graphed_passes_match_single_sequences() {
-    for format in [KvFormat::Int8, KvFormat::Int4] {
+    for format in [KvFormat::Int8, KvFormat::Int4, KvFormat::Fp8] {
         check_batched_kv("chatglm2-tiny", 4, false, format);
         check_batched_kv("chatglm2-tiny", 4, true, format);
         check_batched_kv("internlm2-tiny", SEQUENCES_FOR_HEAD_GROUPS, true, format);

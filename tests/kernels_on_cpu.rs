@@ -750,6 +750,7 @@ fn decode_attention_over_paged_blocks_with_and_without_key_splits() {
         (AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim: 64 }, 2),
         (AttentionShape { num_heads: 16, num_kv_heads: 1, head_dim: 128 }, 8),
         (AttentionShape { num_heads: 8, num_kv_heads: 2, head_dim: 36 }, 4),
+        (AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim: 18 }, 2),
     ];
     let (lens, block_size) = ([300usize, 45, 129], 16);
     for (shape, heads_per_block) in cases {
@@ -1012,35 +1013,39 @@ fn rope_write_kv_rotates_q_and_k_and_files_k_and_v_in_their_slots() {
 /// stores them: the model's type (`dtype`), or each head quantised by `kv_quant` (the CPU
 /// path's cache rows, byte for byte).
 fn cache_bytes(dtype: DType, format: KvFormat, values: &[f32], head_dim: usize) -> Vec<u8> {
-    match format.bits() {
-        None => dtype.encode(values),
-        Some(bits) => {
-            let head = kv_quant::head_bytes(head_dim, bits);
-            let mut out = vec![0u8; values.len() / head_dim * head];
-            for (o, x) in out.chunks_exact_mut(head).zip(values.chunks_exact(head_dim)) {
-                kv_quant::quantize_head(x, bits, o);
-            }
-            out
-        }
+    if format == KvFormat::Model {
+        return dtype.encode(values);
     }
+    let head = kv_quant::head_bytes(head_dim, format);
+    let mut out = vec![0u8; values.len() / head_dim * head];
+    for (o, x) in out.chunks_exact_mut(head).zip(values.chunks_exact(head_dim)) {
+        kv_quant::quantize_head(x, format, o);
+    }
+    out
 }
 
 /// What a cache in `format` gives back for `values` (quantised: the dequantised heads).
 fn cache_values(format: KvFormat, values: &[f32], head_dim: usize) -> Vec<f32> {
-    let Some(bits) = format.bits() else { return values.to_vec() };
+    if format == KvFormat::Model {
+        return values.to_vec();
+    }
     let bytes = cache_bytes(DType::F32, format, values, head_dim);
     let mut out = Vec::with_capacity(values.len());
-    for head in bytes.chunks_exact(kv_quant::head_bytes(head_dim, bits)) {
-        kv_quant::dequantize_head(head, head_dim, bits, &mut out);
+    for head in bytes.chunks_exact(kv_quant::head_bytes(head_dim, format)) {
+        kv_quant::dequantize_head(head, head_dim, format, &mut out);
     }
     out
 }
+
+/// The KV cache's quantised formats.
+const QUANTISED_KV: [KvFormat; 3] = [KvFormat::Int8, KvFormat::Int4, KvFormat::Fp8];
 
 fn kernel_suffix(format: KvFormat) -> &'static str {
     match format {
         KvFormat::Model => "",
         KvFormat::Int8 => "_int8",
         KvFormat::Int4 => "_int4",
+        KvFormat::Fp8 => "_fp8",
     }
 }
 
@@ -1166,7 +1171,7 @@ fn rope_write_kv_quantises_each_k_and_v_head_as_the_cpu_path() {
                         .copy_from_slice(&row[q_width + kv_width..][..kv_width]);
                 }
                 let all_heads = heads + 2 * kv_heads;
-                for format in [KvFormat::Int8, KvFormat::Int4] {
+                for format in QUANTISED_KV {
                     let row_bytes = format.bytes_per_token(kv_heads, head_dim, dtype.size());
                     // Rows never written stay as they were (0xee).
                     let cache_want = |values: &[f32]| {
@@ -1205,7 +1210,7 @@ fn rope_write_kv_quantises_each_k_and_v_head_as_the_cpu_path() {
                                     Arg::I32(head_dim as i32),
                                     Arg::I32(mode),
                                     Arg::I32(rot_dim as i32),
-                                    Arg::I32(format.bits().unwrap() as i32),
+                                    Arg::I32(format.kernel_code()),
                                 ],
                             ),
                         );
@@ -1251,9 +1256,10 @@ fn quantised_paged_cache(
     (cache, k, v)
 }
 
-/// Decode attention over int8 and int4 caches: every head-group kernel, rows read a word
-/// at a time (heads of 64 and 128) and a byte at a time (36: int4 heads of 22 bytes), with
-/// and without key splits, against the reference over the dequantised K/V.
+/// Decode attention over int8, int4 and fp8 caches: every head-group kernel, rows read a
+/// word at a time (heads of 64 and 128) and a byte at a time (36: int4 heads of 22 bytes;
+/// 18: heads of 13 and 22 bytes), with and without key splits, against the reference over
+/// the dequantised K/V.
 #[test]
 fn decode_attention_over_quantised_caches() {
     let mut rng = ChaCha8Rng::seed_from_u64(13);
@@ -1262,9 +1268,10 @@ fn decode_attention_over_quantised_caches() {
         (AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim: 64 }, 2),
         (AttentionShape { num_heads: 16, num_kv_heads: 1, head_dim: 128 }, 8),
         (AttentionShape { num_heads: 8, num_kv_heads: 2, head_dim: 36 }, 4),
+        (AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim: 18 }, 2),
     ];
     let (lens, block_size) = ([300usize, 45, 129], 16);
-    for format in [KvFormat::Int8, KvFormat::Int4] {
+    for format in QUANTISED_KV {
         for (shape, heads_per_block) in cases {
             for dtype in [DType::F32, DType::BF16] {
                 let (cache, k_bytes, v_bytes) =
@@ -1358,7 +1365,7 @@ fn prefill_attention_over_quantised_caches() {
         AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim: 18 },
     ] {
         let q_width = shape.num_heads * shape.head_dim;
-        for format in [KvFormat::Int8, KvFormat::Int4] {
+        for format in QUANTISED_KV {
             for dtype in [DType::F32, DType::BF16] {
                 let (cache, k_bytes, v_bytes) =
                     quantised_paged_cache(&mut rng, dtype, format, &[len], shape, block_size);

@@ -513,8 +513,8 @@ fn kv_caches_are_sized_against_what_other_engines_were_promised() {
     assert!((again as f64 - first as f64).abs() < first as f64 * 0.05, "{first}, later {again}");
 }
 
-/// An int8 or int4 KV cache (`quant_policy` 8, 4) holds as many more blocks in the same
-/// memory as its blocks are smaller, and the engine serves from it.
+/// An int8, int4 or fp8 KV cache (`quant_policy` 8, 4, `kv_cache_dtype` fp8) holds as many
+/// more blocks in the same memory as its blocks are smaller, and the engine serves from it.
 #[test]
 fn a_quantised_kv_cache_holds_more_blocks_in_the_same_memory_and_serves() {
     let load = |kv_format| {
@@ -531,7 +531,7 @@ fn a_quantised_kv_cache_holds_more_blocks_in_the_same_memory_and_serves() {
     let (full_blocks, promise) = config.num_blocks(&full).unwrap();
     drop(promise);
     let full_bytes = full.model.kv_bytes_per_block(16, KvFormat::Model) as f64;
-    for format in [KvFormat::Int8, KvFormat::Int4] {
+    for format in [KvFormat::Int8, KvFormat::Int4, KvFormat::Fp8] {
         let chat = load(format);
         let (blocks, promise) = config.num_blocks(&chat).unwrap();
         drop(promise);

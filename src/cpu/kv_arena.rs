@@ -1,6 +1,6 @@
 //! K/V of the sequences a CPU engine serves, in fixed-size blocks: per layer, K and V each
 //! `[blocks, block_size, kv_heads, head]`, post-rope, where a head is `head_dim` f32 values
-//! or, in the quantised formats, its packed values with their scale and zero
+//! or, in the quantised formats, its packed levels with their scale and zero
 //! (`kv_quant`). Sequences reach their positions through block tables (`sequence::blocks`).
 
 use super::kv_quant;
@@ -123,12 +123,12 @@ impl KvArena {
         let (k_store, v_store) = &mut self.layers[layer];
         for (store, values) in [(k_store, k), (v_store, v)] {
             let out = &mut store.get_mut()[at..at + row];
-            match format.bits() {
-                None => out.copy_from_slice(bytemuck::cast_slice(values)),
-                Some(bits) => {
-                    let head = kv_quant::head_bytes(head_dim, bits);
+            match format {
+                KvFormat::Model => out.copy_from_slice(bytemuck::cast_slice(values)),
+                _ => {
+                    let head = kv_quant::head_bytes(head_dim, format);
                     for (o, x) in out.chunks_exact_mut(head).zip(values.chunks_exact(head_dim)) {
-                        kv_quant::quantize_head(x, bits, o);
+                        kv_quant::quantize_head(x, format, o);
                     }
                 }
             }
@@ -147,13 +147,13 @@ impl KvArena {
             let at = self.offset(blocks, position);
             for (out, store) in gathered.iter_mut().zip(stores) {
                 let bytes = &store[at..at + run * row];
-                match self.format.bits() {
+                match self.format {
                     // Rows are whole f32s at 4-byte offsets of a page-aligned map.
-                    None => out.extend_from_slice(bytemuck::cast_slice(bytes)),
-                    Some(bits) => {
-                        let head = kv_quant::head_bytes(self.head_dim, bits);
+                    KvFormat::Model => out.extend_from_slice(bytemuck::cast_slice(bytes)),
+                    format => {
+                        let head = kv_quant::head_bytes(self.head_dim, format);
                         for h in bytes.chunks_exact(head) {
-                            kv_quant::dequantize_head(h, self.head_dim, bits, out);
+                            kv_quant::dequantize_head(h, self.head_dim, format, out);
                         }
                     }
                 }
@@ -187,8 +187,7 @@ mod tests {
     /// the block tables and across growth.
     #[test]
     fn quantised_rows_are_the_reference_quantisation_of_each_head() {
-        for format in [KvFormat::Int8, KvFormat::Int4] {
-            let bits = format.bits().unwrap();
+        for format in [KvFormat::Int8, KvFormat::Int4, KvFormat::Fp8] {
             let (kv_heads, head_dim) = (2, 8);
             let mut arena = KvArena::new(2, kv_heads, head_dim, format, 4, 2).unwrap();
             let blocks = [2, 0, 1];
@@ -206,9 +205,9 @@ mod tests {
             let reference = |values: &[f32]| {
                 let mut out = Vec::new();
                 for head in values.chunks_exact(head_dim) {
-                    let mut bytes = vec![0u8; kv_quant::head_bytes(head_dim, bits)];
-                    kv_quant::quantize_head(head, bits, &mut bytes);
-                    kv_quant::dequantize_head(&bytes, head_dim, bits, &mut out);
+                    let mut bytes = vec![0u8; kv_quant::head_bytes(head_dim, format)];
+                    kv_quant::quantize_head(head, format, &mut bytes);
+                    kv_quant::dequantize_head(&bytes, head_dim, format, &mut out);
                 }
                 out
             };
@@ -234,6 +233,7 @@ mod tests {
         assert_eq!(bytes(KvFormat::Model), 28 * 2 * 16 * 2 * 128 * 4);
         assert_eq!(bytes(KvFormat::Int8), 28 * 2 * 16 * 2 * (128 + 4));
         assert_eq!(bytes(KvFormat::Int4), 28 * 2 * 16 * 2 * (64 + 4));
+        assert_eq!(bytes(KvFormat::Fp8), bytes(KvFormat::Int8));
         assert!(KvArena::new(1, 1, 3, KvFormat::Int4, 16, 1).is_err());
     }
 }

@@ -128,7 +128,7 @@ mod tests {
     fn blocks_take_the_bytes_of_the_format_as_the_cpu_arena_lays_them_out() {
         let bytes = |format| KvArena::block_bytes(28, (2, 128), format, 16, 2);
         assert_eq!(bytes(KvFormat::Model), 28 * 2 * 16 * 2 * 128 * 2);
-        for format in [KvFormat::Int8, KvFormat::Int4] {
+        for format in [KvFormat::Int8, KvFormat::Int4, KvFormat::Fp8] {
             // Quantised rows do not depend on the dtype: the CPU arena's, byte for byte.
             assert_eq!(bytes(format), crate::cpu::KvArena::bytes_per_block(28, 2, 128, format, 16));
         }

@@ -95,11 +95,11 @@ pub(super) struct Kernels {
     pub(super) fp8_scale: CudaFunction,
     pub(super) add_bias: CudaFunction,
     pub(super) rope_write_kv: CudaFunction,
-    /// By KV format (`kv_format_index`: elems, int8, int4), attention_decode[_int8|_int4]
-    /// _h1, _h2, _h4, _h8: query heads a block takes.
-    pub(super) attention_decode: [[CudaFunction; 4]; 3],
-    /// By KV format: attention_prefill[_int8|_int4].
-    pub(super) attention_prefill: [CudaFunction; 3],
+    /// By KV format (`kv_format_index`: elems, int8, int4, fp8),
+    /// attention_decode[_int8|_int4|_fp8]_h1, _h2, _h4, _h8: query heads a block takes.
+    pub(super) attention_decode: [[CudaFunction; 4]; 4],
+    /// By KV format: attention_prefill[_int8|_int4|_fp8].
+    pub(super) attention_prefill: [CudaFunction; 4],
     /// The tensor-core prefill and decode (bf16 and f16 modules only).
     pub(super) attention_prefill_mma: Option<CudaFunction>,
     pub(super) attention_decode_mma: Option<CudaFunction>,
@@ -125,7 +125,8 @@ impl Kernels {
         let decode_all = |format: &str| -> Result<[CudaFunction; 4]> {
             Ok([decode(format, 1)?, decode(format, 2)?, decode(format, 4)?, decode(format, 8)?])
         };
-        let attention_decode = [decode_all("")?, decode_all("_int8")?, decode_all("_int4")?];
+        let attention_decode =
+            [decode_all("")?, decode_all("_int8")?, decode_all("_int4")?, decode_all("_fp8")?];
         Ok(Kernels {
             embedding: f("embedding")?,
             add_rms_norm: f("add_rms_norm")?,
@@ -154,6 +155,7 @@ impl Kernels {
                 f("attention_prefill")?,
                 f("attention_prefill_int8")?,
                 f("attention_prefill_int4")?,
+                f("attention_prefill_fp8")?,
             ],
             attention_prefill_mma: match dtype {
                 DType::F32 => None,

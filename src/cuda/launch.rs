@@ -246,7 +246,7 @@ impl Gpu {
                 shape.head_dim
             )));
         }
-        let kv_bits = format.bits().unwrap_or(0) as i32;
+        let kv_format = format.kernel_code();
         let (freq_len, heads, kv_heads, head_dim) = (
             step.freq_len as i32,
             shape.num_heads as i32,
@@ -282,7 +282,7 @@ impl Gpu {
                 &head_dim,
                 &mode,
                 &rot_dim,
-                &kv_bits,
+                &kv_format,
             ],
         )
     }
@@ -488,6 +488,7 @@ fn kv_format_index(format: KvFormat) -> usize {
         KvFormat::Model => 0,
         KvFormat::Int8 => 1,
         KvFormat::Int4 => 2,
+        KvFormat::Fp8 => 3,
     }
 }
 

@@ -42,7 +42,7 @@ pub struct ModelParameters {
     pub programmatic_launch: bool,
     /// Longest chat input in bytes; None = what the context can hold.
     pub max_input_bytes: Option<usize>,
-    /// `quant_policy`: how the KV cache stores K/V.
+    /// `quant_policy` or `kv_cache_dtype`: how the KV cache stores K/V.
     pub kv_format: KvFormat,
     /// In-flight batching limits of each instance's engine.
     pub scheduler: SchedulerConfig,
@@ -90,6 +90,8 @@ impl ModelConfig {
             scheduler: SchedulerConfig::default(),
         };
         let mut unknown_parameters = Vec::new();
+        // The KV format's two spellings (LMDeploy's and vLLM's), reconciled after the loop.
+        let (mut quant_policy, mut kv_cache_dtype) = (None, None);
         let empty = serde_json::Map::new();
         let entries = config.get("parameters").and_then(Value::as_object).unwrap_or(&empty);
         for (key, entry) in entries {
@@ -158,8 +160,15 @@ impl ModelConfig {
                 }
                 "max_input_bytes" => parameters.max_input_bytes = Some(parse_count(key, value, 1)?),
                 "quant_policy" => {
-                    parameters.kv_format =
-                        KvFormat::from_quant_policy(value).map_err(|e| parameter_error(key, e))?;
+                    quant_policy = Some(
+                        KvFormat::from_quant_policy(value).map_err(|e| parameter_error(key, e))?,
+                    );
+                }
+                "kv_cache_dtype" => {
+                    kv_cache_dtype = Some(
+                        KvFormat::from_kv_cache_dtype(value)
+                            .map_err(|e| parameter_error(key, e))?,
+                    );
                 }
                 "max_queued_requests" => {
                     parameters.scheduler.max_queued_requests = parse_count(key, value, 1)?;
@@ -167,6 +176,20 @@ impl ModelConfig {
                 _ => unknown_parameters.push(key.clone()),
             }
         }
+        parameters.kv_format = match (quant_policy, kv_cache_dtype) {
+            (Some(a), Some(b)) if a != b && a != KvFormat::Model && b != KvFormat::Model => {
+                return Err(parameter_error(
+                    "kv_cache_dtype",
+                    format!(
+                        "{} contradicts quant_policy's {}: give one of the two",
+                        b.name(),
+                        a.name()
+                    ),
+                ));
+            }
+            (a, b) => [a, b].into_iter().flatten().find(|f| *f != KvFormat::Model),
+        }
+        .unwrap_or_default();
         let scheduler = &parameters.scheduler;
         // Every running sequence decodes each step; with fewer tokens a step than seats,
         // prefills would wait behind decodes (vLLM refuses this too).
@@ -267,6 +290,28 @@ mod tests {
             let json = format!(r#""quant_policy":{{"string_value":"{policy}"}}"#);
             assert_eq!(parse(&json).unwrap().parameters.kv_format, format);
         }
+        for (name, format) in [
+            ("auto", KvFormat::Model),
+            ("fp8", KvFormat::Fp8),
+            ("fp8_e4m3", KvFormat::Fp8),
+            ("int8", KvFormat::Int8),
+            ("int4", KvFormat::Int4),
+        ] {
+            let json = format!(r#""kv_cache_dtype":{{"string_value":"{name}"}}"#);
+            assert_eq!(parse(&json).unwrap().parameters.kv_format, format);
+        }
+        // Both spellings: the one that quantises wins over the other's default; agreeing
+        // values are fine.
+        for (policy, name, format) in [
+            ("0", "fp8", KvFormat::Fp8),
+            ("8", "auto", KvFormat::Int8),
+            ("4", "int4", KvFormat::Int4),
+        ] {
+            let json = format!(
+                r#""quant_policy":{{"string_value":"{policy}"}},"kv_cache_dtype":{{"string_value":"{name}"}}"#
+            );
+            assert_eq!(parse(&json).unwrap().parameters.kv_format, format, "{policy} {name}");
+        }
     }
 
     #[test]
@@ -291,6 +336,11 @@ mod tests {
             (r#""max_input_bytes":{"string_value":"0"}"#, "max_input_bytes"),
             (r#""max_queued_requests":{"string_value":"-4"}"#, "max_queued_requests"),
             (r#""quant_policy":{"string_value":"16"}"#, "quant_policy"),
+            (r#""kv_cache_dtype":{"string_value":"fp8_e5m2"}"#, "kv_cache_dtype"),
+            (
+                r#""quant_policy":{"string_value":"8"},"kv_cache_dtype":{"string_value":"fp8"}"#,
+                "kv_cache_dtype",
+            ),
             (r#""max_num_seqs":{"string_value":"4096"}"#, "max_num_batched_tokens"),
             (r#""chat_format":{"string_value":"alpaca"}"#, "chat_format"),
         ] {

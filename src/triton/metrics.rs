@@ -174,7 +174,7 @@ impl MetricFamilies {
                 GAUGE,
                 "llm_kv_bytes_per_token",
                 "Bytes one token's K and V take in the instance's cache, all layers, in the \
-                 cache's format (quant_policy)",
+                 cache's format (quant_policy or kv_cache_dtype)",
             )?,
         }))
     }

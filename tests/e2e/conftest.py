@@ -147,7 +147,7 @@ def server(tmp_path_factory):
     s = Server(TEST_REPOSITORY, tmp_path_factory.mktemp("server")).wait_live()
     for model in ("chatglm2-tiny", "internlm2-tiny", "chatglm2-tiny-batched", "chatglm2-tiny-stream",
                   "internlm2-tiny-stream", "chatglm2-tiny-nocache", "chatglm2-tiny-smallkv",
-                  "chatglm2-tiny-kvint8", "chatglm2-tiny-awq", "chatglm2-tiny-w8a16",
+                  "chatglm2-tiny-kvint8", "chatglm2-tiny-kvfp8", "chatglm2-tiny-awq", "chatglm2-tiny-w8a16",
                   "chatglm2-tiny-bin", "vicuna-tiny", "vicuna-tiny-llama2", "llama3-tiny",
                   "llama3-tiny-stream"):
         s.wait_model_ready(model)

@@ -1,9 +1,12 @@
 """The paged KV cache through a real tritonserver: prefix reuse across the rounds of a chat
 gives the same answers as no reuse (and is used), a cache too small for all concurrent
-requests queues them instead of failing any, and an int8 cache (quant_policy 8) answers as
-the CLI does with the same cache, whatever reuse, queueing and preemption happen."""
+requests queues them instead of failing any, and an int8 cache (quant_policy 8) and an fp8
+one (kv_cache_dtype fp8) answer as the CLI does with the same cache, whatever reuse,
+queueing and preemption happen."""
 
 from concurrent.futures import ThreadPoolExecutor
+
+import pytest
 
 from conftest import cli_generate
 from test_seed_interface import flatten, http_chat
@@ -51,13 +54,17 @@ def test_a_prompt_larger_than_the_whole_cache_is_refused(server):
     assert http_chat(server, "chatglm2-tiny-smallkv", {"prompt": "hi", "max_new_tokens": "4"})
 
 
-def test_an_int8_kv_cache_answers_the_same_through_reuse_and_preemption(server):
-    model = "chatglm2-tiny-kvint8"
+@pytest.mark.parametrize("model, cache_flag", [
+    ("chatglm2-tiny-kvint8", {"quant_policy": 8}),
+    ("chatglm2-tiny-kvfp8", {"kv_cache_dtype": "fp8"}),
+])
+def test_a_quantised_kv_cache_answers_the_same_through_reuse_and_preemption(server, model,
+                                                                            cache_flag):
     history = []
     for query in ["你好", "What is RMSNorm?", "hello world"]:
         fields = {"prompt": query, "history": flatten(history), "temperature": "0",
                   "max_new_tokens": "12"}
-        expected = cli_generate("chatglm2-tiny", query, history, quant_policy=8, max_new_tokens=12)
+        expected = cli_generate("chatglm2-tiny", query, history, max_new_tokens=12, **cache_flag)
         answer = http_chat(server, model, fields)
         assert answer == (expected["response"], expected["history"]), query
         history = answer[1]
@@ -81,6 +88,8 @@ def test_the_metrics_give_each_instances_weight_and_kv_bytes(server):
     full = server.metric("llm_kv_bytes_per_token", "chatglm2-tiny") / 2
     int8 = server.metric("llm_kv_bytes_per_token", "chatglm2-tiny-kvint8")
     assert full > 0 and int8 * 3 < full, (full, int8)
+    # fp8 heads take the same bytes as int8's (16 values + scale + a zero of 0).
+    assert server.metric("llm_kv_bytes_per_token", "chatglm2-tiny-kvfp8") == int8
     dense = server.metric("llm_weight_bytes", "chatglm2-tiny") / 2
     w8 = server.metric("llm_weight_bytes", "chatglm2-tiny-w8a16")
     assert 0 < w8 < dense, (dense, w8)

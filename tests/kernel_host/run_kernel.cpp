@@ -144,6 +144,10 @@ static const std::map<std::string, std::function<void(const Args&)>> KERNELS = {
     DECODE_ENTRY(attention_decode_int4_h2, unsigned char),
     DECODE_ENTRY(attention_decode_int4_h4, unsigned char),
     DECODE_ENTRY(attention_decode_int4_h8, unsigned char),
+    DECODE_ENTRY(attention_decode_fp8_h1, unsigned char),
+    DECODE_ENTRY(attention_decode_fp8_h2, unsigned char),
+    DECODE_ENTRY(attention_decode_fp8_h4, unsigned char),
+    DECODE_ENTRY(attention_decode_fp8_h8, unsigned char),
 #define PREFILL_ENTRY(NAME, CACHE)                                                                 \
     {#NAME, [](const Args& a) {                                                                    \
          NAME(a.ptr<const elem*>(0), a.ptr<const CACHE*>(1), a.ptr<const CACHE*>(2),               \
@@ -154,6 +158,7 @@ static const std::map<std::string, std::function<void(const Args&)>> KERNELS = {
     PREFILL_ENTRY(attention_prefill, elem),
     PREFILL_ENTRY(attention_prefill_int8, unsigned char),
     PREFILL_ENTRY(attention_prefill_int4, unsigned char),
+    PREFILL_ENTRY(attention_prefill_fp8, unsigned char),
 #if defined(ELEM_BF16)
     PREFILL_ENTRY(attention_prefill_mma, elem),
     DECODE_ENTRY(attention_decode_mma, elem),

@@ -13,6 +13,7 @@
 # the model's default top-k 50 / top-p 0.8 sampling), MAX_BATCHED_TOKENS (8192: the tokens a
 # step may carry, max_num_batched_tokens), LOAD_PROCESSES (0: tools/load.py's own choice, one
 # client process per 32 sessions), QUANT_POLICY (0: the KV cache in bf16; 8, 4: int8, int4),
+# KV_CACHE_DTYPE (auto: as QUANT_POLICY says; fp8: E4M3),
 # QUANTIZATION (none: bf16 weights; w8a16, w4a16, fp8), PROGRAMMATIC_LAUNCH (false; true:
 # programmatic dependent launch), NEW_TOKENS (128: new tokens an answer asks for),
 # MAX_NUM_SEQS (the largest level, at least
@@ -39,6 +40,7 @@ TEMPERATURE=${TEMPERATURE:-0}
 MAX_BATCHED_TOKENS=${MAX_BATCHED_TOKENS:-8192}
 LOAD_PROCESSES=${LOAD_PROCESSES:-0}
 QUANT_POLICY=${QUANT_POLICY:-0}
+KV_CACHE_DTYPE=${KV_CACHE_DTYPE:-auto}
 QUANTIZATION=${QUANTIZATION:-none}
 PROGRAMMATIC_LAUNCH=${PROGRAMMATIC_LAUNCH:-false}
 NEW_TOKENS=${NEW_TOKENS:-128}
@@ -77,8 +79,8 @@ cp $TOKENIZER /tmp/load-model/
     echo "instance_group [ { kind: $KIND count: 1 } ]"
     for kv in model_dir=/tmp/load-model load_format=dummy dtype=bf16 max_num_seqs=$MAX_NUM_SEQS \
         max_num_batched_tokens=$MAX_BATCHED_TOKENS sample_on_device=$SAMPLE_ON_DEVICE \
-        cuda_graphs=$CUDA_GRAPHS quant_policy=$QUANT_POLICY quantization=$QUANTIZATION \
-        programmatic_launch=$PROGRAMMATIC_LAUNCH; do
+        cuda_graphs=$CUDA_GRAPHS quant_policy=$QUANT_POLICY kv_cache_dtype=$KV_CACHE_DTYPE \
+        quantization=$QUANTIZATION programmatic_launch=$PROGRAMMATIC_LAUNCH; do
         echo "parameters { key: \"${kv%%=*}\" value { string_value: \"${kv#*=}\" } }"
     done
 } > "/tmp/load-repo/$MODEL/config.pbtxt"

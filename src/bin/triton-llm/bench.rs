@@ -188,7 +188,7 @@ fn bench(
     };
     let block_size = 16;
     let per_sequence = (prompt_len + new_tokens).div_ceil(block_size);
-    let mut arena = lm.new_arena(block_size, batch * per_sequence, device.kv_format)?;
+    let mut arena = lm.new_arena(block_size, batch * per_sequence, device.kv_format())?;
     let tables: Vec<Vec<u32>> = (0..batch)
         .map(|b| ((b * per_sequence) as u32..((b + 1) * per_sequence) as u32).collect())
         .collect();
@@ -214,7 +214,7 @@ fn bench(
     let mean_len = prompt_len as f64 + decode_steps / 2.0;
     let kv_token_bytes = info.num_layers
         * 2
-        * device.kv_format.bytes_per_token(
+        * device.kv_format().bytes_per_token(
             info.kv_heads,
             info.kv_width / info.kv_heads,
             elem_bytes,
@@ -233,7 +233,7 @@ fn bench(
         "batch": batch,
         "prompt_tokens": prompt_len,
         "new_tokens": new_tokens,
-        "kv_format": device.kv_format.name(),
+        "kv_format": device.kv_format().name(),
         "kv_bytes_per_token": kv_token_bytes,
         "sample_on_device": options.sample_on_device,
         "cuda_graphs": options.cuda_graphs,
@@ -294,7 +294,7 @@ fn bench(
             report["quantized_products_percent_of_bandwidth"] =
                 shares(&LAYER_SHAPES, &|n, k| gpu.quantized_product_bandwidth(bits, batch, n, k))?;
         }
-        if device.kv_format == KvFormat::Model {
+        if device.kv_format() == KvFormat::Model {
             report["decode_attention_percent_of_bandwidth"] =
                 decode_attention_shares(&gpu, &info, batch, elem_bytes, bandwidth)?;
         }

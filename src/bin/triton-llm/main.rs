@@ -164,7 +164,19 @@ struct DeviceArgs {
     /// The KV cache's format, as LMDeploy's quant_policy: 0 (the model's type), 8 (int8)
     /// or 4 (int4; both per token and head, with an f16 scale and zero).
     #[arg(long = "quant-policy", default_value = "0", value_parser = KvFormat::from_quant_policy)]
-    kv_format: KvFormat,
+    quant_policy: KvFormat,
+    /// The KV cache's format, as vLLM's kv_cache_dtype: auto (the model's type), fp8 or
+    /// fp8_e4m3 (E4M3 per token and head with an f16 scale), int8 or int4 (as
+    /// --quant-policy 8 or 4). Replaces --quant-policy.
+    #[arg(long = "kv-cache-dtype", value_parser = KvFormat::from_kv_cache_dtype,
+          conflicts_with = "quant_policy")]
+    kv_cache_dtype: Option<KvFormat>,
+}
+
+impl DeviceArgs {
+    fn kv_format(&self) -> KvFormat {
+        self.kv_cache_dtype.unwrap_or(self.quant_policy)
+    }
 }
 
 impl ModelArgs {
@@ -182,7 +194,7 @@ impl ModelArgs {
             cuda_graphs: self.device.cuda_graphs,
             programmatic_launch: self.device.programmatic_launch,
             max_input_bytes: None,
-            kv_format: self.device.kv_format,
+            kv_format: self.device.kv_format(),
             chat_format: self.chat_format.clone(),
         };
         ChatModel::load(&self.model, &options)
