@@ -13,7 +13,10 @@
 // (rows) and V (transposed) in shared memory with 16-byte loads, each warp 16 of them:
 // S = Q·Kᵀ (16 heads × 16 keys), an online softmax per head, O += P·V. K/V is read once
 // for all the heads, and the heads' dot products run on the tensor cores instead of the
-// CUDA cores. Warps, then splits, merge as attention_decode's (attention.cu).
+// CUDA cores. Warps, then splits, merge as attention_decode's (attention.cu). Over a
+// quantised cache (the _int8, _int4 and _fp8 kernels) each key's K and V heads are
+// dequantised as the CUDA-core kernels dequantise them and rounded to elem as they are
+// staged.
 //
 // Fragment layouts (PTX ISA, mma.m16n8k16, g = lane / 4, c = lane % 4):
 //   A (16×16, row): a0 = (g, 2c..2c+1), a1 = (g+8, 2c..), a2 = (g, 2c+8..), a3 = (g+8, 2c+8..)
@@ -218,16 +221,81 @@ extern "C" __global__ void __launch_bounds__(128) attention_prefill_mma(
 // 16-byte pieces of K and V a thread keeps in flight while staging a chunk.
 #define MMA_DECODE_IN_FLIGHT 4
 
+// Stages keys [base, base + keys) of a quantised cache (KV as attention.cu's) for
+// attention_decode_mma: each K and V head dequantised as the CUDA-core kernels dequantise it
+// (common.cuh), rounded to elem, K as rows of k_s and V transposed in vt_s; keys past `keys`
+// up to MMA_DECODE_KEYS zero. Heads start on 4-byte boundaries (head_dim a multiple of 16:
+// kv_head_bytes a multiple of 4), so levels move a word at a time. Every thread calls it.
+template <int KV>
+__device__ __forceinline__ void stage_quantised_chunk(
+    const unsigned char* __restrict__ k_bytes, const unsigned char* __restrict__ v_bytes,
+    const int* table, int base, int keys, int block_size, int num_kv_heads, int kv_head,
+    int head_dim, unsigned short* k_s, unsigned short* vt_s) {
+    constexpr int BITS = KV_BITS(KV), PER_WORD = 32 / BITS;
+    const int head_bytes = kv_head_bytes(head_dim, BITS), words = head_dim / PER_WORD;
+    // Each key's head offset and the (scale, zero) of its K and V, then its levels.
+    __shared__ size_t head_at_s[MMA_DECODE_KEYS];
+    __shared__ float scale_zero_s[MMA_DECODE_KEYS][4];
+    if (threadIdx.x < keys) {
+        const int kk = threadIdx.x;
+        const size_t at =
+            (cache_row(table, base + kk, block_size) * num_kv_heads + kv_head) * head_bytes;
+        head_at_s[kk] = at;
+        float* sz = scale_zero_s[kk];
+        kv_read_scale_zero(k_bytes + at, head_dim, BITS, &sz[0], &sz[1]);
+        kv_read_scale_zero(v_bytes + at, head_dim, BITS, &sz[2], &sz[3]);
+    }
+    __syncthreads();
+    // Consecutive threads take consecutive keys of one word, so the transposed stores of V
+    // fall in distinct banks (as the elem staging).
+    for (int i0 = threadIdx.x; i0 < MMA_DECODE_KEYS * words; i0 += 128 * MMA_DECODE_IN_FLIGHT) {
+        unsigned kw[MMA_DECODE_IN_FLIGHT], vw[MMA_DECODE_IN_FLIGHT];
+#pragma unroll
+        for (int j = 0; j < MMA_DECODE_IN_FLIGHT; j++) {
+            const int i = i0 + 128 * j;
+            const int kk = i % MMA_DECODE_KEYS, word = i / MMA_DECODE_KEYS;
+            kw[j] = vw[j] = 0u;
+            if (i < MMA_DECODE_KEYS * words && kk < keys) {
+                const size_t at = head_at_s[kk];
+                kw[j] = __ldg(reinterpret_cast<const unsigned*>(k_bytes + at) + word);
+                vw[j] = __ldg(reinterpret_cast<const unsigned*>(v_bytes + at) + word);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < MMA_DECODE_IN_FLIGHT; j++) {
+            const int i = i0 + 128 * j;
+            if (i < MMA_DECODE_KEYS * words) {
+                const int kk = i % MMA_DECODE_KEYS, word = i / MMA_DECODE_KEYS;
+                const bool valid = kk < keys;
+                const float* sz = scale_zero_s[kk];
+#pragma unroll
+                for (int e = 0; e < PER_WORD; e++) {
+                    const int d = word * PER_WORD + e;
+                    const unsigned mask = (1u << BITS) - 1u;
+                    const float k = valid ? kv_value<KV>((kw[j] >> (BITS * e)) & mask, sz[0], sz[1]) : 0.0f;
+                    const float v = valid ? kv_value<KV>((vw[j] >> (BITS * e)) & mask, sz[2], sz[3]) : 0.0f;
+                    k_s[kk * K_STRIDE + d] = from_f32<elem>(k).bits;
+                    vt_s[d * VTD_STRIDE + kk] = from_f32<elem>(v).bits;
+                }
+            }
+        }
+    }
+}
+
 // Arguments and grid as attention_decode_h* (grid: decode tokens, num_heads / heads,
-// splits), heads = num_heads / gridDim.y ≤ 16 dividing the group; block: 128 threads.
-extern "C" __global__ void __launch_bounds__(128) attention_decode_mma(
-    const elem* __restrict__ q, const elem* __restrict__ k_cache,
-    const elem* __restrict__ v_cache, elem* __restrict__ out, float* __restrict__ partial,
+// splits), heads = num_heads / gridDim.y ≤ 16 dividing the group; block: 128 threads. KV the
+// cache's format (attention.cu): quantised K/V are dequantised as they are staged.
+template <int KV>
+__device__ __forceinline__ void decode_mma(
+    const elem* __restrict__ q, const void* __restrict__ k_store,
+    const void* __restrict__ v_store, elem* __restrict__ out, float* __restrict__ partial,
     int* __restrict__ split_counters, const int* __restrict__ decode_rows,
     const int* __restrict__ token_seq, const int* __restrict__ token_pos,
     const int* __restrict__ block_tables, int max_blocks_per_seq, int block_size, int num_heads,
     int num_kv_heads, int head_dim, float scale, int partition, int splits) {
     kernel_entry();
+    const elem* __restrict__ k_cache = static_cast<const elem*>(k_store);
+    const elem* __restrict__ v_cache = static_cast<const elem*>(v_store);
     // K rows then V transposed; after the keys, the warps' sums (ATTN_WARPS · heads ·
     // head_dim floats ≤ 32 KiB) in the same bytes.
     constexpr int K_BYTES = MMA_DECODE_KEYS * K_STRIDE * 2;
@@ -276,31 +344,37 @@ extern "C" __global__ void __launch_bounds__(128) attention_decode_mma(
     for (int base = begin; base < end; base += MMA_DECODE_KEYS) {
         const int keys = min(MMA_DECODE_KEYS, end - base);
         __syncthreads();  // the previous chunk is consumed
-        // Stage K rows and V transposed, keys past `keys` zero. Consecutive threads take
-        // consecutive keys of one piece, so the transposed stores fall in distinct banks.
-        for (int i0 = threadIdx.x; i0 < MMA_DECODE_KEYS * vecs; i0 += 128 * MMA_DECODE_IN_FLIGHT) {
-            int4 kv[MMA_DECODE_IN_FLIGHT], vv[MMA_DECODE_IN_FLIGHT];
+        if constexpr (KV != KV_ELEM) {
+            stage_quantised_chunk<KV>(static_cast<const unsigned char*>(k_store),
+                                      static_cast<const unsigned char*>(v_store), table, base, keys,
+                                      block_size, num_kv_heads, kv_head, head_dim, k_s, vt_s);
+        } else {
+            // Stage K rows and V transposed, keys past `keys` zero. Consecutive threads take
+            // consecutive keys of one piece, so the transposed stores fall in distinct banks.
+            for (int i0 = threadIdx.x; i0 < MMA_DECODE_KEYS * vecs; i0 += 128 * MMA_DECODE_IN_FLIGHT) {
+                int4 kv[MMA_DECODE_IN_FLIGHT], vv[MMA_DECODE_IN_FLIGHT];
 #pragma unroll
-            for (int j = 0; j < MMA_DECODE_IN_FLIGHT; j++) {
-                const int i = i0 + 128 * j;
-                const int kk = i % MMA_DECODE_KEYS, piece = i / MMA_DECODE_KEYS;
-                kv[j] = vv[j] = make_int4(0, 0, 0, 0);
-                if (i < MMA_DECODE_KEYS * vecs && kk < keys) {
-                    const size_t at = cache_row(table, base + kk, block_size) * kv_width +
-                                      (size_t)kv_head * head_dim + piece * 8;
-                    kv[j] = __ldg(reinterpret_cast<const int4*>(k_cache + at));
-                    vv[j] = __ldg(reinterpret_cast<const int4*>(v_cache + at));
-                }
-            }
-#pragma unroll
-            for (int j = 0; j < MMA_DECODE_IN_FLIGHT; j++) {
-                const int i = i0 + 128 * j;
-                if (i < MMA_DECODE_KEYS * vecs) {
+                for (int j = 0; j < MMA_DECODE_IN_FLIGHT; j++) {
+                    const int i = i0 + 128 * j;
                     const int kk = i % MMA_DECODE_KEYS, piece = i / MMA_DECODE_KEYS;
-                    *reinterpret_cast<int4*>(&k_s[kk * K_STRIDE + piece * 8]) = kv[j];
-                    const unsigned short* v8 = reinterpret_cast<const unsigned short*>(&vv[j]);
+                    kv[j] = vv[j] = make_int4(0, 0, 0, 0);
+                    if (i < MMA_DECODE_KEYS * vecs && kk < keys) {
+                        const size_t at = cache_row(table, base + kk, block_size) * kv_width +
+                                          (size_t)kv_head * head_dim + piece * 8;
+                        kv[j] = __ldg(reinterpret_cast<const int4*>(k_cache + at));
+                        vv[j] = __ldg(reinterpret_cast<const int4*>(v_cache + at));
+                    }
+                }
 #pragma unroll
-                    for (int e = 0; e < 8; e++) vt_s[(piece * 8 + e) * VTD_STRIDE + kk] = v8[e];
+                for (int j = 0; j < MMA_DECODE_IN_FLIGHT; j++) {
+                    const int i = i0 + 128 * j;
+                    if (i < MMA_DECODE_KEYS * vecs) {
+                        const int kk = i % MMA_DECODE_KEYS, piece = i / MMA_DECODE_KEYS;
+                        *reinterpret_cast<int4*>(&k_s[kk * K_STRIDE + piece * 8]) = kv[j];
+                        const unsigned short* v8 = reinterpret_cast<const unsigned short*>(&vv[j]);
+#pragma unroll
+                        for (int e = 0; e < 8; e++) vt_s[(piece * 8 + e) * VTD_STRIDE + kk] = v8[e];
+                    }
                 }
             }
         }
@@ -417,4 +491,21 @@ extern "C" __global__ void __launch_bounds__(128) attention_decode_mma(
     decode_finish(warp_max_s, warp_sum_s, warp_acc, heads, out, partial, split_counters, t,
                   first_head, num_heads, head_dim, used_splits, splits);
 }
+
+#define ATTENTION_DECODE_MMA(NAME, FORMAT, CACHE)                                                \
+    extern "C" __global__ void __launch_bounds__(128) NAME(                                      \
+        const elem* __restrict__ q, const CACHE* __restrict__ k_cache,                           \
+        const CACHE* __restrict__ v_cache, elem* __restrict__ out, float* __restrict__ partial,  \
+        int* __restrict__ split_counters, const int* __restrict__ decode_rows,                   \
+        const int* __restrict__ token_seq, const int* __restrict__ token_pos,                    \
+        const int* __restrict__ block_tables, int max_blocks_per_seq, int block_size,            \
+        int num_heads, int num_kv_heads, int head_dim, float scale, int partition, int splits) {  \
+        decode_mma<FORMAT>(q, k_cache, v_cache, out, partial, split_counters, decode_rows,       \
+                           token_seq, token_pos, block_tables, max_blocks_per_seq, block_size,   \
+                           num_heads, num_kv_heads, head_dim, scale, partition, splits);         \
+    }
+ATTENTION_DECODE_MMA(attention_decode_mma, KV_ELEM, elem)
+ATTENTION_DECODE_MMA(attention_decode_mma_int8, KV_INT8, unsigned char)
+ATTENTION_DECODE_MMA(attention_decode_mma_int4, KV_INT4, unsigned char)
+ATTENTION_DECODE_MMA(attention_decode_mma_fp8, KV_FP8, unsigned char)
 #endif

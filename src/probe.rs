@@ -77,18 +77,20 @@ impl DeviceProbe {
     }
 
     /// K/V bytes/s the decode attention reads for one token of each of `seqs` sequences of
-    /// `context` keys of a model with attention `shape` (K/V in the model's dtype): on the
-    /// tensor cores (None where that kernel does not apply), on the CUDA cores (the heads a
-    /// block the engine gives them), and on the kernel the engine picks, named.
+    /// `context` keys of a model with attention `shape`, K/V in `format`: on the tensor
+    /// cores (None where that kernel does not apply), on the CUDA cores (the heads a block
+    /// the engine gives them), and on the kernel the engine picks, named.
     pub fn decode_attention_bandwidth(
         &self,
         shape: &AttentionShape,
+        format: KvFormat,
         seqs: usize,
         context: usize,
     ) -> Result<DecodeAttentionRates> {
-        let mma_heads = self.gpu.mma_decode_heads(shape, KvFormat::Model);
+        let mma_heads = self.gpu.mma_decode_heads(shape, format);
         let longest = Some(context);
-        let measure = |layout| self.gpu.measure_decode_attention(shape, seqs, context, layout);
+        let measure =
+            |layout| self.gpu.measure_decode_attention(shape, format, seqs, context, layout);
         let tensor_cores = match mma_heads {
             Some(heads) => Some(measure(decode_layout_with(seqs, shape, (heads, true), longest))?),
             None => None,

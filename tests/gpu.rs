@@ -564,8 +564,8 @@ fn the_grouped_test_model_runs_on_the_cpu() {
 
 /// Decode attention on the tensor cores (bf16, 16 heads a block once 64 sequences decode)
 /// equals the CUDA-core kernel a sequence alone takes (one head a block), launched and
-/// replayed as a graph; and the f16 module's, and a quantised cache's (CUDA cores) stay as
-/// they were.
+/// replayed as a graph; so do the f16 module's and, over int8 and fp8 caches, the kernels
+/// that dequantise K/V as they stage them.
 #[test]
 #[ignore = "needs an NVIDIA GPU (scripts/gpu/check.sh runs it)"]
 fn decode_attention_on_tensor_cores_matches_the_cuda_core_kernel() {
@@ -575,6 +575,7 @@ fn decode_attention_on_tensor_cores_matches_the_cuda_core_kernel() {
         (DType::BF16, true, KvFormat::Model),
         (DType::F16, false, KvFormat::Model),
         (DType::BF16, false, KvFormat::Int8),
+        (DType::BF16, true, KvFormat::Fp8),
     ] {
         // 64 copies of the 3 prompts: 192 sequences, 16 heads a decode block.
         let batched = Batched {

@@ -926,6 +926,56 @@ fn decode_attention_on_tensor_cores() {
     }
 }
 
+/// The tensor-core decode over int8, int4 and fp8 caches: each key's heads dequantised as
+/// the CUDA-core kernels do, then rounded to bf16 as they are staged, against the f64
+/// reference over the dequantised K/V (group of 16 and of 4; one split, splits of one
+/// chunk, and each sequence's own).
+#[test]
+fn decode_attention_on_tensor_cores_over_quantised_caches() {
+    let mut rng = ChaCha8Rng::seed_from_u64(63);
+    let dtype = DType::BF16;
+    let cases = [
+        (AttentionShape { num_heads: 32, num_kv_heads: 2, head_dim: 128 }, 16),
+        (AttentionShape { num_heads: 8, num_kv_heads: 2, head_dim: 64 }, 4),
+    ];
+    let (lens, block_size) = ([300usize, 45, 129], 16);
+    for format in QUANTISED_KV {
+        for (shape, heads_per_block) in cases {
+            let (cache, k_bytes, v_bytes) =
+                quantised_paged_cache(&mut rng, dtype, format, &lens, shape, block_size);
+            let q_width = shape.num_heads * shape.head_dim;
+            let q = rounded(dtype, &random(&mut rng, lens.len() * q_width, 1.0));
+            let mut want = Vec::new();
+            for (s, &len) in lens.iter().enumerate() {
+                let (k, v) = &cache.contiguous[s];
+                want.extend(attention_f64(&q[s * q_width..][..q_width], k, v, len - 1, shape));
+            }
+            let name = format!("attention_decode_mma{}", kernel_suffix(format));
+            for (splits, partition) in [(1, 320), (5, 64), (3, 0)] {
+                let kv = (k_bytes.clone(), v_bytes.clone());
+                let (blocks, split) = ((&cache, block_size), (splits, partition));
+                let out = launch_decode(
+                    dtype,
+                    &name,
+                    &q,
+                    kv,
+                    &lens,
+                    shape,
+                    heads_per_block,
+                    blocks,
+                    split,
+                );
+                let what = format!(
+                    "{name}: {} heads / {} K/V heads of {}, {splits} splits of {partition}",
+                    shape.num_heads, shape.num_kv_heads, shape.head_dim
+                );
+                assert_close(&elems(dtype, &out[3]), &rounded(dtype, &want), 8e-3, &what);
+                assert!(out[5].iter().all(|&b| b == 0), "{what}: counters left set");
+            }
+        }
+    }
+}
+
 #[test]
 fn rope_write_kv_rotates_q_and_k_and_files_k_and_v_in_their_slots() {
     use triton_llm::model::rope;

@@ -100,9 +100,10 @@ pub(super) struct Kernels {
     pub(super) attention_decode: [[CudaFunction; 4]; 4],
     /// By KV format: attention_prefill[_int8|_int4|_fp8].
     pub(super) attention_prefill: [CudaFunction; 4],
-    /// The tensor-core prefill and decode (bf16 and f16 modules only).
+    /// The tensor-core prefill and decode (bf16 and f16 modules only); the decode by KV
+    /// format, attention_decode_mma[_int8|_int4|_fp8].
     pub(super) attention_prefill_mma: Option<CudaFunction>,
-    pub(super) attention_decode_mma: Option<CudaFunction>,
+    pub(super) attention_decode_mma: Option<[CudaFunction; 4]>,
     pub(super) sample_rows: CudaFunction,
 }
 
@@ -163,7 +164,12 @@ impl Kernels {
             },
             attention_decode_mma: match dtype {
                 DType::F32 => None,
-                DType::BF16 | DType::F16 => Some(f("attention_decode_mma")?),
+                DType::BF16 | DType::F16 => Some([
+                    f("attention_decode_mma")?,
+                    f("attention_decode_mma_int8")?,
+                    f("attention_decode_mma_int4")?,
+                    f("attention_decode_mma_fp8")?,
+                ]),
             },
             sample_rows: f("sample_rows")?,
         })

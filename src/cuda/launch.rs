@@ -441,9 +441,9 @@ impl Gpu {
             .filter(|_| head_dim.is_multiple_of(16) && format == KvFormat::Model)
     }
 
-    /// The tensor-core decode kernel for blocks of `heads` query heads, where it applies
-    /// (16-bit dtypes, heads a multiple of 16 wide and at most MAX_HEAD_DIM, K/V in the
-    /// model's dtype, 4 to 16 heads dividing the group).
+    /// The tensor-core decode kernel for blocks of `heads` query heads over a cache in
+    /// `format`, where it applies (16-bit dtypes, heads a multiple of 16 wide and at most
+    /// MAX_HEAD_DIM, 4 to 16 heads dividing the group).
     fn mma_decode(
         &self,
         shape: &AttentionShape,
@@ -451,13 +451,12 @@ impl Gpu {
         format: KvFormat,
     ) -> Option<&CudaFunction> {
         let group = shape.num_heads / shape.num_kv_heads;
-        self.kernels().attention_decode_mma.as_ref().filter(|_| {
-            shape.head_dim.is_multiple_of(16)
-                && shape.head_dim <= MAX_HEAD_DIM
-                && format == KvFormat::Model
-                && (MMA_DECODE_MIN_HEADS..=MMA_DECODE_MAX_HEADS).contains(&heads)
-                && group.is_multiple_of(heads)
-        })
+        let applies = shape.head_dim.is_multiple_of(16)
+            && shape.head_dim <= MAX_HEAD_DIM
+            && (MMA_DECODE_MIN_HEADS..=MMA_DECODE_MAX_HEADS).contains(&heads)
+            && group.is_multiple_of(heads);
+        let kernels = self.kernels().attention_decode_mma.as_ref().filter(|_| applies)?;
+        Some(&kernels[kv_format_index(format)])
     }
 
     /// Query heads a block of the tensor-core decode takes for `shape` over a cache in

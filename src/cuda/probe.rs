@@ -111,12 +111,13 @@ impl Gpu {
     }
 
     /// K/V bytes per second the decode attention reads for one query token of each of
-    /// `seqs` sequences of `context` keys (paged in blocks of 16, K/V in the model's dtype),
-    /// laid out as `layout`, cycling through copies of the cache as
-    /// `measure_matmul_bandwidth` does through weights.
+    /// `seqs` sequences of `context` keys (paged in blocks of 16, K/V in `format`), laid out
+    /// as `layout`, cycling through copies of the cache as `measure_matmul_bandwidth` does
+    /// through weights.
     pub fn measure_decode_attention(
         &self,
         shape: &AttentionShape,
+        format: KvFormat,
         seqs: usize,
         context: usize,
         layout: DecodeLayout,
@@ -124,13 +125,16 @@ impl Gpu {
         let e = self.dtype.size();
         let block_size = 16;
         let blocks_per_seq = context.div_ceil(block_size);
-        let kv_width = shape.num_kv_heads * shape.head_dim;
-        let cache_elems = seqs * blocks_per_seq * block_size * kv_width;
-        let read_bytes = 2 * seqs * context * kv_width * e;
+        let row_bytes = format.bytes_per_token(shape.num_kv_heads, shape.head_dim, e);
+        let cache_bytes = seqs * blocks_per_seq * block_size * row_bytes;
+        let read_bytes = 2 * seqs * context * row_bytes;
         let copies = (256usize << 20).div_ceil(read_bytes).max(2);
+        // Quantised caches get the same random elems as bytes: finite levels, scales and
+        // zeros (values of at most 1 in f16's bits), which is all the timing needs.
+        let cache_elems = cache_bytes / e;
         let caches = (0..copies)
             .map(|i| {
-                let (k, v) = (self.alloc(cache_elems * e)?, self.alloc(cache_elems * e)?);
+                let (k, v) = (self.alloc(cache_bytes)?, self.alloc(cache_bytes)?);
                 self.fill_uniform(k.view(), cache_elems, 20 + 2 * i as u64, 1.0)?;
                 self.fill_uniform(v.view(), cache_elems, 21 + 2 * i as u64, 1.0)?;
                 Ok((k, v))
@@ -180,7 +184,7 @@ impl Gpu {
             self.attention(
                 q.view(),
                 (k.view(), v.view()),
-                KvFormat::Model,
+                format,
                 out.view(),
                 partial.view(),
                 counters.view(),

@@ -162,6 +162,9 @@ static const std::map<std::string, std::function<void(const Args&)>> KERNELS = {
 #if defined(ELEM_BF16)
     PREFILL_ENTRY(attention_prefill_mma, elem),
     DECODE_ENTRY(attention_decode_mma, elem),
+    DECODE_ENTRY(attention_decode_mma_int8, unsigned char),
+    DECODE_ENTRY(attention_decode_mma_int4, unsigned char),
+    DECODE_ENTRY(attention_decode_mma_fp8, unsigned char),
 #endif
     // f32 → f16 bits as the KV cache's scales round (common.cuh): buffer 0 f32 values in,
     // buffer 1 u16 bits out; buffer 2 the bits back as f32.

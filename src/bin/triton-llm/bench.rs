@@ -294,10 +294,8 @@ fn bench(
             report["quantized_products_percent_of_bandwidth"] =
                 shares(&LAYER_SHAPES, &|n, k| gpu.quantized_product_bandwidth(bits, batch, n, k))?;
         }
-        if device.kv_format() == KvFormat::Model {
-            report["decode_attention_percent_of_bandwidth"] =
-                decode_attention_shares(&gpu, &info, batch, elem_bytes, bandwidth)?;
-        }
+        report["decode_attention_percent_of_bandwidth"] =
+            decode_attention_shares(&gpu, &info, device.kv_format(), batch, elem_bytes, bandwidth)?;
         let chosen = ProductKernel::for_rows(batch);
         report["products_kernel"] = json!(chosen.name());
         report["products_percent_of_bandwidth"] = measure(chosen)?;
@@ -321,13 +319,15 @@ fn bench(
     Ok(())
 }
 
-/// The decode attention alone at this batch and contexts of 256 to 8,192 keys, on each
-/// kernel: its K/V read rate as a share of the copy bandwidth, in percent, and the kernel
-/// the engine picks. Contexts past the model's, or whose K/V at this batch passes 8 GiB
-/// (the measurement cycles through copies of it), are left out.
+/// The decode attention alone at this batch and contexts of 256 to 8,192 keys over a
+/// cache in `format`, on each kernel: its K/V read rate (the format's bytes) as a share of
+/// the copy bandwidth, in percent, and the kernel the engine picks. Contexts past the
+/// model's, or whose K/V at this batch passes 8 GiB (the measurement cycles through copies
+/// of it), are left out.
 fn decode_attention_shares(
     gpu: &DeviceProbe,
     info: &ModelInfo,
+    format: KvFormat,
     batch: usize,
     elem_bytes: usize,
     bandwidth: f64,
@@ -340,11 +340,12 @@ fn decode_attention_shares(
     let share = |rate: f64| (1000.0 * rate / bandwidth).round() / 10.0;
     let mut shares = serde_json::Map::new();
     for context in [256usize, 1024, 4096, 8192] {
-        let kv_bytes = 2 * batch * context * info.kv_width * elem_bytes;
+        let kv_bytes =
+            2 * batch * context * format.bytes_per_token(info.kv_heads, shape.head_dim, elem_bytes);
         if context > info.max_context || kv_bytes > 8 << 30 {
             continue;
         }
-        let rates = gpu.decode_attention_bandwidth(&shape, batch, context)?;
+        let rates = gpu.decode_attention_bandwidth(&shape, format, batch, context)?;
         shares.insert(
             context.to_string(),
             json!({
