@@ -171,3 +171,71 @@ extern "C" __global__ void rope_write_kv(const elem* __restrict__ qkv,
         __syncwarp();  // the values are read before the warp's next head overwrites them
     }
 }
+
+// The QKV product of up to GEMV_MAX_ROWS tokens (a single sequence's decode step) with
+// rope_write_kv's work in its epilogue, over an elem cache: block p takes pair p of the
+// [q heads | k heads | v heads] row — columns a_dim and b_dim of its head, paired as
+// rope_pair pairs them (v heads alike, never rotated) — and sums both rows of W as gemv_elem
+// sums a row (the same order: accumulate_rows in gemv.cu), rounds each sum to elem as the
+// product's output, then adds the bias, rotates q and k and files q, k and v exactly as
+// rope_write_kv does. So it writes the bits the two kernels write, with one launch fewer
+// and two rows of W in flight a block. grid: qkv_width / 2; block: GEMV_THREADS.
+extern "C" __global__ void gemv_qkv_rope(const elem* __restrict__ x, const elem* __restrict__ w,
+                                         const elem* __restrict__ bias, elem* __restrict__ q_out,
+                                         elem* __restrict__ k_cache, elem* __restrict__ v_cache,
+                                         const int* __restrict__ slots,
+                                         const float* __restrict__ cos_sin, int freq_len, int m,
+                                         int num_heads, int num_kv_heads, int head_dim,
+                                         int rope_mode, int rot_dim, int k) {
+    const int half = head_dim / 2;
+    const int head = blockIdx.x / half, i = blockIdx.x % half, base = head * head_dim;
+    const bool is_v = head >= num_heads + num_kv_heads;
+    const int a_dim = rope_mode == 0 ? 2 * i : i, b_dim = rope_mode == 0 ? 2 * i + 1 : i + half;
+    const bool rotate = !is_v && (rope_mode != 0 || a_dim < rot_dim);
+    const elem* w_rows[2] = {w + (size_t)(base + a_dim) * k, w + (size_t)(base + b_dim) * k};
+    prefetch_l2(w_rows[0], (size_t)k * sizeof(elem));
+    prefetch_l2(w_rows[1], (size_t)k * sizeof(elem));
+    float acc[2][GEMV_MAX_ROWS];
+#pragma unroll
+    for (int q = 0; q < 2; q++)
+#pragma unroll
+        for (int r = 0; r < GEMV_MAX_ROWS; r++) acc[q][r] = 0.0f;
+    kernel_entry();  // x comes from the previous kernel; the rows of W do not
+    accumulate_rows<2, 2>(x, w_rows, acc, m, k, k);
+    __shared__ float partial[2 * GEMV_MAX_ROWS][GEMV_THREADS / 32];
+    const float sum = block_rows_sum<2>(acc, m, partial);
+    // Thread q·GEMV_MAX_ROWS + r holds column q's total for token r: the a threads take
+    // the b totals through shared memory. `+ 0.0f` as gemv_elem adds its absent bias (a sum
+    // of -0 becomes +0 there too).
+    __shared__ float rounded[2 * GEMV_MAX_ROWS];
+    const int t = threadIdx.x;
+    if (t < 2 * GEMV_MAX_ROWS) rounded[t] = to_f32(from_f32<elem>(sum + 0.0f));
+    __syncthreads();
+    if (t >= m) return;
+    const int r = t;
+    float a = rounded[r], b = rounded[GEMV_MAX_ROWS + r];
+    if (bias) {
+        a += to_f32(bias[base + a_dim]);
+        b += to_f32(bias[base + b_dim]);
+    }
+    if (rotate) {
+        const float* cos_t = cos_sin + (size_t)r * 2 * freq_len;
+        const float c = cos_t[i], s = cos_t[freq_len + i];
+        const float ra = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+        const float rb = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+        a = ra;
+        b = rb;
+    }
+    const int q_width = num_heads * head_dim, kv_width = num_kv_heads * head_dim;
+    elem* dst;
+    if (head < num_heads) {
+        dst = q_out + (size_t)r * q_width + base;
+    } else {
+        // A negative slot is a padding token: q only.
+        if (slots[r] < 0) return;
+        const size_t at = (size_t)slots[r] * kv_width;
+        dst = is_v ? v_cache + at + (base - q_width - kv_width) : k_cache + at + (base - q_width);
+    }
+    dst[a_dim] = from_f32<elem>(a);
+    dst[b_dim] = from_f32<elem>(b);
+}

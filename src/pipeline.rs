@@ -31,6 +31,9 @@ pub struct LoadOptions {
     /// Launch kernels with programmatic dependent launch
     /// (`CausalLm::set_programmatic_launch`).
     pub programmatic_launch: bool,
+    /// Run a single sequence's QKV product with the rotary and K/V write in its epilogue
+    /// (`CausalLm::set_fused_qkv_rope`).
+    pub fused_qkv_rope: bool,
     /// Longest chat input (prompt, kept history and system prompt) in bytes; default: what
     /// the context could hold at the tokenizer's longest piece.
     pub max_input_bytes: Option<usize>,
@@ -170,6 +173,7 @@ impl ChatModel {
         model.set_sample_on_device(options.sample_on_device);
         model.set_cuda_graphs(options.cuda_graphs);
         model.set_programmatic_launch(options.programmatic_launch);
+        model.set_fused_qkv_rope(options.fused_qkv_rope);
         let info = model.info();
         if tokenizer.vocab_size() > info.logits_width {
             return Err(Error::Config(format!(

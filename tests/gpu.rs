@@ -646,6 +646,57 @@ fn programmatic_dependent_launch_changes_no_result() {
     }
 }
 
+/// A single sequence's QKV product with the rotary and K/V write in its epilogue
+/// (`gemv_qkv_rope`) gives the bits of the product then `rope_write_kv`: every family's
+/// teacher-forced logits (GLM's and rotate-half rotary, biases or none), f32 and bf16,
+/// launched and replayed as graphs, equal with the fusion off and on. A fresh model for
+/// each, as graphs keep the launches they were captured with.
+#[test]
+#[ignore = "needs an NVIDIA GPU (scripts/gpu/check.sh runs it)"]
+fn the_fused_qkv_rope_product_changes_no_bit() {
+    require_gpu("fused QKV product");
+    for dtype in [DType::F32, DType::BF16] {
+        // Keeps the dtype's kernels compiled across the loads below.
+        let _kernels = model::load_on(
+            &fixture("chatglm2-tiny"),
+            LoadFormat::Safetensors,
+            Device::Cuda(0),
+            dtype,
+        )
+        .unwrap();
+        for folder in ["chatglm2-tiny", "internlm2-tiny", "llama3-tiny"] {
+            let golden = golden(folder, "model_golden.json");
+            let case = &golden["cases"][0];
+            let (prompt, forced) = (ids(&case["input_ids"]), ids(&case["greedy_16"]));
+            for cuda_graphs in [false, true] {
+                let run = |fused: bool| {
+                    let gpu = model::load_on(
+                        &fixture(folder),
+                        LoadFormat::Safetensors,
+                        Device::Cuda(0),
+                        dtype,
+                    )
+                    .unwrap();
+                    gpu.set_cuda_graphs(cuda_graphs);
+                    gpu.set_fused_qkv_rope(fused);
+                    teacher_forced(gpu.as_ref(), &prompt, &forced)
+                };
+                let (apart, fused) = (run(false), run(true));
+                let same = apart.len() == fused.len()
+                    && apart.iter().zip(&fused).all(|(a, f)| {
+                        a.len() == f.len()
+                            && a.iter().zip(f).all(|(x, y)| x.to_bits() == y.to_bits())
+                    });
+                report(json!({
+                    "check": "fused_qkv_rope", "model": folder, "dtype": dtype.name(),
+                    "cuda_graphs": cuda_graphs, "steps": fused.len(), "pass": same,
+                }));
+                assert!(same, "{folder} {} graphs {cuda_graphs}: logits differ", dtype.name());
+            }
+        }
+    }
+}
+
 /// A model that does not fit fails its load with the sizes, not an out-of-memory crash.
 #[test]
 #[ignore = "needs an NVIDIA GPU (scripts/gpu/check.sh runs it)"]

@@ -81,6 +81,7 @@ fn dynamic_shared_as_pointer(line: &str) -> String {
     format!("{}{ty}* {name} = reinterpret_cast<{ty}*>(emu_dynamic_shared);", &line[..at])
 }
 
+#[derive(Clone, Copy)]
 enum Arg {
     Buffer(usize),
     Null,
@@ -971,6 +972,138 @@ fn decode_attention_on_tensor_cores_over_quantised_caches() {
                 );
                 assert_close(&elems(dtype, &out[3]), &rounded(dtype, &want), 8e-3, &what);
                 assert!(out[5].iter().all(|&b| b == 0), "{what}: counters left set");
+            }
+        }
+    }
+}
+
+/// The QKV product fused with the rotary and K/V write (a single sequence's decode) writes
+/// exactly the bits of gemv_elem followed by rope_write_kv: q, and K and V in their slots
+/// (none for a padding token), for both rotary modes, with and without a bias, rows read
+/// 16 bytes at a time and not.
+#[test]
+fn gemv_qkv_rope_writes_what_the_product_then_rope_write_kv_write() {
+    use triton_llm::model::rope;
+    let mut rng = ChaCha8Rng::seed_from_u64(64);
+    let cache_rows = 6;
+    for (heads, kv_heads, head_dim, k) in [(4, 2, 16, 64), (2, 1, 32, 70), (6, 2, 16, 128)] {
+        let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
+        let n = q_width + 2 * kv_width;
+        for (m, positions, slots) in
+            [(1usize, vec![9usize], vec![4i32]), (3, vec![3, 130, 0], vec![1, 5, -1])]
+        {
+            for (mode, rot_dim) in [(0, head_dim / 2), (1, head_dim)] {
+                for (dtype, with_bias) in
+                    [(DType::F32, true), (DType::BF16, true), (DType::BF16, false)]
+                {
+                    {
+                        let x = rounded(dtype, &random(&mut rng, m * k, 1.0));
+                        let w = rounded(dtype, &random(&mut rng, n * k, 0.2));
+                        let bias = rounded(dtype, &random(&mut rng, n, 0.5));
+                        let inv_freq = rope::inv_freq(10000.0, rot_dim);
+                        let freq_len = inv_freq.len();
+                        let mut cos_sin = Vec::new();
+                        for &p in &positions {
+                            let (cos, sin) = rope::cos_sin(&inv_freq, p);
+                            cos_sin.extend(cos);
+                            cos_sin.extend(sin);
+                        }
+                        // The bias is buffer `at` of a launch, or absent.
+                        let bias_arg =
+                            |at: usize| if with_bias { Arg::Buffer(at) } else { Arg::Null };
+                        let e = dtype.size();
+                        let caches = || vec![0xee; cache_rows * kv_width * e];
+                        let rope_args = [
+                            Arg::I32(freq_len as i32),
+                            Arg::I32(heads as i32),
+                            Arg::I32(kv_heads as i32),
+                            Arg::I32(head_dim as i32),
+                            Arg::I32(mode),
+                            Arg::I32(rot_dim as i32),
+                        ];
+                        // The two kernels: the product (no bias: rope_write_kv adds it), then
+                        // the rotary and K/V write.
+                        let qkv = launch(
+                            dtype,
+                            "gemv_elem",
+                            [n as u32, 1, 1],
+                            128,
+                            vec![dtype.encode(&x), dtype.encode(&w), vec![], vec![0; m * n * e]],
+                            &[
+                                Arg::Buffer(0),
+                                Arg::Buffer(1),
+                                Arg::Null,
+                                Arg::Buffer(3),
+                                Arg::I32(m as i32),
+                                Arg::I32(n as i32),
+                                Arg::I32(k as i32),
+                            ],
+                        )
+                        .swap_remove(3);
+                        let mut args = vec![Arg::Buffer(0), bias_arg(1)];
+                        args.extend((2..7).map(Arg::Buffer));
+                        args.extend(rope_args);
+                        args.push(Arg::I32(0));
+                        let apart = launch(
+                            dtype,
+                            "rope_write_kv",
+                            [m as u32, (heads + 2 * kv_heads) as u32, 1],
+                            64,
+                            vec![
+                                qkv,
+                                dtype.encode(&bias),
+                                vec![0; m * q_width * e],
+                                caches(),
+                                caches(),
+                                i32_bytes(&slots),
+                                f32_bytes(&cos_sin),
+                            ],
+                            &args,
+                        );
+                        // Fused.
+                        let mut args = vec![Arg::Buffer(0), Arg::Buffer(1), bias_arg(2)];
+                        args.extend((3..8).map(Arg::Buffer));
+                        args.push(Arg::I32(freq_len as i32));
+                        args.push(Arg::I32(m as i32));
+                        args.extend(rope_args[1..].iter().copied());
+                        args.push(Arg::I32(k as i32));
+                        let fused = launch(
+                            dtype,
+                            "gemv_qkv_rope",
+                            [(n / 2) as u32, 1, 1],
+                            128,
+                            vec![
+                                dtype.encode(&x),
+                                dtype.encode(&w),
+                                dtype.encode(&bias),
+                                vec![0; m * q_width * e],
+                                caches(),
+                                caches(),
+                                i32_bytes(&slots),
+                                f32_bytes(&cos_sin),
+                            ],
+                            &args,
+                        );
+                        let what = format!(
+                            "{heads} heads / {kv_heads} of {head_dim}, k {k}, {m} tokens, mode \
+                             {mode} {}, bias {with_bias}",
+                            dtype.name()
+                        );
+                        assert!(fused[3] == apart[2], "{what}: q differs");
+                        assert!(fused[4] == apart[3], "{what}: K cache differs");
+                        assert!(fused[5] == apart[4], "{what}: V cache differs");
+                        // Written where the slots say, and nowhere else.
+                        let row = kv_width * e;
+                        for (r, kv_row) in fused[4].chunks_exact(row).enumerate() {
+                            let filed = slots.contains(&(r as i32));
+                            assert_eq!(
+                                kv_row.iter().all(|&b| b == 0xee),
+                                !filed,
+                                "{what}: row {r}"
+                            );
+                        }
+                    }
+                }
             }
         }
     }

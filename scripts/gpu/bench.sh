@@ -23,7 +23,8 @@
 #        broken part does not cost the run its other figures (the log says what was left off)
 #   bash scripts/gpu/bench.sh limits        issue 21's levers, each beside what it replaces in
 #        the same run: the GPU tests; `triton-llm bench` (prompt 128, 64 new) of ChatGLM2-6B
-#        and InternLM2.5-7B at batch 1 with and without programmatic dependent launch, at
+#        and InternLM2.5-7B at batch 1 with and without programmatic dependent launch and
+#        with the QKV product carrying the rotary and K/V write (--fused-qkv-rope), at
 #        batch 64 (the decode step, and the decode attention alone on the tensor cores and
 #        the CUDA cores at contexts 256 to 8,192), and FP8 weights at batch 1 and 64; served
 #        ChatGLM2-6B FP8 and bf16 at 256 streams; Nsight Compute over a 64-stream decode step
@@ -173,8 +174,9 @@ limits() {
     gpu_tests 60
     local shape
     for shape in chatglm2-6b internlm2_5-7b; do
-        for flags in "--batch 1" "--batch 1 --programmatic-launch true" "--batch 64" \
-            "--batch 1 --quantization fp8" "--batch 64 --quantization fp8"; do
+        for flags in "--batch 1" "--batch 1 --programmatic-launch true" \
+            "--batch 1 --fused-qkv-rope true" "--batch 64" "--batch 1 --quantization fp8" \
+            "--batch 64 --quantization fp8"; do
             step "bench $shape $flags" 30 bash -c "set -o pipefail; $CARRY/triton-llm bench \
                 --shape $shape --load-format dummy --device cuda --prompt 128 --new 64 $flags \
                 | tee -a '$OUT/bench.jsonl'"

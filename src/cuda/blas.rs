@@ -6,9 +6,9 @@ use std::sync::Arc;
 use cudarc::cublas::{CudaBlas, result as blas_result, sys as blas_sys};
 use cudarc::driver::{CudaStream, DevicePtr};
 
-use super::launch::{Arg, bytes};
+use super::launch::{Arg, AttentionShape, Rope, StepTables, bytes};
 use super::{Gpu, View, blas_error};
-use crate::dtype::DType;
+use crate::dtype::{DType, KvFormat};
 use crate::{Error, Result};
 
 fn cuda_type(dtype: DType) -> blas_sys::cudaDataType {
@@ -322,6 +322,94 @@ impl Gpu {
         }
         self.matmul_on(ProductKernel::Cublas, x, w, None, gate_up, m, 2 * width, k, false)?;
         self.silu_mul(gate_up, act, m, width)
+    }
+
+    /// Whether `qkv_rope_product` takes the QKV product of `m` rows of a `w` over a cache in
+    /// `format`: a single sequence's dense product (the GEMV's rows) over K/V in the
+    /// model's dtype, heads of pairs.
+    pub fn qkv_rope_applies(
+        &self,
+        m: usize,
+        w: WeightView<'_>,
+        format: KvFormat,
+        shape: &AttentionShape,
+    ) -> bool {
+        ProductKernel::for_rows(m) == ProductKernel::Gemv
+            && matches!(w, WeightView::Dense(_))
+            && format == KvFormat::Model
+            && shape.head_dim.is_multiple_of(2)
+    }
+
+    /// The QKV product of a single sequence's decode step with `rope_write_kv`'s work in its
+    /// epilogue (kernels/rope_kv.cu, `gemv_qkv_rope`): the same q, K and V bits as
+    /// `product` then `rope_write_kv`, one launch fewer. Only where `qkv_rope_applies`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn qkv_rope_product(
+        &self,
+        x: View<'_>,
+        w: View<'_>,
+        bias: Option<View<'_>>,
+        q_out: View<'_>,
+        (k_cache, v_cache): (View<'_>, View<'_>),
+        step: &StepTables<'_>,
+        shape: &AttentionShape,
+        (rope, k): (Rope, usize),
+    ) -> Result<()> {
+        let e = self.dtype.size();
+        let (m, d) = (step.tokens, shape.head_dim);
+        let (q_width, kv_width) = (shape.num_heads * d, shape.num_kv_heads * d);
+        let n = q_width + 2 * kv_width;
+        if !self.qkv_rope_applies(m, WeightView::Dense(w), KvFormat::Model, shape) {
+            return Err(Error::Internal(format!(
+                "the fused QKV product takes a single sequence's dense product, not {m} rows"
+            )));
+        }
+        x.check("QKV product input", bytes(&[m, k, e]))?;
+        w.check("QKV product weight", bytes(&[n, k, e]))?;
+        if let Some(bias) = bias {
+            bias.check("QKV product bias", bytes(&[n, e]))?;
+        }
+        q_out.check("QKV product queries", bytes(&[m, q_width, e]))?;
+        let kv_block = bytes(&[step.block_size, kv_width, e]);
+        k_cache.check("QKV product K cache", kv_block)?;
+        v_cache.check("QKV product V cache", kv_block)?;
+        step.check()?;
+        let (mode, rot_dim) = match rope {
+            Rope::Glm { rotary_dim } => (0i32, rotary_dim as i32),
+            Rope::RotateHalf => (1i32, d as i32),
+        };
+        let rows = gemv_rows(m)?;
+        let (freq_len, heads, kv_heads, head_dim, k) = (
+            step.freq_len as i32,
+            shape.num_heads as i32,
+            shape.num_kv_heads as i32,
+            d as i32,
+            k as i32,
+        );
+        self.launch(
+            &self.kernels().gemv_qkv_rope,
+            "gemv_qkv_rope",
+            ((n / 2) as u32, 1),
+            GEMV_THREADS,
+            &[
+                &x,
+                &w,
+                &bias,
+                &q_out,
+                &k_cache,
+                &v_cache,
+                &step.slots,
+                &step.cos_sin,
+                &freq_len,
+                &rows,
+                &heads,
+                &kv_heads,
+                &head_dim,
+                &mode,
+                &rot_dim,
+                &k,
+            ],
+        )
     }
 
     /// `y[m, n] = x[m, k] · W[n, k]ᵀ (+ bias)` (elems) for a dense or quantised `w`. Up

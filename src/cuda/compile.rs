@@ -76,6 +76,7 @@ pub(super) struct Kernels {
     pub(super) gemv_elem: CudaFunction,
     pub(super) gemv_f32: CudaFunction,
     pub(super) gemv_swiglu: CudaFunction,
+    pub(super) gemv_qkv_rope: CudaFunction,
     pub(super) gemv_split_k: CudaFunction,
     /// Products with W4 and W8 weights (kernels/gemv_quant.cu), fused SwiGLU, dequantisation.
     pub(super) gemv_w4: CudaFunction,
@@ -136,6 +137,7 @@ impl Kernels {
             gemv_elem: f("gemv_elem")?,
             gemv_f32: f("gemv_f32")?,
             gemv_swiglu: f("gemv_swiglu")?,
+            gemv_qkv_rope: f("gemv_qkv_rope")?,
             gemv_split_k: f("gemv_split_k")?,
             gemv_w4: f("gemv_w4")?,
             gemv_w8: f("gemv_w8")?,

@@ -606,7 +606,7 @@ pub struct StepTables<'a> {
 impl StepTables<'_> {
     /// The tables hold what the call's counts say. Their values (slots and block ids within
     /// the K/V arena, rows within the call) are checked where they are laid out.
-    fn check(&self) -> Result<()> {
+    pub(super) fn check(&self) -> Result<()> {
         let per_token = bytes(&[self.tokens, 4]);
         self.positions.check("positions", per_token)?;
         self.slots.check("K/V slots", per_token)?;

@@ -186,6 +186,11 @@ pub trait CausalLm: Send + Sync {
         false
     }
 
+    /// Whether the GPU path runs a single sequence's QKV product with the rotary and K/V
+    /// write in its epilogue (one kernel instead of two; the same results). Set before the
+    /// first pass: captured graphs keep the launches they were captured with.
+    fn set_fused_qkv_rope(&self, _on: bool) {}
+
     /// `forward_batch`, then the next token of each row that asks for one, chosen as
     /// `sampling::choose` defines. Engines that can choose on their device override
     /// this so that only the chosen ids come back.

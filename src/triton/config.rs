@@ -40,6 +40,9 @@ pub struct ModelParameters {
     pub cuda_graphs: bool,
     /// KIND_GPU instances launch kernels with programmatic dependent launch.
     pub programmatic_launch: bool,
+    /// KIND_GPU instances run a single sequence's QKV product with the rotary and K/V write
+    /// in its epilogue.
+    pub fused_qkv_rope: bool,
     /// Longest chat input in bytes; None = what the context can hold.
     pub max_input_bytes: Option<usize>,
     /// `quant_policy` or `kv_cache_dtype`: how the KV cache stores K/V.
@@ -85,6 +88,7 @@ impl ModelConfig {
             sample_on_device: true,
             cuda_graphs: true,
             programmatic_launch: false,
+            fused_qkv_rope: false,
             max_input_bytes: None,
             kv_format: KvFormat::Model,
             scheduler: SchedulerConfig::default(),
@@ -158,6 +162,7 @@ impl ModelConfig {
                 "programmatic_launch" => {
                     parameters.programmatic_launch = parse_bool(key, value)?;
                 }
+                "fused_qkv_rope" => parameters.fused_qkv_rope = parse_bool(key, value)?,
                 "max_input_bytes" => parameters.max_input_bytes = Some(parse_count(key, value, 1)?),
                 "quant_policy" => {
                     quant_policy = Some(
@@ -244,15 +249,16 @@ mod tests {
         assert!(!config.decoupled);
         // Both checked on a device (BENCHMARKS.md), so on unless a model turns them off.
         assert!(config.parameters.sample_on_device && config.parameters.cuda_graphs);
-        // Not yet checked on a device: off unless a model turns it on.
-        assert!(!config.parameters.programmatic_launch);
+        // Not yet checked on a device: off unless a model turns them on.
+        assert!(!config.parameters.programmatic_launch && !config.parameters.fused_qkv_rope);
         let config = parse(
             r#""sample_on_device":{"string_value":"false"},"cuda_graphs":{"string_value":"false"},
-               "programmatic_launch":{"string_value":"true"}"#,
+               "programmatic_launch":{"string_value":"true"},
+               "fused_qkv_rope":{"string_value":"true"}"#,
         )
         .unwrap();
         assert!(!config.parameters.sample_on_device && !config.parameters.cuda_graphs);
-        assert!(config.parameters.programmatic_launch);
+        assert!(config.parameters.programmatic_launch && config.parameters.fused_qkv_rope);
     }
 
     #[test]
@@ -332,6 +338,7 @@ mod tests {
             (r#""sample_on_device":{"string_value":"yes"}"#, "sample_on_device"),
             (r#""cuda_graphs":{"string_value":"on"}"#, "cuda_graphs"),
             (r#""programmatic_launch":{"string_value":"y"}"#, "programmatic_launch"),
+            (r#""fused_qkv_rope":{"string_value":"no"}"#, "fused_qkv_rope"),
             (r#""block_size":{"string_value":"0"}"#, "block_size"),
             (r#""max_input_bytes":{"string_value":"0"}"#, "max_input_bytes"),
             (r#""max_queued_requests":{"string_value":"-4"}"#, "max_queued_requests"),

@@ -511,6 +511,7 @@ mod tests {
             sample_on_device: false,
             cuda_graphs: false,
             programmatic_launch: false,
+            fused_qkv_rope: false,
             max_input_bytes: None,
             kv_format: Default::default(),
             scheduler: Default::default(),

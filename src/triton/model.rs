@@ -137,6 +137,7 @@ impl ModelState {
             sample_on_device: parameters.sample_on_device,
             cuda_graphs: parameters.cuda_graphs,
             programmatic_launch: parameters.programmatic_launch,
+            fused_qkv_rope: parameters.fused_qkv_rope,
             max_input_bytes: parameters.max_input_bytes,
             kv_format: parameters.kv_format,
             chat_format: parameters.chat_format.clone(),

@@ -125,6 +125,13 @@ static const std::map<std::string, std::function<void(const Args&)>> KERNELS = {
                        a.ptr<const float*>(6), a.i32(7), a.i32(8), a.i32(9), a.i32(10),
                        a.i32(11), a.i32(12), a.i32(13));
      }},
+    {"gemv_qkv_rope",
+     [](const Args& a) {
+         gemv_qkv_rope(a.ptr<const elem*>(0), a.ptr<const elem*>(1), a.ptr<const elem*>(2),
+                       a.ptr<elem*>(3), a.ptr<elem*>(4), a.ptr<elem*>(5), a.ptr<const int*>(6),
+                       a.ptr<const float*>(7), a.i32(8), a.i32(9), a.i32(10), a.i32(11),
+                       a.i32(12), a.i32(13), a.i32(14), a.i32(15));
+     }},
 #define DECODE_ENTRY(NAME, CACHE)                                                                \
     {#NAME, [](const Args& a) {                                                                    \
          NAME(a.ptr<const elem*>(0), a.ptr<const CACHE*>(1), a.ptr<const CACHE*>(2),               \

@@ -62,11 +62,13 @@ pub fn run(
     lm.set_sample_on_device(device.sample_on_device);
     lm.set_cuda_graphs(device.cuda_graphs);
     let programmatic_launch = lm.set_programmatic_launch(device.programmatic_launch);
+    lm.set_fused_qkv_rope(device.fused_qkv_rope);
     let on_gpu = device.device != Device::Cpu;
     let options = BenchOptions {
         sample_on_device: device.sample_on_device && on_gpu,
         cuda_graphs: device.cuda_graphs && on_gpu,
         programmatic_launch,
+        fused_qkv_rope: device.fused_qkv_rope && on_gpu,
     };
     bench(lm.as_ref(), device, batch, prompt, new, options, quant_bits)
 }
@@ -153,6 +155,7 @@ struct BenchOptions {
     sample_on_device: bool,
     cuda_graphs: bool,
     programmatic_launch: bool,
+    fused_qkv_rope: bool,
 }
 
 fn bench(
@@ -238,6 +241,7 @@ fn bench(
         "sample_on_device": options.sample_on_device,
         "cuda_graphs": options.cuda_graphs,
         "programmatic_launch": options.programmatic_launch,
+        "fused_qkv_rope": options.fused_qkv_rope,
         "ttft_ms": ttft * 1e3,
         "prefill_tokens_per_s": (batch * prompt_len) as f64 / ttft,
         "decode_step_ms": step_s * 1e3,

@@ -161,6 +161,11 @@ struct DeviceArgs {
     #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true",
           action = clap::ArgAction::Set)]
     programmatic_launch: bool,
+    /// With the GPU path: run a single sequence's QKV product with the rotary and K/V
+    /// write in its epilogue (one kernel instead of two, the same results).
+    #[arg(long, default_value_t = false, num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set)]
+    fused_qkv_rope: bool,
     /// The KV cache's format, as LMDeploy's quant_policy: 0 (the model's type), 8 (int8)
     /// or 4 (int4; both per token and head, with an f16 scale and zero).
     #[arg(long = "quant-policy", default_value = "0", value_parser = KvFormat::from_quant_policy)]
@@ -193,6 +198,7 @@ impl ModelArgs {
             sample_on_device: self.device.sample_on_device,
             cuda_graphs: self.device.cuda_graphs,
             programmatic_launch: self.device.programmatic_launch,
+            fused_qkv_rope: self.device.fused_qkv_rope,
             max_input_bytes: None,
             kv_format: self.device.kv_format(),
             chat_format: self.chat_format.clone(),

@@ -121,6 +121,9 @@ pub struct GpuModel {
     sample_on_device: AtomicBool,
     /// Decode steps are captured as CUDA graphs and replayed (`Scratch::graphs`).
     cuda_graphs: AtomicBool,
+    /// A single sequence's QKV product carries the rotary and K/V write
+    /// (`Gpu::qkv_rope_product`) where it applies.
+    fused_qkv_rope: AtomicBool,
     /// Captures that failed; graphs are turned off at `MAX_CAPTURE_FAILURES` (one failure
     /// may be an error left over from earlier work, reported by the next driver call).
     capture_failures: AtomicUsize,
@@ -149,6 +152,7 @@ impl GpuModel {
             rope_cache: Mutex::new(rope_cache),
             sample_on_device: AtomicBool::new(false),
             cuda_graphs: AtomicBool::new(false),
+            fused_qkv_rope: AtomicBool::new(false),
             capture_failures: AtomicUsize::new(0),
         }
     }
@@ -233,6 +237,10 @@ impl super::CausalLm for GpuModel {
 
     fn set_programmatic_launch(&self, on: bool) -> bool {
         self.gpu.set_programmatic_launch(on)
+    }
+
+    fn set_fused_qkv_rope(&self, on: bool) {
+        self.fused_qkv_rope.store(on, Ordering::Relaxed);
     }
 
     fn forward_batch(

@@ -1,9 +1,11 @@
 //! The forward pass: one call's tables uploaded, then every layer's launches queued (or a
 //! captured decode graph replayed).
 
+use std::sync::atomic::Ordering;
+
 use super::GpuModel;
 use super::scratch::{Graphs, Scratch};
-use crate::cuda::{self, Buffer, Gpu, StepTables, View};
+use crate::cuda::{self, Buffer, Gpu, StepTables, View, WeightView};
 use crate::model::{KvStore, SeqStep, batch_offsets};
 use crate::{Error, Result};
 
@@ -96,6 +98,7 @@ impl GpuModel {
         }
         let dequantized = w.dequantized.as_ref().map(Buffer::view);
         let fp8 = s.fp8.as_ref().map(|(rows, scales)| (rows.view(), scales.view()));
+        let fused_qkv_rope = self.fused_qkv_rope.load(Ordering::Relaxed);
         gpu.embedding(pass.ids, w.embedding.view(), s.x.view(), total, h)?;
         for (l, layer) in w.layers.iter().enumerate() {
             let delta = if l == 0 { None } else { Some(s.mlp_out.view()) };
@@ -110,27 +113,47 @@ impl GpuModel {
                 h,
                 shape.eps,
             )?;
-            gpu.product(
-                normed,
-                layer.qkv.view_with(fp8),
-                None,
-                s.qkv.view(),
-                total,
-                shape.qkv_width(),
-                h,
-                dequantized,
-            )?;
             let (k_cache, v_cache) = arena.layer(l)?;
-            gpu.rope_write_kv(
-                s.qkv.view(),
-                view(&layer.qkv_bias),
-                s.q.view(),
-                (k_cache, v_cache),
-                arena.format(),
-                step,
-                &shape.attention,
-                shape.rope,
-            )?;
+            let qkv = layer.qkv.view_with(fp8);
+            match qkv {
+                WeightView::Dense(w_qkv)
+                    if fused_qkv_rope
+                        && gpu.qkv_rope_applies(total, qkv, arena.format(), &shape.attention) =>
+                {
+                    gpu.qkv_rope_product(
+                        normed,
+                        w_qkv,
+                        view(&layer.qkv_bias),
+                        s.q.view(),
+                        (k_cache, v_cache),
+                        step,
+                        &shape.attention,
+                        (shape.rope, h),
+                    )?;
+                }
+                _ => {
+                    gpu.product(
+                        normed,
+                        qkv,
+                        None,
+                        s.qkv.view(),
+                        total,
+                        shape.qkv_width(),
+                        h,
+                        dequantized,
+                    )?;
+                    gpu.rope_write_kv(
+                        s.qkv.view(),
+                        view(&layer.qkv_bias),
+                        s.q.view(),
+                        (k_cache, v_cache),
+                        arena.format(),
+                        step,
+                        &shape.attention,
+                        shape.rope,
+                    )?;
+                }
+            }
             gpu.attention(
                 s.q.view(),
                 (k_cache, v_cache),
