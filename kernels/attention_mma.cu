@@ -54,6 +54,64 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
     return (unsigned)from_f32<elem>(lo).bits | ((unsigned)from_f32<elem>(hi).bits << 16);
 }
 
+// The online softmax of a warp's rows g and g + 8 (the C fragments' rows) over one step of
+// NT tiles of 8 keys, their scores in `s` already scaled and masked (NEG_INFINITY where a
+// key does not count): the rows' maxima and sums, and their outputs `o`, brought to the new
+// maxima, and P as the A operands of NT / 2 steps of 16 keys. A row's maximum must be
+// finite after its first step (a key it sees); a later step without one adds zeros.
+template <int NT>
+__device__ __forceinline__ void online_softmax(float (&s)[NT][4], float& max0, float& max1,
+                                               float& sum0, float& sum1,
+                                               float (&o)[MMA_MAX_DIM / 8][4],
+                                               unsigned (&pa)[NT / 2][4]) {
+    float chunk_max0 = NEG_INFINITY, chunk_max1 = NEG_INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            chunk_max0 = fmaxf(chunk_max0, s[nt][e]);
+            chunk_max1 = fmaxf(chunk_max1, s[nt][2 + e]);
+        }
+    }
+    // A quad of lanes holds a row.
+#pragma unroll
+    for (int offset = 1; offset < 4; offset <<= 1) {
+        chunk_max0 = fmaxf(chunk_max0, __shfl_xor_sync(0xffffffffu, chunk_max0, offset));
+        chunk_max1 = fmaxf(chunk_max1, __shfl_xor_sync(0xffffffffu, chunk_max1, offset));
+    }
+    const float new0 = fmaxf(max0, chunk_max0), new1 = fmaxf(max1, chunk_max1);
+    const float corr0 = expf(max0 - new0), corr1 = expf(max1 - new1);
+    max0 = new0;
+    max1 = new1;
+    sum0 *= corr0;
+    sum1 *= corr1;
+#pragma unroll
+    for (int n = 0; n < MMA_MAX_DIM / 8; n++) {
+        o[n][0] *= corr0;
+        o[n][1] *= corr0;
+        o[n][2] *= corr1;
+        o[n][3] *= corr1;
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        const float p00 = expf(s[nt][0] - new0), p01 = expf(s[nt][1] - new0);
+        const float p10 = expf(s[nt][2] - new1), p11 = expf(s[nt][3] - new1);
+        sum0 += p00 + p01;
+        sum1 += p10 + p11;
+        pa[nt / 2][(nt % 2) * 2 + 0] = pack2(p00, p01);
+        pa[nt / 2][(nt % 2) * 2 + 1] = pack2(p10, p11);
+    }
+}
+
+// The row sums of a warp's quads: each lane's share of rows g and g + 8 added up.
+__device__ __forceinline__ void quad_sums(float& sum0, float& sum1) {
+#pragma unroll
+    for (int offset = 1; offset < 4; offset <<= 1) {
+        sum0 += __shfl_xor_sync(0xffffffffu, sum0, offset);
+        sum1 += __shfl_xor_sync(0xffffffffu, sum1, offset);
+    }
+}
+
 // tiles[2i], tiles[2i+1]: first flat row and count (≤ MMA_TILE) of tile i; its tokens are
 // consecutive positions of one sequence. grid: (tiles, heads); block: 128 threads.
 extern "C" __global__ void __launch_bounds__(128) attention_prefill_mma(
@@ -137,8 +195,8 @@ extern "C" __global__ void __launch_bounds__(128) attention_prefill_mma(
                 }
             }
         }
-        // Scale, mask the future (and keys past the chunk), online softmax per row.
-        float chunk_max0 = NEG_INFINITY, chunk_max1 = NEG_INFINITY;
+        // Scale, mask the future (and keys past the chunk), online softmax per row. Key 0 is
+        // in the first chunk and every query sees it.
 #pragma unroll
         for (int nt = 0; nt < 4; nt++) {
 #pragma unroll
@@ -146,40 +204,10 @@ extern "C" __global__ void __launch_bounds__(128) attention_prefill_mma(
                 const int key = base + nt * 8 + 2 * c + e;
                 s[nt][e] = key <= pos0 && key < visible ? s[nt][e] * scale : NEG_INFINITY;
                 s[nt][2 + e] = key <= pos1 && key < visible ? s[nt][2 + e] * scale : NEG_INFINITY;
-                chunk_max0 = fmaxf(chunk_max0, s[nt][e]);
-                chunk_max1 = fmaxf(chunk_max1, s[nt][2 + e]);
             }
         }
-#pragma unroll
-        for (int offset = 1; offset < 4; offset <<= 1) {
-            chunk_max0 = fmaxf(chunk_max0, __shfl_xor_sync(0xffffffffu, chunk_max0, offset));
-            chunk_max1 = fmaxf(chunk_max1, __shfl_xor_sync(0xffffffffu, chunk_max1, offset));
-        }
-        // Key 0 is in the first chunk and every query sees it, so the maxima are finite
-        // from then on; a row with no key in this chunk keeps its max and adds zeros.
-        const float new0 = fmaxf(max0, chunk_max0), new1 = fmaxf(max1, chunk_max1);
-        const float corr0 = expf(max0 - new0), corr1 = expf(max1 - new1);
-        max0 = new0;
-        max1 = new1;
-        sum0 *= corr0;
-        sum1 *= corr1;
-#pragma unroll
-        for (int n = 0; n < MMA_MAX_DIM / 8; n++) {
-            o[n][0] *= corr0;
-            o[n][1] *= corr0;
-            o[n][2] *= corr1;
-            o[n][3] *= corr1;
-        }
         unsigned pa[2][4];  // P as the A operand of two 16-key steps
-#pragma unroll
-        for (int nt = 0; nt < 4; nt++) {
-            const float p00 = expf(s[nt][0] - new0), p01 = expf(s[nt][1] - new0);
-            const float p10 = expf(s[nt][2] - new1), p11 = expf(s[nt][3] - new1);
-            sum0 += p00 + p01;
-            sum1 += p10 + p11;
-            pa[nt / 2][(nt % 2) * 2 + 0] = pack2(p00, p01);
-            pa[nt / 2][(nt % 2) * 2 + 1] = pack2(p10, p11);
-        }
+        online_softmax<4>(s, max0, max1, sum0, sum1, o, pa);
         // O += P·V: B fragments from Vᵀ (dims as n, keys as k).
 #pragma unroll
         for (int n = 0; n < MMA_MAX_DIM / 8; n++) {
@@ -195,11 +223,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_prefill_mma(
         }
     }
     if (!warp_active) return;
-#pragma unroll
-    for (int offset = 1; offset < 4; offset <<= 1) {
-        sum0 += __shfl_xor_sync(0xffffffffu, sum0, offset);
-        sum1 += __shfl_xor_sync(0xffffffffu, sum1, offset);
-    }
+    quad_sums(sum0, sum1);
     unsigned* out32 = reinterpret_cast<unsigned*>(out);
 #pragma unroll
     for (int n = 0; n < MMA_MAX_DIM / 8; n++) {
@@ -397,8 +421,8 @@ __device__ __forceinline__ void decode_mma(
                 }
             }
         }
-        // Scale, mask keys past the chunk, online softmax per head (a quad holds a row).
-        float chunk_max0 = NEG_INFINITY, chunk_max1 = NEG_INFINITY;
+        // Scale, mask keys past the chunk, online softmax per head. The warp's first key is
+        // valid.
 #pragma unroll
         for (int nt = 0; nt < 2; nt++) {
 #pragma unroll
@@ -406,39 +430,10 @@ __device__ __forceinline__ void decode_mma(
                 const bool valid = first_key + nt * 8 + 2 * c + e < keys;
                 s[nt][e] = valid ? s[nt][e] * scale : NEG_INFINITY;
                 s[nt][2 + e] = valid ? s[nt][2 + e] * scale : NEG_INFINITY;
-                chunk_max0 = fmaxf(chunk_max0, s[nt][e]);
-                chunk_max1 = fmaxf(chunk_max1, s[nt][2 + e]);
             }
         }
-#pragma unroll
-        for (int offset = 1; offset < 4; offset <<= 1) {
-            chunk_max0 = fmaxf(chunk_max0, __shfl_xor_sync(0xffffffffu, chunk_max0, offset));
-            chunk_max1 = fmaxf(chunk_max1, __shfl_xor_sync(0xffffffffu, chunk_max1, offset));
-        }
-        // The warp's first key is valid, so the new maxima are finite.
-        const float new0 = fmaxf(max0, chunk_max0), new1 = fmaxf(max1, chunk_max1);
-        const float corr0 = expf(max0 - new0), corr1 = expf(max1 - new1);
-        max0 = new0;
-        max1 = new1;
-        sum0 *= corr0;
-        sum1 *= corr1;
-#pragma unroll
-        for (int n = 0; n < MMA_MAX_DIM / 8; n++) {
-            o[n][0] *= corr0;
-            o[n][1] *= corr0;
-            o[n][2] *= corr1;
-            o[n][3] *= corr1;
-        }
-        unsigned pa[4];  // P as the A operand of one 16-key step
-#pragma unroll
-        for (int nt = 0; nt < 2; nt++) {
-            const float p00 = expf(s[nt][0] - new0), p01 = expf(s[nt][1] - new0);
-            const float p10 = expf(s[nt][2] - new1), p11 = expf(s[nt][3] - new1);
-            sum0 += p00 + p01;
-            sum1 += p10 + p11;
-            pa[nt * 2 + 0] = pack2(p00, p01);
-            pa[nt * 2 + 1] = pack2(p10, p11);
-        }
+        unsigned pa[1][4];  // P as the A operand of one 16-key step
+        online_softmax<2>(s, max0, max1, sum0, sum1, o, pa);
         // O += P·V: B fragments from Vᵀ (dims as n, the warp's keys as k).
 #pragma unroll
         for (int n = 0; n < MMA_MAX_DIM / 8; n++) {
@@ -446,15 +441,11 @@ __device__ __forceinline__ void decode_mma(
                 const unsigned short* vt_row = &vt_s[(n * 8 + g) * VTD_STRIDE + first_key];
                 const unsigned b0 = *reinterpret_cast<const unsigned*>(vt_row + 2 * c);
                 const unsigned b1 = *reinterpret_cast<const unsigned*>(vt_row + 8 + 2 * c);
-                mma_16816(o[n], pa, b0, b1);
+                mma_16816(o[n], pa[0], b0, b1);
             }
         }
     }
-#pragma unroll
-    for (int offset = 1; offset < 4; offset <<= 1) {
-        sum0 += __shfl_xor_sync(0xffffffffu, sum0, offset);
-        sum1 += __shfl_xor_sync(0xffffffffu, sum1, offset);
-    }
+    quad_sums(sum0, sum1);
 
     // The warps' (max, sum, output) per head into shared memory for decode_finish; a warp
     // that had no keys leaves a zero sum, which it skips.
