@@ -374,10 +374,7 @@ impl Gpu {
         k_cache.check("QKV product K cache", kv_block)?;
         v_cache.check("QKV product V cache", kv_block)?;
         step.check()?;
-        let (mode, rot_dim) = match rope {
-            Rope::Glm { rotary_dim } => (0i32, rotary_dim as i32),
-            Rope::RotateHalf => (1i32, d as i32),
-        };
+        let (mode, rot_dim) = rope.kernel_args(d);
         let rows = gemv_rows(m)?;
         let (freq_len, heads, kv_heads, head_dim, k) = (
             step.freq_len as i32,

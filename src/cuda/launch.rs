@@ -253,10 +253,7 @@ impl Gpu {
             shape.num_kv_heads as i32,
             shape.head_dim as i32,
         );
-        let (mode, rot_dim) = match rope {
-            Rope::Glm { rotary_dim } => (0i32, rotary_dim as i32),
-            Rope::RotateHalf => (1i32, shape.head_dim as i32),
-        };
+        let (mode, rot_dim) = rope.kernel_args(shape.head_dim);
         // Decode steps: a block per head and token, for latency. Prompts: a block per token,
         // so that the chip is not left scheduling tens of thousands of 64-thread blocks.
         // Whole warps (a quantised K/V head is a warp's), at most ROPE_MAX_WARPS.
@@ -547,6 +544,16 @@ pub enum Rope {
     Glm { rotary_dim: usize },
     /// InternLM2: pairs (i, i + d/2) over the whole head.
     RotateHalf,
+}
+
+impl Rope {
+    /// The kernels' `rope_mode` and `rot_dim` for heads of `head_dim`.
+    pub(super) fn kernel_args(self, head_dim: usize) -> (i32, i32) {
+        match self {
+            Rope::Glm { rotary_dim } => (0, rotary_dim as i32),
+            Rope::RotateHalf => (1, head_dim as i32),
+        }
+    }
 }
 
 /// Dynamic shared memory attention_decode may ask for: 4 warps · 32 keys · 128 dims · f32.
