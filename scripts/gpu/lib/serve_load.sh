@@ -15,7 +15,8 @@
 # client process per 32 sessions), QUANT_POLICY (0: the KV cache in bf16; 8, 4: int8, int4),
 # KV_CACHE_DTYPE (auto: as QUANT_POLICY says; fp8: E4M3),
 # QUANTIZATION (none: bf16 weights; w8a16, w4a16, fp8), PROGRAMMATIC_LAUNCH (false; true:
-# programmatic dependent launch), NEW_TOKENS (128: new tokens an answer asks for),
+# programmatic dependent launch), FUSED_QKV_ROPE (false; true: a single sequence's QKV product
+# carries the rotary and K/V write), NEW_TOKENS (128: new tokens an answer asks for),
 # MAX_NUM_SEQS (the largest level, at least
 # 256: the engine's seats), REPEATS (1: runs of each level; with more,
 # a summary line per level gives the median output tokens/s and the spread).
@@ -43,6 +44,7 @@ QUANT_POLICY=${QUANT_POLICY:-0}
 KV_CACHE_DTYPE=${KV_CACHE_DTYPE:-auto}
 QUANTIZATION=${QUANTIZATION:-none}
 PROGRAMMATIC_LAUNCH=${PROGRAMMATIC_LAUNCH:-false}
+FUSED_QKV_ROPE=${FUSED_QKV_ROPE:-false}
 NEW_TOKENS=${NEW_TOKENS:-128}
 REPEATS=${REPEATS:-1}
 # Seats of the engine: the largest level by default (at least 256), up to 1,024.
@@ -80,7 +82,8 @@ cp $TOKENIZER /tmp/load-model/
     for kv in model_dir=/tmp/load-model load_format=dummy dtype=bf16 max_num_seqs=$MAX_NUM_SEQS \
         max_num_batched_tokens=$MAX_BATCHED_TOKENS sample_on_device=$SAMPLE_ON_DEVICE \
         cuda_graphs=$CUDA_GRAPHS quant_policy=$QUANT_POLICY kv_cache_dtype=$KV_CACHE_DTYPE \
-        quantization=$QUANTIZATION programmatic_launch=$PROGRAMMATIC_LAUNCH; do
+        quantization=$QUANTIZATION programmatic_launch=$PROGRAMMATIC_LAUNCH \
+        fused_qkv_rope=$FUSED_QKV_ROPE; do
         echo "parameters { key: \"${kv%%=*}\" value { string_value: \"${kv#*=}\" } }"
     done
 } > "/tmp/load-repo/$MODEL/config.pbtxt"
