@@ -318,8 +318,6 @@ __device__ __forceinline__ void decode_mma(
     const int* __restrict__ block_tables, int max_blocks_per_seq, int block_size, int num_heads,
     int num_kv_heads, int head_dim, float scale, int partition, int splits) {
     kernel_entry();
-    const elem* __restrict__ k_cache = static_cast<const elem*>(k_store);
-    const elem* __restrict__ v_cache = static_cast<const elem*>(v_store);
     // K rows then V transposed; after the keys, the warps' sums (ATTN_WARPS · heads ·
     // head_dim floats ≤ 32 KiB) in the same bytes.
     constexpr int K_BYTES = MMA_DECODE_KEYS * K_STRIDE * 2;
@@ -334,7 +332,6 @@ __device__ __forceinline__ void decode_mma(
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int g = lane / 4, c = lane % 4;
     const int kv_head = first_head / (num_heads / num_kv_heads);
-    const int kv_width = num_kv_heads * head_dim;
     const int* table = block_tables + (size_t)token_seq[t] * max_blocks_per_seq;
     int begin, end, used_splits;
     // Splits of as few as one chunk: a block's four warps take 16 keys each, so a short
@@ -364,7 +361,6 @@ __device__ __forceinline__ void decode_mma(
     for (int n = 0; n < MMA_MAX_DIM / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
     float max0 = NEG_INFINITY, max1 = NEG_INFINITY, sum0 = 0.0f, sum1 = 0.0f;
 
-    const int vecs = head_dim / 8;  // 16-byte pieces of a row
     for (int base = begin; base < end; base += MMA_DECODE_KEYS) {
         const int keys = min(MMA_DECODE_KEYS, end - base);
         __syncthreads();  // the previous chunk is consumed
@@ -375,6 +371,10 @@ __device__ __forceinline__ void decode_mma(
         } else {
             // Stage K rows and V transposed, keys past `keys` zero. Consecutive threads take
             // consecutive keys of one piece, so the transposed stores fall in distinct banks.
+            const elem* __restrict__ k_cache = static_cast<const elem*>(k_store);
+            const elem* __restrict__ v_cache = static_cast<const elem*>(v_store);
+            const int kv_width = num_kv_heads * head_dim;
+            const int vecs = head_dim / 8;  // 16-byte pieces of a row
             for (int i0 = threadIdx.x; i0 < MMA_DECODE_KEYS * vecs; i0 += 128 * MMA_DECODE_IN_FLIGHT) {
                 int4 kv[MMA_DECODE_IN_FLIGHT], vv[MMA_DECODE_IN_FLIGHT];
 #pragma unroll
