@@ -122,6 +122,8 @@ PY
 # The server's own version line, recorded with every level's summary.
 SERVER_VERSION=$(sed -n 's/^| server_version *| \([0-9.]*\).*/\1/p' /tmp/load-server.log | head -1)
 echo "== $SHAPE, sample_on_device=$SAMPLE_ON_DEVICE, cuda_graphs=$CUDA_GRAPHS, temperature $TEMPERATURE, max_num_batched_tokens $MAX_BATCHED_TOKENS"
+# The script's exit: 1 if any run of the load tool failed (its figures are then missing).
+STATUS=0
 for level in $LEVELS; do
 for run in $(seq "$REPEATS"); do
     echo "== concurrency $level, ${SECONDS_EACH} s, run $run of $REPEATS"
@@ -132,6 +134,11 @@ for run in $(seq "$REPEATS"); do
         --prompt-seed "$RUN_ID/$level/$run" \
         --temperature "$TEMPERATURE" --warmup 3 --processes "$LOAD_PROCESSES" |
         tee -a "$OUT/serve_load.jsonl"
+    rc=$?  # the load tool's (pipefail), or timeout's
+    if [ $rc -ne 0 ]; then
+        echo "== the load tool exited $rc (concurrency $level, run $run)"
+        STATUS=1
+    fi
     after=$(steps_now)
     python3 - "$before" "$after" "$level" "$SHAPE" "$SAMPLE_ON_DEVICE" "$TEMPERATURE" "$CUDA_GRAPHS" \
         "$MAX_BATCHED_TOKENS" "$run" <<'PY' |
@@ -184,3 +191,4 @@ curl -s localhost:8102/metrics 2>/dev/null | grep -E "^llm_(kv_blocks|requests)"
 kill $SERVER 2>/dev/null
 wait $SERVER 2>/dev/null
 tail -5 /tmp/load-server.log
+exit $STATUS
