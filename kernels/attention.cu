@@ -100,6 +100,26 @@ __device__ __forceinline__ void decode_quantised_key(
     }
 }
 
+// The heads of keys [base, base + keys) of a quantised cache (`bits` a level) for a block
+// that stages them: each key's head byte offset into head_at_s and the (scale, zero) of its
+// K and V into scale_zero_s, by the block's first `keys` threads (the caller syncs after).
+__device__ __forceinline__ void stage_key_heads(const unsigned char* k_bytes,
+                                                const unsigned char* v_bytes, const int* table,
+                                                int base, int keys, int block_size,
+                                                int num_kv_heads, int kv_head, int head_dim,
+                                                int bits, size_t* head_at_s,
+                                                float (*scale_zero_s)[4]) {
+    if (threadIdx.x < keys) {
+        const int kk = threadIdx.x;
+        const size_t at = (cache_row(table, base + kk, block_size) * num_kv_heads + kv_head) *
+                          kv_head_bytes(head_dim, bits);
+        head_at_s[kk] = at;
+        float* sz = scale_zero_s[kk];
+        kv_read_scale_zero(k_bytes + at, head_dim, bits, &sz[0], &sz[1]);
+        kv_read_scale_zero(v_bytes + at, head_dim, bits, &sz[2], &sz[3]);
+    }
+}
+
 // Keys [begin, end) of decode split `split` and the splits the sequence uses (`used`);
 // false when this split has none. partition 0: each sequence divides its own keys over the
 // splits (a CUDA graph replays one launch for any lengths) as decode_splits divides a
@@ -455,18 +475,10 @@ __device__ __forceinline__ void prefill_attention(
             // Each key's head offset and (scale, zero) of K and V first, then its values.
             __shared__ size_t head_at_s[32];
             __shared__ float scale_zero_s[32][4];
-            const int head_bytes = kv_head_bytes(head_dim, BITS);
             const unsigned char* k_bytes = static_cast<const unsigned char*>(k_store);
             const unsigned char* v_bytes = static_cast<const unsigned char*>(v_store);
-            if (threadIdx.x < keys) {
-                const int kk = threadIdx.x;
-                const size_t at =
-                    (cache_row(table, base + kk, block_size) * num_kv_heads + kv_head) * head_bytes;
-                head_at_s[kk] = at;
-                float* sz = scale_zero_s[kk];
-                kv_read_scale_zero(k_bytes + at, head_dim, BITS, &sz[0], &sz[1]);
-                kv_read_scale_zero(v_bytes + at, head_dim, BITS, &sz[2], &sz[3]);
-            }
+            stage_key_heads(k_bytes, v_bytes, table, base, keys, block_size, num_kv_heads, kv_head,
+                            head_dim, BITS, head_at_s, scale_zero_s);
             __syncthreads();
             for (int i = threadIdx.x; i < keys * head_dim; i += blockDim.x) {
                 const int kk = i / head_dim, d = i % head_dim;

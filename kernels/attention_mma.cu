@@ -256,19 +256,12 @@ __device__ __forceinline__ void stage_quantised_chunk(
     const int* table, int base, int keys, int block_size, int num_kv_heads, int kv_head,
     int head_dim, unsigned short* k_s, unsigned short* vt_s) {
     constexpr int BITS = KV_BITS(KV), PER_WORD = 32 / BITS;
-    const int head_bytes = kv_head_bytes(head_dim, BITS), words = head_dim / PER_WORD;
+    const int words = head_dim / PER_WORD;
     // Each key's head offset and the (scale, zero) of its K and V, then its levels.
     __shared__ size_t head_at_s[MMA_DECODE_KEYS];
     __shared__ float scale_zero_s[MMA_DECODE_KEYS][4];
-    if (threadIdx.x < keys) {
-        const int kk = threadIdx.x;
-        const size_t at =
-            (cache_row(table, base + kk, block_size) * num_kv_heads + kv_head) * head_bytes;
-        head_at_s[kk] = at;
-        float* sz = scale_zero_s[kk];
-        kv_read_scale_zero(k_bytes + at, head_dim, BITS, &sz[0], &sz[1]);
-        kv_read_scale_zero(v_bytes + at, head_dim, BITS, &sz[2], &sz[3]);
-    }
+    stage_key_heads(k_bytes, v_bytes, table, base, keys, block_size, num_kv_heads, kv_head,
+                    head_dim, BITS, head_at_s, scale_zero_s);
     __syncthreads();
     // Consecutive threads take consecutive keys of one word, so the transposed stores of V
     // fall in distinct banks (as the elem staging).
