@@ -29,6 +29,24 @@ pub fn compile_kernels(dtype: DType, arch: &'static str) -> Result<String> {
     Ok(cuda::compile(dtype, arch)?.to_src())
 }
 
+/// Each kernel of `ptx` (from [`compile_kernels`]) with its number of parameters, or an
+/// error naming a kernel with a parameter that no launch can pass: the launches' argument
+/// check knows 32- and 64-bit words and f32s only.
+pub fn kernel_parameter_counts(ptx: &str) -> Result<Vec<(String, usize)>> {
+    let mut kernels = Vec::new();
+    for (name, params) in cuda::entry_params(ptx) {
+        if let Some(index) = params.iter().position(|&p| p == cuda::Param::Other) {
+            return Err(crate::Error::Internal(format!(
+                "{name}: parameter {index} is {}",
+                cuda::Param::Other.describe()
+            )));
+        }
+        kernels.push((name, params.len()));
+    }
+    kernels.sort();
+    Ok(kernels)
+}
+
 /// Decode attention's K/V read rates in bytes/s (`DeviceProbe::decode_attention_bandwidth`).
 #[derive(Clone, Debug)]
 pub struct DecodeAttentionRates {

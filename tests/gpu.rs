@@ -38,6 +38,15 @@ fn kernels_compile_for_every_dtype() {
         for dtype in [DType::BF16, DType::F16, DType::F32] {
             let ptx = probe::compile_kernels(dtype, arch).unwrap();
             assert!(ptx.contains("attention_prefill"), "{arch} {dtype:?}");
+            // Every kernel's parameters are of the kinds the launches' check knows, and the
+            // check reads each kernel's list whole (counts as the wrappers pass them).
+            let counts = probe::kernel_parameter_counts(&ptx).unwrap();
+            let count = |name: &str| counts.iter().find(|(n, _)| n == name).map(|(_, c)| *c);
+            assert!(counts.len() >= 40, "{arch} {dtype:?}: {} kernels", counts.len());
+            assert_eq!(count("gemv_qkv_rope"), Some(16), "{arch} {dtype:?}");
+            assert_eq!(count("attention_decode_fp8_h4"), Some(18), "{arch} {dtype:?}");
+            assert_eq!(count("attention_prefill"), Some(14), "{arch} {dtype:?}");
+            assert_eq!(count("fill_uniform"), Some(4), "{arch} {dtype:?}");
             // For reading the compiler's output (ptxas -v, local memory) without a GPU.
             if let Some(dir) = std::env::var_os("TRITON_LLM_DUMP_PTX") {
                 let path = std::path::Path::new(&dir).join(format!("{arch}-{}.ptx", dtype.name()));

@@ -221,30 +221,15 @@ impl Gpu {
             let grid = (n as u32, splits as u32);
             let (n, k) = (n as i32, k as i32);
             let args: [&dyn Arg; 9] = [&x, &w, &bias, &y, &partials, &counters, &m_i, &n, &k];
-            return self.launch(
-                &self.kernels().gemv_split_k,
-                "gemv_split_k",
-                grid,
-                GEMV_THREADS,
-                &args,
-            );
+            return self.launch(&self.kernels().gemv_split_k, grid, GEMV_THREADS, &args);
         }
         if matches!(kernel, ProductKernel::Gemv | ProductKernel::GemvWhole) {
             let m = gemv_rows(m)?;
-            let (function, name) = if f32_out {
-                (&self.kernels().gemv_f32, "gemv_f32")
-            } else {
-                (&self.kernels().gemv_elem, "gemv_elem")
-            };
+            let function =
+                if f32_out { &self.kernels().gemv_f32 } else { &self.kernels().gemv_elem };
             let grid = (n as u32, 1);
             let (n, k) = (n as i32, k as i32);
-            return self.launch(
-                function,
-                name,
-                grid,
-                GEMV_THREADS,
-                &[&x, &w, &bias, &y, &m, &n, &k],
-            );
+            return self.launch(function, grid, GEMV_THREADS, &[&x, &w, &bias, &y, &m, &n, &k]);
         }
         // Row-major Y[m, n] is column-major Yᵀ[n, m] = W[n, k] · Xᵀ[k, m], with row-major W
         // read as column-major Wᵀ (transposed back) and row-major X as column-major Xᵀ.
@@ -286,7 +271,7 @@ impl Gpu {
             let total = (m * n) as i32;
             let n = n as i32;
             let grid = ((total as usize).div_ceil(256) as u32, 1);
-            self.launch(&self.kernels().add_bias, "add_bias", grid, 256, &[&y, &bias, &n, &total])?;
+            self.launch(&self.kernels().add_bias, grid, 256, &[&y, &bias, &n, &total])?;
         }
         Ok(())
     }
@@ -314,7 +299,6 @@ impl Gpu {
             let (width_i, k) = (width as i32, k as i32);
             return self.launch(
                 &self.kernels().gemv_swiglu,
-                "gemv_swiglu",
                 (width as u32, 1),
                 GEMV_THREADS,
                 &[&x, &w, &act, &m, &width_i, &k],
@@ -385,7 +369,6 @@ impl Gpu {
         );
         self.launch(
             &self.kernels().gemv_qkv_rope,
-            "gemv_qkv_rope",
             ((n / 2) as u32, 1),
             GEMV_THREADS,
             &[
@@ -475,7 +458,7 @@ impl Gpu {
             let mut blaslt = blaslt.lock().unwrap_or_else(|p| p.into_inner());
             if blaslt.fp8_matmul(packed, rows, y, (m, n, k), workspace, stream)? {
                 let function = &self.kernels().fp8_scale;
-                return self.launch(function, "fp8_scale", scale_grid, 256, &scale_args);
+                return self.launch(function, scale_grid, 256, &scale_args);
             }
         }
         if m <= GEMV_MAX_ROWS
@@ -489,24 +472,18 @@ impl Gpu {
             let args: [&dyn Arg; 9] =
                 [&packed, &scales, &rows, &row_scales, &bias, &y, &m_i, &n_i, &k_i];
             let grid = (n.div_ceil(16) as u32, 1);
-            return self.launch(function, "gemv_fp8_mma", grid, 32 * FP8_MMA_WARPS, &args);
+            return self.launch(function, grid, 32 * FP8_MMA_WARPS, &args);
         }
         self.quantize_rows(x, rows, row_scales, m, k, false)?;
         if m <= GEMV_MAX_ROWS {
             let m_i = gemv_rows(m)?;
             let args: [&dyn Arg; 9] =
                 [&packed, &scales, &rows, &row_scales, &bias, &y, &m_i, &n_i, &k_i];
-            return self.launch(
-                &self.kernels().gemv_fp8,
-                "gemv_fp8",
-                (n as u32, 1),
-                GEMV_THREADS,
-                &args,
-            );
+            return self.launch(&self.kernels().gemv_fp8, (n as u32, 1), GEMV_THREADS, &args);
         }
         let values = self.dequantize(w, n, k, scratch)?;
         self.matmul_on(ProductKernel::Cublas, rows, values, None, y, m, n, k, false)?;
-        self.launch(&self.kernels().fp8_scale, "fp8_scale", scale_grid, 256, &scale_args)
+        self.launch(&self.kernels().fp8_scale, scale_grid, 256, &scale_args)
     }
 
     /// Activations per token to E4M3 values in `rows` (as elems, or as the E4M3 bytes
@@ -529,12 +506,12 @@ impl Gpu {
         }
         let k_i = k as i32;
         let args: [&dyn Arg; 4] = [&x, &rows, &row_scales, &k_i];
-        let (function, name) = if as_bytes {
-            (&self.kernels().quantize_rows_e4m3_bytes, "quantize_rows_e4m3_bytes")
+        let function = if as_bytes {
+            &self.kernels().quantize_rows_e4m3_bytes
         } else {
-            (&self.kernels().quantize_rows_e4m3, "quantize_rows_e4m3")
+            &self.kernels().quantize_rows_e4m3
         };
-        self.launch(function, name, (m as u32, 1), 256, &args)
+        self.launch(function, (m as u32, 1), 256, &args)
     }
 
     /// [`Gpu::swiglu_product`] for a dense or quantised `[gate | up]` weight (`scratch` as
@@ -591,11 +568,11 @@ impl Gpu {
             WeightView::W4 { packed, params, group } => {
                 let group = group as i32;
                 let args: [&dyn Arg; 9] = [&packed, &params, &x, &bias, &y, &m, &n, &k, &group];
-                self.launch(&self.kernels().gemv_w4, "gemv_w4", grid, GEMV_THREADS, &args)
+                self.launch(&self.kernels().gemv_w4, grid, GEMV_THREADS, &args)
             }
             WeightView::W8 { packed, scales } => {
                 let args: [&dyn Arg; 8] = [&packed, &scales, &x, &bias, &y, &m, &n, &k];
-                self.launch(&self.kernels().gemv_w8, "gemv_w8", grid, GEMV_THREADS, &args)
+                self.launch(&self.kernels().gemv_w8, grid, GEMV_THREADS, &args)
             }
             WeightView::Dense(_) | WeightView::Fp8 { .. } => {
                 Err(Error::Internal("a dense or FP8 weight in quant_gemv".into()))
@@ -625,12 +602,12 @@ impl Gpu {
                 let group = group as i32;
                 let args: [&dyn Arg; 8] = [&packed, &params, &x, &act, &m, &width, &k, &group];
                 let function = &self.kernels().gemv_w4_swiglu;
-                self.launch(function, "gemv_w4_swiglu", grid, GEMV_THREADS, &args)
+                self.launch(function, grid, GEMV_THREADS, &args)
             }
             WeightView::W8 { packed, scales } => {
                 let args: [&dyn Arg; 7] = [&packed, &scales, &x, &act, &m, &width, &k];
                 let function = &self.kernels().gemv_w8_swiglu;
-                self.launch(function, "gemv_w8_swiglu", grid, GEMV_THREADS, &args)
+                self.launch(function, grid, GEMV_THREADS, &args)
             }
             WeightView::Dense(_) | WeightView::Fp8 { .. } => {
                 Err(Error::Internal("a dense or FP8 weight in quant_gemv_swiglu".into()))
@@ -658,17 +635,17 @@ impl Gpu {
                 let grid = ((k / 32).div_ceil(128) as u32, n as u32);
                 let group = group as i32;
                 let args: [&dyn Arg; 5] = [&packed, &params, &out, &k_i, &group];
-                self.launch(&self.kernels().dequant_w4, "dequant_w4", grid, 128, &args)?;
+                self.launch(&self.kernels().dequant_w4, grid, 128, &args)?;
             }
             WeightView::W8 { packed, scales } => {
                 let grid = ((k / 16).div_ceil(128) as u32, n as u32);
                 let args: [&dyn Arg; 4] = [&packed, &scales, &out, &k_i];
-                self.launch(&self.kernels().dequant_w8, "dequant_w8", grid, 128, &args)?;
+                self.launch(&self.kernels().dequant_w8, grid, 128, &args)?;
             }
             WeightView::Fp8 { packed, .. } => {
                 let grid = ((k / 16).div_ceil(128) as u32, n as u32);
                 let args: [&dyn Arg; 3] = [&packed, &out, &k_i];
-                self.launch(&self.kernels().dequant_fp8, "dequant_fp8", grid, 128, &args)?;
+                self.launch(&self.kernels().dequant_fp8, grid, 128, &args)?;
             }
             WeightView::Dense(_) => {
                 return Err(Error::Internal("dequantising a dense weight".into()));

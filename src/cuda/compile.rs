@@ -8,6 +8,7 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 
 use super::launch::DECODE_MAX_SHARED;
 use super::libs::{self, CudaLibrary};
+use super::signature::{self, Param};
 use super::{device_count, device_error};
 use crate::dtype::DType;
 use crate::{Error, Result};
@@ -67,64 +68,85 @@ fn virtual_arch(major: i32, minor: i32) -> &'static str {
         .or_insert_with(|| Box::leak(format!("compute_{major}{minor}").into_boxed_str()))
 }
 
+/// A kernel of the module: its function, and its name and parameters for the launches'
+/// errors and checks.
+pub(super) struct Kernel {
+    pub(super) function: CudaFunction,
+    pub(super) name: String,
+    pub(super) params: Vec<Param>,
+}
+
 /// The kernels of one module.
 pub(super) struct Kernels {
-    pub(super) embedding: CudaFunction,
-    pub(super) add_rms_norm: CudaFunction,
-    pub(super) silu_mul: CudaFunction,
-    pub(super) fill_uniform: CudaFunction,
-    pub(super) gemv_elem: CudaFunction,
-    pub(super) gemv_f32: CudaFunction,
-    pub(super) gemv_swiglu: CudaFunction,
-    pub(super) gemv_qkv_rope: CudaFunction,
-    pub(super) gemv_split_k: CudaFunction,
+    pub(super) embedding: Kernel,
+    pub(super) add_rms_norm: Kernel,
+    pub(super) silu_mul: Kernel,
+    pub(super) fill_uniform: Kernel,
+    pub(super) gemv_elem: Kernel,
+    pub(super) gemv_f32: Kernel,
+    pub(super) gemv_swiglu: Kernel,
+    pub(super) gemv_qkv_rope: Kernel,
+    pub(super) gemv_split_k: Kernel,
     /// Products with W4 and W8 weights (kernels/gemv_quant.cu), fused SwiGLU, dequantisation.
-    pub(super) gemv_w4: CudaFunction,
-    pub(super) gemv_w8: CudaFunction,
-    pub(super) gemv_w4_swiglu: CudaFunction,
-    pub(super) gemv_w8_swiglu: CudaFunction,
-    pub(super) dequant_w4: CudaFunction,
-    pub(super) dequant_w8: CudaFunction,
+    pub(super) gemv_w4: Kernel,
+    pub(super) gemv_w8: Kernel,
+    pub(super) gemv_w4_swiglu: Kernel,
+    pub(super) gemv_w8_swiglu: Kernel,
+    pub(super) dequant_w4: Kernel,
+    pub(super) dequant_w8: Kernel,
     /// FP8: activations per token to E4M3, the E4M3 GEMV, the weight's E4M3 values for
     /// cuBLAS, and the scales after it.
-    pub(super) quantize_rows_e4m3: CudaFunction,
-    pub(super) quantize_rows_e4m3_bytes: CudaFunction,
-    pub(super) gemv_fp8: CudaFunction,
+    pub(super) quantize_rows_e4m3: Kernel,
+    pub(super) quantize_rows_e4m3_bytes: Kernel,
+    pub(super) gemv_fp8: Kernel,
     /// The E4M3 GEMV on the tensor cores (modules for sm_89 and later only).
-    pub(super) gemv_fp8_mma: Option<CudaFunction>,
-    pub(super) dequant_fp8: CudaFunction,
-    pub(super) fp8_scale: CudaFunction,
-    pub(super) add_bias: CudaFunction,
-    pub(super) rope_write_kv: CudaFunction,
+    pub(super) gemv_fp8_mma: Option<Kernel>,
+    pub(super) dequant_fp8: Kernel,
+    pub(super) fp8_scale: Kernel,
+    pub(super) add_bias: Kernel,
+    pub(super) rope_write_kv: Kernel,
     /// By KV format (`kv_format_index`: elems, int8, int4, fp8),
     /// attention_decode[_int8|_int4|_fp8]_h1, _h2, _h4, _h8: query heads a block takes.
-    pub(super) attention_decode: [[CudaFunction; 4]; 4],
+    pub(super) attention_decode: [[Kernel; 4]; 4],
     /// By KV format: attention_prefill[_int8|_int4|_fp8].
-    pub(super) attention_prefill: [CudaFunction; 4],
+    pub(super) attention_prefill: [Kernel; 4],
     /// The tensor-core prefill and decode (bf16 and f16 modules only); the decode by KV
     /// format, attention_decode_mma[_int8|_int4|_fp8].
-    pub(super) attention_prefill_mma: Option<CudaFunction>,
-    pub(super) attention_decode_mma: Option<[CudaFunction; 4]>,
-    pub(super) sample_rows: CudaFunction,
+    pub(super) attention_prefill_mma: Option<Kernel>,
+    pub(super) attention_decode_mma: Option<[Kernel; 4]>,
+    pub(super) sample_rows: Kernel,
 }
 
 impl Kernels {
-    fn load(module: &Arc<CudaModule>, dtype: DType, (major, minor): (i32, i32)) -> Result<Self> {
-        let f = |name: &str| module.load_function(name).map_err(device_error(name));
-        let decode = |format: &str, heads: usize| -> Result<CudaFunction> {
+    fn load(
+        module: &Arc<CudaModule>,
+        ptx: &str,
+        dtype: DType,
+        (major, minor): (i32, i32),
+    ) -> Result<Self> {
+        let mut params = signature::entry_params(ptx);
+        let mut f = |name: &str| -> Result<Kernel> {
+            let function = module.load_function(name).map_err(device_error(name))?;
+            let params = params.remove(name).ok_or_else(|| {
+                Error::Device(format!("{name}: no such entry in the compiled kernels' PTX"))
+            })?;
+            Ok(Kernel { function, name: name.to_string(), params })
+        };
+        let mut decode = |format: &str, heads: usize| -> Result<Kernel> {
             let name = format!("attention_decode{format}_h{heads}");
-            let function = f(&name)?;
+            let kernel = f(&name)?;
             // Its V staging takes up to 4 warps · 32 keys · 128 dims · 4 bytes (f32): over
             // the 48 KiB a kernel gets without asking.
-            function
+            kernel
+                .function
                 .set_attribute(
                     driver_sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     DECODE_MAX_SHARED as i32,
                 )
                 .map_err(device_error(&format!("{name} shared memory")))?;
-            Ok(function)
+            Ok(kernel)
         };
-        let decode_all = |format: &str| -> Result<[CudaFunction; 4]> {
+        let mut decode_all = |format: &str| -> Result<[Kernel; 4]> {
             Ok([decode(format, 1)?, decode(format, 2)?, decode(format, 4)?, decode(format, 8)?])
         };
         let attention_decode =
@@ -220,8 +242,9 @@ impl Compiled {
         let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
         let started = std::time::Instant::now();
         let ptx = compile(dtype, virtual_arch(major, minor))?;
+        let source = ptx.to_src();
         let module = ctx.load_module(ptx).map_err(device_error("loading the kernel module"))?;
-        let kernels = Kernels::load(&module, dtype, (major, minor))?;
+        let kernels = Kernels::load(&module, &source, dtype, (major, minor))?;
         tracing::info!(
             "GPU {ordinal} ({name}, sm_{major}{minor}): kernels compiled for {} in {:.2} s",
             dtype.name(),

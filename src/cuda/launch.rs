@@ -2,8 +2,10 @@
 
 use std::ffi::c_void;
 
-use cudarc::driver::{CudaFunction, sys as driver_sys};
+use cudarc::driver::sys as driver_sys;
 
+use super::compile::Kernel;
+use super::signature::{self, Param};
 use super::{Gpu, View, device_error};
 use crate::dtype::KvFormat;
 use crate::{Error, Result};
@@ -19,24 +21,23 @@ const ROPE_BLOCK_PER_TOKEN_FROM: usize = 256;
 impl Gpu {
     pub(super) fn launch(
         &self,
-        function: &CudaFunction,
-        name: &str,
+        kernel: &Kernel,
         grid: (u32, u32),
         block: u32,
         args: &[&dyn Arg],
     ) -> Result<()> {
-        self.launch_3d(function, name, (grid.0, grid.1, 1), block, 0, args)
+        self.launch_3d(kernel, (grid.0, grid.1, 1), block, 0, args)
     }
 
     fn launch_3d(
         &self,
-        function: &CudaFunction,
-        name: &str,
+        kernel: &Kernel,
         grid: (u32, u32, u32),
         block: u32,
         shared_mem_bytes: u32,
         args: &[&dyn Arg],
     ) -> Result<()> {
+        signature::check_args(&kernel.name, &kernel.params, args.iter().map(|arg| arg.kind()))?;
         let mut params: Vec<*mut c_void> = args.iter().map(|arg| arg.param()).collect();
         // Programmatic dependent launch (kernels/common.cuh, kernel_entry): the kernel may be
         // scheduled while the previous one drains; it waits for it before touching memory.
@@ -59,9 +60,9 @@ impl Gpu {
             numAttrs: u32::from(programmatic),
         };
         self.bind()?;
-        // SAFETY: each wrapper (here and in blas.rs) passes arguments matching its kernel's
-        // signature, each `params` entry pointing at one argument's bytes in `args`, alive
-        // for the call; every address is a `View` of a live buffer, checked to hold what the
+        // SAFETY: the arguments match the kernel's parameters in count, width and kind
+        // (checked above against its PTX), each `params` entry pointing at one argument's
+        // bytes in `args`, alive for the call; every address is a `View` of a live buffer, checked to hold what the
         // launch's shape reaches, and indices the kernels follow (ids, slots, block tables,
         // rows) are checked against their buffers where the host lays them out. The stream
         // and function belong to this Gpu's context, bound above; `attribute` outlives the
@@ -69,13 +70,13 @@ impl Gpu {
         unsafe {
             driver_sys::cuLaunchKernelEx(
                 &config,
-                function.cu_function(),
+                kernel.function.cu_function(),
                 params.as_mut_ptr(),
                 std::ptr::null_mut(),
             )
         }
         .result()
-        .map_err(device_error(name))
+        .map_err(device_error(&kernel.name))
     }
 
     /// Chooses the next token of `rows` rows of f32 logits (`stride` apart) on the device,
@@ -98,7 +99,6 @@ impl Gpu {
         let stride = stride as u64;
         self.launch(
             &self.kernels().sample_rows,
-            "sample_rows",
             (rows as u32, 1),
             SAMPLE_THREADS,
             &[&logits, &stride, &params, &penalized, &chosen],
@@ -110,13 +110,7 @@ impl Gpu {
         out.check("fill_uniform", bytes(&[n, self.dtype.size()]))?;
         let blocks = n.div_ceil(256).min(65_536) as u32;
         let n = n as u64;
-        self.launch(
-            &self.kernels().fill_uniform,
-            "fill_uniform",
-            (blocks, 1),
-            256,
-            &[&out, &n, &seed, &bound],
-        )
+        self.launch(&self.kernels().fill_uniform, (blocks, 1), 256, &[&out, &n, &seed, &bound])
     }
 
     /// The f32 rows of `table` (elems, `width` wide) at `tokens` ids, into `out`. The ids
@@ -135,7 +129,6 @@ impl Gpu {
         let width = width as i32;
         self.launch(
             &self.kernels().embedding,
-            "embedding",
             (tokens as u32, 1),
             1024,
             &[&ids, &table, &out, &width],
@@ -181,7 +174,6 @@ impl Gpu {
         let width = width as i32;
         self.launch(
             &self.kernels().add_rms_norm,
-            "add_rms_norm",
             (rows as u32, 1),
             threads as u32,
             &[&residual, &delta, &row_index, &weight, &out, &width, &eps],
@@ -202,13 +194,7 @@ impl Gpu {
         let chunks = width.div_ceil(16 / e);
         let grid = (chunks.div_ceil(256) as u32, rows.min(65_535) as u32);
         let (width, rows) = (width as i32, rows as i32);
-        self.launch(
-            &self.kernels().silu_mul,
-            "silu_mul",
-            grid,
-            256,
-            &[&gate_up, &out, &width, &rows],
-        )
+        self.launch(&self.kernels().silu_mul, grid, 256, &[&gate_up, &out, &width, &rows])
     }
 
     /// Bias, rotary and the K/V cache write after the QKV product (kernels/rope_kv.cu),
@@ -262,7 +248,6 @@ impl Gpu {
             if step.tokens >= ROPE_BLOCK_PER_TOKEN_FROM { (1, 256) } else { (all_heads, 64) };
         self.launch(
             &self.kernels().rope_write_kv,
-            "rope_write_kv",
             (step.tokens as u32, groups as u32),
             threads,
             &[
@@ -354,7 +339,6 @@ impl Gpu {
             let grid = (step.num_decode as u32, head_groups as u32, step.splits as u32);
             self.launch_3d(
                 function,
-                if step.decode_mma { "attention_decode_mma" } else { "attention_decode" },
                 grid,
                 128,
                 shared,
@@ -400,13 +384,13 @@ impl Gpu {
             ];
             match self.mma_prefill(shape.head_dim, format) {
                 Some(function) => {
-                    self.launch_3d(function, "attention_prefill_mma", grid, 128, 0, &args)?;
+                    self.launch_3d(function, grid, 128, 0, &args)?;
                 }
                 None => {
                     let d = shape.head_dim;
                     let shared = ((32 * (d + 1) + 32 * d + PREFILL_TILE * d) * 4) as u32;
                     let function = &self.kernels().attention_prefill[kv_format_index(format)];
-                    self.launch_3d(function, "attention_prefill", grid, 128, shared, &args)?;
+                    self.launch_3d(function, grid, 128, shared, &args)?;
                 }
             }
         }
@@ -422,7 +406,6 @@ impl Gpu {
         let (table, width) = (None::<View<'_>>, 256i32);
         self.launch(
             &self.kernels().embedding,
-            "embedding",
             (1, 1),
             1024,
             &[&ids.view(), &table, &out.view(), &width],
@@ -431,7 +414,7 @@ impl Gpu {
 
     /// The tensor-core prefill kernel, where it applies (16-bit dtypes, heads a multiple
     /// of 16 wide, K/V in the model's dtype: it reads no quantised cache).
-    fn mma_prefill(&self, head_dim: usize, format: KvFormat) -> Option<&CudaFunction> {
+    fn mma_prefill(&self, head_dim: usize, format: KvFormat) -> Option<&Kernel> {
         self.kernels()
             .attention_prefill_mma
             .as_ref()
@@ -446,7 +429,7 @@ impl Gpu {
         shape: &AttentionShape,
         heads: usize,
         format: KvFormat,
-    ) -> Option<&CudaFunction> {
+    ) -> Option<&Kernel> {
         let group = shape.num_heads / shape.num_kv_heads;
         let applies = shape.head_dim.is_multiple_of(16)
             && shape.head_dim <= MAX_HEAD_DIM
@@ -492,11 +475,16 @@ fn kv_format_index(format: KvFormat) -> usize {
 /// address for a view, the value itself for a scalar), valid while `self` lives.
 pub(super) trait Arg {
     fn param(&self) -> *mut c_void;
+    /// What the kernel's parameter in its place must be.
+    fn kind(&self) -> Param;
 }
 
 impl Arg for View<'_> {
     fn param(&self) -> *mut c_void {
         (self.ptr_ref() as *const u64).cast_mut().cast()
+    }
+    fn kind(&self) -> Param {
+        Param::Word64
     }
 }
 
@@ -510,6 +498,9 @@ impl Arg for Option<View<'_>> {
             None => (&NULL as *const u64).cast_mut().cast(),
         }
     }
+    fn kind(&self) -> Param {
+        Param::Word64
+    }
 }
 
 /// Bytes of a launch's extent: the product of `factors`, saturating, so that an overflowing
@@ -519,15 +510,18 @@ pub(super) fn bytes(factors: &[usize]) -> usize {
 }
 
 macro_rules! kernel_arg {
-    ($($t:ty),*) => {$(
+    ($($t:ty => $kind:ident),*) => {$(
         impl Arg for $t {
             fn param(&self) -> *mut c_void {
                 (self as *const $t).cast_mut().cast()
             }
+            fn kind(&self) -> Param {
+                Param::$kind
+            }
         }
     )*};
 }
-kernel_arg!(u64, i64, i32, f32);
+kernel_arg!(u64 => Word64, i64 => Word64, i32 => Word32, f32 => F32);
 
 /// Attention head counts of a model.
 #[derive(Clone, Copy, Debug)]

@@ -27,6 +27,8 @@ mod launch;
 mod libs;
 /// Bandwidth and throughput probes (`triton-llm bench`).
 mod probe;
+/// Kernel parameters as the PTX declares them; launches checked against them.
+mod signature;
 
 use std::sync::OnceLock;
 
@@ -40,6 +42,7 @@ pub use device::{Buffer, Gpu, HostBuffer, View};
 pub use graph::Graph;
 pub use launch::{AttentionShape, DecodeLayout, MAX_HEAD_DIM, Rope, SAMPLE_WORDS, StepTables};
 pub use libs::CUDA_MAJOR;
+pub(crate) use signature::{Param, entry_params};
 
 use crate::Error;
 
