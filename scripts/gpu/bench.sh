@@ -48,7 +48,8 @@
 #        on the same shape (static cache, compiled; and dynamic, eager: lib/torch_peer.py),
 #        prompt 128, 64 new tokens; bench.jsonl and peer.jsonl
 #
-# Every part's log starts with the date, the commit pack.sh built and the device; a step's
+# Every part ends with one table of what it measured (lib/table.py), also at the end of its
+# log. Every part's log starts with the date, the commit pack.sh built and the device; a step's
 # exit status is its command's (pipes included); the GPU tests run first and a failing run
 # stops the part. Files under $OUT (default /tmp/gpucheck-out): bench.jsonl (one bench JSON
 # a line), serve_load.jsonl (tools/load.py's report per run of a level), serve_summary.jsonl
@@ -227,11 +228,15 @@ case "$PART" in
     figures | ttft | serving | limits | decode | peer)
         carry_binary triton-llm
         "$PART" "$@"
+        rc=$?
+        summary
+        exit $rc
         ;;
     serve)
         bash scripts/gpu/lib/serve_load.sh "$@"
         rc=$?
         cp /tmp/load-server.log "$OUT/server.log" 2>/dev/null
+        LOG=serve.txt summary
         exit $rc
         ;;
     profile)

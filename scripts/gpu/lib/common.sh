@@ -76,6 +76,7 @@ gpu_tests() {
     if ! step "gpu tests" "$1" bash -c "$CARRY/gpu_tests --include-ignored --skip sticky_cuda_error_in_this_process --test-threads 1 --nocapture > '$OUT/gpu_tests.log' 2>&1; \
         rc=\$?; grep -E '$pattern' '$OUT/gpu_tests.log'; exit \$rc"; then
         echo "== the GPU tests did not pass: this part stops here (gpu_tests.log)" | tee -a "$OUT/$LOG"
+        summary
         exit 1
     fi
 }
@@ -91,4 +92,11 @@ serve() {
 # The servers' logs go back as one archive: fewer files to bring back from the machine.
 pack_server_logs() {
     (cd "$OUT" && tar -cJf servers.tar.xz server-*.log 2>/dev/null && rm -f server-*.log)
+}
+# summary: the part's one table (lib/table.py: the GPU tests, the benches with their A/B,
+# the served levels, the peer) on the console and at the end of the part's log; no file of
+# its own, since at most 8 files come back from the machine.
+summary() {
+    echo
+    python3 scripts/gpu/lib/table.py "$OUT" | tee -a "$OUT/${LOG:-summary.txt}"
 }

@@ -166,9 +166,10 @@ PY
         tee -a "$OUT/serve_phases.jsonl"
 done
 # The level's runs: the median output tokens/s and the spread (the headline figure).
-python3 - "$OUT/serve_load.jsonl" "$level" "$RUN_ID" "$REPEATS" "$SHAPE" "$SERVER_VERSION" <<'PY' |
+python3 - "$OUT/serve_load.jsonl" "$level" "$RUN_ID" "$REPEATS" "$SHAPE" "$SERVER_VERSION" \
+    "quantization=$QUANTIZATION kv_cache_dtype=$KV_CACHE_DTYPE quant_policy=$QUANT_POLICY programmatic_launch=$PROGRAMMATIC_LAUNCH fused_qkv_rope=$FUSED_QKV_ROPE cuda_graphs=$CUDA_GRAPHS sample_on_device=$SAMPLE_ON_DEVICE temperature=$TEMPERATURE new_tokens=$NEW_TOKENS max_num_batched_tokens=$MAX_BATCHED_TOKENS" <<'PY' |
 import json, statistics, sys
-path, level, run_id, repeats, shape, version = sys.argv[1:]
+path, level, run_id, repeats, shape, version, settings = sys.argv[1:]
 runs = []
 for line in open(path, encoding="utf-8", errors="replace"):
     try:
@@ -183,7 +184,9 @@ print(json.dumps({"summary": True, "shape": shape, "level": int(level), "server_
                   "output_tokens_per_s_median": statistics.median(rates) if rates else None,
                   "output_tokens_per_s_min": rates[0] if rates else None,
                   "output_tokens_per_s_max": rates[-1] if rates else None,
-                  "errors": sum(r.get("errors", 0) for r in runs)}))
+                  "errors": sum(r.get("errors", 0) for r in runs),
+                  # The served model's settings, as this script set them.
+                  **dict(pair.split("=", 1) for pair in settings.split())}))
 PY
     tee -a "$OUT/serve_summary.jsonl"
 done

@@ -26,6 +26,12 @@ pub fn run(
     prompt: usize,
     new: usize,
 ) -> Result<()> {
+    // Named in the report: the shape, or the model folder's name.
+    let name = match (&model, &shape) {
+        (Some(dir), _) => dir.file_name().unwrap_or(dir.as_os_str()).to_string_lossy().into_owned(),
+        (None, Some(name)) => name.clone(),
+        (None, None) => String::new(),
+    };
     let (family, config, checkpoint) = match (model, shape) {
         (Some(dir), _) => {
             let (family, config) = model::read_config(&dir)?;
@@ -42,7 +48,6 @@ pub fn run(
         }
         (None, None) => unreachable!("clap requires --model or --shape"),
     };
-    // Bits of the decoder-layer linears when quantised (their products are timed apart).
     let quant_bits = match model::quant::resolve(&config, device.quantization)? {
         model::quant::WeightFormat::Dense => None,
         model::quant::WeightFormat::W8 => Some(8),
@@ -69,8 +74,9 @@ pub fn run(
         cuda_graphs: device.cuda_graphs && on_gpu,
         programmatic_launch,
         fused_qkv_rope: device.fused_qkv_rope && on_gpu,
+        quant_bits,
     };
-    bench(lm.as_ref(), device, batch, prompt, new, options, quant_bits)
+    bench(lm.as_ref(), &name, device, batch, prompt, new, options)
 }
 
 /// `config.json` of the real models whose shapes `bench --shape` takes.
@@ -156,16 +162,18 @@ struct BenchOptions {
     cuda_graphs: bool,
     programmatic_launch: bool,
     fused_qkv_rope: bool,
+    /// Bits of the decoder-layer linears when quantised (their products are timed apart).
+    quant_bits: Option<u32>,
 }
 
 fn bench(
     lm: &dyn CausalLm,
+    name: &str,
     device: DeviceArgs,
     batch: usize,
     prompt_len: usize,
     new_tokens: usize,
     options: BenchOptions,
-    quant_bits: Option<u32>,
 ) -> Result<()> {
     let info = lm.info().clone();
     if batch == 0
@@ -228,6 +236,7 @@ fn bench(
     // tokens for these shapes, is left out).
     let prefill_flops = 2.0 * info.decode_parameters as f64 * (batch * prompt_len) as f64;
     let mut report = json!({
+        "model": name,
         "device": device_name,
         "dtype": if device.device == Device::Cpu { "f32" } else { device.dtype.name() },
         "weights": info.weight_format,
@@ -292,7 +301,7 @@ fn bench(
         let measure = |kernel: ProductKernel| {
             shares(&dense_shapes, &|n, k| gpu.product_bandwidth(kernel, batch, n, k))
         };
-        if let Some(bits) = quant_bits.filter(|_| batch <= GEMV_MAX_ROWS) {
+        if let Some(bits) = options.quant_bits.filter(|_| batch <= GEMV_MAX_ROWS) {
             // The quantised GEMV on the decoder-layer shapes (the output layer stays dense),
             // its packed bytes and scales against the copy bandwidth.
             report["quantized_products_percent_of_bandwidth"] =
