@@ -112,6 +112,66 @@ __device__ __forceinline__ void quad_sums(float& sum0, float& sum1) {
     }
 }
 
+// A fragments of two rows of queries (rows g and g + 8 of the MMA: `at0` and `at1` the elem
+// offsets of their heads in q; zeros for a row past the valid ones), k_steps of 16 dims.
+__device__ __forceinline__ void load_query_rows(unsigned (&qa)[MMA_MAX_DIM / 16][4],
+                                                const elem* __restrict__ q, size_t at0,
+                                                size_t at1, bool valid0, bool valid1,
+                                                int k_steps, int c) {
+    const unsigned* q32 = reinterpret_cast<const unsigned*>(q);
+#pragma unroll
+    for (int kk = 0; kk < MMA_MAX_DIM / 16; kk++) {
+        if (kk < k_steps) {
+            const size_t base0 = at0 + 16 * kk + 2 * c, base1 = at1 + 16 * kk + 2 * c;
+            qa[kk][0] = valid0 ? q32[base0 / 2] : 0u;
+            qa[kk][1] = valid1 ? q32[base1 / 2] : 0u;
+            qa[kk][2] = valid0 ? q32[(base0 + 8) / 2] : 0u;
+            qa[kk][3] = valid1 ? q32[(base1 + 8) / 2] : 0u;
+        }
+    }
+}
+
+// S = Q·Kᵀ over NT tiles of 8 keys, the keys' rows staged K_STRIDE apart from `k_rows`.
+template <int NT>
+__device__ __forceinline__ void score_tiles(float (&s)[NT][4],
+                                            const unsigned (&qa)[MMA_MAX_DIM / 16][4],
+                                            const unsigned short* k_rows, int k_steps, int g,
+                                            int c) {
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+        const unsigned short* k_row = &k_rows[(nt * 8 + g) * K_STRIDE];
+#pragma unroll
+        for (int kk = 0; kk < MMA_MAX_DIM / 16; kk++) {
+            if (kk < k_steps) {
+                const unsigned b0 = *reinterpret_cast<const unsigned*>(k_row + 16 * kk + 2 * c);
+                const unsigned b1 = *reinterpret_cast<const unsigned*>(k_row + 16 * kk + 8 + 2 * c);
+                mma_16816(s[nt], qa[kk], b0, b1);
+            }
+        }
+    }
+}
+
+// O += P·V over KS steps of 16 keys: B fragments from Vᵀ staged `stride` apart (dims as n,
+// keys as k), `vt` at the first key's column.
+template <int KS>
+__device__ __forceinline__ void add_pv(float (&o)[MMA_MAX_DIM / 8][4], const unsigned (&pa)[KS][4],
+                                       const unsigned short* vt, int stride, int d_tiles, int g,
+                                       int c) {
+#pragma unroll
+    for (int n = 0; n < MMA_MAX_DIM / 8; n++) {
+        if (n < d_tiles) {
+            const unsigned short* vt_row = &vt[(n * 8 + g) * stride];
+#pragma unroll
+            for (int ks = 0; ks < KS; ks++) {
+                const unsigned b0 = *reinterpret_cast<const unsigned*>(vt_row + 16 * ks + 2 * c);
+                const unsigned b1 = *reinterpret_cast<const unsigned*>(vt_row + 16 * ks + 8 + 2 * c);
+                mma_16816(o[n], pa[ks], b0, b1);
+            }
+        }
+    }
+}
+
 // tiles[2i], tiles[2i+1]: first flat row and count (≤ MMA_TILE) of tile i; its tokens are
 // consecutive positions of one sequence. grid: (tiles, heads); block: 128 threads.
 extern "C" __global__ void __launch_bounds__(128) attention_prefill_mma(
@@ -139,18 +199,9 @@ extern "C" __global__ void __launch_bounds__(128) attention_prefill_mma(
     const int row0 = warp * 16 + g, row1 = row0 + 8;
     const int pos0 = first_pos + row0, pos1 = first_pos + row1;
     unsigned qa[MMA_MAX_DIM / 16][4];
-    const unsigned* q32 = reinterpret_cast<const unsigned*>(q);
-#pragma unroll
-    for (int kk = 0; kk < MMA_MAX_DIM / 16; kk++) {
-        if (kk < k_steps) {
-            const size_t base0 = ((size_t)(first + row0) * num_heads + head) * head_dim + 16 * kk + 2 * c;
-            const size_t base1 = ((size_t)(first + row1) * num_heads + head) * head_dim + 16 * kk + 2 * c;
-            qa[kk][0] = row0 < count ? q32[base0 / 2] : 0u;
-            qa[kk][1] = row1 < count ? q32[base1 / 2] : 0u;
-            qa[kk][2] = row0 < count ? q32[(base0 + 8) / 2] : 0u;
-            qa[kk][3] = row1 < count ? q32[(base1 + 8) / 2] : 0u;
-        }
-    }
+    load_query_rows(qa, q, ((size_t)(first + row0) * num_heads + head) * head_dim,
+                    ((size_t)(first + row1) * num_heads + head) * head_dim, row0 < count,
+                    row1 < count, k_steps, c);
     float o[MMA_MAX_DIM / 8][4];
 #pragma unroll
     for (int n = 0; n < MMA_MAX_DIM / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
@@ -182,19 +233,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_prefill_mma(
 
         // S = Q·Kᵀ: 16 queries × 32 keys as 4 tiles of 8 keys.
         float s[4][4];
-#pragma unroll
-        for (int nt = 0; nt < 4; nt++) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-            const unsigned short* k_row = &k_s[(nt * 8 + g) * K_STRIDE];
-#pragma unroll
-            for (int kk = 0; kk < MMA_MAX_DIM / 16; kk++) {
-                if (kk < k_steps) {
-                    const unsigned b0 = *reinterpret_cast<const unsigned*>(k_row + 16 * kk + 2 * c);
-                    const unsigned b1 = *reinterpret_cast<const unsigned*>(k_row + 16 * kk + 8 + 2 * c);
-                    mma_16816(s[nt], qa[kk], b0, b1);
-                }
-            }
-        }
+        score_tiles<4>(s, qa, k_s, k_steps, g, c);
         // Scale, mask the future (and keys past the chunk), online softmax per row. Key 0 is
         // in the first chunk and every query sees it.
 #pragma unroll
@@ -208,19 +247,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_prefill_mma(
         }
         unsigned pa[2][4];  // P as the A operand of two 16-key steps
         online_softmax<4>(s, max0, max1, sum0, sum1, o, pa);
-        // O += P·V: B fragments from Vᵀ (dims as n, keys as k).
-#pragma unroll
-        for (int n = 0; n < MMA_MAX_DIM / 8; n++) {
-            if (n < d_tiles) {
-                const unsigned short* vt_row = &vt_s[(n * 8 + g) * VT_STRIDE];
-#pragma unroll
-                for (int ks = 0; ks < 2; ks++) {
-                    const unsigned b0 = *reinterpret_cast<const unsigned*>(vt_row + 16 * ks + 2 * c);
-                    const unsigned b1 = *reinterpret_cast<const unsigned*>(vt_row + 16 * ks + 8 + 2 * c);
-                    mma_16816(o[n], pa[ks], b0, b1);
-                }
-            }
-        }
+        add_pv<2>(o, pa, vt_s, VT_STRIDE, d_tiles, g, c);
     }
     if (!warp_active) return;
     quad_sums(sum0, sum1);
@@ -337,18 +364,9 @@ __device__ __forceinline__ void decode_mma(
     // A fragments of the heads as rows g and g + 8.
     const int row0 = g, row1 = g + 8;
     unsigned qa[MMA_MAX_DIM / 16][4];
-    const unsigned* q32 = reinterpret_cast<const unsigned*>(q);
-#pragma unroll
-    for (int kk = 0; kk < MMA_MAX_DIM / 16; kk++) {
-        if (kk < k_steps) {
-            const size_t base0 = ((size_t)t * num_heads + first_head + row0) * head_dim + 16 * kk + 2 * c;
-            const size_t base1 = ((size_t)t * num_heads + first_head + row1) * head_dim + 16 * kk + 2 * c;
-            qa[kk][0] = row0 < heads ? q32[base0 / 2] : 0u;
-            qa[kk][1] = row1 < heads ? q32[base1 / 2] : 0u;
-            qa[kk][2] = row0 < heads ? q32[(base0 + 8) / 2] : 0u;
-            qa[kk][3] = row1 < heads ? q32[(base1 + 8) / 2] : 0u;
-        }
-    }
+    load_query_rows(qa, q, ((size_t)t * num_heads + first_head + row0) * head_dim,
+                    ((size_t)t * num_heads + first_head + row1) * head_dim, row0 < heads,
+                    row1 < heads, k_steps, c);
     float o[MMA_MAX_DIM / 8][4];
 #pragma unroll
     for (int n = 0; n < MMA_MAX_DIM / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
@@ -401,19 +419,7 @@ __device__ __forceinline__ void decode_mma(
 
         // S = Q·Kᵀ: 16 heads × 16 keys as 2 tiles of 8 keys.
         float s[2][4];
-#pragma unroll
-        for (int nt = 0; nt < 2; nt++) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-            const unsigned short* k_row = &k_s[(first_key + nt * 8 + g) * K_STRIDE];
-#pragma unroll
-            for (int kk = 0; kk < MMA_MAX_DIM / 16; kk++) {
-                if (kk < k_steps) {
-                    const unsigned b0 = *reinterpret_cast<const unsigned*>(k_row + 16 * kk + 2 * c);
-                    const unsigned b1 = *reinterpret_cast<const unsigned*>(k_row + 16 * kk + 8 + 2 * c);
-                    mma_16816(s[nt], qa[kk], b0, b1);
-                }
-            }
-        }
+        score_tiles<2>(s, qa, &k_s[first_key * K_STRIDE], k_steps, g, c);
         // Scale, mask keys past the chunk, online softmax per head. The warp's first key is
         // valid.
 #pragma unroll
@@ -427,16 +433,7 @@ __device__ __forceinline__ void decode_mma(
         }
         unsigned pa[1][4];  // P as the A operand of one 16-key step
         online_softmax<2>(s, max0, max1, sum0, sum1, o, pa);
-        // O += P·V: B fragments from Vᵀ (dims as n, the warp's keys as k).
-#pragma unroll
-        for (int n = 0; n < MMA_MAX_DIM / 8; n++) {
-            if (n < d_tiles) {
-                const unsigned short* vt_row = &vt_s[(n * 8 + g) * VTD_STRIDE + first_key];
-                const unsigned b0 = *reinterpret_cast<const unsigned*>(vt_row + 2 * c);
-                const unsigned b1 = *reinterpret_cast<const unsigned*>(vt_row + 8 + 2 * c);
-                mma_16816(o[n], pa[0], b0, b1);
-            }
-        }
+        add_pv<1>(o, pa, &vt_s[first_key], VTD_STRIDE, d_tiles, g, c);
     }
     quad_sums(sum0, sum1);
 
