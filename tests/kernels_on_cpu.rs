@@ -981,127 +981,215 @@ fn decode_attention_on_tensor_cores_over_quantised_caches() {
 /// exactly the bits of gemv_elem followed by rope_write_kv: q, and K and V in their slots
 /// (none for a padding token), for both rotary modes, with and without a bias, rows read
 /// 16 bytes at a time and not.
+/// What `rope_write_kv` must leave for `qkv` rows (`bias` added) at `positions`, filed in
+/// `slots` (-1: padding, whose K/V go nowhere): the cos/sin table the launch reads, q
+/// rotated, the K and V cache rows (`cache_rows` of them, zeros where none was filed) and
+/// which rows were filed.
+struct RopeReference {
+    freq_len: usize,
+    cos_sin: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    written: Vec<bool>,
+}
+
+/// Heads of a case: (query heads, K/V heads, head_dim).
+type Heads = (usize, usize, usize);
+
+fn rope_reference(
+    qkv: &[f32],
+    bias: &[f32],
+    positions: &[usize],
+    slots: &[i32],
+    (heads, kv_heads, head_dim): Heads,
+    (mode, rot_dim): (i32, usize),
+    cache_rows: usize,
+) -> RopeReference {
+    use triton_llm::model::rope;
+    let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
+    let row_width = q_width + 2 * kv_width;
+    let inv_freq = rope::inv_freq(10000.0, rot_dim);
+    let mut want = RopeReference {
+        freq_len: inv_freq.len(),
+        cos_sin: Vec::new(),
+        q: Vec::new(),
+        k: vec![0f32; cache_rows * kv_width],
+        v: vec![0f32; cache_rows * kv_width],
+        written: vec![false; cache_rows],
+    };
+    for (t, &position) in positions.iter().enumerate() {
+        let (cos, sin) = rope::cos_sin(&inv_freq, position);
+        want.cos_sin.extend(&cos);
+        want.cos_sin.extend(&sin);
+        let mut row: Vec<f32> =
+            qkv[t * row_width..][..row_width].iter().zip(bias).map(|(x, b)| x + b).collect();
+        for head in row[..q_width + kv_width].chunks_mut(head_dim) {
+            match mode {
+                0 => cpu::rope_interleaved(head, &cos, &sin),
+                _ => cpu::rope_rotate_half(head, &cos, &sin),
+            }
+        }
+        want.q.extend(&row[..q_width]);
+        let Ok(slot) = usize::try_from(slots[t]) else { continue };
+        want.written[slot] = true;
+        want.k[slot * kv_width..][..kv_width].copy_from_slice(&row[q_width..][..kv_width]);
+        want.v[slot * kv_width..][..kv_width]
+            .copy_from_slice(&row[q_width + kv_width..][..kv_width]);
+    }
+    want
+}
+
+/// `rope_write_kv`'s scalar arguments after its freq_len, up to its KV format.
+fn rope_args((heads, kv_heads, head_dim): Heads, (mode, rot_dim): (i32, usize)) -> [Arg; 5] {
+    [
+        Arg::I32(heads as i32),
+        Arg::I32(kv_heads as i32),
+        Arg::I32(head_dim as i32),
+        Arg::I32(mode),
+        Arg::I32(rot_dim as i32),
+    ]
+}
+
+/// `rope_write_kv` over `qkv` (elem bytes, `tokens` rows) with `bias` (or none) into caches
+/// of `cache` bytes each (filled with `fill`), in `groups` blocks a token of `threads`;
+/// returns its buffers: 2 is q, 3 and 4 the K and V caches.
+#[allow(clippy::too_many_arguments)]
+fn launch_rope_write_kv(
+    dtype: DType,
+    (qkv, bias): (Vec<u8>, Option<Vec<u8>>),
+    want: &RopeReference,
+    slots: &[i32],
+    shape: Heads,
+    rope: (i32, usize),
+    (format, cache, fill): (KvFormat, usize, u8),
+    (groups, threads): (usize, u32),
+) -> Vec<Vec<u8>> {
+    let tokens = slots.len();
+    let q_bytes = tokens * shape.0 * shape.2 * dtype.size();
+    let mut args = vec![Arg::Buffer(0), if bias.is_some() { Arg::Buffer(1) } else { Arg::Null }];
+    args.extend((2..7).map(Arg::Buffer));
+    args.push(Arg::I32(want.freq_len as i32));
+    args.extend(rope_args(shape, rope));
+    args.push(Arg::I32(format.kernel_code()));
+    launch(
+        dtype,
+        "rope_write_kv",
+        [tokens as u32, groups as u32, 1],
+        threads,
+        vec![
+            qkv,
+            bias.unwrap_or_default(),
+            vec![0; q_bytes],
+            vec![fill; cache],
+            vec![fill; cache],
+            i32_bytes(slots),
+            f32_bytes(&want.cos_sin),
+        ],
+        &args,
+    )
+}
+
 #[test]
 fn gemv_qkv_rope_writes_what_the_product_then_rope_write_kv_write() {
-    use triton_llm::model::rope;
     let mut rng = ChaCha8Rng::seed_from_u64(64);
     let cache_rows = 6;
     for (heads, kv_heads, head_dim, k) in [(4, 2, 16, 64), (2, 1, 32, 70), (6, 2, 16, 128)] {
+        let shape = (heads, kv_heads, head_dim);
         let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
         let n = q_width + 2 * kv_width;
         for (m, positions, slots) in
             [(1usize, vec![9usize], vec![4i32]), (3, vec![3, 130, 0], vec![1, 5, -1])]
         {
-            for (mode, rot_dim) in [(0, head_dim / 2), (1, head_dim)] {
+            for rope in [(0, head_dim / 2), (1, head_dim)] {
                 for (dtype, with_bias) in
                     [(DType::F32, true), (DType::BF16, true), (DType::BF16, false)]
                 {
-                    {
-                        let x = rounded(dtype, &random(&mut rng, m * k, 1.0));
-                        let w = rounded(dtype, &random(&mut rng, n * k, 0.2));
-                        let bias = rounded(dtype, &random(&mut rng, n, 0.5));
-                        let inv_freq = rope::inv_freq(10000.0, rot_dim);
-                        let freq_len = inv_freq.len();
-                        let mut cos_sin = Vec::new();
-                        for &p in &positions {
-                            let (cos, sin) = rope::cos_sin(&inv_freq, p);
-                            cos_sin.extend(cos);
-                            cos_sin.extend(sin);
-                        }
-                        // The bias is buffer `at` of a launch, or absent.
-                        let bias_arg =
-                            |at: usize| if with_bias { Arg::Buffer(at) } else { Arg::Null };
-                        let e = dtype.size();
-                        let caches = || vec![0xee; cache_rows * kv_width * e];
-                        let rope_args = [
-                            Arg::I32(freq_len as i32),
-                            Arg::I32(heads as i32),
-                            Arg::I32(kv_heads as i32),
-                            Arg::I32(head_dim as i32),
-                            Arg::I32(mode),
-                            Arg::I32(rot_dim as i32),
-                        ];
-                        // The two kernels: the product (no bias: rope_write_kv adds it), then
-                        // the rotary and K/V write.
-                        let qkv = launch(
-                            dtype,
-                            "gemv_elem",
-                            [n as u32, 1, 1],
-                            128,
-                            vec![dtype.encode(&x), dtype.encode(&w), vec![], vec![0; m * n * e]],
-                            &[
-                                Arg::Buffer(0),
-                                Arg::Buffer(1),
-                                Arg::Null,
-                                Arg::Buffer(3),
-                                Arg::I32(m as i32),
-                                Arg::I32(n as i32),
-                                Arg::I32(k as i32),
-                            ],
-                        )
-                        .swap_remove(3);
-                        let mut args = vec![Arg::Buffer(0), bias_arg(1)];
-                        args.extend((2..7).map(Arg::Buffer));
-                        args.extend(rope_args);
-                        args.push(Arg::I32(0));
-                        let apart = launch(
-                            dtype,
-                            "rope_write_kv",
-                            [m as u32, (heads + 2 * kv_heads) as u32, 1],
-                            64,
-                            vec![
-                                qkv,
-                                dtype.encode(&bias),
-                                vec![0; m * q_width * e],
-                                caches(),
-                                caches(),
-                                i32_bytes(&slots),
-                                f32_bytes(&cos_sin),
-                            ],
-                            &args,
-                        );
-                        // Fused.
-                        let mut args = vec![Arg::Buffer(0), Arg::Buffer(1), bias_arg(2)];
-                        args.extend((3..8).map(Arg::Buffer));
-                        args.push(Arg::I32(freq_len as i32));
-                        args.push(Arg::I32(m as i32));
-                        args.extend(rope_args[1..].iter().copied());
-                        args.push(Arg::I32(k as i32));
-                        let fused = launch(
-                            dtype,
-                            "gemv_qkv_rope",
-                            [(n / 2) as u32, 1, 1],
-                            128,
-                            vec![
-                                dtype.encode(&x),
-                                dtype.encode(&w),
-                                dtype.encode(&bias),
-                                vec![0; m * q_width * e],
-                                caches(),
-                                caches(),
-                                i32_bytes(&slots),
-                                f32_bytes(&cos_sin),
-                            ],
-                            &args,
-                        );
-                        let what = format!(
-                            "{heads} heads / {kv_heads} of {head_dim}, k {k}, {m} tokens, mode \
-                             {mode} {}, bias {with_bias}",
-                            dtype.name()
-                        );
-                        assert!(fused[3] == apart[2], "{what}: q differs");
-                        assert!(fused[4] == apart[3], "{what}: K cache differs");
-                        assert!(fused[5] == apart[4], "{what}: V cache differs");
-                        // Written where the slots say, and nowhere else.
-                        let row = kv_width * e;
-                        for (r, kv_row) in fused[4].chunks_exact(row).enumerate() {
-                            let filed = slots.contains(&(r as i32));
-                            assert_eq!(
-                                kv_row.iter().all(|&b| b == 0xee),
-                                !filed,
-                                "{what}: row {r}"
-                            );
-                        }
+                    let x = rounded(dtype, &random(&mut rng, m * k, 1.0));
+                    let w = rounded(dtype, &random(&mut rng, n * k, 0.2));
+                    let bias = rounded(dtype, &random(&mut rng, n, 0.5));
+                    // Only its cos/sin table is used here.
+                    let table = rope_reference(
+                        &vec![0.0; m * n],
+                        &bias,
+                        &positions,
+                        &slots,
+                        shape,
+                        rope,
+                        cache_rows,
+                    );
+                    let e = dtype.size();
+                    let cache = cache_rows * kv_width * e;
+                    // The two kernels: the product (no bias: rope_write_kv adds it), then
+                    // the rotary and K/V write.
+                    let qkv = launch(
+                        dtype,
+                        "gemv_elem",
+                        [n as u32, 1, 1],
+                        128,
+                        vec![dtype.encode(&x), dtype.encode(&w), vec![], vec![0; m * n * e]],
+                        &[
+                            Arg::Buffer(0),
+                            Arg::Buffer(1),
+                            Arg::Null,
+                            Arg::Buffer(3),
+                            Arg::I32(m as i32),
+                            Arg::I32(n as i32),
+                            Arg::I32(k as i32),
+                        ],
+                    )
+                    .swap_remove(3);
+                    let apart = launch_rope_write_kv(
+                        dtype,
+                        (qkv, with_bias.then(|| dtype.encode(&bias))),
+                        &table,
+                        &slots,
+                        shape,
+                        rope,
+                        (KvFormat::Model, cache, 0xee),
+                        (heads + 2 * kv_heads, 64),
+                    );
+                    // Fused: the bias is buffer 2, or absent.
+                    let mut args = vec![
+                        Arg::Buffer(0),
+                        Arg::Buffer(1),
+                        if with_bias { Arg::Buffer(2) } else { Arg::Null },
+                    ];
+                    args.extend((3..8).map(Arg::Buffer));
+                    args.push(Arg::I32(table.freq_len as i32));
+                    args.push(Arg::I32(m as i32));
+                    args.extend(rope_args(shape, rope));
+                    args.push(Arg::I32(k as i32));
+                    let fused = launch(
+                        dtype,
+                        "gemv_qkv_rope",
+                        [(n / 2) as u32, 1, 1],
+                        128,
+                        vec![
+                            dtype.encode(&x),
+                            dtype.encode(&w),
+                            dtype.encode(&bias),
+                            vec![0; m * q_width * e],
+                            vec![0xee; cache],
+                            vec![0xee; cache],
+                            i32_bytes(&slots),
+                            f32_bytes(&table.cos_sin),
+                        ],
+                        &args,
+                    );
+                    let what = format!(
+                        "{heads} heads / {kv_heads} of {head_dim}, k {k}, {m} tokens, rotary \
+                         {rope:?} {}, bias {with_bias}",
+                        dtype.name()
+                    );
+                    assert!(fused[3] == apart[2], "{what}: q differs");
+                    assert!(fused[4] == apart[3], "{what}: K cache differs");
+                    assert!(fused[5] == apart[4], "{what}: V cache differs");
+                    // Written where the slots say, and nowhere else.
+                    let row = kv_width * e;
+                    for (r, kv_row) in fused[4].chunks_exact(row).enumerate() {
+                        let filed = slots.contains(&(r as i32));
+                        assert_eq!(kv_row.iter().all(|&b| b == 0xee), !filed, "{what}: row {r}");
                     }
                 }
             }
@@ -1111,9 +1199,8 @@ fn gemv_qkv_rope_writes_what_the_product_then_rope_write_kv_write() {
 
 #[test]
 fn rope_write_kv_rotates_q_and_k_and_files_k_and_v_in_their_slots() {
-    use triton_llm::model::rope;
     let mut rng = ChaCha8Rng::seed_from_u64(7);
-    let (heads, kv_heads, head_dim) = (2, 1, 16);
+    let shape @ (heads, kv_heads, head_dim) = (2, 1, 16);
     let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
     let row_width = q_width + 2 * kv_width;
     // The last token is padding (slot -1): its q is rotated, its K/V go nowhere.
@@ -1121,72 +1208,29 @@ fn rope_write_kv_rotates_q_and_k_and_files_k_and_v_in_their_slots() {
     let slots = [5i32, 0, 9, -1];
     let cache_rows = 12;
     // Mode 0: GLM's interleaved pairs over the first half of a head; mode 1: rotate half.
-    for (mode, rot_dim) in [(0, head_dim / 2), (1, head_dim)] {
+    for rope in [(0, head_dim / 2), (1, head_dim)] {
         for dtype in [DType::F32, DType::BF16] {
             let qkv = rounded(dtype, &random(&mut rng, positions.len() * row_width, 1.0));
             let bias = rounded(dtype, &random(&mut rng, row_width, 0.5));
-            let inv_freq = rope::inv_freq(10000.0, rot_dim);
-            let freq_len = inv_freq.len();
-            let mut cos_sin = Vec::new();
-            let mut want_q = Vec::new();
-            let mut want_k = vec![0f32; cache_rows * kv_width];
-            let mut want_v = want_k.clone();
-            for (t, &position) in positions.iter().enumerate() {
-                let (cos, sin) = rope::cos_sin(&inv_freq, position);
-                cos_sin.extend(&cos);
-                cos_sin.extend(&sin);
-                let mut row: Vec<f32> = qkv[t * row_width..][..row_width]
-                    .iter()
-                    .zip(&bias)
-                    .map(|(x, b)| x + b)
-                    .collect();
-                for head in row[..q_width + kv_width].chunks_mut(head_dim) {
-                    match mode {
-                        0 => cpu::rope_interleaved(head, &cos, &sin),
-                        _ => cpu::rope_rotate_half(head, &cos, &sin),
-                    }
-                }
-                want_q.extend(&row[..q_width]);
-                let Ok(slot) = usize::try_from(slots[t]) else { continue };
-                want_k[slot * kv_width..][..kv_width].copy_from_slice(&row[q_width..][..kv_width]);
-                want_v[slot * kv_width..][..kv_width]
-                    .copy_from_slice(&row[q_width + kv_width..][..kv_width]);
-            }
+            let want = rope_reference(&qkv, &bias, &positions, &slots, shape, rope, cache_rows);
             // A block per head and token (decode), per token (prompts; 32 threads walk the
             // token's 4 heads × 8 pairs in turns), and heads in uneven groups (3 of 2, 2, 0).
-            for (groups, threads) in [(heads + 2 * kv_heads, 64), (1, 32), (3, 16)] {
-                let out = launch(
+            for launch_shape in [(heads + 2 * kv_heads, 64), (1, 32), (3, 16)] {
+                let out = launch_rope_write_kv(
                     dtype,
-                    "rope_write_kv",
-                    [positions.len() as u32, groups as u32, 1],
-                    threads,
-                    vec![
-                        dtype.encode(&qkv),
-                        dtype.encode(&bias),
-                        vec![0; positions.len() * q_width * dtype.size()],
-                        vec![0; cache_rows * kv_width * dtype.size()],
-                        vec![0; cache_rows * kv_width * dtype.size()],
-                        i32_bytes(&slots),
-                        f32_bytes(&cos_sin),
-                    ],
-                    &with_buffers(
-                        7,
-                        [
-                            Arg::I32(freq_len as i32),
-                            Arg::I32(heads as i32),
-                            Arg::I32(kv_heads as i32),
-                            Arg::I32(head_dim as i32),
-                            Arg::I32(mode),
-                            Arg::I32(rot_dim as i32),
-                            Arg::I32(0),
-                        ],
-                    ),
+                    (dtype.encode(&qkv), Some(dtype.encode(&bias))),
+                    &want,
+                    &slots,
+                    shape,
+                    rope,
+                    (KvFormat::Model, cache_rows * kv_width * dtype.size(), 0),
+                    launch_shape,
                 );
                 let tolerance = if dtype == DType::F32 { 1e-6 } else { 8e-3 };
-                let what = format!("mode {mode} {}, {groups} groups of {threads}", dtype.name());
-                assert_close(&elems(dtype, &out[2]), &rounded(dtype, &want_q), tolerance, &what);
-                assert_close(&elems(dtype, &out[3]), &rounded(dtype, &want_k), tolerance, &what);
-                assert_close(&elems(dtype, &out[4]), &rounded(dtype, &want_v), 0.0, &what);
+                let what = format!("rotary {rope:?} {}, blocks {launch_shape:?}", dtype.name());
+                assert_close(&elems(dtype, &out[2]), &rounded(dtype, &want.q), tolerance, &what);
+                assert_close(&elems(dtype, &out[3]), &rounded(dtype, &want.k), tolerance, &what);
+                assert_close(&elems(dtype, &out[4]), &rounded(dtype, &want.v), 0.0, &what);
             }
         }
     }
@@ -1302,17 +1346,16 @@ fn f32_to_half_bits_rounds_as_the_half_crate() {
 /// elem cache.
 #[test]
 fn rope_write_kv_quantises_each_k_and_v_head_as_the_cpu_path() {
-    use triton_llm::model::rope;
     let mut rng = ChaCha8Rng::seed_from_u64(12);
     // The last token is padding (slot -1): its q is rotated, its K/V go nowhere.
     let positions = [7usize, 0, 130, 3];
     let slots = [5i32, 0, 9, -1];
     let cache_rows = 12;
     // Heads of 16 (a lane a pair, most lanes idle), 128 (two pairs a lane) and 36.
-    for (heads, kv_heads, head_dim) in [(2, 1, 16), (4, 2, 128), (4, 2, 36)] {
+    for shape @ (heads, kv_heads, head_dim) in [(2, 1, 16), (4, 2, 128), (4, 2, 36)] {
         let (q_width, kv_width) = (heads * head_dim, kv_heads * head_dim);
         let row_width = q_width + 2 * kv_width;
-        for (mode, rot_dim) in [(0, head_dim / 2), (1, head_dim)] {
+        for rope in [(0, head_dim / 2), (1, head_dim)] {
             for dtype in [DType::F32, DType::BF16] {
                 let mut qkv = random(&mut rng, positions.len() * row_width, 1.0);
                 let mut bias = random(&mut rng, row_width, 0.5);
@@ -1323,89 +1366,43 @@ fn rope_write_kv_quantises_each_k_and_v_head_as_the_cpu_path() {
                 qkv[last_v..last_v + head_dim].fill(0.0);
                 qkv[2 * row_width + q_width + kv_width + 3] = -1e5;
                 let (qkv, bias) = (rounded(dtype, &qkv), rounded(dtype, &bias));
-                let inv_freq = rope::inv_freq(10000.0, rot_dim);
-                let freq_len = inv_freq.len();
-                let mut cos_sin = Vec::new();
-                let mut want_q = Vec::new();
-                let mut want_k = vec![0f32; cache_rows * kv_width];
-                let mut want_v = want_k.clone();
-                let mut written = vec![false; cache_rows];
-                for (t, &position) in positions.iter().enumerate() {
-                    let (cos, sin) = rope::cos_sin(&inv_freq, position);
-                    cos_sin.extend(&cos);
-                    cos_sin.extend(&sin);
-                    let mut row: Vec<f32> = qkv[t * row_width..][..row_width]
-                        .iter()
-                        .zip(&bias)
-                        .map(|(x, b)| x + b)
-                        .collect();
-                    for head in row[..q_width + kv_width].chunks_mut(head_dim) {
-                        match mode {
-                            0 => cpu::rope_interleaved(head, &cos, &sin),
-                            _ => cpu::rope_rotate_half(head, &cos, &sin),
-                        }
-                    }
-                    want_q.extend(&row[..q_width]);
-                    let Ok(slot) = usize::try_from(slots[t]) else { continue };
-                    written[slot] = true;
-                    want_k[slot * kv_width..][..kv_width]
-                        .copy_from_slice(&row[q_width..][..kv_width]);
-                    want_v[slot * kv_width..][..kv_width]
-                        .copy_from_slice(&row[q_width + kv_width..][..kv_width]);
-                }
+                let want = rope_reference(&qkv, &bias, &positions, &slots, shape, rope, cache_rows);
                 let all_heads = heads + 2 * kv_heads;
                 for format in QUANTISED_KV {
                     let row_bytes = format.bytes_per_token(kv_heads, head_dim, dtype.size());
                     // Rows never written stay as they were (0xee).
                     let cache_want = |values: &[f32]| {
                         let mut bytes = cache_bytes(dtype, format, values, head_dim);
-                        for (row, &w) in bytes.chunks_exact_mut(row_bytes).zip(&written) {
+                        for (row, &w) in bytes.chunks_exact_mut(row_bytes).zip(&want.written) {
                             if !w {
                                 row.fill(0xee);
                             }
                         }
                         bytes
                     };
-                    let (k_bytes, v_bytes) = (cache_want(&want_k), cache_want(&want_v));
+                    let (k_bytes, v_bytes) = (cache_want(&want.k), cache_want(&want.v));
                     // A block per head and token (decode), per token (prompts; 8 warps for
                     // all heads), and heads in uneven groups of one warp.
-                    for (groups, threads) in [(all_heads, 64), (1, 256), (3, 32)] {
-                        let out = launch(
+                    for launch_shape in [(all_heads, 64), (1, 256), (3, 32)] {
+                        let out = launch_rope_write_kv(
                             dtype,
-                            "rope_write_kv",
-                            [positions.len() as u32, groups as u32, 1],
-                            threads,
-                            vec![
-                                dtype.encode(&qkv),
-                                dtype.encode(&bias),
-                                vec![0; positions.len() * q_width * dtype.size()],
-                                vec![0xee; cache_rows * row_bytes],
-                                vec![0xee; cache_rows * row_bytes],
-                                i32_bytes(&slots),
-                                f32_bytes(&cos_sin),
-                            ],
-                            &with_buffers(
-                                7,
-                                [
-                                    Arg::I32(freq_len as i32),
-                                    Arg::I32(heads as i32),
-                                    Arg::I32(kv_heads as i32),
-                                    Arg::I32(head_dim as i32),
-                                    Arg::I32(mode),
-                                    Arg::I32(rot_dim as i32),
-                                    Arg::I32(format.kernel_code()),
-                                ],
-                            ),
+                            (dtype.encode(&qkv), Some(dtype.encode(&bias))),
+                            &want,
+                            &slots,
+                            shape,
+                            rope,
+                            (format, cache_rows * row_bytes, 0xee),
+                            launch_shape,
                         );
                         let what = format!(
-                            "{format:?} heads of {head_dim}, mode {mode} {}, {groups} groups of \
-                             {threads}",
+                            "{format:?} heads of {head_dim}, rotary {rope:?} {}, blocks \
+                             {launch_shape:?}",
                             dtype.name()
                         );
                         let tolerance = if dtype == DType::F32 { 1e-6 } else { 8e-3 };
                         assert_close(
                             &elems(dtype, &out[2]),
-                            &rounded(dtype, &want_q),
+                            &rounded(dtype, &want.q),
                             tolerance,
                             &what,
                         );
