@@ -740,20 +740,23 @@ fn paged_cache(
     PagedCache { k, v, contiguous, block_tables, max_blocks }
 }
 
+/// The CUDA-core decode's cases, (shape, query heads a block takes): a head a block; a block
+/// per K/V head; the most a block takes (8 of a group of 16); and head sizes whose rows are
+/// not whole 16-byte chunks in bf16 (element by element).
+const DECODE_CASES: [(AttentionShape, usize); 5] = [
+    (AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim: 64 }, 1),
+    (AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim: 64 }, 2),
+    (AttentionShape { num_heads: 16, num_kv_heads: 1, head_dim: 128 }, 8),
+    (AttentionShape { num_heads: 8, num_kv_heads: 2, head_dim: 36 }, 4),
+    (AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim: 18 }, 2),
+];
+/// Their sequences' lengths in keys (over several blocks of 16, and a split's worth).
+const DECODE_LENS: [usize; 3] = [300, 45, 129];
+
 #[test]
 fn decode_attention_over_paged_blocks_with_and_without_key_splits() {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
-    // (shape, query heads a block takes): a head a block; a block per K/V head; the most a
-    // block takes (8 of a group of 16); and a head size whose rows are not whole 16-byte
-    // chunks in bf16 (element by element).
-    let cases = [
-        (AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim: 64 }, 1),
-        (AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim: 64 }, 2),
-        (AttentionShape { num_heads: 16, num_kv_heads: 1, head_dim: 128 }, 8),
-        (AttentionShape { num_heads: 8, num_kv_heads: 2, head_dim: 36 }, 4),
-        (AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim: 18 }, 2),
-    ];
-    let (lens, block_size) = ([300usize, 45, 129], 16);
+    let (cases, lens, block_size) = (DECODE_CASES, DECODE_LENS, 16);
     for (shape, heads_per_block) in cases {
         let kv_width = shape.num_kv_heads * shape.head_dim;
         for dtype in [DType::F32, DType::BF16] {
@@ -1443,14 +1446,7 @@ fn quantised_paged_cache(
 #[test]
 fn decode_attention_over_quantised_caches() {
     let mut rng = ChaCha8Rng::seed_from_u64(13);
-    let cases = [
-        (AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim: 64 }, 1),
-        (AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim: 64 }, 2),
-        (AttentionShape { num_heads: 16, num_kv_heads: 1, head_dim: 128 }, 8),
-        (AttentionShape { num_heads: 8, num_kv_heads: 2, head_dim: 36 }, 4),
-        (AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim: 18 }, 2),
-    ];
-    let (lens, block_size) = ([300usize, 45, 129], 16);
+    let (cases, lens, block_size) = (DECODE_CASES, DECODE_LENS, 16);
     for format in QUANTISED_KV {
         for (shape, heads_per_block) in cases {
             for dtype in [DType::F32, DType::BF16] {
