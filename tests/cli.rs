@@ -285,7 +285,26 @@ fn bench_runs_on_each_tiny_model() {
         assert_eq!(out["sample_on_device"], false, "{model}");
         assert!(out["decode_tokens_per_s"].as_f64().unwrap() > 0.0, "{model}: {out}");
         assert!(out["decode_percent_of_limit"].as_f64().unwrap() > 0.0, "{model}: {out}");
+        assert_eq!(out["runs"], 1, "{model}");
     }
+}
+
+/// `--runs`: the figures are the medians of the runs, the decode step's spread beside them.
+#[test]
+fn bench_reports_the_median_of_its_runs_and_their_spread() {
+    let args = ["bench", "--model", &dir("chatglm2-tiny"), "--batch", "2", "--prompt", "8"];
+    let out = json_of(&triton_llm(&[&args[..], &["--new", "6", "--runs", "5"]].concat()));
+    assert_eq!(out["runs"], 5);
+    let step = |key: &str| out[key].as_f64().unwrap();
+    let (min, median, max) =
+        (step("decode_step_ms_min"), step("decode_step_ms"), step("decode_step_ms_max"));
+    assert!(0.0 < min && min <= median && median <= max, "{out}");
+    let rate = step("decode_tokens_per_s");
+    assert!((rate - 2.0 / (median / 1e3)).abs() < 1e-6 * rate, "{out}");
+    let refused = triton_llm(&[&args[..], &["--runs", "0"]].concat());
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--runs must be at least 1"), "{stderr}");
 }
 
 /// `triton-llm chat` on a Vicuna folder chats as `fastchat.serve.cli`: FastChat's template

@@ -48,7 +48,8 @@
 #        on the same shape (static cache, compiled; and dynamic, eager: lib/torch_peer.py),
 #        prompt 128, 64 new tokens; bench.jsonl and peer.jsonl
 #
-# Every part ends with one table of what it measured (lib/table.py), also at the end of its
+# Every bench runs BENCH_RUNS (5) times in its process, its figures the medians and the
+# decode step's spread beside them. Every part ends with one table of what it measured (lib/table.py), also at the end of its
 # log. Every part's log starts with the date, the commit pack.sh built and the device; a step's
 # exit status is its command's (pipes included); the GPU tests run first and a failing run
 # stops the part. Files under $OUT (default /tmp/gpucheck-out): bench.jsonl (one bench JSON
@@ -69,13 +70,15 @@ shift || true
 usage() { sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 source scripts/gpu/lib/common.sh
 SECONDS_EACH=${SERVING_SECONDS:-15}
+# Timed runs of every bench (`triton-llm bench --runs`): its figures are their medians.
+RUNS=${BENCH_RUNS:-5}
 
 # bench_step NAME NEEDED_SECONDS ARGS...: one `triton-llm bench` of the ChatGLM2-6B shape
 # (prompt 128, 64 new tokens), its JSON appended to bench.jsonl
 bench_step() {
     local name=$1 needed=$2
     shift 2
-    step "bench chatglm2-6b $name" "$needed" bash -c "set -o pipefail; $CARRY/triton-llm bench --shape chatglm2-6b \
+    step "bench chatglm2-6b $name" "$needed" bash -c "set -o pipefail; $CARRY/triton-llm bench --runs $RUNS --shape chatglm2-6b \
         --load-format dummy --device cuda --prompt 128 --new 64 $* | tee -a '$OUT/bench.jsonl'"
 }
 
@@ -178,7 +181,7 @@ limits() {
         for flags in "--batch 1" "--batch 1 --programmatic-launch true" \
             "--batch 1 --fused-qkv-rope true" "--batch 64" "--batch 1 --quantization fp8" \
             "--batch 64 --quantization fp8"; do
-            step "bench $shape $flags" 30 bash -c "set -o pipefail; $CARRY/triton-llm bench \
+            step "bench $shape $flags" 30 bash -c "set -o pipefail; $CARRY/triton-llm bench --runs $RUNS \
                 --shape $shape --load-format dummy --device cuda --prompt 128 --new 64 $flags \
                 | tee -a '$OUT/bench.jsonl'"
         done
@@ -207,7 +210,7 @@ decode() {
     budget "${BENCH_BUDGET_S:-300}" decode.txt
     for batch in "${batches[@]}"; do
         step "bench $shape batch $batch prompt $prompt new $new${flags[*]:+ ${flags[*]}}" 30 bash -c \
-            "set -o pipefail; $CARRY/triton-llm bench --shape $shape --load-format dummy --device cuda \
+            "set -o pipefail; $CARRY/triton-llm bench --runs $RUNS --shape $shape --load-format dummy --device cuda \
             --prompt $prompt --new $new --batch $batch ${flags[*]} | tee -a '$OUT/bench.jsonl'"
     done
 }
@@ -216,7 +219,7 @@ peer() {
     local shape=${1:-llama-3.1-8b} batch
     budget "${BENCH_BUDGET_S:-540}" peer.txt
     for batch in 1 16 64; do
-        step "bench $shape batch $batch" 40 bash -c "set -o pipefail; $CARRY/triton-llm bench \
+        step "bench $shape batch $batch" 40 bash -c "set -o pipefail; $CARRY/triton-llm bench --runs $RUNS \
             --shape $shape --load-format dummy --device cuda --prompt 128 --new 64 --batch $batch \
             | tee -a '$OUT/bench.jsonl'"
     done

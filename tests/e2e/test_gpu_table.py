@@ -51,7 +51,8 @@ def test_the_table_holds_the_tests_the_benches_with_their_ab_and_the_served_leve
                    "256": {"tensor_cores": 61.5, "cuda_cores": 40.25},
                    "1024": {"tensor_cores": 70.0, "cuda_cores": 45.0},
                    "8192": {"tensor_cores": 81.0, "cuda_cores": 52.0}})
-    with_pdl = dict(gpu, programmatic_launch=True, decode_step_ms=4.0)
+    with_pdl = dict(gpu, programmatic_launch=True, decode_step_ms=4.0, runs=5,
+                    decode_step_ms_min=3.9, decode_step_ms_max=4.25)
     fp8 = dict(gpu, weights="fp8 e4m3, activations per token", decode_step_ms=3.0)
     (tmp_path / "bench.jsonl").write_text(
         "\n".join(["== a step line", json.dumps(cpu), json.dumps(gpu), json.dumps(with_pdl),
@@ -71,7 +72,9 @@ def test_the_table_holds_the_tests_the_benches_with_their_ab_and_the_served_leve
     base = row_of(text, "chatglm2-6b", "bf16", "5.000")
     assert "2.800" in base and "56.0" in base and "256: 61.5/40.2 8192: 81.0/52.0" in base
     assert cell(text, base, "vs without") == "-"
+    assert cell(text, base, "step ms") == "5.000"
     assert cell(text, row_of(text, "pdl", "4.000"), "vs without") == "1.250x"
+    assert cell(text, row_of(text, "pdl", "4.000"), "step ms") == "4.000 (3.900-4.250)"
     assert cell(text, row_of(text, "fp8", "3.000"), "vs without") == "-"
     served = row_of(text, "chatglm2-6b", "256", "quantization=fp8")
     assert "12,346" in served and "12,000-12,500" in served and "3/3" in served

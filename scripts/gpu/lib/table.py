@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One table of what a bench.sh part measured, from the files it left in OUT: the GPU tests'
-summary (gpu_tests.log), each `triton-llm bench` (bench.jsonl) with its step against the
-floor and, for a run with programmatic launch or the fused QKV product, its speed-up over
+summary (gpu_tests.log), each `triton-llm bench` (bench.jsonl) with its step (the median
+of its runs, and their range) against the floor and, for a run with programmatic launch or the fused QKV product, its speed-up over
 the same bench without (the A/B of bench.sh limits), each served level (serve_summary.jsonl)
 and each transformers peer row (peer.jsonl). Standard library only.
 
@@ -75,6 +75,14 @@ def attention(bench):
     return " ".join(cells) or "-"
 
 
+def step(bench):
+    """The decode step in ms, with the spread of its runs where it ran more than once."""
+    cell = num(bench.get("decode_step_ms"), 3)
+    if (bench.get("runs") or 1) > 1:
+        cell += f" ({num(bench.get('decode_step_ms_min'), 3)}-{num(bench.get('decode_step_ms_max'), 3)})"
+    return cell
+
+
 def bench_table(benches):
     key = lambda b: (b.get("model"), b.get("batch"), weights(b), b.get("kv_format"),
                      b.get("cuda_graphs"), b.get("sample_on_device"))
@@ -92,11 +100,11 @@ def bench_table(benches):
             speedup = f"{reference['decode_step_ms'] / b['decode_step_ms']:.3f}x"
         rows.append([b.get("model", b.get("family", "?")), b.get("batch", "?"), weights(b),
                      b.get("kv_format", "?"), "+".join(levers) or "-",
-                     num(b.get("decode_step_ms"), 3), num(b.get("decode_step_floor_ms"), 3),
+                     step(b), num(b.get("decode_step_floor_ms"), 3),
                      num(b.get("decode_percent_of_limit"), 1), speedup,
                      num(b.get("decode_tokens_per_s"), 1), num(b.get("ttft_ms"), 1),
                      attention(b)])
-    header = ["model", "batch", "weights", "kv", "levers", "step ms", "floor ms", "% floor",
+    header = ["model", "batch", "weights", "kv", "levers", "step ms (runs' range)", "floor ms", "% floor",
               "vs without", "decode tok/s", "ttft ms", "attention tc/cc % by context"]
     return aligned(header, rows)
 

@@ -15,6 +15,15 @@ use triton_llm::{Error, Result};
 
 use super::{DeviceArgs, print_json};
 
+/// What a bench times: `batch` sequences of `prompt` tokens each generating `new`, `runs`
+/// times.
+pub struct Workload {
+    pub batch: usize,
+    pub prompt: usize,
+    pub new: usize,
+    pub runs: usize,
+}
+
 /// The `bench` command: loads a model folder, or a real model's shape with random weights,
 /// and runs [`bench`] on it.
 pub fn run(
@@ -22,10 +31,9 @@ pub fn run(
     shape: Option<String>,
     load_format: LoadFormat,
     device: DeviceArgs,
-    batch: usize,
-    prompt: usize,
-    new: usize,
+    workload: Workload,
 ) -> Result<()> {
+    let Workload { batch, prompt, new, runs } = workload;
     // Named in the report: the shape, or the model folder's name.
     let name = match (&model, &shape) {
         (Some(dir), _) => dir.file_name().unwrap_or(dir.as_os_str()).to_string_lossy().into_owned(),
@@ -75,6 +83,7 @@ pub fn run(
         programmatic_launch,
         fused_qkv_rope: device.fused_qkv_rope && on_gpu,
         quant_bits,
+        runs,
     };
     bench(lm.as_ref(), &name, device, batch, prompt, new, options)
 }
@@ -164,6 +173,15 @@ struct BenchOptions {
     fused_qkv_rope: bool,
     /// Bits of the decoder-layer linears when quantised (their products are timed apart).
     quant_bits: Option<u32>,
+    /// Timed runs (prefill and decode), the figures their medians.
+    runs: usize,
+}
+
+/// The median of `values` (not empty): the middle one, or the mean of the middle two.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 { values[mid] } else { (values[mid - 1] + values[mid]) / 2.0 }
 }
 
 fn bench(
@@ -176,6 +194,9 @@ fn bench(
     options: BenchOptions,
 ) -> Result<()> {
     let info = lm.info().clone();
+    if options.runs == 0 {
+        return Err(Error::InvalidRequest("--runs must be at least 1".into()));
+    }
     if batch == 0
         || prompt_len == 0
         || new_tokens == 0
@@ -214,9 +235,16 @@ fn bench(
         // Warm-up: buffers, cuBLAS plans and module loading stay out of the figures.
         bench_run(lm, arena.as_mut(), &prompts, &tables, 3)?;
     }
-    let (ttft, decode) = bench_run(lm, arena.as_mut(), &prompts, &tables, new_tokens)?;
+    // The figures are the medians of `runs` runs, each run's step kept for the spread.
+    let mut timings = Vec::with_capacity(options.runs);
+    for _ in 0..options.runs {
+        timings.push(bench_run(lm, arena.as_mut(), &prompts, &tables, new_tokens)?);
+    }
     let decode_steps = new_tokens.saturating_sub(1).max(1) as f64;
-    let step_s = decode / decode_steps;
+    let steps_s: Vec<f64> = timings.iter().map(|&(_, decode)| decode / decode_steps).collect();
+    let ttft = median(timings.iter().map(|&(ttft, _)| ttft).collect());
+    let decode = median(timings.iter().map(|&(_, decode)| decode).collect());
+    let step_s = median(steps_s.clone());
     // Floor of one decode step: every weight read once (the embedding table only one row a
     // token) plus the K/V of each sequence at its mean length. The weights' bytes are as
     // held (quantised linears included), less the embedding table's.
@@ -254,6 +282,9 @@ fn bench(
         "ttft_ms": ttft * 1e3,
         "prefill_tokens_per_s": (batch * prompt_len) as f64 / ttft,
         "decode_step_ms": step_s * 1e3,
+        "runs": options.runs,
+        "decode_step_ms_min": steps_s.iter().copied().fold(f64::INFINITY, f64::min) * 1e3,
+        "decode_step_ms_max": steps_s.iter().copied().fold(0.0, f64::max) * 1e3,
         "decode_tokens_per_s": batch as f64 / step_s,
         "decode_tokens_per_s_per_sequence": 1.0 / step_s,
         "output_tokens_per_s": (batch * new_tokens) as f64 / (ttft + decode),

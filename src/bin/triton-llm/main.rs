@@ -106,6 +106,10 @@ enum Command {
         /// Tokens to generate per sequence.
         #[arg(long, default_value_t = 64)]
         new: usize,
+        /// Timed runs of the prefill and decode: the figures are their medians, the decode
+        /// step's spread reported beside.
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
     },
 }
 
@@ -372,8 +376,9 @@ fn run(command: Command) -> Result<()> {
         Command::Chat { model, system, history_len, generation } => {
             interactive_chat(&model.load()?, system, history_len, &generation.options())?;
         }
-        Command::Bench { model, shape, load_format, device, batch, prompt, new } => {
-            bench::run(model, shape, load_format, device, batch, prompt, new)?;
+        Command::Bench { model, shape, load_format, device, batch, prompt, new, runs } => {
+            let workload = bench::Workload { batch, prompt, new, runs };
+            bench::run(model, shape, load_format, device, workload)?;
         }
     }
     Ok(())
