@@ -8,7 +8,9 @@ first token and inter-token latency (p50/p99, ms), errors.
 
 Sessions are spread over worker processes (--processes; by default one per 32 sessions, up
 to half the cores), so that at hundreds of streams the client's Python is not what limits
-the figures. With --warmup S, the latency percentiles leave out the requests sent in the
+the figures. A process's sessions each have their own gRPC stream, all over one TCP
+connection (their clients' channels share gRPC's subchannel): 1,024 streams over 32
+processes take 32 connections. With --warmup S, the latency percentiles leave out the requests sent in the
 first S seconds (every session starts at once, so the first answers wait for one prefill
 of all their prompts); those including them are reported too (`*_with_warmup`).
 Throughput is over the whole run (`window_requests_per_s`: from the first request sent to the

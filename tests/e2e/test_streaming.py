@@ -4,6 +4,7 @@ response carries the history, 64 concurrent streams all answer correctly, and a 
 goes away stops its sequence."""
 
 import json
+import os
 import queue
 import shutil
 import subprocess
@@ -186,6 +187,49 @@ def test_runs_with_another_prompt_seed_send_prompts_never_sent_before(server):
     assert run("level-a") >= 4 * 32
     # A seed of its own: at most the block holding the chat template is shared.
     assert run("level-b") <= 16 * 8
+
+
+def tcp_connections(pid, port):
+    """Established TCP connections of process `pid` to `port` on this machine (/proc)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[len("socket:["):-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            fields = line.split()
+            # local, remote (address:port in hex), state (01: established), ..., inode
+            if fields[9] in inodes and int(fields[2].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                count += 1
+    return count
+
+
+def test_the_load_tools_sessions_share_one_connection_a_process(server):
+    """tools/load.py's sessions of one worker process stream over one TCP connection (their
+    clients' channels share gRPC's subchannel), so 1,024 streams over 32 processes take 32
+    connections, not 1,024."""
+    port = int(server.grpc_url.rsplit(":", 1)[1])
+    command = [sys.executable, str(REPO / "tools" / "load.py"), "--url", server.grpc_url,
+               "--model", "chatglm2-tiny-stream", "--concurrency", "8", "--processes", "1",
+               "--duration", "4", "--max-new-tokens", "16"]
+    load = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    while load.poll() is None:
+        try:
+            seen.append(tcp_connections(load.pid, port))
+        except OSError:
+            break
+        time.sleep(0.2)
+    out, err = load.communicate(timeout=120)
+    assert load.returncode == 0, err
+    report = json.loads(out)
+    assert report["errors"] == 0 and report["requests"] > 8, report
+    assert max(seen) == 1, f"connections seen while 8 sessions streamed: {seen}"
 
 
 def test_a_bad_request_on_a_stream_gets_its_error(server):
