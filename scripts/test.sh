@@ -12,9 +12,11 @@ cargo clippy --release --locked --all-targets --features fault-injection -- -D w
 cargo build --release --locked --lib --features fault-injection
 mkdir -p "$(dirname "$TRITON_LLM_FAULT_LIB")"
 cp "$(dirname "$TRITON_LLM_LIB")/libtriton_llm.so" "$TRITON_LLM_FAULT_LIB"
-# libnvrtc for the kernel compile tests; the GPU tests are ignored without a device.
+# libnvrtc for the kernel compile tests; the GPU tests are ignored without a device. The
+# kernels on CPU threads run under AddressSanitizer and UBSan (KERNELS_ON_CPU_SANITIZE):
+# a read past a buffer or shared array fails the test, as memcheck would on a device.
 LD_LIBRARY_PATH="$TRITON_LLM_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
-    TRITON_LLM_NVRTC_OTHER_LIB="$TRITON_LLM_NVRTC12_LIB" \
+    TRITON_LLM_NVRTC_OTHER_LIB="$TRITON_LLM_NVRTC12_LIB" KERNELS_ON_CPU_SANITIZE=1 \
     cargo test --release --locked --features fault-injection
 # The CUDA 12 build: it builds, its kernels compile with NVRTC 12.6 and assemble with its
 # ptxas, and CUDA 13's NVRTC is refused (before the release build below, which leaves the

@@ -49,15 +49,22 @@ fn harness() -> PathBuf {
     BINARY.get_or_init(compile_harness).clone()
 }
 
+/// With KERNELS_ON_CPU_SANITIZE set: AddressSanitizer and UBSan, every report fatal (a
+/// kernel reading past a buffer or its shared memory fails the test, as compute-sanitizer's
+/// memcheck would fail it on a device).
+const SANITIZE: [&str; 4] =
+    ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"];
+
 fn compile_harness() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let binary = Path::new(env!("CARGO_TARGET_TMPDIR")).join("run_sampling");
-    let status = Command::new("c++")
-        .args(["-std=c++20", "-O2", "-pthread", "-o"])
-        .arg(&binary)
-        .arg(root.join("tests/kernel_host/run_sampling.cpp"))
-        .status()
-        .expect("a C++ compiler `c++` (scripts/setup.sh installs g++)");
+    let mut command = Command::new("c++");
+    command.args(["-std=c++20", "-O2", "-pthread", "-o"]).arg(&binary);
+    command.arg(root.join("tests/kernel_host/run_sampling.cpp"));
+    if std::env::var_os("KERNELS_ON_CPU_SANITIZE").is_some() {
+        command.args(SANITIZE);
+    }
+    let status = command.status().expect("a C++ compiler `c++` (scripts/setup.sh installs g++)");
     assert!(status.success(), "compiling tests/kernel_host/run_sampling.cpp");
     binary
 }
@@ -99,7 +106,9 @@ fn run_kernel(binary: &Path, rows: &[Row], threads: u32) -> Vec<u32> {
     }
     let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("sampling-{threads}.bin"));
     std::fs::write(&path, input).unwrap();
-    let output = Command::new(binary).arg(&path).output().unwrap();
+    // As kernels_on_cpu's harness: no leak checking (it needs ptrace).
+    let output =
+        Command::new(binary).env("ASAN_OPTIONS", "detect_leaks=0").arg(&path).output().unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     String::from_utf8(output.stdout).unwrap().lines().map(|l| l.parse().unwrap()).collect()
 }

@@ -214,7 +214,9 @@ int main(int argc, char** argv) {
     std::vector<std::vector<unsigned char>> buffers(read<uint32_t>(file));
     for (auto& buffer : buffers) {
         buffer.resize(read<uint64_t>(file));
-        if (std::fread(buffer.data(), 1, buffer.size(), file) != buffer.size()) return 2;
+        // An empty buffer's data() may be null, which fread and fwrite must not be given.
+        if (!buffer.empty() && std::fread(buffer.data(), 1, buffer.size(), file) != buffer.size())
+            return 2;
     }
     Args args{&buffers, {}};
     for (uint32_t i = read<uint32_t>(file); i > 0; --i) {
@@ -229,7 +231,8 @@ int main(int argc, char** argv) {
     }
     emu_launch(grid, block, [&] { kernel->second(args); });
     FILE* out = std::fopen(argv[2], "wb");
-    for (const auto& buffer : buffers) std::fwrite(buffer.data(), 1, buffer.size(), out);
+    for (const auto& buffer : buffers)
+        if (!buffer.empty()) std::fwrite(buffer.data(), 1, buffer.size(), out);
     std::fclose(out);
     return 0;
 }
