@@ -11,7 +11,10 @@ use crate::dtype::{DType, KvFormat};
 use crate::model::gpu::{decode_layout, decode_layout_with};
 use crate::sampling::SampleRow;
 
-pub use crate::cuda::{AttentionShape, CUDA_MAJOR, GEMV_MAX_ROWS, ProductKernel, SAMPLE_WORDS};
+pub use crate::cuda::{
+    AttentionShape, CUDA_MAJOR, GEMV_MAX_ROWS, ProductKernel, SAMPLE_WORDS, decode_shared_bytes,
+    prefill_shared_bytes,
+};
 
 /// Whether the CUDA driver, NVRTC and cuBLAS load and a device is present.
 pub fn cuda_available() -> bool {

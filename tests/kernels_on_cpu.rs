@@ -12,6 +12,7 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use triton_llm::cpu::{self, AttentionShape, kv_quant};
 use triton_llm::dtype::{DType, KvFormat};
+use triton_llm::probe;
 
 /// The kernel files the harness includes, in the engine's order.
 const KERNEL_FILES: [&str; 9] = [
@@ -112,10 +113,22 @@ fn launch(
     buffers: Vec<Vec<u8>>,
     args: &[Arg],
 ) -> Vec<Vec<u8>> {
+    launch_with_shared(dtype, kernel, (grid, block, u32::MAX), buffers, args)
+}
+
+/// [`launch`] with the dynamic shared memory the engine's launch gives the kernel, in bytes
+/// (u32::MAX: not stated): under KERNELS_ON_CPU_SANITIZE a read past it fails the test.
+fn launch_with_shared(
+    dtype: DType,
+    kernel: &str,
+    (grid, block, shared): ([u32; 3], u32, u32),
+    buffers: Vec<Vec<u8>>,
+    args: &[Arg],
+) -> Vec<Vec<u8>> {
     let mut input = Vec::new();
     input.extend((kernel.len() as u32).to_le_bytes());
     input.extend(kernel.as_bytes());
-    for v in grid.iter().chain([&block]) {
+    for v in grid.iter().chain([&block, &shared]) {
         input.extend(v.to_le_bytes());
     }
     input.extend((buffers.len() as u32).to_le_bytes());
@@ -630,11 +643,13 @@ fn launch_prefill(
     for first in (0..tokens).step_by(tile) {
         tiles.extend([first as i32, (tokens - first).min(tile) as i32]);
     }
-    launch(
+    // As the engine launches them: the tensor-core kernel with static shared memory only.
+    let shared =
+        if name.contains("_mma") { 0 } else { probe::prefill_shared_bytes(shape.head_dim) };
+    launch_with_shared(
         dtype,
         name,
-        [(tiles.len() / 2) as u32, shape.num_heads as u32, 1],
-        128,
+        ([(tiles.len() / 2) as u32, shape.num_heads as u32, 1], 128, shared as u32),
         vec![
             dtype.encode(q),
             kv.0,
@@ -675,11 +690,16 @@ fn launch_decode(
     (splits, partition): (usize, i32),
 ) -> Vec<Vec<u8>> {
     let heads = shape.num_heads;
-    launch(
+    // As the engine launches them: the tensor-core kernel with static shared memory only.
+    let shared = if name.contains("_mma") {
+        0
+    } else {
+        probe::decode_shared_bytes(shape.head_dim, dtype.size())
+    };
+    launch_with_shared(
         dtype,
         name,
-        [lens.len() as u32, (heads / heads_per_block) as u32, splits as u32],
-        128,
+        ([lens.len() as u32, (heads / heads_per_block) as u32, splits as u32], 128, shared as u32),
         vec![
             dtype.encode(q),
             kv.0,

@@ -332,7 +332,7 @@ impl Gpu {
                         )));
                     }
                 };
-                let shared = (4 * 32 * shape.head_dim * self.dtype.size()) as u32;
+                let shared = decode_shared_bytes(shape.head_dim, self.dtype.size()) as u32;
                 (&self.kernels().attention_decode[kv_format_index(format)][kernel], shared)
             };
             let head_groups = shape.num_heads / step.heads_per_block;
@@ -387,8 +387,7 @@ impl Gpu {
                     self.launch_3d(function, grid, 128, 0, &args)?;
                 }
                 None => {
-                    let d = shape.head_dim;
-                    let shared = ((32 * (d + 1) + 32 * d + PREFILL_TILE * d) * 4) as u32;
+                    let shared = prefill_shared_bytes(shape.head_dim) as u32;
                     let function = &self.kernels().attention_prefill[kv_format_index(format)];
                     self.launch_3d(function, grid, 128, shared, &args)?;
                 }
@@ -552,6 +551,18 @@ impl Rope {
 
 /// Dynamic shared memory attention_decode may ask for: 4 warps · 32 keys · 128 dims · f32.
 pub(super) const DECODE_MAX_SHARED: usize = 4 * 32 * MAX_HEAD_DIM * 4;
+
+/// Dynamic shared memory the CUDA-core decode attention is launched with for heads of
+/// `head_dim` values of `elem` bytes: its V staging, 4 warps · 32 keys.
+pub fn decode_shared_bytes(head_dim: usize, elem: usize) -> usize {
+    4 * 32 * head_dim * elem
+}
+
+/// Dynamic shared memory the CUDA-core prefill attention is launched with: a chunk of 32
+/// keys (K padded a column, V) and the tile's PREFILL_TILE queries, in f32.
+pub fn prefill_shared_bytes(head_dim: usize) -> usize {
+    (32 * (head_dim + 1) + 32 * head_dim + PREFILL_TILE * head_dim) * 4
+}
 /// Query tokens per block of the CUDA-core prefill attention kernel (PREFILL_TILE).
 const PREFILL_TILE: usize = 16;
 /// Query tokens per block of the tensor-core prefill attention kernel (MMA_TILE).

@@ -40,7 +40,10 @@ pub use blas::{GEMV_MAX_ROWS, ProductKernel, WeightView};
 pub use compile::compile;
 pub use device::{Buffer, Gpu, HostBuffer, View};
 pub use graph::Graph;
-pub use launch::{AttentionShape, DecodeLayout, MAX_HEAD_DIM, Rope, SAMPLE_WORDS, StepTables};
+pub use launch::{
+    AttentionShape, DecodeLayout, MAX_HEAD_DIM, Rope, SAMPLE_WORDS, StepTables,
+    decode_shared_bytes, prefill_shared_bytes,
+};
 pub use libs::CUDA_MAJOR;
 pub(crate) use signature::{Param, entry_params};
 

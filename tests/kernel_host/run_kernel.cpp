@@ -9,6 +9,9 @@
 #include <functional>
 #include <map>
 #include <string>
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#endif
 
 struct Args {
     std::vector<std::vector<unsigned char>>* buffers;
@@ -211,6 +214,8 @@ int main(int argc, char** argv) {
     grid.y = read<uint32_t>(file);
     grid.z = read<uint32_t>(file);
     block.x = read<uint32_t>(file);
+    // The launch's dynamic shared memory in bytes (UINT32_MAX: not stated).
+    const uint32_t dynamic_shared = read<uint32_t>(file);
     std::vector<std::vector<unsigned char>> buffers(read<uint32_t>(file));
     for (auto& buffer : buffers) {
         buffer.resize(read<uint64_t>(file));
@@ -229,6 +234,16 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "unknown kernel %s\n", name.c_str());
         return 2;
     }
+#if defined(__SANITIZE_ADDRESS__)
+    // Past the dynamic shared memory the launch gives, the emulator's array is poisoned: a
+    // kernel reading beyond what its launch asked for is caught.
+    ASAN_UNPOISON_MEMORY_REGION(emu_dynamic_shared, sizeof emu_dynamic_shared);
+    if (dynamic_shared < sizeof emu_dynamic_shared)
+        ASAN_POISON_MEMORY_REGION(emu_dynamic_shared + dynamic_shared,
+                                  sizeof emu_dynamic_shared - dynamic_shared);
+#else
+    (void)dynamic_shared;
+#endif
     emu_launch(grid, block, [&] { kernel->second(args); });
     FILE* out = std::fopen(argv[2], "wb");
     for (const auto& buffer : buffers)
