@@ -1,11 +1,13 @@
 //! The kernels of `kernels/*.cu`, compiled with NVRTC into one module per device and dtype.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, sys as driver_sys};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
+use super::kernel_cache;
 use super::launch::DECODE_MAX_SHARED;
 use super::libs::{self, CudaLibrary};
 use super::signature::{self, Param};
@@ -45,12 +47,17 @@ fn module_source() -> String {
     source
 }
 
+/// NVRTC's flags besides the architecture (fast math off).
+fn nvrtc_flags(dtype: DType) -> [&'static str; 2] {
+    [dtype_define(dtype), "--std=c++17"]
+}
+
 /// Compiles every kernel for `dtype` to PTX for a virtual architecture such as
 /// `compute_90` (the driver finishes it for the exact device at module load).
 pub fn compile(dtype: DType, arch: &'static str) -> Result<Ptx> {
     let options = CompileOptions {
         arch: Some(arch),
-        options: vec![dtype_define(dtype).to_string(), "--std=c++17".into()],
+        options: nvrtc_flags(dtype).map(String::from).to_vec(),
         use_fast_math: Some(false),
         ..Default::default()
     };
@@ -58,6 +65,23 @@ pub fn compile(dtype: DType, arch: &'static str) -> Result<Ptx> {
     std::panic::catch_unwind(|| cudarc::nvrtc::compile_ptx_with_opts(module_source(), options))
         .map_err(|_| Error::Device("NVRTC (libnvrtc) could not be loaded".into()))?
         .map_err(|e| Error::Device(format!("compiling kernels/*.cu for {arch}: {e}")))
+}
+
+/// [`compile`] through the kernel cache in `folder` (`kernel_cache`): the PTX an earlier
+/// process kept for the same source, NVRTC, architecture and dtype, else compiled and kept.
+/// Also says whether it came from the cache.
+fn compile_cached(dtype: DType, arch: &'static str, folder: Option<&Path>) -> Result<(Ptx, bool)> {
+    libs::check(CudaLibrary::Nvrtc)?;
+    let Some(folder) = folder else { return Ok((compile(dtype, arch)?, false)) };
+    let (major, minor) = libs::version(CudaLibrary::Nvrtc).unwrap_or_default();
+    let options = format!("{arch} nvrtc {major}.{minor} {}", nvrtc_flags(dtype).join(" "));
+    let entry = kernel_cache::Entry::new(folder, &module_source(), &options);
+    if let Some(ptx) = entry.read() {
+        return Ok((Ptx::from_src(ptx), true));
+    }
+    let ptx = compile(dtype, arch)?;
+    entry.write(&ptx.to_src());
+    Ok((ptx, false))
 }
 
 fn virtual_arch(major: i32, minor: i32) -> &'static str {
@@ -241,16 +265,50 @@ impl Compiled {
             ctx.compute_capability().map_err(device_error("reading the compute capability"))?;
         let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
         let started = std::time::Instant::now();
-        let ptx = compile(dtype, virtual_arch(major, minor))?;
+        let cache = kernel_cache::folder();
+        let (ptx, cached) = compile_cached(dtype, virtual_arch(major, minor), cache.as_deref())?;
         let source = ptx.to_src();
         let module = ctx.load_module(ptx).map_err(device_error("loading the kernel module"))?;
         let kernels = Kernels::load(&module, &source, dtype, (major, minor))?;
         tracing::info!(
-            "GPU {ordinal} ({name}, sm_{major}{minor}): kernels compiled for {} in {:.2} s",
+            "GPU {ordinal} ({name}, sm_{major}{minor}): kernels for {} {} in {:.2} s",
             dtype.name(),
+            match (&cache, cached) {
+                (Some(folder), true) => format!("read from the cache in {}", folder.display()),
+                (Some(folder), false) => format!("compiled (kept in {})", folder.display()),
+                (None, _) => "compiled (no kernel cache)".to_string(),
+            },
             started.elapsed().as_secs_f64()
         );
         let programmatic_launch = major >= 9 && driver_version >= 12030;
         Ok(Compiled { ctx, kernels, name, programmatic_launch })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernels_kept_in_the_cache_are_read_back_as_compiled() {
+        if !super::super::nvrtc_available() {
+            eprintln!("kernels_kept_in_the_cache_are_read_back_as_compiled: skipped (no NVRTC)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (compiled, cached) =
+            compile_cached(DType::F32, "compute_80", Some(dir.path())).unwrap();
+        assert!(!cached);
+        let started = std::time::Instant::now();
+        let (read, cached) = compile_cached(DType::F32, "compute_80", Some(dir.path())).unwrap();
+        assert!(cached, "a second load reads the kept PTX");
+        assert_eq!(read.to_src(), compiled.to_src());
+        assert!(started.elapsed().as_secs_f64() < 1.0, "{:?}", started.elapsed());
+        // Another dtype or architecture is another entry.
+        let (_, cached) = compile_cached(DType::F32, "compute_90", Some(dir.path())).unwrap();
+        assert!(!cached);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+        // No folder: compiled each time.
+        assert!(!compile_cached(DType::F32, "compute_80", None).unwrap().1);
     }
 }

@@ -87,15 +87,23 @@ fn probe(library: CudaLibrary) -> std::result::Result<(String, i32, i32), String
     Err(format!("none of {} loads", candidates.join(", ")))
 }
 
-/// Ok when `library` loads and is of this build's CUDA major version (checked once per
-/// process); otherwise an error naming what was found and what is needed.
+/// What [`probe`] found for `library`, probed once per process.
+fn probed(library: CudaLibrary) -> std::result::Result<(String, i32, i32), String> {
+    type Found = std::result::Result<(String, i32, i32), String>;
+    static FOUND: OnceLock<Mutex<HashMap<CudaLibrary, Found>>> = OnceLock::new();
+    let mut found = FOUND.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+    found.entry(library).or_insert_with(|| probe(library)).clone()
+}
+
+/// Ok when `library` loads and is of this build's CUDA major version; otherwise an error
+/// naming what was found and what is needed.
 pub fn check(library: CudaLibrary) -> Result<()> {
-    static CHECKED: OnceLock<Mutex<HashMap<CudaLibrary, std::result::Result<(), String>>>> =
-        OnceLock::new();
-    let mut checked =
-        CHECKED.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
-    let verdict = checked.entry(library).or_insert_with(|| verdict(library, probe(library)));
-    verdict.clone().map_err(Error::Device)
+    verdict(library, probed(library)).map_err(Error::Device)
+}
+
+/// The (major, minor) version of `library`, where it loads.
+pub fn version(library: CudaLibrary) -> Option<(i32, i32)> {
+    probed(library).ok().map(|(_, major, minor)| (major, minor))
 }
 
 fn verdict(

@@ -21,6 +21,8 @@ mod compile;
 mod device;
 /// CUDA graph capture and replay.
 mod graph;
+/// Compiled kernels kept on disk between processes.
+mod kernel_cache;
 /// The kernel launch wrappers.
 mod launch;
 /// The CUDA major version of the libraries found, checked against the build's.
