@@ -47,7 +47,8 @@ fn module_source() -> String {
     source
 }
 
-/// NVRTC's flags besides the architecture (fast math off).
+/// NVRTC's flags besides the architecture: all that decides the PTX with the source (the
+/// kernel cache's key). No fast math (NVRTC's default).
 fn nvrtc_flags(dtype: DType) -> [&'static str; 2] {
     [dtype_define(dtype), "--std=c++17"]
 }
@@ -58,7 +59,6 @@ pub fn compile(dtype: DType, arch: &'static str) -> Result<Ptx> {
     let options = CompileOptions {
         arch: Some(arch),
         options: nvrtc_flags(dtype).map(String::from).to_vec(),
-        use_fast_math: Some(false),
         ..Default::default()
     };
     libs::check(CudaLibrary::Nvrtc)?;
