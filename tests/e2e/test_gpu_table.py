@@ -44,7 +44,7 @@ def test_the_table_holds_the_tests_the_benches_with_their_ab_and_the_served_leve
     cpu = json.loads(bench.stdout)
     assert cpu["model"] == "chatglm2-tiny"
     # The GPU path's rows: a base bench, the same with programmatic launch (step 4 ms against
-    # 5 ms: 1.25x), and one with FP8 weights (another base: no A/B).
+    # 5 ms: 1.25x), with FP8 weights (3 ms: 1.667x) and over an int8 cache (4.5 ms: 1.111x).
     gpu = dict(cpu, model="chatglm2-6b", batch=1, dtype="bf16", weights="dummy (computed in f32)",
                decode_step_ms=5.0, decode_step_floor_ms=2.8, decode_percent_of_limit=56.0,
                decode_attention_percent_of_bandwidth={
@@ -54,9 +54,10 @@ def test_the_table_holds_the_tests_the_benches_with_their_ab_and_the_served_leve
     with_pdl = dict(gpu, programmatic_launch=True, decode_step_ms=4.0, runs=5,
                     decode_step_ms_min=3.9, decode_step_ms_max=4.25)
     fp8 = dict(gpu, weights="fp8 e4m3, activations per token", decode_step_ms=3.0)
+    int8_kv = dict(gpu, kv_format="int8", decode_step_ms=4.5)
     (tmp_path / "bench.jsonl").write_text(
         "\n".join(["== a step line", json.dumps(cpu), json.dumps(gpu), json.dumps(with_pdl),
-                   json.dumps(fp8), "{not json"]) + "\n")
+                   json.dumps(fp8), json.dumps(int8_kv), "{not json"]) + "\n")
     summary = {"summary": True, "shape": "chatglm2-6b", "level": 256, "server_version": "2.51.0",
                "runs": 3, "of": 3, "output_tokens_per_s_median": 12345.6,
                "output_tokens_per_s_min": 12000.0, "output_tokens_per_s_max": 12500.4, "errors": 0,
@@ -71,11 +72,14 @@ def test_the_table_holds_the_tests_the_benches_with_their_ab_and_the_served_leve
     assert "chatglm2-tiny" in row_of(text, "chatglm2-tiny", "f32")
     base = row_of(text, "chatglm2-6b", "bf16", "5.000")
     assert "2.800" in base and "56.0" in base and "256: 61.5/40.2 8192: 81.0/52.0" in base
-    assert cell(text, base, "vs without") == "-"
+    assert cell(text, base, "vs base") == "-"
     assert cell(text, base, "step ms") == "5.000"
-    assert cell(text, row_of(text, "pdl", "4.000"), "vs without") == "1.250x"
+    assert cell(text, row_of(text, "pdl", "4.000"), "vs base") == "1.250x"
     assert cell(text, row_of(text, "pdl", "4.000"), "step ms") == "4.000 (3.900-4.250)"
-    assert cell(text, row_of(text, "fp8", "3.000"), "vs without") == "-"
+    assert cell(text, row_of(text, "fp8", "3.000"), "vs base") == "1.667x"
+    assert cell(text, row_of(text, "int8", "4.500"), "vs base") == "1.111x"
+    # The CPU bench has no base of its own model and batch.
+    assert cell(text, row_of(text, "chatglm2-tiny", "f32"), "vs base") == "-"
     served = row_of(text, "chatglm2-6b", "256", "quantization=fp8")
     assert "12,346" in served and "12,000-12,500" in served and "3/3" in served
     assert "kv_cache_dtype" not in served and "2.51.0" in served

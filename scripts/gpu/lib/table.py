@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """One table of what a bench.sh part measured, from the files it left in OUT: the GPU tests'
 summary (gpu_tests.log), each `triton-llm bench` (bench.jsonl) with its step (the median
-of its runs, and their range) against the floor and, for a run with programmatic launch or the fused QKV product, its speed-up over
-the same bench without (the A/B of bench.sh limits), each served level (serve_summary.jsonl)
+of its runs, and their range) against the floor and its speed-up over its base (the same model and batch in the model's dtype with no
+lever, in the same run: the A/B of programmatic launch, the fused QKV product, FP8 weights
+or a quantised KV cache), each served level (serve_summary.jsonl)
 and each transformers peer row (peer.jsonl). Standard library only.
 
   table.py OUT        the table on stdout
@@ -83,12 +84,18 @@ def step(bench):
     return cell
 
 
+def dense(bench):
+    """Whether a bench ran the model's own dtype: weights unquantised, K/V in the dtype."""
+    return weights(bench) == bench.get("dtype") and bench.get("kv_format") == "model dtype"
+
+
 def bench_table(benches):
-    key = lambda b: (b.get("model"), b.get("batch"), weights(b), b.get("kv_format"),
-                     b.get("cuda_graphs"), b.get("sample_on_device"))
+    # A bench's base: the same model and batch (graphs and sampling alike) in its own dtype
+    # with no lever, in the same run; "vs base" is the base's step over this one's.
+    key = lambda b: (b.get("model"), b.get("batch"), b.get("cuda_graphs"), b.get("sample_on_device"))
     base = {}
     for b in benches:
-        if not b.get("programmatic_launch") and not b.get("fused_qkv_rope"):
+        if dense(b) and not b.get("programmatic_launch") and not b.get("fused_qkv_rope"):
             base.setdefault(key(b), b)
     rows = []
     for b in benches:
@@ -96,7 +103,7 @@ def bench_table(benches):
                   if b.get(flag)]
         reference = base.get(key(b))
         speedup = "-"
-        if levers and reference and b.get("decode_step_ms"):
+        if reference is not None and reference is not b and b.get("decode_step_ms"):
             speedup = f"{reference['decode_step_ms'] / b['decode_step_ms']:.3f}x"
         rows.append([b.get("model", b.get("family", "?")), b.get("batch", "?"), weights(b),
                      b.get("kv_format", "?"), "+".join(levers) or "-",
@@ -104,9 +111,11 @@ def bench_table(benches):
                      num(b.get("decode_percent_of_limit"), 1), speedup,
                      num(b.get("decode_tokens_per_s"), 1), num(b.get("ttft_ms"), 1),
                      attention(b)])
-    header = ["model", "batch", "weights", "kv", "levers", "step ms (runs' range)", "floor ms", "% floor",
-              "vs without", "decode tok/s", "ttft ms", "attention tc/cc % by context"]
-    return aligned(header, rows)
+    header = ["model", "batch", "weights", "kv", "levers", "step ms (runs' range)", "floor ms",
+              "% floor", "vs base", "decode tok/s", "ttft ms", "attention tc/cc % by context"]
+    return aligned(header, rows) + [
+        "vs base: the step of the same model and batch in its dtype without levers, this run, "
+        "over this one's"]
 
 
 # serve_load.sh's defaults: a level's settings column names only what differs from them.
@@ -121,7 +130,9 @@ def serve_table(summaries):
     for s in summaries:
         settings = " ".join(f"{k}={s[k]}" for k, default in SERVE_DEFAULTS.items()
                             if k in s and str(s[k]) != default)
-        spread = f"{num(s.get('output_tokens_per_s_min'), 0)}-{num(s.get('output_tokens_per_s_max'), 0)}"
+        spread = "-"
+        if s.get("output_tokens_per_s_min") is not None:
+            spread = f"{num(s.get('output_tokens_per_s_min'), 0)}-{num(s.get('output_tokens_per_s_max'), 0)}"
         rows.append([s.get("shape", "?"), s.get("level", "?"), settings or "-",
                      num(s.get("output_tokens_per_s_median"), 0), spread,
                      f"{s.get('runs', '?')}/{s.get('of', '?')}", s.get("errors", "?"),
