@@ -14,7 +14,7 @@ use crate::sequence::{FinishReason, GenerateRequest, Sequence};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct LoadOptions {
     pub load_format: LoadFormat,
     pub device: Device,

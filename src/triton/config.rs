@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use crate::chat::DEFAULT_HISTORY_LEN;
-use crate::dtype::{DType, KvFormat};
-use crate::model::{LoadFormat, Quantization};
+use crate::dtype::KvFormat;
+use crate::pipeline::LoadOptions;
 use crate::serving::SchedulerConfig;
 use crate::{Error, Result};
 
@@ -20,33 +20,14 @@ pub struct ModelParameters {
     /// instruction, FastChat's system message, a template's system turn); None = the
     /// format's default, "" = none.
     pub system_prompt: Option<String>,
-    /// `chat_format`: the chat format by name; None = the folder's.
-    pub chat_format: Option<String>,
     /// Rounds of history kept when a request has no `history_len`.
     pub history_len_default: usize,
     /// `max_token` when a request has none; None = the family's `model.chat` default.
     pub max_token_default: Option<usize>,
-    pub load_format: LoadFormat,
-    /// Element type of KIND_GPU instances' weights, activations and KV cache.
-    pub dtype: DType,
-    /// `quantization`: none (default), w8a16, w4a16, fp8, or awq for an AWQ checkpoint.
-    pub quantization: Quantization,
-    /// Longest sequence served; None = the model's context.
-    pub session_len: Option<usize>,
-    /// KIND_GPU instances choose next tokens with the batched sampling kernel and copy back
-    /// only the ids (else the logits come back and the host samples).
-    pub sample_on_device: bool,
-    /// KIND_GPU instances capture decode steps as CUDA graphs and replay them.
-    pub cuda_graphs: bool,
-    /// KIND_GPU instances launch kernels with programmatic dependent launch.
-    pub programmatic_launch: bool,
-    /// KIND_GPU instances run a single sequence's QKV product with the rotary and K/V write
-    /// in its epilogue.
-    pub fused_qkv_rope: bool,
-    /// Longest chat input in bytes; None = what the context can hold.
-    pub max_input_bytes: Option<usize>,
-    /// `quant_policy` or `kv_cache_dtype`: how the KV cache stores K/V.
-    pub kv_format: KvFormat,
+    /// How each instance loads the model (`load_format`, `dtype`, `quantization`,
+    /// `session_len`, `chat_format`, `max_input_bytes`, `quant_policy`/`kv_cache_dtype` and
+    /// the KIND_GPU levers); its `device` is the instance's.
+    pub load: LoadOptions,
     /// In-flight batching limits of each instance's engine.
     pub scheduler: SchedulerConfig,
 }
@@ -78,19 +59,10 @@ impl ModelConfig {
         let mut parameters = ModelParameters {
             model_dir: version_dir.to_path_buf(),
             system_prompt: None,
-            chat_format: None,
             history_len_default: DEFAULT_HISTORY_LEN,
             max_token_default: None,
-            load_format: LoadFormat::default(),
-            dtype: DType::default(),
-            quantization: Quantization::default(),
-            session_len: None,
-            sample_on_device: true,
-            cuda_graphs: true,
-            programmatic_launch: false,
-            fused_qkv_rope: false,
-            max_input_bytes: None,
-            kv_format: KvFormat::Model,
+            // KIND_GPU instances sample on the device and replay CUDA graphs unless told not to.
+            load: LoadOptions { sample_on_device: true, cuda_graphs: true, ..Default::default() },
             scheduler: SchedulerConfig::default(),
         };
         let mut unknown_parameters = Vec::new();
@@ -114,7 +86,7 @@ impl ModelConfig {
                 "chat_format" => {
                     crate::chat::format::check_name(value.trim())
                         .map_err(|e| parameter_error(key, e))?;
-                    parameters.chat_format = Some(value.trim().to_string());
+                    parameters.load.chat_format = Some(value.trim().to_string());
                 }
                 "history_len_default" => {
                     parameters.history_len_default = parse_count(key, value, 0)?;
@@ -123,18 +95,18 @@ impl ModelConfig {
                     parameters.max_token_default = Some(parse_count(key, value, 1)?);
                 }
                 "load_format" => {
-                    parameters.load_format =
+                    parameters.load.load_format =
                         value.parse().map_err(|e: String| parameter_error(key, e))?;
                 }
                 "dtype" => {
-                    parameters.dtype =
+                    parameters.load.dtype =
                         value.parse().map_err(|e: String| parameter_error(key, e))?;
                 }
                 "quantization" => {
-                    parameters.quantization =
+                    parameters.load.quantization =
                         value.parse().map_err(|e: String| parameter_error(key, e))?;
                 }
-                "session_len" => parameters.session_len = Some(parse_count(key, value, 1)?),
+                "session_len" => parameters.load.session_len = Some(parse_count(key, value, 1)?),
                 "max_num_seqs" => parameters.scheduler.max_num_seqs = parse_count(key, value, 1)?,
                 "max_num_batched_tokens" => {
                     parameters.scheduler.max_num_batched_tokens = parse_count(key, value, 1)?;
@@ -157,13 +129,15 @@ impl ModelConfig {
                 "enable_prefix_caching" => {
                     parameters.scheduler.enable_prefix_caching = parse_bool(key, value)?;
                 }
-                "sample_on_device" => parameters.sample_on_device = parse_bool(key, value)?,
-                "cuda_graphs" => parameters.cuda_graphs = parse_bool(key, value)?,
+                "sample_on_device" => parameters.load.sample_on_device = parse_bool(key, value)?,
+                "cuda_graphs" => parameters.load.cuda_graphs = parse_bool(key, value)?,
                 "programmatic_launch" => {
-                    parameters.programmatic_launch = parse_bool(key, value)?;
+                    parameters.load.programmatic_launch = parse_bool(key, value)?;
                 }
-                "fused_qkv_rope" => parameters.fused_qkv_rope = parse_bool(key, value)?,
-                "max_input_bytes" => parameters.max_input_bytes = Some(parse_count(key, value, 1)?),
+                "fused_qkv_rope" => parameters.load.fused_qkv_rope = parse_bool(key, value)?,
+                "max_input_bytes" => {
+                    parameters.load.max_input_bytes = Some(parse_count(key, value, 1)?)
+                }
                 "quant_policy" => {
                     quant_policy = Some(
                         KvFormat::from_quant_policy(value).map_err(|e| parameter_error(key, e))?,
@@ -181,7 +155,7 @@ impl ModelConfig {
                 _ => unknown_parameters.push(key.clone()),
             }
         }
-        parameters.kv_format = match (quant_policy, kv_cache_dtype) {
+        parameters.load.kv_format = match (quant_policy, kv_cache_dtype) {
             (Some(a), Some(b)) if a != b && a != KvFormat::Model && b != KvFormat::Model => {
                 return Err(parameter_error(
                     "kv_cache_dtype",
@@ -234,6 +208,7 @@ fn parse_count(key: &str, value: &str, min: usize) -> Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{LoadFormat, Quantization};
 
     fn parse(parameters: &str) -> Result<ModelConfig> {
         let json = format!(r#"{{"name":"m","max_batch_size":0,"parameters":{{{parameters}}}}}"#);
@@ -248,17 +223,21 @@ mod tests {
         assert_eq!(config.parameters.max_token_default, None);
         assert!(!config.decoupled);
         // Both checked on a device (BENCHMARKS.md), so on unless a model turns them off.
-        assert!(config.parameters.sample_on_device && config.parameters.cuda_graphs);
+        assert!(config.parameters.load.sample_on_device && config.parameters.load.cuda_graphs);
         // Not yet checked on a device: off unless a model turns them on.
-        assert!(!config.parameters.programmatic_launch && !config.parameters.fused_qkv_rope);
+        assert!(
+            !config.parameters.load.programmatic_launch && !config.parameters.load.fused_qkv_rope
+        );
         let config = parse(
             r#""sample_on_device":{"string_value":"false"},"cuda_graphs":{"string_value":"false"},
                "programmatic_launch":{"string_value":"true"},
                "fused_qkv_rope":{"string_value":"true"}"#,
         )
         .unwrap();
-        assert!(!config.parameters.sample_on_device && !config.parameters.cuda_graphs);
-        assert!(config.parameters.programmatic_launch && config.parameters.fused_qkv_rope);
+        assert!(!config.parameters.load.sample_on_device && !config.parameters.load.cuda_graphs);
+        assert!(
+            config.parameters.load.programmatic_launch && config.parameters.load.fused_qkv_rope
+        );
     }
 
     #[test]
@@ -277,24 +256,24 @@ mod tests {
                "colour":{"string_value":"blue"},"quantization":{"string_value":"w8a16"}"#,
         )
         .unwrap();
-        assert_eq!(config.parameters.quantization, Quantization::W8A16);
+        assert_eq!(config.parameters.load.quantization, Quantization::W8A16);
         assert_eq!(config.parameters.history_len_default, 3);
         assert_eq!(config.parameters.max_token_default, Some(512));
         assert_eq!(config.parameters.system_prompt.as_deref(), Some(""));
-        assert_eq!(config.parameters.load_format, LoadFormat::Dummy);
+        assert_eq!(config.parameters.load.load_format, LoadFormat::Dummy);
         assert_eq!(config.unknown_parameters, vec!["colour".to_string()]);
         let config = parse(
             r#""max_input_bytes":{"string_value":"4096"},"max_queued_requests":{"string_value":"3"}"#,
         )
         .unwrap();
-        assert_eq!(config.parameters.max_input_bytes, Some(4096));
+        assert_eq!(config.parameters.load.max_input_bytes, Some(4096));
         assert_eq!(config.parameters.scheduler.max_queued_requests, 3);
-        assert_eq!(config.parameters.kv_format, KvFormat::Model);
+        assert_eq!(config.parameters.load.kv_format, KvFormat::Model);
         for (policy, format) in
             [("0", KvFormat::Model), ("8", KvFormat::Int8), ("4", KvFormat::Int4)]
         {
             let json = format!(r#""quant_policy":{{"string_value":"{policy}"}}"#);
-            assert_eq!(parse(&json).unwrap().parameters.kv_format, format);
+            assert_eq!(parse(&json).unwrap().parameters.load.kv_format, format);
         }
         for (name, format) in [
             ("auto", KvFormat::Model),
@@ -304,7 +283,7 @@ mod tests {
             ("int4", KvFormat::Int4),
         ] {
             let json = format!(r#""kv_cache_dtype":{{"string_value":"{name}"}}"#);
-            assert_eq!(parse(&json).unwrap().parameters.kv_format, format);
+            assert_eq!(parse(&json).unwrap().parameters.load.kv_format, format);
         }
         // Both spellings: the one that quantises wins over the other's default; agreeing
         // values are fine.
@@ -316,7 +295,7 @@ mod tests {
             let json = format!(
                 r#""quant_policy":{{"string_value":"{policy}"}},"kv_cache_dtype":{{"string_value":"{name}"}}"#
             );
-            assert_eq!(parse(&json).unwrap().parameters.kv_format, format, "{policy} {name}");
+            assert_eq!(parse(&json).unwrap().parameters.load.kv_format, format, "{policy} {name}");
         }
     }
 

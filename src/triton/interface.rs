@@ -501,19 +501,9 @@ mod tests {
         ModelParameters {
             model_dir: PathBuf::from("/m"),
             system_prompt: None,
-            chat_format: None,
             history_len_default: 10,
             max_token_default: None,
-            load_format: Default::default(),
-            dtype: Default::default(),
-            quantization: Default::default(),
-            session_len: None,
-            sample_on_device: false,
-            cuda_graphs: false,
-            programmatic_launch: false,
-            fused_qkv_rope: false,
-            max_input_bytes: None,
-            kv_format: Default::default(),
+            load: Default::default(),
             scheduler: Default::default(),
         }
     }

@@ -128,20 +128,7 @@ impl ModelState {
             return Ok(Arc::clone(engine));
         }
         let parameters = &self.config.parameters;
-        let options = LoadOptions {
-            load_format: parameters.load_format,
-            session_len: parameters.session_len,
-            device,
-            dtype: parameters.dtype,
-            quantization: parameters.quantization,
-            sample_on_device: parameters.sample_on_device,
-            cuda_graphs: parameters.cuda_graphs,
-            programmatic_launch: parameters.programmatic_launch,
-            fused_qkv_rope: parameters.fused_qkv_rope,
-            max_input_bytes: parameters.max_input_bytes,
-            kv_format: parameters.kv_format,
-            chat_format: parameters.chat_format.clone(),
-        };
+        let options = LoadOptions { device, ..parameters.load.clone() };
         let started = std::time::Instant::now();
         let engine = ChatModel::load(&parameters.model_dir, &options)
             .map(Arc::new)
