@@ -1,7 +1,7 @@
 """Decoupled (streaming) models through a real tritonserver: streamed pieces add up to the
 non-streamed greedy answer over gRPC streaming and the generate_stream endpoint, the last
-response carries the history, 64 concurrent streams all answer correctly, and a client that
-goes away stops its sequence."""
+response carries the history, 64 concurrent streams all answer correctly, one instance serves
+1,024 streams at once, and a client that goes away stops its sequence."""
 
 import json
 import os
@@ -230,6 +230,39 @@ def test_the_load_tools_sessions_share_one_connection_a_process(server):
     report = json.loads(out)
     assert report["errors"] == 0 and report["requests"] > 8, report
     assert max(seen) == 1, f"connections seen while 8 sessions streamed: {seen}"
+
+
+def test_one_instance_serves_1024_concurrent_streams(tmp_path):
+    """max_num_seqs 1,024 (issue 21's most streams an instance): tools/load.py drives 1,024
+    sessions over two processes, each a fresh prompt, against one instance; every request is
+    answered, and the engine ran them together (the mean sequences a step, over the level's
+    steps, far above what the default 64 seats allow)."""
+    repository = tmp_path / "repository"
+    (repository / "wide" / "1").mkdir(parents=True)
+    base = (TEST_REPOSITORY / "chatglm2-tiny-stream" / "config.pbtxt").read_text()
+    text = (base.replace('name: "chatglm2-tiny-stream"', 'name: "wide"')
+            .replace("../../../fixtures/chatglm2-tiny", str(FIXTURES / "chatglm2-tiny"))
+            .replace("count: 2", "count: 1"))
+    for key, value in (("max_num_seqs", "1024"), ("max_num_batched_tokens", "8192")):
+        text += f'parameters {{ key: "{key}" value {{ string_value: "{value}" }} }}\n'
+    (repository / "wide" / "config.pbtxt").write_text(text)
+    server = Server(repository, tmp_path / "server").wait_live()
+    try:
+        server.wait_model_ready("wide")
+        command = [sys.executable, str(REPO / "tools" / "load.py"), "--url", server.grpc_url,
+                   "--model", "wide", "--concurrency", "1024", "--requests", "1024",
+                   "--processes", "2", "--max-new-tokens", "64", "--random-words", "8",
+                   "--timeout", "600"]
+        run = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, run.stderr[-4000:]
+        report = json.loads(run.stdout)
+        assert report["requests"] == 1024 and report["errors"] == 0, report
+        steps = server.metric("llm_engine_steps_total", "wide")
+        mean_batch = server.metric("llm_engine_step_sequences_total", "wide") / steps
+        assert mean_batch > 256, (mean_batch, steps, report)
+        assert server.metric("llm_requests_running", "wide") == 0
+    finally:
+        server.stop()
 
 
 def test_a_bad_request_on_a_stream_gets_its_error(server):
