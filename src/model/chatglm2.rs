@@ -11,7 +11,6 @@ use super::{
     CausalLm, Family, KvStore, ModelInfo, SeqStep, TokenIds, batch_offsets, cpu_arena, embed_batch,
     last_token_logits, parse_config, quant, rope,
 };
-use std::sync::Arc;
 
 use super::gpu;
 use crate::cpu::{self, AttentionShape, Linear};
@@ -278,7 +277,7 @@ pub fn load_gpu(value: serde_json::Value, loader: &gpu::WeightLoader<'_>) -> Res
     gpu::check_fits(loader.gpu, &shape, loader.linears.format)?;
     let q_width = config.num_attention_heads * d;
     let qkv_width = q_width + 2 * config.num_kv_heads() * d;
-    let (ffn, vocab) = (config.ffn_hidden_size, config.padded_vocab_size);
+    let ffn = config.ffn_hidden_size;
     let layers = (0..config.num_layers)
         .map(|i| {
             let p = format!("transformer.encoder.layers.{i}");
@@ -298,24 +297,22 @@ pub fn load_gpu(value: serde_json::Value, loader: &gpu::WeightLoader<'_>) -> Res
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let weights = gpu::Weights::new(
-        loader.gpu,
-        &shape,
-        loader.tensor("transformer.embedding.word_embeddings.weight", &[vocab, h])?,
-        layers,
-        loader.tensor("transformer.encoder.final_layernorm.weight", &[h])?,
-        loader.tensor("transformer.output_layer.weight", &[vocab, h])?,
-    )?;
     loader.checkpoint.ignore("transformer.rotary_pos_emb.inv_freq");
     let inv_freq = rope::inv_freq(10000.0, d / 2);
-    let info = gpu::gpu_info(config.model_info(), loader, &weights);
-    Ok(gpu::GpuModel::new(
-        Arc::clone(loader.gpu),
+    let names = [
+        "transformer.embedding.word_embeddings.weight",
+        "transformer.encoder.final_layernorm.weight",
+        "transformer.output_layer.weight",
+    ];
+    let info = config.model_info();
+    gpu::GpuModel::from_layers(
+        loader,
         shape,
-        weights,
+        layers,
+        names,
         info,
         Box::new(move |_| inv_freq.clone()),
-    ))
+    )
 }
 
 impl CausalLm for Model {

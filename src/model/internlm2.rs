@@ -12,7 +12,6 @@ use super::{
     last_token_logits, parse_config, quant, rope,
 };
 use rope::Scaling;
-use std::sync::Arc;
 
 use super::gpu;
 use crate::cpu::{self, AttentionShape, Linear};
@@ -268,23 +267,10 @@ pub fn load_gpu(value: serde_json::Value, loader: &gpu::WeightLoader<'_>) -> Res
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let weights = gpu::Weights::new(
-        loader.gpu,
-        &shape,
-        loader.tensor("model.tok_embeddings.weight", &[vocab, h])?,
-        layers,
-        loader.tensor("model.norm.weight", &[h])?,
-        loader.tensor("output.weight", &[vocab, h])?,
-    )?;
-    let info = gpu::gpu_info(config.model_info(scaling), loader, &weights);
+    let names = ["model.tok_embeddings.weight", "model.norm.weight", "output.weight"];
     let freq_config = config.clone();
-    Ok(gpu::GpuModel::new(
-        Arc::clone(loader.gpu),
-        shape,
-        weights,
-        info,
-        Box::new(move |total_len| freq_config.inv_freq_for(scaling, total_len)),
-    ))
+    let inv_freq = Box::new(move |total_len| freq_config.inv_freq_for(scaling, total_len));
+    gpu::GpuModel::from_layers(loader, shape, layers, names, config.model_info(scaling), inv_freq)
 }
 
 impl CausalLm for Model {

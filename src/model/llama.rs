@@ -4,8 +4,6 @@
 //! "rotate half" over the whole head, and `tie_word_embeddings` makes the output layer the
 //! embedding table.
 
-use std::sync::Arc;
-
 use serde::Deserialize;
 
 use super::{
@@ -291,23 +289,11 @@ pub fn load_gpu(value: serde_json::Value, loader: &gpu::WeightLoader<'_>) -> Res
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let weights = gpu::Weights::new(
-        loader.gpu,
-        &shape,
-        loader.tensor("model.embed_tokens.weight", &[vocab, h])?,
-        layers,
-        loader.tensor("model.norm.weight", &[h])?,
-        loader.tensor(&format!("{}.weight", output_name(&config)), &[vocab, h])?,
-    )?;
-    let info = gpu::gpu_info(config.model_info(scaling), loader, &weights);
+    let output = format!("{}.weight", output_name(&config));
+    let names = ["model.embed_tokens.weight", "model.norm.weight", output.as_str()];
     let freq_config = config.clone();
-    Ok(gpu::GpuModel::new(
-        Arc::clone(loader.gpu),
-        shape,
-        weights,
-        info,
-        Box::new(move |total_len| freq_config.inv_freq_for(scaling, total_len)),
-    ))
+    let inv_freq = Box::new(move |total_len| freq_config.inv_freq_for(scaling, total_len));
+    gpu::GpuModel::from_layers(loader, shape, layers, names, config.model_info(scaling), inv_freq)
 }
 
 impl CausalLm for Model {

@@ -39,7 +39,8 @@ use tables::RopeCache;
 
 pub use tables::sampling_words;
 pub(crate) use tables::{decode_layout, decode_layout_with};
-pub use weights::{LayerWeights, WeightLoader, Weights, check_fits, gpu_info};
+use weights::gpu_info;
+pub use weights::{LayerWeights, WeightLoader, Weights, check_fits};
 
 /// Sizes of the decoder.
 #[derive(Clone, Debug)]
@@ -155,6 +156,30 @@ impl GpuModel {
             fused_qkv_rope: AtomicBool::new(false),
             capture_failures: AtomicUsize::new(0),
         }
+    }
+
+    /// The model of a checkpoint's decoder `layers` on the loader's device, with the tensors
+    /// it names `[embedding, final_norm, output]` (`[vocab, hidden]`, `[hidden]`,
+    /// `[vocab, hidden]`) and `info` given the weights' format and bytes.
+    pub fn from_layers(
+        loader: &WeightLoader<'_>,
+        shape: Shape,
+        layers: Vec<LayerWeights>,
+        [embedding, final_norm, output]: [&str; 3],
+        info: ModelInfo,
+        inv_freq: InvFreq,
+    ) -> Result<Self> {
+        let (vocab, h) = (shape.vocab, shape.hidden);
+        let weights = Weights::new(
+            loader.gpu,
+            &shape,
+            loader.tensor(embedding, &[vocab, h])?,
+            layers,
+            loader.tensor(final_norm, &[h])?,
+            loader.tensor(output, &[vocab, h])?,
+        )?;
+        let info = gpu_info(info, loader, &weights);
+        Ok(GpuModel::new(Arc::clone(loader.gpu), shape, weights, info, inv_freq))
     }
 
     pub fn dtype(&self) -> DType {

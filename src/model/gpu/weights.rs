@@ -289,7 +289,11 @@ pub fn check_fits(gpu: &Gpu, shape: &Shape, format: WeightFormat) -> Result<()> 
 }
 
 /// `info` with the weight format and bytes of a model loaded onto `gpu`.
-pub fn gpu_info(mut info: ModelInfo, loader: &WeightLoader<'_>, weights: &Weights) -> ModelInfo {
+pub(super) fn gpu_info(
+    mut info: ModelInfo,
+    loader: &WeightLoader<'_>,
+    weights: &Weights,
+) -> ModelInfo {
     info.weight_format = match loader.linears.format {
         WeightFormat::Dense => loader.gpu.dtype.name().to_string(),
         _ => format!("{}, computed in {}", loader.linears.describe(), loader.gpu.dtype.name()),
