@@ -10,6 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CONCURRENCY=${1:-64}
 SECONDS_RUN=${2:-30}
+# Seats for every stream (at least 256).
+SEATS=$((CONCURRENCY > 256 ? CONCURRENCY : 256))
 cargo build --release --locked -q
 source scripts/env.sh
 work=$(mktemp -d)
@@ -27,7 +29,7 @@ cp "$TRITON_LLM_LIB" "$work/backends/llm/"
     sed -e 's/^name: .*/name: "glm_stream"/' -e '/^instance_group/d' -e '/^parameters/d' \
         tests/model_repository/chatglm2-tiny-stream/config.pbtxt
     echo 'instance_group [ { kind: KIND_CPU count: 1 } ]'
-    for kv in "model_dir=$work/model" load_format=dummy max_num_seqs=256 max_num_batched_tokens=8192; do
+    for kv in "model_dir=$work/model" load_format=dummy "max_num_seqs=$SEATS" max_num_batched_tokens=8192; do
         echo "parameters { key: \"${kv%%=*}\" value { string_value: \"${kv#*=}\" } }"
     done
 } > "$work/repo/glm_stream/config.pbtxt"
