@@ -18,6 +18,7 @@ fuzz_target!(|data: &[u8]| {
     let c = s.cache_max_entry_count;
     assert!(c > 0.0 && c.is_finite() && (c <= 1.0 || c.fract() == 0.0), "{c}");
     assert!(p.max_token_default.is_none_or(|n| n >= 1));
-    assert!(p.session_len.is_none_or(|n| n >= 1));
+    assert!(p.load.session_len.is_none_or(|n| n >= 1));
+    assert!(p.load.max_input_bytes.is_none_or(|n| n >= 1));
     assert!(p.model_dir.starts_with(version_dir) || p.model_dir.is_absolute());
 });
