@@ -408,6 +408,11 @@ impl Generating<'_> {
             return Err(error);
         }
         let rest = self.answer.finish();
+        // Text held back until the end (an open byte run) may complete a stop string: the
+        // answer is cut there, and that is why it ended.
+        if self.answer.is_stopped() {
+            self.sequence.stop_on_stop_string();
+        }
         let response = self.answer.answer();
         let prompt_tokens = self.sequence.prompt_len();
         let generation = self.sequence.into_generation();

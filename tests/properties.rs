@@ -13,9 +13,12 @@ use triton_llm::Result;
 use triton_llm::chat::clean_response;
 use triton_llm::chat::messages::ACTION_START;
 use triton_llm::chat::stream::AnswerStream;
-use triton_llm::pipeline::{ChatModel, ChatTurn, Completion, GenerationOptions, LoadOptions};
+use triton_llm::pipeline::{
+    ChatModel, ChatTurn, Completion, GenerationOptions, LoadOptions, Prompt,
+};
 use triton_llm::sampling::SamplingParams;
 use triton_llm::sequence::BlockTable;
+use triton_llm::sequence::FinishReason;
 use triton_llm::sequence::blocks::{BlockId, BlockManager};
 use triton_llm::serving::{
     AnswerSink, ChatJob, NoMetrics, SchedulerConfig, ServingEngine, plan_step,
@@ -324,20 +327,19 @@ fn pick_id(vocab: u32, (class, value): (u8, u32)) -> u32 {
 }
 
 /// Feeds `ids` as a generation does (up to a stop string) and returns the pieces, the
-/// answer, and whether a stop string ended it.
+/// answer, and whether a stop string ended it (found by a push, or in the text the end
+/// released).
 fn run_stream(stream: &mut AnswerStream, ids: &[u32]) -> (Vec<String>, String, bool) {
     let mut pieces = Vec::new();
-    let mut stopped = false;
     for &id in ids {
         let (piece, stop) = stream.push(id);
         pieces.push(piece);
         if stop {
-            stopped = true;
             break;
         }
     }
     pieces.push(stream.finish());
-    (pieces, stream.answer(), stopped)
+    (pieces, stream.answer(), stream.is_stopped())
 }
 
 proptest! {
@@ -426,6 +428,31 @@ fn options(seed: u64, temperature: f32, max_new: usize, stop: Vec<String>) -> Ge
         stop,
         ..Default::default()
     }
+}
+
+/// InternLM2's tokenizer holds a byte run back until it closes (a later byte can still turn
+/// it into U+FFFD), so a stop string made of the answer's last byte tokens is only found when
+/// the generation ends: the answer is cut before it, and a stop string is why it ended.
+#[test]
+fn a_stop_string_the_end_releases_cuts_the_answer_and_ends_it() {
+    let chat = chat_model("internlm2-tiny");
+    let tok = &chat.tokenizer;
+    let mut ids = tok.encode("ok", false).unwrap();
+    ids.push(tok.token_to_id("<0x09>").unwrap());
+    let prompt = Prompt::raw(tok.encode("hello", true).unwrap());
+    let options = options(0, 0.0, ids.len(), vec!["\t".into()]);
+    let mut generating = chat.start(prompt, &options).unwrap();
+    let mut streamed = String::new();
+    for &id in &ids {
+        let ran = generating.sequence.pending_tokens();
+        streamed.push_str(&generating.accept(ran, Some(id)));
+    }
+    assert!(generating.is_finished(), "the length ends it");
+    let (rest, completion) = generating.finish().unwrap();
+    streamed.push_str(&rest);
+    assert_eq!(tok.decode(&ids), "ok\t");
+    assert_eq!((streamed.as_str(), completion.response.as_str()), ("ok", "ok"));
+    assert_eq!(completion.finish_reason, FinishReason::Stop);
 }
 
 fn turn(query: String, history: Vec<(String, String)>, system_prompt: Option<&str>) -> ChatTurn {
